@@ -1,0 +1,74 @@
+import { InvalidArgumentError } from './errors.js';
+
+/** A fixed-size bitmap over page numbers (one bit per page). */
+export class Bitmap {
+  readonly size: number;
+  readonly words: Uint32Array;
+
+  constructor(size: number, words?: Uint32Array) {
+    if (!Number.isInteger(size) || size < 0) throw new InvalidArgumentError(`bitmap size ${size} is not a non-negative integer`);
+    this.size = size;
+    const n = Math.ceil(size / 32);
+    if (words && words.length !== n) throw new InvalidArgumentError(`bitmap of ${size} bits needs ${n} words, got ${words.length}`);
+    this.words = words ?? new Uint32Array(n);
+  }
+
+  get(i: number): boolean {
+    return (this.words[i >>> 5] & (1 << (i & 31))) !== 0;
+  }
+
+  set(i: number): void {
+    this.words[i >>> 5] |= 1 << (i & 31);
+  }
+
+  clear(i: number): void {
+    this.words[i >>> 5] &= ~(1 << (i & 31));
+  }
+
+  setRange(from: number, toExclusive: number): void {
+    for (let i = from; i < toExclusive; i++) this.set(i);
+  }
+
+  clearAll(): void {
+    this.words.fill(0);
+  }
+
+  setAll(): void {
+    this.words.fill(0xffffffff);
+    const tail = this.size & 31;
+    if (tail) this.words[this.words.length - 1] = (1 << tail) - 1;
+  }
+
+  count(): number {
+    let c = 0;
+    for (let w of this.words) {
+      w = w - ((w >>> 1) & 0x55555555);
+      w = (w & 0x33333333) + ((w >>> 2) & 0x33333333);
+      c += (((w + (w >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
+    }
+    return c;
+  }
+
+  /** Bitwise OR of `other` into this bitmap (same size). */
+  or(other: Bitmap): void {
+    if (other.size !== this.size) throw new InvalidArgumentError(`bitmap sizes differ: ${this.size} vs ${other.size}`);
+    for (let i = 0; i < this.words.length; i++) this.words[i] |= other.words[i];
+  }
+
+  /** Set page numbers in ascending order. */
+  *[Symbol.iterator](): IterableIterator<number> {
+    const words = this.words;
+    for (let wi = 0; wi < words.length; wi++) {
+      let w = words[wi];
+      while (w !== 0) {
+        const bit = 31 - Math.clz32(w & -w);
+        yield (wi << 5) + bit;
+        w &= w - 1;
+      }
+    }
+  }
+
+  clone(): Bitmap {
+    return new Bitmap(this.size, this.words.slice());
+  }
+}
