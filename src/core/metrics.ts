@@ -26,14 +26,16 @@ export interface HistogramOptions {
 
 /**
  * Log-bucket histogram (HdrHistogram-style, bounded relative error): bucket k ≥ 1 holds
- * (min·g^(k−1), min·g^k]. Percentiles return the upper bound of the bucket holding the rank,
- * clamped to the exact observed min and max, so a single repeated value is reported exactly.
+ * (min·g^(k−1), min·g^k], bucket 0 holds [0, min]. A percentile is the largest value recorded in
+ * the bucket holding the rank — within a factor g of the true percentile, and exact whenever that
+ * bucket saw a single distinct value (the usual case for clustered latencies).
  */
 export class Histogram {
   private readonly min: number;
   private readonly logG: number;
   private readonly growth: number;
   private counts: number[] = [];
+  private highs: number[] = [];
   count = 0;
   sum = 0;
   minValue = Number.POSITIVE_INFINITY;
@@ -49,25 +51,26 @@ export class Histogram {
   record(value: number, times = 1): void {
     if (!(value >= 0) || !Number.isFinite(value)) throw new InvalidArgumentError(`histogram value ${value} must be a finite number ≥ 0`);
     const k = value <= this.min ? 0 : Math.max(1, Math.ceil(Math.log(value / this.min) / this.logG - 1e-12));
-    while (this.counts.length <= k) this.counts.push(0);
+    while (this.counts.length <= k) {
+      this.counts.push(0);
+      this.highs.push(Number.NEGATIVE_INFINITY);
+    }
     this.counts[k] += times;
+    if (value > this.highs[k]) this.highs[k] = value;
     this.count += times;
     this.sum += value * times;
     if (value < this.minValue) this.minValue = value;
     if (value > this.maxValue) this.maxValue = value;
   }
 
-  /** Value at quantile `q` (0..1): the smallest recorded bucket bound covering ⌈q·count⌉ values. NaN when empty. */
+  /** Value at quantile `q` (0..1): the largest value in the bucket holding rank ⌈q·count⌉. NaN when empty. */
   quantile(q: number): number {
     if (this.count === 0) return Number.NaN;
     const rank = Math.max(1, Math.ceil(q * this.count));
     let seen = 0;
     for (let k = 0; k < this.counts.length; k++) {
       seen += this.counts[k];
-      if (seen >= rank) {
-        const upper = this.min * Math.pow(this.growth, k);
-        return Math.min(this.maxValue, Math.max(this.minValue, upper));
-      }
+      if (seen >= rank) return this.highs[k];
     }
     return this.maxValue;
   }
@@ -87,8 +90,14 @@ export class Histogram {
   /** Adds another histogram's counts (same `min` and `growth`). */
   merge(other: Histogram): void {
     if (other.min !== this.min || other.growth !== this.growth) throw new InvalidArgumentError('cannot merge histograms with different buckets');
-    while (this.counts.length < other.counts.length) this.counts.push(0);
-    other.counts.forEach((c, k) => (this.counts[k] += c));
+    while (this.counts.length < other.counts.length) {
+      this.counts.push(0);
+      this.highs.push(Number.NEGATIVE_INFINITY);
+    }
+    other.counts.forEach((c, k) => {
+      this.counts[k] += c;
+      this.highs[k] = Math.max(this.highs[k], other.highs[k]);
+    });
     this.count += other.count;
     this.sum += other.sum;
     this.minValue = Math.min(this.minValue, other.minValue);

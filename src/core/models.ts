@@ -61,9 +61,12 @@ export function roundBytes(input: PrecopyModelInput, i: number): number {
   return input.memoryBytes * Math.pow(input.dirtyRateBytesPerSec / input.bandwidthBytesPerSec, i);
 }
 
-/** Eq. (4): t_i = v_mem·d^i / r^(i+1), ms. */
+/**
+ * Eq. (4): t_i = v_mem·d^i / r^(i+1), ms — evaluated as v_mem·λ^i / r, the same quantity, because
+ * d^i and r^(i+1) overflow or lose precision long before their ratio does.
+ */
 export function roundTimeMs(input: PrecopyModelInput, i: number): number {
-  return ((input.memoryBytes * Math.pow(input.dirtyRateBytesPerSec, i)) / Math.pow(input.bandwidthBytesPerSec, i + 1)) * 1000;
+  return migrationTimeMs(roundBytes(input, i), input.bandwidthBytesPerSec);
 }
 
 /** Eq. (5): v_mig = Σ_{i=0..n} v_mem·(d/r)^i, bytes (live rounds 0..n), as a geometric sum. */

@@ -1,0 +1,113 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { Histogram, MigrationReportBuilder, formatReportTable, reportToJson } from '../../src/core/metrics.js';
+import { InvalidArgumentError } from '../../src/core/errors.js';
+
+test('histogram percentiles of 1..1000 are within the bucket growth of the true values', () => {
+  const h = new Histogram({ growth: 1.02 });
+  for (let v = 1; v <= 1000; v++) h.record(v);
+  assert.equal(h.count, 1000);
+  assert.equal(h.mean, 500.5);
+  assert.ok(h.p50 >= 500 && h.p50 <= 500 * 1.02, `p50 ${h.p50}`);
+  assert.ok(h.p99 >= 990 && h.p99 <= 990 * 1.02, `p99 ${h.p99}`);
+  assert.equal(h.quantile(1), 1000);
+  assert.equal(h.quantile(0), 1);
+});
+
+test('histogram: skewed latencies, exact single values, zeros, merge', () => {
+  const h = new Histogram();
+  for (let i = 0; i < 980; i++) h.record(0.2);
+  for (let i = 0; i < 20; i++) h.record(50);
+  assert.equal(h.p50, 0.2);
+  assert.equal(h.p99, 50);
+  assert.equal(h.quantile(0.98), 0.2);
+  const z = new Histogram();
+  z.record(0, 3);
+  assert.equal(z.p99, 0);
+  const a = new Histogram();
+  a.record(10);
+  a.merge(h);
+  assert.equal(a.count, 1001);
+  assert.equal(a.maxValue, 50);
+  assert.ok(Number.isNaN(new Histogram().p50));
+  assert.throws(() => h.record(-1), InvalidArgumentError);
+  assert.throws(() => a.merge(new Histogram({ growth: 2 })), InvalidArgumentError);
+});
+
+test('pre-copy report: phases, rounds, pages by kind, dirty rate, degradation, client gap', () => {
+  const b = new MigrationReportBuilder({ technique: 'precopy', memoryBytes: 100 * 4096 });
+  b.add({ type: 'progress', t: -1000, work: 0 })
+    .add({ type: 'progress', t: 0, work: 1000 })
+    .add({ type: 'start', t: 0 })
+    .add({ type: 'round-start', t: 10, round: 0 })
+    .add({ type: 'pages', t: 50, kind: 'first', pages: 100, bytes: 409_600 })
+    .add({ type: 'round-end', t: 110, round: 0, dirtyPages: 20 })
+    .add({ type: 'round-start', t: 110, round: 1 })
+    .add({ type: 'pages', t: 120, kind: 'resent', pages: 20, bytes: 81_920 })
+    .add({ type: 'throttle', t: 120, fraction: 0.2 })
+    .add({ type: 'round-end', t: 130, round: 1, dirtyPages: 2 })
+    .add({ type: 'paused', t: 130 })
+    .add({ type: 'pages', t: 131, kind: 'resent', pages: 2, bytes: 8192 })
+    .add({ type: 'state', t: 131, bytes: 1000 })
+    .add({ type: 'resumed', t: 135 })
+    .add({ type: 'client-gap', t: 132, durationMs: 12 })
+    .add({ type: 'client-gap', t: 5000, durationMs: 99 }) // after completion: ignored
+    .add({ type: 'source-released', t: 140 })
+    .add({ type: 'complete', t: 140 })
+    .add({ type: 'progress', t: 140, work: 1070 })
+    .add({ type: 'verified', t: 141, ok: true });
+  const r = b.build();
+  assert.equal(r.totalMigrationTimeMs, 140);
+  assert.equal(r.preparationTimeMs, 130);
+  assert.equal(r.downtimeMs, 5);
+  assert.equal(r.resumeTimeMs, 5);
+  assert.equal(r.evictionTimeMs, 140);
+  assert.equal(r.clientDowntimeMs, 12);
+  assert.deepEqual(r.pages, { firstPass: 100, resent: 22, pushed: 0, faulted: 0, total: 122 });
+  assert.equal(r.bytes.total, 499_712);
+  assert.equal(r.bytes.wire, 500_712);
+  assert.equal(r.rounds.length, 2);
+  assert.deepEqual(r.rounds[0], { round: 0, startMs: 10, durationMs: 100, pagesSent: 100, bytesSent: 409_600, dirtyPages: 20, dirtyRatePagesPerSec: 200 });
+  assert.equal(r.rounds[1].pagesSent, 20, 'stop-and-copy pages are not charged to a round');
+  assert.equal(r.rounds[1].dirtyRatePagesPerSec, 100);
+  assert.ok(Math.abs(r.dirtyRate!.pagesPerSec - 22 / 0.12) < 1e-9);
+  assert.equal(r.maxThrottle, 0.2);
+  assert.deepEqual(r.degradation, { beforePerSec: 1000, duringPerSec: 500, ratio: 0.5 });
+  assert.equal(r.verified, true);
+  assert.equal(r.postcopy.faults, 0);
+  const table = formatReportTable(r);
+  assert.match(table, /downtime\s+5\.00 ms/);
+  assert.match(table, /rounds\s+2/);
+  assert.deepEqual(JSON.parse(reportToJson(r)).pages, r.pages);
+});
+
+test('post-copy report: fault count and latency percentiles; missing events give nulls', () => {
+  const b = new MigrationReportBuilder({ technique: 'postcopy', memoryBytes: 1 << 20 });
+  b.add({ type: 'start', t: 1000 }).add({ type: 'paused', t: 1001 }).add({ type: 'resumed', t: 1004 });
+  for (let i = 0; i < 99; i++) b.add({ type: 'fault', t: 1005 + i, page: i, latencyMs: 1 });
+  b.add({ type: 'fault', t: 1200, page: 500, latencyMs: 40 });
+  b.add({ type: 'pages', t: 1300, kind: 'faulted', pages: 100, bytes: 409_600 }).add({ type: 'pages', t: 1300, kind: 'pushed', pages: 156, bytes: 638_976 });
+  b.add({ type: 'complete', t: 2004 });
+  const r = b.build();
+  assert.equal(r.preparationTimeMs, 1);
+  assert.equal(r.downtimeMs, 3);
+  assert.equal(r.resumeTimeMs, 1000);
+  assert.equal(r.totalMigrationTimeMs, 1004);
+  assert.equal(r.postcopy.faults, 100);
+  assert.equal(r.postcopy.faultLatencyMs.p50, 1);
+  assert.equal(r.postcopy.faultLatencyMs.p99, 1);
+  assert.equal(r.postcopy.faultLatencyMs.max, 40);
+  assert.equal(r.pages.total, 256);
+  assert.equal(r.evictionTimeMs, null);
+  assert.equal(r.clientDowntimeMs, null);
+  assert.equal(r.degradation, null);
+  assert.equal(r.verified, null);
+  assert.equal(r.dirtyRate, null);
+  assert.match(formatReportTable(r), /post-copy faults\s+100 \(p50 1\.00 ms, p99 1\.00 ms\)/);
+});
+
+test('a failed verification wins over a passed one', () => {
+  const b = new MigrationReportBuilder({ technique: 'precopy', memoryBytes: 4096 });
+  b.add({ type: 'verified', t: 1, ok: true }).add({ type: 'verified', t: 2, ok: false });
+  assert.equal(b.build().verified, false);
+});
