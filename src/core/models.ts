@@ -23,8 +23,8 @@
  *   pre-copy round n", so rounds 0..n are the live rounds and the stop-and-copy sends
  *   v_{n+1} = d·t_n with the VM paused: t_d = v_{n+1} / b = t_{n+1}. (5) and (6) summed to n
  *   therefore count the live rounds only; the whole migration moves v_mig(n) + v_{n+1} bytes in
- *   t_mig(n) + t_d. (Liu et al.'s own paper numbers the stop-and-copy as round n; the totals are
- *   the same sums, shifted by one.)
+ *   t_mig(n) + t_d. (Read round n as the stop-and-copy itself and (5), (6) are already the totals;
+ *   they are then this module's figures for n − 1.)
  * - The model lets every dirtying hit a fresh page and never caps a round at v_mem; a simulator that
  *   dirties distinct pages at a constant byte rate, with λ < 1, reproduces it.
  *
@@ -185,8 +185,8 @@ export function precopyClosedForm(input: PrecopyModelInput, n: number): { lastRo
 export function roundsToConverge(input: PrecopyModelInput, downtimeBudgetMs: number): number {
   const lambda = input.dirtyRateBytesPerSec / input.bandwidthBytesPerSec;
   const target = (downtimeBudgetMs / 1000) * input.bandwidthBytesPerSec / input.memoryBytes;
-  if (lambda * 1 <= target) return 0;
-  if (lambda >= 1 || lambda === 0) return lambda === 0 ? 0 : Number.POSITIVE_INFINITY;
+  if (lambda <= target) return 0;
+  if (lambda >= 1) return Number.POSITIVE_INFINITY;
   // λ^(n+1) ≤ target  ⇔  n + 1 ≥ ln(target)/ln(λ). The loop absorbs rounding at exact powers.
   let n = Math.max(0, Math.ceil(Math.log(target) / Math.log(lambda)) - 2);
   while (Math.pow(lambda, n + 1) > target) n++;
