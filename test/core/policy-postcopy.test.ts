@@ -43,7 +43,9 @@ test('bubble window bounds pre-paging, after which pages are pushed in order', (
 
 test('soft (guest-free) pages are never sent, not even on fault', () => {
   const s = new PostcopyScheduler(10);
-  for (const p of [2, 3, 7]) s.markSoft(p);
+  s.markSoftRange(2, 4);
+  s.markSoft(7);
+  s.markSoftRange(12, 99); // clamped to memory
   assert.equal(s.onFault(3), false);
   assert.equal(s.states[3], PostcopyPageState.SOFT);
   s.onFault(5);

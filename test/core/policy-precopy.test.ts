@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   AutoConverge, DirtyHistory, PrecopyStopPolicy, choosePageOrder, decidePrecopyStop, deferHotPages, dynamicRateLimit,
-  estimateDowntimeMs, isNotConverging, orderPages, type PrecopyRoundStats,
+  estimateDowntimeMs, isNotConverging, orderPages, throttleForRatio, type PrecopyRoundStats,
 } from '../../src/core/policy/precopy.js';
 import { Bitmap } from '../../src/core/bitmap.js';
 
@@ -99,6 +99,14 @@ test('auto-converge: triggers after two too-dirty rounds, steps up and caps', ()
   for (let i = 1; i < seen.length; i++) assert.ok(seen[i] >= seen[i - 1], 'never relaxes');
   const b = new AutoConverge({ initial: 0.5, increment: 0.25, max: 0.9, triggerRounds: 1 });
   assert.deepEqual([b.onRound(10, 10), b.onRound(10, 10), b.onRound(10, 10), b.onRound(0, 10)], [0.5, 0.75, 0.9, 0.9]);
+});
+
+test('throttleForRatio: the one-step throttle that makes λ = targetRatio', () => {
+  assert.equal(throttleForRatio(200e6, 100e6), 0.75); // 200 MB/s × (1 − 0.75) = 50 MB/s = 0.5 × 100 MB/s
+  assert.equal(throttleForRatio(40e6, 100e6), 0, 'already below the target');
+  assert.equal(throttleForRatio(1e12, 1e6), 0.99, 'capped');
+  assert.equal(throttleForRatio(0, 1e6), 0);
+  assert.equal(throttleForRatio(100e6, 100e6, 0.25), 0.75);
 });
 
 test('dynamic rate limiting (Clark): previous dirty rate + increment, clamped; atMax at the ceiling', () => {

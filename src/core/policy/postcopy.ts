@@ -122,6 +122,12 @@ export class PostcopyScheduler {
     this.states[page] = PostcopyPageState.SOFT;
   }
 
+  /** {@link markSoft} for pages `from` .. `toExclusive − 1` (the guest reports free memory in ranges). */
+  markSoftRange(from: number, toExclusive: number): void {
+    const end = Math.min(toExclusive, this.pageCount);
+    for (let p = Math.max(0, from); p < end; p++) this.markSoft(p);
+  }
+
   /**
    * The destination faulted on `page`. Returns true if the page was queued for sending (false when
    * it is already queued, in flight, present or soft). Any fault becomes the newest bubbling pivot.

@@ -176,6 +176,17 @@ export class AutoConverge {
   }
 }
 
+/**
+ * The throttle that brings the dirty rate down to `targetRatio` × bandwidth in one step, assuming
+ * dirtying scales with vCPU time (Jin et al. [113] lower the vCPU frequency "to the required service
+ * downtime limit"): `1 − targetRatio·b / d`, clamped to [0, max]. With λ = d/b this makes the
+ * throttled λ' = targetRatio, so eq. (5)'s rounds shrink by that factor each time.
+ */
+export function throttleForRatio(dirtyRateBytesPerSec: number, bandwidthBytesPerSec: number, targetRatio = 0.5, max = 0.99): number {
+  if (!(dirtyRateBytesPerSec > 0)) return 0;
+  return Math.min(max, Math.max(0, 1 - (targetRatio * bandwidthBytesPerSec) / dirtyRateBytesPerSec));
+}
+
 export interface RateLimitOptions {
   /** First round's rate (Clark: 100 Mbit/s). Default 12.5e6 B/s. */
   minBytesPerSec?: number;
