@@ -1,0 +1,348 @@
+/**
+ * Frame encoders. Each returns one Uint8Array holding header + payload, ready to write.
+ *
+ * Encoders refuse (InvalidArgumentError) values the protocol cannot carry — the same rules the
+ * decoder applies — so a frame we send is a frame a conforming peer accepts (configurable decoder
+ * limits aside: those are the peer's business).
+ */
+import { InvalidArgumentError } from '../errors.js';
+import {
+  DIGEST_ALGORITHMS, FIRST_CODEC_ID, FLAG_PAGES_DEMAND, FrameTypeId, GLOBAL_TYPE_IDS, HEADER_BYTES, HELLO_MAGIC,
+  MAX_CODECS, MAX_CONFIG_BYTES, MAX_ERROR_CODE_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES,
+  MAX_PAGE_SIZE, MAX_STREAMS, MIN_PAGE_SIZE, MIGRATION_MODES, MODE_BITS, Encoding,
+  type AckFrame, type CancelFrame, type CodecOffer, type CompleteFrame, type Digest, type ErrorFrame, type Frame,
+  type FrameType, type HelloAckFrame, type HelloFrame, type ModuleFrame, type PageRequestFrame, type PagesFrame,
+  type PingFrame, type PongFrame, type PushDoneFrame, type ResumedFrame, type RoundEndFrame, type StateFrame,
+  type SwitchoverFrame, type WireBitmap, type WireGlobal, type FrameBody,
+} from './frames.js';
+
+const utf8 = new TextEncoder();
+export const ERROR_CODE_RE = /^ERR_[A-Z0-9_]{1,60}$/;
+export const CODEC_NAME_RE = /^[a-z0-9.-]{1,32}$/;
+const HEX_RE = /^[0-9a-f]*$/;
+
+function bad(message: string): never {
+  throw new InvalidArgumentError(message);
+}
+
+function checkU32(value: number, what: string): number {
+  if (!Number.isInteger(value) || value < 0 || value > 0xffffffff) bad(`${what} must be a u32, got ${value}`);
+  return value;
+}
+
+/** Growable little-endian writer. Sized up front by the caller where it can be. */
+class Writer {
+  buf: Uint8Array;
+  view: DataView;
+  pos = HEADER_BYTES;
+  constructor(capacity: number) {
+    this.buf = new Uint8Array(Math.max(capacity, HEADER_BYTES + 16));
+    this.view = new DataView(this.buf.buffer);
+  }
+  private need(n: number): void {
+    if (this.pos + n <= this.buf.length) return;
+    const next = new Uint8Array(Math.max(this.buf.length * 2, this.pos + n));
+    next.set(this.buf.subarray(0, this.pos));
+    this.buf = next;
+    this.view = new DataView(next.buffer);
+  }
+  u8(v: number): void { this.need(1); this.view.setUint8(this.pos, v); this.pos += 1; }
+  u16(v: number): void { this.need(2); this.view.setUint16(this.pos, v, true); this.pos += 2; }
+  u32(v: number): void { this.need(4); this.view.setUint32(this.pos, v, true); this.pos += 4; }
+  u64(v: number | bigint): void { this.need(8); this.view.setBigUint64(this.pos, BigInt(v), true); this.pos += 8; }
+  i64(v: bigint): void { this.need(8); this.view.setBigInt64(this.pos, v, true); this.pos += 8; }
+  f64(v: number): void { this.need(8); this.view.setFloat64(this.pos, v, true); this.pos += 8; }
+  bytes(b: Uint8Array): void { this.need(b.length); this.buf.set(b, this.pos); this.pos += b.length; }
+  /** u16 length + UTF-8. */
+  str16(s: string, max: number, what: string): void {
+    const b = utf8.encode(s);
+    if (b.length > max) bad(`${what} is ${b.length} bytes (limit ${max})`);
+    this.u16(b.length);
+    this.bytes(b);
+  }
+  /** u32 length + UTF-8. */
+  str32(s: string, max: number, what: string): void {
+    const b = utf8.encode(s);
+    if (b.length > max) bad(`${what} is ${b.length} bytes (limit ${max})`);
+    this.u32(b.length);
+    this.bytes(b);
+  }
+  finish(type: FrameType, flags = 0): Uint8Array {
+    const length = this.pos - HEADER_BYTES;
+    this.view.setUint32(0, length, true);
+    this.view.setUint8(4, FrameTypeId[type]);
+    this.view.setUint8(5, flags);
+    this.view.setUint16(6, 0, true);
+    return this.pos === this.buf.length ? this.buf : this.buf.subarray(0, this.pos);
+  }
+}
+
+function hexToBytes(hex: string, bytes: number, what: string): Uint8Array {
+  if (hex.length !== bytes * 2 || !HEX_RE.test(hex)) bad(`${what} must be ${bytes * 2} lowercase hex digits`);
+  const out = new Uint8Array(bytes);
+  for (let i = 0; i < bytes; i++) out[i] = parseInt(hex.slice(i * 2, i * 2 + 2), 16);
+  return out;
+}
+
+function writeCodecs(w: Writer, codecs: CodecOffer[]): void {
+  if (codecs.length > MAX_CODECS) bad(`${codecs.length} codecs (limit ${MAX_CODECS})`);
+  const seen = new Set<number>();
+  w.u8(codecs.length);
+  for (const c of codecs) {
+    if (!Number.isInteger(c.id) || c.id < FIRST_CODEC_ID || c.id > 255 || seen.has(c.id)) bad(`codec id ${c.id} is not a free id in ${FIRST_CODEC_ID}..255`);
+    if (!CODEC_NAME_RE.test(c.name)) bad(`codec name '${c.name}' must match ${CODEC_NAME_RE}`);
+    seen.add(c.id);
+    w.u8(c.id);
+    w.u8(c.name.length);
+    w.bytes(utf8.encode(c.name));
+  }
+}
+
+function writeDigest(w: Writer, digest: Digest | null): void {
+  if (digest === null) { w.u8(0); w.u8(0); return; }
+  const alg = DIGEST_ALGORITHMS[digest.algorithm];
+  if (!alg) bad(`unknown digest algorithm ${String(digest.algorithm)}`);
+  w.u8(alg.id);
+  w.u8(alg.bytes);
+  w.bytes(hexToBytes(digest.hex, alg.bytes, 'digest'));
+}
+
+export function encodeHello(f: Omit<HelloFrame, 'type'>): Uint8Array {
+  const w = new Writer(256 + f.config.length * 3);
+  if (!Number.isInteger(f.minVersion) || !Number.isInteger(f.maxVersion) || f.minVersion < 1 || f.maxVersion > 0xffff || f.minVersion > f.maxVersion) {
+    bad(`version range ${f.minVersion}..${f.maxVersion} is invalid`);
+  }
+  w.bytes(HELLO_MAGIC);
+  w.u16(f.minVersion);
+  w.u16(f.maxVersion);
+  if (f.vmName.length === 0) bad('vm name is empty');
+  w.str16(f.vmName, MAX_NAME_BYTES, 'vm name');
+  if (!Number.isSafeInteger(f.memoryBytes) || f.memoryBytes <= 0) bad(`memoryBytes ${f.memoryBytes} is not a positive integer`);
+  if (!Number.isSafeInteger(f.guestBytes) || f.guestBytes < 0 || f.guestBytes > f.memoryBytes) bad(`guestBytes ${f.guestBytes} is not within 0..memoryBytes`);
+  w.u64(f.memoryBytes);
+  w.u64(f.guestBytes);
+  if (!isValidPageSize(f.pageSize)) bad(`page size ${f.pageSize} is not a power of two in ${MIN_PAGE_SIZE}..${MAX_PAGE_SIZE}`);
+  w.u32(f.pageSize);
+  w.bytes(hexToBytes(f.moduleSha256, 32, 'module sha256'));
+  w.u32(checkU32(f.moduleBytes, 'moduleBytes'));
+  w.str32(f.config, MAX_CONFIG_BYTES, 'config');
+  let modes = 0;
+  for (const m of f.offer.modes) {
+    if (!(m in MODE_BITS)) bad(`unknown mode ${m}`);
+    modes |= MODE_BITS[m];
+  }
+  if (modes === 0) bad('no migration mode offered');
+  w.u8(modes);
+  if (!Number.isInteger(f.offer.maxStreams) || f.offer.maxStreams < 1 || f.offer.maxStreams > MAX_STREAMS) bad(`maxStreams ${f.offer.maxStreams} is not in 1..${MAX_STREAMS}`);
+  w.u16(f.offer.maxStreams);
+  writeCodecs(w, f.offer.codecs);
+  return w.finish('HELLO');
+}
+
+export function isValidPageSize(n: number): boolean {
+  return Number.isInteger(n) && n >= MIN_PAGE_SIZE && n <= MAX_PAGE_SIZE && (n & (n - 1)) === 0;
+}
+
+export function encodeHelloAck(f: FrameBody<HelloAckFrame>): Uint8Array {
+  const w = new Writer(128);
+  if (f.accepted) {
+    w.u8(1);
+    if (!Number.isInteger(f.version) || f.version < 1 || f.version > 0xffff) bad(`version ${f.version} is invalid`);
+    w.u16(f.version);
+    if (!MIGRATION_MODES.includes(f.mode)) bad(`unknown mode ${f.mode}`);
+    w.u8(MODE_BITS[f.mode]);
+    if (!Number.isInteger(f.streams) || f.streams < 1 || f.streams > MAX_STREAMS) bad(`streams ${f.streams} is not in 1..${MAX_STREAMS}`);
+    w.u16(f.streams);
+    writeCodecs(w, f.codecs);
+  } else {
+    w.u8(0);
+    if (!ERROR_CODE_RE.test(f.code)) bad(`error code '${f.code}' must match ${ERROR_CODE_RE}`);
+    w.str16(f.code, MAX_ERROR_CODE_BYTES, 'error code');
+    w.str16(f.message, MAX_MESSAGE_BYTES, 'message');
+  }
+  return w.finish('HELLO_ACK');
+}
+
+export function encodeModule(f: Omit<ModuleFrame, 'type'>): Uint8Array {
+  checkU32(f.totalBytes, 'totalBytes');
+  checkU32(f.offset, 'offset');
+  if (f.offset + f.chunk.length > f.totalBytes) bad(`module chunk ${f.offset}+${f.chunk.length} runs past ${f.totalBytes}`);
+  const w = new Writer(HEADER_BYTES + 8 + f.chunk.length);
+  w.u32(f.totalBytes);
+  w.u32(f.offset);
+  w.bytes(f.chunk);
+  return w.finish('MODULE');
+}
+
+/** PAGES. `pageSize` is checked against RAW pages (default: the data length must match). */
+export function encodePages(f: Omit<PagesFrame, 'type'>, pageSize?: number): Uint8Array {
+  checkU32(f.seq, 'seq');
+  if (f.pages.length === 0) bad('a PAGES batch needs at least one page');
+  let size = HEADER_BYTES + 8;
+  for (const p of f.pages) size += 9 + p.data.length;
+  const w = new Writer(size);
+  w.u32(f.seq);
+  w.u32(f.pages.length);
+  for (const p of f.pages) {
+    checkU32(p.index, 'page index');
+    if (!Number.isInteger(p.encoding) || p.encoding < 0 || p.encoding > 255) bad(`encoding ${p.encoding} is not a byte`);
+    if (p.encoding === Encoding.ZERO && p.data.length !== 0) bad(`zero page ${p.index} carries ${p.data.length} bytes`);
+    if (p.encoding === Encoding.RAW && pageSize !== undefined && p.data.length !== pageSize) bad(`raw page ${p.index} is ${p.data.length} bytes, not ${pageSize}`);
+    w.u32(p.index);
+    w.u8(p.encoding);
+    w.u32(p.data.length);
+    w.bytes(p.data);
+  }
+  return w.finish('PAGES', f.demand ? FLAG_PAGES_DEMAND : 0);
+}
+
+export function encodeRoundEnd(f: Omit<RoundEndFrame, 'type'>): Uint8Array {
+  const w = new Writer(HEADER_BYTES + 12);
+  w.u32(checkU32(f.round, 'round'));
+  w.u32(checkU32(f.pages, 'pages'));
+  w.u32(checkU32(f.dirty, 'dirty'));
+  return w.finish('ROUND_END');
+}
+
+function writeBitmap(w: Writer, bm: WireBitmap): void {
+  checkU32(bm.size, 'bitmap size');
+  const words = Math.ceil(bm.size / 32);
+  if (bm.words.length !== words) bad(`bitmap of ${bm.size} bits needs ${words} words, got ${bm.words.length}`);
+  const tail = bm.size & 31;
+  if (tail && words > 0 && (bm.words[words - 1] >>> tail) !== 0) bad('bitmap has bits set past its size');
+  w.u32(bm.size);
+  for (let i = 0; i < words; i++) w.u32(bm.words[i]);
+}
+
+function writeGlobal(w: Writer, g: WireGlobal): void {
+  w.u8(GLOBAL_TYPE_IDS[g.type]);
+  switch (g.type) {
+    case 'i32':
+      if (!Number.isInteger(g.value) || g.value < -(2 ** 31) || g.value > 2 ** 31 - 1) bad(`i32 global ${g.value} out of range`);
+      w.u32(g.value >>> 0);
+      break;
+    case 'i64':
+      if (BigInt.asIntN(64, g.value) !== g.value) bad(`i64 global ${g.value} out of range`);
+      w.i64(g.value);
+      break;
+    case 'f32':
+      w.u32(checkU32(g.bits, 'f32 bits'));
+      break;
+    case 'f64':
+      if (BigInt.asUintN(64, g.bits) !== g.bits) bad(`f64 bits ${g.bits} out of range`);
+      w.u64(g.bits);
+      break;
+    default:
+      bad(`unknown global type ${(g as { type: string }).type}`);
+  }
+}
+
+export function encodeState(f: Omit<StateFrame, 'type'>): Uint8Array {
+  if (!Number.isSafeInteger(f.guestBytes) || f.guestBytes < 0) bad(`guestBytes ${f.guestBytes} is invalid`);
+  if (typeof f.devices !== 'object' || f.devices === null || Array.isArray(f.devices)) bad('device state must be a JSON object');
+  const json = utf8.encode(JSON.stringify(f.devices));
+  const w = new Writer(HEADER_BYTES + 32 + f.globals.length * 9 + json.length + f.soft.words.length * 4);
+  w.u64(f.guestBytes);
+  w.u32(checkU32(f.globals.length, 'global count'));
+  for (const g of f.globals) writeGlobal(w, g);
+  w.u32(json.length);
+  w.bytes(json);
+  writeBitmap(w, f.soft);
+  return w.finish('STATE');
+}
+
+export function encodeSwitchover(f: Omit<SwitchoverFrame, 'type'>): Uint8Array {
+  const w = new Writer(HEADER_BYTES + 40);
+  w.u32(checkU32(f.pagesRemaining, 'pagesRemaining'));
+  writeDigest(w, f.digest);
+  return w.finish('SWITCHOVER');
+}
+
+export function encodeResumed(f: Omit<ResumedFrame, 'type'>): Uint8Array {
+  const w = new Writer(HEADER_BYTES + 4);
+  w.u32(checkU32(f.pagesMissing, 'pagesMissing'));
+  return w.finish('RESUMED');
+}
+
+export function encodeAck(f: Omit<AckFrame, 'type'>): Uint8Array {
+  const id = FrameTypeId[f.acked];
+  if (id === undefined) bad(`unknown frame type ${f.acked}`);
+  const w = new Writer(HEADER_BYTES + 5);
+  w.u8(id);
+  w.u32(checkU32(f.value, 'ack value'));
+  return w.finish('ACK');
+}
+
+export function encodePageRequest(f: Omit<PageRequestFrame, 'type'>): Uint8Array {
+  if (f.pages.length === 0) bad('a PAGE_REQUEST needs at least one page');
+  const w = new Writer(HEADER_BYTES + 8 + f.pages.length * 4);
+  w.u32(checkU32(f.id, 'request id'));
+  w.u32(f.pages.length);
+  for (const p of f.pages) w.u32(checkU32(p, 'page index'));
+  return w.finish('PAGE_REQUEST');
+}
+
+export function encodePushDone(f: Omit<PushDoneFrame, 'type'>): Uint8Array {
+  const w = new Writer(HEADER_BYTES + 4);
+  w.u32(checkU32(f.pagesSent, 'pagesSent'));
+  return w.finish('PUSH_DONE');
+}
+
+export function encodeComplete(f: Omit<CompleteFrame, 'type'>): Uint8Array {
+  const w = new Writer(HEADER_BYTES + 40);
+  writeDigest(w, f.digest);
+  return w.finish('COMPLETE');
+}
+
+export function encodeError(f: Omit<ErrorFrame, 'type'>): Uint8Array {
+  if (!ERROR_CODE_RE.test(f.code)) bad(`error code '${f.code}' must match ${ERROR_CODE_RE}`);
+  const w = new Writer(HEADER_BYTES + 8 + f.code.length + f.message.length * 3);
+  w.str16(f.code, MAX_ERROR_CODE_BYTES, 'error code');
+  w.str16(f.message, MAX_MESSAGE_BYTES, 'message');
+  return w.finish('ERROR');
+}
+
+export function encodeCancel(f: Omit<CancelFrame, 'type'>): Uint8Array {
+  const w = new Writer(HEADER_BYTES + 2 + f.reason.length * 3);
+  w.str16(f.reason, MAX_MESSAGE_BYTES, 'cancel reason');
+  return w.finish('CANCEL');
+}
+
+function encodePingPong(type: 'PING' | 'PONG', f: { seq: number; time: number }): Uint8Array {
+  if (!Number.isFinite(f.time)) bad(`${type} time ${f.time} is not finite`);
+  const w = new Writer(HEADER_BYTES + 12);
+  w.u32(checkU32(f.seq, 'seq'));
+  w.f64(f.time);
+  return w.finish(type);
+}
+
+export function encodePing(f: Omit<PingFrame, 'type'>): Uint8Array {
+  return encodePingPong('PING', f);
+}
+
+export function encodePong(f: Omit<PongFrame, 'type'>): Uint8Array {
+  return encodePingPong('PONG', f);
+}
+
+/** Encodes any frame. `pageSize` (optional) is checked against RAW pages in PAGES frames. */
+export function encodeFrame(frame: Frame, pageSize?: number): Uint8Array {
+  switch (frame.type) {
+    case 'HELLO': return encodeHello(frame);
+    case 'HELLO_ACK': return encodeHelloAck(frame);
+    case 'MODULE': return encodeModule(frame);
+    case 'PAGES': return encodePages(frame, pageSize);
+    case 'ROUND_END': return encodeRoundEnd(frame);
+    case 'STATE': return encodeState(frame);
+    case 'SWITCHOVER': return encodeSwitchover(frame);
+    case 'RESUMED': return encodeResumed(frame);
+    case 'ACK': return encodeAck(frame);
+    case 'PAGE_REQUEST': return encodePageRequest(frame);
+    case 'PUSH_DONE': return encodePushDone(frame);
+    case 'COMPLETE': return encodeComplete(frame);
+    case 'ERROR': return encodeError(frame);
+    case 'CANCEL': return encodeCancel(frame);
+    case 'PING': return encodePing(frame);
+    case 'PONG': return encodePong(frame);
+    default: return bad(`unknown frame type ${(frame as { type: string }).type}`);
+  }
+}

@@ -1,0 +1,332 @@
+/**
+ * The migration wire protocol: frame types, constants and limits.
+ *
+ * Every frame is an 8-byte header followed by `length` payload bytes (all integers little-endian):
+ *
+ *   u32 length     payload bytes (not counting the header)
+ *   u8  type       a {@link FrameTypeId}
+ *   u8  flags      per-type flag bits; bits a type does not define must be zero
+ *   u16 reserved   must be zero
+ *
+ * The header never changes between protocol versions; the protocol version is agreed once, in the
+ * HELLO / HELLO_ACK handshake (which also carries the magic). docs/protocol.md has the byte layout
+ * of every payload and the message sequences of pre-copy, post-copy and hybrid migration.
+ */
+
+/** Bytes in every frame header. */
+export const HEADER_BYTES = 8;
+/** Magic at the start of a HELLO payload: "FRRY". */
+export const HELLO_MAGIC = new Uint8Array([0x46, 0x52, 0x52, 0x59]);
+/** The protocol version this implementation speaks (the only one, so far). */
+export const PROTOCOL_VERSION = 1;
+
+/** Frame type ids on the wire. */
+export const FrameTypeId = {
+  HELLO: 0x01,
+  HELLO_ACK: 0x02,
+  MODULE: 0x03,
+  PAGES: 0x04,
+  ROUND_END: 0x05,
+  STATE: 0x06,
+  SWITCHOVER: 0x07,
+  RESUMED: 0x08,
+  ACK: 0x09,
+  PAGE_REQUEST: 0x0a,
+  PUSH_DONE: 0x0b,
+  COMPLETE: 0x0c,
+  ERROR: 0x0d,
+  CANCEL: 0x0e,
+  PING: 0x0f,
+  PONG: 0x10,
+} as const;
+export type FrameType = keyof typeof FrameTypeId;
+export const FRAME_TYPE_NAMES: ReadonlyMap<number, FrameType> = new Map(
+  (Object.entries(FrameTypeId) as [FrameType, number][]).map(([name, id]) => [id, name]),
+);
+
+/** PAGES flag: the batch answers a PAGE_REQUEST (its `seq` is the request id). */
+export const FLAG_PAGES_DEMAND = 0x01;
+
+/** Page encodings. Ids 0 and 1 are always understood; other ids are codec ids agreed in the handshake. */
+export const Encoding = {
+  /** `pageSize` bytes as they are. */
+  RAW: 0,
+  /** An all-zero page; no data bytes. */
+  ZERO: 1,
+} as const;
+/** Smallest id a negotiated codec may use. */
+export const FIRST_CODEC_ID = 2;
+
+/** Migration modes (a bit each in HELLO's offered `modes`). */
+export const MODE_BITS = { precopy: 0x01, postcopy: 0x02, hybrid: 0x04 } as const;
+export type MigrationMode = keyof typeof MODE_BITS;
+export const MIGRATION_MODES: readonly MigrationMode[] = ['precopy', 'postcopy', 'hybrid'];
+
+/** Memory digest algorithms (id on the wire, digest length). */
+export const DIGEST_ALGORITHMS = {
+  sha256: { id: 1, bytes: 32 },
+  xxh64: { id: 2, bytes: 8 },
+} as const;
+export type DigestAlgorithm = keyof typeof DIGEST_ALGORITHMS;
+
+/** CPU state value types (a byte each on the wire). */
+export const GLOBAL_TYPE_IDS = { i32: 0, i64: 1, f32: 2, f64: 3 } as const;
+export type WireGlobalType = keyof typeof GLOBAL_TYPE_IDS;
+
+/** Fixed protocol maxima (not configurable: a peer may rely on them). */
+export const MAX_NAME_BYTES = 64;
+export const MAX_CODEC_NAME_BYTES = 32;
+export const MAX_CODECS = 32;
+export const MAX_CONFIG_BYTES = 64 * 1024;
+export const MAX_ERROR_CODE_BYTES = 64;
+export const MAX_MESSAGE_BYTES = 4096;
+export const MAX_STREAMS = 256;
+/** Page sizes the protocol can describe: powers of two in this range. */
+export const MIN_PAGE_SIZE = 512;
+export const MAX_PAGE_SIZE = 64 * 1024;
+
+/** Default decoder limits (see {@link FrameDecoderInit}). */
+export const DEFAULT_LIMITS = {
+  /** 16 MiB of page data plus room for the per-page headers of a 4096-page batch. */
+  maxPayloadBytes: (16 << 20) + (64 << 10),
+  maxPagesPerBatch: 4096,
+  maxPagesPerRequest: 4096,
+  maxJsonBytes: 8 << 20,
+  maxJsonDepth: 64,
+  maxModuleBytes: 256 << 20,
+  maxGlobals: 65536,
+  /** One bit per 4 KiB page of a 4 GiB memory. */
+  maxBitmapBits: 1 << 20,
+  /** Largest memory a HELLO may announce (2^48 bytes). */
+  maxMemoryBytes: 2 ** 48,
+} as const;
+
+export interface CodecOffer {
+  /** Encoding id used in PAGES (>= FIRST_CODEC_ID, < 256). */
+  id: number;
+  /** Codec name, `[a-z0-9.-]{1,32}` (e.g. `xbzrle`, `lz4`). */
+  name: string;
+}
+
+export interface Capabilities {
+  /** Modes the sender can do (HELLO) — at least one. */
+  modes: MigrationMode[];
+  /** Parallel streams the sender can use (1 … MAX_STREAMS). */
+  maxStreams: number;
+  /** Page codecs beyond raw and zero. */
+  codecs: CodecOffer[];
+}
+
+export interface Digest {
+  algorithm: DigestAlgorithm;
+  /** Lowercase hex of the digest bytes. */
+  hex: string;
+}
+
+export type WireGlobal =
+  | { type: 'i32'; value: number }
+  | { type: 'i64'; value: bigint }
+  /** Float globals travel as their IEEE bits, so NaN payloads survive. */
+  | { type: 'f32'; bits: number }
+  | { type: 'f64'; bits: bigint };
+
+export interface WireBitmap {
+  /** Number of bits. */
+  size: number;
+  /** ceil(size / 32) words, bit i = words[i >>> 5] & (1 << (i & 31)); bits past `size` are zero. */
+  words: Uint32Array;
+}
+
+export interface WirePage {
+  index: number;
+  /** `Encoding.RAW`, `Encoding.ZERO` or a negotiated codec id. */
+  encoding: number;
+  /** Encoded bytes (RAW: exactly pageSize; ZERO: empty). May alias the decoder's input. */
+  data: Uint8Array;
+}
+
+export interface HelloFrame {
+  type: 'HELLO';
+  /** Lowest and highest protocol version the sender speaks. */
+  minVersion: number;
+  maxVersion: number;
+  /** VM name, 1 … 64 UTF-8 bytes. */
+  vmName: string;
+  /** Guest RAM ceiling in bytes. */
+  memoryBytes: number;
+  /** Guest memory size now (it may grow until switchover; STATE has the final size). */
+  guestBytes: number;
+  /** Migration page size (power of two, 512 … 65536). */
+  pageSize: number;
+  /** SHA-256 of the original guest module, lowercase hex. */
+  moduleSha256: string;
+  /** Length of the guest module the source will send in MODULE frames (0: the destination has it). */
+  moduleBytes: number;
+  /** VM configuration (opaque to the protocol), ≤ 64 KiB UTF-8. */
+  config: string;
+  offer: Capabilities;
+}
+
+export type HelloAckFrame =
+  | {
+      type: 'HELLO_ACK';
+      accepted: true;
+      version: number;
+      mode: MigrationMode;
+      /** Streams the destination will accept (1 … offered maxStreams). */
+      streams: number;
+      /** The subset of offered codecs the destination decodes. */
+      codecs: CodecOffer[];
+    }
+  | { type: 'HELLO_ACK'; accepted: false; code: string; message: string };
+
+export interface ModuleFrame {
+  type: 'MODULE';
+  /** Length of the whole module. */
+  totalBytes: number;
+  /** Where this chunk starts inside the module. */
+  offset: number;
+  chunk: Uint8Array;
+}
+
+export interface PagesFrame {
+  type: 'PAGES';
+  /** Pre-copy: round number. Post-copy push: 0. Demand reply (`demand`): the PAGE_REQUEST id. */
+  seq: number;
+  /** True when the batch answers a PAGE_REQUEST (flag FLAG_PAGES_DEMAND). */
+  demand: boolean;
+  pages: WirePage[];
+}
+
+export interface RoundEndFrame {
+  type: 'ROUND_END';
+  round: number;
+  /** Pages sent in this round. */
+  pages: number;
+  /** Pages dirtied during this round (what the next round will have to send). */
+  dirty: number;
+}
+
+export interface StateFrame {
+  type: 'STATE';
+  /** Guest memory size at the pause. */
+  guestBytes: number;
+  /** CPU state: the guest's mutable globals, in export order. */
+  globals: WireGlobal[];
+  /** Device state (a JSON object; validated by the device layer, not here). */
+  devices: Record<string, unknown>;
+  /** Soft pages (free/ballooned memory the destination need not fetch: DSB). */
+  soft: WireBitmap;
+}
+
+export interface SwitchoverFrame {
+  type: 'SWITCHOVER';
+  /** Pages the destination does not have yet (0 for pure pre-copy). */
+  pagesRemaining: number;
+  /** Digest of guest memory at the pause (null when the source did not compute one). */
+  digest: Digest | null;
+}
+
+export interface ResumedFrame {
+  type: 'RESUMED';
+  /** Pages the destination still lacks as it resumes (post-copy / hybrid). */
+  pagesMissing: number;
+}
+
+export interface AckFrame {
+  type: 'ACK';
+  /** The frame type acknowledged. */
+  acked: FrameType;
+  /** Which one (ROUND_END: the round; MODULE: bytes received; STATE / SWITCHOVER: 0). */
+  value: number;
+}
+
+export interface PageRequestFrame {
+  type: 'PAGE_REQUEST';
+  /** Request id, echoed in the PAGES `seq` that answers it. */
+  id: number;
+  /** Page indices (1 … maxPagesPerRequest). */
+  pages: number[];
+}
+
+export interface PushDoneFrame {
+  type: 'PUSH_DONE';
+  /** Pages the source pushed or served after switchover. */
+  pagesSent: number;
+}
+
+export interface CompleteFrame {
+  type: 'COMPLETE';
+  /** Digest of the destination's memory once it holds every page (null: not computed). */
+  digest: Digest | null;
+}
+
+export interface ErrorFrame {
+  type: 'ERROR';
+  /** `ERR_[A-Z0-9_]+`, ≤ 64 bytes. */
+  code: string;
+  /** ≤ 4096 UTF-8 bytes. */
+  message: string;
+}
+
+export interface CancelFrame {
+  type: 'CANCEL';
+  /** ≤ 4096 UTF-8 bytes. */
+  reason: string;
+}
+
+export interface PingFrame {
+  type: 'PING';
+  seq: number;
+  /** Sender's clock at send (ms); echoed by PONG. */
+  time: number;
+}
+
+export interface PongFrame {
+  type: 'PONG';
+  seq: number;
+  time: number;
+}
+
+export type Frame =
+  | HelloFrame
+  | HelloAckFrame
+  | ModuleFrame
+  | PagesFrame
+  | RoundEndFrame
+  | StateFrame
+  | SwitchoverFrame
+  | ResumedFrame
+  | AckFrame
+  | PageRequestFrame
+  | PushDoneFrame
+  | CompleteFrame
+  | ErrorFrame
+  | CancelFrame
+  | PingFrame
+  | PongFrame;
+
+/** A frame without its `type` tag (what the per-type encoders take); distributes over unions. */
+export type FrameBody<F extends Frame> = F extends unknown ? Omit<F, 'type'> : never;
+
+/** Decoder error codes (ProtocolError.code). */
+export const ProtocolErrorCode = {
+  /** A header announced more payload than `maxPayloadBytes`. */
+  FRAME_TOO_LARGE: 'ERR_PROTOCOL_FRAME_TOO_LARGE',
+  /** The type byte names no frame type. */
+  UNKNOWN_TYPE: 'ERR_PROTOCOL_UNKNOWN_TYPE',
+  /** A payload ended before a field it announced. */
+  TRUNCATED: 'ERR_PROTOCOL_TRUNCATED',
+  /** HELLO's version range excludes ours, or HELLO_ACK chose a version we don't speak. */
+  BAD_VERSION: 'ERR_PROTOCOL_BAD_VERSION',
+  /** HELLO without the magic. */
+  BAD_MAGIC: 'ERR_PROTOCOL_BAD_MAGIC',
+  /** A field is out of range, reserved bits are set, trailing bytes, bad UTF-8 or JSON, … */
+  MALFORMED: 'ERR_PROTOCOL_MALFORMED',
+  /** A count or length is above a configured limit. */
+  LIMIT: 'ERR_PROTOCOL_LIMIT',
+  /** A page uses an encoding id that was not agreed. */
+  UNKNOWN_ENCODING: 'ERR_PROTOCOL_UNKNOWN_ENCODING',
+  /** The stream ended in the middle of a frame (see FrameDecoder.end). */
+  UNEXPECTED_EOF: 'ERR_PROTOCOL_UNEXPECTED_EOF',
+} as const;
