@@ -7,7 +7,7 @@ import binaryen from 'binaryen';
 import { FERRY_IMPORTS, FERRY_IMPORT_MODULE, MAX_GUEST_BYTES, RESERVED_BYTES, WASI_IMPORTS, WASI_IMPORT_MODULE } from '../../../core/abi.js';
 import { GuestModuleError } from '../../../core/errors.js';
 import { hasWasmMagic, scanModule } from './sections.js';
-import { call, forEachExpression, UnsupportedExpressionError } from './walk.js';
+import { call, expressionId, forEachExpression, UnsupportedExpressionError } from './walk.js';
 
 /** What the VM needs to know about a guest module (see `instrument.ts`). */
 export interface GuestModuleInfo {
@@ -44,8 +44,8 @@ export interface Analysis {
 }
 
 const TABLE_MUTATION_IDS = new Map<number, string>([
-  [binaryen.TableSetId, 'table.set'], [binaryen.TableGrowId, 'table.grow'], [binaryen.TableFillId, 'table.fill'],
-  [binaryen.TableCopyId, 'table.copy'], [binaryen.TableInitId, 'table.init'], [binaryen.ElemDropId, 'elem.drop'],
+  [expressionId('TableSet'), 'table.set'], [expressionId('TableGrow'), 'table.grow'], [expressionId('TableFill'), 'table.fill'],
+  [expressionId('TableCopy'), 'table.copy'], [expressionId('TableInit'), 'table.init'], [expressionId('ElemDrop'), 'elem.drop'],
 ]);
 
 const RESERVED_PREFIX = '__ferry_';
@@ -65,10 +65,12 @@ function sameList(a: readonly string[], b: readonly string[]): boolean {
   return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 
+/** Expression kind names by id, for messages. */
 const ID_NAMES = new Map<number, string>(
   Object.entries(binaryen as unknown as Record<string, unknown>)
-    .filter(([k, v]) => k.endsWith('Id') && !k.startsWith('_') && typeof v === 'number')
-    .map(([k, v]) => [v as number, k.slice(0, -2)]),
+    .filter(([k, v]) => /^_Binaryen\w+Id$/.test(k) && typeof v === 'function' && v.length === 0)
+    .map(([k]) => k.slice('_Binaryen'.length, -2))
+    .map((kind) => [expressionId(kind), kind]),
 );
 
 /** The static memarg offset of an expression binaryen.js offers no getter for (atomic wait/notify). */

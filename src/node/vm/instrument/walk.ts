@@ -50,6 +50,19 @@ const NEEDED: Record<string, string[]> = {
   TupleExtract: ['getTuple', 'setTuple'],
 };
 
+/**
+ * An expression kind's id. Some `binaryen.XxxId` constants named in the type declarations are
+ * missing at run time (TableFillId, ElemDropId, …); the C getter `_BinaryenXxxId()` always exists.
+ */
+export function expressionId(kind: string): number {
+  const b = binaryen as unknown as Record<string, unknown>;
+  const direct = b[`${kind}Id`];
+  if (typeof direct === 'number') return direct;
+  const getter = b[`_Binaryen${kind}Id`];
+  if (typeof getter === 'function') return (getter as () => number)();
+  throw new BugIndicatingError(`binaryen.js has no expression kind ${kind}`);
+}
+
 /** Typed access to binaryen.js's run-time accessor classes: `cls('Store').getPtr(expr)`. */
 export type Accessors = Record<string, Fn>;
 const runtime = binaryen as unknown as Record<string, Record<string, Fn> | undefined>;
