@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import binaryen from 'binaryen';
 import { FERRY_IMPORTS, NetRecord, WASI_IMPORTS } from '../../src/core/abi.js';
 import { Bitmap } from '../../src/core/bitmap.js';
 import { NetRing, ringLayout, type NetRecordData } from '../../src/core/net-ring.js';
@@ -18,9 +19,10 @@ class FakeMemory implements GuestMemoryAccess {
   /** Ranges handed out by view(). */
   readonly views: Array<[number, number]> = [];
 
-  constructor(size: number, init?: Uint8Array) {
-    this.bytes = init ? init.slice() : new Uint8Array(size);
-    this.dv = new DataView(this.bytes.buffer);
+  /** `live`: use these bytes in place (a real Wasm memory); otherwise a copy of `init` or zeros. */
+  constructor(size: number, init?: Uint8Array, live?: Uint8Array) {
+    this.bytes = live ?? (init ? init.slice() : new Uint8Array(size));
+    this.dv = new DataView(this.bytes.buffer, this.bytes.byteOffset, this.bytes.byteLength);
   }
 
   get byteLength(): number { return this.bytes.length; }
@@ -87,6 +89,8 @@ class RecordingHooks implements DeviceHooks {
   halts: number[] = [];
   aborts: string[] = [];
   overflows: Array<{ code: string; conns: number[] }> = [];
+  credits: number[] = [];
+  netRxCredit(bytes: number): void { this.credits.push(bytes); }
   console(text: string): void { this.lines.push(text); }
   netTx(records: NetRecordData[]): void { this.tx.push(records); }
   halt(code: number): void { this.halts.push(code); }
@@ -242,7 +246,7 @@ test('net_init validates its arguments and writes fresh headers (dirty-marked)',
 });
 
 test('rx delivery: full ring keeps records queued; later delivery wraps around, in order, dirty-marked', () => {
-  const { mem, f, dev } = setup();
+  const { mem, f, dev, hooks } = setup();
   const base = 16384;
   assert.equal(f('net_init')(base, 4096), 0);
   const g = guestRings(mem, base, 4096);
@@ -270,6 +274,8 @@ test('rx delivery: full ring keeps records queued; later delivery wraps around, 
   assert.equal(dev.rxQueuedBytes(), 0);
   assert.equal(dev.hasPendingInput(), false);
   assert.ok(g.rx.tail > 4096 * 2, 'the ring wrapped around');
+  assert.equal(hooks.credits.reduce((a, b) => a + b, 0), sent.reduce((a, r) => a + r.payload.length, 0), 'credit = payload bytes moved into the ring');
+  assert.ok(hooks.credits.length > 1 && hooks.credits.every((c) => c > 0));
   assert.deepEqual(simple(received), simple(sent));
 });
 
@@ -352,6 +358,8 @@ test('rx queue overflow refuses the whole batch, reports the connections, keeps 
   assert.equal(dev.deliverNet([rec(2, NetRecord.OPEN), rec(2, NetRecord.DATA, bytesOf(6000, 2))]), false);
   assert.deepEqual(hooks.overflows, [{ code: 'ERR_NET_RX_OVERFLOW', conns: [2] }]);
   assert.equal(dev.exportState().net.rx.length, 1);
+  assert.equal(dev.deliverNet([rec(2, NetRecord.CLOSE), rec(1, NetRecord.CLOSE)]), true, 'CLOSE-only batches are always taken');
+  assert.equal(dev.exportState().net.rx.length, 3);
   assert.throws(() => dev.deliverNet([rec(1, 9)]), { code: 'ERR_INVALID_ARGUMENT' });
   assert.throws(() => dev.deliverNet([rec(1, NetRecord.DATA, new Uint8Array(65537))]), { code: 'ERR_INVALID_ARGUMENT' });
   void mem;
@@ -640,4 +648,66 @@ test('abort decodes AssemblyScript strings best effort', () => {
   assert.throws(() => f('abort')(3004, MEM + 50, 1, 1), { code: 'ERR_GUEST_TRAP' });
   assert.match(hooks.aborts[2], /at <unreadable string at \d+>:1:1$/);
   assert.ok(hooks.aborts[2].length < 10_000);
+});
+
+test('a real Wasm guest calls the imports (i64 offsets and clock as BigInt)', () => {
+  const wat = `(module
+    (import "ferry" "clock_ns" (func $clock (result i64)))
+    (import "ferry" "config_read" (func $cfg (param i32 i32) (result i32)))
+    (import "ferry" "block_write" (func $bw (param i64 i32 i32) (result i32)))
+    (import "ferry" "block_read" (func $br (param i64 i32 i32) (result i32)))
+    (import "ferry" "console_write" (func $cw (param i32 i32)))
+    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+    (memory (export "memory") 2)
+    (data (i32.const 16) "hi from wasm\\0a")
+    (func (export "clock") (result i64) (call $clock))
+    (func (export "cfg") (param i32 i32) (result i32) (call $cfg (local.get 0) (local.get 1)))
+    (func (export "bw") (param i64 i32 i32) (result i32) (call $bw (local.get 0) (local.get 1) (local.get 2)))
+    (func (export "br") (param i64 i32 i32) (result i32) (call $br (local.get 0) (local.get 1) (local.get 2)))
+    (func (export "say") (call $cw (i32.const 16) (i32.const 13)))
+    (func (export "exit") (param i32) (call $exit (local.get 0))))`;
+  const mod = binaryen.parseText(wat);
+  assert.ok(mod.validate());
+  const bin = mod.emitBinary();
+  const wasm = new Uint8Array(new ArrayBuffer(bin.length));
+  wasm.set(bin);
+  mod.dispose();
+  const { dir, path } = tmpDisk();
+  try {
+    let memory: WebAssembly.Memory | null = null;
+    const lazy = new Proxy({} as FakeMemory, {
+      get: (_t, k) => {
+        const m = new FakeMemory(0, undefined, new Uint8Array(memory!.buffer));
+        const v = (m as unknown as Record<string | symbol, unknown>)[k];
+        return typeof v === 'function' ? (v as Fn).bind(m) : v;
+      },
+    });
+    const hooks = new RecordingHooks();
+    hooks.halt = (code: number) => { hooks.halts.push(code); throw new Error(`halted ${code}`); };
+    const clock = new FakeClock();
+    const size = 2 ** 33; // 8 GiB sparse: offsets beyond 32 bits
+    const dev = new Devices({ config: 'mode=wasm', block: { path, sizeBytes: size } }, lazy, hooks, { now: clock.now });
+    const instance = new WebAssembly.Instance(new WebAssembly.Module(wasm), dev.imports());
+    memory = instance.exports.memory as WebAssembly.Memory;
+    const e = instance.exports as Record<string, (...a: (number | bigint)[]) => number & bigint>;
+    clock.advance(4242);
+    assert.equal(e.clock(), 4242n);
+    assert.equal(e.cfg(1000, 64), 9);
+    assert.equal(dec(new Uint8Array(memory.buffer, 1000, 9)), 'mode=wasm');
+    e.say();
+    assert.deepEqual(hooks.lines, ['hi from wasm']);
+    const far = 2n ** 32n + 4090n;
+    assert.equal(e.bw(far, 1000, 9), 0);
+    assert.deepEqual([...dev.blockWriteBitmap()!], [Number(far / 4096n), Number(far / 4096n) + 1]);
+    assert.equal(e.br(far, 2000, 9), 0);
+    assert.equal(dec(new Uint8Array(memory.buffer, 2000, 9)), 'mode=wasm');
+    assert.equal(e.br(-1n, 0, 1), -1);
+    assert.equal(e.br(BigInt(size) - 4n, 0, 5), -1);
+    assert.throws(() => e.br(0n, 65536 * 2 - 2, 4), { code: 'ERR_GUEST_MEMORY_RANGE' }, 'a bad pointer traps');
+    assert.throws(() => e.exit(7), /halted 7/);
+    assert.deepEqual(hooks.halts, [7]);
+    dev.close();
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

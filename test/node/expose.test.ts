@@ -238,6 +238,36 @@ test('many interleaved connections keep their streams apart', async () => {
   }
 });
 
+test('reset() drops connections: client closed, held input discarded, one CLOSE for the guest', async () => {
+  const { ep, got } = await endpoint();
+  try {
+    const a = await client(ep);
+    const b = await client(ep);
+    await until(() => opens(got).length === 2, 'OPENs');
+    const [idA, idB] = opens(got);
+    ep.hold();
+    a.sock.write('lost');
+    b.sock.write('kept');
+    await until(() => ep.bufferedBytes() === 8, 'held');
+    ep.reset([idA]);
+    assert.equal(ep.bufferedBytes(), 4, "a's held input is dropped");
+    const c = await client(ep); // opens while held, then reset before the guest heard of it
+    await until(() => ep.connections() === 2 && ep.bufferedBytes() === 4, 'c accepted');
+    const idC = Math.max(idA, idB) + 1;
+    ep.reset([idC, 12345]);
+    ep.release();
+    await until(() => a.ended() || a.sock.destroyed, 'a dropped');
+    assert.deepEqual(got.filter((r) => r.conn === idA).map((r) => r.type), [NetRecord.OPEN, NetRecord.CLOSE]);
+    assert.equal(got.filter((r) => r.conn === idC).length, 0, 'never-announced connection stays unannounced');
+    assert.equal(dataOf(got, idB).toString(), 'kept');
+    await until(() => c.ended() || c.sock.destroyed, 'c dropped');
+    assertWellFormed(got);
+    ep.deliver([{ conn: idA, type: NetRecord.DATA, payload: Buffer.from('x') }]); // gone: ignored
+  } finally {
+    await ep.close();
+  }
+});
+
 test('close() ends every connection and the listener', async () => {
   const { ep, got } = await endpoint();
   const { port } = ep.address();

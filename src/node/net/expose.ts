@@ -164,6 +164,36 @@ export class ExposeEndpoint {
     }
   }
 
+  /**
+   * Drops connections at once (e.g. those whose records the VM refused on overflow): the client's
+   * socket is destroyed, input kept for them is discarded, and the guest gets a CLOSE for each
+   * (unless it already had one or closed the connection itself).
+   */
+  reset(conns: Iterable<number>): void {
+    const ids = new Set(conns);
+    if (ids.size === 0) return;
+    const before = this.pending.length - this.pendingHead;
+    const rest = this.pending.slice(this.pendingHead);
+    const neverOpened = new Set(rest.filter((r) => ids.has(r.conn) && r.type === NetRecord.OPEN).map((r) => r.conn));
+    const keep = rest.filter((r) => !ids.has(r.conn));
+    if (keep.length !== before) {
+      this.pending = keep;
+      this.pendingHead = 0;
+      this.pendingBytes = keep.reduce((a, r) => a + r.payload.length, 0);
+    }
+    for (const id of ids) {
+      const c = this.conns.get(id);
+      if (!c) continue;
+      this.conns.delete(id);
+      const tellGuest = !c.closeSent && !c.guestClosed && !neverOpened.has(id);
+      c.closeSent = true;
+      c.guestClosed = true;
+      c.socket.destroy();
+      if (tellGuest) this.emit([{ conn: id, type: NetRecord.CLOSE, payload: new Uint8Array(0) }]);
+    }
+    this.flush();
+  }
+
   /** Closes the listener and every connection; kept input is dropped. */
   close(): Promise<void> {
     if (this.closed) return Promise.resolve();

@@ -55,8 +55,17 @@ export interface DeviceHooks {
   halt(exitCode: number): void;
   /** Guest abort or a corrupt net ring. Expected to throw when called from inside an import. */
   abort(message: string): void;
-  /** A `deliverNet` batch was refused because the rx queue is full (see NetDevice). Optional. */
+  /**
+   * A `deliverNet` batch was refused because the rx queue is full: nothing of it was queued. The
+   * host should reset `err.conns` (ExposeEndpoint.reset); CLOSE-only batches are always accepted.
+   * Without this hook the refusal is only visible as deliverNet's `false`.
+   */
   netRxOverflow?(err: NetRxOverflowError): void;
+  /**
+   * DATA payload bytes just moved from the rx queue into the guest's rx ring, once per
+   * `betweenQuanta` that moved any. Feed it to ExposeEndpoint.credit when using its flow window.
+   */
+  netRxCredit?(payloadBytes: number): void;
 }
 
 export interface DevicesOptions {
@@ -120,6 +129,7 @@ export class Devices {
       tx: (records) => hooks.netTx(records),
       corrupt: (message) => hooks.abort(message),
       overflow: (err) => hooks.netRxOverflow?.(err),
+      rxMoved: (n) => hooks.netRxCredit?.(n),
       wrote: (addr, len) => this.reclaim(addr, len),
     }, options.rxQueueLimit ?? DEFAULT_RX_QUEUE_LIMIT);
     if (restore) {

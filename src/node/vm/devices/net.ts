@@ -11,10 +11,12 @@
  * NET_MAX_PAYLOAD, an unknown record type on tx) makes the device *fail*: it stops touching the
  * rings and reports the problem once through `onCorrupt` (the VM is aborted).
  *
- * Overflow policy: the rx queue holds at most `limit` payload+header bytes. `deliver` refuses a
- * batch that would exceed it as a whole (no record of it is queued), returns the refused records'
- * connection ids through `onOverflow` (a NetRxOverflowError), and returns false. The host should
- * reset those connections; the expose endpoint's flow window (credit) avoids getting here.
+ * Overflow policy: the rx queue holds at most `limit` ring bytes (header + padded payload).
+ * `deliver` refuses a batch that would exceed it as a whole (no record of it is queued), reports
+ * the refused records' connection ids through `overflow` (a NetRxOverflowError), and returns
+ * false. The host should reset those connections (ExposeEndpoint.reset), whose CLOSE records are
+ * always accepted. The expose endpoint's flow window, credited through `rxMoved`, avoids getting
+ * here at all.
  */
 import { NET_MAX_PAYLOAD, NET_RING_HEADER, NetRecord } from '../../../core/abi.js';
 import { FerryError } from '../../../core/errors.js';
@@ -33,7 +35,9 @@ export interface NetDeviceEvents {
   tx(records: NetRecordData[]): void;
   corrupt(message: string): void;
   overflow(err: NetRxOverflowError): void;
-  /** Called with the bytes of guest memory the host is about to write (so soft pages are reclaimed). */
+  /** DATA payload bytes just moved from the queue into the rx ring (flow-control credit). */
+  rxMoved(payloadBytes: number): void;
+  /** Called with the bytes of guest memory the host wrote (so soft pages are reclaimed). */
   wrote(addr: number, len: number): void;
 }
 
@@ -96,7 +100,10 @@ export class NetDevice {
       if (r.payload.length > NET_MAX_PAYLOAD) throw new FerryError('ERR_INVALID_ARGUMENT', `net record payload ${r.payload.length} exceeds ${NET_MAX_PAYLOAD}`);
       bytes += recordSpace(r.payload.length);
     }
-    if (this.queuedBytes + bytes > this.limit) {
+    // CLOSE-only batches are always taken: they are tiny, one per connection at most, and they
+    // are how the host tells the guest about connections it reset after an overflow.
+    const closesOnly = records.every((r) => r.type === NetRecord.CLOSE);
+    if (!closesOnly && this.queuedBytes + bytes > this.limit) {
       const conns = [...new Set(records.map((r) => r.conn))];
       this.events.overflow(new NetRxOverflowError(`network rx queue full (${this.queuedBytes} + ${bytes} bytes > ${this.limit}); refused records for connection(s) ${conns.join(', ')}`, conns));
       return false;
@@ -156,8 +163,10 @@ export class NetDevice {
     if (ring.used > size) throw new NetRingError(`rx ring corrupt: ${ring.used} bytes queued in a ${size}-byte ring`);
     const tail0 = ring.tail;
     const data = rx + NET_RING_HEADER;
+    let moved = 0;
     for (let rec = this.rxQueue[this.rxHead]; rec && ring.push(rec); rec = this.rxQueue[this.rxHead]) {
       this.queuedBytes -= recordSpace(rec.payload.length);
+      moved += rec.payload.length;
       this.rxQueue[this.rxHead++] = undefined; // let the payload go
     }
     if (this.rxHead === this.rxQueue.length) {
@@ -171,6 +180,7 @@ export class NetDevice {
     if (written === 0) return;
     this.touchRange(data, size, tail0, written);
     this.mem.touched(rx + 4, 4);
+    if (moved > 0) this.events.rxMoved(moved);
   }
 
   private touchRange(data: number, size: number, pos: number, len: number): void {
