@@ -268,6 +268,15 @@ test('reset() drops connections: client closed, held input discarded, one CLOSE 
   }
 });
 
+test('listening on a taken port fails with a named error', async () => {
+  const { ep } = await endpoint();
+  try {
+    await assert.rejects(ExposeEndpoint.listen({ host: '127.0.0.1', port: ep.address().port, onRecords: () => {} }), { code: 'ERR_EXPOSE_LISTEN' });
+  } finally {
+    await ep.close();
+  }
+});
+
 test('close() ends every connection and the listener', async () => {
   const { ep, got } = await endpoint();
   const { port } = ep.address();

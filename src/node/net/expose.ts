@@ -25,7 +25,7 @@
  */
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { NET_MAX_PAYLOAD, NetRecord } from '../../core/abi.js';
-import { InvalidArgumentError } from '../../core/errors.js';
+import { FerryError, InvalidArgumentError } from '../../core/errors.js';
 import type { NetRecordData } from '../../core/net-ring.js';
 
 export const DEFAULT_EXPOSE_BUFFER_LIMIT = 4 << 20;
@@ -41,6 +41,8 @@ export interface ExposeOptions {
   bufferLimit?: number;
   /** Outstanding DATA bytes allowed before `credit()`; default: no window. */
   window?: number;
+  /** Errors of the listening socket after it started (e.g. accept failures); default: ignored. */
+  onError?(err: Error): void;
   /** Largest number of simultaneous clients; further ones are refused (closed at once). Default 10,000. */
   maxConnections?: number;
 }
@@ -90,9 +92,10 @@ export class ExposeEndpoint {
     const server = createServer({ allowHalfOpen: true, pauseOnConnect: true, noDelay: true });
     const ep = new ExposeEndpoint(server, opts);
     return new Promise((resolve, reject) => {
-      server.once('error', reject);
+      server.once('error', (e: NodeJS.ErrnoException) => reject(new FerryError('ERR_EXPOSE_LISTEN', `cannot listen on ${opts.host ?? '127.0.0.1'}:${opts.port ?? 0}: ${e.message}`, { cause: e })));
       server.listen(opts.port ?? 0, opts.host ?? '127.0.0.1', () => {
-        server.off('error', reject);
+        server.removeAllListeners('error');
+        server.on('error', (e) => opts.onError?.(e));
         resolve(ep);
       });
     });
