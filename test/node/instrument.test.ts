@@ -434,6 +434,18 @@ test('data segments are applied by __ferry_boot only; a destination instance lea
   }
 });
 
+test('memory.init from an active segment behaves as after instantiation (dropped), booted or not', () => {
+  const bytes = guest('(memory.init $a (i32.const 64) (i32.const 0) (local.get 0)) (i32.load8_u (i32.const 64))', '(data $a (i32.const 0) "xyz")');
+  const orig = new WebAssembly.Instance(new WebAssembly.Module(bytes as Uint8Array<ArrayBuffer>)).exports as Record<string, (n: number) => number>;
+  assert.equal(orig.run(0), 0);
+  assert.throws(() => orig.run(1), WebAssembly.RuntimeError);
+  for (const noBoot of [false, true]) {
+    const b = boot(bytes, 'dirty', { noBoot });
+    assert.equal(callRun(b, 0), 0);
+    assert.throws(() => callRun(b, 1), WebAssembly.RuntimeError, `noBoot=${noBoot}`);
+  }
+});
+
 test('mutable globals are exported as __ferry_g<index> and settable; info describes them', () => {
   const bytes = guest('(global.set $b (i64.add (global.get $b) (i64.const 1))) (i32.wrap_i64 (global.get $b))', `
     (global $a i32 (i32.const 1))

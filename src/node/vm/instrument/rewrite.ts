@@ -68,8 +68,15 @@ export function rewrite(a: Analysis, variant: Variant): Uint8Array {
     );
   };
 
+  const segments = readSegments(m);
+  // After instantiation an active segment is dropped, i.e. empty. Boot drops it on a cold boot, but
+  // a migration destination never boots: code that memory.inits from it reads this empty one instead.
+  let dropped = '__ferry_dropped';
+  while (segments.some((s) => s.name === dropped)) dropped += '_';
+  const active = new Set(segments.filter((s) => s.offset !== null).map((s) => s.name));
   const initHelpers = new Map<string, string>();
-  const initHelper = (segment: string): string => {
+  const initHelper = (original: string): string => {
+    const segment = active.has(original) ? dropped : original;
     let h = initHelpers.get(segment);
     if (!h) { h = `${H.init}${initHelpers.size}`; initHelpers.set(segment, h); }
     return h;
@@ -173,7 +180,8 @@ export function rewrite(a: Analysis, variant: Variant): Uint8Array {
     (binaryen as unknown as { Function: { setBody(f: number, b: Ref): void } }).Function.setBody(func, walk(info.body, visit));
   }
 
-  relocateModule(a, variant, use);
+  if (initHelpers.has(dropped)) segments.push({ name: dropped, data: new Uint8Array(0), offset: null });
+  relocateModule(a, variant, segments, use);
   addHelpers(m, mem, variant, used, initHelpers);
 
   const out = m.emitBinary();
@@ -187,16 +195,22 @@ interface DataSegmentAccess {
   getDataSegmentInfo(s: number): { name: string; offset: number | null; data: ArrayBuffer; passive: boolean };
 }
 
-/** Memory import, passive data segments, exported globals and the boot entry. */
-function relocateModule(a: Analysis, variant: Variant, use: (name: string) => string): void {
-  const m = a.module;
-  const mem = a.memoryName;
-  const segments: { name: string; data: Uint8Array; offset: number | null }[] = [];
+interface Segment { name: string; data: Uint8Array; /** Null for a passive segment. */ offset: number | null }
+
+function readSegments(m: binaryen.Module): Segment[] {
+  const segments: Segment[] = [];
   const dm = m as unknown as DataSegmentAccess;
   for (let i = 0; i < dm.getNumDataSegments(); i++) {
     const s = dm.getDataSegmentInfo(dm.getDataSegmentByIndex(i));
     segments.push({ name: s.name, data: new Uint8Array(s.data), offset: s.passive ? null : (s.offset ?? 0) >>> 0 });
   }
+  return segments;
+}
+
+/** Memory import, passive data segments, exported globals and the boot entry. */
+function relocateModule(a: Analysis, variant: Variant, segments: Segment[], use: (name: string) => string): void {
+  const m = a.module;
+  const mem = a.memoryName;
   const memoryExports: string[] = [];
   for (let i = 0; i < m.getNumExports(); i++) {
     const x = binaryen.getExportInfo(m.getExportByIndex(i));
