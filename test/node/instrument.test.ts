@@ -416,6 +416,13 @@ test('guest addresses land 2 MiB up; the reserved region is out of reach; overfl
   }
 });
 
+test('function names survive the rewrite (they appear in guest trap stacks)', () => {
+  const bytes = wat(`(module (memory 1) (func $guest_boom (result i32) (unreachable))
+    (func (export "run") (param i32) (result i32) (call $guest_boom)))`, true);
+  const b = boot(bytes, 'dirty');
+  assert.throws(() => callRun(b, 0), (e: unknown) => e instanceof WebAssembly.RuntimeError && /guest_boom/.test(e.stack ?? ''));
+});
+
 test('data segments are applied by __ferry_boot only; a destination instance leaves memory alone', () => {
   const bytes = guest('(i32.load8_u (i32.const 16))', '(data (i32.const 16) "A") (global $g (mut i32) (i32.const 1)) (start $s) (func $s (global.set $g (i32.const 42)))');
   const first = boot(bytes, 'plain', { noBoot: true });
