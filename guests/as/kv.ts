@@ -22,10 +22,10 @@
 // returns RUNNING so the host drains tx. One budget unit = one request.
 //
 // Memory: an open-addressing hash table (linear probing, 32-bit hash + entry pointer per slot,
-// doubling at load 1/2, tombstones cleared on rehash) over entries kept in an arena with
-// size-class free lists (16-byte classes), so DEL+SET churn reuses memory. Old hash tables are
-// handed to the arena as chunks when the table grows. A 9-byte key with a 32-byte value costs
-// 48 bytes + 16 bytes of table: a million such keys take ~80 MiB.
+// doubling at load 1/2, deletion by backward shift so there are no tombstones) over entries kept
+// in an arena with size-class free lists (16-byte classes), so DEL+SET churn reuses memory. Old
+// hash tables are handed to the arena as chunks when the table grows. A 9-byte key with a 32-byte
+// value costs 48 bytes + 16 bytes of table: a million such keys take ~64 MiB.
 // progress() = requests answered.
 import { cfgSize, configLoad, fatal, outStr, outU64, outByte, outFlush, sbrk } from "./common";
 
@@ -134,17 +134,63 @@ function donate(p: usize, size: usize): void {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Hash table: u64 slots, low 32 bits = hash, high 32 bits = entry (0 empty, 1 tombstone).
+// Hash tables (keys and connections): linear probing over u64 slots, low 32 bits = hash (keys)
+// or connection id (connections), high 32 bits = pointer (0 = empty). Deletion shifts the rest of
+// the cluster back (no tombstones), so churn never forces a rebuild; tables only double.
 
 let tab: usize = 0;
 let cap: u32 = 0;
-let tombs: u32 = 0;
 
 function hashBytes(p: usize, n: u32): u32 {
   let h: u32 = 2166136261;
   for (let i: u32 = 0; i < n; i++) h = (h ^ <u32>load<u8>(p + i)) * 16777619;
   h ^= h >> 16; h *= 0x85EBCA6B; h ^= h >> 13; h *= 0xC2B2AE35; h ^= h >> 16;
   return h;
+}
+
+@inline function connHash(id: u32): u32 { let h = id * 0x9E3779B1; return h ^ (h >> 15); }
+
+/** Home slot of slot value `s` in a table; `conns` selects the connection table's hash. */
+@inline function home(s: u64, conns: bool): u32 { return conns ? connHash(<u32>s) : <u32>s; }
+
+/** Empties slot `i` of table `t` (mask `m`), shifting later members of its cluster back. */
+function slotDelete(t: usize, m: u32, i: u32, conns: bool): void {
+  let j = i;
+  while (true) {
+    j = (j + 1) & m;
+    let s = load<u64>(t + (<usize>j << 3));
+    if (s == 0) break;
+    let k = home(s, conns) & m;
+    let stays = j > i ? (k > i && k <= j) : (k > i || k <= j);
+    if (!stays) {
+      store<u64>(t + (<usize>i << 3), s);
+      i = j;
+    }
+  }
+  store<u64>(t + (<usize>i << 3), 0);
+}
+
+function tableAlloc(c: u32): usize {
+  let t = sbrk(<usize>c << 3, 16);
+  if (t != 0) memory.fill(t, 0, <usize>c << 3);
+  return t;
+}
+
+/** Doubles table `t` of capacity `c`; returns the new table (0 if out of memory). Donates the old one to the arena. */
+function tableGrow(t: usize, c: u32, conns: bool): usize {
+  let nc = c << 1;
+  let nt = tableAlloc(nc);
+  if (nt == 0) return 0;
+  let m = nc - 1;
+  for (let i: u32 = 0; i < c; i++) {
+    let s = load<u64>(t + (<usize>i << 3));
+    if (s == 0) continue;
+    let j = home(s, conns) & m;
+    while (load<u64>(nt + (<usize>j << 3)) != 0) j = (j + 1) & m;
+    store<u64>(nt + (<usize>j << 3), s);
+  }
+  donate(t, <usize>c << 3);
+  return nt;
 }
 
 @inline function entrySize(e: usize): usize {
@@ -158,87 +204,48 @@ function sameKey(e: usize, k: usize, kl: u32): bool {
   return true;
 }
 
-let foundSlot: u32 = 0; // slot of the match, or the first free slot on the probe path
+let foundSlot: u32 = 0; // slot of the match, or the empty slot ending the probe
 /** Returns the entry for key [k, k+kl) with hash h, or 0 (then foundSlot is where to insert). */
 function lookup(k: usize, kl: u32, h: u32): usize {
   let m = cap - 1;
   let i = h & m;
-  let firstFree: i64 = -1;
   while (true) {
     let s = load<u64>(tab + (<usize>i << 3));
     let e = <usize>(s >> 32);
-    if (e == 0) { foundSlot = firstFree >= 0 ? <u32>firstFree : i; return 0; }
-    if (e == 1) { if (firstFree < 0) firstFree = i; }
-    else if (<u32>s == h && sameKey(e, k, kl)) { foundSlot = i; return e; }
+    if (e == 0) { foundSlot = i; return 0; }
+    if (<u32>s == h && sameKey(e, k, kl)) { foundSlot = i; return e; }
     i = (i + 1) & m;
   }
   return 0;
 }
 
-function tableAlloc(c: u32): usize {
-  let t = sbrk(<usize>c << 3, 16);
-  if (t != 0) memory.fill(t, 0, <usize>c << 3);
-  return t;
-}
-
-/** Makes room for one more key; false when out of memory and the table is full. */
+/** Makes room for one more key; false when the table is full and cannot grow. */
 function ensureRoom(): bool {
-  if (((count + tombs + 1) << 1) <= cap) return true;
-  let nc = (count + 1) << 1 > cap ? cap << 1 : cap; // grow, or just clear tombstones
-  let nt = tableAlloc(nc);
-  if (nt == 0) return count + tombs + 1 < cap;
-  let ot = tab, oc = cap;
-  tab = nt; cap = nc; tombs = 0;
-  let m = nc - 1;
-  for (let i: u32 = 0; i < oc; i++) {
-    let s = load<u64>(ot + (<usize>i << 3));
-    if ((s >> 32) <= 1) continue;
-    let j = <u32>s & m;
-    while (load<u64>(nt + (<usize>j << 3)) != 0) j = (j + 1) & m;
-    store<u64>(nt + (<usize>j << 3), s);
-  }
-  donate(ot, <usize>oc << 3);
+  if ((count + 1) << 1 <= cap) return true;
+  let nt = cap < 0x40000000 ? tableGrow(tab, cap, false) : 0;
+  if (nt == 0) return count + 1 < cap;
+  tab = nt;
+  cap <<= 1;
   return true;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Connections: u64 slots, low 32 bits = conn id, high 32 bits = state (0 empty, 1 tombstone).
+// Connections: id → state (conn u32, line length u32, discarding u32, pad, line buffer).
 
 let ctab: usize = 0;
 let ccap: u32 = 0;
-let cused: u32 = 0; // live + tombstones
-
-@inline function connHash(id: u32): u32 { return (id * 0x9E3779B1) ^ (id >> 16); }
+let ccount: u32 = 0;
 
 function connFind(id: u32): u32 {
   let m = ccap - 1;
   let i = connHash(id) & m;
   while (true) {
     let s = load<u64>(ctab + (<usize>i << 3));
-    if ((s >> 32) == 0) return 0xFFFFFFFF;
-    if ((s >> 32) != 1 && <u32>s == id) return i;
+    if (s == 0) return 0xFFFFFFFF;
+    if (<u32>s == id) return i;
     i = (i + 1) & m;
   }
   return 0xFFFFFFFF;
-}
-
-function connRehash(nc: u32): bool {
-  let nt = tableAlloc(nc);
-  if (nt == 0) return false;
-  let ot = ctab, oc = ccap;
-  let m = nc - 1;
-  let live: u32 = 0;
-  for (let i: u32 = 0; i < oc; i++) {
-    let s = load<u64>(ot + (<usize>i << 3));
-    if ((s >> 32) <= 1) continue;
-    let j = connHash(<u32>s) & m;
-    while (load<u64>(nt + (<usize>j << 3)) != 0) j = (j + 1) & m;
-    store<u64>(nt + (<usize>j << 3), s);
-    live++;
-  }
-  ctab = nt; ccap = nc; cused = live;
-  donate(ot, <usize>oc << 3);
-  return true;
 }
 
 /** The state of connection `id`, created (empty line buffer) if absent; 0 if out of memory. */
@@ -249,19 +256,19 @@ function connGet(id: u32, reset: bool): usize {
     if (reset) { store<u32>(st + 4, 0); store<u32>(st + 8, 0); }
     return st;
   }
-  if ((cused + 1) << 1 > ccap) {
-    let live: u32 = 0;
-    for (let j: u32 = 0; j < ccap; j++) if ((load<u64>(ctab + (<usize>j << 3)) >> 32) > 1) live++;
-    if (!connRehash((live + 1) << 2 > ccap ? ccap << 1 : ccap) && cused + 1 >= ccap) return 0;
+  if ((ccount + 1) << 1 > ccap) {
+    let nt = tableGrow(ctab, ccap, true);
+    if (nt != 0) { ctab = nt; ccap <<= 1; }
+    else if (ccount + 1 >= ccap) return 0;
   }
   let st = alloc(CONN_SIZE);
   if (st == 0) return 0;
   store<u32>(st, id); store<u32>(st + 4, 0); store<u32>(st + 8, 0);
   let m = ccap - 1;
   let j = connHash(id) & m;
-  while ((load<u64>(ctab + (<usize>j << 3)) >> 32) > 1) j = (j + 1) & m;
-  if ((load<u64>(ctab + (<usize>j << 3)) >> 32) == 0) cused++;
+  while (load<u64>(ctab + (<usize>j << 3)) != 0) j = (j + 1) & m;
   store<u64>(ctab + (<usize>j << 3), (<u64>st << 32) | <u64>id);
+  ccount++;
   return st;
 }
 
@@ -269,7 +276,8 @@ function connDrop(id: u32): void {
   let i = connFind(id);
   if (i == 0xFFFFFFFF) return;
   let st = <usize>(load<u64>(ctab + (<usize>i << 3)) >> 32);
-  store<u64>(ctab + (<usize>i << 3), <u64>1 << 32);
+  slotDelete(ctab, ccap - 1, i, true);
+  ccount--;
   release(st, CONN_SIZE);
 }
 
@@ -382,8 +390,7 @@ function handle(p: usize, n: u32): void {
       txBytes(e + ENTRY_HDR + <usize>load<u8>(e), <u32>load<u16>(e + 2));
       txByte(10);
     } else {
-      store<u64>(tab + (<usize>foundSlot << 3), <u64>1 << 32);
-      tombs++;
+      slotDelete(tab, cap - 1, foundSlot, false);
       count--;
       release(e, entrySize(e));
       txStr("DELETED\n");
@@ -426,8 +433,6 @@ function handle(p: usize, n: u32): void {
     memory.copy(ne + ENTRY_HDR, k, kl);
     memory.copy(ne + ENTRY_HDR + kl, v, vl);
     lookup(k, kl, h); // the table may have been rebuilt: find the insertion slot again
-    let s = load<u64>(tab + (<usize>foundSlot << 3));
-    if ((s >> 32) == 1) tombs--;
     store<u64>(tab + (<usize>foundSlot << 3), (<u64>ne << 32) | <u64>h);
     count++;
     txStr("OK\n");

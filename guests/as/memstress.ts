@@ -271,11 +271,11 @@ export function run(budget: i32): i32 {
     credit -= <f64>n;
   }
   if (limit != 0 && <u64>n > limit - writes) n = <i64>(limit - writes);
+  if (reportNs > 0 && reportAt < 0) { reportAt = now; reportWrites = writes; }
   writeN(<i32>n);
   writes += <u64>n;
   if (reportNs > 0) {
-    if (reportAt < 0) { reportAt = now; reportWrites = writes; }
-    else if (now - reportAt >= reportNs) {
+    if (now - reportAt >= reportNs) {
       let wps = <f64>(writes - reportWrites) * 1e9 / <f64>(now - reportAt);
       outStr("memstress: "); outU64(<u64>wps); outStr(" writes/s ");
       outF64(wps * <f64>wbytes / 1e6, 1); outStr(" MB/s total "); outU64(writes); outByte(10); outFlush();
