@@ -746,6 +746,33 @@ for (const [code, what, make] of refusals) {
   });
 }
 
+test('refuses instructions outside the guest feature set (exception handling) with ERR_MODULE_INVALID', () => {
+  const m = binaryen.parseText('(module (memory 1) (tag $e) (func (export "run") (param i32) (result i32) (try (do (throw $e)) (catch_all)) (i32.const 0)))');
+  m.setFeatures(F.ExceptionHandling);
+  const bytes = m.emitBinary();
+  m.dispose();
+  assert.ok(WebAssembly.validate(bytes as Uint8Array<ArrayBuffer>), 'Node accepts it');
+  assert.throws(() => inspectGuest(bytes), (e: unknown) => e instanceof GuestModuleError && e.code === 'ERR_MODULE_INVALID' && /Try/.test(e.message));
+});
+
+test('multi-value blocks, tail calls and select keep working after the rewrite', () => {
+  const bytes = wat(`(module (memory 1)
+    (func $pair (param i32) (result i32 i32) (i32.load (local.get 0)) (i32.load offset=4 (local.get 0)))
+    (func $tail (param i32) (result i32) (i32.store8 (local.get 0) (i32.const 9)) (i32.load8_u (local.get 0)))
+    (func (export "run") (param i32) (result i32)
+      (i64.store (i32.const 4092) (i64.const 0x0000000700000005))
+      (call $pair (i32.const 4092))
+      (i32.mul)
+      (select (i32.const 100) (i32.load (i32.const 4096)) (local.get 0))
+      (i32.add)
+      (return_call $tail (i32.add (i32.const 1)))))`);
+  const ref = reference(bytes);
+  for (const variant of ['plain', 'dirty', 'presence'] as const) {
+    const b = boot(bytes, variant);
+    assert.equal(callRun(b, 0), ref.result, variant);
+  }
+});
+
 test('accepts the largest initial memory and an offset exactly at the limit', () => {
   assert.equal(inspectGuest(wat(`(module (memory 65504) ${RUN})`)).initialGuestBytes, 65504 * 65536);
   const limit = 2 ** 32 - 1 - RESERVED_BYTES;

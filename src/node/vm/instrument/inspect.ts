@@ -121,7 +121,13 @@ export function analyze(bytes: Uint8Array): Analysis {
     }
   }
 
-  const module = binaryen.readBinary(bytes);
+  let module: binaryen.Module;
+  try {
+    module = binaryen.readBinary(bytes);
+  } catch (e) {
+    // binaryen.js throws opaque objects; V8 accepted the module, so binaryen lacks a feature it uses.
+    refuse('ERR_MODULE_INVALID', `the module uses something the rewriter (binaryen) cannot read: ${e instanceof Error ? e.message : 'parse error'}`);
+  }
   try {
     module.setFeatures(GUEST_FEATURES);
     const a = analyzeModule(module, bytes, scan.imports);
