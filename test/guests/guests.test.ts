@@ -29,7 +29,7 @@ function prng(seed: number): () => number {
 }
 
 test('every guest imports only names from the guest ABI', () => {
-  for (const name of ['kv', 'memstress']) {
+  for (const name of ['kv', 'memstress', 'compute', 'wordfreq']) {
     for (const imp of BareHost.imports(guest(name))) {
       const table: Record<string, unknown> = imp.module === 'ferry' ? FERRY_IMPORTS : imp.module === 'wasi_snapshot_preview1' ? WASI_IMPORTS : {};
       assert.ok(imp.name in table, `${name} imports ${imp.module}.${imp.name}`);
@@ -439,4 +439,121 @@ test('memstress: writes= halts, report= prints writes/s, bad configuration abort
   assert.throws(() => memstress('mem=lots'), GuestAbort);
   assert.equal(memstress('wss=64KiB').r.mem, 65536, 'mem defaults to wss');
   assert.equal(memstress('mem=1.5MB').r.mem, 1_500_000, 'decimal suffixes');
+});
+
+// ------------------------------------------------------------------------------------------------
+// compute
+
+function hashModel(seed: bigint, n: number): string {
+  const M = (1n << 64n) - 1n;
+  let v = seed;
+  for (let i = 1n; i <= BigInt(n); i++) {
+    v = (v + i * 0x9e3779b97f4a7c15n) & M;
+    v ^= v >> 33n; v = (v * 0xff51afd7ed558ccdn) & M;
+    v ^= v >> 33n; v = (v * 0xc4ceb9fe1a85ec53n) & M;
+    v ^= v >> 33n;
+  }
+  return v.toString(16).padStart(16, '0');
+}
+
+function mandelModel(size: number, maxIter: number): { inside: number; steps: number } {
+  let inside = 0;
+  let steps = 0;
+  for (let p = 0; p < size * size; p++) {
+    const cr = -2 + (3 * (p % size)) / size;
+    const ci = -1.5 + (3 * Math.floor(p / size)) / size;
+    let r = 0, im = 0, k = 0;
+    for (;;) {
+      if (r * r + im * im > 4) break;
+      if (k >= maxIter) { inside++; break; }
+      const t = r * r - im * im + cr;
+      im = 2 * r * im + ci;
+      r = t;
+      k++;
+    }
+    steps += k;
+  }
+  return { inside, steps };
+}
+
+test('compute: hash chain matches a reference, whatever the budget split, and writes almost no memory', () => {
+  const a = BareHost.boot(guest('compute'), { config: 'iters=100000 seed=9' });
+  const before = snapshot(a);
+  let status: number = RunStatus.RUNNING;
+  let quanta = 0;
+  while (status !== RunStatus.HALTED) { status = a.run(777); quanta++; }
+  assert.equal(quanta, Math.ceil(100_000 / 777));
+  assert.equal(a.progress(), 100_000n);
+  assert.equal(a.console, `compute: hash iters=100000 digest=${hashModel(9n, 100_000)}\n`);
+  assert.ok(changedPages(before, a.bytes()).length <= 2, 'only the console buffer is written');
+  // unbounded: runs and runs without writing memory
+  const b = BareHost.boot(guest('compute'));
+  const mem = snapshot(b);
+  for (let i = 0; i < 50; i++) assert.equal(b.run(200_000), RunStatus.RUNNING);
+  assert.equal(b.progress(), 10_000_000n);
+  assert.deepEqual(changedPages(mem, b.bytes()), []);
+});
+
+test('compute: primes and mandel', () => {
+  const p = BareHost.boot(guest('compute'), { config: 'kind=primes below=100000' });
+  assert.equal(p.runUntilIdle(10_000), RunStatus.HALTED);
+  assert.match(p.console, /^compute: primes below=100000 found=9592 iters=(\d+)\n$/);
+  assert.equal(p.console, `compute: primes below=100000 found=9592 iters=${p.progress()}\n`);
+  const m = BareHost.boot(guest('compute'), { config: 'kind=mandel size=40 maxiter=200' });
+  const want = mandelModel(40, 200);
+  const before = snapshot(m);
+  for (let i = 0; i < 10_000 && !m.console.includes('frame=2'); i++) m.run(3333);
+  assert.equal(m.console, `compute: mandel frame=1 inside=${want.inside} steps=${want.steps}\ncompute: mandel frame=2 inside=${want.inside} steps=${want.steps}\n`);
+  assert.ok(changedPages(before, m.bytes()).length <= 2);
+  assert.throws(() => BareHost.boot(guest('compute'), { config: 'kind=nope' }), GuestAbort);
+});
+
+// ------------------------------------------------------------------------------------------------
+// wordfreq (C, wasi-libc)
+
+function wordfreqModel(words: number, vocab: number, seed: number, top: number): string {
+  const syl = ['ka', 'lo', 'mi', 'ne', 'ru', 'sa', 'ti', 'vo', 'ba', 'de', 'fi', 'go', 'hu', 'ja', 'ke', 'li'];
+  let rng = seed >>> 0 || 1;
+  const next = () => {
+    rng = (rng ^ (rng << 13)) >>> 0;
+    rng = (rng ^ (rng >>> 17)) >>> 0;
+    rng = (rng ^ (rng << 5)) >>> 0;
+    return rng;
+  };
+  const counts = new Map<string, number>();
+  for (let i = 0; i < words; i++) {
+    const a = next() % vocab;
+    const b = next() % vocab;
+    let k = (a * b - ((a * b) % vocab)) / vocab;
+    let w = '';
+    do { w += syl[k & 15]; k = Math.floor(k / 16); } while (k);
+    next(); // decoration: case and punctuation do not change the counted word
+    counts.set(w, (counts.get(w) ?? 0) + 1);
+  }
+  const all = [...counts].sort((x, y) => y[1] - x[1] || (x[0] < y[0] ? -1 : 1));
+  const lines = [`wordfreq: ${words} words, ${counts.size} distinct`];
+  all.slice(0, top).forEach(([w, c], i) => lines.push(`${i + 1}. ${w} ${c}`));
+  lines.push('wordfreq: done');
+  return lines.join('\n') + '\n';
+}
+
+test('wordfreq (C): counts, sorts and prints the expected frequencies; progress counts words', () => {
+  for (const [config, words, vocab, seed, top, budget] of [
+    ['words=20000 vocab=300 seed=5 top=15', 20000, 300, 5, 15, 1000],
+    ['words=3000 seed=77', 3000, 5000, 77, 10, 7],
+    ['words=200000', 200000, 5000, 1, 10, 65536],
+  ] as const) {
+    const h = BareHost.boot(guest('wordfreq'), { config });
+    let status: number = RunStatus.RUNNING;
+    let last = 0n;
+    while (status !== RunStatus.HALTED) {
+      status = h.run(budget);
+      const p = h.progress();
+      assert.ok(p > last || status === RunStatus.HALTED, 'progress grows every quantum');
+      last = p;
+    }
+    assert.equal(h.progress(), BigInt(words));
+    assert.equal(h.console, wordfreqModel(words, vocab, seed, top), config);
+    assert.equal(h.exitCode, null);
+  }
 });
