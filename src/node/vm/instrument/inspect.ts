@@ -6,7 +6,7 @@ import { createHash } from 'node:crypto';
 import binaryen from 'binaryen';
 import { FERRY_IMPORTS, FERRY_IMPORT_MODULE, MAX_GUEST_BYTES, RESERVED_BYTES, WASI_IMPORTS, WASI_IMPORT_MODULE } from '../../../core/abi.js';
 import { GuestModuleError } from '../../../core/errors.js';
-import { hasWasmMagic, scanModule } from './sections.js';
+import { hasNameSection, hasWasmMagic, scanModule } from './sections.js';
 import { call, expressionId, forEachExpression, UnsupportedExpressionError } from './walk.js';
 
 /** What the VM needs to know about a guest module (see `instrument.ts`). */
@@ -37,6 +37,8 @@ export const GUEST_FEATURES =
 export interface Analysis {
   info: GuestModuleInfo;
   module: binaryen.Module;
+  /** The original has a name section: keep names in the output. */
+  names: boolean;
   memoryName: string;
   initialPages: number;
   /** Indexes (in binaryen's global order) and internal names of the mutable globals. */
@@ -130,15 +132,14 @@ export function analyze(bytes: Uint8Array): Analysis {
   }
   try {
     module.setFeatures(GUEST_FEATURES);
-    const a = analyzeModule(module, bytes, scan.imports);
-    return a;
+    return { ...analyzeModule(module, bytes, scan.imports), names: hasNameSection(bytes) };
   } catch (e) {
     module.dispose();
     throw e;
   }
 }
 
-function analyzeModule(module: binaryen.Module, bytes: Uint8Array, imports: { module: string; name: string; kind: string }[]): Analysis {
+function analyzeModule(module: binaryen.Module, bytes: Uint8Array, imports: { module: string; name: string; kind: string }[]): Omit<Analysis, 'names'> {
   // Globals first: an imported mutable global is reference state even before it is an unknown import.
   const mutableGlobals: { index: number; name: string }[] = [];
   const globals: GuestModuleInfo['globals'] = [];

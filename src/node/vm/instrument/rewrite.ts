@@ -184,12 +184,12 @@ export function rewrite(a: Analysis, variant: Variant): Uint8Array {
   relocateModule(a, variant, segments, use);
   addHelpers(m, mem, variant, used, initHelpers);
 
-  // Keep the name section (function names in guest trap stacks). binaryen's switch is process-wide,
-  // so set it only around this synchronous call.
+  // Keep a name section the guest had (function names in guest trap stacks). binaryen's switch is
+  // process-wide, so set it only around this synchronous call.
   const debug = binaryen.getDebugInfo();
   let out: Uint8Array;
   try {
-    binaryen.setDebugInfo(true);
+    binaryen.setDebugInfo(a.names);
     out = m.emitBinary();
   } finally {
     binaryen.setDebugInfo(debug);

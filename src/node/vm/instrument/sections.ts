@@ -114,6 +114,15 @@ export function scanModule(bytes: Uint8Array): ModuleScan | null {
   return { imports, memoryCount, memory64 };
 }
 
+/** Whether the module carries a `name` custom section (function names for stack traces). */
+export function hasNameSection(bytes: Uint8Array): boolean {
+  try {
+    return sections(bytes).some((s) => s.id === 0 && new Reader(bytes, s.start).name() === 'name');
+  } catch {
+    return false;
+  }
+}
+
 /** The module without its start section (binaryen.js cannot remove a start function). */
 export function stripStartSection(bytes: Uint8Array): Uint8Array {
   const start = sections(bytes).find((s) => s.id === SECTION_START);
