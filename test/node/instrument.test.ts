@@ -662,6 +662,18 @@ test('presence: loads and stores to absent pages fault with the physical page in
   assert.equal(dirtyPages(b.u8()).length, 0, 'presence carries no dirty marks');
 });
 
+test('presence: memory the guest grows into is present (it never existed on the source)', () => {
+  const bytes = guest(`
+    (drop (memory.grow (i32.const 2)))
+    (i64.store (i32.const ${4 * 65536 + 5000}) (i64.const 1))
+    (i32.load (i32.const ${6 * 65536 - 4}))`);
+  const b = boot(bytes, 'presence', { absent: pagesOf(0, 16 * 65536) });
+  assert.equal(callRun(b), 0);
+  assert.deepEqual(b.faults, []);
+  assert.deepEqual([...b.u8().subarray(PRESENCE_MAP_OFFSET + pp(4 * 65536) - 1, PRESENCE_MAP_OFFSET + pp(6 * 65536) + 1)],
+    [0, ...Array(32).fill(1), 0], 'exactly the grown pages became present');
+});
+
 test('presence: bulk ops fault every absent page of source and destination, in bounds only', () => {
   const bytes = guest(`
     (block $done (br_if $done (i32.ne (local.get 0) (i32.const 0)))

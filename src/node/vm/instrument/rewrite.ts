@@ -272,6 +272,9 @@ function addHelpers(m: binaryen.Module, mem: string, variant: Variant, used: Set
     m.addFunction(H.grow, i32, i32, [i32], m.block(null, [
       m.local.set(1, m.memory.grow(g(0), mem)),
       m.if(m.i32.eq(g(1), c32(-1)), m.return(c32(-1))),
+      // Memory the guest grows into on a post-copy destination never existed on the source: it is
+      // fresh zeros, present from the start (16 presence bytes per 64 KiB page).
+      ...(variant === 'presence' ? [m.memory.fill(m.i32.add(m.i32.shl(g(1), c32(4)), c32(PRESENCE_MAP_OFFSET)), c32(1), m.i32.shl(g(0), c32(4)), mem)] : []),
       m.i32.sub(g(1), c32(RESERVED_WASM_PAGES)),
     ], i32));
   }
