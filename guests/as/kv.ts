@@ -19,7 +19,7 @@
 // Backpressure: the rx record being processed is only consumed (rx head advanced) once all its
 // requests are answered; before each request the guest checks that tx has room for a worst-case
 // reply, and if not it stops mid-record (the position is kept in a global, so it migrates) and
-// returns RUNNING so the host drains tx. One budget unit = one request.
+// returns RUNNING so the host drains tx. One budget unit = one request (or OPEN/CLOSE record).
 //
 // Memory: an open-addressing hash table (linear probing, 32-bit hash + entry pointer per slot,
 // doubling at load 1/2, deletion by backward shift so there are no tombstones) over entries kept
@@ -494,6 +494,7 @@ export function run(budget: i32): i32 {
         if (type == OPEN) { if (connGet(conn, true) == 0 && !txControl(conn, CLOSE)) return RUNNING; }
         else if (type == CLOSE) connDrop(conn);
         store<u32>(rxH, head + REC_HDR + pad4(len));
+        done++; // OPEN/CLOSE records use budget too (so a quantum stays short), but are not requests
         continue;
       }
     }

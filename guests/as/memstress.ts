@@ -9,9 +9,10 @@
 //     uniform     every write-size-aligned slot of the working set equally likely
 //     hotcold     the hot set is the first `hot`×wss bytes of the working set; a write goes there
 //                 with probability `hotp`, else uniformly into the rest
-//     zipf        4 KiB pages of the working set ranked by address (page 0 hottest); page of rank
-//                 k is chosen with probability ∝ 1/k^zipf (exact, Vose alias table built in init),
-//                 then a uniform slot inside it
+//     zipf        whole 4 KiB pages of the working set (at least one) ranked by address (page 0
+//                 hottest); the page of rank k is chosen with probability ∝ 1/k^zipf (exact: a Vose
+//                 alias table built in init, 8 bytes per page, kept outside the region), then a
+//                 uniform slot inside it. A partial last page of the working set is not written.
 //     sequential  slot after slot from the start of the working set, wrapping at its end
 //   hot=<fraction>     hot share of the working set (default 0.1)
 //   hotp=<probability> probability that a write hits the hot set (default 0.9)

@@ -123,9 +123,13 @@ export class BareHost {
 
   /** Everything the guest sent to `conn` so far (and forgets it). */
   take(conn: number): string {
+    return this.takeBytes(conn).toString('utf8');
+  }
+
+  takeBytes(conn: number): Buffer {
     const parts = this.rxByConn.get(conn) ?? [];
     this.rxByConn.delete(conn);
-    return Buffer.concat(parts).toString('utf8');
+    return Buffer.concat(parts);
   }
 
   private rings(): { rx: NetRing; tx: NetRing } | null {
