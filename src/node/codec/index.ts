@@ -1,0 +1,2 @@
+/** Node-edge codecs: native byte compressors for packed batches. */
+export * from './blob.js';

@@ -1,0 +1,384 @@
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import binaryen from 'binaryen';
+import {
+  CodecError, CodecErrorCode, CompressionController, DedupIndex, DedupStore, MAX_ENCODED_PAGE_BYTES, RAW_CODEC_ID,
+  ZERO_CODEC_ID, ZERO_SCAN_WASM, ZERO_SCAN_WASM_SHARED, adaptiveDecoder, adaptiveEncoder, chain, classifyPage, codecFail,
+  dedup, isZeroJs, pageHash, readVarint, sampleEntropy, writeVarint, xbzrle, xbzrleDecodePage, zero, zeroScanner,
+  type BlobCodec, type PageCodec,
+} from '../../src/core/codec/index.js';
+import { FerryError } from '../../src/core/errors.js';
+import { PAGE_SIZE } from '../../src/core/pages.js';
+import { codecSuite } from '../helpers/codec-suite.js';
+import { concat, corpus, gangCorpus, mutate, randomPage, rng, textPage } from '../helpers/page-corpus.js';
+
+await codecSuite({ name: 'zero', setup: () => ({ kind: 'page', codec: zero() }), skip: { truncation: 'a zero page carries no bytes: nothing to truncate' } });
+await codecSuite({ name: 'zero (JS path, no SIMD)', setup: () => ({ kind: 'page', codec: zero({ simd: false }) }), skip: { truncation: 'a zero page carries no bytes: nothing to truncate' } });
+await codecSuite({ name: 'xbzrle', setup: () => ({ kind: 'page', codec: xbzrle({ cacheBytes: 1 << 20 }) }) });
+await codecSuite({ name: 'xbzrle (4-page cache: constant eviction)', setup: () => ({ kind: 'page', codec: xbzrle({ cacheBytes: 4 * PAGE_SIZE }) }) });
+await codecSuite({ name: 'dedup', setup: () => ({ kind: 'page', codec: dedup({ indexInit: { capacityBytes: 1 << 20 }, storeInit: { capacityBytes: 1 << 20 } }) }) });
+await codecSuite({
+  name: 'dedup (every hash collides)',
+  setup: () => ({ kind: 'page', codec: dedup({ indexInit: { capacityBytes: 64 * PAGE_SIZE, hash: () => 42 }, storeInit: { capacityBytes: 64 * PAGE_SIZE } }) }),
+});
+await codecSuite({
+  name: 'chain zero+xbzrle+dedup',
+  setup: () => ({ kind: 'page', codec: chain([zero(), xbzrle({ cacheBytes: 1 << 20 }), dedup({ indexInit: { capacityBytes: 1 << 20 }, storeInit: { capacityBytes: 1 << 20 } })]) }),
+});
+
+/** Sender → receiver loop over a page codec, with the destination's memory as a map. */
+function link(codec: PageCodec) {
+  const enc = codec.createEncoder();
+  const dec = codec.createDecoder();
+  const dest = new Map<number, Uint8Array>();
+  return {
+    enc, dec, dest,
+    send(i: number, page: Uint8Array) {
+      const d = dest.get(i) ?? new Uint8Array(PAGE_SIZE);
+      dest.set(i, d);
+      const e = enc.encode(i, page);
+      if (e) dec.decode(i, e.codecId, e.bytes, d); else { d.set(page); dec.delivered(i, d); }
+      return e;
+    },
+  };
+}
+
+describe('codec errors', () => {
+  test('CodecError is a named FerryError with a stable code', () => {
+    try {
+      codecFail(CodecErrorCode.CORRUPT, 'x');
+    } catch (e) {
+      assert.ok(e instanceof CodecError && e instanceof FerryError);
+      assert.equal(e.name, 'CodecError');
+      assert.equal(e.code, 'ERR_CODEC_CORRUPT');
+    }
+  });
+  test('varints: round trip, bounds, minimal encoding', () => {
+    const buf = new Uint8Array(8);
+    for (const v of [0, 1, 127, 128, 4096, 2 ** 21, 2 ** 28 - 1]) {
+      const n = writeVarint(buf, 0, v);
+      assert.deepEqual(readVarint(buf, 0, 'v'), [v, n]);
+    }
+    assert.throws(() => readVarint(new Uint8Array([0x80, 0x00]), 0, 'v'), CodecError);
+    assert.throws(() => readVarint(new Uint8Array([0x80, 0x80, 0x80, 0x80, 0x01]), 0, 'v'), CodecError);
+    assert.throws(() => readVarint(new Uint8Array([0x80]), 0, 'v'), CodecError);
+  });
+});
+
+describe('zero', () => {
+  test('the embedded Wasm is what binaryen builds from the WAT', () => {
+    const wat = (shared: boolean) => `(module (import "e" "m" (memory 0 ${shared ? '65536 shared' : ''}))
+      (func (export "z") (param $p i32) (param $n i32) (result i32) (local $end i32)
+        (local.set $end (i32.add (local.get $p) (local.get $n)))
+        (block $out (loop $l (br_if $out (i32.ge_u (local.get $p) (local.get $end)))
+          (if (v128.any_true (v128.or (v128.or (v128.load (local.get $p)) (v128.load offset=16 (local.get $p)))
+                                      (v128.or (v128.load offset=32 (local.get $p)) (v128.load offset=48 (local.get $p)))))
+            (then (return (i32.const 0))))
+          (local.set $p (i32.add (local.get $p) (i32.const 64))) (br $l)))
+        (i32.const 1)))`;
+    for (const [shared, bytes] of [[false, ZERO_SCAN_WASM], [true, ZERO_SCAN_WASM_SHARED]] as const) {
+      const m = binaryen.parseText(wat(shared));
+      m.setFeatures(binaryen.Features.SIMD128 | binaryen.Features.Atomics);
+      assert.ok(m.validate());
+      m.optimize();
+      assert.deepEqual(m.emitBinary(), bytes);
+      m.dispose();
+    }
+  });
+
+  test('SIMD and JS agree, byte by byte, including the -0 word pattern and unaligned views', () => {
+    const s = zeroScanner();
+    assert.ok(s.simd, 'Wasm SIMD should be available on Node 20');
+    const buf = new Uint8Array(PAGE_SIZE + 3);
+    const views = [buf.subarray(0, PAGE_SIZE), buf.subarray(3, PAGE_SIZE + 3)];
+    for (const page of views) {
+      assert.ok(s.isZero(page) && isZeroJs(page));
+      for (const at of [0, 7, 63, 64, 2047, PAGE_SIZE - 1]) {
+        page[at] = at === 7 ? 0x80 : 1; // 0x80 at byte 7: a Float64 -0, which `!== 0` would miss
+        assert.equal(s.isZero(page), false, `byte ${at}`);
+        assert.equal(isZeroJs(page), false);
+        page[at] = 0;
+      }
+    }
+  });
+
+  test('scans a WebAssembly.Memory in place (shared and plain), and zeroMap over a batch', () => {
+    for (const shared of [false, true]) {
+      const memory = new WebAssembly.Memory({ initial: 2, maximum: 4, shared });
+      const s = zeroScanner({ memory });
+      const u8 = new Uint8Array(memory.buffer);
+      u8[5 * PAGE_SIZE + 100] = 9;
+      const out = new Uint8Array(32);
+      assert.equal(s.zeroMap(u8.subarray(0, 32 * PAGE_SIZE), out), 31);
+      assert.equal(out[5], 0);
+      assert.ok(s.isZero(u8.subarray(4 * PAGE_SIZE, 5 * PAGE_SIZE)));
+      assert.ok(!s.isZero(u8.subarray(5 * PAGE_SIZE, 6 * PAGE_SIZE)));
+    }
+    const s = zeroScanner();
+    const pages = concat(corpus('mixed', 300, 2).pages);
+    const out = new Uint8Array(300);
+    assert.equal(s.zeroMap(pages, out), 60);
+  });
+
+  test('encodes only zero pages, with the protocol ZERO id and no bytes', () => {
+    const l = link(zero());
+    assert.deepEqual(l.send(0, new Uint8Array(PAGE_SIZE)), { codecId: ZERO_CODEC_ID, bytes: new Uint8Array(0) });
+    assert.equal(l.send(1, textPage(rng(1))), null);
+    assert.deepEqual(l.enc.stats(), { pages: 2, zeros: 1 });
+  });
+});
+
+describe('xbzrle', () => {
+  test('first sight is a miss (raw), a re-dirtied page is a hit (small delta), noise overflows', () => {
+    const l = link(xbzrle({ cacheBytes: 16 * PAGE_SIZE }));
+    const r = rng(3);
+    const p = textPage(r);
+    assert.equal(l.send(7, p), null);
+    const q = mutate(p, 0.01, r);
+    const e = l.send(7, q)!;
+    assert.ok(e.bytes.length < 200, `delta of 1 % is ${e.bytes.length} bytes`);
+    assert.deepEqual(l.dest.get(7), q);
+    const unchanged = l.send(7, q)!;
+    assert.deepEqual(unchanged.bytes, new Uint8Array([0x80, 0x20]), 'an unchanged page is one 4096-byte zero run');
+    assert.equal(l.send(7, randomPage(r)), null, 'a rewritten page overflows');
+    assert.deepEqual(l.enc.stats(), { pages: 4, hits: 2, misses: 1, overflows: 1, evictions: 0, bytesIn: 4 * PAGE_SIZE, bytesOut: e.bytes.length + 2, cachedPages: 1 });
+  });
+
+  test('LRU eviction: the least recently sent page leaves the cache first', () => {
+    const l = link(xbzrle({ cacheBytes: 3 * PAGE_SIZE }));
+    const r = rng(4);
+    const pages = [0, 1, 2, 3].map(() => textPage(r));
+    for (const i of [0, 1, 2]) l.send(i, pages[i]);
+    l.send(0, mutate(pages[0], 0.01, r)); // 0 is now most recent; 1 is least recent
+    l.send(3, pages[3]); // evicts 1
+    assert.equal(l.enc.stats().evictions, 1);
+    assert.notEqual(l.send(0, pages[0]), null, 'page 0 still cached');
+    assert.equal(l.send(1, pages[1]), null, 'page 1 was evicted: miss');
+  });
+
+  test('delivered() keeps the cache in step when a page goes another way', () => {
+    const codec = xbzrle({ cacheBytes: 8 * PAGE_SIZE });
+    const enc = codec.createEncoder();
+    const r = rng(6);
+    const p = textPage(r);
+    enc.encode(1, p);
+    const other = textPage(r);
+    enc.delivered(1, other); // e.g. sent by dedup: the destination now holds `other`
+    const next = mutate(other, 0.01, r);
+    const e = enc.encode(1, next)!;
+    const dest = other.slice();
+    xbzrleDecodePage(e.bytes, dest);
+    assert.deepEqual(dest, next);
+  });
+
+  test('property: random mutations round trip against the previous version', () => {
+    fc.assert(fc.property(
+      fc.uint8Array({ minLength: PAGE_SIZE, maxLength: PAGE_SIZE }),
+      fc.array(fc.array(fc.tuple(fc.nat(PAGE_SIZE - 1), fc.uint8Array({ minLength: 1, maxLength: 300 })), { maxLength: 40 }), { minLength: 1, maxLength: 5 }),
+      (start, rounds) => {
+        const l = link(xbzrle({ cacheBytes: 4 * PAGE_SIZE }));
+        let cur = start.slice();
+        l.send(0, cur);
+        for (const writes of rounds) {
+          cur = cur.slice();
+          for (const [at, bytes] of writes) cur.set(bytes.subarray(0, PAGE_SIZE - at), at);
+          const e = l.send(0, cur);
+          if (e) assert.ok(e.bytes.length < PAGE_SIZE);
+          assert.deepEqual(l.dest.get(0), cur);
+        }
+      },
+    ), { numRuns: 300 });
+  });
+
+  test('the decoder refuses non-canonical deltas (empty runs, overlong, short coverage)', () => {
+    const page = new Uint8Array(PAGE_SIZE);
+    for (const bad of [[], [0x00], [0x01, 0x00], [0x80, 0x20, 0x01, 0x05], [0x0a, 0x01, 0x07, 0x00, 0x01, 0x07], [0x00, 0x01, 0x07]]) {
+      assert.throws(() => xbzrleDecodePage(new Uint8Array(bad), page), CodecError, JSON.stringify(bad));
+    }
+    xbzrleDecodePage(new Uint8Array([0x00, 0x01, 0x07, 0xff, 0x1f]), page);
+    assert.equal(page[0], 7);
+  });
+});
+
+describe('dedup', () => {
+  test('a repeated content is a 5-byte reference; a definition is 5 bytes over raw', () => {
+    const l = link(dedup({ indexInit: { capacityBytes: 1 << 20 }, storeInit: { capacityBytes: 1 << 20 } }));
+    const p = textPage(rng(8));
+    assert.equal(l.send(0, p)!.bytes.length, PAGE_SIZE + 5);
+    assert.equal(l.send(9, p)!.bytes.length, 5);
+    assert.deepEqual(l.dest.get(9), p);
+    assert.ok(PAGE_SIZE + 5 <= MAX_ENCODED_PAGE_BYTES);
+  });
+
+  test('collision-safe: a hash that always collides only costs misses, never a wrong page', () => {
+    const index = new DedupIndex({ capacityBytes: 64 * PAGE_SIZE, hash: () => 1 });
+    const l = link(dedup({ index, storeInit: { capacityBytes: 64 * PAGE_SIZE } }));
+    const r = rng(9);
+    const pages = [textPage(r), textPage(r), textPage(r)];
+    for (let k = 0; k < 9; k++) {
+      l.send(k, pages[k % 3]);
+      assert.deepEqual(l.dest.get(k), pages[k % 3]);
+    }
+    assert.ok(index.collisions > 0);
+  });
+
+  test('gang migration: VMs share one index and one store; shared pages cross once', () => {
+    const vms = gangCorpus(3, 40, 0.5);
+    const index = new DedupIndex({ capacityBytes: 1 << 20 });
+    const store = new DedupStore({ capacityBytes: 1 << 20 });
+    const codec = dedup({ index, store });
+    let wire = 0;
+    for (const mem of vms) {
+      const l = link(codec);
+      mem.forEach((p, i) => { wire += l.send(i, p)!.bytes.length; });
+      mem.forEach((p, i) => assert.deepEqual(l.dest.get(i), p));
+    }
+    const shared = 20 * (PAGE_SIZE + 5) + 2 * 20 * 5;
+    assert.ok(wire <= shared + 3 * 20 * (PAGE_SIZE + 5), `wire ${wire}`);
+    assert.ok(wire < 3 * 40 * PAGE_SIZE * 0.7);
+  });
+
+  test('a reference ahead of its definition (or after eviction) is ERR_CODEC_STATE, page unchanged', () => {
+    const sender = dedup({ indexInit: { capacityBytes: 2 * PAGE_SIZE } }).createEncoder();
+    const r = rng(10);
+    const a = textPage(r);
+    const def = sender.encode(0, a)!;
+    const ref = sender.encode(1, a)!;
+    const dec = dedup({ storeInit: { capacityBytes: 2 * PAGE_SIZE } }).createDecoder();
+    const page = new Uint8Array(PAGE_SIZE).fill(3);
+    assert.throws(() => dec.decode(1, ref.codecId, ref.bytes, page), (e: unknown) => e instanceof CodecError && e.code === CodecErrorCode.STATE);
+    assert.ok(page.every((b) => b === 3));
+    dec.decode(0, def.codecId, def.bytes, page);
+    dec.decode(1, ref.codecId, ref.bytes, page);
+    assert.deepEqual(page, a);
+    // Two more definitions evict `a` from both rings; the sender then defines it again.
+    sender.encode(2, textPage(r));
+    sender.encode(3, textPage(r));
+    assert.equal(sender.encode(4, a)!.bytes.length, PAGE_SIZE + 5);
+  });
+
+  test('pageHash spreads distinct pages (no collisions among 5000 text/random pages)', () => {
+    const r = rng(12);
+    const seen = new Set<number>();
+    for (let k = 0; k < 5000; k++) seen.add(pageHash(k % 2 ? textPage(r) : randomPage(r)));
+    assert.equal(seen.size, 5000);
+  });
+});
+
+describe('chain', () => {
+  test('first codec that encodes wins; others stay in step', () => {
+    const l = link(chain([zero(), xbzrle({ cacheBytes: 1 << 20 }), dedup()]));
+    const r = rng(13);
+    const p = textPage(r);
+    assert.equal(l.send(0, new Uint8Array(PAGE_SIZE))!.codecId, ZERO_CODEC_ID);
+    assert.equal(l.send(1, p)!.codecId, 3, 'new content: xbzrle misses, dedup defines');
+    assert.equal(l.send(2, p)!.bytes.length, 5, 'same content elsewhere: dedup reference');
+    const q = mutate(p, 0.01, r);
+    assert.equal(l.send(1, q)!.codecId, 2, 're-dirtied: xbzrle delta');
+    l.send(1, new Uint8Array(PAGE_SIZE)); // zero now; xbzrle must hear it
+    const z1 = new Uint8Array(PAGE_SIZE);
+    z1[10] = 1;
+    const e = l.send(1, z1)!;
+    assert.equal(e.codecId, 2);
+    assert.ok(e.bytes.length < 10);
+    assert.deepEqual(l.dest.get(1), z1);
+    const s = l.enc.stats();
+    assert.equal(s['zero.wins'], 2);
+    assert.ok(s['xbzrle.hits'] >= 2);
+  });
+
+  test('refuses two parts with one id', () => {
+    assert.throws(() => chain([xbzrle(), xbzrle()]), RangeError);
+  });
+});
+
+describe('adaptive (MECOM)', () => {
+  test('entropy estimate and classes: zero / low (text, sparse) / high (random)', () => {
+    const r = rng(14);
+    assert.equal(classifyPage(new Uint8Array(PAGE_SIZE)), 'zero');
+    assert.equal(classifyPage(textPage(r)), 'low');
+    assert.equal(classifyPage(randomPage(r)), 'high');
+    assert.ok(sampleEntropy(randomPage(r)) > 6.8);
+    assert.ok(sampleEntropy(textPage(r)) < 5.5);
+  });
+
+  test('controller: slow link + fast compressor turns on; fast link + slow compressor turns off', () => {
+    const c = new CompressionController({ intervalMs: 100, initiallyOn: false });
+    c.recordLink(10e6, 1000); // 10 MB/s link
+    c.recordCompress(1e6, 0.4e6, 2); // 500 MB/s, ratio 0.4
+    assert.equal(c.evaluate(0).enabled, true);
+    assert.ok(Math.abs(c.assess().effectiveRate - 25e6) < 1);
+    const d = new CompressionController({ intervalMs: 100, alpha: 1 });
+    d.recordLink(3e9, 1000); // 3 GB/s loopback
+    d.recordCompress(1e6, 0.4e6, 2.5); // 400 MB/s
+    assert.equal(d.evaluate(0).enabled, false);
+    assert.equal(d.flips, 1);
+  });
+
+  test('controller: re-evaluates only every intervalMs, has hysteresis, probes while off', () => {
+    const c = new CompressionController({ intervalMs: 1000, alpha: 1, probeEvery: 4, onMargin: 0.2, offMargin: 0, initiallyOn: false });
+    c.recordLink(100e6, 1000);
+    c.recordCompress(1e6, 1e6, 1); // ratio 1: no gain
+    assert.equal(c.evaluate(0).enabled, false);
+    c.recordCompress(1e6, 0.9e6, 1); // 1.11× — inside the hysteresis band: stays off
+    assert.equal(c.evaluate(500).enabled, false);
+    assert.equal(c.evaluate(1000).enabled, false);
+    c.recordCompress(1e6, 0.5e6, 1); // 2×
+    assert.equal(c.evaluate(1500).enabled, false, 'not yet re-evaluated');
+    assert.equal(c.evaluate(2000).enabled, true);
+    c.recordCompress(1e6, 0.9e6, 1); // 1.11×: above offMargin, stays on
+    assert.equal(c.evaluate(3000).enabled, true);
+    c.recordLink(5e9, 1000); // the link got much faster: compressing at 1 GB/s now slows the stream
+    const decisions: boolean[] = [];
+    for (let k = 0; k < 8; k++) decisions.push(c.shouldCompress(4000 + k));
+    assert.deepEqual(decisions, [false, false, false, true, false, false, false, true]);
+  });
+
+  /** An in-core stand-in compressor (run-length of equal bytes) so core tests need no native code. */
+  function rle(): BlobCodec {
+    return {
+      name: 'rle', id: 9, maxRawBytes: 4 << 20,
+      compress(raw) {
+        const out: number[] = [raw.length & 0xff, (raw.length >> 8) & 0xff, (raw.length >> 16) & 0xff, raw.length >>> 24];
+        for (let i = 0; i < raw.length;) {
+          let n = 1;
+          while (i + n < raw.length && raw[i + n] === raw[i] && n < 255) n++;
+          out.push(n, raw[i]);
+          i += n;
+        }
+        return out.length < raw.length ? new Uint8Array(out) : null;
+      },
+      decompress(blob) {
+        const n = new DataView(blob.buffer, blob.byteOffset, blob.byteLength).getUint32(0, true);
+        if (n > this.maxRawBytes) codecFail(CodecErrorCode.LIMIT, 'too big');
+        const out = new Uint8Array(n);
+        let o = 0;
+        for (let i = 4; i + 1 < blob.length; i += 2) { out.fill(blob[i + 1], o, o + blob[i]); o += blob[i]; }
+        if (o !== n) codecFail(CodecErrorCode.CORRUPT, 'short');
+        return out;
+      },
+    };
+  }
+
+  test('round trip: low-entropy pages compressed as one blob, the rest plain, decoded in order', () => {
+    const r = rng(15);
+    const pageCodec = chain([zero(), xbzrle({ cacheBytes: 1 << 20 }), dedup()]);
+    const enc = adaptiveEncoder({ pageCodec, compressor: rle(), lowEntropyBits: 7 });
+    const dec = adaptiveDecoder({ pageCodec, compressors: [rle()] });
+    const sparse = corpus('sparse', 20, 5).pages;
+    const src = [...sparse, ...corpus('random', 10, 6).pages, ...corpus('zero', 5).pages];
+    const indices = src.map((_, i) => i);
+    const dest = src.map(() => new Uint8Array(PAGE_SIZE));
+    for (const pages of [src, src.map((p) => mutate(p, 0.01, r))]) {
+      const parts = enc.encodeBatch(indices, concat(pages));
+      dec.decodeParts(parts, (i) => dest[i]);
+      dest.forEach((d, i) => assert.deepEqual(d, pages[i], `page ${i}`));
+    }
+    const s = enc.stats();
+    assert.ok(s.compressedBatches >= 1 && s.low >= 20 && s.high >= 10 && s.zero >= 5, JSON.stringify(s));
+    assert.throws(() => enc.encodeBatch([1, 1], concat([src[0], src[1]])), RangeError);
+    assert.throws(() => dec.decodeParts([{ blobCodecId: 77, bytes: new Uint8Array(8) }], (i) => dest[i]), (e: unknown) => e instanceof CodecError && e.code === CodecErrorCode.UNKNOWN);
+    assert.throws(() => dec.decodeParts([{ blobCodecId: RAW_CODEC_ID, bytes: new Uint8Array([1, 255, 255, 255, 255]) }], (i) => dest[i]), CodecError);
+  });
+});
