@@ -785,6 +785,23 @@ test('multi-value blocks, tail calls and select keep working after the rewrite',
   }
 });
 
+test('memory accesses in dead code (an operand that never returns) are left alone and stay valid', () => {
+  const bytes = wat(`(module (memory 1 1 shared)
+    (func (export "run") (param i32) (result i32)
+      (if (local.get 0) (then
+        (i32.store (unreachable) (i32.const 1))
+        (drop (i64.load (br 1)))
+        (drop (i32.atomic.rmw.add (i32.const 0) (unreachable)))
+        (drop (memory.atomic.wait32 (i32.const 0) (unreachable) (i64.const 0)))
+        (memory.fill (i32.const 0) (unreachable) (i32.const 1))))
+      (i32.const 3)))`);
+  for (const variant of ['plain', 'dirty', 'presence'] as const) {
+    const b = boot(bytes, variant);
+    assert.equal(callRun(b, 0), 3, variant);
+    assert.throws(() => callRun(b, 1), WebAssembly.RuntimeError, variant);
+  }
+});
+
 test('accepts the largest initial memory and an offset exactly at the limit', () => {
   assert.equal(inspectGuest(wat(`(module (memory 65504) ${RUN})`)).initialGuestBytes, 65504 * 65536);
   const limit = 2 ** 32 - 1 - RESERVED_BYTES;

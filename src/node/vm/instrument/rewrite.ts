@@ -38,10 +38,8 @@ const LANE_BYTES = new Map<number, number>([
   [ops.Load8LaneVec128, 1], [ops.Load16LaneVec128, 2], [ops.Load32LaneVec128, 4], [ops.Load64LaneVec128, 8],
   [ops.Store8LaneVec128, 1], [ops.Store16LaneVec128, 2], [ops.Store32LaneVec128, 4], [ops.Store64LaneVec128, 8],
 ]);
-for (const m of [SIMD_LOAD_BYTES, LANE_BYTES]) {
-  if (m.size !== new Set(m.keys()).size || [...m.keys()].some((k) => typeof k !== 'number')) {
-    throw new BugIndicatingError('binaryen.js SIMD op constants missing');
-  }
+if (SIMD_LOAD_BYTES.size !== 12 || LANE_BYTES.size !== 8 || [...SIMD_LOAD_BYTES.keys(), ...LANE_BYTES.keys()].some((k) => typeof k !== 'number')) {
+  throw new BugIndicatingError('binaryen.js lacks SIMD load/lane op constants at run time');
 }
 
 /** Rewrites `a.module` in place for `variant` and returns the binary. */
@@ -139,6 +137,7 @@ export function rewrite(a: Analysis, variant: Variant): Uint8Array {
         case binaryen.AtomicNotifyId: {
           // binaryen.js can neither read nor set these offsets: rebuild with the address computed by
           // the checked helper, operands hoisted so they still evaluate before any trap.
+          if (!live) return e; // an operand never returns: the access never happens
           const off = textOffset(e);
           const p = temp(i32, depth);
           if (id === binaryen.AtomicNotifyId) {
