@@ -802,6 +802,33 @@ test('memory accesses in dead code (an operand that never returns) are left alon
   }
 });
 
+test('code nested deeper than binaryen can recurse is refused as a module problem, and the rewriter keeps working', () => {
+  const leb = (n: number): number[] => {
+    const out: number[] = [];
+    do {
+      let b = n & 0x7f;
+      n >>>= 7;
+      if (n) b |= 0x80;
+      out.push(b);
+    } while (n);
+    return out;
+  };
+  const section = (id: number, body: number[]): number[] => [id, ...leb(body.length), ...body];
+  const deep = (n: number): Uint8Array => {
+    // run: n nested empty blocks around (i32.store (i32.const 0) (i32.const 1)), then (i32.const 0)
+    const body = [0, ...Array<number[]>(n).fill([0x02, 0x40]).flat(), 0x41, 0, 0x41, 1, 0x36, 2, 0, ...Array<number>(n).fill(0x0b), 0x41, 0, 0x0b];
+    return new Uint8Array([0, 0x61, 0x73, 0x6d, 1, 0, 0, 0,
+      ...section(1, [1, 0x60, 1, 0x7f, 1, 0x7f]), ...section(3, [1, 0]), ...section(5, [1, 0, 1]),
+      ...section(7, [1, 3, ...new TextEncoder().encode('run'), 0, 0]), ...section(10, [1, ...leb(body.length), ...body])]);
+  };
+  const ok = boot(deep(100), 'dirty');
+  clearDirty(ok.u8());
+  assert.equal(callRun(ok), 0);
+  assert.deepEqual(dirtyPages(ok.u8()), [RESERVED_PAGES]);
+  assert.throws(() => instrument(deep(50_000), 'dirty'), (e: unknown) => e instanceof GuestModuleError && e.code === 'ERR_MODULE_INVALID' && /nests too deeply/.test(e.message));
+  assert.equal(callRun(boot(deep(100), 'presence')), 0, 'binaryen still works after running out of stack');
+});
+
 test('accepts the largest initial memory and an offset exactly at the limit', () => {
   assert.equal(inspectGuest(wat(`(module (memory 65504) ${RUN})`)).initialGuestBytes, 65504 * 65536);
   const limit = 2 ** 32 - 1 - RESERVED_BYTES;

@@ -17,7 +17,7 @@
 import { createHash } from 'node:crypto';
 import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { BugIndicatingError } from '../../core/errors.js';
+import { BugIndicatingError, GuestModuleError } from '../../core/errors.js';
 import { analyze } from './instrument/inspect.js';
 import type { GuestModuleInfo } from './instrument/inspect.js';
 import { rewrite } from './instrument/rewrite.js';
@@ -41,18 +41,33 @@ export interface InstrumentedModule {
 
 /** Validates a guest module; throws `GuestModuleError` naming the rule it breaks. */
 export function inspectGuest(bytes: Uint8Array): GuestModuleInfo {
-  const a = analyze(bytes);
+  const a = withStack(() => analyze(bytes));
   a.module.dispose();
   return a.info;
+}
+
+/**
+ * binaryen recurses over expression trees; code nested several thousand levels deep (a huge
+ * switch, say) exhausts the JS stack. That is a property of the module, so it is reported as one.
+ */
+function withStack<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (e) {
+    if (e instanceof RangeError && /call stack/i.test(e.message)) {
+      throw new GuestModuleError('ERR_MODULE_INVALID', 'the module\'s code nests too deeply for the rewriter (binaryen ran out of stack)', { cause: e });
+    }
+    throw e;
+  }
 }
 
 /** Validates and rewrites a guest module into `variant`. Throws `GuestModuleError`. */
 export function instrument(bytes: Uint8Array, variant: Variant): InstrumentedModule {
   if (!VARIANTS.includes(variant)) throw new BugIndicatingError(`unknown variant ${String(variant)}`);
-  const a = analyze(bytes);
+  const a = withStack(() => analyze(bytes));
   let out: Uint8Array;
   try {
-    out = rewrite(a, variant);
+    out = withStack(() => rewrite(a, variant));
   } finally {
     a.module.dispose();
   }
