@@ -4,15 +4,19 @@
  *
  * - all variants: the memory becomes the shared import `ferry_rt.memory`, declared
  *   (RESERVED_WASM_PAGES + guest initial pages, max 65536); guest address `a` is physical
- *   `a + RESERVED_BYTES` (memarg offsets, or a trapping helper for bulk operands and atomic
- *   wait/notify); memory.size/grow speak guest pages; mutable globals are exported as
+ *   `a + RESERVED_BYTES` (memarg offsets; bulk operands and atomic wait/notify go through a helper
+ *   that traps past 4 GiB); memory.size/grow speak guest pages; mutable globals are exported as
  *   `__ferry_g<i>`; data segments become passive and `__ferry_boot` applies them, then runs the
- *   original start function (whose section is removed).
+ *   original start function (whose section is removed). Code that memory.inits from an originally
+ *   active segment reads an empty one, as it would after instantiation, booted or not.
  * - dirty: after every write, the dirty-map byte of its first and last 4 KiB page is set to 1
- *   (bulk writes: every page in range).
- * - presence: before every access, the presence bytes of its first and last page (bulk: every page)
- *   are checked; absent pages are reported to the `ferry_rt.fault(page)` import, which blocks until
- *   the page is present.
+ *   (bulk writes, and boot's segments: every page in range). Growing memory marks nothing.
+ * - presence: before every access, the presence bytes of its first and last page (bulk: every page
+ *   of every range, unless the op is out of bounds and will trap) are checked; absent pages are
+ *   reported to the `ferry_rt.fault(page)` import, which blocks until the page is present. Memory
+ *   the guest grows into is marked present: it never existed on the source.
+ *
+ * The rewritten modules keep the guest's name section if it had one (names in trap stacks).
  */
 import { createHash } from 'node:crypto';
 import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
