@@ -725,6 +725,8 @@ const refusals: [string, string, () => Uint8Array][] = [
   ['ERR_MODULE_UNKNOWN_IMPORT', 'unknown ferry name', () => wat(`(module (import "ferry" "launch_missiles" (func)) ${MEM} ${RUN})`)],
   ['ERR_MODULE_UNKNOWN_IMPORT', 'immutable global import', () => wat(`(module (import "env" "g" (global i32)) ${MEM} ${RUN})`)],
   ['ERR_MODULE_UNKNOWN_IMPORT', 'table import', () => wat(`(module (import "env" "t" (table 1 funcref)) ${MEM} ${RUN})`)],
+  ['ERR_MODULE_UNKNOWN_IMPORT', 'an Object.prototype name', () => wat(`(module (import "ferry" "constructor" (func)) ${MEM} ${RUN})`)],
+  ['ERR_MODULE_IMPORT_SIGNATURE', 'a ferry function imported as a global', () => wat(`(module (import "ferry" "clock_ns" (global i64)) ${MEM} ${RUN})`)],
   ['ERR_MODULE_IMPORT_SIGNATURE', 'wrong signature', () => wat(`(module (import "ferry" "clock_ns" (func (result i32))) ${MEM} ${RUN})`)],
   ['ERR_MODULE_IMPORT_SIGNATURE', 'wasi wrong signature', () => wat(`(module (import "wasi_snapshot_preview1" "proc_exit" (func (param i64))) ${MEM} ${RUN})`)],
   ['ERR_MODULE_TABLE_MUTATION', 'table.set', () => wat(`(module ${MEM} (table 2 funcref) (func $f) (func (export "run") (param i32) (result i32) (table.set (i32.const 0) (ref.func $f)) (i32.const 0)) (elem declare func $f))`)],
