@@ -4,7 +4,7 @@ import fc from 'fast-check';
 import binaryen from 'binaryen';
 import {
   CodecError, CodecErrorCode, CompressionController, DedupIndex, DedupStore, MAX_ENCODED_PAGE_BYTES, RAW_CODEC_ID,
-  ZERO_CODEC_ID, ZERO_SCAN_WASM, ZERO_SCAN_WASM_SHARED, adaptiveDecoder, adaptiveEncoder, chain, classifyPage, codecFail,
+  ZERO_CODEC_ID, ZERO_SCAN_WASM, decodeBatch, encodeBatch, packBatch, unpackBatch, ZERO_SCAN_WASM_SHARED, adaptiveDecoder, adaptiveEncoder, chain, classifyPage, codecFail,
   dedup, isZeroJs, pageHash, readVarint, sampleEntropy, writeVarint, xbzrle, xbzrleDecodePage, zero, zeroScanner,
   type BlobCodec, type PageCodec,
 } from '../../src/core/codec/index.js';
@@ -63,6 +63,52 @@ describe('codec errors', () => {
     assert.throws(() => readVarint(new Uint8Array([0x80, 0x00]), 0, 'v'), CodecError);
     assert.throws(() => readVarint(new Uint8Array([0x80, 0x80, 0x80, 0x80, 0x01]), 0, 'v'), CodecError);
     assert.throws(() => readVarint(new Uint8Array([0x80]), 0, 'v'), CodecError);
+  });
+});
+
+describe('packed batches', () => {
+  const make = () => {
+    const codec = chain([zero(), xbzrle({ cacheBytes: 1 << 20 }), dedup()]);
+    const pages = corpus('mixed', 20, 4).pages;
+    return { codec, pages, packed: packBatch(encodeBatch(codec.createEncoder(), pages.map((_, i) => i), concat(pages))) };
+  };
+
+  test('malformed headers and entries are refused with named codes', () => {
+    const { packed } = make();
+    const code = (buf: Uint8Array, c: string, limits?: { maxPages?: number }) =>
+      assert.throws(() => unpackBatch(buf, limits), (e: unknown) => e instanceof CodecError && e.code === c);
+    code(packed.subarray(0, 4), CodecErrorCode.CORRUPT);
+    const v = packed.slice(); v[0] = 2; code(v, CodecErrorCode.CORRUPT);
+    const huge = packed.slice(); new DataView(huge.buffer).setUint32(1, 0xffffffff, true); code(huge, CodecErrorCode.LIMIT);
+    code(packed, CodecErrorCode.LIMIT, { maxPages: 19 });
+    const many = packed.slice(); new DataView(many.buffer).setUint32(1, 4000, true); assert.throws(() => unpackBatch(many), CodecError);
+    code(many.subarray(0, 5 + 100), CodecErrorCode.CORRUPT); // 4000 entries cannot fit in 105 bytes
+    const len = packed.slice(); new DataView(len.buffer).setUint32(5 + 5, 0x7fffffff, true); code(len, CodecErrorCode.LIMIT);
+    const short = packed.slice(); new DataView(short.buffer).setUint32(5 + 5, 1, true); code(short, CodecErrorCode.CORRUPT);
+    code(packed.subarray(0, packed.length - 1), CodecErrorCode.CORRUPT);
+    const extra = new Uint8Array(packed.length + 1); extra.set(packed); code(extra, CodecErrorCode.CORRUPT);
+  });
+
+  test('bit flips anywhere in a packed batch: a CodecError or pages within bounds, never another error', () => {
+    const { codec, packed } = make();
+    const r = rng(50);
+    for (let k = 0; k < 400; k++) {
+      const b = packed.slice();
+      const bit = Math.floor(r() * b.length * 8);
+      b[bit >> 3] ^= 1 << (bit & 7);
+      try {
+        const batch = unpackBatch(b);
+        decodeBatch(codec.createDecoder(), batch, new Uint8Array(batch.count * PAGE_SIZE));
+      } catch (e) {
+        assert.ok(e instanceof CodecError, `bit ${bit}: ${(e as Error).name}: ${(e as Error).message}`);
+      }
+    }
+  });
+
+  test('batch helpers refuse wrong sizes (caller errors)', () => {
+    const enc = zero().createEncoder();
+    assert.throws(() => encodeBatch(enc, [1, 2], new Uint8Array(PAGE_SIZE)), RangeError);
+    assert.throws(() => encodeBatch(enc, [1, 2], new Uint8Array(2 * PAGE_SIZE), { maxPages: 1 }), RangeError);
   });
 });
 
@@ -143,6 +189,24 @@ describe('xbzrle', () => {
     assert.deepEqual(unchanged.bytes, new Uint8Array([0x80, 0x20]), 'an unchanged page is one 4096-byte zero run');
     assert.equal(l.send(7, randomPage(r)), null, 'a rewritten page overflows');
     assert.deepEqual(l.enc.stats(), { pages: 4, hits: 2, misses: 1, overflows: 1, evictions: 0, bytesIn: 4 * PAGE_SIZE, bytesOut: e.bytes.length + 2, cachedPages: 1 });
+  });
+
+  test('pages at unaligned offsets encode like aligned ones', () => {
+    const r = rng(40);
+    const p = textPage(r);
+    const q = mutate(p, 0.05, r);
+    const buf = new Uint8Array(PAGE_SIZE + 1);
+    const view = buf.subarray(1);
+    for (const codec of [xbzrle({ cacheBytes: 4 * PAGE_SIZE }), dedup({ indexInit: { capacityBytes: 4 * PAGE_SIZE } })]) {
+      const l = link(codec);
+      view.set(p);
+      l.send(0, view);
+      view.set(q);
+      l.send(0, view);
+      l.send(1, view);
+      assert.deepEqual(l.dest.get(0), q);
+      assert.deepEqual(l.dest.get(1), q);
+    }
   });
 
   test('LRU eviction: the least recently sent page leaves the cache first', () => {
@@ -288,6 +352,26 @@ describe('chain', () => {
     assert.ok(s['xbzrle.hits'] >= 2);
   });
 
+  test('all parts decline: raw; delivered() reaches every part', () => {
+    const codec = chain([xbzrle({ cacheBytes: 4 * PAGE_SIZE })]);
+    const enc = codec.createEncoder();
+    const dec = codec.createDecoder();
+    const r = rng(41);
+    const p = textPage(r);
+    assert.equal(enc.encode(0, p), null);
+    const other = textPage(r);
+    enc.delivered(0, other);
+    dec.delivered(0, other);
+    const next = mutate(other, 0.01, r);
+    const e = enc.encode(0, next)!;
+    const page = other.slice();
+    dec.decode(0, e.codecId, e.bytes, page);
+    assert.deepEqual(page, next);
+    assert.equal(enc.stats().raw, 1);
+    assert.ok('xbzrle.pages' in dec.stats());
+    assert.throws(() => chain([]), RangeError);
+  });
+
   test('refuses two parts with one id', () => {
     assert.throws(() => chain([xbzrle(), xbzrle()]), RangeError);
   });
@@ -375,6 +459,13 @@ describe('adaptive (MECOM)', () => {
       dec.decodeParts(parts, (i) => dest[i]);
       dest.forEach((d, i) => assert.deepEqual(d, pages[i], `page ${i}`));
     }
+    // A compressor that never wins: low-entropy pages go plain and still round trip.
+    const never: BlobCodec = { ...rle(), compress: () => null };
+    const enc2 = adaptiveEncoder({ pageCodec: chain([zero()]), compressor: never });
+    const parts2 = enc2.encodeBatch(indices, concat(src));
+    assert.ok(parts2.every((p) => p.blobCodecId === RAW_CODEC_ID));
+    adaptiveDecoder({ pageCodec: chain([zero()]) }).decodeParts(parts2, (i) => dest[i]);
+    dest.forEach((d, i) => assert.deepEqual(d, src[i]));
     const s = enc.stats();
     assert.ok(s.compressedBatches >= 1 && s.low >= 20 && s.high >= 10 && s.zero >= 5, JSON.stringify(s));
     assert.throws(() => enc.encodeBatch([1, 1], concat([src[0], src[1]])), RangeError);
