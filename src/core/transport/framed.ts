@@ -1,0 +1,106 @@
+/**
+ * A Connection that speaks frames: `send(frame)` encodes and writes (with the connection's
+ * backpressure), iteration decodes incoming chunks with a bounded FrameDecoder.
+ *
+ * Failures surface as the named errors of their layer: a TransportError from the connection, a
+ * ProtocolError (with `code`) from the decoder. When the peer sends something the decoder refuses,
+ * the peer is told with an ERROR frame carrying the same code (best effort) and our direction is
+ * closed; the caller decides when to abort.
+ */
+import { ProtocolError } from '../errors.js';
+import { FrameDecoder, type FrameDecoderInit } from '../protocol/decoder.js';
+import { encodeError, encodeFrame } from '../protocol/encode.js';
+import { MAX_MESSAGE_BYTES, type Frame } from '../protocol/frames.js';
+import type { Connection, TransportError } from './transport.js';
+
+export interface FramedConnectionInit extends FrameDecoderInit {
+  /** Tell the peer about a frame we refuse with an ERROR frame before closing (default true). */
+  reportProtocolErrors?: boolean;
+}
+
+export class FramedConnection implements AsyncIterable<Frame> {
+  readonly decoder: FrameDecoder;
+  private readonly chunks: AsyncIterator<Uint8Array>;
+  private pending: Frame[] = [];
+  private head = 0;
+  private eof = false;
+  private readonly report: boolean;
+  private readonly pageSize: number;
+
+  constructor(readonly connection: Connection, init: FramedConnectionInit = {}) {
+    this.decoder = new FrameDecoder(init);
+    this.chunks = connection[Symbol.asyncIterator]();
+    this.report = init.reportProtocolErrors ?? true;
+    this.pageSize = this.decoder.limits.pageSize;
+  }
+
+  /** Encodes and writes one frame (RAW pages are checked against the decoder's page size). */
+  send(frame: Frame): Promise<void> {
+    return this.connection.write(encodeFrame(frame, this.pageSize));
+  }
+
+  /** Writes an already-encoded frame (e.g. one encoded once and sent on several streams). */
+  sendEncoded(bytes: Uint8Array): Promise<void> {
+    return this.connection.write(bytes);
+  }
+
+  /** The next frame, or undefined at a clean end of stream (never inside a frame). */
+  async next(): Promise<Frame | undefined> {
+    for (;;) {
+      if (this.head < this.pending.length) {
+        const f = this.pending[this.head];
+        this.pending[this.head++] = undefined as unknown as Frame;
+        return f;
+      }
+      if (this.eof) return undefined;
+      const r = await this.chunks.next();
+      try {
+        if (r.done) {
+          this.eof = true;
+          this.decoder.end();
+        } else {
+          this.pending = this.decoder.push(r.value);
+          this.head = 0;
+        }
+      } catch (e) {
+        if (e instanceof ProtocolError) this.refuse(e);
+        throw e;
+      }
+    }
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<Frame> {
+    return {
+      next: async () => {
+        const value = await this.next();
+        return value === undefined ? { done: true, value: undefined } : { done: false, value };
+      },
+      // Breaking out of a loop keeps undelivered frames for the next iteration.
+      return: () => Promise.resolve({ done: true, value: undefined }),
+    };
+  }
+
+  close(): Promise<void> {
+    return this.connection.close();
+  }
+
+  abort(err?: Error): void {
+    this.connection.abort(err);
+  }
+
+  get closed(): Promise<TransportError | undefined> {
+    return this.connection.closed;
+  }
+
+  private refuse(e: ProtocolError): void {
+    if (!this.report) {
+      this.connection.close().catch(() => undefined);
+      return;
+    }
+    let message = e.message;
+    while (new TextEncoder().encode(message).length > MAX_MESSAGE_BYTES) message = message.slice(0, message.length >> 1);
+    this.connection.write(encodeError({ code: e.code, message }))
+      .then(() => this.connection.close())
+      .catch(() => undefined);
+  }
+}

@@ -1,0 +1,253 @@
+/**
+ * TCP transport (node:net). Listens on 127.0.0.1 port 0 unless told otherwise, disables Nagle,
+ * and maps socket events onto the Connection contract (src/core/transport/transport.ts):
+ * incoming data is queued up to `readHighWaterMark` and the socket paused beyond it, so a reader
+ * that stops reading stops the sender through TCP's own flow control.
+ */
+import net from 'node:net';
+import { AbortError, InvalidArgumentError } from '../../core/errors.js';
+import { ChunkQueue } from '../../core/transport/chunk-queue.js';
+import {
+  TransportError, TransportErrorCode,
+  type Connection, type DialOptions, type Listener, type ListenOptions, type Transport,
+} from '../../core/transport/transport.js';
+
+export interface TcpTransportInit {
+  /** Disable Nagle's algorithm (default true: frames are already batched). */
+  noDelay?: boolean;
+  /** Incoming bytes queued before the socket is paused (default 1 MiB). */
+  readHighWaterMark?: number;
+  /**
+   * Outgoing bytes held in user space before `write` waits for the kernel to take them (default
+   * 1 MiB). Values below Node's own writable high-water mark (16 KiB) act like 16 KiB.
+   */
+  writeHighWaterMark?: number;
+}
+
+const DEFAULT_HWM = 1 << 20;
+
+/** `host:port` or `[v6]:port` → parts. */
+export function parseTcpAddress(address: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(address);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || port > 65535) throw new InvalidArgumentError(`'${address}' is not a TCP address (host:port)`);
+  return { host: m[1] ?? m[2], port };
+}
+
+export function formatTcpAddress(host: string | undefined, port: number | undefined): string {
+  const h = host ?? '?';
+  return `${h.includes(':') ? `[${h}]` : h}:${port ?? 0}`;
+}
+
+function errno(e: unknown): string | undefined {
+  return (e as NodeJS.ErrnoException | undefined)?.code;
+}
+
+class TcpConnection implements Connection {
+  readonly localAddress: string;
+  readonly remoteAddress: string;
+  readonly closed: Promise<TransportError | undefined>;
+  private resolveClosed!: (e: TransportError | undefined) => void;
+  private readonly inbound = new ChunkQueue();
+  private writeEnded = false;
+  private writeFinished = false;
+  private readEnded = false;
+  private done = false;
+  private error: TransportError | undefined;
+  private writers: { resolve(): void; reject(e: Error): void }[] = [];
+  private closing: Promise<void> | undefined;
+  private closeWaiter: { resolve(): void; reject(e: Error): void } | undefined;
+  private readonly readHwm: number;
+  private readonly writeHwm: number;
+
+  constructor(private readonly socket: net.Socket, init: TcpTransportInit) {
+    this.readHwm = init.readHighWaterMark ?? DEFAULT_HWM;
+    this.writeHwm = init.writeHighWaterMark ?? DEFAULT_HWM;
+    this.localAddress = formatTcpAddress(socket.localAddress, socket.localPort);
+    this.remoteAddress = formatTcpAddress(socket.remoteAddress, socket.remotePort);
+    this.closed = new Promise((resolve) => { this.resolveClosed = resolve; });
+    socket.setNoDelay(init.noDelay ?? true);
+
+    socket.on('data', (chunk: Buffer) => {
+      // Hand out plain Uint8Array views (Buffer's methods are not part of the contract).
+      this.inbound.push(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength));
+      if (this.inbound.bytes > this.readHwm) socket.pause();
+    });
+    this.inbound.onConsume = (queued) => {
+      if (queued <= this.readHwm && socket.isPaused() && !this.done) socket.resume();
+    };
+    socket.on('end', () => {
+      this.readEnded = true;
+      this.inbound.end();
+      this.maybeDone();
+    });
+    socket.on('drain', () => this.wakeWriters());
+    socket.on('finish', () => {
+      this.writeFinished = true;
+      const w = this.closeWaiter;
+      this.closeWaiter = undefined;
+      w?.resolve();
+      this.maybeDone();
+    });
+    socket.on('error', (e) => {
+      const code = errno(e);
+      const reset = code === 'ECONNRESET' || code === 'EPIPE';
+      this.fail(new TransportError(
+        reset ? TransportErrorCode.RESET : TransportErrorCode.IO,
+        reset ? `connection reset by peer ${this.remoteAddress}` : `connection ${this.localAddress} → ${this.remoteAddress} failed: ${e.message}`,
+        { cause: e },
+      ));
+    });
+    socket.on('close', () => {
+      if (this.done) return;
+      if (this.readEnded && this.writeFinished) this.maybeDone();
+      else this.fail(new TransportError(TransportErrorCode.RESET, `connection to ${this.remoteAddress} closed before both sides ended`));
+    });
+  }
+
+  private wakeWriters(): void {
+    if (this.socket.writableLength > this.writeHwm) return;
+    const w = this.writers;
+    this.writers = [];
+    for (const x of w) x.resolve();
+  }
+
+  write(bytes: Uint8Array): Promise<void> {
+    if (this.error) return Promise.reject(this.error);
+    if (this.writeEnded || this.done) return Promise.reject(new TransportError(TransportErrorCode.CLOSED, `write after close on ${this.localAddress}`));
+    this.socket.write(bytes);
+    if (this.socket.writableLength <= this.writeHwm) return Promise.resolve();
+    return new Promise((resolve, reject) => this.writers.push({ resolve, reject }));
+  }
+
+  close(): Promise<void> {
+    if (this.error) return Promise.reject(this.error);
+    if (!this.closing) {
+      this.writeEnded = true;
+      this.closing = this.writeFinished || this.done
+        ? Promise.resolve()
+        : new Promise<void>((resolve, reject) => {
+          this.closeWaiter = { resolve, reject };
+          this.socket.end();
+        });
+    }
+    return this.closing;
+  }
+
+  abort(err?: Error): void {
+    if (this.done) return;
+    this.fail(new TransportError(TransportErrorCode.ABORTED, `connection ${this.localAddress} aborted${err ? `: ${err.message}` : ''}`, { cause: err }));
+  }
+
+  private fail(e: TransportError): void {
+    if (this.done) return;
+    this.done = true;
+    this.error = e;
+    this.inbound.fail(e);
+    const w = this.writers;
+    this.writers = [];
+    for (const x of w) x.reject(e);
+    const c = this.closeWaiter;
+    this.closeWaiter = undefined;
+    c?.reject(e);
+    // RST, not FIN: the peer must see a reset, not a clean end.
+    if (!this.socket.destroyed) this.socket.resetAndDestroy();
+    this.resolveClosed(e);
+  }
+
+  private maybeDone(): void {
+    if (this.done || !this.readEnded || !this.writeFinished) return;
+    this.done = true;
+    this.socket.destroy();
+    this.resolveClosed(undefined);
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<Uint8Array> {
+    return this.inbound[Symbol.asyncIterator]();
+  }
+}
+
+/** The TCP transport factory. */
+export function tcp(init: TcpTransportInit = {}): Transport {
+  for (const k of ['readHighWaterMark', 'writeHighWaterMark'] as const) {
+    const v = init[k];
+    if (v !== undefined && (!Number.isSafeInteger(v) || v < 0)) throw new InvalidArgumentError(`${k} ${v} is not a non-negative integer`);
+  }
+  return {
+    name: 'tcp',
+
+    dial(address: string, options: DialOptions = {}): Promise<Connection> {
+      const { host, port } = parseTcpAddress(address);
+      const { signal } = options;
+      if (signal?.aborted) return Promise.reject(new AbortError(`dial ${address} aborted`, { cause: signal.reason }));
+      return new Promise((resolve, reject) => {
+        const socket = net.connect({ host, port, allowHalfOpen: true, noDelay: init.noDelay ?? true });
+        const cleanup = () => {
+          signal?.removeEventListener('abort', onAbort);
+          socket.off('connect', onConnect);
+          socket.off('error', onError);
+        };
+        const onAbort = () => {
+          cleanup();
+          socket.destroy();
+          reject(new AbortError(`dial ${address} aborted`, { cause: signal?.reason }));
+        };
+        const onConnect = () => {
+          cleanup();
+          resolve(new TcpConnection(socket, init));
+        };
+        const onError = (e: Error) => {
+          cleanup();
+          socket.destroy();
+          const refused = errno(e) === 'ECONNREFUSED';
+          reject(new TransportError(
+            refused ? TransportErrorCode.REFUSED : TransportErrorCode.DIAL,
+            refused ? `nothing listens at ${address}` : `cannot dial ${address}: ${e.message}`,
+            { cause: e },
+          ));
+        };
+        signal?.addEventListener('abort', onAbort, { once: true });
+        socket.once('connect', onConnect);
+        socket.once('error', onError);
+      });
+    },
+
+    async listen(options: ListenOptions): Promise<Listener> {
+      const { host, port } = parseTcpAddress(options.address ?? '127.0.0.1:0');
+      const { signal } = options;
+      if (signal?.aborted) throw new AbortError('listen aborted', { cause: signal.reason });
+      const server = net.createServer({ allowHalfOpen: true, noDelay: init.noDelay ?? true }, (socket) => {
+        // Constructed synchronously, before any 'data' can be emitted and lost.
+        let conn: Connection;
+        try {
+          conn = new TcpConnection(socket, init);
+        } catch {
+          socket.destroy();
+          return;
+        }
+        options.onConnection(conn);
+      });
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', (e) => reject(new TransportError(TransportErrorCode.LISTEN, `cannot listen on ${host}:${port}: ${e.message}`, { cause: e })));
+        server.listen(port, host, () => resolve());
+      });
+      // Accept errors (EMFILE, …) after listening are per-connection trouble, not fatal to the host.
+      server.on('error', () => undefined);
+      const bound = server.address() as net.AddressInfo;
+      let open = true;
+      const listener: Listener = {
+        address: formatTcpAddress(bound.address, bound.port),
+        close: async () => {
+          if (!open) return;
+          open = false;
+          signal?.removeEventListener('abort', onAbort);
+          // Stops accepting now; established sockets live on (server.close's callback would wait for them).
+          server.close();
+        },
+      };
+      const onAbort = () => void listener.close();
+      signal?.addEventListener('abort', onAbort, { once: true });
+      return listener;
+    },
+  };
+}
