@@ -133,7 +133,6 @@ export interface ZeroInit extends ZeroScannerInit {
 export function zero(init: ZeroInit = {}): PageCodec {
   const id = init.id ?? ZERO_CODEC_ID;
   const name = 'zero';
-  const EMPTY = new Uint8Array(0);
   return {
     name,
     id,
@@ -147,7 +146,7 @@ export function zero(init: ZeroInit = {}): PageCodec {
           pages++;
           if (!scanner.isZero(page)) return null;
           zeros++;
-          return { codecId: id, bytes: EMPTY };
+          return { codecId: id, bytes: new Uint8Array(0) };
         },
         delivered() {},
         stats: () => ({ pages, zeros }),
