@@ -175,8 +175,8 @@ export interface AdaptivePart {
   bytes: Uint8Array;
 }
 
-export interface AdaptiveInit extends ClassifyInit {
-  /** Per-page layer (zero / xbzrle / dedup …). Pages it declines are classified. */
+export interface AdaptiveInit extends Omit<ClassifyInit, 'isZero'> {
+  /** Per-page layer (zero / xbzrle / dedup …): zero pages become flags there; full-page payloads it leaves are classified by entropy. */
   pageCodec: PageCodec;
   /** Compressor for the low-entropy raw pages of a batch; none = never compress. */
   compressor?: BlobCodec;
