@@ -182,7 +182,7 @@ export class FrameDecoder {
       PAGES: 8 + l.maxPagesPerBatch * (9 + Math.max(l.pageSize, l.maxEncodedPageBytes)),
       ROUND_END: 12,
       STATE: 8 + 4 + l.maxGlobals * 9 + 4 + l.maxJsonBytes + 4 + Math.ceil(l.maxBitmapBits / 32) * 4,
-      SWITCHOVER: 4 + DIGEST_MAX,
+      SWITCHOVER: 4 + DIGEST_MAX + 4 + Math.ceil(l.maxBitmapBits / 32) * 4,
       RESUMED: 4,
       ACK: 5,
       PAGE_REQUEST: 8 + 4 * l.maxPagesPerRequest,
@@ -337,7 +337,8 @@ export class FrameDecoder {
       case 'STATE': frame = this.stateFrame(r); break;
       case 'SWITCHOVER': {
         const pagesRemaining = r.u32('pagesRemaining');
-        frame = { type: 'SWITCHOVER', pagesRemaining, digest: this.digest(r) };
+        const digest = this.digest(r);
+        frame = { type: 'SWITCHOVER', pagesRemaining, digest, stale: this.bitmap(r) };
         break;
       }
       case 'RESUMED': frame = { type: 'RESUMED', pagesMissing: r.u32('pagesMissing') }; break;

@@ -252,9 +252,10 @@ export function encodeState(f: Omit<StateFrame, 'type'>): Uint8Array {
 }
 
 export function encodeSwitchover(f: Omit<SwitchoverFrame, 'type'>): Uint8Array {
-  const w = new Writer(HEADER_BYTES + 40);
+  const w = new Writer(HEADER_BYTES + 44 + f.stale.words.length * 4);
   w.u32(checkU32(f.pagesRemaining, 'pagesRemaining'));
   writeDigest(w, f.digest);
+  writeBitmap(w, f.stale);
   return w.finish('SWITCHOVER');
 }
 

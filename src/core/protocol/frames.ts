@@ -221,10 +221,15 @@ export interface StateFrame {
 
 export interface SwitchoverFrame {
   type: 'SWITCHOVER';
-  /** Pages the destination does not have yet (0 for pure pre-copy). */
+  /** Pages the destination does not have yet, stale ones included (0 for pure pre-copy). */
   pagesRemaining: number;
   /** Digest of guest memory at the pause (null when the source did not compute one). */
   digest: Digest | null;
+  /**
+   * Pages the destination received before the pause that were dirtied since and not re-sent
+   * (hybrid): it must treat them as missing. Size 0 when there are none.
+   */
+  stale: WireBitmap;
 }
 
 export interface ResumedFrame {
