@@ -82,6 +82,8 @@ test('framed connection: a refused frame throws ProtocolError and the peer gets 
   assert.ok(reply?.type === 'ERROR');
   assert.equal(reply.code, ProtocolErrorCode.UNKNOWN_TYPE);
   assert.equal(await fa.next(), undefined, 'the refusing side closed its direction');
+  // Poisoned: still refused.
+  await assert.rejects(fb.next(), (e) => e instanceof ProtocolError && e.code === ProtocolErrorCode.UNKNOWN_TYPE);
 });
 
 test('framed connection: the stream ending inside a frame is ERR_PROTOCOL_UNEXPECTED_EOF', async () => {

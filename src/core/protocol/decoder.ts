@@ -304,11 +304,15 @@ export class FrameDecoder {
     this.payloadHave = 0;
   }
 
-  /** Appends to the incomplete payload, growing its buffer geometrically up to `length`. */
+  /**
+   * Appends to the incomplete payload. The first buffer is at most 64 KiB (a header alone does not
+   * make us allocate what it announces); once the payload outgrows it, the buffer becomes the
+   * announced length — still within maxBufferedBytes — so big frames are copied once, not log n times.
+   */
   private append(bytes: Uint8Array): void {
     const need = this.payloadHave + bytes.length;
     if (!this.payload || this.payload.length < need) {
-      const cap = Math.min(this.length, Math.max(need, (this.payload?.length ?? 0) * 2, 4096));
+      const cap = this.payload ? this.length : Math.min(this.length, Math.max(need, 64 * 1024));
       const next = new Uint8Array(cap);
       if (this.payload) next.set(this.payload.subarray(0, this.payloadHave));
       this.payload = next;

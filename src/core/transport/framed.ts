@@ -53,6 +53,8 @@ export class FramedConnection implements AsyncIterable<Frame> {
         return f;
       }
       if (this.eof) return undefined;
+      // Refused once, refused for good (and the peer is told only once).
+      if (this.decoder.error) throw this.decoder.error;
       const r = await this.chunks.next();
       try {
         if (r.done) {
