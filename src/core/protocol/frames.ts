@@ -334,4 +334,6 @@ export const ProtocolErrorCode = {
   UNKNOWN_ENCODING: 'ERR_PROTOCOL_UNKNOWN_ENCODING',
   /** The stream ended in the middle of a frame (see FrameDecoder.end). */
   UNEXPECTED_EOF: 'ERR_PROTOCOL_UNEXPECTED_EOF',
+  /** A well-formed frame out of sequence (SequenceChecker; the decoder never throws it). */
+  SEQUENCE: 'ERR_PROTOCOL_SEQUENCE',
 } as const;

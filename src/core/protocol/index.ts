@@ -2,3 +2,4 @@
 export * from './frames.js';
 export * from './encode.js';
 export * from './decoder.js';
+export * from './sequence.js';
