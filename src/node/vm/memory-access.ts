@@ -1,0 +1,102 @@
+import { DIRTY_MAP_OFFSET, PRESENCE_MAP_OFFSET, RESERVED_BYTES } from '../../core/abi.js';
+import { FerryError } from '../../core/errors.js';
+import { PAGE_SHIFT } from '../../core/pages.js';
+import type { GuestMemoryAccess } from './guest-memory.js';
+
+export class GuestMemoryRangeError extends FerryError {
+  constructor(message: string) {
+    super('ERR_GUEST_MEMORY_RANGE', message);
+  }
+}
+
+/**
+ * GuestMemoryAccess over a VM's shared memory, for host code running on the vCPU thread between
+ * (or during, via imports) quanta. It does what the instrumented guest code does for its own
+ * accesses: with dirty logging on, mark written pages after writing; on a post-copy destination,
+ * fault absent pages in before touching them.
+ */
+export class SharedGuestMemory implements GuestMemoryAccess {
+  private u8: Uint8Array;
+  private dv: DataView;
+  /** Set by the worker when the dirty variant is active. */
+  logDirty = false;
+  /** Set by the worker while pages may be absent (presence variant active). */
+  checkPresence = false;
+
+  constructor(private readonly memory: WebAssembly.Memory, private readonly fault: (physPage: number) => void) {
+    this.u8 = new Uint8Array(memory.buffer);
+    this.dv = new DataView(memory.buffer);
+  }
+
+  private refresh(): void {
+    // A grown shared memory hands out a longer SharedArrayBuffer; old views keep the old length.
+    if (this.memory.buffer.byteLength !== this.u8.byteLength) {
+      this.u8 = new Uint8Array(this.memory.buffer);
+      this.dv = new DataView(this.memory.buffer);
+    }
+  }
+
+  get byteLength(): number {
+    this.refresh();
+    return this.u8.byteLength - RESERVED_BYTES;
+  }
+
+  checkRange(addr: number, len: number): void {
+    if (!Number.isInteger(addr) || !Number.isInteger(len) || addr < 0 || len < 0 || addr + len > this.byteLength) {
+      throw new GuestMemoryRangeError(`guest memory range [${addr}, ${addr + len}) is outside the guest's ${this.byteLength} bytes`);
+    }
+  }
+
+  private present(addr: number, len: number): void {
+    if (!this.checkPresence || len === 0) return;
+    const first = (addr + RESERVED_BYTES) >>> PAGE_SHIFT;
+    const last = (addr + RESERVED_BYTES + len - 1) >>> PAGE_SHIFT;
+    for (let p = first; p <= last; p++) if (this.u8[PRESENCE_MAP_OFFSET + p] === 0) this.fault(p);
+  }
+
+  touched(addr: number, len: number): void {
+    if (!this.logDirty || len === 0) return;
+    const first = (addr + RESERVED_BYTES) >>> PAGE_SHIFT;
+    const last = (addr + RESERVED_BYTES + len - 1) >>> PAGE_SHIFT;
+    this.u8.fill(1, DIRTY_MAP_OFFSET + first, DIRTY_MAP_OFFSET + last + 1);
+  }
+
+  read(addr: number, len: number): Uint8Array {
+    this.checkRange(addr, len);
+    this.present(addr, len);
+    return this.u8.slice(RESERVED_BYTES + addr, RESERVED_BYTES + addr + len);
+  }
+
+  write(addr: number, data: Uint8Array): void {
+    this.checkRange(addr, data.length);
+    this.present(addr, data.length);
+    this.u8.set(data, RESERVED_BYTES + addr);
+    this.touched(addr, data.length);
+  }
+
+  view(addr: number, len: number): Uint8Array {
+    this.checkRange(addr, len);
+    this.present(addr, len);
+    return this.u8.subarray(RESERVED_BYTES + addr, RESERVED_BYTES + addr + len);
+  }
+
+  readU32(addr: number): number {
+    this.checkRange(addr, 4);
+    this.present(addr, 4);
+    return this.dv.getUint32(RESERVED_BYTES + addr, true);
+  }
+
+  writeU32(addr: number, value: number): void {
+    this.checkRange(addr, 4);
+    this.present(addr, 4);
+    this.dv.setUint32(RESERVED_BYTES + addr, value, true);
+    this.touched(addr, 4);
+  }
+
+  writeU64(addr: number, value: bigint): void {
+    this.checkRange(addr, 8);
+    this.present(addr, 8);
+    this.dv.setBigUint64(RESERVED_BYTES + addr, value, true);
+    this.touched(addr, 8);
+  }
+}

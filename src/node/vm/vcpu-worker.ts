@@ -1,0 +1,349 @@
+/**
+ * The vCPU thread: runs one guest in quanta.
+ *
+ * The loop is synchronous on purpose. Between quanta it polls its message port with
+ * receiveMessageOnPort and reads commands from the shared control block; when paused or idle it
+ * blocks in Atomics.wait on the doorbell. It never yields to its own event loop, so a quantum
+ * boundary is a point the host can reason about (see dirty-log.ts).
+ */
+import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
+import { PRESENCE_MAP_OFFSET, REWRITE, RunStatus } from '../../core/abi.js';
+import { Cmd, Ctl, Stat, VARIANTS, VmRunState, type VariantName } from './control.js';
+import { SharedGuestMemory } from './memory-access.js';
+import { Devices, type DevicesInit } from './devices/index.js';
+import type { NetRecordData } from '../../core/net-ring.js';
+import { decodeGlobals, encodeGlobals, type GlobalDesc, type GlobalValue } from './globals.js';
+
+export interface VcpuWorkerData {
+  name: string;
+  memory: WebAssembly.Memory;
+  control: SharedArrayBuffer;
+  stats: SharedArrayBuffer;
+  port: MessagePort;
+  modules: Partial<Record<VariantName, WebAssembly.Module>>;
+  globals: GlobalDesc[];
+  initExport: string | null;
+  hasProgress: boolean;
+  devices: DevicesInit;
+  /** Cold boot, or resume from exported state (snapshot restore, migration destination). */
+  boot: { kind: 'cold' } | { kind: 'state'; globals: GlobalValue[]; devices: unknown };
+  quantumMs: number;
+  idleWaitMs: number;
+}
+
+export type ToWorker =
+  | { t: 'net'; records: NetRecordData[] }
+  | { t: 'export'; id: number }
+  | { t: 'soft-pages'; id: number }
+  | { t: 'block-bitmap'; id: number; clear: boolean };
+
+export type FromWorker =
+  | { t: 'ready' }
+  | { t: 'console'; line: string }
+  | { t: 'net'; records: NetRecordData[] }
+  | { t: 'credit'; bytes: number }
+  | { t: 'trap'; message: string }
+  | { t: 'halt'; code: number }
+  | { t: 'stopped' }
+  | { t: 'reply'; id: number; ok: true; value: unknown }
+  | { t: 'reply'; id: number; ok: false; error: { name: string; code?: string; message: string } };
+
+const data = workerData as VcpuWorkerData;
+const ctl = new Int32Array(data.control);
+const stats = new Float64Array(data.stats);
+const post = (m: FromWorker, transfer?: ArrayBuffer[]) => parentPort!.postMessage(m, transfer);
+
+class HaltSignal extends Error {
+  constructor(readonly code: number) {
+    super(`guest exited with code ${code}`);
+  }
+}
+
+let presence = new Uint8Array(data.memory.buffer);
+function isPresent(page: number): boolean {
+  if (presence.byteLength !== data.memory.buffer.byteLength) presence = new Uint8Array(data.memory.buffer);
+  return presence[PRESENCE_MAP_OFFSET + page] !== 0;
+}
+
+/** Blocks the vCPU until `page` is present. Served by the destination's fault service. */
+function fault(page: number): void {
+  if (isPresent(page)) return;
+  const t0 = process.hrtime.bigint();
+  stats[Stat.FAULTS]++;
+  Atomics.store(ctl, Ctl.FAULT_PAGE, page);
+  Atomics.add(ctl, Ctl.FAULT_REQ, 1);
+  Atomics.notify(ctl, Ctl.FAULT_REQ);
+  while (!isPresent(page)) {
+    const seen = Atomics.load(ctl, Ctl.FAULT_DONE);
+    if (isPresent(page)) break;
+    if (Atomics.load(ctl, Ctl.CMD) === Cmd.STOP) throw new Error('stopped while waiting for a post-copy page');
+    Atomics.wait(ctl, Ctl.FAULT_DONE, seen, 100);
+  }
+  stats[Stat.FAULT_WAIT_NS] += Number(process.hrtime.bigint() - t0);
+}
+
+const mem = new SharedGuestMemory(data.memory, fault);
+let halted: number | null = null;
+const hooks = {
+  console: (line: string) => post({ t: 'console', line }),
+  netTx: (records: NetRecordData[]) => post({ t: 'net', records }),
+  halt: (code: number) => {
+    halted = code;
+    throw new HaltSignal(code);
+  },
+  abort: (message: string) => {
+    throw new Error(`guest aborted: ${message}`);
+  },
+  netRxCredit: (bytes: number) => {
+    credit += bytes;
+  },
+};
+let credit = 0;
+const devices = data.boot.kind === 'state'
+  ? Devices.fromState(data.boot.devices, data.devices, mem, hooks)
+  : new Devices(data.devices, mem, hooks);
+const imports: WebAssembly.Imports = {
+  ...devices.imports(),
+  [REWRITE.memoryModule]: { [REWRITE.memoryName]: data.memory, [REWRITE.faultName]: fault },
+};
+
+const instances = new Map<VariantName, WebAssembly.Instance>();
+function instanceOf(v: VariantName): WebAssembly.Instance {
+  let inst = instances.get(v);
+  if (!inst) {
+    const mod = data.modules[v];
+    if (!mod) throw new Error(`variant ${v} was not loaded`);
+    inst = new WebAssembly.Instance(mod, imports);
+    instances.set(v, inst);
+  }
+  return inst;
+}
+
+function readGlobals(inst: WebAssembly.Instance): GlobalValue[] {
+  return data.globals.map((g) => (inst.exports[g.export] as WebAssembly.Global).value as GlobalValue);
+}
+function writeGlobals(inst: WebAssembly.Instance, values: GlobalValue[]): void {
+  data.globals.forEach((g, i) => {
+    (inst.exports[g.export] as WebAssembly.Global).value = values[i];
+  });
+}
+
+let variant: VariantName = VARIANTS[Atomics.load(ctl, Ctl.VARIANT_REQ)] ?? 'plain';
+let current = instanceOf(variant);
+let run = current.exports.run as (budget: number) => number;
+let progress = data.hasProgress ? (current.exports.progress as () => bigint) : null;
+
+function activate(v: VariantName): void {
+  if (v !== variant) {
+    const next = instanceOf(v);
+    writeGlobals(next, readGlobals(current));
+    current = next;
+    variant = v;
+    run = current.exports.run as (budget: number) => number;
+    progress = data.hasProgress ? (current.exports.progress as () => bigint) : null;
+  }
+  mem.logDirty = v === 'dirty';
+  mem.checkPresence = v === 'presence';
+  Atomics.store(ctl, Ctl.VARIANT_CUR, VARIANTS.indexOf(v));
+}
+
+/**
+ * Device work between quanta. A guest that corrupted its rings is aborted by the device, which
+ * surfaces here as an exception: that is a guest trap, not a crash of the vCPU thread.
+ */
+function tick(): boolean {
+  try {
+    devices.betweenQuanta();
+  } catch (e) {
+    bumpEpoch();
+    setState(VmRunState.TRAPPED);
+    post({ t: 'trap', message: errorOf(e).message });
+    return false;
+  } finally {
+    if (credit > 0) {
+      post({ t: 'credit', bytes: credit });
+      credit = 0;
+    }
+  }
+  return true;
+}
+
+function setState(s: VmRunState): void {
+  Atomics.store(ctl, Ctl.STATE, s);
+  Atomics.notify(ctl, Ctl.STATE);
+}
+
+function bumpEpoch(): void {
+  Atomics.add(ctl, Ctl.EPOCH, 1);
+  Atomics.notify(ctl, Ctl.EPOCH);
+}
+
+function errorOf(e: unknown): { name: string; code?: string; message: string } {
+  const err = e as { name?: string; code?: string; message?: string };
+  return { name: err?.name ?? 'Error', code: err?.code, message: err?.message ?? String(e) };
+}
+
+function handle(msg: ToWorker): void {
+  switch (msg.t) {
+    case 'net':
+      devices.deliverNet(msg.records);
+      return;
+    case 'export':
+      try {
+        const globals = encodeGlobals(data.globals, readGlobals(current));
+        post({ t: 'reply', id: msg.id, ok: true, value: { globals, devices: devices.exportState() } });
+      } catch (e) {
+        post({ t: 'reply', id: msg.id, ok: false, error: errorOf(e) });
+      }
+      return;
+    case 'soft-pages':
+      post({ t: 'reply', id: msg.id, ok: true, value: Array.from(devices.softPages().words) });
+      return;
+    case 'block-bitmap': {
+      const bm = devices.blockWriteBitmap();
+      post({ t: 'reply', id: msg.id, ok: true, value: bm ? { size: bm.size, words: Array.from(bm.words) } : null });
+      if (msg.clear) devices.clearBlockWrites();
+      return;
+    }
+  }
+}
+
+function drainMessages(): void {
+  for (let m = receiveMessageOnPort(data.port); m; m = receiveMessageOnPort(data.port)) handle(m.message as ToWorker);
+}
+
+/** Blocks until the host rings the doorbell (or `timeoutMs` passes). */
+function waitDoorbell(seen: number, timeoutMs?: number): void {
+  Atomics.wait(ctl, Ctl.DOORBELL, seen, timeoutMs);
+}
+
+function boot(): void {
+  if (data.boot.kind === 'cold') {
+    (current.exports[REWRITE.boot] as () => void)();
+    if (data.initExport) (current.exports[data.initExport] as () => void)();
+  } else {
+    writeGlobals(current, decodeGlobals(data.globals, data.boot.globals));
+  }
+  activate(variant);
+}
+
+function main(): void {
+  try {
+    boot();
+  } catch (e) {
+    if (e instanceof HaltSignal) {
+      setState(VmRunState.HALTED);
+      post({ t: 'halt', code: e.code });
+    } else {
+      setState(VmRunState.TRAPPED);
+      post({ t: 'trap', message: `during boot: ${errorOf(e).message}` });
+    }
+    return waitForStop();
+  }
+  post({ t: 'ready' });
+  let budget = Atomics.load(ctl, Ctl.FIXED_BUDGET) || 1024;
+  let idle = false;
+  const targetNs = data.quantumMs * 1e6;
+  for (;;) {
+    const bell = Atomics.load(ctl, Ctl.DOORBELL);
+    drainMessages();
+    const cmd = Atomics.load(ctl, Ctl.CMD);
+    if (cmd === Cmd.STOP) break;
+    if (cmd === Cmd.PAUSE) {
+      // No guest code runs while paused, so a variant switch asked for now is safe at once.
+      const wanted = VARIANTS[Atomics.load(ctl, Ctl.VARIANT_REQ)];
+      if (wanted && wanted !== variant) activate(wanted);
+      if (Atomics.load(ctl, Ctl.STATE) !== VmRunState.PAUSED) {
+        if (!tick()) return waitForStop();
+        devices.pause();
+        setState(VmRunState.PAUSED);
+        bumpEpoch();
+      }
+      waitDoorbell(bell);
+      continue;
+    }
+    if (Atomics.load(ctl, Ctl.STATE) !== VmRunState.RUNNING) {
+      devices.resume();
+      setState(VmRunState.RUNNING);
+    }
+    const want = VARIANTS[Atomics.load(ctl, Ctl.VARIANT_REQ)];
+    if (want && want !== variant) activate(want);
+    if (!tick()) return waitForStop();
+    if (idle && !devices.hasPendingInput()) {
+      waitDoorbell(bell, data.idleWaitMs);
+      idle = false;
+      continue;
+    }
+
+    const fixed = Atomics.load(ctl, Ctl.FIXED_BUDGET);
+    if (fixed > 0) budget = fixed;
+    let status: number;
+    const t0 = process.hrtime.bigint();
+    try {
+      status = run(budget);
+    } catch (e) {
+      if (e instanceof HaltSignal) {
+        status = RunStatus.HALTED;
+      } else {
+        bumpEpoch();
+        setState(VmRunState.TRAPPED);
+        post({ t: 'trap', message: errorOf(e).message });
+        return waitForStop();
+      }
+    }
+    const dt = Number(process.hrtime.bigint() - t0);
+    stats[Stat.QUANTA]++;
+    stats[Stat.RUN_NS] += dt;
+    stats[Stat.LAST_QUANTUM_NS] = dt;
+    stats[Stat.BUDGET] = budget;
+    if (progress) stats[Stat.PROGRESS] = Number(progress());
+    bumpEpoch();
+    if (!tick()) return waitForStop();
+
+    if (status === RunStatus.HALTED) {
+      setState(VmRunState.HALTED);
+      post({ t: 'halt', code: halted ?? 0 });
+      return waitForStop();
+    }
+    idle = status === RunStatus.IDLE;
+
+    const left = Atomics.load(ctl, Ctl.QUANTA_LEFT);
+    if (left > 0 && Atomics.sub(ctl, Ctl.QUANTA_LEFT, 1) === 1) {
+      Atomics.compareExchange(ctl, Ctl.CMD, Cmd.RUN, Cmd.PAUSE);
+    }
+
+    const throttle = Atomics.load(ctl, Ctl.THROTTLE);
+    if (throttle > 0) {
+      // Sleep `throttle`‰ of each period: after a quantum of dt, sleep dt·f/(1−f). A command wakes us.
+      const f = Math.min(throttle, 990) / 1000;
+      waitDoorbell(Atomics.load(ctl, Ctl.DOORBELL), (dt / 1e6) * (f / (1 - f)));
+    }
+
+    if (fixed === 0 && status === RunStatus.RUNNING && dt > 0) {
+      // Steer the budget toward one quantum ≈ quantumMs, damped so one odd quantum can't swing it.
+      const ratio = Math.min(4, Math.max(0.25, targetNs / dt));
+      budget = Math.max(1, Math.min(0x3fffffff, Math.round(budget * Math.sqrt(ratio))));
+    }
+  }
+  tick();
+  devices.pause();
+  devices.flushConsole();
+  devices.close();
+  setState(VmRunState.STOPPED);
+  post({ t: 'stopped' });
+}
+
+/** After a trap or halt: keep answering messages (state stays inspectable) until told to stop. */
+function waitForStop(): void {
+  for (;;) {
+    const bell = Atomics.load(ctl, Ctl.DOORBELL);
+    drainMessages();
+    if (Atomics.load(ctl, Ctl.CMD) === Cmd.STOP) break;
+    waitDoorbell(bell);
+  }
+  devices.flushConsole();
+  devices.close();
+  post({ t: 'stopped' });
+}
+
+main();

@@ -1,0 +1,491 @@
+/**
+ * A running ferry VM, seen from the host thread: guest RAM (a shared WebAssembly.Memory the host
+ * reads while the guest runs), a vCPU worker that runs quanta, the dirty log, pause/resume/throttle,
+ * and state export/import.
+ */
+import { EventEmitter } from 'node:events';
+import { createHash } from 'node:crypto';
+import { MessageChannel, Worker } from 'node:worker_threads';
+import { DIRTY_MAP_OFFSET, MAX_GUEST_BYTES, PRESENCE_MAP_OFFSET, RESERVED_BYTES, RESERVED_PAGES, RESERVED_WASM_PAGES } from '../../core/abi.js';
+import { Bitmap } from '../../core/bitmap.js';
+import { FerryError, GuestModuleError, GuestTrapError, InvalidArgumentError, VmStateError } from '../../core/errors.js';
+import { PAGE_SIZE, WASM_PAGE_SIZE } from '../../core/pages.js';
+import type { NetRecordData } from '../../core/net-ring.js';
+import { Cmd, Ctl, Stat, VmRunState, stateName, variantId, type VariantName } from './control.js';
+import type { GuestModuleInfo, InstrumentCache } from './instrument.js';
+import type { DevicesInit } from './devices/index.js';
+import type { FromWorker, ToWorker, VcpuWorkerData } from './vcpu-worker.js';
+import type { GlobalDesc } from './globals.js';
+
+export interface VmInit {
+  name: string;
+  /** The guest module as the user gave it (uninstrumented). */
+  module: Uint8Array;
+  /** Guest RAM ceiling in bytes (the guest may grow its memory up to this). */
+  memoryBytes: number;
+  /** Configuration string handed to the guest (`config_read`). */
+  config?: string;
+  block?: { path: string; sizeBytes: number };
+  cache: InstrumentCache;
+  /** Target duration of one quantum (adaptive budget). Default 1 ms. */
+  quantumMs?: number;
+  /** A fixed budget per quantum instead of the adaptive one (deterministic runs). */
+  fixedBudget?: number;
+  /** How long an IDLE guest sleeps at most before run() is called again. Default 1 ms. */
+  idleWaitMs?: number;
+  /** Variants to prepare. Default plain + dirty; a post-copy destination adds presence. */
+  variants?: VariantName[];
+}
+
+/** Everything about a VM that is not in guest memory. JSON-serializable. */
+export interface VmState {
+  version: 1;
+  name: string;
+  moduleHash: string;
+  /** Guest RAM ceiling. */
+  memoryBytes: number;
+  /** Guest memory size at the moment of export. */
+  guestBytes: number;
+  config: string;
+  globals: string[];
+  devices: unknown;
+}
+
+export interface BootOptions {
+  /** Stay paused after booting (state imported / init run) until resume(). */
+  paused?: boolean;
+  /** Run exactly this many quanta, then pause (deterministic experiments). */
+  pauseAfterQuanta?: number;
+  /** Variant to start in. Default plain. */
+  variant?: VariantName;
+}
+
+export interface VmStats {
+  state: string;
+  quanta: number;
+  runMs: number;
+  progress: number;
+  budget: number;
+  faults: number;
+  faultWaitMs: number;
+}
+
+type Pending = { resolve: (v: unknown) => void; reject: (e: unknown) => void };
+
+let nextVmSerial = 0;
+
+export class Vm extends EventEmitter {
+  readonly name: string;
+  readonly memory: WebAssembly.Memory;
+  readonly info: GuestModuleInfo;
+  readonly memoryBytes: number;
+  readonly maxPages: number;
+  readonly config: string;
+  private readonly init: VmInit;
+  private readonly modules: Partial<Record<VariantName, WebAssembly.Module>> = {};
+  private readonly ctl = new Int32Array(new SharedArrayBuffer(Ctl.WORDS * 4));
+  private readonly stats = new Float64Array(new SharedArrayBuffer(Stat.WORDS * 8));
+  private worker: Worker | null = null;
+  private port: MessageChannel['port1'] | null = null;
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 1;
+  private exited: Promise<void> | null = null;
+  private trapError: GuestTrapError | null = null;
+  private haltCode: number | null = null;
+  readonly serial = ++nextVmSerial;
+
+  private constructor(init: VmInit, info: GuestModuleInfo, initialGuestBytes: number) {
+    super();
+    this.init = init;
+    this.name = init.name;
+    this.info = info;
+    this.memoryBytes = init.memoryBytes;
+    this.maxPages = init.memoryBytes / PAGE_SIZE;
+    this.config = init.config ?? '';
+    this.memory = new WebAssembly.Memory({
+      initial: RESERVED_WASM_PAGES + initialGuestBytes / WASM_PAGE_SIZE,
+      maximum: RESERVED_WASM_PAGES + init.memoryBytes / WASM_PAGE_SIZE,
+      shared: true,
+    });
+  }
+
+  /**
+   * Loads and instruments the guest and allocates its memory, without running anything yet.
+   * `guestBytes` sizes the memory (default: what the module declares); a restore or migration
+   * destination passes the source's current size.
+   */
+  static create(init: VmInit, guestBytes?: number): Vm {
+    if (!/^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$/.test(init.name)) {
+      throw new InvalidArgumentError(`VM name '${init.name}' must be 1–64 letters, digits, '.', '_' or '-'`);
+    }
+    if (!Number.isInteger(init.memoryBytes) || init.memoryBytes <= 0 || init.memoryBytes % WASM_PAGE_SIZE !== 0 || init.memoryBytes > MAX_GUEST_BYTES) {
+      throw new InvalidArgumentError(`memory size ${init.memoryBytes} must be a positive multiple of 64 KiB, at most ${MAX_GUEST_BYTES} bytes (4 GiB less ferry's 2 MiB)`);
+    }
+    const variants = init.variants ?? ['plain', 'dirty'];
+    const compiled = variants.map((v) => init.cache.get(init.module, v));
+    const info = compiled[0].info;
+    if (info.globals.some((g) => g.type === 'v128')) {
+      throw new GuestModuleError('ERR_MODULE_V128_GLOBAL', 'the guest has a mutable v128 global, which JavaScript cannot save or restore');
+    }
+    if (info.initialGuestBytes > init.memoryBytes) {
+      throw new InvalidArgumentError(`the guest declares ${info.initialGuestBytes} bytes of initial memory, more than the VM's ${init.memoryBytes}`);
+    }
+    if (info.maxGuestBytes !== null && info.maxGuestBytes < init.memoryBytes) {
+      // The guest asked for less than the VM offers: honour the guest's own ceiling.
+      init = { ...init, memoryBytes: Math.max(info.maxGuestBytes, info.initialGuestBytes) };
+    }
+    const size = guestBytes ?? info.initialGuestBytes;
+    if (size % WASM_PAGE_SIZE !== 0 || size > init.memoryBytes || size < info.initialGuestBytes) {
+      throw new InvalidArgumentError(`guest memory size ${size} does not fit the VM (${info.initialGuestBytes}–${init.memoryBytes} bytes, a multiple of 64 KiB)`);
+    }
+    const vm = new Vm(init, info, size);
+    variants.forEach((v, i) => (vm.modules[v] = compiled[i].module));
+    return vm;
+  }
+
+  // ---------------------------------------------------------------- lifecycle
+
+  /** Cold boot: data segments, start function, init(); then run. */
+  async bootCold(opts: BootOptions = {}): Promise<void> {
+    await this.spawn({ kind: 'cold' }, opts);
+  }
+
+  /** Continue a VM from exported state; guest memory must already hold its pages. */
+  async bootFromState(state: VmState, opts: BootOptions = {}): Promise<void> {
+    if (state.moduleHash !== this.info.hash) {
+      throw new FerryError('ERR_STATE_MODULE', `state is for module ${state.moduleHash.slice(0, 12)}…, this VM runs ${this.info.hash.slice(0, 12)}…`);
+    }
+    this.growTo(state.guestBytes);
+    await this.spawn({ kind: 'state', globals: state.globals as never, devices: state.devices }, opts);
+  }
+
+  private async spawn(boot: VcpuWorkerData['boot'], opts: BootOptions): Promise<void> {
+    if (this.worker) throw new VmStateError(`VM ${this.name} has already been started`);
+    const variant = opts.variant ?? 'plain';
+    if (!this.modules[variant]) throw new VmStateError(`variant ${variant} was not prepared for VM ${this.name}`);
+    Atomics.store(this.ctl, Ctl.VARIANT_REQ, variantId(variant));
+    Atomics.store(this.ctl, Ctl.CMD, opts.paused ? Cmd.PAUSE : Cmd.RUN);
+    Atomics.store(this.ctl, Ctl.QUANTA_LEFT, opts.pauseAfterQuanta ?? 0);
+    Atomics.store(this.ctl, Ctl.FIXED_BUDGET, this.init.fixedBudget ?? 0);
+    const { port1, port2 } = new MessageChannel();
+    this.port = port1;
+    const devices: DevicesInit = { config: this.config, ...(this.init.block ? { block: this.init.block } : {}) };
+    const data: VcpuWorkerData = {
+      name: this.name,
+      memory: this.memory,
+      control: this.ctl.buffer as SharedArrayBuffer,
+      stats: this.stats.buffer as SharedArrayBuffer,
+      port: port2,
+      modules: this.modules,
+      globals: this.info.globals as GlobalDesc[],
+      initExport: this.info.initExport,
+      hasProgress: this.info.hasProgress,
+      devices,
+      boot,
+      quantumMs: this.init.quantumMs ?? 1,
+      idleWaitMs: this.init.idleWaitMs ?? 1,
+    };
+    const worker = new Worker(new URL('./vcpu-worker.js', import.meta.url), { workerData: data, transferList: [port2] });
+    this.worker = worker;
+    let ready!: () => void;
+    let failed!: (e: unknown) => void;
+    const readyP = new Promise<void>((res, rej) => ((ready = res), (failed = rej)));
+    worker.on('message', (m: FromWorker) => this.onMessage(m, ready, failed));
+    worker.on('error', (e) => {
+      const err = new FerryError('ERR_VCPU_CRASH', `vCPU thread of ${this.name} failed: ${e.message}`, { cause: e });
+      failed(err);
+      this.emit('error', err);
+    });
+    this.exited = new Promise((res) => worker.once('exit', () => {
+      for (const p of this.pending.values()) p.reject(new VmStateError(`VM ${this.name} has stopped`));
+      this.pending.clear();
+      failed(new VmStateError(`VM ${this.name} exited during boot`));
+      res();
+    }));
+    await readyP;
+    if (opts.paused) await this.waitState((s) => s !== VmRunState.BOOTING && s !== VmRunState.RUNNING);
+  }
+
+  private onMessage(m: FromWorker, ready: () => void, failed: (e: unknown) => void): void {
+    switch (m.t) {
+      case 'ready': ready(); break;
+      case 'console': this.emit('console', m.line); break;
+      case 'net': this.emit('net', m.records); break;
+      case 'credit': this.emit('net-credit', m.bytes); break;
+      case 'trap':
+        this.trapError = new GuestTrapError(`VM ${this.name} stopped: the guest trapped: ${m.message}`);
+        failed(this.trapError);
+        this.emit('trap', this.trapError);
+        break;
+      case 'halt':
+        this.haltCode = m.code;
+        ready();
+        this.emit('halt', m.code);
+        break;
+      case 'stopped': break;
+      case 'reply': {
+        const p = this.pending.get(m.id);
+        if (!p) break;
+        this.pending.delete(m.id);
+        if (m.ok) p.resolve(m.value);
+        else p.reject(Object.assign(new FerryError(m.error.code ?? 'ERR_VCPU', m.error.message), { name: m.error.name }));
+        break;
+      }
+    }
+  }
+
+  private ring(): void {
+    Atomics.add(this.ctl, Ctl.DOORBELL, 1);
+    Atomics.notify(this.ctl, Ctl.DOORBELL);
+  }
+
+  private send(msg: ToWorker): void {
+    if (!this.port) throw new VmStateError(`VM ${this.name} is not running`);
+    this.port.postMessage(msg);
+    this.ring();
+  }
+
+  private request<T>(msg: ToWorker & { id: number }): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      this.pending.set(msg.id, { resolve: resolve as (v: unknown) => void, reject });
+      this.send(msg);
+    });
+  }
+
+  private async waitState(pred: (s: number) => boolean): Promise<number> {
+    for (;;) {
+      const s = Atomics.load(this.ctl, Ctl.STATE);
+      if (pred(s)) return s;
+      const r = Atomics.waitAsync(this.ctl, Ctl.STATE, s, 1000);
+      if (r.async) await r.value;
+      if (!this.worker) throw new VmStateError(`VM ${this.name} is not running`);
+    }
+  }
+
+  get state(): string {
+    if (this.trapError) return 'trapped';
+    if (!this.worker) return 'created';
+    return stateName(Atomics.load(this.ctl, Ctl.STATE));
+  }
+
+  get trap(): GuestTrapError | null { return this.trapError; }
+  /** The guest module as given (uninstrumented). */
+  get module(): Uint8Array { return this.init.module; }
+  get exitCode(): number | null { return this.haltCode; }
+
+  /** Resolves once the guest is stopped between quanta. */
+  async pause(): Promise<void> {
+    this.requireWorker();
+    Atomics.store(this.ctl, Ctl.CMD, Cmd.PAUSE);
+    this.ring();
+    const s = await this.waitState((x) => x !== VmRunState.RUNNING && x !== VmRunState.BOOTING);
+    if (s !== VmRunState.PAUSED) throw this.terminalError('pause');
+  }
+
+  resume(opts: { pauseAfterQuanta?: number } = {}): void {
+    this.requireWorker();
+    const s = Atomics.load(this.ctl, Ctl.STATE);
+    if (s === VmRunState.TRAPPED || s === VmRunState.HALTED || s === VmRunState.STOPPED) throw this.terminalError('resume');
+    Atomics.store(this.ctl, Ctl.QUANTA_LEFT, opts.pauseAfterQuanta ?? 0);
+    Atomics.store(this.ctl, Ctl.CMD, Cmd.RUN);
+    this.ring();
+  }
+
+  /** Waits until the VM pauses by itself (after `pauseAfterQuanta`) or stops. */
+  async whenPaused(): Promise<void> {
+    const s = await this.waitState((x) => x === VmRunState.PAUSED || x >= VmRunState.STOPPED);
+    if (s !== VmRunState.PAUSED) throw this.terminalError('wait for pause');
+  }
+
+  /** Make the vCPU sleep `fraction` (0–0.99) of each period: auto-converge's lever. */
+  throttle(fraction: number): void {
+    if (!(fraction >= 0 && fraction <= 0.99)) throw new InvalidArgumentError(`throttle ${fraction} must be between 0 and 0.99`);
+    Atomics.store(this.ctl, Ctl.THROTTLE, Math.round(fraction * 1000));
+    this.ring();
+  }
+
+  get throttleFraction(): number { return Atomics.load(this.ctl, Ctl.THROTTLE) / 1000; }
+
+  /** Stops the vCPU and releases the worker (guest memory stays readable until the Vm is dropped). */
+  async stop(): Promise<void> {
+    const w = this.worker;
+    if (!w) return;
+    Atomics.store(this.ctl, Ctl.CMD, Cmd.STOP);
+    this.ring();
+    const timeout = new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 5000).unref());
+    if ((await Promise.race([this.exitedOrStopped(), timeout])) === 'timeout') await w.terminate();
+    await w.terminate();
+    await this.exited;
+    this.port?.close();
+  }
+
+  private async exitedOrStopped(): Promise<void> {
+    await this.waitState((x) => x >= VmRunState.STOPPED).catch(() => undefined);
+  }
+
+  private requireWorker(): void {
+    if (!this.worker) throw new VmStateError(`VM ${this.name} has not been started`);
+  }
+
+  private terminalError(what: string): FerryError {
+    if (this.trapError) return this.trapError;
+    return new VmStateError(`cannot ${what} VM ${this.name}: it is ${this.state}`);
+  }
+
+  // ---------------------------------------------------------------- memory
+
+  /** Current guest memory size in bytes. */
+  get guestBytes(): number { return this.memory.buffer.byteLength - RESERVED_BYTES; }
+  get guestPages(): number { return this.guestBytes / PAGE_SIZE; }
+
+  /** Grows guest memory to at least `bytes` (a restore or migration destination matching its source). */
+  growTo(bytes: number): void {
+    if (bytes > this.memoryBytes) throw new InvalidArgumentError(`guest memory of ${bytes} bytes exceeds this VM's ${this.memoryBytes}`);
+    const have = this.guestBytes;
+    if (bytes > have) this.memory.grow(Math.ceil((bytes - have) / WASM_PAGE_SIZE));
+  }
+
+  /** A live view of guest page `page` (reads race with a running guest; see dirty log). */
+  pageView(page: number): Uint8Array {
+    return new Uint8Array(this.memory.buffer, RESERVED_BYTES + page * PAGE_SIZE, PAGE_SIZE);
+  }
+
+  /** A live view of guest memory. */
+  guestView(addr = 0, len = this.guestBytes - addr): Uint8Array {
+    return new Uint8Array(this.memory.buffer, RESERVED_BYTES + addr, len);
+  }
+
+  /** SHA-256 of guest memory. Only meaningful while the VM is paused or stopped. */
+  digest(): string {
+    const h = createHash('sha256');
+    const all = this.guestView();
+    for (let off = 0; off < all.length; off += 1 << 22) h.update(all.subarray(off, Math.min(all.length, off + (1 << 22))));
+    return h.digest('hex');
+  }
+
+  // ---------------------------------------------------------------- post-copy presence
+
+  /** Presence-map byte view over guest pages (for a post-copy destination). */
+  presenceView(): Uint8Array {
+    return new Uint8Array(this.memory.buffer, PRESENCE_MAP_OFFSET + RESERVED_PAGES, this.maxPages);
+  }
+
+  // ---------------------------------------------------------------- dirty log
+
+  /**
+   * Starts dirty logging: clears the dirty map and switches the vCPU to the dirty variant.
+   * Resolves once the switch has happened; only writes after that are guaranteed logged.
+   */
+  async startDirtyLog(): Promise<void> {
+    this.requireWorker();
+    new Uint8Array(this.memory.buffer, DIRTY_MAP_OFFSET, RESERVED_PAGES + this.maxPages).fill(0);
+    await this.switchVariant('dirty');
+  }
+
+  async stopDirtyLog(): Promise<void> {
+    await this.switchVariant('plain');
+  }
+
+  /** Switches the vCPU between prepared variants (between quanta). */
+  async switchVariant(v: VariantName): Promise<void> {
+    if (!this.modules[v]) throw new VmStateError(`variant ${v} was not prepared for VM ${this.name}`);
+    const id = variantId(v);
+    Atomics.store(this.ctl, Ctl.VARIANT_REQ, id);
+    this.ring();
+    for (;;) {
+      const cur = Atomics.load(this.ctl, Ctl.VARIANT_CUR);
+      if (cur === id) return;
+      const s = Atomics.load(this.ctl, Ctl.STATE);
+      if (s >= VmRunState.STOPPED) throw this.terminalError(`switch variant of`);
+      const r = Atomics.waitAsync(this.ctl, Ctl.EPOCH, Atomics.load(this.ctl, Ctl.EPOCH), 50);
+      if (r.async) await r.value;
+    }
+  }
+
+  get dirtyLogging(): boolean { return Atomics.load(this.ctl, Ctl.VARIANT_CUR) === variantId('dirty'); }
+
+  /**
+   * Get-and-clear of the dirty log: returns the guest pages written since the last harvest.
+   *
+   * Why this is safe without atomic marks: each dirty-map word is read-and-zeroed with
+   * Atomics.exchange, so a mark is either seen here or survives for the next round. A store whose
+   * mark we saw may still be in flight in the vCPU's current quantum; the promise therefore
+   * resolves only after the vCPU has crossed a quantum boundary (an atomic epoch bump, which
+   * orders every store of that quantum before it), so copying the returned pages afterwards reads
+   * their latest data. Later writes set their marks again and show up in the next harvest.
+   */
+  async harvestDirty(into?: Bitmap): Promise<Bitmap> {
+    const out = into ?? new Bitmap(this.maxPages);
+    const words = new Int32Array(this.memory.buffer, DIRTY_MAP_OFFSET + RESERVED_PAGES, Math.ceil(this.guestPages / 4));
+    for (let w = 0; w < words.length; w++) {
+      if (words[w] === 0) continue;
+      const v = Atomics.exchange(words, w, 0);
+      if (v & 0xff) out.set(w * 4);
+      if (v & 0xff00) out.set(w * 4 + 1);
+      if (v & 0xff0000) out.set(w * 4 + 2);
+      if (v & 0xff000000) out.set(w * 4 + 3);
+    }
+    await this.quantumBoundary();
+    return out;
+  }
+
+  /** Resolves once the vCPU is between quanta at least once after this call (or not running). */
+  async quantumBoundary(): Promise<void> {
+    const e0 = Atomics.load(this.ctl, Ctl.EPOCH);
+    for (;;) {
+      const s = Atomics.load(this.ctl, Ctl.STATE);
+      if (s !== VmRunState.RUNNING && s !== VmRunState.BOOTING) return;
+      if (Atomics.load(this.ctl, Ctl.EPOCH) !== e0) return;
+      const r = Atomics.waitAsync(this.ctl, Ctl.EPOCH, e0, 50);
+      if (r.async) await r.value;
+    }
+  }
+
+  // ---------------------------------------------------------------- state
+
+  /** CPU and device state; the VM must be paused (or halted). */
+  async exportState(): Promise<VmState> {
+    const s = Atomics.load(this.ctl, Ctl.STATE);
+    if (s !== VmRunState.PAUSED && s !== VmRunState.HALTED) throw new VmStateError(`export needs VM ${this.name} paused; it is ${this.state}`);
+    const v = await this.request<{ globals: string[]; devices: unknown }>({ t: 'export', id: this.nextId++ });
+    return { version: 1, name: this.name, moduleHash: this.info.hash, memoryBytes: this.memoryBytes, guestBytes: this.guestBytes, config: this.config, globals: v.globals, devices: v.devices };
+  }
+
+  /** Guest pages the guest reported free (soft pages). */
+  async softPages(): Promise<Bitmap> {
+    const words = await this.request<number[]>({ t: 'soft-pages', id: this.nextId++ });
+    const bm = new Bitmap(this.maxPages);
+    const n = Math.min(words.length, bm.words.length);
+    for (let i = 0; i < n; i++) bm.words[i] = words[i];
+    return bm;
+  }
+
+  async blockWriteBitmap(clear = false): Promise<Bitmap | null> {
+    const v = await this.request<{ size: number; words: number[] } | null>({ t: 'block-bitmap', id: this.nextId++, clear });
+    return v ? new Bitmap(v.size, Uint32Array.from(v.words)) : null;
+  }
+
+  /** Hands records from the network endpoint to the guest. */
+  deliverNet(records: NetRecordData[]): void {
+    if (records.length) this.send({ t: 'net', records });
+  }
+
+  // ---------------------------------------------------------------- post-copy fault channel
+
+  /** Control words for the post-copy fault service (a destination's fault thread uses them). */
+  get controlBuffer(): SharedArrayBuffer { return this.ctl.buffer as SharedArrayBuffer; }
+
+  // ---------------------------------------------------------------- stats
+
+  stat(): VmStats {
+    return {
+      state: this.state,
+      quanta: this.stats[Stat.QUANTA],
+      runMs: this.stats[Stat.RUN_NS] / 1e6,
+      progress: this.stats[Stat.PROGRESS],
+      budget: this.stats[Stat.BUDGET],
+      faults: this.stats[Stat.FAULTS],
+      faultWaitMs: this.stats[Stat.FAULT_WAIT_NS] / 1e6,
+    };
+  }
+}

@@ -1,0 +1,163 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { Vm } from '../../src/node/vm/vm.js';
+import { InstrumentCache } from '../../src/node/vm/instrument.js';
+import { GuestTrapError, InvalidArgumentError, VmStateError } from '../../src/core/errors.js';
+import { PAGE_SIZE } from '../../src/core/pages.js';
+import { hammerGuest, trapGuest } from '../helpers/wat.js';
+
+const cache = new InstrumentCache();
+
+function seeded(bytes: Uint8Array, seed: bigint): Vm {
+  const vm = Vm.create({ name: `hammer-${seed}`, module: bytes, memoryBytes: 4 << 20, cache, quantumMs: 0.5 });
+  new DataView(vm.guestView().buffer, vm.guestView().byteOffset).setBigUint64(0, seed, true);
+  return vm;
+}
+
+/**
+ * The dirty log, the hard way: the guest hammers memory (straddling stores, fills, copies) while
+ * the host harvests and copies dirty pages round after round; after a pause and a last harvest,
+ * the copy assembled from the rounds must equal guest memory byte for byte.
+ */
+test('dirty log: pre-copy style rounds reassemble memory exactly, over many seeds', async () => {
+  const bytes = hammerGuest(64);
+  for (let seed = 1n; seed <= 12n; seed++) {
+    const vm = seeded(bytes, seed * 0x9e3779b97f4a7c15n);
+    await vm.bootCold();
+    await vm.startDirtyLog();
+    const copy = new Uint8Array(vm.guestBytes);
+    copy.set(vm.guestView()); // first pass, racing with the guest on purpose
+    let copied = 0;
+    for (let round = 0; round < 6; round++) {
+      const dirty = await vm.harvestDirty();
+      for (const p of dirty) {
+        copy.set(vm.pageView(p), p * PAGE_SIZE);
+        copied++;
+      }
+      await new Promise((r) => setTimeout(r, 2));
+    }
+    await vm.pause();
+    for (const p of await vm.harvestDirty()) copy.set(vm.pageView(p), p * PAGE_SIZE);
+    const live = vm.guestView();
+    let firstDiff = -1;
+    for (let i = 0; i < live.length; i++) if (live[i] !== copy[i]) { firstDiff = i; break; }
+    assert.equal(firstDiff, -1, `seed ${seed}: copy differs from guest memory at byte ${firstDiff} (page ${Math.floor(firstDiff / PAGE_SIZE)})`);
+    assert.ok(copied > 0, 'the guest dirtied pages during the rounds');
+    assert.ok(vm.stat().progress > 0, 'the guest made progress');
+    await vm.stop();
+  }
+});
+
+test('dirty log: a paused VM has nothing new to harvest, and logging off means no marks', async () => {
+  const vm = seeded(hammerGuest(16), 42n);
+  await vm.bootCold();
+  await vm.startDirtyLog();
+  await vm.pause();
+  await vm.harvestDirty();
+  assert.equal((await vm.harvestDirty()).count(), 0);
+  await vm.stopDirtyLog();
+  vm.resume();
+  await new Promise((r) => setTimeout(r, 20));
+  await vm.pause();
+  assert.equal((await vm.harvestDirty()).count(), 0, 'plain variant must not mark');
+  assert.equal(vm.dirtyLogging, false);
+  await vm.stop();
+});
+
+test('pause resolves between quanta, resume continues, progress advances', async () => {
+  const vm = seeded(hammerGuest(16), 7n);
+  await vm.bootCold();
+  await vm.pause();
+  assert.equal(vm.state, 'paused');
+  const p1 = vm.stat().progress;
+  const d1 = vm.digest();
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(vm.stat().progress, p1, 'no progress while paused');
+  assert.equal(vm.digest(), d1, 'memory unchanged while paused');
+  vm.resume();
+  await new Promise((r) => setTimeout(r, 20));
+  await vm.pause();
+  assert.ok(vm.stat().progress > p1);
+  await vm.stop();
+  assert.equal(vm.state, 'stopped');
+});
+
+test('throttle makes the vCPU sleep a share of each period', async () => {
+  const vm = seeded(hammerGuest(16), 9n);
+  await vm.bootCold();
+  assert.throws(() => vm.throttle(1.5), InvalidArgumentError);
+  vm.throttle(0.9);
+  assert.equal(vm.throttleFraction, 0.9);
+  // Quanta run ~0.5 ms each; at 90 % throttle the vCPU sleeps ~4.5 ms after each, so over the same
+  // wall interval it runs far fewer quanta. Compare run time to wall time, which is robust to load.
+  const s0 = vm.stat();
+  const t0 = performance.now();
+  await new Promise((r) => setTimeout(r, 100));
+  const s1 = vm.stat();
+  const wall = performance.now() - t0;
+  const busy = (s1.runMs - s0.runMs) / wall;
+  assert.ok(busy < 0.5, `vCPU busy ${Math.round(busy * 100)} % of the time under a 90 % throttle`);
+  vm.throttle(0);
+  await vm.stop();
+});
+
+test('fixed budget + pauseAfterQuanta is deterministic', async () => {
+  const bytes = hammerGuest(16);
+  const digests: string[] = [];
+  for (let i = 0; i < 2; i++) {
+    const vm = Vm.create({ name: `det${i}`, module: bytes, memoryBytes: 1 << 20, cache, fixedBudget: 5000 });
+    new DataView(vm.guestView().buffer, vm.guestView().byteOffset).setBigUint64(0, 1234n, true);
+    await vm.bootCold({ pauseAfterQuanta: 25 });
+    await vm.whenPaused();
+    assert.equal(vm.stat().quanta, 25);
+    assert.equal(vm.stat().progress, 25 * 5000);
+    digests.push(vm.digest());
+    await vm.stop();
+  }
+  assert.equal(digests[0], digests[1]);
+});
+
+test('a guest trap stops the VM with a clear error and leaves memory inspectable', async () => {
+  const vm = Vm.create({ name: 'trapper', module: trapGuest(3), memoryBytes: 1 << 20, cache });
+  const trapped = new Promise<GuestTrapError>((r) => vm.once('trap', r));
+  await vm.bootCold();
+  const err = await trapped;
+  assert.match(err.message, /trapped.*unreachable/i);
+  assert.equal(vm.state, 'trapped');
+  assert.equal(new DataView(vm.guestView().buffer, vm.guestView().byteOffset).getUint32(16, true), 0xdeadbeef);
+  await assert.rejects(vm.pause(), GuestTrapError);
+  assert.throws(() => vm.resume(), GuestTrapError);
+  await vm.stop();
+});
+
+test('export/import state continues the same machine in a new VM', async () => {
+  const bytes = hammerGuest(16);
+  const mk = (name: string) => Vm.create({ name, module: bytes, memoryBytes: 1 << 20, cache, fixedBudget: 3000 });
+  const straight = mk('straight');
+  new DataView(straight.guestView().buffer, straight.guestView().byteOffset).setBigUint64(0, 99n, true);
+  await straight.bootCold({ pauseAfterQuanta: 40 });
+  await straight.whenPaused();
+  const want = straight.digest();
+  await straight.stop();
+
+  const first = mk('first');
+  new DataView(first.guestView().buffer, first.guestView().byteOffset).setBigUint64(0, 99n, true);
+  await first.bootCold({ pauseAfterQuanta: 15 });
+  await first.whenPaused();
+  const state = await first.exportState();
+  const second = mk('second');
+  second.guestView().set(first.guestView());
+  await first.stop();
+  await second.bootFromState(state, { pauseAfterQuanta: 25 });
+  await second.whenPaused();
+  assert.equal(second.digest(), want);
+  await assert.rejects(second.bootFromState(state), VmStateError);
+  await second.stop();
+});
+
+test('bad VM parameters are refused with named errors', () => {
+  const bytes = hammerGuest(16);
+  assert.throws(() => Vm.create({ name: 'bad name!', module: bytes, memoryBytes: 1 << 20, cache }), InvalidArgumentError);
+  assert.throws(() => Vm.create({ name: 'x', module: bytes, memoryBytes: 1000, cache }), InvalidArgumentError);
+  assert.throws(() => Vm.create({ name: 'x', module: bytes, memoryBytes: 8 * 1024 ** 3, cache }), InvalidArgumentError);
+});
