@@ -1,0 +1,249 @@
+/**
+ * The `ferry` command line.
+ *
+ * `ferry vm run` and `ferry vm restore` run a VM in the foreground inside a host agent of their own
+ * and register its control API under $FERRY_HOME/vms/<name>.json, which is how `ferry vm snapshot`,
+ * `list`, `pause`, `resume` and `stop` find it from another terminal.
+ */
+import { Command, CommanderError, InvalidArgumentError as CommanderArgError } from 'commander';
+import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { FerryError } from '../../core/errors.js';
+import { formatBytes, formatDuration, parseSize } from '../../core/units.js';
+import { HostAgent, parseHostPort, type VmSummary } from '../agent/agent.js';
+import { ferryHome } from '../paths.js';
+import { runDemo } from './demo.js';
+
+interface Registration { name: string; pid: number; control: string }
+
+const registry = (home: string) => join(home, 'vms');
+
+async function register(home: string, reg: Registration): Promise<string> {
+  await mkdir(registry(home), { recursive: true });
+  const file = join(registry(home), `${reg.name}.json`);
+  await writeFile(file, JSON.stringify(reg));
+  return file;
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function lookup(home: string, name: string): Promise<Registration> {
+  const file = join(registry(home), `${name}.json`);
+  let reg: Registration;
+  try {
+    reg = JSON.parse(await readFile(file, 'utf8')) as Registration;
+  } catch {
+    throw new FerryError('ERR_NOT_FOUND', `no running VM named '${name}' (start one with: ferry vm run <guest> --name ${name})`);
+  }
+  if (!alive(reg.pid)) {
+    await rm(file, { force: true });
+    throw new FerryError('ERR_NOT_FOUND', `VM '${name}' is not running any more (its process ${reg.pid} has exited)`);
+  }
+  return reg;
+}
+
+async function call(reg: Registration, method: string, path: string, body?: unknown): Promise<unknown> {
+  const res = await fetch(`${reg.control}${path}`, {
+    method,
+    headers: body === undefined ? {} : { 'content-type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  }).catch((e: Error) => {
+    throw new FerryError('ERR_CONTROL_UNREACHABLE', `cannot reach VM '${reg.name}' at ${reg.control}: ${e.message}`, { cause: e });
+  });
+  if (res.status === 204) return null;
+  const data = (await res.json()) as { error?: { code: string; message: string } };
+  if (!res.ok) throw new FerryError(data.error?.code ?? 'ERR_CONTROL', data.error?.message ?? `HTTP ${res.status}`);
+  return data;
+}
+
+const sizeArg = (what: string) => (v: string) => {
+  try {
+    parseSize(v, what);
+    return v;
+  } catch (e) {
+    throw new CommanderArgError((e as Error).message);
+  }
+};
+const intArg = (what: string) => (v: string) => {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n <= 0) throw new CommanderArgError(`${what} must be a positive integer`);
+  return n;
+};
+const addrArg = (v: string) => {
+  try {
+    parseHostPort(v);
+    return v;
+  } catch (e) {
+    throw new CommanderArgError((e as Error).message);
+  }
+};
+
+function printSummary(s: VmSummary, json: boolean): void {
+  if (json) return void console.log(JSON.stringify(s));
+  console.log(`${s.name.padEnd(16)} ${s.stats.state.padEnd(8)} ${s.guest.padEnd(12)} ${formatBytes(s.guestBytes).padStart(10)} / ${formatBytes(s.memoryBytes).padEnd(10)} ${s.endpoint ?? '-'}`);
+}
+
+interface ForegroundOpts { name?: string; expose?: string; json?: boolean; stateDir?: string; quiet?: boolean }
+
+/** Runs one VM in this process until it halts, traps or is stopped; returns the exit code. */
+async function foreground(start: (agent: HostAgent) => Promise<VmSummary>, opts: ForegroundOpts): Promise<number> {
+  const home = opts.stateDir ? resolve(opts.stateDir) : ferryHome();
+  const agent = new HostAgent({ name: 'local', dataDir: home });
+  let vmName = '';
+  const done = new Promise<number>((res) => {
+    agent.on('console', (_vm: string, line: string) => {
+      if (opts.json) console.log(JSON.stringify({ event: 'console', line }));
+      else console.log(line);
+    });
+    agent.on('halt', (_vm: string, code: number) => res(code === 0 ? 0 : 1));
+    agent.on('trap', (_vm: string, err: Error) => {
+      console.error(`ferry: ${err.message}`);
+      res(1);
+    });
+    agent.on('vm-error', (_vm: string, err: Error) => {
+      console.error(`ferry: ${err.message}`);
+      res(1);
+    });
+    const stop = () => res(130);
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+  });
+  const summary = await start(agent);
+  vmName = summary.name;
+  const control = await agent.listen('127.0.0.1', 0);
+  const regFile = await register(home, { name: vmName, pid: process.pid, control });
+  const stoppedViaApi = new Promise<number>((res) => {
+    const timer = setInterval(() => {
+      if (!agent.list().some((v) => v.name === vmName)) res(0);
+    }, 100);
+    timer.unref();
+  });
+  if (opts.json) console.log(JSON.stringify({ event: 'started', ...summary, control }));
+  else if (!opts.quiet) {
+    console.error(`ferry: VM ${vmName} running (${summary.guest}, up to ${formatBytes(summary.memoryBytes)})${summary.endpoint ? `, endpoint ${summary.endpoint}` : ''}; control ${control}`);
+  }
+  const code = await Promise.race([done, stoppedViaApi]);
+  await rm(regFile, { force: true });
+  await agent.close();
+  return code;
+}
+
+export function buildProgram(): Command {
+  const program = new Command('ferry')
+    .description('Live migration of running WebAssembly micro-VMs between hosts')
+    .showHelpAfterError()
+    .exitOverride();
+
+  const vm = program.command('vm').description('run, inspect, snapshot and restore VMs on this machine');
+
+  vm.command('run')
+    .description('boot a guest and run it in the foreground (Ctrl-C stops it)')
+    .argument('<guest>', 'a built-in guest (kv, memstress, compute, wordfreq) or a path to a .wasm module')
+    .option('--name <name>', 'VM name (default: the guest name)')
+    .option('--memory <size>', 'guest RAM ceiling, e.g. 512MiB (the guest grows into it)', sizeArg('memory size'), '256MiB')
+    .option('--config <text>', "configuration string for the guest, e.g. 'wss=64MiB pattern=zipf'", '')
+    .option('--expose <host:port>', "give the VM a TCP endpoint (e.g. 127.0.0.1:0 picks a free port)", addrArg)
+    .option('--disk <path>', 'attach a sparse file-backed block device (created if missing)')
+    .option('--disk-size <size>', 'size of the block device', sizeArg('disk size'), '64MiB')
+    .option('--budget <n>', 'fixed work budget per quantum instead of ~1 ms quanta (deterministic runs)', intArg('budget'))
+    .option('--state-dir <dir>', 'where VMs register and ferry keeps caches (default $FERRY_HOME or ~/.ferry)')
+    .option('--json', 'print events as JSON lines')
+    .action(async (guest: string, o) => {
+      const name = o.name ?? guest.replace(/^.*\//, '').replace(/\.wasm$/, '').replace(/[^a-zA-Z0-9_.-]/g, '-');
+      process.exitCode = await foreground((agent) => agent.createVm({
+        name, guest, memory: o.memory, config: o.config, expose: o.expose,
+        ...(o.disk ? { disk: o.disk, diskSize: o.diskSize } : {}),
+        ...(o.budget ? { fixedBudget: o.budget } : {}),
+      }), { ...o, name });
+    });
+
+  vm.command('restore')
+    .description('continue a VM from a snapshot file, in the foreground')
+    .argument('<snapshot>', 'snapshot file written by ferry vm snapshot')
+    .option('--name <name>', 'VM name (default: the name stored in the snapshot)')
+    .option('--expose <host:port>', 'give the VM a TCP endpoint', addrArg)
+    .option('--state-dir <dir>', 'where VMs register (default $FERRY_HOME or ~/.ferry)')
+    .option('--json', 'print events as JSON lines')
+    .action(async (snapshot: string, o) => {
+      process.exitCode = await foreground((agent) => agent.restoreVm(resolve(snapshot), { name: o.name, expose: o.expose }), o);
+    });
+
+  vm.command('snapshot')
+    .description('pause a running VM, write its snapshot, and resume it (or stop it with --stop)')
+    .argument('<vm>', 'name of a running VM')
+    .requiredOption('--out <file>', 'snapshot file to write (written atomically)')
+    .option('--stop', 'stop the VM after the snapshot (cold migration)')
+    .option('--state-dir <dir>', 'where VMs register (default $FERRY_HOME or ~/.ferry)')
+    .option('--json', 'print the result as JSON')
+    .action(async (name: string, o) => {
+      const reg = await lookup(o.stateDir ? resolve(o.stateDir) : ferryHome(), name);
+      const r = (await call(reg, 'POST', `/v1/vms/${encodeURIComponent(name)}/snapshot`, { out: resolve(o.out), stop: !!o.stop })) as { path: string; bytes: number; pagesWritten: number; zeroPagesSkipped: number; ms: number };
+      if (o.json) console.log(JSON.stringify(r));
+      else console.log(`snapshot of ${name}: ${r.path}, ${formatBytes(r.bytes)} (${r.pagesWritten} pages, ${r.zeroPagesSkipped} zero pages skipped) in ${formatDuration(r.ms)}`);
+    });
+
+  vm.command('list')
+    .description('list the VMs running on this machine')
+    .option('--state-dir <dir>', 'where VMs register (default $FERRY_HOME or ~/.ferry)')
+    .option('--json', 'one JSON object per line')
+    .action(async (o) => {
+      const home = o.stateDir ? resolve(o.stateDir) : ferryHome();
+      const names = (await readdir(registry(home)).catch(() => [] as string[])).filter((f) => f.endsWith('.json')).map((f) => f.slice(0, -5));
+      for (const name of names.sort()) {
+        try {
+          const reg = await lookup(home, name);
+          printSummary((await call(reg, 'GET', `/v1/vms/${encodeURIComponent(name)}`)) as VmSummary, !!o.json);
+        } catch {
+          // exited meanwhile: lookup removed its stale registration
+        }
+      }
+    });
+
+  for (const [verb, desc] of [['pause', 'pause a running VM between quanta'], ['resume', 'resume a paused VM'], ['stop', 'stop a VM (it is gone afterwards)']] as const) {
+    vm.command(verb)
+      .description(desc)
+      .argument('<vm>', 'name of a running VM')
+      .option('--state-dir <dir>', 'where VMs register (default $FERRY_HOME or ~/.ferry)')
+      .action(async (name: string, o) => {
+        const reg = await lookup(o.stateDir ? resolve(o.stateDir) : ferryHome(), name);
+        if (verb === 'stop') await call(reg, 'DELETE', `/v1/vms/${encodeURIComponent(name)}`);
+        else await call(reg, 'POST', `/v1/vms/${encodeURIComponent(name)}/${verb}`);
+        console.log(`${name}: ${verb === 'stop' ? 'stopped' : verb === 'pause' ? 'paused' : 'resumed'}`);
+      });
+  }
+
+  program.command('demo')
+    .description('boot the kv guest, serve a client, snapshot and restore it, and report')
+    .option('--json', 'print the report as JSON')
+    .action(async (o) => {
+      process.exitCode = await runDemo({ json: !!o.json });
+    });
+
+  return program;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      process.exitCode = e.exitCode === 0 ? 0 : 2;
+      return;
+    }
+    if (e instanceof FerryError) {
+      console.error(`ferry: ${e.message} (${e.code})`);
+      process.exitCode = 1;
+      return;
+    }
+    console.error('ferry: internal error:', e);
+    process.exitCode = 70;
+  }
+}
