@@ -492,7 +492,12 @@ export function run(budget: i32): i32 {
         recActive = true; recLen = len; recOff = 0; recConn = st;
       } else {
         if (type == OPEN) { if (connGet(conn, true) == 0 && !txControl(conn, CLOSE)) return RUNNING; }
-        else if (type == CLOSE) connDrop(conn);
+        else if (type == CLOSE) {
+          // The client went away: acknowledge with our own CLOSE (after every reply already queued),
+          // so the host can release its socket instead of holding it half-open.
+          if (!txControl(conn, CLOSE)) return RUNNING;
+          connDrop(conn);
+        }
         store<u32>(rxH, head + REC_HDR + pad4(len));
         done++; // OPEN/CLOSE records use budget too (so a quantum stays short), but are not requests
         continue;

@@ -189,9 +189,10 @@ export class HostAgent extends EventEmitter {
     return this.summary(name);
   }
 
-  resumeVm(name: string): VmSummary {
+  async resumeVm(name: string): Promise<VmSummary> {
     const m = this.get(name);
     m.vm.resume();
+    await m.vm.whenRunning();
     m.expose?.release();
     return this.summary(name);
   }

@@ -174,6 +174,12 @@ export interface Restored {
   pages: number;
 }
 
+/** The disk a saved VM had (same path: a restore on the same machine, or a copied disk file). */
+function diskOf(devices: unknown): VmInit['block'] | undefined {
+  const b = (devices as { block?: { path?: unknown; sizeBytes?: unknown } | null } | null)?.block;
+  return b && typeof b.path === 'string' && typeof b.sizeBytes === 'number' ? { path: b.path, sizeBytes: b.sizeBytes } : undefined;
+}
+
 /** Restores a snapshot into a new VM and (unless `noStart`) continues it. */
 export async function restoreSnapshot(path: string, opts: RestoreOptions): Promise<Restored> {
   const fh = await open(path, 'r').catch((e: NodeJS.ErrnoException) => {
@@ -200,13 +206,14 @@ export async function restoreSnapshot(path: string, opts: RestoreOptions): Promi
     if (moduleHash !== header.state.moduleHash) throw new SnapshotError('ERR_SNAPSHOT_MODULE', 'the guest module inside the snapshot does not match the hash its state was saved with');
 
     const st = header.state;
+    const block = opts.block ?? diskOf(st.devices);
     const vm = Vm.create({
       name: opts.name ?? st.name,
       module,
       memoryBytes: st.memoryBytes,
       config: st.config,
       cache: opts.cache,
-      ...(opts.block ? { block: opts.block } : {}),
+      ...(block ? { block } : {}),
       ...(opts.quantumMs ? { quantumMs: opts.quantumMs } : {}),
       ...(opts.fixedBudget ? { fixedBudget: opts.fixedBudget } : {}),
     }, st.guestBytes);

@@ -291,6 +291,11 @@ export class Vm extends EventEmitter {
     this.ring();
   }
 
+  /** Waits until the vCPU has left the paused state (after resume()). */
+  async whenRunning(): Promise<void> {
+    await this.waitState((x) => x !== VmRunState.PAUSED && x !== VmRunState.BOOTING);
+  }
+
   /** Waits until the VM pauses by itself (after `pauseAfterQuanta`) or stops. */
   async whenPaused(): Promise<void> {
     const s = await this.waitState((x) => x === VmRunState.PAUSED || x >= VmRunState.STOPPED);

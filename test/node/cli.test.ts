@@ -1,0 +1,105 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { promisify } from 'node:util';
+import { createInterface } from 'node:readline';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { KvClient } from '../../src/node/kv-client.js';
+
+const exec = promisify(execFile);
+const bin = fileURLToPath(new URL('../../../bin/ferry.js', import.meta.url));
+
+async function ferry(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await exec(process.execPath, [bin, ...args]);
+    return { code: 0, stdout, stderr };
+  } catch (e) {
+    const err = e as { code: number; stdout: string; stderr: string };
+    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
+/** Starts a foreground `ferry vm run|restore … --json` and resolves with its "started" event. */
+function foreground(args: string[]): Promise<{ proc: ChildProcess; started: { endpoint: string | null; name: string }; exit: Promise<number> }> {
+  const proc = spawn(process.execPath, [bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  proc.stderr!.on('data', (d) => (stderr += d));
+  const exit = new Promise<number>((r) => proc.on('exit', (code) => r(code ?? -1)));
+  return new Promise((resolve, reject) => {
+    const rl = createInterface({ input: proc.stdout! });
+    rl.on('line', (line) => {
+      const ev = JSON.parse(line) as { event: string; endpoint: string | null; name: string };
+      if (ev.event === 'started') resolve({ proc, started: ev, exit });
+    });
+    void exit.then((code) => reject(new Error(`ferry exited with ${code} before starting: ${stderr}`)));
+  });
+}
+
+async function kv(endpoint: string): Promise<KvClient> {
+  const i = endpoint.lastIndexOf(':');
+  const c = new KvClient(endpoint.slice(0, i), Number(endpoint.slice(i + 1)));
+  await c.connect();
+  return c;
+}
+
+test('ferry vm run → list → snapshot --stop → restore elsewhere → stop, keeping the data', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-cli-'));
+  const state = ['--state-dir', join(dir, 'state')];
+  try {
+    const a = await foreground(['vm', 'run', 'kv', '--name', 'store', '--memory', '64MiB', '--expose', '127.0.0.1:0', '--json', ...state]);
+    const c1 = await kv(a.started.endpoint!);
+    await c1.set('greeting', 'hello from the first process');
+    await c1.close();
+
+    const list = await ferry(['vm', 'list', '--json', ...state]);
+    assert.equal(list.code, 0);
+    assert.equal(JSON.parse(list.stdout.trim()).name, 'store');
+
+    const snapFile = join(dir, 'store.snap');
+    const snap = await ferry(['vm', 'snapshot', 'store', '--out', snapFile, '--stop', ...state]);
+    assert.equal(snap.code, 0, snap.stderr);
+    assert.match(snap.stdout, /snapshot of store: .*store\.snap/);
+    assert.equal(await a.exit, 0, 'the first process ends when its VM is stopped');
+
+    const b = await foreground(['vm', 'restore', snapFile, '--expose', '127.0.0.1:0', '--json', ...state]);
+    const c2 = await kv(b.started.endpoint!);
+    assert.equal(await c2.get('greeting'), 'hello from the first process');
+    await c2.close();
+    const stop = await ferry(['vm', 'stop', 'store', ...state]);
+    assert.equal(stop.code, 0, stop.stderr);
+    assert.equal(await b.exit, 0);
+    const gone = await ferry(['vm', 'snapshot', 'store', '--out', snapFile, ...state]);
+    assert.equal(gone.code, 1);
+    assert.match(gone.stderr, /no running VM named 'store'.*ERR_NOT_FOUND/);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('every command has --help, and bad input gets a clear error and exit code', async () => {
+  for (const cmd of [[], ['vm'], ['vm', 'run'], ['vm', 'restore'], ['vm', 'snapshot'], ['vm', 'list'], ['vm', 'stop'], ['demo']]) {
+    const r = await ferry([...cmd, '--help']);
+    assert.equal(r.code, 0, `${cmd.join(' ')} --help`);
+    assert.match(r.stdout, /Usage: ferry/);
+  }
+  const help = await ferry(['vm', 'run', '--help']);
+  for (const flag of ['--memory', '--expose', '--config', '--disk', '--budget']) assert.match(help.stdout, new RegExp(flag));
+
+  let r = await ferry(['vm', 'run', 'kv', '--memory', 'lots']);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /invalid memory size 'lots'/);
+  r = await ferry(['vm', 'run', 'kv', '--expose', 'nowhere']);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /invalid address 'nowhere'/);
+  r = await ferry(['vm', 'frobnicate']);
+  assert.equal(r.code, 2);
+  r = await ferry(['vm', 'run', '/no/such/guest.wasm', '--state-dir', join(tmpdir(), 'ferry-cli-none')]);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /neither a built-in guest .* nor an existing file/);
+  r = await ferry(['vm', 'restore', '/no/such.snap', '--state-dir', join(tmpdir(), 'ferry-cli-none')]);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /ERR_SNAPSHOT_OPEN/);
+});
