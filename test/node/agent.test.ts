@@ -18,7 +18,10 @@ async function withAgent(fn: (agent: HostAgent, url: string, dir: string) => Pro
   }
 }
 
-async function http(url: string, method: string, body?: unknown): Promise<{ status: number; json: any }> {
+// eslint-disable-next-line @typescript-eslint/no-explicit-any -- JSON replies of several shapes, checked field by field
+type Reply = any;
+
+async function http(url: string, method: string, body?: unknown): Promise<{ status: number; json: Reply }> {
   const res = await fetch(url, { method, headers: body === undefined ? {} : { 'content-type': 'application/json' }, body: body === undefined ? undefined : JSON.stringify(body) });
   const text = await res.text();
   return { status: res.status, json: text ? JSON.parse(text) : null };
