@@ -1,0 +1,137 @@
+/**
+ * The migration engine's contracts. The engine (source and destination sessions for pre-copy,
+ * post-copy and hybrid) is written against these two small views of a VM and a Clock — never
+ * against the Wasm runtime — so the same sessions run on real VMs (src/node/engine adapters) and
+ * the simulator can drive the same policies.
+ */
+import type { Bitmap } from '../bitmap.js';
+import type { Clock } from '../clock.js';
+import type { MigrationReport } from '../metrics.js';
+import type { HelloFrame, MigrationMode, WireGlobal } from '../protocol/frames.js';
+
+/** CPU and device state as it crosses the wire (STATE frame). */
+export interface VmWireState {
+  guestBytes: number;
+  globals: WireGlobal[];
+  devices: Record<string, unknown>;
+}
+
+/** The source VM as the engine sees it. Page numbers are guest pages. */
+export interface SourceVm {
+  readonly name: string;
+  /** Guest RAM ceiling, bytes. */
+  readonly memoryBytes: number;
+  readonly config: string;
+  /** The original guest module and its SHA-256 (hex). */
+  readonly module: Uint8Array;
+  readonly moduleSha256: string;
+  /** Current guest memory size in pages (it may grow while the VM runs). */
+  guestPages(): number;
+  /** Copies guest page `page` into `into` at `offset` (PAGE_SIZE bytes). */
+  readPage(page: number, into: Uint8Array, offset: number): void;
+  /** True when the page is all zeros (fast path; may be called on a running VM). */
+  isZeroPage(page: number): boolean;
+  startDirtyLog(): Promise<void>;
+  /** Pages written since the last harvest; pages read after this resolves are current. */
+  harvestDirty(): Promise<Bitmap>;
+  stopDirtyLog(): Promise<void>;
+  /** Stops the guest between quanta; from now on nothing changes memory. */
+  pause(): Promise<void>;
+  resume(): Promise<void>;
+  /** vCPU throttle, 0 … 0.99 (auto-converge). */
+  throttle(fraction: number): void;
+  /** CPU and device state; the VM must be paused. */
+  exportState(): Promise<VmWireState>;
+  /** Guest pages the guest reported free (soft pages): migration never sends them. */
+  softPages(): Promise<Bitmap>;
+  /** Cumulative guest progress (application degradation). */
+  progress(): number;
+  /** Called once the destination owns the VM: stop it here and free everything. */
+  release(): Promise<void>;
+}
+
+/** The destination VM as the engine sees it. */
+export interface DestinationVm {
+  /** Makes sure memory holds at least `pages` guest pages. */
+  ensurePages(pages: number): void;
+  /** Installs page content (before start, or into an absent page after a post-copy start). */
+  writePage(page: number, data: Uint8Array, offset: number): void;
+  /** Installs a zero page. */
+  zeroPage(page: number): void;
+  readPage(page: number, into: Uint8Array, offset: number): void;
+  /**
+   * Boots the VM from state. With `absent`, it runs in post-copy mode: those pages are not yet
+   * present, any access to one blocks the vCPU and calls `onFault`.
+   */
+  start(state: VmWireState, absent: Bitmap | null): Promise<void>;
+  /** Post-copy: a page arrived; wake a vCPU waiting for it. */
+  markPresent(page: number): void;
+  /** Post-copy: every page is present; run without presence checks from now on. */
+  allPresent(): Promise<void>;
+  /** Post-copy fault notifications (guest page numbers), registered before start. */
+  onFault(handler: (page: number) => void): void;
+  /** Throws the destination's VM away (migration failed before it owned the VM). */
+  discard(): Promise<void>;
+  progress(): number;
+}
+
+/** What a destination host decides when a migration arrives. */
+export interface DestinationFactory {
+  /**
+   * Admission: called with the source's HELLO and the mode it asks for. Throw a FerryError to
+   * refuse (its code goes back in HELLO_ACK). Returns the VM to fill once the module arrived.
+   */
+  admit(hello: HelloFrame, mode: MigrationMode): Promise<{ create(module: Uint8Array): Promise<DestinationVm> }>;
+}
+
+/** Host services the pure engine needs from its edge. */
+export interface EngineDeps {
+  clock: Clock;
+  sha256Hex(bytes: Uint8Array): string;
+  /** A fast 64-bit hash of one page (the memory digest is built from these). */
+  hashPage(bytes: Uint8Array, offset: number): bigint;
+}
+
+export interface MigrationOptions {
+  mode: MigrationMode;
+  /** Downtime budget for pre-copy's stop condition, ms. Default 300. */
+  downtimeMs?: number;
+  /** Most pre-copy rounds. Default 30. */
+  maxRounds?: number;
+  /** Stop pre-copy once this × memory has been sent. Default 3. */
+  maxSentRatio?: number;
+  /** Throttle the vCPU when pre-copy does not converge (QEMU's auto-converge). Default false. */
+  autoConverge?: boolean;
+  /** Hybrid: most pre-copy rounds before switching to post-copy. Default 3. */
+  hybridRounds?: number;
+  /** Post-copy pre-paging around faults (Hines' bubbling). Default true. */
+  prepaging?: boolean;
+  /** Pages per PAGES frame. Default 256 (1 MiB raw). Post-copy pushes use smaller batches. */
+  batchPages?: number;
+  signal?: AbortSignal;
+  onProgress?: (p: MigrationProgress) => void;
+}
+
+export type MigrationPhase = 'handshake' | 'precopy' | 'stop-and-copy' | 'postcopy' | 'complete' | 'failed';
+
+export interface MigrationProgress {
+  phase: MigrationPhase;
+  mode: MigrationMode;
+  round: number;
+  /** Bytes put on the wire so far. */
+  bytesSent: number;
+  pagesSent: number;
+  /** Pages the engine knows it still has to send (dirty pages, or absent pages in post-copy). */
+  pagesRemaining: number;
+  /** Measured dirtying rate, bytes/s (pre-copy). */
+  dirtyRateBytesPerSec: number;
+  /** Measured transfer rate, bytes/s. */
+  bandwidthBytesPerSec: number;
+  elapsedMs: number;
+}
+
+export interface MigrationResult {
+  report: MigrationReport;
+  /** Why pre-copy stopped, or why hybrid switched. */
+  stopReason: string;
+}
