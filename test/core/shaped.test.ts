@@ -67,6 +67,26 @@ test('shaped: latency delays every chunk by exactly latencyMs and costs no throu
   }
 });
 
+test('shaped: with a bucket deeper than the bandwidth-delay product, latency still only shifts the stream', async () => {
+  const burst = 8 * CHUNK;
+  const total = 4 << 20;
+  const run = async (latencyMs: number) => {
+    const clock = new VirtualClock();
+    const [a, b] = memoryPair();
+    const s = shaped(a, { bandwidthBytesPerSec: RATE, burstBytes: burst, chunkBytes: CHUNK, latencyMs, clock });
+    const reading = record(b, clock, 10);
+    const writing = writeAll(s, 10, total, 256 * KiB);
+    await clock.runUntilSettled(Number.POSITIVE_INFINITY, settle);
+    await writing;
+    return reading;
+  };
+  const direct = await run(0);
+  const delayed = await run(50); // 51 200 bytes in flight at the cap: far below the burst
+  assert.deepEqual(delayed, direct.map((x) => ({ t: x.t + 50, total: x.total })));
+  for (const x of direct) assert.ok(x.total <= burst + (RATE * x.t) / 1000, `${x.total} bytes by ${x.t} ms`);
+  assert.equal(direct.at(-1)!.t, ((total - burst) / RATE) * 1000);
+});
+
 test('shaped: latency without a cap delays each write and pipelines them', async () => {
   const clock = new VirtualClock();
   const [a, b] = memoryPair();
@@ -138,8 +158,8 @@ test('shaped: after a stall underneath, the catch-up burst is bounded by the wir
   const log = await Promise.all([record(b, clock, 6), clock.runUntilSettled(Number.POSITIVE_INFINITY, settle), writing]).then(([l]) => l);
   assert.equal(log.at(-1)!.total, total);
   const atResume = log.filter((x) => x.t === 5_000).at(-1)!.total;
-  // Memory pipe (its mark + a chunk) + the wire (bandwidth-delay product + 2 chunks) + the bucket.
-  const bound = 64 * KiB + CHUNK + (RATE * latencyMs) / 1000 + 2 * CHUNK + CHUNK;
+  // Memory pipe (its mark + a chunk) + the wire (bandwidth-delay product + burst + 2 chunks) + the bucket.
+  const bound = 64 * KiB + CHUNK + (RATE * latencyMs) / 1000 + CHUNK + 2 * CHUNK + CHUNK;
   assert.ok(atResume <= bound, `${atResume} bytes arrived at once after the stall (bound ${bound})`);
   // From then on the cap holds again.
   const end = log.at(-1)!;

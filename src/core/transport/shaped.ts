@@ -10,9 +10,9 @@
  *
  * Latency is pipelined: chunks are on the wire together, so latency delays the stream without
  * cutting its throughput, as long as the high-water mark covers the bandwidth-delay product (the
- * default does). The wire holds at most one window (bandwidth-delay product plus two chunks):
- * when the underlying connection pushes back, the pacer stops too, so a stall is never followed by
- * a burst larger than the window plus the bucket.
+ * default does). The wire holds at most one window (bandwidth-delay product, the bucket's burst
+ * and two chunks): when the underlying connection pushes back, the pacer stops too, so a stall is
+ * never followed by a burst larger than the window plus the bucket.
  *
  * Only our direction is shaped; iteration, `closed` and addresses are the underlying connection's.
  * Shape the peer's end as well for a symmetric link.
@@ -90,8 +90,11 @@ class ShapedConnection implements Connection {
     const bdp = rate === undefined ? 0 : Math.ceil((rate * this.latency) / 1000);
     this.hwm = init.highWaterMark ?? bdp + DEFAULT_SLACK;
     if (!Number.isSafeInteger(this.hwm) || this.hwm < 0) throw new InvalidArgumentError(`highWaterMark ${init.highWaterMark} is not a non-negative integer`);
-    // Without a cap the wire is as wide as the high-water mark lets it be.
-    this.window = rate === undefined ? Number.POSITIVE_INFINITY : bdp + 2 * this.chunk;
+    // The wire's capacity. Without a cap it is as wide as the high-water mark lets it be.
+    // With a cap it holds the bandwidth-delay product plus the bucket's burst, so the window never
+    // paces the stream itself and latency only shifts it (a narrower window would smear the burst
+    // over many round trips, the stream running above the cap until the bucket ran dry).
+    this.window = this.bucket === undefined ? Number.POSITIVE_INFINITY : bdp + this.bucket.burstBytes + 2 * this.chunk;
     // A failure underneath (peer reset, our abort) ends the shaping too.
     void conn.closed.then((e) => {
       if (e) this.fail(e);
