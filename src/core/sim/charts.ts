@@ -102,6 +102,65 @@ export function lineChart(spec: ChartSpec): string {
   return o.join('\n') + '\n';
 }
 
+export interface BarChartSpec {
+  title: string;
+  yLabel: string;
+  /** Group labels along x (e.g. metrics). */
+  groups: string[];
+  /** One bar per series in each group; `values[g]` for group g. */
+  series: { name: string; values: number[] }[];
+  /** Text above each bar (e.g. the raw value); defaults to the value. */
+  labels?: string[][];
+  formatY?: (v: number) => string;
+  width?: number;
+  height?: number;
+}
+
+/** Grouped bars. */
+export function barChart(spec: BarChartSpec): string {
+  const W = spec.width ?? 720;
+  const H = spec.height ?? 400;
+  const m = { l: 64, r: 150, t: 36, b: 52 };
+  const pw = W - m.l - m.r;
+  const ph = H - m.t - m.b;
+  const fy = spec.formatY ?? ((v: number) => num(v));
+  const vmax = Math.max(1e-300, ...spec.series.flatMap((s) => s.values.filter(Number.isFinite)));
+  const ticks = niceTicks(0, vmax);
+  const y1 = Math.max(ticks[ticks.length - 1], vmax);
+  const ty = (y: number) => m.t + ph - (y / y1) * ph;
+  const gw = pw / spec.groups.length;
+  const bw = (gw * 0.8) / Math.max(1, spec.series.length);
+  const o: string[] = [];
+  o.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">`);
+  o.push(`<rect width="${W}" height="${H}" fill="white"/>`);
+  o.push(`<text x="${W / 2 - m.r / 2}" y="20" text-anchor="middle" font-size="14" font-weight="bold">${esc(spec.title)}</text>`);
+  for (const v of ticks) {
+    const y = num(ty(v));
+    o.push(`<line x1="${m.l}" y1="${y}" x2="${m.l + pw}" y2="${y}" stroke="#e5e5e5"/>`);
+    o.push(`<text x="${m.l - 6}" y="${y}" text-anchor="end" dominant-baseline="middle">${esc(fy(v))}</text>`);
+  }
+  o.push(`<rect x="${m.l}" y="${m.t}" width="${pw}" height="${ph}" fill="none" stroke="#333"/>`);
+  o.push(`<text transform="translate(16 ${m.t + ph / 2}) rotate(-90)" text-anchor="middle">${esc(spec.yLabel)}</text>`);
+  spec.groups.forEach((g, gi) => {
+    o.push(`<text x="${num(m.l + gw * gi + gw / 2)}" y="${m.t + ph + 16}" text-anchor="middle">${esc(g)}</text>`);
+    spec.series.forEach((s, si) => {
+      const v = s.values[gi];
+      if (!Number.isFinite(v)) return;
+      const x = m.l + gw * gi + gw * 0.1 + bw * si;
+      o.push(`<rect x="${num(x)}" y="${num(ty(v))}" width="${num(bw * 0.92)}" height="${num(ty(0) - ty(v))}" fill="${COLORS[si % COLORS.length]}"/>`);
+      const label = spec.labels?.[si]?.[gi];
+      if (label) o.push(`<text x="${num(x + bw * 0.46)}" y="${num(ty(v) - 3)}" text-anchor="middle" font-size="9">${esc(label)}</text>`);
+    });
+  });
+  spec.series.forEach((s, i) => {
+    const ly = m.t + 8 + i * 18;
+    o.push(`<rect x="${m.l + pw + 12}" y="${ly - 5}" width="20" height="10" fill="${COLORS[i % COLORS.length]}"/>`);
+    o.push(`<text x="${m.l + pw + 38}" y="${ly}" dominant-baseline="middle">${esc(s.name)}</text>`);
+  });
+  o.push('</svg>');
+  return o.join('\n') + '\n';
+}
+
 const fmtMbit = (v: number) => `${num((v * 8) / 1e6)} Mbit/s`;
 const fmtMBs = (v: number) => `${num(v / 1e6)} MB/s`;
 const fmtMs = (v: number) => formatDuration(v);
@@ -125,7 +184,25 @@ export function scenarioCharts(r: ScenarioResult): { file: string; svg: string }
       if (bws.length > 1) axes.push({ name: 'bandwidth', x: (p) => p.bandwidthBytesPerSec, label: 'link bandwidth', fmt: fmtMbit, group: (p) => (drs.length > 1 ? `${p.technique} @ ${fmtMBs(p.dirtyRateBytesPerSec ?? 0)}` : p.technique), logX: true });
       if (drs.length > 1) axes.push({ name: 'dirty-rate', x: (p) => p.dirtyRateBytesPerSec ?? 0, label: 'dirty rate', fmt: fmtMBs, group: (p) => (bws.length > 1 ? `${p.technique} @ ${fmtMbit(p.bandwidthBytesPerSec)}` : p.technique), logX: false });
       if (axes.length === 0) {
-        // A single point per technique: bars as a one-x line chart are useless; draw per-technique dirty-per-round instead.
+        // One point per technique: compare them side by side (each metric relative to the worst), then rounds.
+        const metrics: { name: string; v: (p: SweepPoint) => number; fmt: (v: number) => string }[] = [
+          { name: 'total migration time', v: (p) => p.totalMigrationTimeMs, fmt: fmtMs },
+          { name: 'downtime', v: (p) => p.downtimeMs, fmt: fmtMs },
+          { name: 'bytes on the wire', v: (p) => p.wireBytes, fmt: formatBytes },
+          { name: 'app slowdown', v: (p) => 1 - (p.degradationRatio ?? 1), fmt: (v) => `${num(v * 100)} %` },
+        ];
+        const worst = metrics.map((mt) => Math.max(1e-300, ...pts.map(mt.v)));
+        out.push({
+          file: `${r.name}-${sw.name}-${w}-techniques.svg`,
+          svg: barChart({
+            title: `${sw.name} / ${w}: techniques compared (lower is better)`,
+            yLabel: 'relative to the worst technique',
+            groups: metrics.map((mt) => mt.name),
+            series: pts.map((p) => ({ name: p.technique, values: metrics.map((mt, i) => mt.v(p) / worst[i]) })),
+            labels: pts.map((p) => metrics.map((mt) => mt.fmt(mt.v(p)))),
+            formatY: (v) => num(v),
+          }),
+        });
         const series = pts.filter((p) => p.dirtyPerRound.length).map((p) => ({ name: p.technique, points: p.dirtyPerRound.map((d, i) => [i, d] as [number, number]) }));
         if (series.length) out.push({ file: `${r.name}-${sw.name}-${w}-rounds.svg`, svg: lineChart({ title: `${sw.name} / ${w}: dirty pages per round`, xLabel: 'pre-copy round', yLabel: 'pages dirty at round end', series, formatX: (v) => String(v), formatY: (v) => num(v) }) });
         continue;

@@ -172,6 +172,8 @@ export function decodeTrace(bytes: Uint8Array): Trace {
       dirty = new Bitmap(header.pageCount);
       const words = new Uint32Array(payload.slice().buffer);
       dirty.words.set(words.subarray(0, Math.min(words.length, dirty.words.length)));
+      // Bits past the record's page count in its last word are not part of it.
+      if (n & 31) dirty.words[n >>> 5] &= (1 << (n & 31)) - 1;
     } else throw new TraceFormatError(`unknown record encoding ${enc} at byte ${o}`);
     intervals.push({ startMs, endMs, guestPages: n, dirty });
     o += 26 + len;

@@ -13,6 +13,7 @@ import { formatBytes, formatDuration, parseSize } from '../../core/units.js';
 import { HostAgent, parseHostPort, type VmSummary } from '../agent/agent.js';
 import { ferryHome } from '../paths.js';
 import { runDemo } from './demo.js';
+import { registerSimCommands } from './sim.js';
 
 interface Registration { name: string; pid: number; control: string }
 
@@ -226,6 +227,7 @@ export function buildProgram(): Command {
       process.exitCode = await runDemo({ json: !!o.json });
     });
 
+  registerSimCommands(program);
   return program;
 }
 
