@@ -92,6 +92,8 @@ export class Vm extends EventEmitter {
   private exited: Promise<void> | null = null;
   private trapError: GuestTrapError | null = null;
   private haltCode: number | null = null;
+  /** stop() was called (a VM stopped before it ever ran is 'stopped', not 'created'). */
+  private discarded = false;
   readonly serial = ++nextVmSerial;
 
   private constructor(init: VmInit, info: GuestModuleInfo, initialGuestBytes: number) {
@@ -160,7 +162,7 @@ export class Vm extends EventEmitter {
   }
 
   private async spawn(boot: VcpuWorkerData['boot'], opts: BootOptions): Promise<void> {
-    if (this.worker) throw new VmStateError(`VM ${this.name} has already been started`);
+    if (this.worker || this.discarded) throw new VmStateError(`VM ${this.name} has already been started or stopped`);
     const variant = opts.variant ?? 'plain';
     if (!this.modules[variant]) throw new VmStateError(`variant ${variant} was not prepared for VM ${this.name}`);
     Atomics.store(this.ctl, Ctl.VARIANT_REQ, variantId(variant));
@@ -264,7 +266,7 @@ export class Vm extends EventEmitter {
 
   get state(): string {
     if (this.trapError) return 'trapped';
-    if (!this.worker) return 'created';
+    if (!this.worker) return this.discarded ? 'stopped' : 'created';
     return stateName(Atomics.load(this.ctl, Ctl.STATE));
   }
 
@@ -313,6 +315,7 @@ export class Vm extends EventEmitter {
 
   /** Stops the vCPU and releases the worker (guest memory stays readable until the Vm is dropped). */
   async stop(): Promise<void> {
+    this.discarded = true;
     const w = this.worker;
     if (!w) return;
     Atomics.store(this.ctl, Ctl.CMD, Cmd.STOP);

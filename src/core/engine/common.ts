@@ -1,0 +1,138 @@
+/**
+ * Pieces both migration sessions use: the frame inbox, the memory digest, bitmap conversions.
+ */
+import { Bitmap } from '../bitmap.js';
+import { FerryError, ProtocolError } from '../errors.js';
+import type { Frame, FrameType, WireBitmap } from '../protocol/frames.js';
+import type { FramedConnection } from '../transport/framed.js';
+
+/** The peer sent ERROR: its code and message, verbatim. */
+export class RemoteMigrationError extends FerryError {}
+
+export class MigrationError extends FerryError {}
+
+type FrameOf<T extends FrameType> = Extract<Frame, { type: T }>;
+
+/**
+ * Reads every incoming frame in one task and hands them out by type, so a session can wait for
+ * "the next ACK" while page requests are handled as they come. PING is answered here. An ERROR
+ * from the peer, a protocol violation or the end of the stream fails every waiter.
+ */
+export class Inbox {
+  private readonly queues = new Map<FrameType, Frame[]>();
+  private readonly waiters = new Map<FrameType, { resolve: (f: Frame) => void; reject: (e: Error) => void }[]>();
+  private failure: Error | null = null;
+  private readonly handlers = new Map<FrameType, (f: Frame) => void>();
+  readonly done: Promise<void>;
+
+  constructor(private readonly framed: FramedConnection) {
+    this.done = this.pump();
+  }
+
+  /** Frames of this type go to `fn` instead of the queue (e.g. PAGE_REQUEST, PAGES). */
+  on<T extends FrameType>(type: T, fn: (f: FrameOf<T>) => void): void {
+    this.handlers.set(type, fn as (f: Frame) => void);
+    const queued = this.queues.get(type);
+    if (queued) {
+      this.queues.delete(type);
+      for (const f of queued) fn(f as FrameOf<T>);
+    }
+  }
+
+  private async pump(): Promise<void> {
+    try {
+      for (;;) {
+        const f = await this.framed.next();
+        if (!f) throw new MigrationError('ERR_MIGRATION_PEER_CLOSED', 'the peer closed the migration connection before the migration ended');
+        if (f.type === 'ERROR') throw new RemoteMigrationError(f.code, `peer reported: ${f.message}`);
+        if (f.type === 'CANCEL') throw new RemoteMigrationError('ERR_MIGRATION_CANCELLED', `peer cancelled the migration: ${f.reason}`);
+        if (f.type === 'PING') {
+          void this.framed.send({ type: 'PONG', seq: f.seq, time: f.time }).catch(() => undefined);
+          continue;
+        }
+        const h = this.handlers.get(f.type);
+        if (h) {
+          h(f);
+          continue;
+        }
+        const w = this.waiters.get(f.type)?.shift();
+        if (w) w.resolve(f);
+        else {
+          let q = this.queues.get(f.type);
+          if (!q) this.queues.set(f.type, (q = []));
+          q.push(f);
+        }
+      }
+    } catch (e) {
+      this.fail(e instanceof Error ? e : new Error(String(e)));
+    }
+  }
+
+  fail(e: Error): void {
+    if (this.failure) return;
+    this.failure = e;
+    for (const list of this.waiters.values()) for (const w of list.splice(0)) w.reject(e);
+  }
+
+  get error(): Error | null { return this.failure; }
+
+  /** The next frame of `type` (queued or future). */
+  next<T extends FrameType>(type: T): Promise<FrameOf<T>> {
+    const q = this.queues.get(type);
+    if (q?.length) return Promise.resolve(q.shift() as FrameOf<T>);
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => {
+      let list = this.waiters.get(type);
+      if (!list) this.waiters.set(type, (list = []));
+      list.push({ resolve: resolve as (f: Frame) => void, reject });
+    });
+  }
+
+  /** Waits for an ACK of `acked` with `value`. */
+  async ack(acked: FrameType, value: number): Promise<void> {
+    const f = await this.next('ACK');
+    if (f.acked !== acked || f.value !== value) {
+      throw new ProtocolError('ERR_PROTOCOL_SEQUENCE', `expected ACK of ${acked} ${value}, got ACK of ${f.acked} ${f.value}`);
+    }
+  }
+}
+
+export function toWireBitmap(b: Bitmap, size = b.size): WireBitmap {
+  const words = new Uint32Array(Math.ceil(size / 32));
+  words.set(b.words.subarray(0, words.length));
+  const tail = size & 31;
+  if (tail && words.length) words[words.length - 1] &= (1 << tail) - 1;
+  return { size, words };
+}
+
+export function fromWireBitmap(w: WireBitmap, size: number): Bitmap {
+  const b = new Bitmap(size);
+  b.words.set(w.words.subarray(0, Math.min(w.words.length, b.words.length)));
+  const tail = size & 31;
+  if (tail && b.words.length) b.words[b.words.length - 1] &= (1 << tail) - 1;
+  return b;
+}
+
+/**
+ * Memory digest: SHA-256 over the 64-bit hash of every guest page in index order, where a soft
+ * page (content does not matter) counts as 0. Both sides compute it over memory *as at the
+ * pause* — the destination hashes each page as it is installed, before the guest can change it.
+ */
+export class MemoryDigest {
+  private readonly hashes: BigUint64Array;
+  constructor(readonly pages: number) {
+    this.hashes = new BigUint64Array(pages);
+  }
+
+  set(page: number, hash: bigint): void {
+    this.hashes[page] = hash;
+  }
+
+  hex(sha256Hex: (b: Uint8Array) => string): string {
+    return sha256Hex(new Uint8Array(this.hashes.buffer, this.hashes.byteOffset, this.hashes.byteLength));
+  }
+}
+
+export function bytesOfPages(pages: number, pageSize: number): number {
+  return pages * pageSize;
+}

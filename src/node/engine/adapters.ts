@@ -1,0 +1,199 @@
+/**
+ * The engine's views of a real ferry VM (src/core/engine/types.ts), and the host services it needs.
+ */
+import { createHash } from 'node:crypto';
+import { xxh64 } from '@node-rs/xxhash';
+import { RESERVED_PAGES } from '../../core/abi.js';
+import { Bitmap } from '../../core/bitmap.js';
+import { zeroScanner, type ZeroScanner } from '../../core/codec/zero.js';
+import type { DestinationVm, EngineDeps, SourceVm, VmWireState } from '../../core/engine/types.js';
+import { PAGE_SIZE, WASM_PAGE_SIZE } from '../../core/pages.js';
+import type { WireGlobal } from '../../core/protocol/frames.js';
+import { realClock } from '../clock.js';
+import { Ctl } from '../vm/control.js';
+import type { GlobalDesc } from '../vm/globals.js';
+import type { Vm, VmState } from '../vm/vm.js';
+
+export function nodeEngineDeps(): EngineDeps {
+  return {
+    clock: realClock(),
+    sha256Hex: (b) => createHash('sha256').update(b).digest('hex'),
+    hashPage: (b, off) => xxh64(b.subarray(off, off + PAGE_SIZE)),
+  };
+}
+
+// ---------------------------------------------------------------- CPU state conversion
+// The runtime keeps globals as exact strings (globals.ts); the wire carries typed values.
+
+function toWire(descs: readonly GlobalDesc[], encoded: string[]): WireGlobal[] {
+  return descs.map((d, i) => {
+    const s = encoded[i];
+    switch (d.type) {
+      case 'i32': return { type: 'i32', value: Number(s) };
+      case 'i64': return { type: 'i64', value: BigInt(s) };
+      case 'f32': return { type: 'f32', bits: parseInt(s, 16) };
+      case 'f64': return { type: 'f64', bits: BigInt('0x' + s) };
+      default: throw new TypeError(`global type ${d.type} cannot migrate`);
+    }
+  });
+}
+
+function fromWire(globals: WireGlobal[]): string[] {
+  return globals.map((g) => {
+    switch (g.type) {
+      case 'i32': return String(g.value | 0);
+      case 'i64': return String(BigInt.asIntN(64, g.value));
+      case 'f32': return (g.bits >>> 0).toString(16);
+      case 'f64': return BigInt.asUintN(64, g.bits).toString(16);
+    }
+  });
+}
+
+export interface SourceHooks {
+  /** The VM is about to pause for the switchover (hold client input). */
+  onPause?(): void;
+  /** The migration failed and the VM runs here again. */
+  onResume?(): void;
+  /** The destination owns the VM; it is about to be stopped here. */
+  onRelease?(): void;
+}
+
+/** The engine's view of a VM that is leaving this host. */
+export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
+  let zero: ZeroScanner | null = null;
+  return {
+    name: vm.name,
+    memoryBytes: vm.memoryBytes,
+    config: vm.config,
+    module: vm.module,
+    moduleSha256: vm.info.hash,
+    guestPages: () => vm.guestPages,
+    readPage: (p, into, off) => into.set(vm.pageView(p), off),
+    isZeroPage: (p) => (zero ??= zeroScanner({ memory: vm.memory })).isZero(vm.pageView(p)),
+    startDirtyLog: () => vm.startDirtyLog(),
+    harvestDirty: () => vm.harvestDirty(),
+    stopDirtyLog: () => vm.stopDirtyLog(),
+    pause: async () => {
+      hooks.onPause?.();
+      await vm.pause();
+    },
+    resume: async () => {
+      vm.resume();
+      await vm.whenRunning();
+      hooks.onResume?.();
+    },
+    throttle: (f) => vm.throttle(f),
+    exportState: async (): Promise<VmWireState> => {
+      const s = await vm.exportState();
+      return { guestBytes: s.guestBytes, globals: toWire(vm.info.globals as GlobalDesc[], s.globals), devices: s.devices as Record<string, unknown> };
+    },
+    softPages: () => vm.softPages(),
+    progress: () => vm.stat().progress,
+    release: async () => {
+      hooks.onRelease?.();
+      await vm.stop();
+    },
+  };
+}
+
+/**
+ * The engine's view of a VM arriving on this host. The VM must have been created with the
+ * presence variant prepared (post-copy and hybrid need it).
+ */
+export class DestinationVmAdapter implements DestinationVm {
+  private faultHandler: ((page: number) => void) | null = null;
+  private serving = false;
+  private readonly ctl: Int32Array;
+
+  constructor(readonly vm: Vm) {
+    this.ctl = new Int32Array(vm.controlBuffer);
+  }
+
+  ensurePages(pages: number): void {
+    const bytes = Math.ceil((pages * PAGE_SIZE) / WASM_PAGE_SIZE) * WASM_PAGE_SIZE;
+    if (bytes > this.vm.guestBytes) this.vm.growTo(bytes);
+  }
+
+  writePage(page: number, data: Uint8Array, offset: number): void {
+    this.vm.pageView(page).set(data.subarray(offset, offset + PAGE_SIZE));
+  }
+
+  zeroPage(page: number): void {
+    this.vm.pageView(page).fill(0);
+  }
+
+  readPage(page: number, into: Uint8Array, offset: number): void {
+    into.set(this.vm.pageView(page), offset);
+  }
+
+  onFault(handler: (page: number) => void): void {
+    this.faultHandler = handler;
+  }
+
+  async start(state: VmWireState, absent: Bitmap | null): Promise<void> {
+    const vm = this.vm;
+    const full: VmState = {
+      version: 1, name: vm.name, moduleHash: vm.info.hash, memoryBytes: vm.memoryBytes, guestBytes: state.guestBytes,
+      config: vm.config, globals: fromWire(state.globals), devices: state.devices,
+    };
+    if (!absent) {
+      await vm.bootFromState(full);
+      return;
+    }
+    const presence = vm.presenceView();
+    presence.fill(1);
+    for (const p of absent) presence[p] = 0;
+    this.serving = true;
+    void this.serveFaults();
+    await vm.bootFromState(full, { variant: 'presence' });
+  }
+
+  /**
+   * The fault service: the vCPU publishes a physical page and bumps FAULT_REQ, then blocks until
+   * the page is present. Pages outside guest memory (an access that is about to trap) and pages
+   * that arrived meanwhile are released at once; the others go to the engine, which requests them.
+   */
+  private async serveFaults(): Promise<void> {
+    let seen = Atomics.load(this.ctl, Ctl.FAULT_REQ);
+    const presence = this.vm.presenceView();
+    while (this.serving) {
+      const r = Atomics.waitAsync(this.ctl, Ctl.FAULT_REQ, seen, 100);
+      if (r.async) await r.value;
+      const now = Atomics.load(this.ctl, Ctl.FAULT_REQ);
+      if (now === seen) continue;
+      seen = now;
+      const page = Atomics.load(this.ctl, Ctl.FAULT_PAGE) - RESERVED_PAGES;
+      if (page < 0 || page >= presence.length || presence[page]) {
+        if (page >= 0 && page < presence.length) presence[page] = 1;
+        this.wake();
+      } else {
+        this.faultHandler?.(page);
+      }
+    }
+  }
+
+  private wake(): void {
+    Atomics.add(this.ctl, Ctl.FAULT_DONE, 1);
+    Atomics.notify(this.ctl, Ctl.FAULT_DONE);
+  }
+
+  markPresent(page: number): void {
+    // Data was written before this (writePage); presence second, then wake the vCPU.
+    this.vm.presenceView()[page] = 1;
+    this.wake();
+  }
+
+  async allPresent(): Promise<void> {
+    this.serving = false;
+    await this.vm.switchVariant('plain');
+  }
+
+  async discard(): Promise<void> {
+    this.serving = false;
+    await this.vm.stop();
+  }
+
+  progress(): number {
+    return this.vm.stat().progress;
+  }
+}

@@ -1,0 +1,151 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Vm } from '../../src/node/vm/vm.js';
+import { InstrumentCache } from '../../src/node/vm/instrument.js';
+import { guestsDir } from '../../src/node/paths.js';
+import { migrateSource } from '../../src/core/engine/source.js';
+import { serveDestination, type DestinationOutcome } from '../../src/core/engine/destination.js';
+import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
+import type { DestinationFactory } from '../../src/core/engine/types.js';
+import type { MigrationMode } from '../../src/core/protocol/frames.js';
+import { memoryPair } from '../../src/core/transport/memory.js';
+import { tcp } from '../../src/node/transport/tcp.js';
+import type { Connection } from '../../src/core/transport/transport.js';
+import { FerryError } from '../../src/core/errors.js';
+
+const cache = new InstrumentCache();
+const memstress = new Uint8Array(readFileSync(join(guestsDir(), 'memstress.wasm')));
+const deps = nodeEngineDeps();
+
+function factory(made: Vm[], opts: { refuse?: FerryError } = {}): DestinationFactory {
+  return {
+    async admit(hello) {
+      if (opts.refuse) throw opts.refuse;
+      return {
+        async create(module) {
+          const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] });
+          made.push(vm);
+          return new DestinationVmAdapter(vm);
+        },
+      };
+    },
+  };
+}
+
+async function tcpPair(): Promise<[Connection, Connection, () => Promise<void>]> {
+  const t = tcp();
+  let accept!: (c: Connection) => void;
+  const accepted = new Promise<Connection>((r) => (accept = r));
+  const listener = await t.listen({ onConnection: (c) => accept(c) });
+  const a = await t.dial(listener.address);
+  return [a, await accepted, () => listener.close()];
+}
+
+async function source(config: string): Promise<Vm> {
+  const vm = Vm.create({ name: 'mover', module: memstress, memoryBytes: 64 << 20, config, cache });
+  await vm.bootCold();
+  await new Promise((r) => setTimeout(r, 30));
+  return vm;
+}
+
+for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
+  for (const transport of ['tcp', 'memory'] as const) {
+    test(`${mode} over ${transport}: the VM moves while writing memory, verified, and keeps running there`, async () => {
+      const src = await source('mem=24MiB wss=8MiB pattern=hotcold rate=40000000');
+      const [a, b, close] = transport === 'tcp' ? await tcpPair() : [...memoryPair(), async () => undefined] as const;
+      const made: Vm[] = [];
+      const progress: number[] = [];
+      const dest = serveDestination(b, factory(made), deps);
+      // A 1 ms budget makes pre-copy iterate (the hot set keeps being rewritten) until its round limit.
+      const result = await migrateSource(a, sourceVmOf(src), deps, { mode, downtimeMs: mode === 'precopy' ? 1 : 50, maxRounds: 6, onProgress: (p) => progress.push(p.bytesSent) });
+      const outcome: DestinationOutcome = await dest;
+      await close();
+      const r = result.report;
+      assert.equal(r.verified, true);
+      assert.equal(outcome.verified, true);
+      assert.equal(src.state, 'stopped', 'the source released the VM');
+      assert.ok(r.downtimeMs !== null && r.downtimeMs >= 0);
+      assert.ok(r.totalMigrationTimeMs! >= r.downtimeMs!);
+      assert.ok(r.bytes.wire >= 6 * 1024 * 1024, 'at least the written region crossed the wire');
+      assert.ok(progress.length > 0 && progress.every((v, i) => i === 0 || v >= progress[i - 1]), 'progress never runs backwards');
+      if (mode === 'precopy') {
+        assert.equal(result.stopReason, 'round-limit');
+        assert.ok(r.rounds.length >= 6, `a full pass and rounds of dirty pages (${r.rounds.length})`);
+        assert.ok(r.pages.resent > 0, 'dirty pages were re-sent');
+      }
+      if (mode === 'postcopy') assert.ok(r.pages.pushed + r.pages.faulted > 0);
+      const vm = made[0];
+      const p0 = vm.stat().progress;
+      await new Promise((res) => setTimeout(res, 40));
+      assert.ok(vm.stat().progress > p0, 'the guest keeps working on the destination');
+      assert.equal(vm.dirtyLogging, false);
+      await vm.stop();
+    });
+  }
+}
+
+test('postcopy demand faults are served and counted; pre-paging pages follow', async () => {
+  const src = await source('mem=32MiB pattern=uniform rate=200000000');
+  const [a, b, close] = await tcpPair();
+  const made: Vm[] = [];
+  const dest = serveDestination(b, factory(made), deps);
+  const result = await migrateSource(a, sourceVmOf(src), deps, { mode: 'postcopy' });
+  const outcome = await dest;
+  await close();
+  assert.equal(result.report.verified, true);
+  assert.ok(outcome.faults > 0, 'a guest writing uniformly over 32 MiB faults on absent pages');
+  assert.equal(outcome.faultLatencyMs.count, outcome.faults);
+  assert.ok(made[0].stat().faults >= outcome.faults);
+  await made[0].stop();
+});
+
+test('refused admission: the VM keeps running on the source, the error is named', async () => {
+  const src = await source('mem=8MiB');
+  const [a, b] = memoryPair();
+  const dest = serveDestination(b, factory([], { refuse: new FerryError('ERR_NO_CAPACITY', 'host is full') }), deps);
+  await assert.rejects(migrateSource(a, sourceVmOf(src), deps, { mode: 'precopy' }), (e: unknown) => e instanceof FerryError && e.code === 'ERR_NO_CAPACITY');
+  await assert.rejects(dest);
+  assert.equal(src.state, 'running');
+  await src.stop();
+});
+
+test('a connection lost during pre-copy resumes the VM on the source with nothing lost', async () => {
+  const src = await source('mem=16MiB rate=20000000');
+  const [a, b] = memoryPair();
+  const made: Vm[] = [];
+  const dest = serveDestination(b, factory(made), deps).catch((e) => e);
+  let killed = false;
+  const p = migrateSource(a, sourceVmOf(src), deps, {
+    mode: 'precopy',
+    onProgress: (pr) => {
+      if (!killed && pr.pagesSent > 500) {
+        killed = true;
+        b.abort();
+      }
+    },
+  });
+  await assert.rejects(p, FerryError);
+  assert.ok((await dest) instanceof Error);
+  assert.equal(src.state, 'running', 'the source VM runs again');
+  assert.equal(src.dirtyLogging, false, 'dirty logging is off again');
+  const p0 = src.stat().progress;
+  await new Promise((r) => setTimeout(r, 30));
+  assert.ok(src.stat().progress > p0);
+  for (const vm of made) assert.equal(vm.state, 'stopped', 'the half-filled destination VM was discarded');
+  await src.stop();
+});
+
+test('cancel through the AbortSignal before switchover leaves the VM on the source', async () => {
+  const src = await source('mem=16MiB rate=50000000');
+  const [a, b] = memoryPair();
+  const dest = serveDestination(b, factory([]), deps).catch((e) => e);
+  const ac = new AbortController();
+  const p = migrateSource(a, sourceVmOf(src), deps, { mode: 'hybrid', signal: ac.signal, onProgress: (pr) => { if (pr.pagesSent > 300) ac.abort(); } });
+  await assert.rejects(p, (e: unknown) => e instanceof FerryError && e.code === 'ERR_ABORTED');
+  const err = await dest;
+  assert.ok(err instanceof FerryError && err.code === 'ERR_MIGRATION_CANCELLED', `destination saw ${err}`);
+  assert.equal(src.state, 'running');
+  await src.stop();
+});
