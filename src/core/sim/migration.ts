@@ -37,8 +37,10 @@ export interface SimMigrationOptions extends PrecopyStopOptions, Pick<HybridOpti
   prepaging?: boolean;
   /** Post-copy pages per batch. Default 32. */
   postcopyBatchPages?: number;
-  /** Fixed cost of resuming at the destination, ms. Default 0. */
+  /** Fixed cost of resuming at the destination (VM creation, worker start), ms, inside the downtime. Default 0. */
   resumeMs?: number;
+  /** Fixed set-up before the first page moves (connection, handshake, module transfer), ms. Default 0. */
+  setupMs?: number;
 }
 
 export interface SimMigrationInit {
@@ -104,11 +106,18 @@ class SimMigration {
     this.work = this.workRate;
     this.report.add({ type: 'progress', t: t0, work: this.work });
     this.report.add({ type: 'start', t: t0 });
-    this.vm.dirty.harvest(); // start the dirty log: earlier writes do not count
-    if (this.init.technique === 'postcopy') {
-      this.stopReason = 'postcopy';
-      this.enterPostcopy(t0, null, Math.round(this.vm.memoryBytes / this.vm.pageSize), true);
-    } else this.round(0, this.vm.memoryBytes / this.vm.pageSize);
+    const setup = this.o.setupMs ?? 0;
+    const go = () => {
+      const t = this.clock.now();
+      this.advanceSource(t);
+      this.vm.dirty.harvest(); // start the dirty log: earlier writes do not count
+      if (this.init.technique === 'postcopy') {
+        this.stopReason = 'postcopy';
+        this.enterPostcopy(t, null, Math.round(this.vm.memoryBytes / this.vm.pageSize), true);
+      } else this.round(0, this.vm.memoryBytes / this.vm.pageSize);
+    };
+    if (setup > 0) this.clock.after(setup, go);
+    else go();
   }
 
   /** Runs the source guest up to `t`. */
@@ -121,16 +130,24 @@ class SimMigration {
     this.guestAt = t;
   }
 
+  /**
+   * A pre-copy round as the engine runs it: send the pages; once the sender's buffer has taken the
+   * last of them, harvest the dirty log; the round ends when the ROUND_END marker (behind the data)
+   * is acknowledged, one latency after the data arrived; then the policy decides.
+   */
   private round(i: number, pages: number): void {
     const started = this.clock.now();
     this.report.add({ type: 'round-start', t: started, round: i });
     const bytes = pages * this.wirePerPage;
-    this.ch.send(bytes, (t) => {
+    let set: DirtySet = { pages: 0, bitmap: null };
+    const harvest = (t: number) => {
       this.advanceSource(t);
-      const set = this.vm.dirty.harvest();
+      set = this.vm.dirty.harvest();
       this.pagesSentTotal += pages;
       this.bytesSentTotal += bytes;
       this.report.add({ type: 'pages', t, kind: i === 0 ? 'first' : 'resent', pages, bytes });
+    };
+    const ended = (t: number) => {
       this.report.add({ type: 'round-end', t, round: i, dirtyPages: set.pages });
       const elapsed = t - started;
       const stats: PrecopyRoundStats = {
@@ -148,6 +165,7 @@ class SimMigration {
         const before = this.ac.throttle;
         const th = this.ac.onRound(set.pages * this.vm.pageSize, bytes);
         if (th !== before) {
+          this.advanceSource(t);
           this.speed = 1 - th;
           this.report.add({ type: 'throttle', t, fraction: th });
         }
@@ -162,11 +180,28 @@ class SimMigration {
       this.stopReason = h.reason;
       if (h.action === 'continue-precopy') return this.round(i + 1, set.pages);
       if (h.action === 'stop-and-copy') return this.stopAndCopy(t, set);
-      this.enterPostcopy(t, set.bitmap, set.pages, false);
-    });
+      const all = this.lateDirty(t, set);
+      this.enterPostcopy(t, all.bitmap, all.pages, false);
+    };
+    const lat = this.ch.latencyMs;
+    this.ch.send(bytes, (t) => (lat > 0 ? this.clock.schedule(t + lat, () => ended(t + lat)) : ended(t)), undefined, harvest);
   }
 
-  private stopAndCopy(t: number, set: DirtySet): void {
+  /** The harvested set plus what the guest dirtied between that harvest and `t` (it pauses at `t`). */
+  private lateDirty(t: number, set: DirtySet): DirtySet {
+    this.advanceSource(t);
+    const late = this.vm.dirty.harvest();
+    if (late.pages === 0) return set;
+    if (set.bitmap && late.bitmap) {
+      const bm = set.bitmap.clone();
+      bm.or(late.bitmap);
+      return { pages: bm.count(), bitmap: bm };
+    }
+    return { pages: set.pages + late.pages, bitmap: null };
+  }
+
+  private stopAndCopy(t: number, harvested: DirtySet): void {
+    const set = this.lateDirty(t, harvested);
     this.report.add({ type: 'paused', t });
     this.speed = 0;
     const bytes = set.pages * this.wirePerPage;

@@ -31,12 +31,24 @@ export interface ChannelInit {
   latencyMs?: number;
   /** Rate cap, bytes/s (a rate limiter). Default none. */
   capBytesPerSec?: number;
+  /**
+   * Sender-side buffer (socket buffer, shaper queue), bytes: a message counts as *accepted* — the
+   * sender's write returns — once no more than this many of the bytes queued up to it are still to
+   * leave. Default 0 (accepted when its last byte leaves).
+   */
+  sendBufferBytes?: number;
 }
 
 interface Message {
   bytes: number;
   onDeparted?: (t: number) => void;
   onDelivered?: (t: number) => void;
+}
+
+interface PendingAccept {
+  /** Cumulative departed bytes at which the message is accepted. */
+  threshold: number;
+  cb: (t: number) => void;
 }
 
 /** A FIFO transfer path of one migration. */
@@ -55,6 +67,10 @@ export class Channel {
   /** @internal */ departing = false;
   /** Wire bytes fully sent over the channel's life. */
   bytesSent = 0;
+  readonly sendBufferBytes: number;
+  /** @internal */ enqueued = 0;
+  /** @internal */ accepts: PendingAccept[] = [];
+  /** @internal */ acceptEvent: ScheduledEvent | null = null;
 
   constructor(readonly net: FluidNetwork, init: ChannelInit) {
     if (init.uses.length === 0 && init.capBytesPerSec === undefined) throw new InvalidArgumentError(`channel ${init.name} crosses no resource and has no cap`);
@@ -62,15 +78,29 @@ export class Channel {
     this.uses = init.uses.filter((u) => u.perByte > 0);
     this.latencyMs = init.latencyMs ?? 0;
     this.capBytesPerSec = init.capBytesPerSec ?? Number.POSITIVE_INFINITY;
+    this.sendBufferBytes = init.sendBufferBytes ?? 0;
+  }
+
+  /** Bytes that have left so far, at `now` (the head counted by its progress). */
+  departedAt(now: number): number {
+    if (this.idle) return this.bytesSent;
+    const head = this.queue[this.qHead].bytes;
+    const left = this.rate > 0 ? Math.max(0, this.headLeft - (this.rate * (now - this.lastUpdate)) / 1000) : this.headLeft;
+    return this.bytesSent + head - left;
   }
 
   get idle(): boolean {
     return this.qHead >= this.queue.length;
   }
 
-  /** Queues `bytes`; `onDeparted` when its last byte left, `onDelivered` `latencyMs` later. */
-  send(bytes: number, onDelivered?: (t: number) => void, onDeparted?: (t: number) => void): void {
+  /**
+   * Queues `bytes`; `onDeparted` when its last byte left, `onDelivered` `latencyMs` later,
+   * `onAccepted` when the sender's buffer took it (see `sendBufferBytes`).
+   */
+  send(bytes: number, onDelivered?: (t: number) => void, onDeparted?: (t: number) => void, onAccepted?: (t: number) => void): void {
     if (!(bytes >= 0)) throw new InvalidArgumentError(`cannot send ${bytes} bytes`);
+    this.enqueued += bytes;
+    if (onAccepted) this.net.accept(this, this.enqueued - this.sendBufferBytes, onAccepted);
     this.queue.push({ bytes, onDelivered, onDeparted });
     // Sent from the previous message's departure callback: the network starts it without re-sharing.
     if (this.departing) return;
@@ -105,6 +135,40 @@ export class FluidNetwork {
     return new Channel(this, init);
   }
 
+  /** @internal Calls `cb` once `ch` has sent `threshold` bytes in all. */
+  accept(ch: Channel, threshold: number, cb: (t: number) => void): void {
+    const now = this.clock.now();
+    if (threshold <= ch.departedAt(now) + 1e-9) {
+      this.clock.after(0, () => cb(this.clock.now()));
+      return;
+    }
+    ch.accepts.push({ threshold, cb });
+    if (ch.accepts.length === 1) this.scheduleAccept(ch);
+  }
+
+  private scheduleAccept(ch: Channel): void {
+    if (ch.acceptEvent) {
+      this.clock.cancel(ch.acceptEvent);
+      ch.acceptEvent = null;
+    }
+    if (ch.accepts.length === 0 || !(ch.rate > 0) || ch.idle) return;
+    const now = this.clock.now();
+    // Within the head message the rate is constant until the next re-share, which reschedules.
+    const need = ch.accepts[0].threshold - ch.departedAt(now);
+    const headEnd = ch.lastUpdate + (ch.headLeft / ch.rate) * 1000;
+    const at = Math.min(headEnd, now + (Math.max(0, need) / ch.rate) * 1000);
+    // The head is leaving at this very instant and the threshold lies beyond it: the head's
+    // completion reschedules (no zero-delay loop).
+    if (need > 1e-6 && at <= now) return;
+    ch.acceptEvent = this.clock.schedule(Math.max(now, at), () => {
+      ch.acceptEvent = null;
+      const t = this.clock.now();
+      const done = ch.departedAt(t) + 1e-6;
+      while (ch.accepts.length && ch.accepts[0].threshold <= done) ch.accepts.shift()!.cb(t);
+      this.scheduleAccept(ch);
+    });
+  }
+
   /** @internal A channel became busy or idle or changed its cap: re-share at this instant (once, coalesced). */
   changed(ch: Channel): void {
     if (!ch.idle) this.channels.add(ch);
@@ -134,7 +198,10 @@ export class FluidNetwork {
       active.push(ch);
     }
     share(active);
-    for (const ch of active) this.scheduleHead(ch);
+    for (const ch of active) {
+      this.scheduleHead(ch);
+      this.scheduleAccept(ch);
+    }
   }
 
   private scheduleHead(ch: Channel): void {
@@ -169,6 +236,7 @@ export class FluidNetwork {
       ch.headLeft = ch.queue[ch.qHead].bytes;
       ch.lastUpdate = now;
       this.scheduleHead(ch);
+      if (ch.accepts.length && !ch.acceptEvent) this.scheduleAccept(ch);
     } else this.changed(ch);
   }
 }

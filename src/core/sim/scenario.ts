@@ -81,6 +81,7 @@ export const OptionsSchema = z.strictObject({
   prepaging: z.boolean().optional(),
   batchPages: z.number().int().positive().optional(),
   resume: duration.optional(),
+  setup: duration.optional(),
 });
 export type Options = z.output<typeof OptionsSchema>;
 
@@ -112,6 +113,8 @@ export const ScenarioSchema = z.strictObject({
     technique: TechniqueSchema,
     via: z.array(name).default([]),
     latency: duration.default(0),
+    /** Sender-side buffer (socket/shaper queue): the sender's write returns before the bytes leave. */
+    sendBuffer: size.default(0),
     rateLimit: rate.optional(),
     options: OptionsSchema.default({}),
   })).default([]),
@@ -123,6 +126,7 @@ export const ScenarioSchema = z.strictObject({
     bandwidth: z.array(rate).min(1),
     dirtyRate: z.array(rate).min(1).optional(),
     latency: duration.default(0),
+    sendBuffer: size.default(0),
     cores: z.number().positive().default(8),
     content: ContentSchema.optional(),
     state: size.default(65536),

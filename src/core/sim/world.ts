@@ -106,6 +106,7 @@ export function migrationOptions(o: Options): SimMigrationOptions {
     prepaging: o.prepaging,
     postcopyBatchPages: o.batchPages,
     resumeMs: o.resume,
+    setupMs: o.setup,
   };
 }
 
@@ -139,7 +140,7 @@ export function runScenario(s: Scenario, env: WorldEnv = {}): ScenarioResult {
       const uses: ChannelUse[] = [{ resource: nicOut.get(v.host)!, perByte: 1 }, ...m.via.map((l) => ({ resource: links.get(l)!.res, perByte: 1 })), { resource: nicIn.get(m.to)!, perByte: 1 }];
       if (vm.cost.cpuSecPerPage > 0) uses.push({ resource: cpu.get(v.host)!, perByte: vm.cost.cpuSecPerPage / vm.cost.wireBytesPerPage });
       const latency = m.latency + m.via.reduce((a, l) => a + links.get(l)!.latency, 0);
-      const channel = net.channel({ name: `${v.name}:${v.host}->${m.to}`, uses, latencyMs: latency, capBytesPerSec: m.rateLimit });
+      const channel = net.channel({ name: `${v.name}:${v.host}->${m.to}`, uses, latencyMs: latency, capBytesPerSec: m.rateLimit, sendBufferBytes: m.sendBuffer });
       const nominal = Math.min(...uses.filter((u) => u.perByte === 1).map((u) => u.resource.capacity), m.rateLimit ?? Infinity);
       clock.schedule(m.at, () => {
         startMigration(clock, { vm, technique: m.technique, channel, nominalBandwidthBytesPerSec: nominal, options: strip(migrationOptions(m.options)) }, (r) => {
@@ -161,7 +162,7 @@ export function runScenario(s: Scenario, env: WorldEnv = {}): ScenarioResult {
       for (const d of sw.dirtyRate ?? [undefined]) {
         for (const bw of sw.bandwidth) {
           for (const technique of sw.techniques) {
-            const r = runSingle({ memoryBytes: sw.memory, pageSize: s.pageSize, workload: w, dirtyRate: d, bandwidth: bw, latencyMs: sw.latency, cores: sw.cores, content: sw.content, stateBytes: sw.state, workPerSec: sw.workRate, technique, options: strip(migrationOptions(sw.options)), seed: s.seed * 7919 + wi }, env);
+            const r = runSingle({ memoryBytes: sw.memory, pageSize: s.pageSize, workload: w, dirtyRate: d, bandwidth: bw, latencyMs: sw.latency, sendBufferBytes: sw.sendBuffer, cores: sw.cores, content: sw.content, stateBytes: sw.state, workPerSec: sw.workRate, technique, options: strip(migrationOptions(sw.options)), seed: s.seed * 7919 + wi }, env);
             events += r.events;
             points.push(summarize(wname(wref, wi), technique, bw, d ?? null, r.result));
           }
@@ -181,6 +182,7 @@ export interface SingleRunInit {
   dirtyRate?: number;
   bandwidth: number;
   latencyMs?: number;
+  sendBufferBytes?: number;
   cores?: number;
   content?: Content;
   stateBytes?: number;
@@ -198,12 +200,12 @@ export function runSingle(init: SingleRunInit, env: WorldEnv = {}): { result: Si
 }
 
 /** Migrates an already built VM over one link of `bandwidth` (plus the source CPU when the codec costs). */
-export function runSimVm(vm: SimVm, init: { bandwidth: number; latencyMs?: number; cores?: number; technique: Technique; options?: SimMigrationOptions }): { result: SimMigrationResult; events: number } {
+export function runSimVm(vm: SimVm, init: { bandwidth: number; latencyMs?: number; sendBufferBytes?: number; cores?: number; technique: Technique; options?: SimMigrationOptions }): { result: SimMigrationResult; events: number } {
   const clock = new VirtualClock();
   const net = new FluidNetwork(clock);
   const uses: ChannelUse[] = [{ resource: net.resource('link', init.bandwidth), perByte: 1 }];
   if (vm.cost.cpuSecPerPage > 0) uses.push({ resource: net.resource('cpu', init.cores ?? 8), perByte: vm.cost.cpuSecPerPage / vm.cost.wireBytesPerPage });
-  const channel = net.channel({ name: vm.name, uses, latencyMs: init.latencyMs ?? 0 });
+  const channel = net.channel({ name: vm.name, uses, latencyMs: init.latencyMs ?? 0, sendBufferBytes: init.sendBufferBytes });
   let result: SimMigrationResult | null = null;
   startMigration(clock, { vm, technique: init.technique, channel, nominalBandwidthBytesPerSec: init.bandwidth, options: init.options }, (r) => (result = r));
   clock.runAll();
