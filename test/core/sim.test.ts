@@ -5,7 +5,7 @@ import { VirtualClock } from '../../src/core/clock.js';
 import { constantDirty, postcopyModel, precopyClosedForm, precopyRounds } from '../../src/core/models.js';
 import {
   ConstantRateDirty, decodeTrace, encodeTraceHeader, encodeTraceRecord, FluidNetwork, parseScenario, PoissonDirty, runScenario, runSimVm,
-  ScenarioError, TraceFormatError, TraceReplayDirty, uniformPages, zipfPages, hotColdPages, type SimVm, type Trace,
+  Rng, ScenarioError, TraceFormatError, TraceReplayDirty, uniformPages, zipfPages, hotColdPages, type SimVm, type Trace,
 } from '../../src/core/sim/index.js';
 
 const PAGE = 4096;
@@ -109,6 +109,11 @@ test('Poisson writes: distinct dirty pages follow W·(1 − e^(−n/W)) for a un
   let s = 0;
   for (let p = 0; p < 1000; p++) s += z.weight(p);
   assert.ok(Math.abs(s - 1) < 1e-9);
+  // The alias sampler draws pages with the Zipf probabilities.
+  const rng = new Rng(5);
+  const hits = new Float64Array(1000);
+  for (let i = 0; i < 200_000; i++) hits[z.sample(rng)]++;
+  for (const p of [0, 1, 10, 500]) assert.ok(Math.abs(hits[p] / 200_000 - z.weight(p)) < 0.1 * z.weight(p) + 2e-4, `page ${p}: ${hits[p] / 200_000} vs ${z.weight(p)}`);
   const hc = hotColdPages(1000, 10, 0.9);
   assert.ok(Math.abs(hc.weight(0) * 10 - 0.9) < 1e-12);
 });

@@ -124,27 +124,44 @@ export function hotColdPages(wssPages: number, hotPages: number, hotFraction: nu
   };
 }
 
-/** Zipf(s) over `pages` pages: the page of rank k (= page number k) has probability ∝ 1/(k+1)^s. Sampling by binary search on the CDF. */
+/**
+ * Zipf(s) over `pages` pages: the page of rank k (= page number k) has probability ∝ 1/(k+1)^s.
+ * Sampling in O(1) by Vose's alias method (the guest memstress uses the same).
+ */
 export function zipfPages(pages: number, exponent: number): PageDistribution {
   if (!(pages >= 1 && exponent >= 0)) throw new InvalidArgumentError(`zipf needs ≥ 1 page and exponent ≥ 0`);
-  const cdf = new Float64Array(pages);
-  let s = 0;
-  for (let k = 0; k < pages; k++) cdf[k] = s += 1 / Math.pow(k + 1, exponent);
-  for (let k = 0; k < pages; k++) cdf[k] /= s;
+  const pmf = new Float64Array(pages);
+  let sum = 0;
+  for (let k = 0; k < pages; k++) sum += pmf[k] = Math.pow(k + 1, -exponent);
+  for (let k = 0; k < pages; k++) pmf[k] /= sum;
+  const prob = new Float64Array(pages);
+  const alias = new Int32Array(pages);
+  const small = new Int32Array(pages);
+  const large = new Int32Array(pages);
+  let ns = 0;
+  let nl = 0;
+  for (let k = 0; k < pages; k++) {
+    prob[k] = pmf[k] * pages;
+    if (prob[k] < 1) small[ns++] = k;
+    else large[nl++] = k;
+  }
+  while (ns > 0 && nl > 0) {
+    const l = small[--ns];
+    const g = large[--nl];
+    alias[l] = g;
+    prob[g] = prob[g] + prob[l] - 1;
+    if (prob[g] < 1) small[ns++] = g;
+    else large[nl++] = g;
+  }
+  while (nl > 0) prob[large[--nl]] = 1;
+  while (ns > 0) prob[small[--ns]] = 1;
   return {
     support: pages,
     sample: (rng) => {
-      const u = rng.next();
-      let lo = 0;
-      let hi = pages - 1;
-      while (lo < hi) {
-        const mid = (lo + hi) >>> 1;
-        if (cdf[mid] > u) hi = mid;
-        else lo = mid + 1;
-      }
-      return lo;
+      const k = rng.int(pages);
+      return rng.next() < prob[k] ? k : alias[k];
     },
-    weight: (p) => (p >= pages ? 0 : p === 0 ? cdf[0] : cdf[p] - cdf[p - 1]),
+    weight: (p) => (p < pages ? pmf[p] : 0),
   };
 }
 
