@@ -11,11 +11,13 @@ import { startMigration, type SimMigrationOptions, type SimMigrationResult, type
 import { FluidNetwork, type ChannelUse, type Resource } from './network.js';
 import { ScenarioError, type Content, type Options, type Scenario, type Workload } from './scenario.js';
 import type { Trace } from './trace-format.js';
-import { ConstantRateDirty, hotColdPages, pageCost, PoissonDirty, TraceReplayDirty, uniformPages, zipfPages, type ContentClass, type ContentClassName, type DirtyModel, type PageCost } from './workload.js';
+import { ConstantRateDirty, hotColdPages, pageCost, PoissonDirty, TraceReplayDirty, uniformPages, zipfPages, type ContentClass, type ContentClassName, type DirtyModel, type PageCost, type PageDistribution } from './workload.js';
 
 export interface WorldEnv {
   /** Loads a trace named in a scenario (the node edge resolves it against the scenario's directory). */
   loadTrace?: (file: string) => Trace;
+  /** Page distributions are stateless: VMs with the same shape share one (Zipf tables are O(pages) to build). */
+  distributions?: Map<string, PageDistribution>;
 }
 
 export interface MigrationOutcome extends SimMigrationResult {
@@ -73,7 +75,12 @@ export function buildDirtyModel(w: Workload, memoryBytes: number, pageSize: numb
     }
     default: {
       const wss = resolve(w.wss, pages);
-      const dist = w.kind === 'uniform' ? uniformPages(wss) : w.kind === 'hotcold' ? hotColdPages(wss, Math.min(wss, resolve(w.hot, 1)), w.hotFraction) : zipfPages(wss, w.exponent);
+      const key = w.kind === 'uniform' ? `u:${wss}` : w.kind === 'hotcold' ? `h:${wss}:${resolve(w.hot, 1)}:${w.hotFraction}` : `z:${wss}:${w.exponent}`;
+      let dist = env.distributions?.get(key);
+      if (!dist) {
+        dist = w.kind === 'uniform' ? uniformPages(wss) : w.kind === 'hotcold' ? hotColdPages(wss, Math.min(wss, resolve(w.hot, 1)), w.hotFraction) : zipfPages(wss, w.exponent);
+        env.distributions?.set(key, dist);
+      }
       return new PoissonDirty({ pageCount: pages, writePagesPerSec: (dirtyRate ?? w.writeRate) / pageSize, readPagesPerSec: (w.readRate ?? 0) / pageSize, writes: dist, seed });
     }
   }
@@ -115,7 +122,8 @@ function strip<T extends object>(o: T): T {
 }
 
 /** Runs every migration and sweep of a scenario. */
-export function runScenario(s: Scenario, env: WorldEnv = {}): ScenarioResult {
+export function runScenario(s: Scenario, envIn: WorldEnv = {}): ScenarioResult {
+  const env: WorldEnv = { ...envIn, distributions: envIn.distributions ?? new Map() };
   const workload = (w: string | Workload) => (typeof w === 'string' ? s.workloads[w] : w);
   const wname = (w: string | Workload, i: number) => (typeof w === 'string' ? w : `${w.kind}-${i}`);
   const clock = new VirtualClock();
