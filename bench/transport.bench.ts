@@ -27,7 +27,7 @@ function randomBytes(n: number): Uint8Array {
 }
 
 /** Raw node:net: one socket, 1 MiB writes. Returns ms from the first write to the last byte received. */
-async function rawTcp(total: number, block: Uint8Array): Promise<number> {
+export async function rawTcp(total: number, block: Uint8Array): Promise<number> {
   let done!: (ms: number) => void;
   const finished = new Promise<number>((r) => { done = r; });
   let t0 = 0;

@@ -104,6 +104,44 @@ test('shaped: latency without a cap delays each write and pipelines them', async
   assert.deepEqual((await reading).map((x) => x.t), [10, 11, 12, 13]);
 });
 
+test('shaped: writes and deliveries that land just as the pacer or the wire goes idle are never stranded', async () => {
+  // A writer woken as the last chunk leaves writes again a few microtasks later — just as the wire
+  // (or the pacer) is going idle. The driver runs every event of an instant in one synchronous
+  // batch, as real timers fire, and latencies are whole multiples of a chunk's pacing time, so the
+  // pacer's and the wire's wake-ups meet too.
+  const chunk = 4 * KiB;
+  const perChunk = (chunk / RATE) * 1000;
+  for (let seed = 1; seed <= 60; seed++) {
+    const clock = new VirtualClock();
+    const [a, b] = memoryPair();
+    const s = shaped(a, { bandwidthBytesPerSec: RATE, burstBytes: chunk, chunkBytes: chunk, latencyMs: (seed % 4) * perChunk, clock, highWaterMark: [0, 1, 16 * KiB][seed % 3] });
+    let x = seed;
+    const rnd = (n: number) => { x = (x * 48271) % 2147483647; return x % n; };
+    let total = 0;
+    const writing = (async () => {
+      for (let i = 0; i < 40; i++) {
+        const n = 1 + rnd(3 * chunk);
+        await s.write(fillPattern(11, total, n));
+        total += n;
+        for (let k = rnd(4); k > 0; k--) await Promise.resolve();
+      }
+      await s.close();
+    })();
+    const reading = record(b, clock, 11);
+    for (;;) {
+      await settle();
+      const next = clock.peek();
+      if (next === null) break;
+      clock.runUntil(next);
+    }
+    let finished = false;
+    void writing.then(() => { finished = true; });
+    await settle();
+    assert.ok(finished, `seed ${seed}: the writer is stuck with ${total} bytes written`);
+    assert.equal((await reading).at(-1)!.total, total);
+  }
+});
+
 test('shaped: close resolves once everything has been delivered; writes after close fail with CLOSED', async () => {
   const clock = new VirtualClock();
   const [a, b] = memoryPair();

@@ -167,7 +167,7 @@ class ShapedConnection implements Connection {
   private pace(): void {
     if (this.pacing || this.error) return;
     this.pacing = true;
-    void this.runPacer().finally(() => { this.pacing = false; });
+    void this.runPacer();
   }
 
   private async runPacer(): Promise<void> {
@@ -200,6 +200,9 @@ class ShapedConnection implements Connection {
       }
     } catch (e) {
       if (!(e instanceof AbortError)) throw e;
+    } finally {
+      // Cleared in the same turn as the last check of the queue: a write arriving later restarts us.
+      this.pacing = false;
     }
   }
 
@@ -207,7 +210,7 @@ class ShapedConnection implements Connection {
   private deliver(): void {
     if (this.delivering || this.error) return;
     this.delivering = true;
-    void this.runDeliverer().finally(() => { this.delivering = false; });
+    void this.runDeliverer();
   }
 
   private async runDeliverer(): Promise<void> {
@@ -233,6 +236,8 @@ class ShapedConnection implements Connection {
     } catch (e) {
       if (e instanceof TransportError) this.fail(e);
       else if (!(e instanceof AbortError)) throw e;
+    } finally {
+      this.delivering = false;
     }
   }
 
