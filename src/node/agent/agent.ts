@@ -5,17 +5,30 @@
 import { EventEmitter } from 'node:events';
 import { existsSync, readdirSync } from 'node:fs';
 import { mkdir, readFile } from 'node:fs/promises';
+import { totalmem } from 'node:os';
 import { basename, isAbsolute, join, resolve } from 'node:path';
+import type { ServerResponse } from 'node:http';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { z } from 'zod';
 import { FerryError, InvalidArgumentError, VmStateError } from '../../core/errors.js';
-import { parseSize } from '../../core/units.js';
+import { parseBandwidth, parseSize } from '../../core/units.js';
+import type { DestinationFactory, DestinationVm, EngineDeps } from '../../core/engine/types.js';
+import { migrateSource } from '../../core/engine/source.js';
+import { serveDestination } from '../../core/engine/destination.js';
+import { MIGRATION_MODES, type HelloFrame, type MigrationMode } from '../../core/protocol/frames.js';
+import { shaped } from '../../core/transport/shaped.js';
+import type { Connection, Listener, Transport } from '../../core/transport/transport.js';
+import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../engine/adapters.js';
+import { tcp, parseTcpAddress } from '../transport/tcp.js';
 import { InstrumentCache } from '../vm/instrument.js';
 import { Vm, type VmStats } from '../vm/vm.js';
 import { restoreSnapshot, writeSnapshot, type SnapshotStats } from '../vm/snapshot.js';
 import { ExposeEndpoint, parseHostPort } from '../net/expose.js';
+import { Relay, peekStart, startsLikeRelay, withPrefix } from '../net/relay.js';
 import { guestsDir } from '../paths.js';
 import type { NetRecordData } from '../../core/net-ring.js';
+import { HomeLink, RemoteLink, type NetLink } from './links.js';
+import { MigrationJob, type MigrationJobJson } from './migrations.js';
 
 export interface HostAgentInit {
   name: string;
@@ -24,6 +37,17 @@ export interface HostAgentInit {
   guestsDir?: string;
   cache?: InstrumentCache;
   quantumMs?: number;
+  /**
+   * Guest RAM this host may reserve, bytes (sum of its VMs' memory ceilings, incoming migrations
+   * included). Default: the machine's total memory.
+   */
+  capacityBytes?: number;
+  /** Where the migration listener binds (default: the control API's host, port 0). */
+  migrationAddress?: string;
+  /** Transport for migrations and relays (default: TCP). */
+  transport?: Transport;
+  /** Engine services (default: the node ones). */
+  engineDeps?: EngineDeps;
 }
 
 export interface VmSpec {
@@ -45,9 +69,26 @@ export interface VmSummary {
   guest: string;
   memoryBytes: number;
   guestBytes: number;
+  /** The client endpoint, host:port — on this host, or on `endpointHost` when the VM moved here. */
   endpoint: string | null;
+  /** The host whose endpoint serves this VM's clients (null: this host). */
+  endpointHost: string | null;
   stats: VmStats;
   error: string | null;
+  /** Id of the outgoing migration in progress, if any. */
+  migration: string | null;
+}
+
+export interface MigrationRequest {
+  vm: string;
+  /** The destination agent's control URL (http://…) or its migration address (host:port). */
+  to: string;
+  mode: MigrationMode;
+  downtimeMs?: number;
+  /** Cap on the migration stream, e.g. "1Gbit". */
+  bandwidth?: string;
+  maxRounds?: number;
+  autoConverge?: boolean;
 }
 
 /** Client bytes in flight toward a guest before it must consume some (below the rx queue limit). */
@@ -62,7 +103,8 @@ export class NotFoundError extends FerryError {
 interface ManagedVm {
   vm: Vm;
   guest: string;
-  expose: ExposeEndpoint | null;
+  link: NetLink | null;
+  migration: MigrationJob | null;
 }
 
 export { parseHostPort };
@@ -71,10 +113,26 @@ export class HostAgent extends EventEmitter {
   readonly name: string;
   readonly dataDir: string;
   readonly cache: InstrumentCache;
+  readonly capacityBytes: number;
   private readonly guests: string;
   private readonly quantumMs: number | undefined;
   private readonly vms = new Map<string, ManagedVm>();
   private http: FastifyInstance | null = null;
+  private readonly transport: Transport;
+  private readonly deps: EngineDeps;
+  private readonly migrationBind: string | undefined;
+  private migrationListener: Listener | null = null;
+  /** Memory reserved for migrations arriving now, by VM name. */
+  private readonly incoming = new Map<string, number>();
+  /** Relays opened by other homes for VMs about to arrive here, by VM name. */
+  private readonly incomingRelays = new Map<string, RemoteLink>();
+  /** Endpoints of VMs that live here but run elsewhere, by VM name. */
+  private readonly away = new Map<string, HomeLink>();
+  private readonly jobs = new Map<string, MigrationJob>();
+  private nextJob = 1;
+  private readonly openConns = new Set<Connection>();
+  private readonly sseStreams = new Set<ServerResponse>();
+  private closing = false;
 
   constructor(init: HostAgentInit) {
     super();
@@ -83,6 +141,10 @@ export class HostAgent extends EventEmitter {
     this.guests = init.guestsDir ?? guestsDir();
     this.cache = init.cache ?? new InstrumentCache({ dir: join(init.dataDir, 'cache') });
     this.quantumMs = init.quantumMs;
+    this.capacityBytes = init.capacityBytes ?? totalmem();
+    this.transport = init.transport ?? tcp();
+    this.deps = init.engineDeps ?? nodeEngineDeps();
+    this.migrationBind = init.migrationAddress;
   }
 
   /** Resolves a guest name or path to module bytes. */
@@ -113,9 +175,30 @@ export class HostAgent extends EventEmitter {
     return this.get(name).vm;
   }
 
+  /** Guest RAM reserved: this host's VMs plus migrations arriving now. */
+  reservedBytes(): number {
+    let n = 0;
+    for (const m of this.vms.values()) n += m.vm.memoryBytes;
+    for (const b of this.incoming.values()) n += b;
+    return n;
+  }
+
+  private checkNameFree(name: string): void {
+    if (this.vms.has(name) || this.incoming.has(name)) throw new VmStateError(`a VM named '${name}' already exists on host ${this.name}`);
+    if (this.away.has(name)) throw new VmStateError(`VM '${name}' lives on host ${this.name} (its clients connect here) and runs elsewhere now`);
+  }
+
+  private checkCapacity(bytes: number): void {
+    const reserved = this.reservedBytes();
+    if (reserved + bytes > this.capacityBytes) {
+      throw new FerryError('ERR_NO_CAPACITY', `host ${this.name} cannot reserve ${bytes} bytes of guest memory: ${reserved} of ${this.capacityBytes} are reserved`);
+    }
+  }
+
   async createVm(spec: VmSpec): Promise<VmSummary> {
-    if (this.vms.has(spec.name)) throw new VmStateError(`a VM named '${spec.name}' already exists on host ${this.name}`);
+    this.checkNameFree(spec.name);
     const memoryBytes = typeof spec.memory === 'number' ? spec.memory : parseSize(spec.memory, 'memory size');
+    this.checkCapacity(memoryBytes);
     const exposeAt = spec.expose ? parseHostPort(spec.expose) : null;
     const { bytes, label } = await this.loadGuest(spec.guest);
     let block: { path: string; sizeBytes: number } | undefined;
@@ -130,15 +213,15 @@ export class HostAgent extends EventEmitter {
       ...(spec.fixedBudget ? { fixedBudget: spec.fixedBudget } : {}),
       ...(this.quantumMs ? { quantumMs: this.quantumMs } : {}),
     });
-    const managed: ManagedVm = { vm, guest: label, expose: null };
+    const managed: ManagedVm = { vm, guest: label, link: null, migration: null };
     this.attach(managed);
     try {
-      if (exposeAt) managed.expose = await this.exposeVm(vm, exposeAt);
+      if (exposeAt) managed.link = await this.exposeVm(vm, label, exposeAt);
       this.vms.set(spec.name, managed);
       await vm.bootCold({ paused: spec.paused });
     } catch (e) {
       this.vms.delete(spec.name);
-      await managed.expose?.close();
+      await this.closeLink(managed.link);
       await vm.stop();
       throw e;
     }
@@ -149,16 +232,16 @@ export class HostAgent extends EventEmitter {
   async restoreVm(path: string, opts: { name?: string; expose?: string; paused?: boolean } = {}): Promise<VmSummary> {
     const exposeAt = opts.expose ? parseHostPort(opts.expose) : null;
     const { vm, header } = await restoreSnapshot(path, { cache: this.cache, noStart: true, ...(opts.name ? { name: opts.name } : {}) });
-    if (this.vms.has(vm.name)) throw new VmStateError(`a VM named '${vm.name}' already exists on host ${this.name}`);
-    const managed: ManagedVm = { vm, guest: header.state.name, expose: null };
+    this.checkNameFree(vm.name);
+    const managed: ManagedVm = { vm, guest: header.state.name, link: null, migration: null };
     this.attach(managed);
     try {
-      if (exposeAt) managed.expose = await this.exposeVm(vm, exposeAt);
+      if (exposeAt) managed.link = await this.exposeVm(vm, managed.guest, exposeAt);
       this.vms.set(vm.name, managed);
       await vm.bootFromState(header.state, { paused: opts.paused });
     } catch (e) {
       this.vms.delete(vm.name);
-      await managed.expose?.close();
+      await this.closeLink(managed.link);
       await vm.stop();
       throw e;
     }
@@ -171,20 +254,34 @@ export class HostAgent extends EventEmitter {
     vm.on('trap', (err: Error) => this.emit('trap', vm.name, err));
     vm.on('halt', (code: number) => this.emit('halt', vm.name, code));
     vm.on('error', (err: Error) => this.emit('vm-error', vm.name, err));
-    vm.on('net', (records: NetRecordData[]) => m.expose?.deliver(records));
+    vm.on('net', (records: NetRecordData[]) => m.link?.toClients(records));
+    // The vCPU returns credit as records enter the guest's ring (see exposeVm).
+    vm.on('net-credit', (bytes: number) => m.link?.credit(bytes));
   }
 
-  private async exposeVm(vm: Vm, at: { host: string; port: number }): Promise<ExposeEndpoint> {
+  private async exposeVm(vm: Vm, guest: string, at: { host: string; port: number }): Promise<HomeLink> {
     // The window keeps client input the guest has not consumed below the device's rx queue limit;
     // the vCPU returns credit as records enter the guest's ring (so nothing overflows or is lost).
-    const ep = await ExposeEndpoint.listen({ host: at.host, port: at.port, window: EXPOSE_WINDOW, onRecords: (records) => vm.deliverNet(records) });
-    vm.on('net-credit', (bytes: number) => ep.credit(bytes));
-    return ep;
+    const link = new HomeLink(guest, (l, err) => this.onHomeLost(vm.name, l, err));
+    const ep = await ExposeEndpoint.listen({ host: at.host, port: at.port, window: EXPOSE_WINDOW, onRecords: (records) => link.toGuest(records) });
+    link.bind(ep, vm);
+    return link;
+  }
+
+  /** The host running one of our VMs went away: its clients cannot be served any more. */
+  private onHomeLost(name: string, link: HomeLink, err: Error | undefined): void {
+    if (this.away.get(name) === link) this.away.delete(name);
+    this.emit('vm-lost', name, err);
+    void link.close();
+  }
+
+  private async closeLink(link: NetLink | null): Promise<void> {
+    if (link instanceof HomeLink || link instanceof RemoteLink) await link.close().catch(() => undefined);
   }
 
   async pauseVm(name: string): Promise<VmSummary> {
     const m = this.get(name);
-    m.expose?.hold();
+    m.link?.hold();
     await m.vm.pause();
     return this.summary(name);
   }
@@ -193,7 +290,7 @@ export class HostAgent extends EventEmitter {
     const m = this.get(name);
     m.vm.resume();
     await m.vm.whenRunning();
-    m.expose?.release();
+    m.link?.release();
     return this.summary(name);
   }
 
@@ -201,8 +298,9 @@ export class HostAgent extends EventEmitter {
   async snapshotVm(name: string, out: string, opts: { stop?: boolean } = {}): Promise<SnapshotStats> {
     if (!isAbsolute(out)) throw new InvalidArgumentError(`snapshot path '${out}' must be absolute (the agent may run in another directory)`);
     const m = this.get(name);
+    if (m.migration) throw new VmStateError(`VM '${name}' is migrating (${m.migration.id})`);
     const wasPaused = m.vm.state === 'paused';
-    m.expose?.hold();
+    m.link?.hold();
     await m.vm.pause();
     try {
       const stats = await writeSnapshot(m.vm, out);
@@ -211,29 +309,31 @@ export class HostAgent extends EventEmitter {
     } finally {
       if (!opts.stop && !wasPaused) {
         m.vm.resume();
-        m.expose?.release();
+        m.link?.release();
       }
     }
   }
 
   async stopVm(name: string): Promise<void> {
     const m = this.get(name);
+    if (m.migration) m.migration.controller.abort(new VmStateError(`VM '${name}' was stopped`));
     this.vms.delete(name);
-    await m.expose?.close();
+    await this.closeLink(m.link);
     await m.vm.stop();
   }
 
   summary(name: string): VmSummary {
     const m = this.get(name);
-    const addr = m.expose?.address();
     return {
       name,
       guest: m.guest,
       memoryBytes: m.vm.memoryBytes,
       guestBytes: m.vm.guestBytes,
-      endpoint: addr ? `${addr.host}:${addr.port}` : null,
+      endpoint: m.link?.endpoint() ?? null,
+      endpointHost: m.link?.endpointHost() ?? null,
       stats: m.vm.stat(),
       error: m.vm.trap?.message ?? null,
+      migration: m.migration?.id ?? null,
     };
   }
 
@@ -241,25 +341,290 @@ export class HostAgent extends EventEmitter {
     return [...this.vms.keys()].sort().map((n) => this.summary(n));
   }
 
-  /** Starts the HTTP control API; returns its base URL. */
+  /** VMs whose endpoint is here while they run on another host: name → where client records go. */
+  awayList(): { name: string; endpoint: string | null; via: string }[] {
+    return [...this.away.entries()].sort(([a], [b]) => a.localeCompare(b)).map(([name, l]) => ({ name, endpoint: l.endpoint(), via: l.describe() }));
+  }
+
+  // ---------------------------------------------------------------- migration endpoint (destination)
+
+  /** The migration listener's address (host:port), once listening. */
+  get migrationAddress(): string | null {
+    return this.migrationListener?.address ?? null;
+  }
+
+  /** Opens the migration listener (migrations and client relays share it). */
+  async listenMigrations(address = '127.0.0.1:0'): Promise<string> {
+    if (this.migrationListener) return this.migrationListener.address;
+    this.migrationListener = await this.transport.listen({ address, onConnection: (c) => void this.onMigrationConnection(c) });
+    return this.migrationListener.address;
+  }
+
+  private async onMigrationConnection(conn: Connection): Promise<void> {
+    this.openConns.add(conn);
+    void conn.closed.then(() => this.openConns.delete(conn));
+    if (this.closing) return conn.abort();
+    let start: Awaited<ReturnType<typeof peekStart>>;
+    try {
+      start = await peekStart(conn);
+    } catch {
+      conn.abort();
+      return;
+    }
+    if (startsLikeRelay(start.head)) {
+      await this.acceptRelay(conn, start).catch((e: Error) => {
+        this.emit('relay-error', e);
+        conn.abort(e);
+      });
+      return;
+    }
+    await this.serveIncoming(withPrefix(conn, start.prefix, start.chunks)).catch((e: Error) => this.emit('migration-in-error', e));
+  }
+
+  private async acceptRelay(conn: Connection, start: Awaited<ReturnType<typeof peekStart>>): Promise<void> {
+    const { relay, hello } = await Relay.accept(conn, start.prefix, start.chunks);
+    if (this.vms.has(hello.vm) || this.incomingRelays.has(hello.vm)) {
+      throw new VmStateError(`relay for VM '${hello.vm}' refused: host ${this.name} already has one`);
+    }
+    const link: RemoteLink = new RemoteLink(relay, hello, (l) => {
+      if (this.incomingRelays.get(hello.vm) === l) this.incomingRelays.delete(hello.vm);
+    });
+    this.incomingRelays.set(hello.vm, link);
+  }
+
+  /** Serves one incoming migration; on success the VM joins this host's table. */
+  private async serveIncoming(conn: Connection): Promise<void> {
+    let reservedName: string | null = null;
+    let managed: ManagedVm | null = null;
+    let started = false;
+    const factory: DestinationFactory = {
+      admit: async (hello: HelloFrame) => {
+        const name = hello.vmName;
+        if (this.closing) throw new FerryError('ERR_HOST_CLOSING', `host ${this.name} is shutting down`);
+        if (this.vms.has(name) || this.incoming.has(name)) throw new FerryError('ERR_VM_EXISTS', `a VM named '${name}' already exists on host ${this.name}`);
+        this.checkCapacity(hello.memoryBytes);
+        this.incoming.set(name, hello.memoryBytes);
+        reservedName = name;
+        return {
+          create: async (module: Uint8Array): Promise<DestinationVm> => {
+            const vm = Vm.create({
+              name, module, memoryBytes: hello.memoryBytes, config: hello.config, cache: this.cache,
+              variants: ['plain', 'dirty', 'presence'],
+              ...(this.quantumMs ? { quantumMs: this.quantumMs } : {}),
+            });
+            const home = this.away.get(name) ?? null;
+            const remote = home ? null : (this.incomingRelays.get(name) ?? null);
+            const guest = home?.guest ?? remote?.hello.guest ?? `sha256:${hello.moduleSha256.slice(0, 12)}`;
+            const m: ManagedVm = { vm, guest, link: home ?? remote, migration: null };
+            managed = m;
+            this.attach(m);
+            remote?.bindVm(vm);
+            const inner = new DestinationVmAdapter(vm);
+            return {
+              ensurePages: (p) => inner.ensurePages(p),
+              writePage: (p, d, o) => inner.writePage(p, d, o),
+              zeroPage: (p) => inner.zeroPage(p),
+              readPage: (p, into, o) => inner.readPage(p, into, o),
+              markPresent: (p) => inner.markPresent(p),
+              allPresent: () => inner.allPresent(),
+              onFault: (h) => inner.onFault(h),
+              discard: () => inner.discard(),
+              progress: () => inner.progress(),
+              start: async (state, absent) => {
+                await inner.start(state, absent);
+                started = true;
+                // The VM runs here now: its clients' records must come here.
+                if (home) home.comeHome(vm);
+                else remote?.running();
+              },
+            };
+          },
+        };
+      },
+    };
+    try {
+      const outcome = await serveDestination(conn, factory, this.deps);
+      const m = managed as ManagedVm | null;
+      if (!m) throw new FerryError('ERR_MIGRATION_DESTINATION', 'migration finished without creating a VM');
+      this.vms.set(outcome.vmName, m);
+      if (m.link instanceof HomeLink) this.away.delete(outcome.vmName);
+      if (m.link instanceof RemoteLink) this.incomingRelays.delete(outcome.vmName);
+      this.emit('migration-in', outcome);
+    } catch (e) {
+      const m = managed as ManagedVm | null;
+      // After the start the VM ran here and depends on a source that failed: it cannot continue.
+      if (m && started) await m.vm.stop().catch(() => undefined);
+      throw e;
+    } finally {
+      if (reservedName !== null) this.incoming.delete(reservedName);
+    }
+  }
+
+  // ---------------------------------------------------------------- migrations (source)
+
+  /** Where a destination given as a control URL or a migration address takes migrations. */
+  private async resolveDestination(to: string): Promise<{ address: string; label: string }> {
+    if (/^https?:\/\//i.test(to)) {
+      const url = to.replace(/\/+$/, '');
+      let res: Response;
+      try {
+        res = await fetch(`${url}/v1/host`, { signal: AbortSignal.timeout(10_000) });
+      } catch (e) {
+        throw new FerryError('ERR_DESTINATION_UNREACHABLE', `cannot reach destination agent at ${url}: ${(e as Error).message}`, { cause: e });
+      }
+      const body = (await res.json().catch(() => null)) as { name?: unknown; migration?: unknown } | null;
+      if (!res.ok || !body || typeof body.migration !== 'string') {
+        throw new FerryError('ERR_DESTINATION_UNREACHABLE', `${url}/v1/host did not report a migration address (HTTP ${res.status})`);
+      }
+      return { address: body.migration, label: typeof body.name === 'string' ? body.name : url };
+    }
+    parseTcpAddress(to);
+    return { address: to, label: to };
+  }
+
+  /** Starts migrating `req.vm` away; the job runs in the background. */
+  async startMigration(req: MigrationRequest): Promise<MigrationJob> {
+    if (!MIGRATION_MODES.includes(req.mode)) throw new InvalidArgumentError(`mode '${req.mode}' is not one of ${MIGRATION_MODES.join(', ')}`);
+    const bandwidth = req.bandwidth === undefined ? undefined : parseBandwidth(req.bandwidth);
+    const m = this.get(req.vm);
+    if (m.migration) throw new VmStateError(`VM '${req.vm}' is already migrating (${m.migration.id})`);
+    if (m.vm.state !== 'running') throw new VmStateError(`VM '${req.vm}' is ${m.vm.state}; only a running VM migrates live`);
+    const dest = await this.resolveDestination(req.to);
+    if (dest.address === this.migrationAddress) throw new FerryError('ERR_MIGRATION_SELF', `VM '${req.vm}' already runs on host ${this.name}`);
+    if (m.link instanceof RemoteLink && m.link.hello.homeMigration !== dest.address) {
+      throw new FerryError('ERR_MIGRATION_ENDPOINT', `VM '${req.vm}' serves its clients through host ${m.link.hello.home} (${m.link.hello.homeMigration}); it can only move back there for now`);
+    }
+    if (this.get(req.vm) !== m || m.migration) throw new VmStateError(`VM '${req.vm}' changed while the migration was being set up`);
+    const job = new MigrationJob(`m${this.nextJob++}-${req.vm}`, req.vm, this.name, dest.label, dest.address, req.mode);
+    this.jobs.set(job.id, job);
+    m.migration = job;
+    // The cap shapes our direction of the migration stream (the bulk of the bytes).
+    const shape = bandwidth === undefined ? (c: Connection) => c : (c: Connection) => shaped(c, { bandwidthBytesPerSec: bandwidth, clock: this.deps.clock });
+    void this.runMigration(m, job, req, dest.address, shape);
+    return job;
+  }
+
+  private async runMigration(m: ManagedVm, job: MigrationJob, req: MigrationRequest, address: string, shape: (c: Connection) => Connection): Promise<void> {
+    const signal = job.controller.signal;
+    const link = m.link;
+    let relay: Relay | null = null;
+    let held = false;
+    let conn: Connection | null = null;
+    const releaseHold = () => {
+      if (!held) return;
+      held = false;
+      link?.release();
+    };
+    try {
+      if (link instanceof HomeLink) {
+        relay = await Relay.dial(this.transport, address, {
+          vm: m.vm.name, endpoint: link.endpoint() ?? '', guest: m.guest, home: this.name, homeMigration: this.migrationAddress ?? '',
+        }, { signal });
+        const r = relay;
+        link.adopt(r, () => {
+          // The destination runs the VM: held client input goes there now.
+          link.forwardTo(r, job.to);
+          releaseHold();
+        });
+      }
+      conn = shape(await this.transport.dial(address, { signal }));
+      this.openConns.add(conn);
+      const source = sourceVmOf(m.vm, {
+        onPause: () => {
+          if (!held && link) {
+            held = true;
+            link.hold();
+          }
+        },
+        onResume: releaseHold,
+      });
+      const result = await migrateSource(conn, source, this.deps, {
+        mode: req.mode, signal, onProgress: (p) => job.onProgress(p),
+        ...(req.downtimeMs !== undefined ? { downtimeMs: req.downtimeMs } : {}),
+        ...(req.maxRounds !== undefined ? { maxRounds: req.maxRounds } : {}),
+        ...(req.autoConverge !== undefined ? { autoConverge: req.autoConverge } : {}),
+      });
+      // The destination owns the VM (the engine stopped it here).
+      if (this.vms.get(m.vm.name) === m) this.vms.delete(m.vm.name);
+      m.migration = null;
+      if (link instanceof HomeLink && relay) {
+        link.forwardTo(relay, job.to);
+        releaseHold();
+        this.away.set(m.vm.name, link);
+      }
+      // A RemoteLink is fenced and closed by the home, which the VM went back to.
+      held = false;
+      job.succeed(result);
+      this.emit('migration-out', job.json());
+    } catch (e) {
+      m.migration = null;
+      releaseHold();
+      relay?.abort(e instanceof Error ? e : undefined);
+      job.fail(e);
+      this.emit('migration-out', job.json());
+    } finally {
+      if (conn) this.openConns.delete(conn);
+    }
+  }
+
+  migration(id: string): MigrationJob {
+    const j = this.jobs.get(id);
+    if (!j) throw new NotFoundError(`no migration '${id}' on host ${this.name}`);
+    return j;
+  }
+
+  migrations(): MigrationJobJson[] {
+    return [...this.jobs.values()].map((j) => j.json());
+  }
+
+  /** Cancels a migration (before switchover it ends with the VM running here). */
+  cancelMigration(id: string): MigrationJob {
+    const j = this.migration(id);
+    if (j.status === 'running') j.controller.abort(new FerryError('ERR_CANCELLED', 'cancelled by the operator'));
+    return j;
+  }
+
+  // ---------------------------------------------------------------- lifecycle
+
+  /** Starts the HTTP control API and the migration listener; returns the control API's base URL. */
   async listen(host = '127.0.0.1', port = 0): Promise<string> {
     const app = buildControlApi(this);
     await app.listen({ host, port });
     this.http = app;
     const a = app.server.address();
     if (!a || typeof a === 'string') throw new FerryError('ERR_LISTEN', 'control API did not bind a TCP address');
-    return `http://${host}:${a.port}`;
+    await this.listenMigrations(this.migrationBind ?? `${host.includes(':') ? `[${host}]` : host}:0`);
+    return `http://${host.includes(':') ? `[${host}]` : host}:${a.port}`;
+  }
+
+  /** @internal the control API registers its event streams so close() can end them. */
+  trackStream(res: ServerResponse): () => void {
+    this.sseStreams.add(res);
+    return () => this.sseStreams.delete(res);
   }
 
   async close(): Promise<void> {
+    this.closing = true;
+    for (const j of this.jobs.values()) if (j.status === 'running') j.controller.abort(new FerryError('ERR_HOST_CLOSING', `host ${this.name} is shutting down`));
+    for (const res of this.sseStreams) res.end();
+    this.sseStreams.clear();
+    await this.migrationListener?.close();
+    this.migrationListener = null;
+    for (const c of this.openConns) c.abort();
+    await Promise.all([...this.jobs.values()].map((j) => j.done));
     await this.http?.close();
     this.http = null;
     for (const name of [...this.vms.keys()]) await this.stopVm(name).catch(() => undefined);
+    for (const l of this.away.values()) await l.close().catch(() => undefined);
+    this.away.clear();
+    for (const l of this.incomingRelays.values()) await l.close().catch(() => undefined);
+    this.incomingRelays.clear();
   }
 }
 
+const vmName = z.string().regex(/^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$/, 'name must be 1–64 letters, digits, ".", "_" or "-"');
 const createBody = z.object({
-  name: z.string().regex(/^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$/, 'name must be 1–64 letters, digits, ".", "_" or "-"'),
+  name: vmName,
   guest: z.string().min(1).max(4096),
   memory: z.union([z.string().max(32), z.number().int().positive()]),
   config: z.string().max(65536).optional(),
@@ -271,6 +636,15 @@ const createBody = z.object({
 }).strict();
 const snapshotBody = z.object({ out: z.string().min(1).max(4096), stop: z.boolean().optional() }).strict();
 const restoreBody = z.object({ path: z.string().min(1).max(4096), name: z.string().max(64).optional(), expose: z.string().max(64).optional(), paused: z.boolean().optional() }).strict();
+const migrationBody = z.object({
+  vm: vmName,
+  to: z.string().min(1).max(512),
+  mode: z.enum(MIGRATION_MODES as [MigrationMode, ...MigrationMode[]]),
+  downtimeMs: z.number().positive().max(3_600_000).optional(),
+  bandwidth: z.string().min(1).max(32).optional(),
+  maxRounds: z.number().int().positive().max(1000).optional(),
+  autoConverge: z.boolean().optional(),
+}).strict();
 
 function statusOf(e: unknown): number {
   if (e instanceof NotFoundError) return 404;
@@ -289,7 +663,10 @@ export function buildControlApi(agent: HostAgent): FastifyInstance {
     const message = err instanceof z.ZodError ? err.issues.map((i) => `${i.path.join('.') || 'body'}: ${i.message}`).join('; ') : (err as Error).message;
     void reply.status(status).send({ error: { code, message } });
   });
-  app.get('/v1/host', async () => ({ name: agent.name, vms: agent.list().length }));
+  app.get('/v1/host', async () => ({
+    name: agent.name, vms: agent.list().length, migration: agent.migrationAddress,
+    capacityBytes: agent.capacityBytes, reservedBytes: agent.reservedBytes(), away: agent.awayList(),
+  }));
   app.get('/v1/vms', async () => agent.list());
   app.post('/v1/vms', async (req, reply) => {
     const body = createBody.parse(req.body);
@@ -309,6 +686,41 @@ export function buildControlApi(agent: HostAgent): FastifyInstance {
   app.delete<{ Params: { name: string } }>('/v1/vms/:name', async (req, reply) => {
     await agent.stopVm(req.params.name);
     return reply.status(204).send();
+  });
+
+  app.post('/v1/migrations', async (req, reply) => {
+    const body = migrationBody.parse(req.body);
+    const job = await agent.startMigration(body);
+    return reply.status(202).send({ id: job.id });
+  });
+  app.get('/v1/migrations', async () => agent.migrations());
+  app.get<{ Params: { id: string } }>('/v1/migrations/:id', async (req) => agent.migration(req.params.id).json());
+  app.delete<{ Params: { id: string } }>('/v1/migrations/:id', async (req, reply) => reply.status(202).send(agent.cancelMigration(req.params.id).json()));
+  // Server-Sent Events: `progress` events, then one `done` event with the final status and report.
+  app.get<{ Params: { id: string } }>('/v1/migrations/:id/events', async (req, reply) => {
+    const job = agent.migration(req.params.id);
+    reply.hijack();
+    const res = reply.raw;
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' });
+    const send = (event: string, data: unknown) => res.write(`event: ${event}\ndata: ${JSON.stringify(data, (_k, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? null : v))}\n\n`);
+    if (job.status !== 'running') {
+      send('done', job.json());
+      res.end();
+      return;
+    }
+    const untrack = agent.trackStream(res);
+    if (job.progress) send('progress', job.progress);
+    const unsubscribe = job.subscribe((e) => {
+      if (e.type === 'progress') send('progress', e.progress);
+      else {
+        send('done', e.job);
+        res.end();
+      }
+    });
+    res.on('close', () => {
+      unsubscribe();
+      untrack();
+    });
   });
   return app;
 }
