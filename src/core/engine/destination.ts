@@ -16,8 +16,11 @@ import type { DestinationFactory, DestinationVm, EngineDeps } from './types.js';
 export interface DestinationOutcome {
   vmName: string;
   mode: MigrationMode;
-  /** Digest of memory as at the pause equalled the source's. */
-  verified: boolean;
+  /**
+   * Digest of memory as at the pause equalled the source's; null when the source sent no digest
+   * at switchover (ferry's source checks after the start, against the digest in COMPLETE).
+   */
+  verified: boolean | null;
   pagesReceived: number;
   /** Post-copy: faults the vCPU took, and how long it waited for each (measured here, where the vCPU blocks). */
   faults: number;
@@ -73,9 +76,12 @@ class DestinationSession {
           }
           if (--this.missing === 0) this.allArrived?.();
         } else {
+          // Before the start the last copy of a page wins; hash it now so the digest costs
+          // nothing during the downtime.
           vm.ensurePages(pg.index + 1);
           this.install(vm, pg.index, pg.encoding, pg.data);
           this.received.set(pg.index);
+          this.preHashes[pg.index] = pg.encoding === Encoding.ZERO ? this.zeroHash() : this.hashOf(vm, pg.index);
         }
         this.pagesReceived++;
       }
@@ -92,6 +98,12 @@ class DestinationSession {
   }
 
   private scratch = new Uint8Array(PAGE_SIZE);
+  /** Hashes of pages as installed before the start, by page (valid where `received` is set). */
+  private preHashes = new BigUint64Array(0);
+  private zeroHashValue: bigint | null = null;
+  private zeroHash(): bigint {
+    return (this.zeroHashValue ??= this.deps.hashPage(new Uint8Array(PAGE_SIZE), 0));
+  }
   private hashOf(vm: DestinationVm, page: number): bigint {
     vm.readPage(page, this.scratch, 0);
     return this.deps.hashPage(this.scratch, 0);
@@ -139,6 +151,7 @@ class DestinationSession {
 
     this.maxPages = Math.floor(hello.memoryBytes / PAGE_SIZE);
     this.received = new Bitmap(this.maxPages);
+    this.preHashes = new BigUint64Array(this.maxPages);
     const vm = await admission.create(module);
     this.vm = vm;
     vm.ensurePages(Math.ceil(hello.guestBytes / PAGE_SIZE));
@@ -163,7 +176,11 @@ class DestinationSession {
       throw new MigrationError('ERR_MIGRATION_MISSING_PAGES', `the source says ${sw.pagesRemaining} pages remain, but ${missing} are missing here`);
     }
     const digest = new MemoryDigest(pages);
-    for (let p = 0; p < pages; p++) if (!soft.get(p) && !absent.get(p)) digest.set(p, this.hashOf(vm, p));
+    for (let p = 0; p < pages; p++) {
+      if (soft.get(p) || absent.get(p)) continue;
+      digest.set(p, this.received.get(p) ? this.preHashes[p] : this.hashOf(vm, p));
+    }
+    this.preHashes = new BigUint64Array(0);
     this.digest = digest;
     const want = sw.digest?.hex ?? null;
 
@@ -178,7 +195,7 @@ class DestinationSession {
       await this.framed.send({ type: 'COMPLETE', digest: { algorithm: 'sha256', hex } });
       await this.inbox.ack('COMPLETE', 0);
       await this.framed.close().catch(() => undefined);
-      return this.outcome(hello.vmName, mode, want === null || hex === want, startMs);
+      return this.outcome(hello.vmName, mode, want === null ? null : hex === want, startMs);
     }
 
     // Post-copy: run now, fetch absent pages on demand while the source pushes the rest.
@@ -204,10 +221,10 @@ class DestinationSession {
     await this.inbox.ack('COMPLETE', 0);
     await this.framed.close().catch(() => undefined);
     if (want !== null && hex !== want) throw new MigrationError('ERR_MIGRATION_VERIFY', `memory digest mismatch after post-copy: source ${want.slice(0, 16)}…, here ${hex.slice(0, 16)}…`);
-    return this.outcome(hello.vmName, mode, true, startMs);
+    return this.outcome(hello.vmName, mode, want === null ? null : true, startMs);
   }
 
-  private outcome(vmName: string, mode: MigrationMode, verified: boolean, startMs: number): DestinationOutcome {
+  private outcome(vmName: string, mode: MigrationMode, verified: boolean | null, startMs: number): DestinationOutcome {
     return { vmName, mode, verified, pagesReceived: this.pagesReceived, faults: this.faults, faultLatencyMs: this.latency.summary(), startMs };
   }
 }

@@ -202,8 +202,12 @@ class SourceSession {
     this.vm.throttle(0);
   }
 
-  /** STATE + SWITCHOVER; from here the outcome is in doubt until RESUMED or ERROR. */
-  private async switchover(remaining: Bitmap, stale: Bitmap, soft: Bitmap): Promise<string> {
+  /**
+   * Digest of the paused source memory (soft pages excluded). It is computed while the
+   * destination is already starting, not during the downtime: source memory cannot change until
+   * release, and the destination reports its own digest in COMPLETE.
+   */
+  private async digestOfPausedMemory(soft: Bitmap): Promise<string> {
     const pages = this.vm.guestPages();
     const digest = new MemoryDigest(pages);
     const scratch = new Uint8Array(PAGE_SIZE);
@@ -211,8 +215,14 @@ class SourceSession {
       if (soft.get(p)) continue;
       this.vm.readPage(p, scratch, 0);
       digest.set(p, this.deps.hashPage(scratch, 0));
+      if ((p & 8191) === 8191) await new Promise<void>((r) => setTimeout(r, 0)); // let frames in
     }
-    const hex = digest.hex((b) => this.deps.sha256Hex(b));
+    return digest.hex((b) => this.deps.sha256Hex(b));
+  }
+
+  /** STATE + SWITCHOVER; from here the outcome is in doubt until RESUMED or ERROR. Returns the source digest. */
+  private async switchover(remaining: Bitmap, stale: Bitmap, soft: Bitmap): Promise<string> {
+    const pages = this.vm.guestPages();
     const state = await this.vm.exportState();
     const stateBytes = JSON.stringify(state.devices).length + state.globals.length * 9 + 16;
     await this.framed.send({ type: 'STATE', guestBytes: state.guestBytes, globals: state.globals, devices: state.devices, soft: toWireBitmap(soft, pages) });
@@ -220,7 +230,9 @@ class SourceSession {
     this.event({ type: 'state', t: this.now(), bytes: stateBytes });
     this.checkAbort();
     this.owner = 'in-doubt';
-    await this.framed.send({ type: 'SWITCHOVER', pagesRemaining: remaining.count(), digest: { algorithm: 'sha256', hex }, stale: toWireBitmap(stale, pages) });
+    await this.framed.send({ type: 'SWITCHOVER', pagesRemaining: remaining.count(), digest: null, stale: toWireBitmap(stale, pages) });
+    const digest = this.digestOfPausedMemory(soft);
+    digest.catch(() => undefined);
     try {
       await this.inbox.next('RESUMED');
     } catch (e) {
@@ -230,7 +242,7 @@ class SourceSession {
     }
     this.owner = 'destination';
     this.event({ type: 'resumed', t: this.now() });
-    return hex;
+    return digest;
   }
 
   /** Post-copy tail: push every remaining page, serving page requests first. */

@@ -107,6 +107,7 @@ export class DestinationVmAdapter implements DestinationVm {
 
   constructor(readonly vm: Vm) {
     this.ctl = new Int32Array(vm.controlBuffer);
+    vm.prewarm(); // the vCPU thread starts while pages arrive, not during the downtime
   }
 
   ensurePages(pages: number): void {

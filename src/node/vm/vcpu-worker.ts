@@ -32,6 +32,7 @@ export interface VcpuWorkerData {
 }
 
 export type ToWorker =
+  | { t: 'boot'; boot: VcpuWorkerData['boot'] }
   | { t: 'net'; records: NetRecordData[] }
   | { t: 'export'; id: number }
   | { t: 'soft-pages'; id: number }
@@ -48,8 +49,34 @@ export type FromWorker =
   | { t: 'reply'; id: number; ok: true; value: unknown }
   | { t: 'reply'; id: number; ok: false; error: { name: string; code?: string; message: string } };
 
-const data = workerData as VcpuWorkerData;
-const ctl = new Int32Array(data.control);
+/**
+ * A vCPU thread may be spawned before it knows how to boot (a migration destination starts it
+ * while pages are still arriving, so thread start-up is not part of the downtime). It then waits
+ * here for its 'boot' message; anything else that arrives meanwhile is kept for later.
+ */
+const initial = workerData as Omit<VcpuWorkerData, 'boot'> & { boot?: VcpuWorkerData['boot'] };
+const ctl = new Int32Array(initial.control);
+const backlog: ToWorker[] = [];
+function awaitBoot(): VcpuWorkerData['boot'] | null {
+  for (;;) {
+    const bell = Atomics.load(ctl, Ctl.DOORBELL);
+    for (let m = receiveMessageOnPort(initial.port); m; m = receiveMessageOnPort(initial.port)) {
+      const msg = m.message as ToWorker;
+      if (msg.t === 'boot') return msg.boot;
+      backlog.push(msg);
+    }
+    if (Atomics.load(ctl, Ctl.CMD) === Cmd.STOP) return null;
+    Atomics.wait(ctl, Ctl.DOORBELL, bell);
+  }
+}
+const bootInfo = initial.boot ?? awaitBoot();
+if (!bootInfo) {
+  Atomics.store(ctl, Ctl.STATE, VmRunState.STOPPED);
+  Atomics.notify(ctl, Ctl.STATE);
+  parentPort!.postMessage({ t: 'stopped' });
+  process.exit(0);
+}
+const data: VcpuWorkerData = { ...initial, boot: bootInfo! };
 const stats = new Float64Array(data.stats);
 const post = (m: FromWorker, transfer?: ArrayBuffer[]) => parentPort!.postMessage(m, transfer);
 
@@ -185,6 +212,8 @@ function errorOf(e: unknown): { name: string; code?: string; message: string } {
 
 function handle(msg: ToWorker): void {
   switch (msg.t) {
+    case 'boot':
+      return; // booted already
     case 'net':
       devices.deliverNet(msg.records);
       return;
@@ -209,6 +238,7 @@ function handle(msg: ToWorker): void {
 }
 
 function drainMessages(): void {
+  for (const msg of backlog.splice(0)) handle(msg);
   for (let m = receiveMessageOnPort(data.port); m; m = receiveMessageOnPort(data.port)) handle(m.message as ToWorker);
 }
 

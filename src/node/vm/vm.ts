@@ -94,6 +94,10 @@ export class Vm extends EventEmitter {
   private haltCode: number | null = null;
   /** stop() was called (a VM stopped before it ever ran is 'stopped', not 'created'). */
   private discarded = false;
+  private booted = false;
+  private readyP: Promise<void> = Promise.resolve();
+  private ready: () => void = () => undefined;
+  private failed: (e: unknown) => void = () => undefined;
   readonly serial = ++nextVmSerial;
 
   private constructor(init: VmInit, info: GuestModuleInfo, initialGuestBytes: number) {
@@ -161,18 +165,16 @@ export class Vm extends EventEmitter {
     await this.spawn({ kind: 'state', globals: state.globals as never, devices: state.devices }, opts);
   }
 
-  private async spawn(boot: VcpuWorkerData['boot'], opts: BootOptions): Promise<void> {
-    if (this.worker || this.discarded) throw new VmStateError(`VM ${this.name} has already been started or stopped`);
-    const variant = opts.variant ?? 'plain';
-    if (!this.modules[variant]) throw new VmStateError(`variant ${variant} was not prepared for VM ${this.name}`);
-    Atomics.store(this.ctl, Ctl.VARIANT_REQ, variantId(variant));
-    Atomics.store(this.ctl, Ctl.CMD, opts.paused ? Cmd.PAUSE : Cmd.RUN);
-    Atomics.store(this.ctl, Ctl.QUANTA_LEFT, opts.pauseAfterQuanta ?? 0);
-    Atomics.store(this.ctl, Ctl.FIXED_BUDGET, this.init.fixedBudget ?? 0);
+  /**
+   * Starts the vCPU thread ahead of booting (it waits for its boot message). A migration
+   * destination calls this when the VM arrives, so thread start-up is not part of the downtime.
+   */
+  prewarm(): void {
+    if (this.worker || this.discarded) return;
     const { port1, port2 } = new MessageChannel();
     this.port = port1;
     const devices: DevicesInit = { config: this.config, ...(this.init.block ? { block: this.init.block } : {}) };
-    const data: VcpuWorkerData = {
+    const data: Omit<VcpuWorkerData, 'boot'> = {
       name: this.name,
       memory: this.memory,
       control: this.ctl.buffer as SharedArrayBuffer,
@@ -183,28 +185,40 @@ export class Vm extends EventEmitter {
       initExport: this.info.initExport,
       hasProgress: this.info.hasProgress,
       devices,
-      boot,
       quantumMs: this.init.quantumMs ?? 1,
       idleWaitMs: this.init.idleWaitMs ?? 1,
     };
     const worker = new Worker(new URL('./vcpu-worker.js', import.meta.url), { workerData: data, transferList: [port2] });
     this.worker = worker;
-    let ready!: () => void;
-    let failed!: (e: unknown) => void;
-    const readyP = new Promise<void>((res, rej) => ((ready = res), (failed = rej)));
-    worker.on('message', (m: FromWorker) => this.onMessage(m, ready, failed));
+    this.readyP = new Promise<void>((res, rej) => ((this.ready = res), (this.failed = rej)));
+    this.readyP.catch(() => undefined);
+    worker.on('message', (m: FromWorker) => this.onMessage(m, this.ready, this.failed));
     worker.on('error', (e) => {
       const err = new FerryError('ERR_VCPU_CRASH', `vCPU thread of ${this.name} failed: ${e.message}`, { cause: e });
-      failed(err);
+      this.failed(err);
       this.emit('error', err);
     });
     this.exited = new Promise((res) => worker.once('exit', () => {
       for (const p of this.pending.values()) p.reject(new VmStateError(`VM ${this.name} has stopped`));
       this.pending.clear();
-      failed(new VmStateError(`VM ${this.name} exited during boot`));
+      this.failed(new VmStateError(`VM ${this.name} exited during boot`));
       res();
     }));
-    await readyP;
+  }
+
+  private async spawn(boot: VcpuWorkerData['boot'], opts: BootOptions): Promise<void> {
+    if (this.booted || this.discarded) throw new VmStateError(`VM ${this.name} has already been started or stopped`);
+    const variant = opts.variant ?? 'plain';
+    if (!this.modules[variant]) throw new VmStateError(`variant ${variant} was not prepared for VM ${this.name}`);
+    this.booted = true;
+    Atomics.store(this.ctl, Ctl.VARIANT_REQ, variantId(variant));
+    Atomics.store(this.ctl, Ctl.CMD, opts.paused ? Cmd.PAUSE : Cmd.RUN);
+    Atomics.store(this.ctl, Ctl.QUANTA_LEFT, opts.pauseAfterQuanta ?? 0);
+    Atomics.store(this.ctl, Ctl.FIXED_BUDGET, this.init.fixedBudget ?? 0);
+    this.prewarm();
+    this.port!.postMessage({ t: 'boot', boot } satisfies ToWorker);
+    this.ring();
+    await this.readyP;
     if (opts.paused) await this.waitState((s) => s !== VmRunState.BOOTING && s !== VmRunState.RUNNING);
   }
 
@@ -266,7 +280,7 @@ export class Vm extends EventEmitter {
 
   get state(): string {
     if (this.trapError) return 'trapped';
-    if (!this.worker) return this.discarded ? 'stopped' : 'created';
+    if (!this.booted) return this.discarded ? 'stopped' : 'created';
     return stateName(Atomics.load(this.ctl, Ctl.STATE));
   }
 
@@ -332,7 +346,7 @@ export class Vm extends EventEmitter {
   }
 
   private requireWorker(): void {
-    if (!this.worker) throw new VmStateError(`VM ${this.name} has not been started`);
+    if (!this.booted) throw new VmStateError(`VM ${this.name} has not been started`);
   }
 
   private terminalError(what: string): FerryError {
