@@ -13,6 +13,8 @@ import { formatBytes, formatDuration, parseSize } from '../../core/units.js';
 import { HostAgent, parseHostPort, type VmSummary } from '../agent/agent.js';
 import { ferryHome } from '../paths.js';
 import { runDemo } from './demo.js';
+import { registerHostCommands } from './host.js';
+import { registerMigrateCommand } from './migrate.js';
 import { registerSimCommands } from './sim.js';
 
 interface Registration { name: string; pid: number; control: string }
@@ -220,8 +222,11 @@ export function buildProgram(): Command {
       });
   }
 
+  registerHostCommands(program);
+  registerMigrateCommand(program);
+
   program.command('demo')
-    .description('boot the kv guest, serve a client, snapshot and restore it, and report')
+    .description('two hosts, the kv guest serving a client, live pre-copy a → b and post-copy b → a, and a report per migration')
     .option('--json', 'print the report as JSON')
     .action(async (o) => {
       process.exitCode = await runDemo({ json: !!o.json });

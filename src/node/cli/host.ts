@@ -1,0 +1,135 @@
+/**
+ * `ferry host start`: a host agent in the foreground — the control API, the migration endpoint —
+ * registered under $FERRY_HOME/hosts/<name>.json so `ferry migrate` and friends can find it.
+ */
+import { Command, InvalidArgumentError as CommanderArgError } from 'commander';
+import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { FerryError } from '../../core/errors.js';
+import { formatBytes, parseSize } from '../../core/units.js';
+import { HostAgent, parseHostPort } from '../agent/agent.js';
+import { ferryHome } from '../paths.js';
+
+export interface HostRegistration { name: string; pid: number; control: string; migration: string }
+
+const hostsDir = (home: string) => join(home, 'hosts');
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export function stateHome(stateDir: string | undefined): string {
+  return stateDir ? resolve(stateDir) : ferryHome();
+}
+
+/** The registration of a running host agent, or null (a stale one is removed). */
+export async function findHost(home: string, name: string): Promise<HostRegistration | null> {
+  const file = join(hostsDir(home), `${name}.json`);
+  let reg: HostRegistration;
+  try {
+    reg = JSON.parse(await readFile(file, 'utf8')) as HostRegistration;
+  } catch {
+    return null;
+  }
+  if (!alive(reg.pid)) {
+    await rm(file, { force: true });
+    return null;
+  }
+  return reg;
+}
+
+/** Every running host agent registered under `home`. */
+export async function listHosts(home: string): Promise<HostRegistration[]> {
+  const names = (await readdir(hostsDir(home)).catch(() => [] as string[])).filter((f) => f.endsWith('.json')).map((f) => f.slice(0, -5)).sort();
+  const out: HostRegistration[] = [];
+  for (const n of names) {
+    const r = await findHost(home, n);
+    if (r) out.push(r);
+  }
+  return out;
+}
+
+const nameArg = (v: string) => {
+  if (!/^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$/.test(v)) throw new CommanderArgError('host name must be 1–64 letters, digits, ".", "_" or "-"');
+  return v;
+};
+const addrArg = (v: string) => {
+  try {
+    parseHostPort(v);
+    return v;
+  } catch (e) {
+    throw new CommanderArgError((e as Error).message);
+  }
+};
+const sizeArg = (v: string) => {
+  try {
+    return parseSize(v, 'capacity');
+  } catch (e) {
+    throw new CommanderArgError((e as Error).message);
+  }
+};
+
+export function registerHostCommands(program: Command): void {
+  const host = program.command('host').description('run host agents: the control API and migration endpoint of one host');
+
+  host.command('start')
+    .description('run a host agent in the foreground until Ctrl-C (its VMs stop with it)')
+    .requiredOption('--name <name>', 'host name (unique under the state dir)', nameArg)
+    .option('--listen <host:port>', 'control API address (port 0 picks a free one)', addrArg, '127.0.0.1:0')
+    .option('--migration <host:port>', 'migration listener address (default: the control host, a free port)', addrArg)
+    .option('--data-dir <dir>', 'caches and disks of this host (default: <state dir>/hosts/<name>.d)')
+    .option('--capacity <size>', 'guest RAM this host may reserve, e.g. 8GiB (default: the machine\'s memory)', sizeArg)
+    .option('--state-dir <dir>', 'where hosts and VMs register (default $FERRY_HOME or ~/.ferry)')
+    .option('--json', 'print events as JSON lines')
+    .action(async (o: { name: string; listen: string; migration?: string; dataDir?: string; capacity?: number; stateDir?: string; json?: boolean }) => {
+      const home = stateHome(o.stateDir);
+      if (await findHost(home, o.name)) throw new FerryError('ERR_HOST_EXISTS', `a host named '${o.name}' is already running (see ${join(hostsDir(home), `${o.name}.json`)})`);
+      const at = parseHostPort(o.listen);
+      const dataDir = o.dataDir ? resolve(o.dataDir) : join(hostsDir(home), `${o.name}.d`);
+      await mkdir(dataDir, { recursive: true });
+      const agent = new HostAgent({
+        name: o.name, dataDir,
+        ...(o.capacity !== undefined ? { capacityBytes: o.capacity } : {}),
+        ...(o.migration ? { migrationAddress: o.migration } : {}),
+      });
+      const log = (event: string, fields: Record<string, unknown>, text: string) => {
+        if (o.json) console.log(JSON.stringify({ event, ...fields }));
+        else console.error(`ferry: ${text}`);
+      };
+      agent.on('console', (vm: string, line: string) => (o.json ? console.log(JSON.stringify({ event: 'console', vm, line })) : console.log(`[${vm}] ${line}`)));
+      agent.on('trap', (vm: string, err: Error) => log('trap', { vm, message: err.message }, err.message));
+      agent.on('migration-in', (x: { vmName: string; mode: string }) => log('migration-in', { vm: x.vmName, mode: x.mode }, `VM ${x.vmName} arrived (${x.mode})`));
+      agent.on('migration-out', (j: { vm: string; to: string; status: string }) => log('migration-out', { vm: j.vm, to: j.to, status: j.status }, `migration of ${j.vm} to ${j.to}: ${j.status}`));
+      agent.on('vm-lost', (vm: string) => log('vm-lost', { vm }, `lost VM ${vm}: the host running it went away`));
+      const control = await agent.listen(at.host, at.port);
+      const migration = agent.migrationAddress ?? '';
+      await mkdir(hostsDir(home), { recursive: true });
+      const regFile = join(hostsDir(home), `${o.name}.json`);
+      await writeFile(regFile, JSON.stringify({ name: o.name, pid: process.pid, control, migration } satisfies HostRegistration));
+      log('started', { name: o.name, control, migration, capacityBytes: agent.capacityBytes },
+        `host ${o.name} running; control ${control}, migration ${migration}, capacity ${formatBytes(agent.capacityBytes)}`);
+      await new Promise<void>((res) => {
+        process.once('SIGINT', res);
+        process.once('SIGTERM', res);
+      });
+      await rm(regFile, { force: true });
+      await agent.close();
+      log('stopped', { name: o.name }, `host ${o.name} stopped`);
+    });
+
+  host.command('list')
+    .description('list the host agents running on this machine')
+    .option('--state-dir <dir>', 'where hosts register (default $FERRY_HOME or ~/.ferry)')
+    .option('--json', 'one JSON object per line')
+    .action(async (o: { stateDir?: string; json?: boolean }) => {
+      for (const h of await listHosts(stateHome(o.stateDir))) {
+        if (o.json) console.log(JSON.stringify(h));
+        else console.log(`${h.name.padEnd(16)} ${h.control.padEnd(28)} ${h.migration}`);
+      }
+    });
+}
