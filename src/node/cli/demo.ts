@@ -1,17 +1,35 @@
 /**
- * `ferry demo`: two hosts on this machine, the kv guest serving a client, a cold migration
- * (snapshot on host a, restore on host b), and a report. The live-migration demo replaces the
- * snapshot step once the migration engine exists.
+ * `ferry demo`: two host agents in this process, the kv guest on host a with a client endpoint, a
+ * client driving load through it (pipelined SET/GET, every reply checked), a live pre-copy
+ * migration a → b and a post-copy migration back b → a while the client keeps its one TCP
+ * connection, and a report per migration (including the longest stall the client saw).
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { FerryError } from '../../core/errors.js';
+import type { MigrationMode } from '../../core/protocol/frames.js';
 import { formatBytes, formatDuration } from '../../core/units.js';
 import { HostAgent } from '../agent/agent.js';
 import { KvClient } from '../kv-client.js';
 
 export interface DemoOptions { json: boolean; keys?: number }
+
+interface MigrationSummary {
+  from: string;
+  to: string;
+  mode: MigrationMode;
+  status: string;
+  error: { code: string; message: string } | null;
+  totalMigrationTimeMs: number | null;
+  downtimeMs: number | null;
+  clientStallMs: number;
+  wireBytes: number | null;
+  rounds: number | null;
+  postcopyFaults: number | null;
+  stopReason: string | null;
+  verified: boolean;
+}
 
 function endpointOf(agent: HostAgent, vm: string): { host: string; port: number } {
   const ep = agent.summary(vm).endpoint;
@@ -20,80 +38,152 @@ function endpointOf(agent: HostAgent, vm: string): { host: string; port: number 
   return { host: ep.slice(0, i), port: Number(ep.slice(i + 1)) };
 }
 
-async function load(client: KvClient, keys: number, from = 0): Promise<void> {
-  const inflight: Promise<void>[] = [];
-  for (let i = from; i < from + keys; i++) {
-    inflight.push(client.set(`key${i}`, `value-${i}-${'x'.repeat(24)}`));
-    if (inflight.length >= 256) await Promise.all(inflight.splice(0));
-  }
-  await Promise.all(inflight);
-}
+const valueOf = (i: number, gen = 0) => `value-${i}-${gen}-${'x'.repeat(24)}`;
 
-async function verify(client: KvClient, keys: number): Promise<number> {
-  let missing = 0;
-  const checks: Promise<void>[] = [];
-  for (let i = 0; i < keys; i++) {
-    checks.push(client.get(`key${i}`).then((v) => { if (v !== `value-${i}-${'x'.repeat(24)}`) missing++; }));
-    if (checks.length >= 256) await Promise.all(checks.splice(0));
+/** Continuous pipelined load: overwrite keys and read others back, checking every reply. */
+class Load {
+  readonly expected = new Map<number, string>();
+  requests = 0;
+  wrong: string[] = [];
+  private stopped = false;
+  private running: Promise<void> | null = null;
+  private gen = 0;
+
+  constructor(private readonly client: KvClient, private readonly keys: number) {}
+
+  async preload(): Promise<void> {
+    for (let i = 0; i < this.keys; i += 256) {
+      await Promise.all(Array.from({ length: Math.min(256, this.keys - i) }, (_, j) => this.set(i + j, valueOf(i + j))));
+    }
   }
-  await Promise.all(checks);
-  return missing;
+
+  private async set(i: number, v: string): Promise<void> {
+    this.expected.set(i, v);
+    const r = await this.client.request(`SET key${i} ${v}`);
+    this.requests++;
+    if (r !== 'OK') this.note(`SET key${i} → '${r}'`);
+  }
+
+  private async check(i: number): Promise<void> {
+    const want = this.expected.get(i);
+    const r = await this.client.request(`GET key${i}`);
+    this.requests++;
+    if (r !== `VALUE ${want}`) this.note(`GET key${i} → '${r.slice(0, 60)}', expected '${want?.slice(0, 40)}'`);
+  }
+
+  private note(m: string): void {
+    if (this.wrong.length < 20) this.wrong.push(m);
+    else this.wrong.length++;
+  }
+
+  start(): void {
+    this.running = (async () => {
+      while (!this.stopped) {
+        this.gen++;
+        const batch: Promise<void>[] = [];
+        for (let j = 0; j < 64; j++) {
+          const i = Math.floor(Math.random() * this.keys);
+          // A SET then a GET of the same key in one pipeline: the GET must see the new value.
+          batch.push(this.set(i, valueOf(i, this.gen)), this.check(i));
+          batch.push(this.check(Math.floor(Math.random() * this.keys)));
+        }
+        await Promise.all(batch);
+      }
+    })();
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    await this.running;
+  }
+
+  /** Reads every key back. */
+  async verifyAll(): Promise<number> {
+    const before = this.wrong.length;
+    for (let i = 0; i < this.keys; i += 256) {
+      await Promise.all(Array.from({ length: Math.min(256, this.keys - i) }, (_, j) => this.check(i + j)));
+    }
+    return this.wrong.length - before;
+  }
 }
 
 export async function runDemo(opts: DemoOptions): Promise<number> {
   const keys = opts.keys ?? 20000;
   const dir = await mkdtemp(join(tmpdir(), 'ferry-demo-'));
-  const a = new HostAgent({ name: 'a', dataDir: join(dir, 'a') });
-  const b = new HostAgent({ name: 'b', dataDir: join(dir, 'b') });
+  const hosts = { a: new HostAgent({ name: 'a', dataDir: join(dir, 'a') }), b: new HostAgent({ name: 'b', dataDir: join(dir, 'b') }) };
   const say = (m: string) => { if (!opts.json) console.log(m); };
+  let client: KvClient | null = null;
   try {
-    say('ferry demo: two hosts (a, b) on this machine, the kv guest on a, a client, a cold migration to b');
+    const urls = { a: await hosts.a.listen(), b: await hosts.b.listen() };
+    say('ferry demo: two hosts (a, b) in this process; the kv guest on a; a client on one TCP connection; live migration there and back');
     const t0 = performance.now();
-    await a.createVm({ name: 'kv', guest: 'kv', memory: '256MiB', expose: '127.0.0.1:0' });
-    const bootMs = performance.now() - t0;
-    const epA = endpointOf(a, 'kv');
-    say(`  booted kv on host a in ${formatDuration(bootMs)}; endpoint ${epA.host}:${epA.port}`);
+    await hosts.a.createVm({ name: 'kv', guest: 'kv', memory: '256MiB', expose: '127.0.0.1:0' });
+    const ep = endpointOf(hosts.a, 'kv');
+    say(`  booted kv on host a in ${formatDuration(performance.now() - t0)}; endpoint ${ep.host}:${ep.port} (it stays on a)`);
 
-    const client = new KvClient(epA.host, epA.port);
+    client = new KvClient(ep.host, ep.port);
     await client.connect();
+    const load = new Load(client, keys);
     const tLoad = performance.now();
-    await load(client, keys);
-    const loadMs = performance.now() - tLoad;
-    say(`  client stored ${keys} keys in ${formatDuration(loadMs)} (${Math.round(keys / (loadMs / 1000))} requests/s)`);
-    await client.close();
+    await load.preload();
+    say(`  client stored ${keys} keys in ${formatDuration(performance.now() - tLoad)}; now overwriting and reading keys continuously`);
+    load.start();
+    await new Promise((r) => setTimeout(r, 300));
 
-    const snap = join(dir, 'kv.snap');
-    const snapStats = await a.snapshotVm('kv', snap, { stop: true });
-    say(`  snapshot on a: ${formatBytes(snapStats.bytes)} (${snapStats.pagesWritten} pages, ${snapStats.zeroPagesSkipped} zero pages skipped) in ${formatDuration(snapStats.ms)}; VM stopped on a`);
-
-    const tRestore = performance.now();
-    await b.restoreVm(snap, { expose: '127.0.0.1:0' });
-    const restoreMs = performance.now() - tRestore;
-    const epB = endpointOf(b, 'kv');
-    say(`  restored on host b in ${formatDuration(restoreMs)}; endpoint ${epB.host}:${epB.port}`);
-
-    const client2 = new KvClient(epB.host, epB.port);
-    await client2.connect();
-    const missing = await verify(client2, keys);
-    await client2.close();
-    const downtimeMs = snapStats.ms + restoreMs;
-    const report = {
-      guest: 'kv', keys, bootMs, loadMs, snapshotBytes: snapStats.bytes, snapshotMs: snapStats.ms, restoreMs,
-      coldMigrationDowntimeMs: downtimeMs, keysMissingAfterRestore: missing, verified: missing === 0,
-    };
-    if (opts.json) console.log(JSON.stringify(report));
-    else {
-      console.log('');
-      console.log('  report');
-      console.log(`    keys stored before / found after      ${keys} / ${keys - missing}`);
-      console.log(`    snapshot size                         ${formatBytes(snapStats.bytes)}`);
-      console.log(`    downtime (snapshot + restore)         ${formatDuration(downtimeMs)}`);
-      console.log(`    verified                              ${missing === 0 ? 'yes' : `NO (${missing} keys missing)`}`);
+    const plan: [keyof typeof hosts, keyof typeof hosts, MigrationMode][] = [['a', 'b', 'precopy'], ['b', 'a', 'postcopy']];
+    const results: MigrationSummary[] = [];
+    for (const [from, to, mode] of plan) {
+      say(`  migrating kv ${from} → ${to} (${mode}) under load…`);
+      client.maxStallMs = 0;
+      const job = await hosts[from].startMigration({ vm: 'kv', to: urls[to], mode });
+      await job.done;
+      const stall = client.maxStallMs;
+      const j = job.json();
+      const r = j.report;
+      results.push({
+        from, to, mode, status: j.status, error: j.error,
+        totalMigrationTimeMs: r?.totalMigrationTimeMs ?? null, downtimeMs: r?.downtimeMs ?? null, clientStallMs: stall,
+        wireBytes: r?.bytes.wire ?? null, rounds: r?.rounds.length ?? null, postcopyFaults: r?.postcopy.faults ?? null,
+        stopReason: j.stopReason, verified: j.status === 'succeeded' && r?.verified === true,
+      });
+      if (j.status !== 'succeeded') {
+        say(`    FAILED: ${j.error?.message} (${j.error?.code})`);
+        break;
+      }
+      say(`    done in ${formatDuration(r?.totalMigrationTimeMs ?? 0)}; kv now runs on ${to}; the client never reconnected`);
+      await new Promise((res) => setTimeout(res, 300));
     }
-    return missing === 0 ? 0 : 1;
+    await load.stop();
+    const missing = await load.verifyAll();
+    await client.close();
+    client = null;
+    const requests = load.requests;
+    const wrong = load.wrong.length;
+    const ok = wrong === 0 && results.length === plan.length && results.every((m) => m.verified);
+    if (opts.json) {
+      console.log(JSON.stringify({ guest: 'kv', keys, requests, wrongReplies: wrong, keysWrongAtEnd: missing, migrations: results, verified: ok }));
+    } else {
+      const ms = (v: number | null) => (v === null ? '—' : formatDuration(v));
+      for (const [i, m] of results.entries()) {
+        console.log('');
+        console.log(`  migration ${i + 1}: ${m.from} → ${m.to}, ${m.mode}${m.stopReason ? ` (${m.stopReason})` : ''}`);
+        console.log(`    total migration time     ${ms(m.totalMigrationTimeMs)}`);
+        console.log(`    downtime (VM paused)     ${ms(m.downtimeMs)}`);
+        console.log(`    client-observed stall    ${formatDuration(m.clientStallMs)}`);
+        console.log(`    bytes on the wire        ${m.wireBytes === null ? '—' : formatBytes(m.wireBytes)}`);
+        console.log(`    pre-copy rounds          ${m.rounds ?? '—'}${m.postcopyFaults ? `; post-copy faults ${m.postcopyFaults}` : ''}`);
+        console.log(`    verified                 ${m.verified ? 'yes' : `NO${m.error ? ` (${m.error.code}: ${m.error.message})` : ''}`}`);
+      }
+      console.log('');
+      console.log(`  client: ${requests} requests on one connection, ${wrong === 0 ? 'every reply correct' : `${wrong} WRONG OR MISSING replies`}; all ${keys} keys read back ${missing === 0 ? 'intact' : `— ${missing} wrong`}`);
+      for (const w of load.wrong.slice(0, 5)) if (w) console.log(`    ${w}`);
+      console.log(`  ${ok ? 'OK' : 'FAILED'}`);
+    }
+    return ok ? 0 : 1;
   } finally {
-    await a.close();
-    await b.close();
+    await client?.close().catch(() => undefined);
+    await hosts.a.close();
+    await hosts.b.close();
     await rm(dir, { recursive: true, force: true });
   }
 }
