@@ -31,7 +31,7 @@ export type { GuestModuleInfo } from './instrument/inspect.js';
 export type { Variant } from './instrument/rewrite.js';
 
 /** Part of every cache key: bump it whenever the rewritten output changes. */
-export const REWRITER_VERSION = 2;
+export const REWRITER_VERSION = 3;
 
 export const VARIANTS: readonly Variant[] = ['plain', 'dirty', 'presence'];
 

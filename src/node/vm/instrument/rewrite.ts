@@ -56,7 +56,10 @@ export function rewrite(a: Analysis, variant: Variant): Uint8Array {
   const use = (name: string): string => { used.add(name); return name; };
 
   /** Dirty marks for a `bytes`-wide write at physical `local + k`, which has just succeeded. */
-  const marks = (l: number, k: number, bytes: number): Ref[] => (bytes === 1 ? [mark(l, k)] : [mark(l, k), mark(l, k + bytes - 1)]);
+  // The second mark is needed only when the write straddles into the next page: a well-predicted
+  // branch is cheaper than a second store on every write.
+  const straddles = (l: number, k: number, bytes: number): Ref => m.i32.gt_u(m.i32.and(m.i32.add(get32(l), c32(k)), c32(4095)), c32(4096 - bytes));
+  const marks = (l: number, k: number, bytes: number): Ref[] => (bytes === 1 ? [mark(l, k)] : [mark(l, k), m.if(straddles(l, k, bytes), mark(l, k + bytes - 1))]);
   /** Presence check before a `bytes`-wide access at physical `local + k`. */
   const check = (l: number, k: number, bytes: number): Ref => {
     if (bytes === 1) return m.if(m.i32.eqz(present(l, k)), m.call(use(H.fault), [pageOf(l, k)], none));
