@@ -11,12 +11,14 @@
  * - memstress with writable working sets of 1/8, 1/4, 1/2 of memory dirtying below and above the
  *   link rate (1 Gbit/s through the shaper) in all three modes: TMT, downtime, bytes, verified.
  *
- * Source and destination run in this one process (two VM workers, one event loop for both
- * engines), as in the engine tests; on this 2-core machine that is pessimistic for both.
+ * The destination runs in a child process (this file, started with FERRY_BENCH_DESTINATION=1), so
+ * the two engines have an event loop each, as on two hosts; both share this machine's 2 cores.
  */
 import net from 'node:net';
+import { fork, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { median, type BenchContext, type BenchSuite } from './harness.js';
 import { rawTcp } from './transport.bench.js';
 import { migrateSource } from '../src/core/engine/source.js';
@@ -25,7 +27,6 @@ import type { DestinationFactory, MigrationOptions, MigrationResult } from '../s
 import type { MigrationReport } from '../src/core/metrics.js';
 import type { MigrationMode } from '../src/core/protocol/frames.js';
 import { shaped, type ShapedConnectionInit } from '../src/core/transport/shaped.js';
-import type { Connection } from '../src/core/transport/transport.js';
 import { realClock } from '../src/node/clock.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../src/node/engine/adapters.js';
 import { InstrumentCache } from '../src/node/vm/instrument.js';
@@ -49,6 +50,79 @@ async function sourceVm(name: string, mem: number, config: string): Promise<Vm> 
   return vm;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The destination host: a child process that serves one migration per connection.
+
+type LinkInit = Omit<ShapedConnectionInit, 'clock'>;
+type ToDestination = { type: 'expect'; link: LinkInit | null };
+type FromDestination =
+  | { type: 'ready'; address: string }
+  | { type: 'expecting' }
+  | { type: 'outcome'; outcome: DestinationOutcome }
+  | { type: 'failed'; message: string };
+
+async function destinationHost(): Promise<void> {
+  for (const v of ['plain', 'dirty', 'presence'] as const) cache.get(memstress, v); // instrument before any migration
+  let link: LinkInit | null = null;
+  const send = (m: FromDestination) => process.send!(m);
+  const l = await tcp().listen({
+    onConnection: (c) => {
+      const conn = link ? shaped(c, { ...link, clock: realClock() }) : c;
+      const made: Vm[] = [];
+      serveDestination(conn, factory(made), deps)
+        .then((outcome) => send({ type: 'outcome', outcome }), (e: Error) => send({ type: 'failed', message: e.message }))
+        .finally(async () => { for (const vm of made) await vm.stop().catch(() => undefined); });
+    },
+  });
+  process.on('message', (m: ToDestination) => {
+    if (m.type === 'expect') {
+      link = m.link;
+      send({ type: 'expecting' });
+    }
+  });
+  process.on('disconnect', () => process.exit(0));
+  send({ type: 'ready', address: l.address });
+}
+
+class DestinationProcess {
+  private constructor(private readonly child: ChildProcess, readonly address: string) {}
+
+  static async start(): Promise<DestinationProcess> {
+    const child = fork(fileURLToPath(import.meta.url), [], { env: { ...process.env, FERRY_BENCH_DESTINATION: '1' }, stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+    const m = await DestinationProcess.reply(child);
+    if (m.type !== 'ready') throw new Error(`destination process said ${m.type}`);
+    return new DestinationProcess(child, m.address);
+  }
+
+  private static reply(child: ChildProcess): Promise<FromDestination> {
+    return new Promise((resolve, reject) => {
+      const onExit = (code: number | null) => reject(new Error(`destination process exited (${code})`));
+      child.once('exit', onExit);
+      child.once('message', (m: FromDestination) => {
+        child.off('exit', onExit);
+        resolve(m);
+      });
+    });
+  }
+
+  /** Readies the next migration; `outcome` settles when the destination is done with it. */
+  async expect(link: LinkInit | null): Promise<{ outcome: Promise<DestinationOutcome> }> {
+    const ack = DestinationProcess.reply(this.child);
+    this.child.send({ type: 'expect', link } satisfies ToDestination);
+    if ((await ack).type !== 'expecting') throw new Error('destination process did not get ready');
+    const outcome = DestinationProcess.reply(this.child).then((m) => {
+      if (m.type === 'outcome') return m.outcome;
+      throw new Error(`destination failed: ${m.type === 'failed' ? m.message : m.type}`);
+    });
+    outcome.catch(() => undefined); // awaited after the source's result
+    return { outcome };
+  }
+
+  stop(): void {
+    this.child.disconnect();
+  }
+}
+
 function factory(made: Vm[]): DestinationFactory {
   return {
     async admit(hello) {
@@ -63,38 +137,28 @@ function factory(made: Vm[]): DestinationFactory {
   };
 }
 
-async function tcpPair(): Promise<[Connection, Connection]> {
-  const t = tcp();
-  let accept!: (c: Connection) => void;
-  const accepted = new Promise<Connection>((r) => { accept = r; });
-  const l = await t.listen({ onConnection: (c) => accept(c) });
-  const a = await t.dial(l.address);
-  const b = await accepted;
-  await l.close();
-  return [a, b];
-}
-
 interface Run {
   result: MigrationResult;
   outcome: DestinationOutcome;
   report: MigrationReport;
 }
 
-/** Migrates `src` to a fresh destination VM over loopback TCP (both directions shaped when `link` is given), then stops both. */
-async function migrate(src: Vm, opts: MigrationOptions, link?: Omit<ShapedConnectionInit, 'clock'>): Promise<Run> {
-  const [a0, b0] = await tcpPair();
-  const clock = realClock();
-  const a = link ? shaped(a0, { ...link, clock }) : a0;
-  const b = link ? shaped(b0, { ...link, clock }) : b0;
-  const made: Vm[] = [];
+let destination: DestinationProcess | undefined;
+
+/**
+ * Migrates `src` to a fresh VM in the destination process over loopback TCP (both directions
+ * shaped when `link` is given), then stops the source.
+ */
+async function migrate(src: Vm, opts: MigrationOptions, link?: LinkInit): Promise<Run> {
   try {
-    const dest = serveDestination(b, factory(made), deps);
+    const dest = await destination!.expect(link ?? null);
+    const c = await tcp().dial(destination!.address);
+    const a = link ? shaped(c, { ...link, clock: realClock() }) : c;
     const result = await migrateSource(a, sourceVmOf(src), deps, opts);
-    const outcome = await dest;
+    const outcome = await dest.outcome;
     return { result, outcome, report: result.report };
   } finally {
     await src.stop().catch(() => undefined);
-    for (const vm of made) await vm.stop().catch(() => undefined);
   }
 }
 
@@ -240,11 +304,23 @@ const suite: BenchSuite = {
   async run(ctx) {
     const q = ctx.quick;
     const big = q ? 64 * MiB : 256 * MiB;
-    let bandwidth = NaN;
-    await section(ctx, 'precopy-idle', async () => { bandwidth = await precopyIdle(ctx, big, q ? 1 : 3); });
-    await section(ctx, 'downtime', () => downtimeFloor(ctx, big, bandwidth));
-    await section(ctx, 'postcopy', () => postcopyFaults(ctx, big));
-    await section(ctx, 'wss', () => workingSets(ctx, q ? 32 * MiB : 128 * MiB));
+    destination = await DestinationProcess.start();
+    try {
+      await parts(ctx, q, big);
+    } finally {
+      destination.stop();
+      destination = undefined;
+    }
   },
 };
 export default suite;
+
+async function parts(ctx: BenchContext, q: boolean, big: number): Promise<void> {
+  let bandwidth = NaN;
+  await section(ctx, 'precopy-idle', async () => { bandwidth = await precopyIdle(ctx, big, q ? 1 : 3); });
+  await section(ctx, 'downtime', () => downtimeFloor(ctx, big, bandwidth));
+  await section(ctx, 'postcopy', () => postcopyFaults(ctx, big));
+  await section(ctx, 'wss', () => workingSets(ctx, q ? 32 * MiB : 128 * MiB));
+}
+
+if (process.env.FERRY_BENCH_DESTINATION === '1' && process.send) await destinationHost();
