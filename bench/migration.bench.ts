@@ -212,6 +212,19 @@ async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promis
   return median(rates) * 1e9;
 }
 
+/** The same idle pre-copy through a 1 Gbit/s shaped link: does the engine fill a link it can outrun? */
+async function precopyIdleOnLink(ctx: BenchContext, mem: number): Promise<void> {
+  const cap = 125e6;
+  const src = await sourceVm('idle-link', mem, 'rate=1');
+  const run = await migrate(src, { mode: 'precopy' }, { bandwidthBytesPerSec: cap });
+  const r = run.report;
+  const round0 = r.rounds[0];
+  ctx.report({
+    metric: 'precopy-idle-1gbit.vs-cap', value: round0.bytesSent / (round0.durationMs / 1000) / cap, unit: '×',
+    note: `first pass ${fmtMiB(round0.bytesSent)} in ${round0.durationMs.toFixed(0)} ms; TMT ${r.totalMigrationTimeMs!.toFixed(0)} ms (${((r.bytes.wire / (r.totalMigrationTimeMs! / 1000)) / cap).toFixed(2)}× cap over the whole migration)`,
+  });
+}
+
 async function downtimeFloor(ctx: BenchContext, mem: number, bandwidth: number): Promise<void> {
   const rtt = await loopbackRttMs(200);
   // A hot 16 MiB written at 4 MB/s (≈ 500 k random writes/s): a full final round at every pause.
@@ -318,6 +331,7 @@ export default suite;
 async function parts(ctx: BenchContext, q: boolean, big: number): Promise<void> {
   let bandwidth = NaN;
   await section(ctx, 'precopy-idle', async () => { bandwidth = await precopyIdle(ctx, big, q ? 1 : 3); });
+  await section(ctx, 'precopy-idle-1gbit', () => precopyIdleOnLink(ctx, big));
   await section(ctx, 'downtime', () => downtimeFloor(ctx, big, bandwidth));
   await section(ctx, 'postcopy', () => postcopyFaults(ctx, big));
   await section(ctx, 'wss', () => workingSets(ctx, q ? 32 * MiB : 128 * MiB));
