@@ -69,6 +69,7 @@ for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
       assert.ok(r.downtimeMs !== null && r.downtimeMs >= 0);
       assert.ok(r.totalMigrationTimeMs! >= r.downtimeMs!);
       assert.ok(r.bytes.wire >= 6 * 1024 * 1024, 'at least the written region crossed the wire');
+      assert.ok(r.degradation !== null && r.degradation.beforePerSec > 0, 'degradation is measured against a baseline');
       assert.ok(progress.length > 0 && progress.every((v, i) => i === 0 || v >= progress[i - 1]), 'progress never runs backwards');
       if (mode === 'precopy') {
         assert.equal(result.stopReason, 'round-limit');

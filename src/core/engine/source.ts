@@ -39,8 +39,6 @@ class SourceSession {
   private readonly batchPages: number;
   private readonly maxPages: number;
   private stopReason = '';
-  private progressBefore = 0;
-  private progressAt = 0;
 
   constructor(conn: Connection, private readonly vm: SourceVm, private readonly deps: EngineDeps, private readonly opts: MigrationOptions) {
     this.framed = new FramedConnection(conn);
@@ -195,7 +193,7 @@ class SourceSession {
   }
 
   private async pause(): Promise<void> {
-    this.progressAt = this.now();
+    this.event({ type: 'progress', t: this.now(), work: this.vm.progress() });
     this.event({ type: 'paused', t: this.now() });
     await this.vm.pause();
     this.paused = true;
@@ -313,9 +311,15 @@ class SourceSession {
   }
 
   async run(): Promise<MigrationResult> {
+    // Application degradation compares the guest's work rate during the migration with a short
+    // baseline measured just before it.
+    const baselineMs = this.opts.baselineMs ?? 200;
+    if (baselineMs > 0) {
+      this.event({ type: 'progress', t: -baselineMs, work: this.vm.progress() });
+      await this.deps.clock.sleep(baselineMs, this.opts.signal);
+    }
     this.event({ type: 'start', t: 0 });
-    this.progressBefore = this.vm.progress();
-    this.event({ type: 'progress', t: 0, work: this.progressBefore });
+    this.event({ type: 'progress', t: 0, work: this.vm.progress() });
     const onAbort = () => {
       if (this.owner === 'source') this.inbox.fail(new AbortError('migration cancelled', { cause: this.opts.signal?.reason }));
     };

@@ -108,6 +108,8 @@ export interface MigrationOptions {
   prepaging?: boolean;
   /** Pages per PAGES frame. Default 256 (1 MiB raw). Post-copy pushes use smaller batches. */
   batchPages?: number;
+  /** Measure the guest's work rate for this long before starting (degradation baseline), ms. Default 200; 0 skips it. */
+  baselineMs?: number;
   signal?: AbortSignal;
   onProgress?: (p: MigrationProgress) => void;
 }
