@@ -79,7 +79,7 @@ for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
       if (mode === 'postcopy') assert.ok(r.pages.pushed + r.pages.faulted > 0);
       const vm = made[0];
       const p0 = vm.stat().progress;
-      await new Promise((res) => setTimeout(res, 40));
+      for (let i = 0; i < 500 && vm.stat().progress === p0; i++) await new Promise((res) => setTimeout(res, 10));
       assert.ok(vm.stat().progress > p0, 'the guest keeps working on the destination');
       assert.equal(vm.dirtyLogging, false);
       await vm.stop();

@@ -123,6 +123,9 @@ class SourceSession {
       await this.framed.send({ type: 'MODULE', totalBytes: this.vm.module.length, offset: off, chunk });
       this.bytesSent += chunk.length + 16;
     }
+    // The destination acknowledges once its VM is ready to start (thread loaded): only then may
+    // we pause, so the destination's set-up is not part of the downtime.
+    await this.inbox.ack('MODULE', 0);
   }
 
   /** Pre-copy rounds. Returns the pages still to send and whether to finish by post-copy. */
@@ -213,7 +216,7 @@ class SourceSession {
       if (soft.get(p)) continue;
       this.vm.readPage(p, scratch, 0);
       digest.set(p, this.deps.hashPage(scratch, 0));
-      if ((p & 8191) === 8191) await new Promise<void>((r) => setTimeout(r, 0)); // let frames in
+      if ((p & 8191) === 8191) await this.deps.yieldToIo(); // let frames in
     }
     return digest.hex((b) => this.deps.sha256Hex(b));
   }
@@ -263,7 +266,6 @@ class SourceSession {
     let demandPages = 0;
     let pushedBytes = 0;
     let demandBytes = 0;
-    let batches = 0;
     while (!sched.complete) {
       if (this.inbox.error) throw this.inbox.error;
       const demandFirst = sched.pendingFaults > 0;
@@ -289,7 +291,7 @@ class SourceSession {
       for (const p of batch) sched.onSent(p);
       this.pagesRemaining = sched.remaining;
       // Writes that do not block never reach the event loop; give incoming page requests a turn.
-      if (++batches % 8 === 0 && sched.pendingFaults === 0) await new Promise<void>((r) => setTimeout(r, 0));
+      if (sched.pendingFaults === 0) await this.deps.yieldToIo();
     }
     this.event({ type: 'pages', t: this.now(), kind: 'pushed', pages: pushedPages, bytes: pushedBytes });
     this.event({ type: 'pages', t: this.now(), kind: 'faulted', pages: demandPages, bytes: demandBytes });
@@ -357,8 +359,8 @@ class SourceSession {
           const b0 = this.bytesSent;
           const n = await this.sendPages(final, this.round, false);
           this.event({ type: 'pages', t: this.now(), kind: 'resent', pages: n, bytes: this.bytesSent - b0 });
+          // No waiting for this round's ACK: the stream is ordered, STATE and SWITCHOVER follow.
           await this.framed.send({ type: 'ROUND_END', round: this.round, pages: n, dirty: 0 });
-          await this.inbox.ack('ROUND_END', this.round);
           digest = await this.switchover(new Bitmap(this.maxPages), new Bitmap(this.maxPages), soft);
         } else {
           // Hybrid switching to post-copy: what the destination has is current except `stale`.

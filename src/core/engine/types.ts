@@ -70,6 +70,8 @@ export interface DestinationVm {
   allPresent(): Promise<void>;
   /** Post-copy fault notifications (guest page numbers), registered before start. */
   onFault(handler: (page: number) => void): void;
+  /** Resolves once the VM can start without further set-up (its vCPU thread is loaded). */
+  warm(): Promise<void>;
   /** Throws the destination's VM away (migration failed before it owned the VM). */
   discard(): Promise<void>;
   progress(): number;
@@ -90,6 +92,8 @@ export interface EngineDeps {
   sha256Hex(bytes: Uint8Array): string;
   /** A fast 64-bit hash of one page (the memory digest is built from these). */
   hashPage(bytes: Uint8Array, offset: number): bigint;
+  /** Lets pending I/O (incoming frames) run; as cheap as possible (Node: setImmediate). */
+  yieldToIo(): Promise<void>;
 }
 
 export interface MigrationOptions {

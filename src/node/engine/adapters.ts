@@ -19,6 +19,7 @@ export function nodeEngineDeps(): EngineDeps {
     clock: realClock(),
     sha256Hex: (b) => createHash('sha256').update(b).digest('hex'),
     hashPage: (b, off) => xxh64(b.subarray(off, off + PAGE_SIZE)),
+    yieldToIo: () => new Promise<void>((r) => setImmediate(r)),
   };
 }
 
@@ -105,9 +106,15 @@ export class DestinationVmAdapter implements DestinationVm {
   private serving = false;
   private readonly ctl: Int32Array;
 
+  private readonly warming: Promise<void>;
+
   constructor(readonly vm: Vm) {
     this.ctl = new Int32Array(vm.controlBuffer);
-    vm.prewarm(); // the vCPU thread starts while pages arrive, not during the downtime
+    this.warming = vm.prewarm(); // the vCPU thread starts before the source pauses
+  }
+
+  warm(): Promise<void> {
+    return this.warming;
   }
 
   ensurePages(pages: number): void {

@@ -39,6 +39,7 @@ export type ToWorker =
   | { t: 'block-bitmap'; id: number; clear: boolean };
 
 export type FromWorker =
+  | { t: 'standby' }
   | { t: 'ready' }
   | { t: 'console'; line: string }
   | { t: 'net'; records: NetRecordData[] }
@@ -69,6 +70,7 @@ function awaitBoot(): VcpuWorkerData['boot'] | null {
     Atomics.wait(ctl, Ctl.DOORBELL, bell);
   }
 }
+if (!initial.boot) parentPort!.postMessage({ t: 'standby' } satisfies FromWorker);
 const bootInfo = initial.boot ?? awaitBoot();
 if (!bootInfo) {
   Atomics.store(ctl, Ctl.STATE, VmRunState.STOPPED);

@@ -96,6 +96,8 @@ export class Vm extends EventEmitter {
   private discarded = false;
   private booted = false;
   private readyP: Promise<void> = Promise.resolve();
+  private standby: () => void = () => undefined;
+  private standbyP: Promise<void> | null = null;
   private ready: () => void = () => undefined;
   private failed: (e: unknown) => void = () => undefined;
   readonly serial = ++nextVmSerial;
@@ -168,9 +170,11 @@ export class Vm extends EventEmitter {
   /**
    * Starts the vCPU thread ahead of booting (it waits for its boot message). A migration
    * destination calls this when the VM arrives, so thread start-up is not part of the downtime.
+   * Resolves once the thread has loaded and waits for its boot message.
    */
-  prewarm(): void {
-    if (this.worker || this.discarded) return;
+  prewarm(): Promise<void> {
+    if (this.worker || this.discarded) return this.standbyP ?? Promise.resolve();
+    this.standbyP = new Promise<void>((res) => (this.standby = res));
     const { port1, port2 } = new MessageChannel();
     this.port = port1;
     const devices: DevicesInit = { config: this.config, ...(this.init.block ? { block: this.init.block } : {}) };
@@ -202,8 +206,10 @@ export class Vm extends EventEmitter {
       for (const p of this.pending.values()) p.reject(new VmStateError(`VM ${this.name} has stopped`));
       this.pending.clear();
       this.failed(new VmStateError(`VM ${this.name} exited during boot`));
+      this.standby();
       res();
     }));
+    return this.standbyP;
   }
 
   private async spawn(boot: VcpuWorkerData['boot'], opts: BootOptions): Promise<void> {
@@ -215,7 +221,7 @@ export class Vm extends EventEmitter {
     Atomics.store(this.ctl, Ctl.CMD, opts.paused ? Cmd.PAUSE : Cmd.RUN);
     Atomics.store(this.ctl, Ctl.QUANTA_LEFT, opts.pauseAfterQuanta ?? 0);
     Atomics.store(this.ctl, Ctl.FIXED_BUDGET, this.init.fixedBudget ?? 0);
-    this.prewarm();
+    void this.prewarm();
     this.port!.postMessage({ t: 'boot', boot } satisfies ToWorker);
     this.ring();
     await this.readyP;
@@ -224,6 +230,7 @@ export class Vm extends EventEmitter {
 
   private onMessage(m: FromWorker, ready: () => void, failed: (e: unknown) => void): void {
     switch (m.t) {
+      case 'standby': this.standby(); break;
       case 'ready': ready(); break;
       case 'console': this.emit('console', m.line); break;
       case 'net': this.emit('net', m.records); break;
