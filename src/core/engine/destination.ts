@@ -156,7 +156,7 @@ class DestinationSession {
     this.vm = vm;
     // The source pauses only after this ACK, so VM set-up is never part of the downtime.
     await vm.warm();
-    await this.framed.send({ type: 'ACK', acked: 'MODULE', value: 0 });
+    await this.framed.send({ type: 'ACK', acked: 'MODULE', value: hello.moduleBytes });
     vm.ensurePages(Math.ceil(hello.guestBytes / PAGE_SIZE));
     this.inbox.on('PAGES', (f) => this.onPages(f));
     this.inbox.on('ROUND_END', (f) => {

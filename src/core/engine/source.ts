@@ -125,7 +125,7 @@ class SourceSession {
     }
     // The destination acknowledges once its VM is ready to start (thread loaded): only then may
     // we pause, so the destination's set-up is not part of the downtime.
-    await this.inbox.ack('MODULE', 0);
+    await this.inbox.ack('MODULE', this.vm.module.length);
   }
 
   /** Pre-copy rounds. Returns the pages still to send and whether to finish by post-copy. */
