@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { InvalidArgumentError, ProtocolError } from '../../src/core/errors.js';
+import { mulberry32 } from '../helpers/prng.js';
 import {
   DEFAULT_LIMITS, Encoding, FrameDecoder, FrameTypeId, HEADER_BYTES, ProtocolErrorCode, decodeFrame, encodeFrame,
   encodeHello, encodePages, encodeState, type Frame, type HelloFrame,
@@ -343,16 +344,6 @@ test('encoders refuse what the protocol cannot carry', () => {
 // ---- Property tests: whatever bytes arrive, the decoder throws only ProtocolError, stays within
 // its buffer cap, and terminates. A seeded PRNG keeps failures reproducible (the seed is printed).
 
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const KNOWN_CODES = new Set<string>(Object.values(ProtocolErrorCode));
 

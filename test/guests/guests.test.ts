@@ -9,6 +9,7 @@ import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { FERRY_IMPORTS, RunStatus, WASI_IMPORTS } from '../../src/core/abi.js';
 import { BareHost, GuestAbort, changedPages } from '../helpers/bare-host.js';
+import { mulberry32 as prng } from '../helpers/prng.js';
 
 function guest(name: string): string {
   const p = fileURLToPath(new URL(`../../../build/guests/${name}.wasm`, import.meta.url));
@@ -16,17 +17,6 @@ function guest(name: string): string {
   return p;
 }
 
-/** Deterministic PRNG for test inputs (mulberry32). */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 test('every guest imports only names from the guest ABI', () => {
   for (const name of ['kv', 'memstress', 'compute', 'wordfreq']) {

@@ -3,18 +3,9 @@
  * random pages, sparse "heap" pages, re-dirtied versions of a page, and pages duplicated across VMs.
  */
 import { PAGE_SIZE } from '../../src/core/pages.js';
+import { mulberry32 as rng } from './prng.js';
+export { rng };
 
-/** mulberry32: small, fast, seeded; good enough for test data. */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const WORDS = [
   'the', 'page', 'memory', 'migration', 'dirty', 'round', 'host', 'guest', 'ferry', 'copy', 'stop', 'and', 'of', 'to',

@@ -9,6 +9,7 @@ import { PRESENCE_MAP_OFFSET, RESERVED_BYTES, RESERVED_PAGES, RESERVED_WASM_PAGE
 import { GuestModuleError } from '../../src/core/errors.js';
 import { InstrumentCache, inspectGuest, instrument, REWRITER_VERSION } from '../../src/node/vm/instrument.js';
 import type { Variant } from '../../src/node/vm/instrument.js';
+import { mulberry32 as rng } from '../helpers/prng.js';
 
 // ------------------------------------------------------------------------------------------ helpers
 
@@ -112,17 +113,6 @@ function guest(body: string, extra = '', memory = '(memory (export "memory") 4 1
 
 // ------------------------------------------------------------------ randomized differential test
 
-/** mulberry32: a tiny deterministic PRNG so a failing seed can be replayed. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 interface Program { text: string; writes: [number, number][]; reads: [number, number][] }
 
