@@ -462,3 +462,25 @@ test('fast-check: arbitrary chunkings of arbitrary bytes never escape ProtocolEr
     return d.bufferedBytes <= d.maxBufferedBytes;
   }), { numRuns: 5000, seed: SEED });
 });
+
+test('PagesFrameBuilder produces exactly the bytes encodePages does, and decodes', async () => {
+  const { PagesFrameBuilder } = await import('../../src/core/protocol/index.js');
+  const b = new PagesFrameBuilder(4, 4096);
+  b.addRaw(7).set(page(7));
+  b.addZero(9);
+  b.addRaw(12).set(page(12));
+  const built = b.finish(3, true);
+  const expected = encodePages({ seq: 3, demand: true, pages: [
+    { index: 7, encoding: Encoding.RAW, data: page(7) },
+    { index: 9, encoding: Encoding.ZERO, data: new Uint8Array(0) },
+    { index: 12, encoding: Encoding.RAW, data: page(12) },
+  ] }, 4096);
+  assert.deepEqual(built, expected);
+  const f = decodeFrame(built) as Frame & { type: 'PAGES' };
+  assert.deepEqual(f.pages.map((p) => p.index), [7, 9, 12]);
+  const full = new PagesFrameBuilder(1, 4096);
+  full.addZero(1);
+  assert.equal(full.full, true);
+  assert.throws(() => full.addZero(2), InvalidArgumentError);
+  assert.throws(() => new PagesFrameBuilder(1, 4096).finish(0, false), InvalidArgumentError);
+});

@@ -11,7 +11,8 @@ import { PAGE_SIZE } from '../pages.js';
 import { AutoConverge, PrecopyStopPolicy, type PrecopyRoundStats } from '../policy/precopy.js';
 import { HybridSwitchPolicy } from '../policy/hybrid.js';
 import { PostcopyScheduler } from '../policy/postcopy.js';
-import { Encoding, PROTOCOL_VERSION, type WirePage } from '../protocol/frames.js';
+import { PROTOCOL_VERSION } from '../protocol/frames.js';
+import { PagesFrameBuilder } from '../protocol/encode.js';
 import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
 import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, toWireBitmap } from './common.js';
@@ -72,35 +73,26 @@ class SourceSession {
 
   // ------------------------------------------------------------------ sending pages
 
-  /** Sends `pages` (ascending) in PAGES frames; zero pages travel as a flag. */
+  /** Sends `pages` in PAGES frames, each page copied once, straight into its frame; zero pages travel as a flag. */
   private async sendPages(pages: Iterable<number>, seq: number, demand: boolean): Promise<number> {
-    let batch: WirePage[] = [];
-    let buf = new Uint8Array(this.batchPages * PAGE_SIZE);
-    let used = 0;
+    let frame = new PagesFrameBuilder(this.batchPages, PAGE_SIZE);
     let sent = 0;
     const flush = async () => {
-      if (batch.length === 0) return;
-      const frame = { type: 'PAGES' as const, seq, demand, pages: batch };
-      const bytes = batch.reduce((n, p) => n + p.data.length + 8, 8 + 8);
-      await this.framed.send(frame);
-      this.bytesSent += bytes;
-      this.pagesSent += batch.length;
-      sent += batch.length;
-      batch = [];
-      buf = new Uint8Array(this.batchPages * PAGE_SIZE);
-      used = 0;
+      if (frame.count === 0) return;
+      const n = frame.count;
+      const bytes = frame.finish(seq, demand);
+      frame = new PagesFrameBuilder(this.batchPages, PAGE_SIZE);
+      await this.framed.sendEncoded(bytes);
+      this.bytesSent += bytes.length;
+      this.pagesSent += n;
+      sent += n;
       this.report();
     };
     for (const p of pages) {
       this.checkAbort();
-      if (this.vm.isZeroPage(p)) {
-        batch.push({ index: p, encoding: Encoding.ZERO, data: new Uint8Array(0) });
-      } else {
-        this.vm.readPage(p, buf, used * PAGE_SIZE);
-        batch.push({ index: p, encoding: Encoding.RAW, data: buf.subarray(used * PAGE_SIZE, (used + 1) * PAGE_SIZE) });
-        used++;
-      }
-      if (batch.length >= this.batchPages) await flush();
+      if (this.vm.isZeroPage(p)) frame.addZero(p);
+      else this.vm.readPage(p, frame.addRaw(p), 0);
+      if (frame.full) await flush();
     }
     await flush();
     return sent;
@@ -346,8 +338,8 @@ class SourceSession {
         await this.pause();
         const last = await this.vm.harvestDirty();
         last.or(dirty);
-        await this.vm.stopDirtyLog();
-        this.logging = false;
+        // Dirty logging stays on: a paused VM writes nothing, and switching variants now would
+        // only add to the downtime. It is switched off if the VM resumes here after a failure.
         const soft = await this.vm.softPages();
         const pages = this.vm.guestPages();
         if (!postcopy) {

@@ -174,6 +174,7 @@ function activate(v: VariantName): void {
   mem.logDirty = v === 'dirty';
   mem.checkPresence = v === 'presence';
   Atomics.store(ctl, Ctl.VARIANT_CUR, VARIANTS.indexOf(v));
+  Atomics.notify(ctl, Ctl.VARIANT_CUR);
 }
 
 /**

@@ -426,7 +426,7 @@ export class Vm extends EventEmitter {
       if (cur === id) return;
       const s = Atomics.load(this.ctl, Ctl.STATE);
       if (s >= VmRunState.STOPPED) throw this.terminalError(`switch variant of`);
-      const r = Atomics.waitAsync(this.ctl, Ctl.EPOCH, Atomics.load(this.ctl, Ctl.EPOCH), 50);
+      const r = Atomics.waitAsync(this.ctl, Ctl.VARIANT_CUR, cur, 50);
       if (r.async) await r.value;
     }
   }
