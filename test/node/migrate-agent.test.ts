@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { connect } from 'node:net';
 import { HostAgent, type HostAgentInit } from '../../src/node/agent/agent.js';
 import { KvClient } from '../../src/node/kv-client.js';
 import type { Connection, Transport } from '../../src/core/transport/transport.js';
@@ -280,5 +281,39 @@ test('migration to a migration address, capped at 2 Gbit/s: events stream progre
     assert.equal(last.data.report.verified, true);
     assert.ok(events.slice(0, -1).every((e) => e.ev === 'progress' && typeof e.data.bytesSent === 'number'));
     assert.deepEqual(b.agent.list().map((v) => v.name), ['kv']);
+  });
+});
+
+test('a VM away from its home moves only back home; when its host goes away, the home drops its clients', async () => {
+  await withHosts(async (a, b) => {
+    const dir = await mkdtemp(join(tmpdir(), 'ferry-migrate-c-'));
+    const c = new HostAgent({ name: 'c', dataDir: dir });
+    try {
+      const uc = await c.listen();
+      await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '32MiB', expose: '127.0.0.1:0' });
+      const client = await clientOf(a, 'kv');
+      await client.set('x', '1');
+      let r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'kv', to: b.url, mode: 'precopy' });
+      assert.equal((await finished(a, r.json.id)).status, 'succeeded');
+      r = await http(`${b.url}/v1/migrations`, 'POST', { vm: 'kv', to: uc, mode: 'precopy' });
+      assert.equal(r.status, 422);
+      assert.equal(r.json.error.code, 'ERR_MIGRATION_ENDPOINT');
+      r = await http(`${a.url}/v1/vms`, 'POST', { name: 'kv', guest: 'kv', memory: '16MiB' });
+      assert.equal(r.status, 409, 'the name is still taken on its home');
+      assert.equal(await client.get('x'), '1');
+      const ep = a.agent.awayList()[0].endpoint!;
+      const raw = connect({ host: ep.slice(0, ep.lastIndexOf(':')), port: Number(ep.slice(ep.lastIndexOf(':') + 1)) });
+      raw.on('error', () => undefined);
+      const rawClosed = new Promise<void>((res) => raw.on('close', () => res()));
+      await new Promise<void>((res) => raw.once('connect', () => res()));
+      await b.agent.stopVm('kv');
+      // The relay ends, so the home closes the endpoint and its clients' connections.
+      await rawClosed;
+      assert.deepEqual(a.agent.awayList(), []);
+      await client.close();
+    } finally {
+      await c.close();
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

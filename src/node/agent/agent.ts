@@ -109,6 +109,18 @@ interface ManagedVm {
 
 export { parseHostPort };
 
+/** The engine's destination VM, plus a hook run once the VM has started. */
+class StartHookedDestinationVm extends DestinationVmAdapter {
+  constructor(vm: Vm, private readonly afterStart: () => void) {
+    super(vm);
+  }
+
+  override async start(...args: Parameters<DestinationVmAdapter['start']>): Promise<void> {
+    await super.start(...args);
+    this.afterStart();
+  }
+}
+
 export class HostAgent extends EventEmitter {
   readonly name: string;
   readonly dataDir: string;
@@ -419,25 +431,12 @@ export class HostAgent extends EventEmitter {
             managed = m;
             this.attach(m);
             remote?.bindVm(vm);
-            const inner = new DestinationVmAdapter(vm);
-            return {
-              ensurePages: (p) => inner.ensurePages(p),
-              writePage: (p, d, o) => inner.writePage(p, d, o),
-              zeroPage: (p) => inner.zeroPage(p),
-              readPage: (p, into, o) => inner.readPage(p, into, o),
-              markPresent: (p) => inner.markPresent(p),
-              allPresent: () => inner.allPresent(),
-              onFault: (h) => inner.onFault(h),
-              discard: () => inner.discard(),
-              progress: () => inner.progress(),
-              start: async (state, absent) => {
-                await inner.start(state, absent);
-                started = true;
-                // The VM runs here now: its clients' records must come here.
-                if (home) home.comeHome(vm);
-                else remote?.running();
-              },
-            };
+            // The VM runs here once started: its clients' records must come here.
+            return new StartHookedDestinationVm(vm, () => {
+              started = true;
+              if (home) home.comeHome(vm);
+              else remote?.running();
+            });
           },
         };
       },
