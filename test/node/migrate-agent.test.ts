@@ -268,6 +268,7 @@ test('migration to a migration address, capped at 2 Gbit/s: events stream progre
   await withHosts(async (a, b) => {
     await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '16MiB' });
     const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'kv', to: b.agent.migrationAddress, mode: 'precopy', bandwidth: '2Gbit' });
+    assert.equal(r.status, 202, JSON.stringify(r.json));
     const res = await fetch(`${a.url}/v1/migrations/${r.json.id}/events`);
     assert.equal(res.headers.get('content-type'), 'text/event-stream');
     const text = await res.text();

@@ -487,6 +487,7 @@ export class HostAgent extends EventEmitter {
     const bandwidth = req.bandwidth === undefined ? undefined : parseBandwidth(req.bandwidth);
     const m = this.get(req.vm);
     if (m.migration) throw new VmStateError(`VM '${req.vm}' is already migrating (${m.migration.id})`);
+    if (m.vm.state === 'booting') await m.vm.whenRunning();
     if (m.vm.state !== 'running') throw new VmStateError(`VM '${req.vm}' is ${m.vm.state}; only a running VM migrates live`);
     const dest = await this.resolveDestination(req.to);
     if (dest.address === this.migrationAddress) throw new FerryError('ERR_MIGRATION_SELF', `VM '${req.vm}' already runs on host ${this.name}`);
