@@ -41,7 +41,7 @@ function hostProcess(args: string[]): Promise<{ proc: ChildProcess; started: Sta
   });
 }
 
-test('ferry host start ×2, a kv VM on a, ferry migrate --json → b and back by host name; the client keeps its data', async () => {
+test('ferry host start ×2, ferry host boot kv on a, ferry migrate --json → b and back by host name; the client keeps its data', async () => {
   const dir = await mkdtemp(join(tmpdir(), 'ferry-mcli-'));
   const state = ['--state-dir', join(dir, 'state')];
   const a = await hostProcess(['--name', 'a', '--listen', '127.0.0.1:0', '--data-dir', join(dir, 'a'), ...state]);
@@ -56,9 +56,9 @@ test('ferry host start ×2, a kv VM on a, ferry migrate --json → b and back by
     assert.equal(again.code, 1);
     assert.match(again.stderr, /ERR_HOST_EXISTS/);
 
-    const res = await fetch(`${a.started.control}/v1/vms`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'kv', guest: 'kv', memory: '64MiB', expose: '127.0.0.1:0' }) });
-    assert.equal(res.status, 201);
-    const ep = ((await res.json()) as { endpoint: string }).endpoint;
+    const boot = await ferry(['host', 'boot', 'a', 'kv', '--memory', '64MiB', '--expose', '127.0.0.1:0', '--json', ...state]);
+    assert.equal(boot.code, 0, boot.stderr);
+    const ep = (JSON.parse(boot.stdout) as { endpoint: string }).endpoint;
     const client = new KvClient(ep.slice(0, ep.lastIndexOf(':')), Number(ep.slice(ep.lastIndexOf(':') + 1)));
     await client.connect();
     await Promise.all(Array.from({ length: 1000 }, (_, i) => client.set(`k${i}`, `v${i}`)));
@@ -103,12 +103,14 @@ test('ferry migrate and host start refuse bad flags with exit 2; --help works fo
     ['host', 'start'],
     ['host', 'start', '--name', 'a', '--listen', 'nowhere'],
     ['host', 'start', '--name', '../a'],
+    ['host', 'boot', 'a'],
+    ['host', 'boot', 'a', 'kv', '--memory', 'lots'],
   ]) {
     const r = await ferry(args);
     assert.equal(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
     assert.match(r.stderr, /error/, args.join(' '));
   }
-  for (const args of [['migrate', '--help'], ['host', '--help'], ['host', 'start', '--help'], ['host', 'list', '--help']]) {
+  for (const args of [['migrate', '--help'], ['host', '--help'], ['host', 'start', '--help'], ['host', 'boot', '--help'], ['host', 'list', '--help']]) {
     const r = await ferry(args);
     assert.equal(r.code, 0, args.join(' '));
     assert.match(r.stdout, /Usage: ferry/);

@@ -122,6 +122,39 @@ export function registerHostCommands(program: Command): void {
       log('stopped', { name: o.name }, `host ${o.name} stopped`);
     });
 
+  host.command('boot')
+    .description('boot a guest on a running host agent (the VM runs there; migrate it with ferry migrate)')
+    .argument('<host>', 'a host name registered here, or its control URL')
+    .argument('<guest>', 'a built-in guest (kv, memstress, compute, wordfreq) or a path to a .wasm module on that host')
+    .option('--name <name>', 'VM name (default: the guest name)')
+    .option('--memory <size>', 'guest RAM ceiling, e.g. 512MiB', (v: string) => {
+      sizeArg(v);
+      return v;
+    }, '256MiB')
+    .option('--config <text>', 'configuration string for the guest', '')
+    .option('--expose <host:port>', 'give the VM a TCP endpoint on that host (it stays there when the VM moves)', addrArg)
+    .option('--state-dir <dir>', 'where hosts register (default $FERRY_HOME or ~/.ferry)')
+    .option('--json', 'print the VM as JSON')
+    .action(async (hostName: string, guest: string, o: { name?: string; memory: string; config: string; expose?: string; stateDir?: string; json?: boolean }) => {
+      let control = hostName;
+      if (!/^https?:\/\//i.test(hostName)) {
+        const h = await findHost(stateHome(o.stateDir), hostName);
+        if (!h) throw new FerryError('ERR_NOT_FOUND', `no host named '${hostName}' is running (start one with: ferry host start --name ${hostName})`);
+        control = h.control;
+      }
+      const name = o.name ?? guest.replace(/^.*\//, '').replace(/\.wasm$/, '').replace(/[^a-zA-Z0-9_.-]/g, '-');
+      const res = await fetch(`${control.replace(/\/+$/, '')}/v1/vms`, {
+        method: 'POST', headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ name, guest, memory: o.memory, config: o.config, ...(o.expose ? { expose: o.expose } : {}) }),
+      }).catch((e: Error) => {
+        throw new FerryError('ERR_CONTROL_UNREACHABLE', `cannot reach host agent at ${control}: ${e.message}`, { cause: e });
+      });
+      const body = (await res.json().catch(() => ({}))) as { name?: string; endpoint?: string | null; error?: { code: string; message: string } };
+      if (!res.ok) throw new FerryError(body.error?.code ?? 'ERR_CONTROL', body.error?.message ?? `HTTP ${res.status}`);
+      if (o.json) console.log(JSON.stringify(body));
+      else console.log(`${body.name}: running on ${hostName}${body.endpoint ? `, endpoint ${body.endpoint}` : ''}`);
+    });
+
   host.command('list')
     .description('list the host agents running on this machine')
     .option('--state-dir <dir>', 'where hosts register (default $FERRY_HOME or ~/.ferry)')
