@@ -315,7 +315,12 @@ class SourceSession {
     this.event({ type: 'start', t: 0 });
     this.event({ type: 'progress', t: 0, work: this.vm.progress() });
     const onAbort = () => {
-      if (this.owner === 'source') this.inbox.fail(new AbortError('migration cancelled', { cause: this.opts.signal?.reason }));
+      if (this.owner !== 'source') return;
+      // The session may be blocked in a write behind backpressure: abort the connection so it
+      // unblocks now (the destination sees the reset and discards, as for a CANCEL).
+      const err = new AbortError('migration cancelled', { cause: this.opts.signal?.reason });
+      this.inbox.fail(err);
+      this.framed.abort(err);
     };
     this.opts.signal?.addEventListener('abort', onAbort, { once: true });
     try {

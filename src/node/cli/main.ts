@@ -124,7 +124,9 @@ async function foreground(start: (agent: HostAgent) => Promise<VmSummary>, opts:
   const regFile = await register(home, { name: vmName, pid: process.pid, control });
   const stoppedViaApi = new Promise<number>((res) => {
     const timer = setInterval(() => {
-      if (!agent.list().some((v) => v.name === vmName)) res(0);
+      // A VM that migrated away is still served from here (its clients' endpoint stays on this
+      // host), so only a VM that is gone from both lists ends the foreground process.
+      if (!agent.list().some((v) => v.name === vmName) && !agent.awayList().some((v) => v.name === vmName)) res(0);
     }, 100);
     timer.unref();
   });
