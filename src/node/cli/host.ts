@@ -6,9 +6,10 @@ import { Command, InvalidArgumentError as CommanderArgError } from 'commander';
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { FerryError } from '../../core/errors.js';
-import { formatBytes, parseSize } from '../../core/units.js';
+import { formatBytes } from '../../core/units.js';
 import { HostAgent, parseHostPort } from '../agent/agent.js';
 import { ferryHome } from '../paths.js';
+import { addressText, sizeBytes, sizeText } from './args.js';
 
 export interface HostRegistration { name: string; pid: number; control: string; migration: string }
 
@@ -58,21 +59,8 @@ const nameArg = (v: string) => {
   if (!/^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$/.test(v)) throw new CommanderArgError('host name must be 1–64 letters, digits, ".", "_" or "-"');
   return v;
 };
-const addrArg = (v: string) => {
-  try {
-    parseHostPort(v);
-    return v;
-  } catch (e) {
-    throw new CommanderArgError((e as Error).message);
-  }
-};
-const sizeArg = (v: string) => {
-  try {
-    return parseSize(v, 'capacity');
-  } catch (e) {
-    throw new CommanderArgError((e as Error).message);
-  }
-};
+const addrArg = addressText;
+const sizeArg = sizeBytes('capacity');
 
 export function registerHostCommands(program: Command): void {
   const host = program.command('host').description('run host agents: the control API and migration endpoint of one host');
@@ -127,10 +115,7 @@ export function registerHostCommands(program: Command): void {
     .argument('<host>', 'a host name registered here, or its control URL')
     .argument('<guest>', 'a built-in guest (kv, memstress, compute, wordfreq) or a path to a .wasm module on that host')
     .option('--name <name>', 'VM name (default: the guest name)')
-    .option('--memory <size>', 'guest RAM ceiling, e.g. 512MiB', (v: string) => {
-      sizeArg(v);
-      return v;
-    }, '256MiB')
+    .option('--memory <size>', 'guest RAM ceiling, e.g. 512MiB', sizeText('memory size'), '256MiB')
     .option('--config <text>', 'configuration string for the guest', '')
     .option('--expose <host:port>', 'give the VM a TCP endpoint on that host (it stays there when the VM moves)', addrArg)
     .option('--state-dir <dir>', 'where hosts register (default $FERRY_HOME or ~/.ferry)')

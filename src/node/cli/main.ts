@@ -5,13 +5,14 @@
  * and register its control API under $FERRY_HOME/vms/<name>.json, which is how `ferry vm snapshot`,
  * `list`, `pause`, `resume` and `stop` find it from another terminal.
  */
-import { Command, CommanderError, InvalidArgumentError as CommanderArgError } from 'commander';
+import { Command, CommanderError } from 'commander';
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { FerryError } from '../../core/errors.js';
-import { formatBytes, formatDuration, parseSize } from '../../core/units.js';
-import { HostAgent, parseHostPort, type VmSummary } from '../agent/agent.js';
+import { formatBytes, formatDuration } from '../../core/units.js';
+import { HostAgent, type VmSummary } from '../agent/agent.js';
 import { ferryHome } from '../paths.js';
+import { addressText, positiveInt, sizeText } from './args.js';
 import { runDemo } from './demo.js';
 import { registerHostCommands } from './host.js';
 import { registerMigrateCommand } from './migrate.js';
@@ -66,27 +67,9 @@ async function call(reg: Registration, method: string, path: string, body?: unkn
   return data;
 }
 
-const sizeArg = (what: string) => (v: string) => {
-  try {
-    parseSize(v, what);
-    return v;
-  } catch (e) {
-    throw new CommanderArgError((e as Error).message);
-  }
-};
-const intArg = (what: string) => (v: string) => {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n <= 0) throw new CommanderArgError(`${what} must be a positive integer`);
-  return n;
-};
-const addrArg = (v: string) => {
-  try {
-    parseHostPort(v);
-    return v;
-  } catch (e) {
-    throw new CommanderArgError((e as Error).message);
-  }
-};
+const sizeArg = sizeText;
+const intArg = positiveInt;
+const addrArg = addressText;
 
 function printSummary(s: VmSummary, json: boolean): void {
   if (json) return void console.log(JSON.stringify(s));

@@ -10,9 +10,10 @@ import { FerryError } from '../../core/errors.js';
 import type { MigrationProgress } from '../../core/engine/types.js';
 import { formatReportTable } from '../../core/metrics.js';
 import { MIGRATION_MODES } from '../../core/protocol/frames.js';
-import { formatBytes, formatDuration, parseBandwidth, parseDuration } from '../../core/units.js';
+import { formatBytes, formatDuration, parseDuration } from '../../core/units.js';
 import type { MigrationJobJson } from '../agent/migrations.js';
 import { findHost, listHosts, stateHome } from './host.js';
+import { bandwidthText, flag } from './args.js';
 
 interface ApiError { error?: { code: string; message: string } }
 
@@ -178,23 +179,12 @@ export function registerMigrateCommand(program: Command): void {
     .argument('<vm>', 'name of a running VM')
     .requiredOption('--to <host>', 'destination: a host name registered here, its control URL, or its migration address (host:port)')
     .addOption(new Option('--mode <mode>', 'technique').choices([...MIGRATION_MODES]).makeOptionMandatory())
-    .option('--downtime <duration>', 'pre-copy downtime budget, e.g. 300ms', (v: string) => {
-      try {
-        const ms = parseDuration(v, 'downtime');
-        if (!(ms > 0)) throw new Error('downtime must be positive');
-        return ms;
-      } catch (e) {
-        throw new CommanderArgError((e as Error).message);
-      }
-    })
-    .option('--bandwidth <rate>', 'cap the migration stream, e.g. 1Gbit, 100Mbit, 50MB/s', (v: string) => {
-      try {
-        parseBandwidth(v);
-        return v;
-      } catch (e) {
-        throw new CommanderArgError((e as Error).message);
-      }
-    })
+    .option('--downtime <duration>', 'pre-copy downtime budget, e.g. 300ms', flag((v) => {
+      const ms = parseDuration(v, 'downtime');
+      if (!(ms > 0)) throw new Error('downtime must be positive');
+      return ms;
+    }))
+    .option('--bandwidth <rate>', 'cap the migration stream, e.g. 1Gbit, 100Mbit, 50MB/s', bandwidthText)
     .option('--host <url>', "control URL of the VM's host agent (default: find the VM's registration)", (v: string) => {
       if (!/^https?:\/\/[^/]+/i.test(v)) throw new CommanderArgError(`--host wants a control URL like http://127.0.0.1:7000, got '${v}'`);
       return v;

@@ -1,32 +1,21 @@
 /**
  * `ferry sim run` (the simulator) and `ferry vm trace` (dirty-trace recording).
  */
-import { Command, InvalidArgumentError as CommanderArgError } from 'commander';
+import { Command } from 'commander';
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { FerryError } from '../../core/errors.js';
 import { formatScenarioTable } from '../../core/sim/world.js';
-import { formatBytes, formatDuration, parseDuration, parseSize } from '../../core/units.js';
+import { formatBytes, formatDuration } from '../../core/units.js';
 import { ferryHome, guestsDir } from '../paths.js';
 import { runScenarioFile, resultsJson } from '../sim/run.js';
 import { InstrumentCache } from '../vm/instrument.js';
 import { recordTrace } from '../vm/trace.js';
 import { Vm } from '../vm/vm.js';
+import { durationMs, sizeBytes } from './args.js';
 
-const durationArg = (what: string) => (v: string) => {
-  try {
-    return parseDuration(v, what);
-  } catch (e) {
-    throw new CommanderArgError((e as Error).message);
-  }
-};
-const sizeArg = (what: string) => (v: string) => {
-  try {
-    return parseSize(v, what);
-  } catch (e) {
-    throw new CommanderArgError((e as Error).message);
-  }
-};
+const durationArg = durationMs;
+const sizeArg = sizeBytes;
 
 function registeredPid(home: string, name: string): number | null {
   const file = join(home, 'vms', `${name}.json`);
