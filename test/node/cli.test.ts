@@ -1,26 +1,14 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFile, type ChildProcess } from 'node:child_process';
-import { promisify } from 'node:util';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { KvClient } from '../../src/node/kv-client.js';
+import { ferry, ferryBin } from '../helpers/ferry-cli.js';
 
-const exec = promisify(execFile);
-const bin = fileURLToPath(new URL('../../../bin/ferry.js', import.meta.url));
-
-async function ferry(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await exec(process.execPath, [bin, ...args]);
-    return { code: 0, stdout, stderr };
-  } catch (e) {
-    const err = e as { code: number; stdout: string; stderr: string };
-    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
-  }
-}
+const bin = ferryBin;
 
 /** Starts a foreground `ferry vm run|restore … --json` and resolves with its "started" event. */
 function foreground(args: string[]): Promise<{ proc: ChildProcess; started: { endpoint: string | null; name: string }; exit: Promise<number> }> {
