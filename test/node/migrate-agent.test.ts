@@ -281,6 +281,9 @@ test('migration to a migration address, capped at 2 Gbit/s: events stream progre
     assert.equal(last.data.status, 'succeeded');
     assert.equal(last.data.report.verified, true);
     assert.ok(events.slice(0, -1).every((e) => e.ev === 'progress' && typeof e.data.bytesSent === 'number'));
+    // The source reports done once it has sent its final ACK; the destination lists the VM once it
+    // has read it — a moment later.
+    for (let i = 0; i < 500 && b.agent.list().length === 0; i++) await new Promise((r) => setTimeout(r, 10));
     assert.deepEqual(b.agent.list().map((v) => v.name), ['kv']);
   });
 });
