@@ -3,26 +3,18 @@
  * registered under $FERRY_HOME/hosts/<name>.json so `ferry migrate` and friends can find it.
  */
 import { Command, InvalidArgumentError as CommanderArgError } from 'commander';
-import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { FerryError } from '../../core/errors.js';
 import { formatBytes } from '../../core/units.js';
 import { HostAgent, parseHostPort } from '../agent/agent.js';
 import { ferryHome } from '../paths.js';
 import { addressText, sizeBytes, sizeText } from './args.js';
+import { readRegistration, register, registeredNames, registryDir } from './registry.js';
 
 export interface HostRegistration { name: string; pid: number; control: string; migration: string }
 
-const hostsDir = (home: string) => join(home, 'hosts');
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
+const hostsDir = (home: string) => registryDir(home, 'hosts');
 
 export function stateHome(stateDir: string | undefined): string {
   return stateDir ? resolve(stateDir) : ferryHome();
@@ -30,23 +22,13 @@ export function stateHome(stateDir: string | undefined): string {
 
 /** The registration of a running host agent, or null (a stale one is removed). */
 export async function findHost(home: string, name: string): Promise<HostRegistration | null> {
-  const file = join(hostsDir(home), `${name}.json`);
-  let reg: HostRegistration;
-  try {
-    reg = JSON.parse(await readFile(file, 'utf8')) as HostRegistration;
-  } catch {
-    return null;
-  }
-  if (!alive(reg.pid)) {
-    await rm(file, { force: true });
-    return null;
-  }
-  return reg;
+  const reg = await readRegistration<HostRegistration>(home, 'hosts', name);
+  return reg && !('exited' in reg) ? reg : null;
 }
 
 /** Every running host agent registered under `home`. */
 export async function listHosts(home: string): Promise<HostRegistration[]> {
-  const names = (await readdir(hostsDir(home)).catch(() => [] as string[])).filter((f) => f.endsWith('.json')).map((f) => f.slice(0, -5)).sort();
+  const names = await registeredNames(home, 'hosts');
   const out: HostRegistration[] = [];
   for (const n of names) {
     const r = await findHost(home, n);
@@ -96,9 +78,7 @@ export function registerHostCommands(program: Command): void {
       agent.on('vm-lost', (vm: string) => log('vm-lost', { vm }, `lost VM ${vm}: the host running it went away`));
       const control = await agent.listen(at.host, at.port);
       const migration = agent.migrationAddress ?? '';
-      await mkdir(hostsDir(home), { recursive: true });
-      const regFile = join(hostsDir(home), `${o.name}.json`);
-      await writeFile(regFile, JSON.stringify({ name: o.name, pid: process.pid, control, migration } satisfies HostRegistration));
+      const regFile = await register(home, 'hosts', { name: o.name, pid: process.pid, control, migration } satisfies HostRegistration);
       log('started', { name: o.name, control, migration, capacityBytes: agent.capacityBytes },
         `host ${o.name} running; control ${control}, migration ${migration}, capacity ${formatBytes(agent.capacityBytes)}`);
       await new Promise<void>((res) => {

@@ -6,13 +6,14 @@
  * `list`, `pause`, `resume` and `stop` find it from another terminal.
  */
 import { Command, CommanderError } from 'commander';
-import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { rm } from 'node:fs/promises';
+import { resolve } from 'node:path';
 import { FerryError } from '../../core/errors.js';
 import { formatBytes, formatDuration } from '../../core/units.js';
 import { HostAgent, type VmSummary } from '../agent/agent.js';
 import { ferryHome } from '../paths.js';
 import { addressText, positiveInt, sizeText } from './args.js';
+import { readRegistration, register, registeredNames } from './registry.js';
 import { runDemo } from './demo.js';
 import { registerHostCommands } from './host.js';
 import { registerMigrateCommand } from './migrate.js';
@@ -20,36 +21,10 @@ import { registerSimCommands } from './sim.js';
 
 interface Registration { name: string; pid: number; control: string }
 
-const registry = (home: string) => join(home, 'vms');
-
-async function register(home: string, reg: Registration): Promise<string> {
-  await mkdir(registry(home), { recursive: true });
-  const file = join(registry(home), `${reg.name}.json`);
-  await writeFile(file, JSON.stringify(reg));
-  return file;
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 async function lookup(home: string, name: string): Promise<Registration> {
-  const file = join(registry(home), `${name}.json`);
-  let reg: Registration;
-  try {
-    reg = JSON.parse(await readFile(file, 'utf8')) as Registration;
-  } catch {
-    throw new FerryError('ERR_NOT_FOUND', `no running VM named '${name}' (start one with: ferry vm run <guest> --name ${name})`);
-  }
-  if (!alive(reg.pid)) {
-    await rm(file, { force: true });
-    throw new FerryError('ERR_NOT_FOUND', `VM '${name}' is not running any more (its process ${reg.pid} has exited)`);
-  }
+  const reg = await readRegistration<Registration>(home, 'vms', name);
+  if (!reg) throw new FerryError('ERR_NOT_FOUND', `no running VM named '${name}' (start one with: ferry vm run <guest> --name ${name})`);
+  if ('exited' in reg) throw new FerryError('ERR_NOT_FOUND', `VM '${name}' is not running any more (its process ${reg.exited} has exited)`);
   return reg;
 }
 
@@ -104,7 +79,7 @@ async function foreground(start: (agent: HostAgent) => Promise<VmSummary>, opts:
   const summary = await start(agent);
   vmName = summary.name;
   const control = await agent.listen('127.0.0.1', 0);
-  const regFile = await register(home, { name: vmName, pid: process.pid, control });
+  const regFile = await register(home, 'vms', { name: vmName, pid: process.pid, control });
   const stoppedViaApi = new Promise<number>((res) => {
     const timer = setInterval(() => {
       // A VM that migrated away is still served from here (its clients' endpoint stays on this
@@ -183,8 +158,7 @@ export function buildProgram(): Command {
     .option('--json', 'one JSON object per line')
     .action(async (o) => {
       const home = o.stateDir ? resolve(o.stateDir) : ferryHome();
-      const names = (await readdir(registry(home)).catch(() => [] as string[])).filter((f) => f.endsWith('.json')).map((f) => f.slice(0, -5));
-      for (const name of names.sort()) {
+      for (const name of await registeredNames(home, 'vms')) {
         try {
           const reg = await lookup(home, name);
           printSummary((await call(reg, 'GET', `/v1/vms/${encodeURIComponent(name)}`)) as VmSummary, !!o.json);
