@@ -182,3 +182,11 @@ test('CBP learns per-context dirty probabilities and orders by them', () => {
   one.record(bm(4, [1]));
   assert.equal(choosePageOrder(1, one), 'cold-first');
 });
+
+test('an option left undefined keeps its default (callers may pass optional settings straight through)', () => {
+  const stats = { round: 1, pagesSentRound: 100, pagesSentTotal: 1000, bytesSentTotal: 4096 * 1000, memoryBytes: 4096 * 1000, dirtyPages: 7324, bandwidthBytesPerSec: 100e6, dirtyRateBytesPerSec: 1e6 };
+  const withUndefined = decidePrecopyStop(stats, [], { downtimeBudgetMs: undefined, maxRounds: undefined, maxSentRatio: undefined });
+  assert.deepEqual(withUndefined, decidePrecopyStop(stats, []));
+  assert.equal(withUndefined.reason, 'converged', '7324 pages fit the default 300 ms at 100 MB/s');
+  assert.equal(decidePrecopyStop(stats, [], { downtimeBudgetMs: 100 }).reason, 'continue');
+});

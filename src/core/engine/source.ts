@@ -123,13 +123,10 @@ class SourceSession {
   /** Pre-copy rounds. Returns the pages still to send and whether to finish by post-copy. */
   private async precopy(): Promise<{ dirty: Bitmap; sentEver: Bitmap; postcopy: boolean }> {
     this.phase = 'precopy';
-    const stopOpts = {
-      downtimeBudgetMs: this.opts.downtimeMs ?? 300,
-      maxRounds: this.opts.maxRounds ?? 30,
-      maxSentRatio: this.opts.maxSentRatio ?? 3,
-    };
+    // Unset options keep the policies' own defaults (PRECOPY_DEFAULTS, the hybrid policy's).
+    const stopOpts = { downtimeBudgetMs: this.opts.downtimeMs, maxRounds: this.opts.maxRounds, maxSentRatio: this.opts.maxSentRatio };
     const stopPolicy = new PrecopyStopPolicy(stopOpts);
-    const hybrid = this.opts.mode === 'hybrid' ? new HybridSwitchPolicy({ ...stopOpts, maxPrecopyRounds: this.opts.hybridRounds ?? 3 }) : null;
+    const hybrid = this.opts.mode === 'hybrid' ? new HybridSwitchPolicy({ ...stopOpts, maxPrecopyRounds: this.opts.hybridRounds }) : null;
     const converge = this.opts.autoConverge ? new AutoConverge() : null;
 
     await this.vm.startDirtyLog();

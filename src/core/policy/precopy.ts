@@ -102,8 +102,15 @@ export function isNotConverging(dirtyCounts: readonly number[], k: number): bool
  * The stop decision after a round. `previousDirty` holds the dirty counts after the earlier rounds
  * (oldest first, not including `stats.dirtyPages`).
  */
+/** Defaults merged with options, where an option left `undefined` keeps its default. */
+function withDefaults(options: PrecopyStopOptions): Required<PrecopyStopOptions> {
+  const o = { ...PRECOPY_DEFAULTS };
+  for (const [k, v] of Object.entries(options)) if (v !== undefined) (o as Record<string, unknown>)[k] = v;
+  return o;
+}
+
 export function decidePrecopyStop(stats: PrecopyRoundStats, previousDirty: readonly number[], options: PrecopyStopOptions = {}): PrecopyDecision {
-  const o = { ...PRECOPY_DEFAULTS, ...options };
+  const o = withDefaults(options);
   const estimatedDowntimeMs = estimateDowntimeMs(stats.dirtyPages, stats.bandwidthBytesPerSec, stats.pageBytes ?? PAGE_SIZE, o.fixedDowntimeMs);
   const notConverging = isNotConverging([...previousDirty, stats.dirtyPages], o.notConvergingRounds);
   const decide = (reason: PrecopyDecision['reason']): PrecopyDecision => ({ stop: reason !== 'continue', reason, estimatedDowntimeMs, notConverging });
