@@ -132,7 +132,3 @@ export class MemoryDigest {
     return sha256Hex(new Uint8Array(this.hashes.buffer, this.hashes.byteOffset, this.hashes.byteLength));
   }
 }
-
-export function bytesOfPages(pages: number, pageSize: number): number {
-  return pages * pageSize;
-}

@@ -72,8 +72,6 @@ export interface VmStats {
 
 type Pending = { resolve: (v: unknown) => void; reject: (e: unknown) => void };
 
-let nextVmSerial = 0;
-
 export class Vm extends EventEmitter {
   readonly name: string;
   readonly memory: WebAssembly.Memory;
@@ -100,7 +98,6 @@ export class Vm extends EventEmitter {
   private standbyP: Promise<void> | null = null;
   private ready: () => void = () => undefined;
   private failed: (e: unknown) => void = () => undefined;
-  readonly serial = ++nextVmSerial;
 
   private constructor(init: VmInit, info: GuestModuleInfo, initialGuestBytes: number) {
     super();
