@@ -67,6 +67,12 @@ const SAMPLE_FRAMES: Frame[] = [
   { type: 'CANCEL', reason: 'operator asked' },
   { type: 'PING', seq: 1, time: 1234.5678 },
   { type: 'PONG', seq: 1, time: -0.25 },
+  { ...hello, vmName: 'gang-member', gang: 'gang-7' },
+  { type: 'HELLO_ACK', accepted: true, version: 1, mode: 'postcopy', streams: 4, codecs: [], token: '0123456789abcdef'.repeat(2) },
+  { type: 'JOIN', token: 'fe'.repeat(16), stream: 3, role: 'data' },
+  { type: 'JOIN', token: '00'.repeat(16), stream: 0, role: 'fault' },
+  { type: 'BATCH', seq: 2, demand: false, blobCodec: 3, pages: 17, data: new Uint8Array([9, 8, 7, 6]) },
+  { type: 'BATCH', seq: 7, demand: true, blobCodec: 0, pages: 1, data: new Uint8Array(0) },
 ];
 
 function concat(parts: Uint8Array[]): Uint8Array {
@@ -103,6 +109,31 @@ function expectCode(fn: () => unknown, code: string): ProtocolError {
 const types = new Set(SAMPLE_FRAMES.map((f) => f.type));
 test('the samples cover every frame type', () => {
   assert.deepEqual([...types].sort(), Object.keys(FrameTypeId).sort());
+});
+
+test('JOIN and BATCH refuse what they cannot carry', () => {
+  // A data stream is 1.., the fault channel is stream 0; unknown roles are malformed.
+  const join = encodeFrame({ type: 'JOIN', token: 'ab'.repeat(16), stream: 1, role: 'data' }).slice();
+  const jv = new DataView(join.buffer);
+  jv.setUint16(8 + 16, 0, true);
+  expectCode(() => decodeFrame(join), ProtocolErrorCode.MALFORMED);
+  jv.setUint16(8 + 16, 1, true);
+  jv.setUint8(8 + 18, 7);
+  expectCode(() => decodeFrame(join), ProtocolErrorCode.MALFORMED);
+  assert.throws(() => encodeFrame({ type: 'JOIN', token: 'ab'.repeat(16), stream: 2, role: 'fault' }), /out of range/);
+  assert.throws(() => encodeFrame({ type: 'JOIN', token: 'xyz', stream: 1, role: 'data' }), /hex/);
+  // A blob codec that was not agreed is refused; 0 (packed, uncompressed) always works.
+  const batch = encodeFrame({ type: 'BATCH', seq: 0, demand: false, blobCodec: 9, pages: 1, data: new Uint8Array(3) });
+  expectCode(() => decodeFrame(batch), ProtocolErrorCode.UNKNOWN_ENCODING);
+  assert.equal((decodeFrame(batch, { encodings: [9] }) as { blobCodec: number }).blobCodec, 9);
+  expectCode(() => decodeFrame(encodeFrame({ type: 'BATCH', seq: 0, demand: false, blobCodec: 0, pages: 5000, data: new Uint8Array(3) })), ProtocolErrorCode.LIMIT);
+  const zero = encodeFrame({ type: 'BATCH', seq: 0, demand: false, blobCodec: 0, pages: 1, data: new Uint8Array(0) }).slice();
+  new DataView(zero.buffer).setUint32(8 + 5, 0, true);
+  expectCode(() => decodeFrame(zero), ProtocolErrorCode.MALFORMED);
+  // HELLO_ACK's token is 0 or 16 bytes.
+  const ack = encodeFrame({ type: 'HELLO_ACK', accepted: true, version: 1, mode: 'precopy', streams: 1, codecs: [], token: '11'.repeat(16) }).slice();
+  ack[8 + 1 + 2 + 1 + 2 + 1] = 15;
+  expectCode(() => decodeFrame(ack), ProtocolErrorCode.MALFORMED);
 });
 
 test('every frame type round-trips through encodeFrame and FrameDecoder', () => {

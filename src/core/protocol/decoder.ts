@@ -16,8 +16,8 @@ import {
   DEFAULT_LIMITS, DIGEST_ALGORITHMS, Encoding, FIRST_CODEC_ID, FLAG_PAGES_DEMAND, FRAME_TYPE_NAMES,
   GLOBAL_TYPE_IDS, HEADER_BYTES, HELLO_MAGIC, MAX_CODEC_NAME_BYTES, MAX_CODECS, MAX_CONFIG_BYTES,
   MAX_ERROR_CODE_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_STREAMS, MIGRATION_MODES, MODE_BITS,
-  PROTOCOL_VERSION, ProtocolErrorCode,
-  type CodecOffer, type Digest, type DigestAlgorithm, type Frame, type FrameType, type MigrationMode, type WireBitmap,
+  PROTOCOL_VERSION, ProtocolErrorCode, SESSION_TOKEN_BYTES, STREAM_ROLES,
+  type CodecOffer, type StreamRole, type Digest, type DigestAlgorithm, type Frame, type FrameType, type MigrationMode, type WireBitmap,
   type WireGlobal, type WirePage,
 } from './frames.js';
 
@@ -133,7 +133,7 @@ class Reader {
 }
 
 const EXACT_SIZE: Partial<Record<FrameType, number>> = {
-  ROUND_END: 12, RESUMED: 4, ACK: 5, PUSH_DONE: 4, PING: 12, PONG: 12,
+  ROUND_END: 12, RESUMED: 4, ACK: 5, PUSH_DONE: 4, PING: 12, PONG: 12, JOIN: SESSION_TOKEN_BYTES + 3,
 };
 const CODECS_MAX = 1 + MAX_CODECS * (2 + MAX_CODEC_NAME_BYTES);
 const DIGEST_MAX = 2 + 64;
@@ -176,8 +176,8 @@ export class FrameDecoder {
     // The most payload each type can need under these limits: a header claiming more is refused
     // before a single payload byte is buffered.
     this.typeMax = {
-      HELLO: 4 + 4 + 2 + MAX_NAME_BYTES + 16 + 4 + 32 + 4 + 4 + MAX_CONFIG_BYTES + 1 + 2 + CODECS_MAX,
-      HELLO_ACK: 1 + Math.max(2 + 1 + 2 + CODECS_MAX, 2 + MAX_ERROR_CODE_BYTES + 2 + MAX_MESSAGE_BYTES),
+      HELLO: 4 + 4 + 2 + MAX_NAME_BYTES + 16 + 4 + 32 + 4 + 4 + MAX_CONFIG_BYTES + 1 + 2 + CODECS_MAX + 2 + MAX_NAME_BYTES,
+      HELLO_ACK: 1 + Math.max(2 + 1 + 2 + CODECS_MAX + 1 + SESSION_TOKEN_BYTES, 2 + MAX_ERROR_CODE_BYTES + 2 + MAX_MESSAGE_BYTES),
       MODULE: 8 + l.maxModuleBytes,
       PAGES: 8 + l.maxPagesPerBatch * (9 + Math.max(l.pageSize, l.maxEncodedPageBytes)),
       ROUND_END: 12,
@@ -192,6 +192,9 @@ export class FrameDecoder {
       CANCEL: 2 + MAX_MESSAGE_BYTES,
       PING: 12,
       PONG: 12,
+      JOIN: SESSION_TOKEN_BYTES + 3,
+      // A compressed batch may not be smaller than its raw pages by much, but it is never larger.
+      BATCH: 13 + l.maxPagesPerBatch * (9 + Math.max(l.pageSize, l.maxEncodedPageBytes)) + 64,
     };
   }
 
@@ -290,7 +293,7 @@ export class FrameDecoder {
     const type = FRAME_TYPE_NAMES.get(typeId);
     if (type === undefined) fail(ProtocolErrorCode.UNKNOWN_TYPE, `unknown frame type 0x${typeId.toString(16).padStart(2, '0')}`);
     if (reserved !== 0) fail(ProtocolErrorCode.MALFORMED, `${type} header has reserved bits set (0x${reserved.toString(16)})`);
-    const allowedFlags = type === 'PAGES' ? FLAG_PAGES_DEMAND : 0;
+    const allowedFlags = type === 'PAGES' || type === 'BATCH' ? FLAG_PAGES_DEMAND : 0;
     if ((flags & ~allowedFlags) !== 0) fail(ProtocolErrorCode.MALFORMED, `${type} header has undefined flags 0x${flags.toString(16)}`);
     if (length > this.limits.maxPayloadBytes) fail(ProtocolErrorCode.FRAME_TOO_LARGE, `${type} frame announces ${length} payload bytes (limit ${this.limits.maxPayloadBytes})`);
     if (length > this.typeMax[type]) fail(ProtocolErrorCode.FRAME_TOO_LARGE, `${type} frame announces ${length} payload bytes; this type needs at most ${this.typeMax[type]}`);
@@ -365,6 +368,27 @@ export class FrameDecoder {
         break;
       }
       case 'PUSH_DONE': frame = { type: 'PUSH_DONE', pagesSent: r.u32('pagesSent') }; break;
+      case 'JOIN': {
+        const token = toHex(r.bytes(SESSION_TOKEN_BYTES, 'session token'));
+        const stream = r.u16('stream');
+        const roleId = r.u8('role');
+        const role = (Object.entries(STREAM_ROLES) as [StreamRole, number][]).find(([, id]) => id === roleId)?.[0];
+        if (role === undefined) fail(ProtocolErrorCode.MALFORMED, `JOIN role ${roleId} is neither data (0) nor fault (1)`);
+        if (role === 'data' ? stream < 1 || stream >= MAX_STREAMS : stream !== 0) fail(ProtocolErrorCode.MALFORMED, `JOIN ${role} stream ${stream} is out of range`);
+        frame = { type: 'JOIN', token, stream, role };
+        break;
+      }
+      case 'BATCH': {
+        const seq = r.u32('seq');
+        const blobCodec = r.u8('blob codec');
+        if (blobCodec !== 0 && !this.encodings.has(blobCodec)) fail(ProtocolErrorCode.UNKNOWN_ENCODING, `BATCH uses blob codec ${blobCodec}, which was not agreed`);
+        const pages = r.u32('page count');
+        if (pages === 0) fail(ProtocolErrorCode.MALFORMED, 'BATCH has no pages');
+        if (pages > this.limits.maxPagesPerBatch) fail(ProtocolErrorCode.LIMIT, `BATCH of ${pages} pages (limit ${this.limits.maxPagesPerBatch})`);
+        r.u32('reserved');
+        frame = { type: 'BATCH', seq, demand: (this.flags & FLAG_PAGES_DEMAND) !== 0, blobCodec, pages, data: r.bytes(r.remaining, 'batch data') };
+        break;
+      }
       case 'COMPLETE': frame = { type: 'COMPLETE', digest: this.digest(r) }; break;
       case 'ERROR': {
         const code = r.str16(MAX_ERROR_CODE_BYTES, 'error code');
@@ -433,7 +457,11 @@ export class FrameDecoder {
     const maxStreams = r.u16('maxStreams');
     if (maxStreams < 1 || maxStreams > MAX_STREAMS) fail(ProtocolErrorCode.MALFORMED, `HELLO maxStreams ${maxStreams} is not in 1..${MAX_STREAMS}`);
     const codecs = this.codecs(r);
-    return { type: 'HELLO', minVersion, maxVersion, vmName, memoryBytes, guestBytes, pageSize, moduleSha256, moduleBytes, config, offer: { modes, maxStreams, codecs } };
+    const gang = r.str16(MAX_NAME_BYTES, 'gang');
+    return {
+      type: 'HELLO', minVersion, maxVersion, vmName, memoryBytes, guestBytes, pageSize, moduleSha256, moduleBytes, config, offer: { modes, maxStreams, codecs },
+      ...(gang ? { gang } : {}),
+    };
   }
 
   private modes(bits: number): MigrationMode[] {
@@ -461,7 +489,11 @@ export class FrameDecoder {
     if (modes.length !== 1) fail(ProtocolErrorCode.MALFORMED, 'HELLO_ACK must choose exactly one mode');
     const streams = r.u16('streams');
     if (streams < 1 || streams > MAX_STREAMS) fail(ProtocolErrorCode.MALFORMED, `HELLO_ACK streams ${streams} is not in 1..${MAX_STREAMS}`);
-    return { type: 'HELLO_ACK', accepted: true, version, mode: modes[0], streams, codecs: this.codecs(r) };
+    const codecs = this.codecs(r);
+    const tokenLen = r.u8('token length');
+    if (tokenLen !== 0 && tokenLen !== SESSION_TOKEN_BYTES) fail(ProtocolErrorCode.MALFORMED, `HELLO_ACK session token is ${tokenLen} bytes, not 0 or ${SESSION_TOKEN_BYTES}`);
+    const token = tokenLen ? toHex(r.bytes(tokenLen, 'session token')) : undefined;
+    return { type: 'HELLO_ACK', accepted: true, version, mode: modes[0], streams, codecs, ...(token ? { token } : {}) };
   }
 
   private pages(r: Reader): Frame {

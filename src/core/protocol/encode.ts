@@ -9,8 +9,8 @@ import { InvalidArgumentError } from '../errors.js';
 import {
   DIGEST_ALGORITHMS, FIRST_CODEC_ID, FLAG_PAGES_DEMAND, FrameTypeId, GLOBAL_TYPE_IDS, HEADER_BYTES, HELLO_MAGIC,
   MAX_CODECS, MAX_CONFIG_BYTES, MAX_ERROR_CODE_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES,
-  MAX_PAGE_SIZE, MAX_STREAMS, MIN_PAGE_SIZE, MIGRATION_MODES, MODE_BITS, Encoding,
-  type AckFrame, type CancelFrame, type CodecOffer, type CompleteFrame, type Digest, type ErrorFrame, type Frame,
+  MAX_PAGE_SIZE, MAX_STREAMS, MIN_PAGE_SIZE, MIGRATION_MODES, MODE_BITS, Encoding, SESSION_TOKEN_BYTES, STREAM_ROLES,
+  type AckFrame, type BatchFrame, type JoinFrame, type CancelFrame, type CodecOffer, type CompleteFrame, type Digest, type ErrorFrame, type Frame,
   type FrameType, type HelloAckFrame, type HelloFrame, type ModuleFrame, type PageRequestFrame, type PagesFrame,
   type PingFrame, type PongFrame, type PushDoneFrame, type ResumedFrame, type RoundEndFrame, type StateFrame,
   type SwitchoverFrame, type WireBitmap, type WireGlobal, type FrameBody,
@@ -136,6 +136,7 @@ export function encodeHello(f: Omit<HelloFrame, 'type'>): Uint8Array {
   if (!Number.isInteger(f.offer.maxStreams) || f.offer.maxStreams < 1 || f.offer.maxStreams > MAX_STREAMS) bad(`maxStreams ${f.offer.maxStreams} is not in 1..${MAX_STREAMS}`);
   w.u16(f.offer.maxStreams);
   writeCodecs(w, f.offer.codecs);
+  w.str16(f.gang ?? '', MAX_NAME_BYTES, 'gang');
   return w.finish('HELLO');
 }
 
@@ -154,6 +155,11 @@ export function encodeHelloAck(f: FrameBody<HelloAckFrame>): Uint8Array {
     if (!Number.isInteger(f.streams) || f.streams < 1 || f.streams > MAX_STREAMS) bad(`streams ${f.streams} is not in 1..${MAX_STREAMS}`);
     w.u16(f.streams);
     writeCodecs(w, f.codecs);
+    if (f.token === undefined) w.u8(0);
+    else {
+      w.u8(SESSION_TOKEN_BYTES);
+      w.bytes(hexToBytes(f.token, SESSION_TOKEN_BYTES, 'session token'));
+    }
   } else {
     w.u8(0);
     if (!ERROR_CODE_RE.test(f.code)) bad(`error code '${f.code}' must match ${ERROR_CODE_RE}`);
@@ -250,6 +256,44 @@ export class PagesFrameBuilder {
     this.view.setUint16(6, 0, true);
     return this.buf.subarray(0, this.pos);
   }
+}
+
+export function encodeJoin(f: Omit<JoinFrame, 'type'>): Uint8Array {
+  const w = new Writer(HEADER_BYTES + SESSION_TOKEN_BYTES + 3);
+  w.bytes(hexToBytes(f.token, SESSION_TOKEN_BYTES, 'session token'));
+  const role = STREAM_ROLES[f.role];
+  if (role === undefined) bad(`unknown stream role ${String(f.role)}`);
+  if (!Number.isInteger(f.stream) || (f.role === 'data' ? f.stream < 1 || f.stream >= MAX_STREAMS : f.stream !== 0)) bad(`${f.role} stream ${f.stream} is out of range`);
+  w.u16(f.stream);
+  w.u8(role);
+  return w.finish('JOIN');
+}
+
+/** Header + fixed fields of a BATCH frame, in front of `data` bytes (see {@link encodeBatchFrame}). */
+export const BATCH_HEAD_BYTES = HEADER_BYTES + 13;
+
+/**
+ * BATCH. With `into` (a buffer whose bytes from BATCH_HEAD_BYTES on already hold `data`), the
+ * header is written in place and no copy is made.
+ */
+export function encodeBatchFrame(f: Omit<BatchFrame, 'type'>, into?: Uint8Array): Uint8Array {
+  checkU32(f.seq, 'seq');
+  if (!Number.isInteger(f.blobCodec) || f.blobCodec < 0 || f.blobCodec > 255 || f.blobCodec === Encoding.ZERO) bad(`blob codec ${f.blobCodec} is not 0 or a codec id`);
+  if (!Number.isInteger(f.pages) || f.pages < 1) bad(`a BATCH needs at least one page, got ${f.pages}`);
+  checkU32(f.pages, 'pages');
+  const buf = into ?? new Uint8Array(BATCH_HEAD_BYTES + f.data.length);
+  if (!into) buf.set(f.data, BATCH_HEAD_BYTES);
+  else if (buf.length !== BATCH_HEAD_BYTES + f.data.length) bad('BATCH buffer does not match its data');
+  const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  v.setUint32(0, buf.length - HEADER_BYTES, true);
+  v.setUint8(4, FrameTypeId.BATCH);
+  v.setUint8(5, f.demand ? FLAG_PAGES_DEMAND : 0);
+  v.setUint16(6, 0, true);
+  v.setUint32(HEADER_BYTES, f.seq, true);
+  v.setUint8(HEADER_BYTES + 4, f.blobCodec);
+  v.setUint32(HEADER_BYTES + 5, f.pages, true);
+  v.setUint32(HEADER_BYTES + 9, 0, true);
+  return buf;
 }
 
 export function encodeRoundEnd(f: Omit<RoundEndFrame, 'type'>): Uint8Array {
@@ -400,6 +444,8 @@ export function encodeFrame(frame: Frame, pageSize?: number): Uint8Array {
     case 'CANCEL': return encodeCancel(frame);
     case 'PING': return encodePing(frame);
     case 'PONG': return encodePong(frame);
+    case 'JOIN': return encodeJoin(frame);
+    case 'BATCH': return encodeBatchFrame(frame);
     default: return bad(`unknown frame type ${(frame as { type: string }).type}`);
   }
 }

@@ -38,14 +38,22 @@ export const FrameTypeId = {
   CANCEL: 0x0e,
   PING: 0x0f,
   PONG: 0x10,
+  JOIN: 0x11,
+  BATCH: 0x12,
 } as const;
 export type FrameType = keyof typeof FrameTypeId;
 export const FRAME_TYPE_NAMES: ReadonlyMap<number, FrameType> = new Map(
   (Object.entries(FrameTypeId) as [FrameType, number][]).map(([name, id]) => [id, name]),
 );
 
-/** PAGES flag: the batch answers a PAGE_REQUEST (its `seq` is the request id). */
+/** PAGES / BATCH flag: the batch answers a PAGE_REQUEST (its `seq` is the request id). */
 export const FLAG_PAGES_DEMAND = 0x01;
+
+/** Bytes of the session token HELLO_ACK hands out and JOIN presents. */
+export const SESSION_TOKEN_BYTES = 16;
+/** What an extra connection carries (JOIN `role`). */
+export const STREAM_ROLES = { data: 0, fault: 1 } as const;
+export type StreamRole = keyof typeof STREAM_ROLES;
 
 /** Page encodings. Ids 0 and 1 are always understood; other ids are codec ids agreed in the handshake. */
 export const Encoding = {
@@ -165,6 +173,12 @@ export interface HelloFrame {
   /** VM configuration (opaque to the protocol), ≤ 64 KiB UTF-8. */
   config: string;
   offer: Capabilities;
+  /**
+   * Gang migration (Deshpande et al.): VMs migrating together name the same gang, ≤ 64 UTF-8
+   * bytes, and the destination gives their sessions one shared de-duplication store. Absent or
+   * empty: no gang.
+   */
+  gang?: string;
 }
 
 export type HelloAckFrame =
@@ -177,6 +191,11 @@ export type HelloAckFrame =
       streams: number;
       /** The subset of offered codecs the destination decodes. */
       codecs: CodecOffer[];
+      /**
+       * Session token (32 lowercase hex digits = 16 bytes): extra connections (parallel data
+       * streams, the post-copy fault channel) present it in JOIN. Absent: no extra connections.
+       */
+      token?: string;
     }
   | { type: 'HELLO_ACK'; accepted: false; code: string; message: string };
 
@@ -196,6 +215,32 @@ export interface PagesFrame {
   /** True when the batch answers a PAGE_REQUEST (flag FLAG_PAGES_DEMAND). */
   demand: boolean;
   pages: WirePage[];
+}
+
+/**
+ * Pages after a codec, as one packed batch (core/codec `packBatch` layout), optionally compressed
+ * whole by a blob codec (lz4, zstd) agreed in the handshake.
+ */
+export interface BatchFrame {
+  type: 'BATCH';
+  /** As in PAGES: round, 0 for a post-copy push, or the PAGE_REQUEST id (with `demand`). */
+  seq: number;
+  demand: boolean;
+  /** 0: `data` is the packed batch itself; otherwise the agreed blob codec id that compressed it. */
+  blobCodec: number;
+  /** Pages in the batch (so a receiver can count before it decodes). */
+  pages: number;
+  data: Uint8Array;
+}
+
+/** First frame of an extra connection of a session (parallel data stream, or the fault channel). */
+export interface JoinFrame {
+  type: 'JOIN';
+  /** The session token from HELLO_ACK (32 lowercase hex digits). */
+  token: string;
+  /** Data streams: 1 … streams-1 (stream 0 is the control connection). The fault channel: 0. */
+  stream: number;
+  role: StreamRole;
 }
 
 export interface RoundEndFrame {
@@ -309,7 +354,9 @@ export type Frame =
   | ErrorFrame
   | CancelFrame
   | PingFrame
-  | PongFrame;
+  | PongFrame
+  | JoinFrame
+  | BatchFrame;
 
 /** A frame without its `type` tag (what the per-type encoders take); distributes over unions. */
 export type FrameBody<F extends Frame> = F extends unknown ? Omit<F, 'type'> : never;

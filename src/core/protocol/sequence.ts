@@ -27,7 +27,7 @@ export type Phase =
   /** Terminal: refused, cancelled or failed (ERROR). */
   | 'failed';
 
-const FROM_SOURCE: ReadonlySet<FrameType> = new Set(['HELLO', 'MODULE', 'PAGES', 'ROUND_END', 'STATE', 'SWITCHOVER', 'PUSH_DONE']);
+const FROM_SOURCE: ReadonlySet<FrameType> = new Set(['HELLO', 'JOIN', 'MODULE', 'PAGES', 'BATCH', 'ROUND_END', 'STATE', 'SWITCHOVER', 'PUSH_DONE']);
 const FROM_DESTINATION: ReadonlySet<FrameType> = new Set(['HELLO_ACK', 'RESUMED', 'PAGE_REQUEST', 'COMPLETE']);
 
 export class SequenceChecker {
@@ -93,6 +93,7 @@ export class SequenceChecker {
       case 'HELLO': return phase === 'start' ? undefined : 'HELLO was already sent';
       case 'HELLO_ACK': return phase === 'hello' ? undefined : 'no HELLO is waiting for an answer';
       case 'ERROR': return undefined;
+      case 'JOIN': return 'JOIN opens an extra connection of a session; the control connection never carries it';
       case 'PING':
       case 'PONG': return phase === 'start' ? 'before HELLO' : undefined;
       case 'CANCEL': return phase === 'hello' || phase === 'transfer' ? undefined : 'CANCEL is only valid before SWITCHOVER';
@@ -106,6 +107,7 @@ export class SequenceChecker {
         if (frame.offset !== this.moduleReceived) return `chunk at ${frame.offset}, expected ${this.moduleReceived}`;
         return undefined;
       case 'PAGES':
+      case 'BATCH':
         if (frame.demand) {
           if (!post || (phase !== 'switched' && phase !== 'resumed')) return 'demand pages outside a post-copy phase';
           if (frame.seq > this.lastRequest) return `no PAGE_REQUEST ${frame.seq} was made`;
