@@ -189,6 +189,29 @@ export interface MigrationReport {
   degradation: { beforePerSec: number; duringPerSec: number; ratio: number } | null;
   /** Destination memory matched the source (null if not checked). */
   verified: boolean | null;
+  /** How the pages travelled: streams, codecs and what they saved (set by the engine; absent in simulations). */
+  transfer?: TransferReport;
+}
+
+export interface TransferReport {
+  /** Connections that carried pages (the control connection counts as the first). */
+  streams: number;
+  /** Post-copy page requests had a connection of their own. */
+  faultChannel: boolean;
+  /** Codecs agreed beyond zero pages. */
+  codecs: string[];
+  /** Gang the VM migrated with (shared de-duplication), or null. */
+  gang: string | null;
+  /** Guest page bytes the streams carried (pages × page size, zero pages included) … */
+  pageBytes: number;
+  /** … and the bytes they became in PAGES / BATCH payloads. */
+  encodedBytes: number;
+  /** pageBytes ÷ encodedBytes. */
+  reduction: number;
+  /** Codec counters summed over the streams (xbzrle hits / misses / overflows, dedup refs / defs, …). */
+  codecStats: Record<string, number>;
+  /** lz4/zstd compression, when agreed: whether the last decision was on, how often it flipped, the measured speedup. */
+  compression: { on: boolean; flips: number; speedup: number | null } | null;
 }
 
 export interface ReportBuilderInit {

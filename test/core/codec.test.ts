@@ -469,7 +469,7 @@ describe('adaptive (MECOM)', () => {
     const s = enc.stats();
     assert.ok(s.compressedBatches >= 1 && s.low >= 20 && s.high >= 10 && s.zero >= 5, JSON.stringify(s));
     assert.throws(() => enc.encodeBatch([1, 1], concat([src[0], src[1]])), RangeError);
-    assert.throws(() => dec.decodeParts([{ blobCodecId: 77, bytes: new Uint8Array(8) }], (i) => dest[i]), (e: unknown) => e instanceof CodecError && e.code === CodecErrorCode.UNKNOWN);
-    assert.throws(() => dec.decodeParts([{ blobCodecId: RAW_CODEC_ID, bytes: new Uint8Array([1, 255, 255, 255, 255]) }], (i) => dest[i]), CodecError);
+    assert.throws(() => dec.decodeParts([{ blobCodecId: 77, pages: 1, bytes: new Uint8Array(8) }], (i) => dest[i]), (e: unknown) => e instanceof CodecError && e.code === CodecErrorCode.UNKNOWN);
+    assert.throws(() => dec.decodeParts([{ blobCodecId: RAW_CODEC_ID, pages: 1, bytes: new Uint8Array([1, 255, 255, 255, 255]) }], (i) => dest[i]), CodecError);
   });
 });

@@ -172,6 +172,8 @@ export class CompressionController {
 /** One part of an adaptive batch: a packed batch, compressed with `blobCodecId` (RAW_CODEC_ID = not). */
 export interface AdaptivePart {
   blobCodecId: number;
+  /** Pages in the part. */
+  pages: number;
   bytes: Uint8Array;
 }
 
@@ -253,12 +255,12 @@ export function adaptiveEncoder(init: AdaptiveInit): AdaptiveEncoder {
         if (blob) {
           counts.compressedBatches++;
           counts.compressedBytesOut += blob.length;
-          parts.push({ blobCodecId: init.compressor!.id, bytes: blob });
+          parts.push({ blobCodecId: init.compressor!.id, pages: low.length, bytes: blob });
         } else rest.unshift(...low); // incompressible after all: ship them plain (order within a batch is free)
       }
       if (rest.length > 0) {
         counts.plainBatches++;
-        parts.push({ blobCodecId: RAW_CODEC_ID, bytes: packBatch(subset(batch, rest)) });
+        parts.push({ blobCodecId: RAW_CODEC_ID, pages: rest.length, bytes: packBatch(subset(batch, rest)) });
       }
       return parts;
     },

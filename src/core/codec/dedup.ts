@@ -149,6 +149,10 @@ export class DedupStore {
 
   put(id: number, content: Uint8Array): void {
     const s = id % this.slots;
+    const old = this.slotId[s];
+    // Definitions can arrive out of order across parallel streams (or gang members): a late, older
+    // definition never overwrites a newer one in its slot (ids wrap at 2^32, hence the modular test).
+    if (old >= 0 && old !== id && (id - old + 2 ** 32) % 2 ** 32 >= 2 ** 31) return;
     this.slab.set(content, s * PAGE_SIZE);
     this.slotId[s] = id;
   }

@@ -25,7 +25,8 @@ export class Inbox {
   private readonly handlers = new Map<FrameType, (f: Frame) => void>();
   readonly done: Promise<void>;
 
-  constructor(private readonly framed: FramedConnection) {
+  /** `onFail` hears the first failure (peer error, protocol violation, end of stream). */
+  constructor(private readonly framed: FramedConnection, private readonly onFail?: (e: Error) => void) {
     this.done = this.pump();
   }
 
@@ -72,6 +73,7 @@ export class Inbox {
     if (this.failure) return;
     this.failure = e;
     for (const list of this.waiters.values()) for (const w of list.splice(0)) w.reject(e);
+    this.onFail?.(e);
   }
 
   get error(): Error | null { return this.failure; }

@@ -1,15 +1,27 @@
 /**
  * The destination side of a live migration. It admits (or refuses) the VM, fills guest memory as
- * pages arrive, checks the memory digest, and starts the VM — at once with every page present
- * (pre-copy), or with absent pages that fault in on demand (post-copy, hybrid).
+ * pages arrive — on the control connection and on any parallel data streams that joined the
+ * session, decoding what the agreed codecs encoded — checks the memory digest, and starts the VM:
+ * at once with every page present (pre-copy), or with absent pages that fault in on demand
+ * (post-copy, hybrid), their requests travelling on a fault channel of their own when the source
+ * opened one.
+ *
+ * {@link MigrationAcceptor} is the entry point for a host: it takes every incoming connection,
+ * starts a session for a HELLO and hands a JOIN to the session whose token it presents.
  */
 import { Bitmap } from '../bitmap.js';
+import { decodeOne, type EncodedBatch } from '../codec/codec.js';
+import { DedupStore } from '../codec/dedup.js';
 import { FerryError, ProtocolError } from '../errors.js';
 import { Histogram, type HistogramSummary } from '../metrics.js';
 import { PAGE_SIZE } from '../pages.js';
-import { Encoding, PROTOCOL_VERSION, type MigrationMode, type PagesFrame } from '../protocol/frames.js';
+import {
+  Encoding, MAX_STREAMS, PROTOCOL_VERSION, SESSION_TOKEN_BYTES,
+  type BatchFrame, type CodecOffer, type HelloFrame, type JoinFrame, type MigrationMode, type PagesFrame,
+} from '../protocol/frames.js';
 import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
+import { GANG_INDEX_BYTES, StreamDecoder, acceptCodecs, isMissingDefinition, storeBytesFor, usesCodecs, vmIndexBytes } from './codecs.js';
 import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, fromWireBitmap } from './common.js';
 import type { DestinationFactory, DestinationVm, EngineDeps } from './types.js';
 
@@ -27,14 +39,134 @@ export interface DestinationOutcome {
   faultLatencyMs: HistogramSummary;
   /** Destination clock: switchover frame received → VM running. */
   startMs: number;
+  /** Connections that carried pages, and whether page requests had their own. */
+  streams: number;
+  faultChannel: boolean;
 }
 
-export function serveDestination(conn: Connection, factory: DestinationFactory, deps: EngineDeps): Promise<DestinationOutcome> {
-  return new DestinationSession(conn, factory, deps).run();
+export interface MigrationAcceptorInit {
+  /** Most parallel data streams granted to one migration (default 16). */
+  maxStreams?: number;
+  /** A stream held back for a dedup definition that does not arrive fails the migration after this long, ms (default 30 s). */
+  definitionWaitMs?: number;
+}
+
+interface GangEntry {
+  store: DedupStore;
+  members: Set<DestinationSession>;
+}
+
+/**
+ * Accepts the connections of incoming migrations: a HELLO starts a session, a JOIN adds a
+ * parallel data stream or the fault channel to the session its token names. Sessions that name
+ * the same gang share one de-duplication store.
+ */
+export class MigrationAcceptor {
+  private readonly sessions = new Map<string, DestinationSession>();
+  private readonly gangs = new Map<string, GangEntry>();
+  readonly maxStreams: number;
+  readonly definitionWaitMs: number;
+
+  constructor(private readonly deps: EngineDeps, init: MigrationAcceptorInit = {}) {
+    this.maxStreams = Math.max(1, Math.min(init.maxStreams ?? 16, MAX_STREAMS));
+    this.definitionWaitMs = init.definitionWaitMs ?? 30_000;
+  }
+
+  /**
+   * Serves one incoming connection. For a HELLO, resolves with the migration's outcome once it
+   * ended (rejects if it failed); for a JOIN, resolves with null once the connection belongs to
+   * its session. Anything else is refused with an ERROR frame and a named error.
+   */
+  async accept(conn: Connection, factory: DestinationFactory): Promise<DestinationOutcome | null> {
+    const framed = new FramedConnection(conn);
+    const first = await framed.next().catch((e: Error) => {
+      framed.abort(e);
+      throw e;
+    });
+    if (first?.type === 'HELLO') return new DestinationSession(framed, first, factory, this.deps, this).run();
+    const refuse = async (code: string, message: string): Promise<never> => {
+      await framed.send({ type: 'ERROR', code, message }).catch(() => undefined);
+      await framed.close().catch(() => undefined);
+      throw new MigrationError(code, message);
+    };
+    if (first?.type !== 'JOIN') return refuse('ERR_PROTOCOL_SEQUENCE', first ? `a migration connection starts with HELLO or JOIN, not ${first.type}` : 'the connection closed before its first frame');
+    const session = this.sessions.get(first.token);
+    if (!session) return refuse('ERR_MIGRATION_UNKNOWN_SESSION', 'JOIN names no migration in progress here');
+    try {
+      await session.join(framed, first);
+    } catch (e) {
+      return refuse(e instanceof FerryError ? e.code : 'ERR_MIGRATION_JOIN', (e as Error).message);
+    }
+    return null;
+  }
+
+  /** @internal */
+  register(token: string, s: DestinationSession): void {
+    this.sessions.set(token, s);
+  }
+
+  /** @internal */
+  unregister(token: string | null, s: DestinationSession, gang: string | null): void {
+    if (token && this.sessions.get(token) === s) this.sessions.delete(token);
+    if (gang) {
+      const g = this.gangs.get(gang);
+      g?.members.delete(s);
+      if (g && g.members.size === 0) this.gangs.delete(gang);
+    }
+  }
+
+  /** @internal The dedup store a session uses: its gang's, shared, or its own. */
+  storeFor(s: DestinationSession, hello: HelloFrame): DedupStore {
+    if (!hello.gang) return new DedupStore({ capacityBytes: storeBytesFor(vmIndexBytes(hello.memoryBytes)) });
+    let g = this.gangs.get(hello.gang);
+    if (!g) this.gangs.set(hello.gang, (g = { store: new DedupStore({ capacityBytes: storeBytesFor(GANG_INDEX_BYTES) }), members: new Set() }));
+    g.members.add(s);
+    return g.store;
+  }
+
+  /** @internal A session of `gang` applied definitions: streams of the others waiting for one may go on. */
+  wakeGang(gang: string, from: DestinationSession): void {
+    for (const m of this.gangs.get(gang)?.members ?? []) if (m !== from) m.retryBlocked();
+  }
+}
+
+/** A single migration on a single connection (no parallel streams): {@link MigrationAcceptor} for one connection. */
+export async function serveDestination(conn: Connection, factory: DestinationFactory, deps: EngineDeps): Promise<DestinationOutcome> {
+  const outcome = await new MigrationAcceptor(deps).accept(conn, factory);
+  if (!outcome) throw new MigrationError('ERR_MIGRATION_UNKNOWN_SESSION', 'the connection joined no migration');
+  return outcome;
+}
+
+/** Page entries of a PAGES or BATCH frame, read uniformly. */
+interface Entries {
+  seq: number;
+  count: number;
+  index(k: number): number;
+  codec(k: number): number;
+  data(k: number): Uint8Array;
+}
+
+function pagesEntries(f: PagesFrame): Entries {
+  return { seq: f.seq, count: f.pages.length, index: (k) => f.pages[k].index, codec: (k) => f.pages[k].encoding, data: (k) => f.pages[k].data };
+}
+
+function batchEntries(seq: number, b: EncodedBatch): Entries {
+  return {
+    seq, count: b.count, index: (k) => b.indices[k], codec: (k) => b.codecIds[k],
+    data: (k) => b.bytes.subarray(b.offsets[k], b.offsets[k + 1]),
+  };
+}
+
+/** One connection's pages, applied in arrival order; held back while a dedup definition is missing. */
+class RxStream {
+  readonly queue: (PagesFrame | BatchFrame)[] = [];
+  cur: Entries | null = null;
+  k = 0;
+  blockedAt: number | null = null;
+  constructor(readonly name: string, readonly decoder: StreamDecoder | null) {}
 }
 
 class DestinationSession {
-  private readonly framed: FramedConnection;
   private readonly inbox: Inbox;
   private vm: DestinationVm | null = null;
   private started = false;
@@ -49,52 +181,127 @@ class DestinationSession {
   private faults = 0;
   private allArrived: (() => void) | null = null;
   private pageError: Error | null = null;
+  private token: string | null = null;
+  private agreed: CodecOffer[] = [];
+  private store: DedupStore | null = null;
+  private streamsAgreed = 1;
+  private readonly rx: RxStream[] = [];
+  private readonly joined = new Map<number, { framed: FramedConnection; inbox: Inbox }>();
+  private fault: { framed: FramedConnection; inbox: Inbox } | null = null;
+  /** Pages applied per round (PAGES/BATCH `seq` of non-demand batches) and the ROUND_ENDs waiting for theirs. */
+  private readonly applied = new Map<number, number>();
+  private readonly roundEnds: { round: number; pages: number }[] = [];
+  private roundsSettled: (() => void) | null = null;
+  private ending = false;
+  private readonly stop = new AbortController();
+  private readonly gang: string | null;
 
-  constructor(conn: Connection, private readonly factory: DestinationFactory, private readonly deps: EngineDeps) {
-    this.framed = new FramedConnection(conn);
+  constructor(private readonly framed: FramedConnection, private readonly hello: HelloFrame, private readonly factory: DestinationFactory, private readonly deps: EngineDeps, private readonly acceptor: MigrationAcceptor) {
     this.inbox = new Inbox(this.framed);
+    this.gang = hello.gang ?? null;
   }
 
-  /** Applies a PAGES frame (called in arrival order, before any later frame is looked at). */
-  private onPages(f: PagesFrame): void {
-    const vm = this.vm;
-    if (!vm || this.pageError) return;
+  // ------------------------------------------------------------------ joining connections
+
+  /** A JOIN for this session arrived on `framed`. */
+  async join(framed: FramedConnection, f: JoinFrame): Promise<void> {
+    if (this.ending || this.inbox.error) throw new MigrationError('ERR_MIGRATION_JOIN', 'the migration is over');
+    if (f.role === 'data') {
+      if (f.stream >= this.streamsAgreed) throw new MigrationError('ERR_MIGRATION_JOIN', `stream ${f.stream} is beyond the ${this.streamsAgreed} agreed`);
+      if (this.joined.has(f.stream)) throw new MigrationError('ERR_MIGRATION_JOIN', `stream ${f.stream} joined already`);
+    } else if (this.fault) throw new MigrationError('ERR_MIGRATION_JOIN', 'the fault channel joined already');
+    framed.decoder.allowEncodings(this.agreed.map((c) => c.id));
+    const inbox = new Inbox(framed, (e) => {
+      if (!this.ending) this.inbox.fail(e);
+    });
+    const conn = { framed, inbox };
+    if (f.role === 'data') {
+      this.joined.set(f.stream, conn);
+      const s = this.newStream(`stream ${f.stream}`);
+      inbox.on('PAGES', (p) => this.enqueue(s, p));
+      inbox.on('BATCH', (b) => this.enqueue(s, b));
+    } else {
+      this.fault = conn;
+      // Demand pages: raw or zero, applied as they come.
+      const s = this.newStream('fault channel');
+      inbox.on('PAGES', (p) => this.enqueue(s, p));
+    }
+    await framed.send({ type: 'ACK', acked: 'JOIN', value: f.stream });
+  }
+
+  private newStream(name: string): RxStream {
+    const s = new RxStream(name, usesCodecs(this.agreed) ? new StreamDecoder(this.agreed, this.deps.blobCodecs ?? {}, this.store!, 4096) : null);
+    this.rx.push(s);
+    return s;
+  }
+
+  // ------------------------------------------------------------------ applying pages
+
+  private enqueue(s: RxStream, f: PagesFrame | BatchFrame): void {
+    if (this.pageError) return;
+    s.queue.push(f);
+    // Before the VM exists (a data stream can be quicker than the control connection) frames wait.
+    if (this.vm && s.blockedAt === null) this.drain(s);
+  }
+
+  /** Applies what `s` holds, in order, until it is empty or waits for a dedup definition. */
+  private drain(s: RxStream): void {
+    let progressed = false;
     try {
-      for (const pg of f.pages) {
-        if (pg.index >= this.maxPages) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `page ${pg.index} is beyond the VM's ${this.maxPages} pages`);
-        if (this.started) {
-          // Post-copy: only absent pages are installed; a page already here stays as the guest left it.
-          if (!this.absent!.get(pg.index)) continue;
-          this.install(vm, pg.index, pg.encoding, pg.data);
-          this.digest!.set(pg.index, this.hashOf(vm, pg.index));
-          this.absent!.clear(pg.index);
-          vm.markPresent(pg.index);
-          const t = this.faultAt.get(pg.index);
-          if (t !== undefined) {
-            this.latency.record(this.deps.clock.now() - t);
-            this.faultAt.delete(pg.index);
+      for (;;) {
+        if (!s.cur) {
+          const f = s.queue.shift();
+          if (!f) break;
+          if (f.type === 'PAGES') s.cur = pagesEntries(f);
+          else {
+            if (!s.decoder) throw new ProtocolError('ERR_PROTOCOL_UNKNOWN_ENCODING', 'BATCH frame, but no codec was agreed');
+            s.cur = batchEntries(f.seq, s.decoder.unpack(f.blobCodec, f.data, f.pages));
           }
-          if (--this.missing === 0) this.allArrived?.();
-        } else {
-          // Before the start the last copy of a page wins; hash it now so the digest costs
-          // nothing during the downtime.
-          vm.ensurePages(pg.index + 1);
-          this.install(vm, pg.index, pg.encoding, pg.data);
-          this.received.set(pg.index);
-          this.preHashes[pg.index] = pg.encoding === Encoding.ZERO ? this.zeroHash() : this.hashOf(vm, pg.index);
+          s.k = 0;
+          if ((f.type === 'PAGES' || f.type === 'BATCH') && f.demand) s.cur = { ...s.cur, seq: -1 };
         }
-        this.pagesReceived++;
+        const e = s.cur;
+        while (s.k < e.count) {
+          if (!this.apply(s, e.index(s.k), e.codec(s.k), e.data(s.k))) {
+            s.blockedAt ??= this.deps.clock.now();
+            this.watch(s);
+            return;
+          }
+          s.blockedAt = null;
+          progressed = true;
+          if (e.seq >= 0) this.applied.set(e.seq, (this.applied.get(e.seq) ?? 0) + 1);
+          s.k++;
+        }
+        s.cur = null;
       }
-    } catch (e) {
-      this.pageError = e as Error;
+      s.blockedAt = null;
+    } catch (err) {
+      this.pageError = err as Error;
       this.inbox.fail(this.pageError);
+      return;
+    } finally {
+      if (progressed) {
+        this.settleRounds();
+        if (this.rx.some((x) => x !== s && x.blockedAt !== null)) queueMicrotask(() => this.retryBlocked());
+        if (this.gang) queueMicrotask(() => this.acceptor.wakeGang(this.gang!, this));
+      }
     }
   }
 
-  private install(vm: DestinationVm, page: number, encoding: number, data: Uint8Array): void {
-    if (encoding === Encoding.ZERO) vm.zeroPage(page);
-    else if (encoding === Encoding.RAW && data.length === PAGE_SIZE) vm.writePage(page, data, 0);
-    else throw new ProtocolError('ERR_PROTOCOL_UNKNOWN_ENCODING', `page ${page}: encoding ${encoding} with ${data.length} bytes was not agreed`);
+  /** Streams waiting for a definition try again (one may have landed on another stream or VM). */
+  retryBlocked(): void {
+    for (const s of this.rx) if (s.blockedAt !== null) this.drain(s);
+  }
+
+  private watch(s: RxStream): void {
+    const since = s.blockedAt;
+    void this.deps.clock.sleep(this.acceptor.definitionWaitMs, this.stop.signal).then(() => {
+      if (s.blockedAt !== since || this.pageError) return;
+      this.retryBlocked();
+      if (s.blockedAt !== since) return;
+      this.pageError = new MigrationError('ERR_CODEC_STATE', `${s.name} waited ${this.acceptor.definitionWaitMs} ms for a de-duplication definition that never arrived`);
+      this.inbox.fail(this.pageError);
+    }, () => undefined);
   }
 
   private scratch = new Uint8Array(PAGE_SIZE);
@@ -104,10 +311,87 @@ class DestinationSession {
   private zeroHash(): bigint {
     return (this.zeroHashValue ??= this.deps.hashPage(new Uint8Array(PAGE_SIZE), 0));
   }
-  private hashOf(vm: DestinationVm, page: number): bigint {
-    vm.readPage(page, this.scratch, 0);
-    return this.deps.hashPage(this.scratch, 0);
+
+  /**
+   * Installs one page (before the start the last copy wins; after it only absent pages are
+   * installed — a page the guest already has stays as the guest left it — but every codec entry is
+   * still decoded, so codec state stays in step). False when a dedup reference must wait.
+   */
+  private apply(s: RxStream, page: number, codec: number, data: Uint8Array): boolean {
+    const vm = this.vm!;
+    if (page >= this.maxPages) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `page ${page} is beyond the VM's ${this.maxPages} pages`);
+    const wanted = !this.started || this.absent!.get(page);
+    if (!this.started) vm.ensurePages(page + 1);
+    let hash: bigint;
+    if (codec === Encoding.ZERO) {
+      if (data.length !== 0) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `zero page ${page} carries ${data.length} bytes`);
+      if (!wanted) return true;
+      vm.zeroPage(page);
+      s.decoder?.decoder.delivered(page, (this.scratch.fill(0), this.scratch));
+      hash = this.zeroHash();
+    } else if (codec === Encoding.RAW) {
+      if (data.length !== PAGE_SIZE) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `raw page ${page} is ${data.length} bytes, not ${PAGE_SIZE}`);
+      s.decoder?.decoder.delivered(page, data);
+      if (!wanted) return true;
+      vm.writePage(page, data, 0);
+      hash = this.deps.hashPage(data, 0);
+    } else {
+      if (!s.decoder) throw new ProtocolError('ERR_PROTOCOL_UNKNOWN_ENCODING', `page ${page}: encoding ${codec} was not agreed`);
+      // Delta codecs apply to what this side holds now.
+      vm.readPage(page, this.scratch, 0);
+      try {
+        decodeOne(s.decoder.decoder, page, codec, data, this.scratch);
+      } catch (e) {
+        if (isMissingDefinition(e)) return false;
+        throw e;
+      }
+      if (!wanted) return true;
+      vm.writePage(page, this.scratch, 0);
+      hash = this.deps.hashPage(this.scratch, 0);
+    }
+    this.pagesReceived++;
+    if (!this.started) {
+      this.received.set(page);
+      this.preHashes[page] = hash;
+      return true;
+    }
+    this.digest!.set(page, hash);
+    this.absent!.clear(page);
+    vm.markPresent(page);
+    const t = this.faultAt.get(page);
+    if (t !== undefined) {
+      this.latency.record(this.deps.clock.now() - t);
+      this.faultAt.delete(page);
+    }
+    if (--this.missing === 0) this.allArrived?.();
+    return true;
   }
+
+  /** Acknowledges each ROUND_END once all of its round's pages are applied, in order. */
+  private settleRounds(): void {
+    while (this.roundEnds.length > 0) {
+      const r = this.roundEnds[0];
+      if ((this.applied.get(r.round) ?? 0) < r.pages) return;
+      this.roundEnds.shift();
+      void this.framed.send({ type: 'ACK', acked: 'ROUND_END', value: r.round }).catch(() => undefined);
+    }
+    this.roundsSettled?.();
+  }
+
+  /** Resolves once every announced round's pages are applied (the switchover needs them all). */
+  private allRoundsApplied(): Promise<void> {
+    if (this.roundEnds.length === 0) return Promise.resolve();
+    return new Promise<void>((resolve, reject) => {
+      this.roundsSettled = () => {
+        if (this.roundEnds.length > 0) return;
+        this.roundsSettled = null;
+        resolve();
+      };
+      void this.inbox.done.then(() => reject(this.inbox.error ?? new MigrationError('ERR_MIGRATION_PEER_CLOSED', 'source went away before its pages arrived')));
+    });
+  }
+
+  // ------------------------------------------------------------------ the session
 
   async run(): Promise<DestinationOutcome> {
     try {
@@ -120,13 +404,25 @@ class DestinationSession {
         }
         await this.vm?.discard().catch(() => undefined);
       }
-      this.framed.abort(e instanceof Error ? e : undefined);
+      this.ending = true;
+      for (const c of this.connections()) c.abort(e instanceof Error ? e : undefined);
+      // Our side closes so the source reads the ERROR; a source that does not hang up is cut off.
+      void this.framed.close().catch(() => undefined);
+      void this.deps.clock.sleep(2000).then(() => this.framed.abort(e instanceof Error ? e : undefined), () => undefined);
       throw e;
+    } finally {
+      this.ending = true;
+      this.stop.abort();
+      this.acceptor.unregister(this.token, this, this.gang);
     }
   }
 
+  private connections(): FramedConnection[] {
+    return [...[...this.joined.values()].map((c) => c.framed), ...(this.fault ? [this.fault.framed] : [])];
+  }
+
   private async serve(): Promise<DestinationOutcome> {
-    const hello = await this.inbox.next('HELLO');
+    const hello = this.hello;
     const mode = hello.offer.modes[0];
     let admission: Awaited<ReturnType<DestinationFactory['admit']>>;
     try {
@@ -138,7 +434,15 @@ class DestinationSession {
       await this.framed.close().catch(() => undefined);
       throw e;
     }
-    await this.framed.send({ type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode, streams: 1, codecs: [] });
+    this.agreed = acceptCodecs(hello.offer.codecs, this.deps.blobCodecs);
+    this.framed.decoder.allowEncodings(this.agreed.map((c) => c.id));
+    if (this.agreed.some((c) => c.name === 'dedup')) this.store = this.acceptor.storeFor(this, hello);
+    this.streamsAgreed = Math.min(hello.offer.maxStreams, this.acceptor.maxStreams);
+    const token = Array.from(globalThis.crypto.getRandomValues(new Uint8Array(SESSION_TOKEN_BYTES)), (b) => b.toString(16).padStart(2, '0')).join('');
+    this.token = token;
+    this.acceptor.register(token, this);
+    const control = this.newStream('control connection');
+    await this.framed.send({ type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode, streams: this.streamsAgreed, codecs: this.agreed, token });
 
     const module = new Uint8Array(hello.moduleBytes);
     for (let got = 0; got < hello.moduleBytes;) {
@@ -158,13 +462,17 @@ class DestinationSession {
     await vm.warm();
     await this.framed.send({ type: 'ACK', acked: 'MODULE', value: hello.moduleBytes });
     vm.ensurePages(Math.ceil(hello.guestBytes / PAGE_SIZE));
-    this.inbox.on('PAGES', (f) => this.onPages(f));
+    this.inbox.on('PAGES', (f) => this.enqueue(control, f));
+    this.inbox.on('BATCH', (f) => this.enqueue(control, f));
+    for (const s of this.rx) if (s.queue.length) this.drain(s); // data streams may have been quicker than the ACK
     this.inbox.on('ROUND_END', (f) => {
-      void this.framed.send({ type: 'ACK', acked: 'ROUND_END', value: f.round }).catch(() => undefined);
+      this.roundEnds.push({ round: f.round, pages: f.pages });
+      this.settleRounds();
     });
 
     const state = await this.inbox.next('STATE');
     const sw = await this.inbox.next('SWITCHOVER');
+    await this.allRoundsApplied();
     if (this.pageError) throw this.pageError;
     const swAt = this.deps.clock.now();
     const pages = Math.ceil(state.guestBytes / PAGE_SIZE);
@@ -181,7 +489,7 @@ class DestinationSession {
     const digest = new MemoryDigest(pages);
     for (let p = 0; p < pages; p++) {
       if (soft.get(p) || absent.get(p)) continue;
-      digest.set(p, this.received.get(p) ? this.preHashes[p] : this.hashOf(vm, p));
+      digest.set(p, this.preHashes[p]);
     }
     this.preHashes = new BigUint64Array(0);
     this.digest = digest;
@@ -197,7 +505,7 @@ class DestinationSession {
       await this.framed.send({ type: 'RESUMED', pagesMissing: 0 });
       await this.framed.send({ type: 'COMPLETE', digest: { algorithm: 'sha256', hex } });
       await this.inbox.ack('COMPLETE', 0);
-      await this.framed.close().catch(() => undefined);
+      await this.close();
       return this.outcome(hello.vmName, mode, want === null ? null : hex === want, startMs);
     }
 
@@ -209,7 +517,7 @@ class DestinationSession {
       if (!this.absent?.get(page) || this.faultAt.has(page)) return;
       this.faults++;
       this.faultAt.set(page, this.deps.clock.now());
-      void this.framed.send({ type: 'PAGE_REQUEST', id: ++requestId, pages: [page] }).catch(() => undefined);
+      void (this.fault?.framed ?? this.framed).send({ type: 'PAGE_REQUEST', id: ++requestId, pages: [page] }).catch(() => undefined);
     });
     const arrived = new Promise<void>((r) => (this.allArrived = r));
     await vm.start({ guestBytes: state.guestBytes, globals: state.globals, devices: state.devices }, absent);
@@ -222,12 +530,20 @@ class DestinationSession {
     const hex = digest.hex((b) => this.deps.sha256Hex(b));
     await this.framed.send({ type: 'COMPLETE', digest: { algorithm: 'sha256', hex } });
     await this.inbox.ack('COMPLETE', 0);
-    await this.framed.close().catch(() => undefined);
+    await this.close();
     if (want !== null && hex !== want) throw new MigrationError('ERR_MIGRATION_VERIFY', `memory digest mismatch after post-copy: source ${want.slice(0, 16)}…, here ${hex.slice(0, 16)}…`);
     return this.outcome(hello.vmName, mode, want === null ? null : true, startMs);
   }
 
+  private async close(): Promise<void> {
+    this.ending = true;
+    await Promise.all([this.framed, ...this.connections()].map((f) => f.close().catch(() => undefined)));
+  }
+
   private outcome(vmName: string, mode: MigrationMode, verified: boolean | null, startMs: number): DestinationOutcome {
-    return { vmName, mode, verified, pagesReceived: this.pagesReceived, faults: this.faults, faultLatencyMs: this.latency.summary(), startMs };
+    return {
+      vmName, mode, verified, pagesReceived: this.pagesReceived, faults: this.faults, faultLatencyMs: this.latency.summary(), startMs,
+      streams: 1 + this.joined.size, faultChannel: this.fault !== null,
+    };
   }
 }

@@ -11,16 +11,87 @@ import { PAGE_SIZE } from '../pages.js';
 import { AutoConverge, PrecopyStopPolicy, type PrecopyRoundStats } from '../policy/precopy.js';
 import { HybridSwitchPolicy } from '../policy/hybrid.js';
 import { PostcopyScheduler } from '../policy/postcopy.js';
-import { PROTOCOL_VERSION } from '../protocol/frames.js';
-import { PagesFrameBuilder } from '../protocol/encode.js';
+import { DedupIndex } from '../codec/dedup.js';
+import type { TransferReport } from '../metrics.js';
+import { MAX_STREAMS, PROTOCOL_VERSION, type CodecOffer, type PageRequestFrame } from '../protocol/frames.js';
+import { PagesFrameBuilder, encodeBatchFrame } from '../protocol/encode.js';
 import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
+import { StreamEncoder, codecOffer, streamOf, usesCodecs, vmIndexBytes, type CodecName } from './codecs.js';
 import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, toWireBitmap } from './common.js';
 import type { EngineDeps, MigrationOptions, MigrationPhase, MigrationProgress, MigrationResult, SourceVm } from './types.js';
 
 const MODULE_CHUNK = 1 << 20;
 
 type Ownership = 'source' | 'in-doubt' | 'destination';
+
+/**
+ * One connection that carries pages. It batches the pages routed to it and keeps one write in
+ * flight, so the streams' writes overlap instead of taking turns.
+ */
+class SendStream {
+  private inflight: Promise<void> = Promise.resolve();
+  private builder: PagesFrameBuilder | null = null;
+  private readonly indices: number[] = [];
+  private readonly buf: Uint8Array | null;
+
+  constructor(readonly framed: FramedConnection, readonly inbox: Inbox, readonly encoder: StreamEncoder | null, private readonly batchPages: number, private readonly now: () => number) {
+    this.buf = encoder ? new Uint8Array(batchPages * PAGE_SIZE) : null;
+  }
+
+  get count(): number {
+    return this.encoder ? this.indices.length : (this.builder?.count ?? 0);
+  }
+
+  get full(): boolean {
+    return this.count >= this.batchPages;
+  }
+
+  /** Copies page `p` into the batch (straight into the frame when no codec runs; zero pages as a flag). */
+  add(vm: SourceVm, p: number): void {
+    if (this.buf) {
+      vm.readPage(p, this.buf, this.indices.length * PAGE_SIZE);
+      this.indices.push(p);
+      return;
+    }
+    const b = (this.builder ??= new PagesFrameBuilder(this.batchPages, PAGE_SIZE));
+    if (vm.isZeroPage(p)) b.addZero(p);
+    else vm.readPage(p, b.addRaw(p), 0);
+  }
+
+  /**
+   * Encodes the batch and queues its frames behind the stream's previous write (waiting for that
+   * one first). Returns the pages and wire bytes it queued.
+   */
+  async flush(seq: number, demand: boolean): Promise<{ pages: number; bytes: number }> {
+    const n = this.count;
+    if (n === 0) return { pages: 0, bytes: 0 };
+    const frames: Uint8Array[] = [];
+    if (this.encoder) {
+      const parts = this.encoder.encode(this.indices, this.buf!.subarray(0, n * PAGE_SIZE));
+      this.indices.length = 0;
+      for (const part of parts) frames.push(encodeBatchFrame({ seq, demand, blobCodec: part.blobCodecId, pages: part.pages, data: part.bytes }));
+    } else {
+      frames.push(this.builder!.finish(seq, demand));
+      this.builder = null;
+    }
+    await this.inflight;
+    let bytes = 0;
+    for (const f of frames) bytes += f.length;
+    const enc = this.encoder;
+    const t0 = this.now();
+    // Written in order now (later frames on this connection go behind them); awaited as one.
+    const w = Promise.all(frames.map((f) => this.framed.sendEncoded(f))).then(() => enc?.recordLink(bytes, this.now() - t0));
+    w.catch(() => undefined); // a failure surfaces at the next flush or drain
+    this.inflight = w;
+    return { pages: n, bytes };
+  }
+
+  /** Resolves once everything queued was written (rejects with the write's error). */
+  drain(): Promise<void> {
+    return this.inflight;
+  }
+}
 
 class SourceSession {
   private readonly framed: FramedConnection;
@@ -40,10 +111,21 @@ class SourceSession {
   private readonly batchPages: number;
   private readonly maxPages: number;
   private stopReason = '';
+  /** Page-carrying connections; streams[0] is the control connection. */
+  private streams: SendStream[] = [];
+  /** The post-copy fault channel, when one was opened. */
+  private fault: { framed: FramedConnection; inbox: Inbox } | null = null;
+  private readonly extra: FramedConnection[] = [];
+  private agreed: CodecOffer[] = [];
+  /** Set once the migration is ending normally: extra connections closing is then no failure. */
+  private ending = false;
 
   constructor(conn: Connection, private readonly vm: SourceVm, private readonly deps: EngineDeps, private readonly opts: MigrationOptions) {
     this.framed = new FramedConnection(conn);
-    this.inbox = new Inbox(this.framed);
+    this.inbox = new Inbox(this.framed, (e) => {
+      // The destination gave up (ERROR): writes blocked behind its full buffers must not wait for it.
+      if (!this.ending && e instanceof RemoteMigrationError) for (const f of [this.framed, ...this.extra]) f.abort(e);
+    });
     this.builder = new MigrationReportBuilder({ technique: opts.mode, memoryBytes: vm.memoryBytes });
     this.t0 = deps.clock.now();
     this.batchPages = Math.max(1, Math.min(opts.batchPages ?? 256, 4096));
@@ -73,43 +155,82 @@ class SourceSession {
 
   // ------------------------------------------------------------------ sending pages
 
-  /** Sends `pages` in PAGES frames, each page copied once, straight into its frame; zero pages travel as a flag. */
-  private async sendPages(pages: Iterable<number>, seq: number, demand: boolean): Promise<number> {
-    let frame = new PagesFrameBuilder(this.batchPages, PAGE_SIZE);
+  /**
+   * Sends `pages` over the data streams (each page on its own stream, {@link streamOf}): PAGES
+   * frames with each page copied once straight into its frame when no codec runs, BATCH frames
+   * from the stream's encoder otherwise. Returns once every page is queued on its stream.
+   */
+  private async sendPages(pages: Iterable<number>, seq: number): Promise<number> {
+    const n = this.streams.length;
     let sent = 0;
-    const flush = async () => {
-      if (frame.count === 0) return;
-      const n = frame.count;
-      const bytes = frame.finish(seq, demand);
-      frame = new PagesFrameBuilder(this.batchPages, PAGE_SIZE);
-      await this.framed.sendEncoded(bytes);
-      this.bytesSent += bytes.length;
-      this.pagesSent += n;
-      sent += n;
-      this.report();
-    };
     for (const p of pages) {
       this.checkAbort();
-      if (this.vm.isZeroPage(p)) frame.addZero(p);
-      else this.vm.readPage(p, frame.addRaw(p), 0);
-      if (frame.full) await flush();
+      const s = this.streams[streamOf(p, n)];
+      s.add(this.vm, p);
+      if (s.full) sent += await this.flush(s, seq);
     }
-    await flush();
+    for (const s of this.streams) sent += await this.flush(s, seq);
     return sent;
+  }
+
+  private async flush(s: SendStream, seq: number): Promise<number> {
+    const { pages, bytes } = await s.flush(seq, false);
+    if (pages === 0) return 0;
+    this.bytesSent += bytes;
+    this.pagesSent += pages;
+    this.report();
+    return pages;
+  }
+
+  private async drainStreams(): Promise<void> {
+    await Promise.all(this.streams.map((s) => s.drain()));
   }
 
   // ------------------------------------------------------------------ phases
 
   private async handshake(): Promise<void> {
-    const offer = { modes: [this.opts.mode], maxStreams: 1, codecs: [] };
+    const names: CodecName[] = [...(this.opts.codecs ?? [])];
+    if (this.opts.gang && !names.includes('dedup')) names.push('dedup');
+    const wantStreams = Math.max(1, Math.min(Math.floor(this.opts.streams ?? 1), MAX_STREAMS));
+    if (wantStreams > 1 && !this.opts.connect) throw new MigrationError('ERR_MIGRATION_STREAMS', `${wantStreams} streams need a way to open more connections (connect)`);
+    const offer = { modes: [this.opts.mode], maxStreams: wantStreams, codecs: codecOffer(names) };
     await this.framed.send({
       type: 'HELLO', minVersion: PROTOCOL_VERSION, maxVersion: PROTOCOL_VERSION, vmName: this.vm.name,
       memoryBytes: this.vm.memoryBytes, guestBytes: this.vm.guestPages() * PAGE_SIZE, pageSize: PAGE_SIZE,
       moduleSha256: this.vm.moduleSha256, moduleBytes: this.vm.module.length, config: this.vm.config, offer,
+      ...(this.opts.gang ? { gang: this.opts.gang.id } : {}),
     });
     const ack = await this.inbox.next('HELLO_ACK');
     if (!ack.accepted) throw new RemoteMigrationError(ack.code, `destination refused the migration: ${ack.message}`);
     if (ack.mode !== this.opts.mode) throw new MigrationError('ERR_MIGRATION_MODE', `destination chose ${ack.mode}, ${this.opts.mode} was asked for`);
+    if (ack.streams > wantStreams) throw new MigrationError('ERR_MIGRATION_STREAMS', `destination chose ${ack.streams} streams, at most ${wantStreams} were offered`);
+    for (const c of ack.codecs) {
+      if (!offer.codecs.some((o) => o.id === c.id && o.name === c.name)) throw new MigrationError('ERR_MIGRATION_CODEC', `destination agreed to codec ${c.name} (${c.id}), which was not offered`);
+    }
+    this.agreed = ack.codecs;
+    const wantFault = this.opts.mode !== 'precopy' && this.opts.connect !== undefined && this.opts.faultChannel !== false;
+    if (ack.streams > 1 && ack.token === undefined) {
+      throw new MigrationError('ERR_MIGRATION_STREAMS', 'destination agreed to several streams but gave no session token');
+    }
+    // Extra connections join the session before any page moves.
+    const joins: Promise<void>[] = [];
+    const dataConns: { framed: FramedConnection; inbox: Inbox }[] = [];
+    for (let i = 1; i < ack.streams; i++) joins.push(this.join(ack.token!, i, 'data').then((c) => { dataConns[i - 1] = c; }));
+    if (wantFault && ack.token !== undefined) joins.push(this.join(ack.token, 0, 'fault').then((c) => { this.fault = c; }));
+    await Promise.all(joins);
+
+    const index = this.opts.gang?.index ?? (this.agreed.some((c) => c.name === 'dedup') ? new DedupIndex({ capacityBytes: vmIndexBytes(this.vm.memoryBytes) }) : undefined);
+    const conns = [{ framed: this.framed, inbox: this.inbox }, ...dataConns];
+    const now = () => this.deps.clock.now();
+    this.streams = conns.map((c) => new SendStream(c.framed, c.inbox, usesCodecs(this.agreed)
+      ? new StreamEncoder({
+        agreed: this.agreed, now, index,
+        ...(this.deps.blobCodecs ? { blobs: this.deps.blobCodecs } : {}),
+        xbzrleCacheBytes: Math.max(PAGE_SIZE, Math.floor((this.opts.xbzrleCacheBytes ?? 64 << 20) / conns.length)),
+        ...(this.opts.compression ? { compression: this.opts.compression } : {}),
+      })
+      : null, this.batchPages, now));
+
     for (let off = 0; off < this.vm.module.length; off += MODULE_CHUNK) {
       const chunk = this.vm.module.subarray(off, Math.min(this.vm.module.length, off + MODULE_CHUNK));
       await this.framed.send({ type: 'MODULE', totalBytes: this.vm.module.length, offset: off, chunk });
@@ -118,6 +239,18 @@ class SourceSession {
     // The destination acknowledges once its VM is ready to start (thread loaded): only then may
     // we pause, so the destination's set-up is not part of the downtime.
     await this.inbox.ack('MODULE', this.vm.module.length);
+  }
+
+  /** Opens an extra connection of this session and presents the token; resolves once the destination acknowledged it. */
+  private async join(token: string, stream: number, role: 'data' | 'fault'): Promise<{ framed: FramedConnection; inbox: Inbox }> {
+    const framed = new FramedConnection(await this.opts.connect!());
+    this.extra.push(framed);
+    const inbox = new Inbox(framed, (e) => {
+      if (!this.ending) this.inbox.fail(e);
+    });
+    await framed.send({ type: 'JOIN', token, stream, role });
+    await inbox.ack('JOIN', stream);
+    return { framed, inbox };
   }
 
   /** Pre-copy rounds. Returns the pages still to send and whether to finish by post-copy. */
@@ -143,7 +276,7 @@ class SourceSession {
       const b0 = this.bytesSent;
       this.pagesRemaining = toSend.count();
       this.event({ type: 'round-start', t: this.now(), round: this.round });
-      const n = await this.sendPages(toSend, this.round, false);
+      const n = await this.sendPages(toSend, this.round);
       sentEver.or(toSend);
       this.event({ type: 'pages', t: this.now(), kind: this.round === 0 ? 'first' : 'resent', pages: n, bytes: this.bytesSent - b0 });
       const dirty = await this.vm.harvestDirty();
@@ -235,7 +368,11 @@ class SourceSession {
     return digest;
   }
 
-  /** Post-copy tail: push every remaining page, serving page requests first. */
+  /**
+   * Post-copy tail: push every remaining page over the data streams, while page requests are
+   * answered at once, each on the channel it came in on (the fault channel when there is one), so
+   * a demand page never waits behind pushed ones.
+   */
   private async postcopyPush(remaining: Bitmap, soft: Bitmap): Promise<void> {
     this.phase = 'postcopy';
     const pages = this.vm.guestPages();
@@ -244,44 +381,49 @@ class SourceSession {
       if (soft.get(p)) sched.markSoft(p);
       else if (!remaining.get(p)) sched.markPresent(p);
     }
-    // page → [request id, when the request arrived]; the source can only see its own service
-    // time — the vCPU's real fault latency is measured by the destination.
-    const requested = new Map<number, [number, number]>();
-    this.inbox.on('PAGE_REQUEST', (f) => {
-      const t = this.now();
-      for (const p of f.pages) if (p < pages && sched.onFault(p)) requested.set(p, [f.id, t]);
-    });
-    let pushedPages = 0;
     let demandPages = 0;
-    let pushedBytes = 0;
     let demandBytes = 0;
+    const serve = (f: PageRequestFrame, framed: FramedConnection) => {
+      const t = this.now();
+      const want = f.pages.filter((p) => p < pages && !soft.get(p));
+      if (want.length === 0) return;
+      // Served now with the page's final content (the source is paused), even when a push of it is
+      // already under way: the vCPU is waiting. Any fault is also the scheduler's newest pivot.
+      const b = new PagesFrameBuilder(want.length, PAGE_SIZE);
+      for (const p of want) {
+        sched.onFault(p);
+        sched.markPresent(p);
+        if (this.vm.isZeroPage(p)) b.addZero(p);
+        else this.vm.readPage(p, b.addRaw(p), 0);
+      }
+      const bytes = b.finish(f.id, true);
+      demandPages += want.length;
+      demandBytes += bytes.length;
+      this.bytesSent += bytes.length;
+      this.pagesSent += want.length;
+      framed.sendEncoded(bytes).then(() => {
+        const done = this.now();
+        for (const p of want) this.event({ type: 'fault', t: done, page: p, latencyMs: done - t });
+      }, () => undefined);
+    };
+    this.inbox.on('PAGE_REQUEST', (f) => serve(f, this.framed));
+    const fault = this.fault;
+    if (fault) fault.inbox.on('PAGE_REQUEST', (f) => serve(f, fault.framed));
+    let pushedPages = 0;
+    let pushedBytes = 0;
     while (!sched.complete) {
       if (this.inbox.error) throw this.inbox.error;
-      const demandFirst = sched.pendingFaults > 0;
-      const batch = sched.next(demandFirst ? Math.min(sched.pendingFaults, 64) : 16);
+      const batch = sched.next(this.batchPages);
       if (batch.length === 0) break;
-      const demand = batch.filter((p) => requested.has(p));
-      const push = batch.filter((p) => !requested.has(p));
-      if (demand.length) {
-        const b0 = this.bytesSent;
-        demandPages += await this.sendPages(demand, requested.get(demand[0])![0], true);
-        demandBytes += this.bytesSent - b0;
-        const t = this.now();
-        for (const p of demand) {
-          this.event({ type: 'fault', t, page: p, latencyMs: t - requested.get(p)![1] });
-          requested.delete(p);
-        }
-      }
-      if (push.length) {
-        const b0 = this.bytesSent;
-        pushedPages += await this.sendPages(push.sort((a, b) => a - b), 0, false);
-        pushedBytes += this.bytesSent - b0;
-      }
+      const b0 = this.bytesSent;
+      pushedPages += await this.sendPages(batch.sort((a, b) => a - b), 0);
+      pushedBytes += this.bytesSent - b0;
       for (const p of batch) sched.onSent(p);
       this.pagesRemaining = sched.remaining;
       // Writes that do not block never reach the event loop; give incoming page requests a turn.
-      if (sched.pendingFaults === 0) await this.deps.yieldToIo();
+      await this.deps.yieldToIo();
     }
+    await this.drainStreams();
     this.event({ type: 'pages', t: this.now(), kind: 'pushed', pages: pushedPages, bytes: pushedBytes });
     this.event({ type: 'pages', t: this.now(), kind: 'faulted', pages: demandPages, bytes: demandBytes });
     await this.framed.send({ type: 'PUSH_DONE', pagesSent: pushedPages + demandPages });
@@ -289,16 +431,50 @@ class SourceSession {
 
   private async finish(sourceDigest: string): Promise<boolean> {
     this.phase = 'complete';
+    await this.drainStreams();
     const complete = await this.inbox.next('COMPLETE');
+    this.ending = true;
     const ok = complete.digest?.hex === sourceDigest;
     this.event({ type: 'verified', t: this.now(), ok });
     await this.framed.send({ type: 'ACK', acked: 'COMPLETE', value: 0 });
-    await this.framed.close().catch(() => undefined);
+    await Promise.all([this.framed, ...this.extra].map((f) => f.close().catch(() => undefined)));
     this.event({ type: 'complete', t: this.now() });
     await this.vm.release();
     this.event({ type: 'source-released', t: this.now() });
     if (!ok) throw new MigrationError('ERR_MIGRATION_VERIFY', `memory digest mismatch: source ${sourceDigest.slice(0, 16)}…, destination ${complete.digest?.hex.slice(0, 16) ?? 'none'}…`);
     return ok;
+  }
+
+  /** How the pages travelled, for the report. */
+  private transfer(): TransferReport {
+    const codecStats: Record<string, number> = {};
+    let pageBytes = 0;
+    let encodedBytes = 0;
+    let compression = null as TransferReport['compression'];
+    for (const s of this.streams) {
+      const e = s.encoder;
+      if (!e) continue;
+      pageBytes += e.rawBytes;
+      encodedBytes += e.encodedBytes;
+      for (const [k, v] of Object.entries(e.stats())) codecStats[k] = (codecStats[k] ?? 0) + v;
+      if (e.controller) {
+        const d = e.controller.assess();
+        compression = {
+          on: (compression?.on ?? false) || d.enabled,
+          flips: (compression?.flips ?? 0) + e.controller.flips,
+          speedup: Number.isFinite(d.speedup) ? d.speedup : (compression?.speedup ?? null),
+        };
+      } else if (e.compressor) compression = { on: true, flips: 0, speedup: null };
+    }
+    if (pageBytes === 0) {
+      // No codec ran: PAGES frames carried raw and zero pages.
+      pageBytes = this.pagesSent * PAGE_SIZE;
+      encodedBytes = this.bytesSent;
+    }
+    return {
+      streams: this.streams.length, faultChannel: this.fault !== null, codecs: this.agreed.map((c) => c.name), gang: this.opts.gang?.id ?? null,
+      pageBytes, encodedBytes, reduction: encodedBytes > 0 ? pageBytes / encodedBytes : 1, codecStats, compression,
+    };
   }
 
   async run(): Promise<MigrationResult> {
@@ -318,6 +494,7 @@ class SourceSession {
       const err = new AbortError('migration cancelled', { cause: this.opts.signal?.reason });
       this.inbox.fail(err);
       this.framed.abort(err);
+      for (const f of this.extra) f.abort(err);
     };
     this.opts.signal?.addEventListener('abort', onAbort, { once: true });
     try {
@@ -351,7 +528,7 @@ class SourceSession {
           for (let p = 0; p < pages; p++) if (!sentEver.get(p) && !soft.get(p)) final.set(p);
           this.round++;
           const b0 = this.bytesSent;
-          const n = await this.sendPages(final, this.round, false);
+          const n = await this.sendPages(final, this.round);
           this.event({ type: 'pages', t: this.now(), kind: 'resent', pages: n, bytes: this.bytesSent - b0 });
           // No waiting for this round's ACK: the stream is ordered, STATE and SWITCHOVER follow.
           await this.framed.send({ type: 'ROUND_END', round: this.round, pages: n, dirty: 0 });
@@ -369,10 +546,13 @@ class SourceSession {
       }
       await this.finish(digest);
       const report = this.builder.build();
+      report.transfer = this.transfer();
       return { report, stopReason: this.stopReason };
     } catch (e) {
-      await this.fail(e);
-      throw e;
+      // What the destination said beats what its hanging up did to our writes.
+      const err = this.inbox.error instanceof RemoteMigrationError ? this.inbox.error : e;
+      await this.fail(err);
+      throw err;
     } finally {
       this.opts.signal?.removeEventListener('abort', onAbort);
     }
@@ -391,7 +571,9 @@ class SourceSession {
       if (this.logging) await this.vm.stopDirtyLog().catch(() => undefined);
       if (this.paused) await this.vm.resume();
     }
+    this.ending = true;
     this.framed.abort(e instanceof Error ? e : undefined);
+    for (const f of this.extra) f.abort(e instanceof Error ? e : undefined);
   }
 }
 

@@ -8,6 +8,8 @@ import type { Bitmap } from '../bitmap.js';
 import type { Clock } from '../clock.js';
 import type { MigrationReport } from '../metrics.js';
 import type { HelloFrame, MigrationMode, WireGlobal } from '../protocol/frames.js';
+import type { Connection } from '../transport/transport.js';
+import type { BlobCodecFactory, CodecName, Gang } from './codecs.js';
 
 /** CPU and device state as it crosses the wire (STATE frame). */
 export interface VmWireState {
@@ -94,6 +96,8 @@ export interface EngineDeps {
   hashPage(bytes: Uint8Array, offset: number): bigint;
   /** Lets pending I/O (incoming frames) run; as cheap as possible (Node: setImmediate). */
   yieldToIo(): Promise<void>;
+  /** Byte compressors by codec name (`lz4`, `zstd`): native, so the edge supplies them. */
+  blobCodecs?: Readonly<Record<string, BlobCodecFactory>>;
 }
 
 export interface MigrationOptions {
@@ -114,6 +118,23 @@ export interface MigrationOptions {
   batchPages?: number;
   /** Measure the guest's work rate for this long before starting (degradation baseline), ms. Default 200; 0 skips it. */
   baselineMs?: number;
+  /**
+   * Codecs to offer beyond zero pages (always on): `xbzrle`, `dedup`, `lz4`, `zstd`. The
+   * destination accepts those it can decode. Default none.
+   */
+  codecs?: readonly CodecName[];
+  /** XBZRLE page cache for the whole VM (split over the streams), bytes. Default 64 MiB. */
+  xbzrleCacheBytes?: number;
+  /** lz4/zstd: `auto` (default) lets a measured controller turn compression off when it makes a stream slower; `always` never turns it off. */
+  compression?: 'auto' | 'always';
+  /** Data streams (connections carrying pages; the control connection is the first). Default 1; more need `connect`. */
+  streams?: number;
+  /** Opens another connection to the same destination (parallel data streams, the post-copy fault channel). */
+  connect?: () => Promise<Connection>;
+  /** Post-copy / hybrid: page requests and their answers on a connection of their own (default true when `connect` is given). */
+  faultChannel?: boolean;
+  /** Gang migration: VMs migrating together share this de-duplication index (implies the `dedup` codec). */
+  gang?: Gang;
   signal?: AbortSignal;
   onProgress?: (p: MigrationProgress) => void;
 }

@@ -126,3 +126,8 @@ export function zstd(init: ZstdInit = {}): BlobCodec {
     },
   };
 }
+
+/** The blob codecs this edge supplies to the migration engine (EngineDeps.blobCodecs), by codec name. */
+export function nodeBlobCodecs(): Record<string, (id: number) => BlobCodec> {
+  return { lz4: (id) => lz4({ id }), zstd: (id) => zstd({ id }) };
+}
