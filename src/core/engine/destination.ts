@@ -157,12 +157,18 @@ function batchEntries(seq: number, b: EncodedBatch): Entries {
   };
 }
 
+const FAULT_STREAM = 'fault channel';
+/** Pushed pages applied per event-loop turn while the VM runs. */
+const POSTCOPY_SLICE_PAGES = 32;
+
 /** One connection's pages, applied in arrival order; held back while a dedup definition is missing. */
 class RxStream {
   readonly queue: (PagesFrame | BatchFrame)[] = [];
   cur: Entries | null = null;
   k = 0;
   blockedAt: number | null = null;
+  /** A continuation of this stream's drain is scheduled (post-copy applies in slices). */
+  resuming = false;
   constructor(readonly name: string, readonly decoder: StreamDecoder | null) {}
 }
 
@@ -223,7 +229,7 @@ class DestinationSession {
     } else {
       this.fault = conn;
       // Demand pages: raw or zero, applied as they come.
-      const s = this.newStream('fault channel');
+      const s = this.newStream(FAULT_STREAM);
       inbox.on('PAGES', (p) => this.enqueue(s, p));
     }
     await framed.send({ type: 'ACK', acked: 'JOIN', value: f.stream });
@@ -241,12 +247,13 @@ class DestinationSession {
     if (this.pageError) return;
     s.queue.push(f);
     // Before the VM exists (a data stream can be quicker than the control connection) frames wait.
-    if (this.vm && s.blockedAt === null) this.drain(s);
+    if (this.vm && s.blockedAt === null && !s.resuming) this.drain(s);
   }
 
   /** Applies what `s` holds, in order, until it is empty or waits for a dedup definition. */
   private drain(s: RxStream): void {
     let progressed = false;
+    let slice = 0;
     try {
       for (;;) {
         if (!s.cur) {
@@ -262,6 +269,16 @@ class DestinationSession {
         }
         const e = s.cur;
         while (s.k < e.count) {
+          // While the VM runs, pushed pages are applied in slices so a demand page (fault channel)
+          // or a fault notification waits for one slice at most, not for a whole batch.
+          if (this.started && s.name !== FAULT_STREAM && slice >= POSTCOPY_SLICE_PAGES) {
+            s.resuming = true;
+            void this.deps.yieldToIo().then(() => {
+              s.resuming = false;
+              if (s.blockedAt === null && !this.pageError) this.drain(s);
+            });
+            return;
+          }
           if (!this.apply(s, e.index(s.k), e.codec(s.k), e.data(s.k))) {
             s.blockedAt ??= this.deps.clock.now();
             this.watch(s);
@@ -269,6 +286,7 @@ class DestinationSession {
           }
           s.blockedAt = null;
           progressed = true;
+          slice++;
           if (e.seq >= 0) this.applied.set(e.seq, (this.applied.get(e.seq) ?? 0) + 1);
           s.k++;
         }
