@@ -9,6 +9,8 @@ import { KvClient } from '../../src/node/kv-client.js';
 import type { Connection, Transport } from '../../src/core/transport/transport.js';
 import { tcp } from '../../src/node/transport/tcp.js';
 import { startsLikeRelay } from '../../src/node/net/relay.js';
+import { FramedConnection } from '../../src/core/transport/framed.js';
+import type { FerryError } from '../../src/core/errors.js';
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- JSON replies of several shapes, checked field by field
 type Reply = any;
@@ -319,5 +321,167 @@ test('a VM away from its home moves only back home; when its host goes away, the
       await c.close();
       await rm(dir, { recursive: true, force: true });
     }
+  });
+});
+
+// ------------------------------------------------------------------ parallel streams, codecs, gangs
+
+/** What a destination agent reported about incoming connections while `fn` ran. */
+function watchIncoming(agent: HostAgent): { arrived: string[]; errors: Error[] } {
+  const seen = { arrived: [] as string[], errors: [] as Error[] };
+  agent.on('migration-in', (o: { vmName: string }) => seen.arrived.push(o.vmName));
+  agent.on('migration-in-error', (e: Error) => seen.errors.push(e));
+  return seen;
+}
+
+/** Waits until the destination lists `names` (it does so once it has read the final ACK). */
+async function listed(host: Host, names: string[]): Promise<void> {
+  for (let i = 0; i < 500 && host.agent.list().length < names.length; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.deepEqual(host.agent.list().map((v) => v.name), names);
+}
+
+test('precopy with codecs xbzrle, dedup, zstd over 3 streams: the kv VM moves, its client keeps its connection, b gains one VM', async () => {
+  await withHosts(async (a, b) => {
+    const incoming = watchIncoming(b.agent);
+    await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '32MiB', expose: '127.0.0.1:0' });
+    const client = await clientOf(a, 'kv');
+    const check = new Checker(client);
+    await Promise.all(Array.from({ length: 2000 }, (_, i) => check.set(`k${i}`, `v${i}-${'x'.repeat(40)}`)));
+    let stop = false;
+    let round = 0;
+    const load = (async () => {
+      while (!stop) {
+        const base = 2000 + round * 50;
+        await Promise.all(Array.from({ length: 50 }, (_, i) => check.set(`k${base + i}`, `v${base + i}`).then(() => check.get(`k${base + i}`, `v${base + i}`))));
+        round++;
+      }
+    })();
+    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'kv', to: b.url, mode: 'precopy', codecs: ['xbzrle', 'dedup', 'zstd'], streams: 3 });
+    assert.equal(r.status, 202, JSON.stringify(r.json));
+    const done = await finished(a, r.json.id);
+    stop = true;
+    await load;
+    assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
+    assert.equal(done.report.verified, true);
+    const t = done.report.transfer;
+    assert.equal(t.streams, 3);
+    assert.deepEqual(t.codecs, ['xbzrle', 'dedup', 'zstd']);
+    assert.equal(t.faultChannel, false, 'pre-copy opens no fault channel');
+    assert.equal(t.gang, null);
+    assert.equal(done.gang, null);
+    for (let i = 0; i < 2000; i += 7) await check.get(`k${i}`, `v${i}-${'x'.repeat(40)}`);
+    assert.equal(await client.request('COUNT'), `COUNT ${2000 + round * 50}`);
+    assert.deepEqual(check.wrong, []);
+    // Two JOIN connections reached b besides the HELLO: one VM, one arrival, no errors.
+    await listed(b, ['kv']);
+    assert.deepEqual(incoming.arrived, ['kv']);
+    assert.deepEqual(incoming.errors, []);
+    assert.deepEqual(a.agent.list(), []);
+    await client.close();
+  });
+});
+
+test('postcopy over 2 streams, capped at 2 Gbit/s in total: page requests have a fault channel of their own', async () => {
+  await withHosts(async (a, b) => {
+    const incoming = watchIncoming(b.agent);
+    await a.agent.createVm({ name: 'ms', guest: 'memstress', memory: '16MiB', config: 'mem=8MiB wss=2MiB text=0.5 rate=4000000' });
+    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'ms', to: b.agent.migrationAddress, mode: 'postcopy', streams: 2, codecs: ['lz4'], bandwidth: '2Gbit' });
+    assert.equal(r.status, 202, JSON.stringify(r.json));
+    const done = await finished(a, r.json.id);
+    assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
+    assert.equal(done.report.verified, true);
+    assert.equal(done.report.transfer.streams, 2);
+    assert.equal(done.report.transfer.faultChannel, true);
+    assert.deepEqual(done.report.transfer.codecs, ['lz4']);
+    await listed(b, ['ms']);
+    assert.equal(b.agent.summary('ms').stats.state, 'running');
+    assert.deepEqual(incoming.arrived, ['ms']);
+    assert.deepEqual(incoming.errors, []);
+  });
+});
+
+test('postcopy with faultChannel false: page requests share the control connection', async () => {
+  await withHosts(async (a, b) => {
+    await a.agent.createVm({ name: 'ms', guest: 'memstress', memory: '16MiB', config: 'mem=4MiB rate=4000000' });
+    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'ms', to: b.url, mode: 'postcopy', faultChannel: false });
+    assert.equal(r.status, 202, JSON.stringify(r.json));
+    const done = await finished(a, r.json.id);
+    assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
+    assert.equal(done.report.transfer.streams, 1);
+    assert.equal(done.report.transfer.faultChannel, false);
+  });
+});
+
+test('gang: three VMs migrating at once under one gang name share one de-duplication index; pages common to them cross once', async () => {
+  await withHosts(async (a, b) => {
+    const incoming = watchIncoming(b.agent);
+    const names = ['g1', 'g2', 'g3'];
+    // Half of each region is the same content in every VM (dup pages); writes keep it so.
+    for (const [i, name] of names.entries()) {
+      await a.agent.createVm({ name, guest: 'memstress', memory: '16MiB', config: `mem=8MiB wss=1MiB dup=0.5 wcontent=keep rate=1000000 seed=${i + 1}` });
+    }
+    const posted = await Promise.all(names.map((vm) => http(`${a.url}/v1/migrations`, 'POST', { vm, to: b.url, mode: 'precopy', streams: 2, gang: 'pack' })));
+    for (const r of posted) assert.equal(r.status, 202, JSON.stringify(r.json));
+    const jobs = await Promise.all(posted.map((r) => finished(a, r.json.id)));
+    for (const j of jobs) {
+      assert.equal(j.status, 'succeeded', JSON.stringify(j.error));
+      assert.equal(j.report.verified, true);
+      assert.equal(j.gang, 'pack');
+      assert.deepEqual(j.report.transfer.codecs, ['dedup'], 'a gang implies dedup');
+    }
+    const wire = jobs.map((j) => j.report.transfer.gang as string);
+    assert.match(wire[0], /^pack\.[0-9a-f]{12}$/);
+    assert.deepEqual(new Set(wire).size, 1, 'one gang object for the three');
+    // 1024 dup pages per VM: defined by whichever VM sent one first, a reference for the others.
+    const refs = jobs.reduce((n, j) => n + (j.report.transfer.codecStats['page.dedup.refs'] ?? 0), 0);
+    assert.ok(refs >= 1024, `pages common to the VMs went as references: ${refs}`);
+    await listed(b, names);
+    assert.deepEqual([...incoming.arrived].sort(), names);
+    assert.deepEqual(incoming.errors, []);
+    // The next gang of that name is a new one (the first ended with its last migration).
+    await a.agent.createVm({ name: 'g4', guest: 'memstress', memory: '16MiB', config: 'mem=2MiB rate=1000000' });
+    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'g4', to: b.url, mode: 'precopy', gang: 'pack' });
+    const j = await finished(a, r.json.id);
+    assert.equal(j.status, 'succeeded', JSON.stringify(j.error));
+    assert.notEqual(j.report.transfer.gang, wire[0]);
+  });
+});
+
+test('a JOIN naming no migration is refused by name and adds nothing to the destination', async () => {
+  await withHosts(async (_a, b) => {
+    const incoming = watchIncoming(b.agent);
+    const conn = new FramedConnection(await tcp().dial(b.agent.migrationAddress!));
+    await conn.send({ type: 'JOIN', token: '0'.repeat(32), stream: 1, role: 'data' });
+    const reply = await conn.next();
+    assert.equal(reply?.type, 'ERROR');
+    assert.equal(reply.type === 'ERROR' && reply.code, 'ERR_MIGRATION_UNKNOWN_SESSION');
+    conn.abort();
+    for (let i = 0; i < 200 && incoming.errors.length === 0; i++) await new Promise((r) => setTimeout(r, 10));
+    assert.equal((incoming.errors[0] as FerryError | undefined)?.code, 'ERR_MIGRATION_UNKNOWN_SESSION');
+    assert.deepEqual(incoming.arrived, []);
+    assert.deepEqual(b.agent.list(), []);
+    assert.equal((await http(`${b.url}/v1/host`, 'GET')).json.reservedBytes, 0);
+  });
+});
+
+test('migrations API: bad codecs, streams, compression, gang or faultChannel get a named 400 and start nothing', async () => {
+  await withHosts(async (a, b) => {
+    await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '16MiB' });
+    const post = (extra: Record<string, unknown>) => http(`${a.url}/v1/migrations`, 'POST', { vm: 'kv', to: b.url, mode: 'precopy', ...extra });
+    let r = await post({ codecs: ['zstd', 'brotli'] });
+    assert.equal(r.status, 400);
+    assert.equal(r.json.error.code, 'ERR_INVALID_ARGUMENT');
+    assert.match(r.json.error.message, /unknown codec 'brotli' \(known: xbzrle, dedup, lz4, zstd\)/);
+    for (const extra of [{ codecs: 'zstd' }, { codecs: [1] }, { streams: 0 }, { streams: 65 }, { streams: 1.5 }, { streams: '2' },
+      { compression: 'sometimes' }, { gang: '' }, { gang: 'two words' }, { gang: 'g'.repeat(65) }, { faultChannel: 'yes' }]) {
+      r = await post(extra);
+      assert.equal(r.status, 400, JSON.stringify(extra));
+      assert.equal(r.json.error.code, 'ERR_INVALID_BODY', JSON.stringify(extra));
+    }
+    assert.deepEqual((await http(`${a.url}/v1/migrations`, 'GET')).json, []);
+    assert.deepEqual(a.agent.list().map((v) => [v.name, v.stats.state, v.migration]), [['kv', 'running', null]]);
+    // The same checks hold for callers of the agent itself.
+    await assert.rejects(a.agent.startMigration({ vm: 'kv', to: b.url, mode: 'precopy', streams: 100 }), { code: 'ERR_INVALID_ARGUMENT' });
+    await assert.rejects(a.agent.startMigration({ vm: 'kv', to: b.url, mode: 'precopy', gang: 'a b' }), { code: 'ERR_INVALID_ARGUMENT' });
   });
 });

@@ -2,6 +2,7 @@
  * The host agent: runs VMs on one host and exposes them through an HTTP control API.
  * Several agents can live in one process (tests, the demo): no module-level state.
  */
+import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { existsSync, readdirSync } from 'node:fs';
 import { mkdir, readFile } from 'node:fs/promises';
@@ -10,15 +11,17 @@ import { basename, isAbsolute, join, resolve } from 'node:path';
 import type { ServerResponse } from 'node:http';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { z } from 'zod';
-import { FerryError, InvalidArgumentError, VmStateError } from '../../core/errors.js';
+import { AbortError, FerryError, InvalidArgumentError, VmStateError } from '../../core/errors.js';
 import { parseBandwidth, parseSize } from '../../core/units.js';
 import type { DestinationFactory, DestinationVm, EngineDeps } from '../../core/engine/types.js';
 import { migrateSource } from '../../core/engine/source.js';
-import { serveDestination } from '../../core/engine/destination.js';
+import { MigrationAcceptor } from '../../core/engine/destination.js';
+import { CODEC_NAMES, Gang, parseCodecNames, type CodecName } from '../../core/engine/codecs.js';
 import { MIGRATION_MODES, type HelloFrame, type MigrationMode } from '../../core/protocol/frames.js';
 import { shaped } from '../../core/transport/shaped.js';
 import type { Connection, Listener, Transport } from '../../core/transport/transport.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../engine/adapters.js';
+import { nodeBlobCodecs } from '../codec/blob.js';
 import { tcp, parseTcpAddress } from '../transport/tcp.js';
 import { InstrumentCache } from '../vm/instrument.js';
 import { Vm, type VmStats } from '../vm/vm.js';
@@ -46,8 +49,10 @@ export interface HostAgentInit {
   migrationAddress?: string;
   /** Transport for migrations and relays (default: TCP). */
   transport?: Transport;
-  /** Engine services (default: the node ones). */
+  /** Engine services (default: the node ones, with the lz4/zstd blob codecs). */
   engineDeps?: EngineDeps;
+  /** Most parallel data streams granted to one incoming migration (default: the engine's, 16). */
+  maxIncomingStreams?: number;
 }
 
 export interface VmSpec {
@@ -89,7 +94,24 @@ export interface MigrationRequest {
   bandwidth?: string;
   maxRounds?: number;
   autoConverge?: boolean;
+  /** Codecs to offer beyond zero pages: `xbzrle`, `dedup`, `lz4`, `zstd` (default none). The destination agrees to those it decodes. */
+  codecs?: readonly string[];
+  /** Parallel data streams, 1 … {@link MAX_MIGRATION_STREAMS} (default 1). The destination may grant fewer. */
+  streams?: number;
+  /** lz4/zstd: `auto` (default) turns compression off when it makes the link slower; `always` never does. */
+  compression?: 'auto' | 'always';
+  /**
+   * Gang name (1 … 64 printable ASCII): concurrent migrations from this host to the same
+   * destination naming the same gang share one de-duplication index (implies the `dedup` codec).
+   */
+  gang?: string;
+  /** Post-copy / hybrid: page requests on a connection of their own (default true). */
+  faultChannel?: boolean;
 }
+
+/** Most parallel data streams one migration request may ask for. */
+export const MAX_MIGRATION_STREAMS = 64;
+const GANG_NAME = /^[\x21-\x7e]{1,64}$/;
 
 /** Client bytes in flight toward a guest before it must consume some (below the rx queue limit). */
 const EXPOSE_WINDOW = 8 << 20;
@@ -142,6 +164,10 @@ export class HostAgent extends EventEmitter {
   private readonly away = new Map<string, HomeLink>();
   private readonly jobs = new Map<string, MigrationJob>();
   private nextJob = 1;
+  /** Incoming migrations: one acceptor, so a JOIN finds the session it belongs to. */
+  private readonly acceptor: MigrationAcceptor;
+  /** Gangs with a migration in flight, by destination address and gang name. */
+  private readonly gangs = new Map<string, { gang: Gang; members: number }>();
   private readonly openConns = new Set<Connection>();
   private readonly sseStreams = new Set<ServerResponse>();
   private closing = false;
@@ -155,8 +181,10 @@ export class HostAgent extends EventEmitter {
     this.quantumMs = init.quantumMs;
     this.capacityBytes = init.capacityBytes ?? totalmem();
     this.transport = init.transport ?? tcp();
-    this.deps = init.engineDeps ?? nodeEngineDeps();
+    const deps = init.engineDeps ?? nodeEngineDeps();
+    this.deps = deps.blobCodecs ? deps : { ...deps, blobCodecs: nodeBlobCodecs() };
     this.migrationBind = init.migrationAddress;
+    this.acceptor = new MigrationAcceptor(this.deps, init.maxIncomingStreams !== undefined ? { maxStreams: init.maxIncomingStreams } : {});
   }
 
   /** Resolves a guest name or path to module bytes. */
@@ -372,9 +400,14 @@ export class HostAgent extends EventEmitter {
     return this.migrationListener.address;
   }
 
-  private async onMigrationConnection(conn: Connection): Promise<void> {
+  /** Keeps `conn` for close() to abort until it has ended. */
+  private track(conn: Connection): void {
     this.openConns.add(conn);
     void conn.closed.then(() => this.openConns.delete(conn));
+  }
+
+  private async onMigrationConnection(conn: Connection): Promise<void> {
+    this.track(conn);
     if (this.closing) return conn.abort();
     let start: Awaited<ReturnType<typeof peekStart>>;
     try {
@@ -404,7 +437,11 @@ export class HostAgent extends EventEmitter {
     this.incomingRelays.set(hello.vm, link);
   }
 
-  /** Serves one incoming migration; on success the VM joins this host's table. */
+  /**
+   * Serves one incoming migration connection. A HELLO starts a migration: on success its VM joins
+   * this host's table. A JOIN (a parallel data stream or fault channel of a migration already
+   * arriving) attaches to that migration's session and is nothing more here.
+   */
   private async serveIncoming(conn: Connection): Promise<void> {
     let reservedName: string | null = null;
     let managed: ManagedVm | null = null;
@@ -442,7 +479,8 @@ export class HostAgent extends EventEmitter {
       },
     };
     try {
-      const outcome = await serveDestination(conn, factory, this.deps);
+      const outcome = await this.acceptor.accept(conn, factory);
+      if (outcome === null) return;
       const m = managed as ManagedVm | null;
       if (!m) throw new FerryError('ERR_MIGRATION_DESTINATION', 'migration finished without creating a VM');
       this.vms.set(outcome.vmName, m);
@@ -481,10 +519,26 @@ export class HostAgent extends EventEmitter {
     return { address: to, label: to };
   }
 
+  /** Checks the transfer options of a request before anything starts (InvalidArgumentError). */
+  private static transferOptions(req: MigrationRequest): { codecs: CodecName[]; streams: number; faultChannel: boolean } {
+    const codecs = parseCodecNames(req.codecs ?? []);
+    const streams = req.streams ?? 1;
+    if (!Number.isInteger(streams) || streams < 1 || streams > MAX_MIGRATION_STREAMS) {
+      throw new InvalidArgumentError(`streams ${streams} must be an integer from 1 to ${MAX_MIGRATION_STREAMS}`);
+    }
+    if (req.compression !== undefined && req.compression !== 'auto' && req.compression !== 'always') {
+      throw new InvalidArgumentError(`compression '${String(req.compression)}' is not one of auto, always`);
+    }
+    if (req.gang !== undefined && !GANG_NAME.test(req.gang)) throw new InvalidArgumentError(`gang '${req.gang}' must be 1–64 printable ASCII characters`);
+    // As the engine decides: post-copy and hybrid open a fault channel unless told not to.
+    return { codecs, streams, faultChannel: req.mode !== 'precopy' && req.faultChannel !== false };
+  }
+
   /** Starts migrating `req.vm` away; the job runs in the background. */
   async startMigration(req: MigrationRequest): Promise<MigrationJob> {
     if (!MIGRATION_MODES.includes(req.mode)) throw new InvalidArgumentError(`mode '${req.mode}' is not one of ${MIGRATION_MODES.join(', ')}`);
     const bandwidth = req.bandwidth === undefined ? undefined : parseBandwidth(req.bandwidth);
+    const transfer = HostAgent.transferOptions(req);
     const m = this.get(req.vm);
     if (m.migration) throw new VmStateError(`VM '${req.vm}' is already migrating (${m.migration.id})`);
     if (m.vm.state === 'booting') await m.vm.whenRunning();
@@ -495,25 +549,74 @@ export class HostAgent extends EventEmitter {
       throw new FerryError('ERR_MIGRATION_ENDPOINT', `VM '${req.vm}' serves its clients through host ${m.link.hello.home} (${m.link.hello.homeMigration}); it can only move back there for now`);
     }
     if (this.get(req.vm) !== m || m.migration) throw new VmStateError(`VM '${req.vm}' changed while the migration was being set up`);
-    const job = new MigrationJob(`m${this.nextJob++}-${req.vm}`, req.vm, this.name, dest.label, dest.address, req.mode);
+    const job = new MigrationJob(`m${this.nextJob++}-${req.vm}`, req.vm, this.name, dest.label, dest.address, req.mode, req.gang ?? null);
     this.jobs.set(job.id, job);
     m.migration = job;
-    // The cap shapes our direction of the migration stream (the bulk of the bytes).
-    const shape = bandwidth === undefined ? (c: Connection) => c : (c: Connection) => shaped(c, { bandwidthBytesPerSec: bandwidth, clock: this.deps.clock });
-    void this.runMigration(m, job, req, dest.address, shape);
+    // The cap shapes our direction of the migration's connections (the bulk of the bytes), and
+    // holds for all of them together: shaped() keeps a token bucket per connection, so each one
+    // opened (data streams, and the fault channel) gets an equal share. A share the connection
+    // does not use (the fault channel between faults; streams the destination did not grant) is
+    // not lent to the others.
+    const connections = transfer.streams + (transfer.faultChannel ? 1 : 0);
+    const shape = bandwidth === undefined
+      ? (c: Connection) => c
+      : (c: Connection) => shaped(c, { bandwidthBytesPerSec: bandwidth / connections, clock: this.deps.clock });
+    const gang = req.gang === undefined ? null : this.joinGang(req.gang, dest.address);
+    void this.runMigration(m, job, req, dest.address, shape, { ...transfer, gang });
     return job;
   }
 
-  private async runMigration(m: ManagedVm, job: MigrationJob, req: MigrationRequest, address: string, shape: (c: Connection) => Connection): Promise<void> {
+  /**
+   * The gang object migrations to `address` naming `name` share while any of them runs. Its wire id
+   * is the name plus a random suffix: the destination shares one dedup store among sessions naming
+   * the same id, and ids from another source's index (or a finished gang's) must never meet there.
+   */
+  private joinGang(name: string, address: string): Gang {
+    const key = `${address} ${name}`;
+    let g = this.gangs.get(key);
+    if (!g) this.gangs.set(key, (g = { gang: new Gang(`${name.slice(0, 51)}.${randomBytes(6).toString('hex')}`), members: 0 }));
+    g.members++;
+    return g.gang;
+  }
+
+  /**
+   * A member's migration ended. A failed member may have left ids in the shared index whose
+   * definitions never reached the destination, so later migrations naming the gang start a new one.
+   */
+  private leaveGang(gang: Gang, name: string, address: string, failed: boolean): void {
+    const key = `${address} ${name}`;
+    const g = this.gangs.get(key);
+    if (!g || g.gang !== gang) return;
+    if (--g.members === 0 || failed) this.gangs.delete(key);
+  }
+
+  private async runMigration(
+    m: ManagedVm, job: MigrationJob, req: MigrationRequest, address: string, shape: (c: Connection) => Connection,
+    transfer: { codecs: CodecName[]; streams: number; gang: Gang | null },
+  ): Promise<void> {
     const signal = job.controller.signal;
     const link = m.link;
     let relay: Relay | null = null;
     let held = false;
-    let conn: Connection | null = null;
+    let failed = true;
+    /** Connections the engine opened beyond the first (data streams, fault channel). */
+    const extra: Connection[] = [];
+    let ended = false;
     const releaseHold = () => {
       if (!held) return;
       held = false;
       link?.release();
+    };
+    const connect = async (): Promise<Connection> => {
+      const c = shape(await this.transport.dial(address, { signal }));
+      this.track(c);
+      if (ended) {
+        // The migration ended while this one was being dialled: nobody will close it.
+        c.abort();
+        throw new AbortError('the migration ended while a connection was opening');
+      }
+      extra.push(c);
+      return c;
     };
     try {
       if (link instanceof HomeLink) {
@@ -527,8 +630,8 @@ export class HostAgent extends EventEmitter {
           releaseHold();
         });
       }
-      conn = shape(await this.transport.dial(address, { signal }));
-      this.openConns.add(conn);
+      const conn = shape(await this.transport.dial(address, { signal }));
+      this.track(conn);
       const source = sourceVmOf(m.vm, {
         onPause: () => {
           if (!held && link) {
@@ -539,11 +642,17 @@ export class HostAgent extends EventEmitter {
         onResume: releaseHold,
       });
       const result = await migrateSource(conn, source, this.deps, {
-        mode: req.mode, signal, onProgress: (p) => job.onProgress(p),
+        mode: req.mode, signal, onProgress: (p) => job.onProgress(p), connect,
         ...(req.downtimeMs !== undefined ? { downtimeMs: req.downtimeMs } : {}),
         ...(req.maxRounds !== undefined ? { maxRounds: req.maxRounds } : {}),
         ...(req.autoConverge !== undefined ? { autoConverge: req.autoConverge } : {}),
+        ...(transfer.codecs.length > 0 ? { codecs: transfer.codecs } : {}),
+        ...(transfer.streams > 1 ? { streams: transfer.streams } : {}),
+        ...(req.compression !== undefined ? { compression: req.compression } : {}),
+        ...(req.faultChannel !== undefined ? { faultChannel: req.faultChannel } : {}),
+        ...(transfer.gang ? { gang: transfer.gang } : {}),
       });
+      failed = false;
       // The destination owns the VM (the engine stopped it here).
       if (this.vms.get(m.vm.name) === m) this.vms.delete(m.vm.name);
       m.migration = null;
@@ -560,10 +669,15 @@ export class HostAgent extends EventEmitter {
       m.migration = null;
       releaseHold();
       relay?.abort(e instanceof Error ? e : undefined);
+      // The engine aborts the connections it knew of; one it was still joining is ours to end.
+      for (const c of extra) c.abort(e instanceof Error ? e : undefined);
       job.fail(e);
       this.emit('migration-out', job.json());
     } finally {
-      if (conn) this.openConns.delete(conn);
+      // After a success the connections end as the destination closes its side: aborting them now
+      // could reach the destination before the final ACK does.
+      ended = true;
+      if (transfer.gang && req.gang !== undefined) this.leaveGang(transfer.gang, req.gang, address, failed);
     }
   }
 
@@ -644,6 +758,12 @@ const migrationBody = z.object({
   bandwidth: z.string().min(1).max(32).optional(),
   maxRounds: z.number().int().positive().max(1000).optional(),
   autoConverge: z.boolean().optional(),
+  // Names are checked by startMigration (parseCodecNames), which says which one is unknown.
+  codecs: z.array(z.string().max(32)).max(CODEC_NAMES.length * 2).optional(),
+  streams: z.number().int().min(1).max(MAX_MIGRATION_STREAMS).optional(),
+  compression: z.enum(['auto', 'always']).optional(),
+  gang: z.string().regex(GANG_NAME, 'gang must be 1–64 printable ASCII characters').optional(),
+  faultChannel: z.boolean().optional(),
 }).strict();
 
 function statusOf(e: unknown): number {

@@ -17,6 +17,8 @@ export interface MigrationJobJson {
   /** The destination's migration address. */
   toAddress: string;
   mode: MigrationMode;
+  /** The gang named in the request (the report's `transfer.gang` is its wire id: this name plus a suffix). */
+  gang: string | null;
   status: MigrationStatus;
   progress: MigrationProgress | null;
   report: MigrationReport | null;
@@ -47,7 +49,7 @@ export class MigrationJob {
   readonly done: Promise<void>;
   private resolveDone!: () => void;
 
-  constructor(readonly id: string, readonly vm: string, readonly from: string, readonly to: string, readonly toAddress: string, readonly mode: MigrationMode) {
+  constructor(readonly id: string, readonly vm: string, readonly from: string, readonly to: string, readonly toAddress: string, readonly mode: MigrationMode, readonly gang: string | null = null) {
     this.done = new Promise((r) => (this.resolveDone = r));
   }
 
@@ -106,7 +108,7 @@ export class MigrationJob {
 
   json(): MigrationJobJson {
     return {
-      id: this.id, vm: this.vm, from: this.from, to: this.to, toAddress: this.toAddress, mode: this.mode, status: this.status,
+      id: this.id, vm: this.vm, from: this.from, to: this.to, toAddress: this.toAddress, mode: this.mode, gang: this.gang, status: this.status,
       progress: this.progress, report: this.result?.report ?? null, stopReason: this.result?.stopReason ?? null, error: this.error,
       startedAt: this.startedAt.toISOString(), endedAt: this.endedAt?.toISOString() ?? null,
     };
