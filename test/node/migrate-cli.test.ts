@@ -6,7 +6,9 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { KvClient } from '../../src/node/kv-client.js';
-import { MonotonicEta, MonotonicFraction } from '../../src/node/cli/migrate.js';
+import { Command, CommanderError } from 'commander';
+import { MonotonicEta, MonotonicFraction, formatTransfer } from '../../src/node/cli/migrate.js';
+import { buildProgram } from '../../src/node/cli/main.js';
 import { ferry, ferryBin } from '../helpers/ferry-cli.js';
 
 const bin = ferryBin;
@@ -88,6 +90,7 @@ test('ferry migrate and host start refuse bad flags with exit 2; --help works fo
     ['migrate', 'kv', '--to', 'b', '--mode', 'precopy', '--bandwidth', 'fast'],
     ['migrate', 'kv', '--to', 'b', '--mode', 'precopy', '--host', 'a'],
     ['migrate', '--to', 'b', '--mode', 'precopy'],
+    ['migrate', 'kv', '--to', 'b', '--mode', 'precopy', '--codecs', 'brotli'],
     ['host', 'start'],
     ['host', 'start', '--name', 'a', '--listen', 'nowhere'],
     ['host', 'start', '--name', '../a'],
@@ -102,6 +105,47 @@ test('ferry migrate and host start refuse bad flags with exit 2; --help works fo
     const r = await ferry(args);
     assert.equal(r.code, 0, args.join(' '));
     assert.match(r.stdout, /Usage: ferry/);
+  }
+  const help = await ferry(['migrate', '--help']);
+  for (const flag of ['--to', '--mode', '--downtime', '--bandwidth', '--codecs', '--streams', '--compression', '--no-fault-channel', '--gang', '--json']) assert.match(help.stdout, new RegExp(flag));
+  assert.match(help.stdout, /<vm\.\.\.>/);
+});
+
+/** Parses a command line in this process, as `ferry` would: the exit code main() would set, and what was written to stderr. */
+async function parse(args: string[]): Promise<{ code: number; stderr: string }> {
+  const program = buildProgram();
+  let stderr = '';
+  const quiet = (c: Command) => {
+    c.configureOutput({ writeErr: (t) => void (stderr += t), writeOut: () => undefined });
+    c.commands.forEach(quiet);
+  };
+  quiet(program);
+  try {
+    await program.parseAsync(['node', 'ferry', ...args]);
+    return { code: 0, stderr };
+  } catch (e) {
+    if (e instanceof CommanderError) return { code: e.exitCode === 0 ? 0 : 2, stderr };
+    throw e;
+  }
+}
+
+test('ferry migrate refuses bad --codecs, --streams, --compression, --gang and a VM named twice (exit 2, named)', async () => {
+  for (const [args, why] of [
+    [['--codecs', 'brotli'], /unknown codec 'brotli' \(known: xbzrle, dedup, lz4, zstd\)/],
+    [['--codecs', 'zstd,'], /names separated by commas/],
+    [['--codecs', ''], /names separated by commas/],
+    [['--streams', '0'], /--streams must be an integer from 1 to 64/],
+    [['--streams', '65'], /--streams must be an integer from 1 to 64/],
+    [['--streams', 'many'], /--streams must be an integer from 1 to 64/],
+    [['--streams', '2.5'], /--streams must be an integer from 1 to 64/],
+    [['--compression', 'sometimes'], /Allowed choices are auto, always/],
+    [['--gang', 'a b'], /gang name 'a b' must be 1–64 printable ASCII/],
+    [['--gang', 'g'.repeat(65)], /must be 1–64 printable ASCII/],
+    [['kv'], /VM 'kv' is named twice/],
+  ] as const) {
+    const r = await parse(['migrate', 'kv', '--to', 'b', '--mode', 'precopy', ...args]);
+    assert.equal(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
+    assert.match(r.stderr, why, args.join(' '));
   }
 });
 
@@ -118,4 +162,85 @@ test('the progress bar ETA never goes up and its fraction never goes back', () =
   assert.equal(f.next(p(50, 50)), 0.5);
   assert.equal(f.next(p(60, 200)), 0.5);
   assert.equal(f.next(p(0, 0, 'complete')), 1);
+});
+
+test('ferry migrate m1 m2 m3 --gang: three VMs migrate together; then several at once without a gang; one failure makes the exit code 1', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-mcli-gang-'));
+  const state = ['--state-dir', join(dir, 'state')];
+  const a = await hostProcess(['--name', 'a', '--listen', '127.0.0.1:0', '--data-dir', join(dir, 'a'), ...state]);
+  const b = await hostProcess(['--name', 'b', '--listen', '127.0.0.1:0', '--data-dir', join(dir, 'b'), ...state]);
+  const vmsOn = async (control: string) => ((await (await fetch(`${control}/v1/vms`)).json()) as { name: string }[]).map((v) => v.name).sort();
+  try {
+    const names = ['m1', 'm2', 'm3'];
+    for (const [i, name] of names.entries()) {
+      const boot = await ferry(['host', 'boot', 'a', 'memstress', '--name', name, '--memory', '16MiB', '--config', `mem=4MiB wss=1MiB dup=0.5 wcontent=keep rate=1000000 seed=${i + 1}`, ...state]);
+      assert.equal(boot.code, 0, boot.stderr);
+    }
+
+    const gang = await ferry(['migrate', ...names, '--to', 'b', '--mode', 'precopy', '--gang', '--codecs', 'xbzrle', '--streams', '2', '--json', ...state]);
+    assert.equal(gang.code, 0, gang.stderr);
+    const jobs = JSON.parse(gang.stdout) as { vm: string; status: string; gang: string; report: { verified: boolean; transfer: { gang: string; streams: number; codecs: string[] } } }[];
+    assert.deepEqual(jobs.map((j) => [j.vm, j.status, j.report.verified]), names.map((n) => [n, 'succeeded', true]));
+    assert.match(jobs[0].gang, /^gang-[0-9a-f]{8}$/);
+    for (const j of jobs) {
+      assert.equal(j.gang, jobs[0].gang, 'one gang for the three');
+      assert.equal(j.report.transfer.gang, jobs[0].report.transfer.gang);
+      assert.ok(j.report.transfer.gang.startsWith(`${jobs[0].gang}.`));
+      assert.equal(j.report.transfer.streams, 2);
+      assert.deepEqual(j.report.transfer.codecs, ['xbzrle', 'dedup']);
+    }
+    assert.deepEqual(await vmsOn(b.started.control), names);
+
+    // Two back at once, no gang: a table per VM with its transfer section, then a summary.
+    const back = await ferry(['migrate', 'm1', 'm2', '--to', 'a', '--mode', 'postcopy', '--codecs', 'zstd', '--streams', '2', '--compression', 'always', ...state]);
+    assert.equal(back.code, 0, back.stderr);
+    assert.match(back.stdout, /^m1: b → a \(postcopy\) done/m);
+    assert.match(back.stdout, /^m2: b → a \(postcopy\) done/m);
+    assert.equal(back.stdout.match(/^streams\s+2 \+ fault channel$/gm)?.length, 2);
+    assert.equal(back.stdout.match(/^codecs\s+zstd$/gm)?.length, 2);
+    assert.match(back.stdout, /^compression\s+on, \d+ batches compressed/m);
+    assert.match(back.stdout, /2 of 2 migrated/);
+    assert.match(back.stdout, /^m1\s+succeeded\s+/m);
+    assert.deepEqual(await vmsOn(a.started.control), ['m1', 'm2']);
+
+    // A name clash on b fails m1's migration; m2 still moves; the exit code says one failed.
+    assert.equal((await ferry(['host', 'boot', 'b', 'memstress', '--name', 'm1', '--memory', '8MiB', '--config', 'mem=1MiB', ...state])).code, 0);
+    const clash = await ferry(['migrate', 'm1', 'm2', '--to', 'b', '--mode', 'precopy', '--no-fault-channel', '--json', '--host', a.started.control, ...state]);
+    assert.equal(clash.code, 1, clash.stderr);
+    const out = JSON.parse(clash.stdout) as { vm: string; status: string; error: { code: string } | null }[];
+    assert.deepEqual(out.map((j) => [j.vm, j.status, j.error?.code ?? null]), [['m1', 'failed', 'ERR_VM_EXISTS'], ['m2', 'succeeded', null]]);
+    assert.match(clash.stderr, /migration of m1 failed: .*\(ERR_VM_EXISTS\)/);
+    assert.deepEqual(await vmsOn(a.started.control), ['m1']);
+
+    // A VM no agent has: nothing starts.
+    const ghost = await ferry(['migrate', 'm1', 'ghost', '--to', 'b', '--mode', 'precopy', ...state]);
+    assert.equal(ghost.code, 1);
+    assert.match(ghost.stderr, /'ghost'.*ERR_NOT_FOUND/);
+    assert.deepEqual(await vmsOn(a.started.control), ['m1']);
+  } finally {
+    a.proc.kill('SIGTERM');
+    b.proc.kill('SIGTERM');
+    assert.equal(await a.exit, 0);
+    assert.equal(await b.exit, 0);
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('the transfer section shows streams, fault channel, codecs, reduction and the codec counters', () => {
+  const text = formatTransfer({
+    streams: 3, faultChannel: true, codecs: ['xbzrle', 'dedup', 'zstd'], gang: 'pack.0123456789ab', pageBytes: 64 << 20, encodedBytes: 16 << 20, reduction: 4,
+    codecStats: { 'page.xbzrle.hits': 10, 'page.xbzrle.misses': 5, 'page.xbzrle.overflows': 1, 'page.dedup.refs': 700, 'page.dedup.defs': 30, compressedBatches: 12, plainBatches: 3 },
+    compression: { on: true, flips: 2, speedup: 1.5 },
+  });
+  assert.match(text, /^streams\s+3 \+ fault channel$/m);
+  assert.match(text, /^codecs\s+xbzrle, dedup, zstd$/m);
+  assert.match(text, /^gang\s+pack\.0123456789ab$/m);
+  assert.match(text, /^page bytes → encoded\s+64\.0 MiB → 16\.0 MiB \(4\.00× reduction\)$/m);
+  assert.match(text, /^xbzrle\s+hits 10, misses 5, overflows 1$/m);
+  assert.match(text, /^dedup\s+refs 700, defs 30$/m);
+  assert.match(text, /^compression\s+on, 12 batches compressed, 3 plain, flips 2, speedup 1\.50×$/m);
+  const plain = formatTransfer({ streams: 1, faultChannel: false, codecs: [], gang: null, pageBytes: 4096, encodedBytes: 4096, reduction: 1, codecStats: {}, compression: null });
+  assert.match(plain, /^streams\s+1$/m);
+  assert.match(plain, /^codecs\s+none \(zero pages only\)$/m);
+  assert.doesNotMatch(plain, /gang|xbzrle|dedup|compression/);
 });

@@ -1,19 +1,23 @@
 /**
- * `ferry migrate <vm> --to <host> --mode …`: asks the VM's host agent to migrate it live, follows
- * the migration's event stream with a progress bar, and prints the report (or one JSON object).
+ * `ferry migrate <vm…> --to <host> --mode …`: asks each VM's host agent to migrate it live (several
+ * at once, optionally as a gang), follows the migrations' event streams with progress bars, and
+ * prints each report with how its pages travelled (or JSON).
  */
 import { Command, Option, InvalidArgumentError as CommanderArgError } from 'commander';
 import cliProgress from 'cli-progress';
+import { randomBytes } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { FerryError } from '../../core/errors.js';
+import { CODEC_NAMES, type CodecName } from '../../core/engine/codecs.js';
 import type { MigrationProgress } from '../../core/engine/types.js';
-import { formatReportTable } from '../../core/metrics.js';
+import { formatReportTable, type TransferReport } from '../../core/metrics.js';
 import { MIGRATION_MODES } from '../../core/protocol/frames.js';
 import { formatBytes, formatDuration, parseDuration } from '../../core/units.js';
+import { MAX_MIGRATION_STREAMS } from '../agent/agent.js';
 import type { MigrationJobJson } from '../agent/migrations.js';
 import { findHost, listHosts, stateHome } from './host.js';
-import { bandwidthText, flag } from './args.js';
+import { bandwidthText, codecList, flag, gangName, intInRange } from './args.js';
 
 interface ApiError { error?: { code: string; message: string } }
 
@@ -105,7 +109,22 @@ async function* sse(body: ReadableStream<Uint8Array>): AsyncGenerator<{ event: s
   }
 }
 
-interface MigrateOpts { to: string; mode: string; downtime?: number; bandwidth?: string; json?: boolean; host?: string; stateDir?: string }
+interface MigrateOpts {
+  to: string;
+  mode: string;
+  downtime?: number;
+  bandwidth?: string;
+  codecs?: CodecName[];
+  streams?: number;
+  compression?: 'auto' | 'always';
+  /** false with --no-fault-channel. */
+  faultChannel: boolean;
+  /** --gang alone: true (a name is generated); --gang <name>: that name. */
+  gang?: string | true;
+  json?: boolean;
+  host?: string;
+  stateDir?: string;
+}
 
 async function follow(control: string, id: string, onProgress: (p: MigrationProgress) => void): Promise<MigrationJobJson> {
   const res = await fetch(`${control}/v1/migrations/${encodeURIComponent(id)}/events`).catch(() => null);
@@ -126,57 +145,137 @@ async function follow(control: string, id: string, onProgress: (p: MigrationProg
   }
 }
 
-async function migrate(vm: string, o: MigrateOpts): Promise<number> {
+const finite = (_k: string, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? null : v);
+
+/** The transfer section of a report: how the pages travelled and what the codecs saved. */
+export function formatTransfer(t: TransferReport): string {
+  const s = t.codecStats;
+  const n = (k: string) => s[k] ?? 0;
+  const rows: [string, string][] = [
+    ['streams', `${t.streams}${t.faultChannel ? ' + fault channel' : ''}`],
+    ['codecs', t.codecs.length ? t.codecs.join(', ') : 'none (zero pages only)'],
+  ];
+  if (t.gang !== null) rows.push(['gang', t.gang]);
+  rows.push(['page bytes → encoded', `${formatBytes(t.pageBytes)} → ${formatBytes(t.encodedBytes)} (${t.reduction.toFixed(2)}× reduction)`]);
+  if (t.codecs.includes('xbzrle')) rows.push(['xbzrle', `hits ${n('page.xbzrle.hits')}, misses ${n('page.xbzrle.misses')}, overflows ${n('page.xbzrle.overflows')}`]);
+  if (t.codecs.includes('dedup')) rows.push(['dedup', `refs ${n('page.dedup.refs')}, defs ${n('page.dedup.defs')}`]);
+  if (t.compression) {
+    const c = t.compression;
+    rows.push(['compression', `${c.on ? 'on' : 'off'}, ${n('compressedBatches')} batches compressed, ${n('plainBatches')} plain, flips ${c.flips}${c.speedup === null ? '' : `, speedup ${c.speedup.toFixed(2)}×`}`]);
+  }
+  const w = Math.max(...rows.map(([k]) => k.length));
+  return rows.map(([k, v]) => `${k.padEnd(w)}  ${v}`).join('\n') + '\n';
+}
+
+/** One row per migration: how each VM of a multi-VM call fared. */
+export function formatSummary(results: readonly MigrateResult[]): string {
+  const ms = (v: number | null | undefined) => (v === null || v === undefined ? '—' : formatDuration(v));
+  const rows = [['vm', 'status', 'total', 'downtime', 'on the wire', 'reduction', 'verified']];
+  for (const r of results) {
+    const rep = r.job?.report ?? null;
+    rows.push([
+      r.vm, r.job?.status ?? 'not started', ms(rep?.totalMigrationTimeMs), ms(rep?.downtimeMs), rep ? formatBytes(rep.bytes.wire) : '—',
+      rep?.transfer ? `${rep.transfer.reduction.toFixed(2)}×` : '—', rep ? (rep.verified === null ? '—' : rep.verified ? 'yes' : 'NO') : '—',
+    ]);
+  }
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  return rows.map((r) => r.map((c, i) => c.padEnd(widths[i])).join('  ').trimEnd()).join('\n') + '\n';
+}
+
+export interface MigrateResult {
+  vm: string;
+  /** The migration as the agent reports it at its end; null when it could not be started. */
+  job: MigrationJobJson | null;
+  /** Why it could not be started. */
+  error: { code: string; message: string } | null;
+}
+
+const succeeded = (r: MigrateResult) => r.job?.status === 'succeeded' && r.job.report?.verified !== false;
+
+/**
+ * Migrates `vms` to `o.to`: finds every VM's agent first (nothing starts if one is missing), starts
+ * all the migrations, follows them together, then reports each. With `--gang` they share a gang.
+ */
+async function migrate(vms: string[], o: MigrateOpts): Promise<number> {
   const home = stateHome(o.stateDir);
-  const control = (o.host ?? (await findVmHost(home, vm))).replace(/\/+$/, '');
+  const controls = await Promise.all(vms.map(async (vm) => (o.host ?? (await findVmHost(home, vm))).replace(/\/+$/, '')));
   const to = await resolveTo(home, o.to);
-  const { id } = await api<{ id: string }>(control, 'POST', '/v1/migrations', {
-    vm, to, mode: o.mode,
+  const gang = o.gang === true ? `gang-${randomBytes(4).toString('hex')}` : o.gang;
+  const body = {
+    to, mode: o.mode,
     ...(o.downtime !== undefined ? { downtimeMs: o.downtime } : {}),
     ...(o.bandwidth !== undefined ? { bandwidth: o.bandwidth } : {}),
-  });
-  const bar = o.json ? null : new cliProgress.SingleBar({
-    format: '{bar} {percentage}% | {phase} round {round} | sent {sent} | remaining {remaining} | dirty {dirty}/s | ETA {etaText}',
+    ...(o.codecs !== undefined ? { codecs: o.codecs } : {}),
+    ...(o.streams !== undefined ? { streams: o.streams } : {}),
+    ...(o.compression !== undefined ? { compression: o.compression } : {}),
+    ...(o.faultChannel === false ? { faultChannel: false } : {}),
+    ...(gang !== undefined ? { gang } : {}),
+  };
+  // All start before any is followed, so a gang's members run together.
+  const started = await Promise.all(vms.map(async (vm, i) => {
+    try {
+      const { id } = await api<{ id: string }>(controls[i], 'POST', '/v1/migrations', { vm, ...body });
+      return { vm, id, error: null };
+    } catch (e) {
+      const error = { code: e instanceof FerryError ? e.code : 'ERR_INTERNAL', message: (e as Error).message };
+      return { vm, id: null, error };
+    }
+  }));
+  const bars = o.json ? null : new cliProgress.MultiBar({
+    format: `${vms.length > 1 ? '{vm} ' : ''}{bar} {percentage}% | {phase} round {round} | sent {sent} | remaining {remaining} | dirty {dirty}/s | ETA {etaText}`,
     stream: process.stderr,
     hideCursor: true,
     clearOnComplete: false,
   }, cliProgress.Presets.shades_classic);
-  const eta = new MonotonicEta();
-  const frac = new MonotonicFraction();
-  let started = false;
-  const job = await follow(control, id, (p) => {
-    if (!bar) return;
-    const remainingBytes = p.pagesRemaining * 4096;
-    const e = eta.next(p.bandwidthBytesPerSec > 0 ? (remainingBytes / p.bandwidthBytesPerSec) * 1000 : null, p.elapsedMs);
-    const payload = {
-      phase: p.phase, round: p.round, sent: formatBytes(p.bytesSent), remaining: formatBytes(remainingBytes),
-      dirty: formatBytes(p.dirtyRateBytesPerSec), etaText: e === null ? '—' : formatDuration(e),
-    };
-    const v = Math.round(frac.next(p) * 100);
-    if (!started) {
-      bar.start(100, v, payload);
-      started = true;
-    } else bar.update(v, payload);
-  });
-  if (bar && started) {
-    if (job.status === 'succeeded') bar.update(100);
-    bar.stop();
-  }
-  const ok = job.status === 'succeeded' && job.report?.verified !== false;
+  const width = Math.max(...vms.map((v) => v.length));
+  const results: MigrateResult[] = await Promise.all(started.map(async (s, i) => {
+    if (s.id === null) return { vm: s.vm, job: null, error: s.error };
+    const eta = new MonotonicEta();
+    const frac = new MonotonicFraction();
+    let bar: cliProgress.SingleBar | null = null;
+    const job = await follow(controls[i], s.id, (p) => {
+      if (!bars) return;
+      const remainingBytes = p.pagesRemaining * 4096;
+      const e = eta.next(p.bandwidthBytesPerSec > 0 ? (remainingBytes / p.bandwidthBytesPerSec) * 1000 : null, p.elapsedMs);
+      const payload = {
+        vm: s.vm.padEnd(width), phase: p.phase, round: p.round, sent: formatBytes(p.bytesSent), remaining: formatBytes(remainingBytes),
+        dirty: formatBytes(p.dirtyRateBytesPerSec), etaText: e === null ? '—' : formatDuration(e),
+      };
+      const v = Math.round(frac.next(p) * 100);
+      if (!bar) bar = bars.create(100, v, payload);
+      else bar.update(v, payload);
+    });
+    if (bar && job.status === 'succeeded') (bar as cliProgress.SingleBar).update(100);
+    return { vm: s.vm, job, error: null };
+  }));
+  bars?.stop();
+
   if (o.json) {
-    console.log(JSON.stringify(job, (_k, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? null : v)));
-  } else if (job.status === 'succeeded' && job.report) {
-    console.log(`${vm}: ${job.from} → ${job.to} (${job.mode}) ${ok ? 'done' : 'done, but NOT verified'}${job.stopReason ? `; ${job.stopReason}` : ''}`);
-    console.log(formatReportTable(job.report));
+    const json = results.map((r) => r.job ?? { vm: r.vm, status: 'failed', report: null, error: r.error });
+    console.log(JSON.stringify(vms.length === 1 ? json[0] : json, finite));
+  } else {
+    for (const r of results) {
+      const job = r.job;
+      if (job?.status !== 'succeeded' || !job.report) continue;
+      if (vms.length > 1) console.log('');
+      console.log(`${r.vm}: ${job.from} → ${job.to} (${job.mode}) ${succeeded(r) ? 'done' : 'done, but NOT verified'}${job.stopReason ? `; ${job.stopReason}` : ''}`);
+      console.log(formatReportTable(job.report));
+      if (job.report.transfer) console.log(formatTransfer(job.report.transfer));
+    }
+    if (vms.length > 1) console.log(`${gang !== undefined ? `gang ${gang}: ` : ''}${results.filter(succeeded).length} of ${vms.length} migrated\n${formatSummary(results)}`);
   }
-  if (!ok && job.error) console.error(`ferry: migration of ${vm} ${job.status}: ${job.error.message} (${job.error.code})`);
-  return ok ? 0 : 1;
+  for (const r of results) {
+    if (succeeded(r)) continue;
+    const err = r.job?.error ?? r.error;
+    if (err) console.error(`ferry: migration of ${r.vm} ${r.job?.status ?? 'not started'}: ${err.message} (${err.code})`);
+  }
+  return results.every(succeeded) ? 0 : 1;
 }
 
 export function registerMigrateCommand(program: Command): void {
   program.command('migrate')
-    .description('move a running VM to another host, live; its clients keep their connections')
-    .argument('<vm>', 'name of a running VM')
+    .description('move running VMs to another host, live; their clients keep their connections')
+    .argument('<vm...>', 'names of running VMs (several migrate at once; with --gang, together)')
     .requiredOption('--to <host>', 'destination: a host name registered here, its control URL, or its migration address (host:port)')
     .addOption(new Option('--mode <mode>', 'technique').choices([...MIGRATION_MODES]).makeOptionMandatory())
     .option('--downtime <duration>', 'pre-copy downtime budget, e.g. 300ms', flag((v) => {
@@ -184,14 +283,21 @@ export function registerMigrateCommand(program: Command): void {
       if (!(ms > 0)) throw new Error('downtime must be positive');
       return ms;
     }))
-    .option('--bandwidth <rate>', 'cap the migration stream, e.g. 1Gbit, 100Mbit, 50MB/s', bandwidthText)
-    .option('--host <url>', "control URL of the VM's host agent (default: find the VM's registration)", (v: string) => {
+    .option('--bandwidth <rate>', "cap on each VM's migration (all its streams together), e.g. 1Gbit, 100Mbit, 50MB/s", bandwidthText)
+    .option('--codecs <list>', `page codecs to offer beyond zero pages, comma-separated (${CODEC_NAMES.join(', ')}), or none (default)`, codecList)
+    .option('--streams <n>', `parallel data streams per VM, 1–${MAX_MIGRATION_STREAMS} (default 1; the destination may grant fewer)`, intInRange('--streams', 1, MAX_MIGRATION_STREAMS))
+    .addOption(new Option('--compression <when>', 'lz4/zstd: auto turns compression off when it slows the link (default); always never does').choices(['auto', 'always']))
+    .option('--no-fault-channel', 'post-copy/hybrid: send page requests on the main connection instead of one of their own')
+    .option('--gang [name]', 'migrate the VMs together, sharing one de-duplication index (implies dedup); the name defaults to a generated gang-<random>', gangName)
+    .option('--host <url>', "control URL of the VMs' host agent (default: find each VM's registration)", (v: string) => {
       if (!/^https?:\/\/[^/]+/i.test(v)) throw new CommanderArgError(`--host wants a control URL like http://127.0.0.1:7000, got '${v}'`);
       return v;
     })
     .option('--state-dir <dir>', 'where hosts and VMs register (default $FERRY_HOME or ~/.ferry)')
-    .option('--json', 'print one JSON object (status, report) instead of the progress bar and table')
-    .action(async (vm: string, o: MigrateOpts) => {
-      process.exitCode = await migrate(vm, o);
+    .option('--json', 'print the outcome as JSON (one object for one VM, an array for several) instead of progress bars and tables')
+    .action(async (vms: string[], o: MigrateOpts, cmd: Command) => {
+      const twice = vms.find((v, i) => vms.indexOf(v) !== i);
+      if (twice !== undefined) cmd.error(`error: VM '${twice}' is named twice`, { code: 'ferry.duplicateVm' });
+      process.exitCode = await migrate(vms, o);
     });
 }
