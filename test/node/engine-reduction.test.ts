@@ -283,6 +283,8 @@ test('codec names and stream counts are checked before anything is sent', async 
   const src = await sourceVm('picky', 'mem=4MiB');
   const [a] = memoryPair();
   await assert.rejects(migrateSource(a, sourceVmOf(src), deps, { mode: 'precopy', codecs: ['brotli' as CodecName], baselineMs: 0 }), (e: unknown) => e instanceof FerryError && e.code === 'ERR_INVALID_ARGUMENT');
+  const [l] = memoryPair();
+  await assert.rejects(migrateSource(l, sourceVmOf(src), deps, { mode: 'precopy', codecs: ['lz4', 'zstd'], baselineMs: 0 }), (e: unknown) => e instanceof FerryError && e.code === 'ERR_INVALID_ARGUMENT' && /one compressor/.test(e.message));
   const [c] = memoryPair();
   await assert.rejects(migrateSource(c, sourceVmOf(src), deps, { mode: 'precopy', streams: 4, baselineMs: 0 }), (e: unknown) => e instanceof FerryError && e.code === 'ERR_MIGRATION_STREAMS');
   assert.equal(src.state, 'running');

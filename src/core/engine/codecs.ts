@@ -52,6 +52,8 @@ export function parseCodecNames(names: readonly string[]): CodecName[] {
     if (!(CODEC_NAMES as readonly string[]).includes(n)) throw new InvalidArgumentError(`unknown codec '${n}' (known: ${CODEC_NAMES.join(', ')})`);
     if (!out.includes(n as CodecName)) out.push(n as CodecName);
   }
+  const blobs = out.filter((n) => (BLOB_CODEC_NAMES as readonly string[]).includes(n));
+  if (blobs.length > 1) throw new InvalidArgumentError(`choose one compressor, not ${blobs.join(' and ')}`);
   return out;
 }
 
@@ -186,7 +188,12 @@ export function storeBytesFor(indexBytes: number): number {
  * Gang migration (Deshpande et al.): VMs migrating together to the same destination share one
  * de-duplication index, so a page common to several of them crosses the wire once. Give every
  * member's `migrateSource` the same Gang; the destination shares one store among the sessions that
- * name the same gang in HELLO.
+ * name the same gang in HELLO — so the id must be unique at the destination while the gang's
+ * sessions last (the host agent adds a random suffix to the name a user gives).
+ *
+ * Known limit: a member that fails may leave definitions in the shared index that never reached
+ * the destination; a member referring to one waits `definitionWaitMs` and fails with
+ * ERR_CODEC_STATE (before its switchover, so its VM runs on at the source).
  */
 export class Gang {
   readonly index: DedupIndex;

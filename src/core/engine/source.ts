@@ -32,6 +32,9 @@ type Ownership = 'source' | 'in-doubt' | 'destination';
 class SendStream {
   private inflight: Promise<void> = Promise.resolve();
   private builder: PagesFrameBuilder | null = null;
+  /** Guest page bytes this stream carried, and the frame bytes they became. */
+  pageBytes = 0;
+  frameBytes = 0;
   private readonly indices: number[] = [];
   private readonly buf: Uint8Array | null;
 
@@ -78,6 +81,8 @@ class SendStream {
     await this.inflight;
     let bytes = 0;
     for (const f of frames) bytes += f.length;
+    this.pageBytes += n * PAGE_SIZE;
+    this.frameBytes += bytes;
     const enc = this.encoder;
     const t0 = this.now();
     // Written in order now (later frames on this connection go behind them); awaited as one.
@@ -243,8 +248,14 @@ class SourceSession {
 
   /** Opens an extra connection of this session and presents the token; resolves once the destination acknowledged it. */
   private async join(token: string, stream: number, role: 'data' | 'fault'): Promise<{ framed: FramedConnection; inbox: Inbox }> {
-    const framed = new FramedConnection(await this.opts.connect!());
+    const conn = await this.opts.connect!();
+    const framed = new FramedConnection(conn);
     this.extra.push(framed);
+    if (this.ending || this.inbox.error) {
+      // The migration failed while this connection was being opened: nobody else will close it.
+      framed.abort();
+      throw this.inbox.error ?? new MigrationError('ERR_MIGRATION_ABORTED', 'the migration ended while a stream was opening');
+    }
     const inbox = new Inbox(framed, (e) => {
       if (!this.ending) this.inbox.fail(e);
     });
@@ -445,17 +456,17 @@ class SourceSession {
     return ok;
   }
 
-  /** How the pages travelled, for the report. */
+  /** How the pages travelled, for the report (pages on the data streams; demand pages are counted in report.pages.faulted). */
   private transfer(): TransferReport {
     const codecStats: Record<string, number> = {};
     let pageBytes = 0;
     let encodedBytes = 0;
     let compression = null as TransferReport['compression'];
     for (const s of this.streams) {
+      pageBytes += s.pageBytes;
+      encodedBytes += s.frameBytes;
       const e = s.encoder;
       if (!e) continue;
-      pageBytes += e.rawBytes;
-      encodedBytes += e.encodedBytes;
       for (const [k, v] of Object.entries(e.stats())) codecStats[k] = (codecStats[k] ?? 0) + v;
       if (e.controller) {
         const d = e.controller.assess();
@@ -465,11 +476,6 @@ class SourceSession {
           speedup: Number.isFinite(d.speedup) ? d.speedup : (compression?.speedup ?? null),
         };
       } else if (e.compressor) compression = { on: true, flips: 0, speedup: null };
-    }
-    if (pageBytes === 0) {
-      // No codec ran: PAGES frames carried raw and zero pages.
-      pageBytes = this.pagesSent * PAGE_SIZE;
-      encodedBytes = this.bytesSent;
     }
     return {
       streams: this.streams.length, faultChannel: this.fault !== null, codecs: this.agreed.map((c) => c.name), gang: this.opts.gang?.id ?? null,
