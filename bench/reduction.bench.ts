@@ -1,0 +1,471 @@
+/**
+ * Data-reduction benchmarks (issue 4) on whole migrations: the engine moving real memstress VMs to
+ * a destination in a child process over loopback TCP, every figure measured side by side in one run.
+ * Each codec's own throughput and ratio on page corpora is in bench/codec.bench.ts, not here.
+ *
+ * - whole migrations: pre-copy of a VM with a content mix (`realistic`: 30 % zero, 30 % text, 10 %
+ *   repeated, 30 % random pages; `text-heavy`: 80 % text; `random`) and a writable working set whose
+ *   re-dirtied pages keep their class (`wcontent=keep`), for each codec set — none, xbzrle, dedup,
+ *   lz4, zstd, xbzrle+dedup+zstd (compression `auto`: the measured controller decides) — at loopback
+ *   speed, and none, zstd and all through a 1 Gbit/s shaped link, where compression should pay.
+ *   Per (mix, set), from the run of median TMT of three: TMT, downtime, wire bytes, page
+ *   reduction ×, compression on/off at the end, verified;
+ * - gang migration: 4 VMs sharing most of their pages (same `dupseed`, different `seed`), migrated
+ *   one after another with `dedup` vs together with one Gang into one MigrationAcceptor: wire
+ *   bytes together ÷ separately (issue target ≤ 0.4) and the ideal ratio for that content;
+ * - parallel data streams: an idle random VM moved with 1, 2 and 4 streams, without codecs and with
+ *   zstd, interleaved, medians of five: TMT, first-pass throughput and TMT(1) ÷ TMT(N). Every
+ *   stream shares one event loop per side (and the machine's 2 cores), so more sockets need not be
+ *   faster.
+ *
+ * Every migration is verified (the destination's digest of memory as at the pause equals the
+ * source's); the closing `verified` line counts those that were, and a migration that failed or did
+ * not verify prints a `….verified 0` line that misses its target.
+ *
+ * The destination runs in a child process (this file, started with FERRY_BENCH_REDUCTION_DESTINATION=1)
+ * that serves every connection through one MigrationAcceptor (JOINs of parallel streams, gang members).
+ */
+import { fork, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { median, type BenchContext, type BenchSuite } from './harness.js';
+import { migrateSource } from '../src/core/engine/source.js';
+import { MigrationAcceptor, type DestinationOutcome } from '../src/core/engine/destination.js';
+import { Gang, type CodecName } from '../src/core/engine/codecs.js';
+import type { DestinationFactory, EngineDeps, MigrationOptions, MigrationResult } from '../src/core/engine/types.js';
+import type { MigrationReport, TransferReport } from '../src/core/metrics.js';
+import { shaped, type ShapedConnectionInit } from '../src/core/transport/shaped.js';
+import { realClock } from '../src/node/clock.js';
+import { nodeBlobCodecs } from '../src/node/codec/blob.js';
+import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../src/node/engine/adapters.js';
+import { InstrumentCache } from '../src/node/vm/instrument.js';
+import { Vm } from '../src/node/vm/vm.js';
+import { guestsDir } from '../src/node/paths.js';
+import { tcp } from '../src/node/transport/tcp.js';
+
+const MiB = 1 << 20;
+const cache = new InstrumentCache();
+const memstress = new Uint8Array(readFileSync(join(guestsDir(), 'memstress.wasm')));
+const deps: EngineDeps = { ...nodeEngineDeps(), blobCodecs: nodeBlobCodecs() };
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const fmtMiB = (b: number) => `${(b / MiB).toFixed(1)} MiB`;
+
+/**
+ * A memstress VM with a `mem`-byte region, booted, its init (content fill) done and running.
+ * Waits for init's region line: filling text pages of a large region takes a while.
+ */
+async function sourceVm(name: string, mem: number, config: string): Promise<Vm> {
+  const vm = Vm.create({ name, module: memstress, memoryBytes: mem + 16 * MiB, config: `mem=${mem} ${config}`, cache });
+  let ready = false;
+  vm.on('console', (l: string) => { if (l.startsWith('memstress: region')) ready = true; });
+  await vm.bootCold();
+  for (let i = 0; i < 6000 && !ready; i++) await sleep(5);
+  if (!ready) throw new Error(`${name}: memstress did not finish its init`);
+  await sleep(50);
+  return vm;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The destination host: a child process serving every connection through one MigrationAcceptor.
+
+type LinkInit = Omit<ShapedConnectionInit, 'clock'>;
+type ToDestination = { type: 'expect'; link: LinkInit | null };
+type FromDestination =
+  | { type: 'ready'; address: string }
+  | { type: 'expecting' }
+  | { type: 'outcome'; vmName: string; outcome: DestinationOutcome }
+  | { type: 'failed'; vmName: string | null; message: string };
+
+async function destinationHost(): Promise<void> {
+  for (const v of ['plain', 'dirty', 'presence'] as const) cache.get(memstress, v); // instrument before any migration
+  let link: LinkInit | null = null;
+  const send = (m: FromDestination) => process.send!(m);
+  const acceptor = new MigrationAcceptor(deps);
+  const l = await tcp().listen({
+    onConnection: (c) => {
+      const conn = link ? shaped(c, { ...link, clock: realClock() }) : c;
+      const made: Vm[] = [];
+      let vmName: string | null = null;
+      acceptor.accept(conn, factory(made, (n) => { vmName = n; }))
+        .then((outcome) => { if (outcome) send({ type: 'outcome', vmName: outcome.vmName, outcome }); }, (e: Error) => send({ type: 'failed', vmName, message: e.message }))
+        // The guest ran on here, verified; this host only measures, so it frees the VM at once.
+        .finally(async () => { for (const vm of made) await vm.stop().catch(() => undefined); });
+    },
+  });
+  process.on('message', (m: ToDestination) => {
+    if (m.type === 'expect') {
+      link = m.link;
+      send({ type: 'expecting' });
+    }
+  });
+  process.on('disconnect', () => process.exit(0));
+  send({ type: 'ready', address: l.address });
+}
+
+function factory(made: Vm[], admitted: (vmName: string) => void): DestinationFactory {
+  return {
+    async admit(hello) {
+      admitted(hello.vmName);
+      return {
+        async create(module) {
+          const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] });
+          made.push(vm);
+          return new DestinationVmAdapter(vm);
+        },
+      };
+    },
+  };
+}
+
+interface Deferred<T> {
+  promise: Promise<T>;
+  resolve(v: T): void;
+  reject(e: Error): void;
+}
+
+function deferred<T>(): Deferred<T> {
+  let resolve!: (v: T) => void;
+  let reject!: (e: Error) => void;
+  const promise = new Promise<T>((res, rej) => { resolve = res; reject = rej; });
+  promise.catch(() => undefined); // awaited after the source's result
+  return { promise, resolve, reject };
+}
+
+class DestinationProcess {
+  private readonly outcomes = new Map<string, Deferred<DestinationOutcome>>();
+  private ack: Deferred<void> | null = null;
+
+  private constructor(private readonly child: ChildProcess, readonly address: string) {
+    child.on('message', (m: FromDestination) => this.onMessage(m));
+    child.once('exit', (code) => this.failAll(new Error(`destination process exited (${code})`)));
+  }
+
+  static async start(): Promise<DestinationProcess> {
+    const child = fork(fileURLToPath(import.meta.url), [], { env: { ...process.env, FERRY_BENCH_REDUCTION_DESTINATION: '1' }, stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+    const address = await new Promise<string>((resolve, reject) => {
+      child.once('exit', (code) => reject(new Error(`destination process exited (${code})`)));
+      child.once('message', (m: FromDestination) => (m.type === 'ready' ? resolve(m.address) : reject(new Error(`destination process said ${m.type}`))));
+    });
+    return new DestinationProcess(child, address);
+  }
+
+  private onMessage(m: FromDestination): void {
+    if (m.type === 'expecting') this.ack?.resolve();
+    else if (m.type === 'outcome') {
+      this.outcomes.get(m.vmName)?.resolve(m.outcome);
+      this.outcomes.delete(m.vmName);
+    } else if (m.type === 'failed') {
+      const e = new Error(`destination failed: ${m.message}`);
+      if (m.vmName === null) this.failAll(e); // refused before HELLO, or a JOIN: whose is unknown
+      else {
+        this.outcomes.get(m.vmName)?.reject(e);
+        this.outcomes.delete(m.vmName);
+      }
+    }
+  }
+
+  private failAll(e: Error): void {
+    for (const d of this.outcomes.values()) d.reject(e);
+    this.outcomes.clear();
+    this.ack?.reject(e);
+  }
+
+  /** Readies the next migrations (VMs named `vmNames`, every connection shaped by `link`); each outcome settles when the destination is done with it. */
+  async expect(link: LinkInit | null, vmNames: string[]): Promise<Map<string, Promise<DestinationOutcome>>> {
+    this.ack = deferred<void>();
+    this.child.send({ type: 'expect', link } satisfies ToDestination);
+    await this.ack.promise;
+    const out = new Map<string, Promise<DestinationOutcome>>();
+    for (const n of vmNames) {
+      const d = deferred<DestinationOutcome>();
+      this.outcomes.set(n, d);
+      out.set(n, d.promise);
+    }
+    return out;
+  }
+
+  stop(): void {
+    this.child.disconnect();
+  }
+}
+
+interface Run {
+  result: MigrationResult;
+  outcome: DestinationOutcome;
+  report: MigrationReport;
+  transfer: TransferReport;
+}
+
+let destination: DestinationProcess | undefined;
+
+/** Options every migration here shares: no degradation baseline (not reported here). */
+const BASE: Partial<MigrationOptions> = { baselineMs: 0 };
+
+/**
+ * Migrates every VM in `srcs` (concurrently) to fresh VMs in the destination process over loopback
+ * TCP — both directions shaped when `link` is given — then stops the sources. Extra connections
+ * (parallel streams) are dialled when `opts.streams` > 1.
+ */
+async function migrateAll(srcs: Vm[], opts: MigrationOptions, link?: LinkInit): Promise<Run[]> {
+  const d = destination!;
+  try {
+    const outcomes = await d.expect(link ?? null, srcs.map((s) => s.name));
+    const dial = async () => {
+      const c = await tcp().dial(d.address);
+      return link ? shaped(c, { ...link, clock: realClock() }) : c;
+    };
+    return await Promise.all(srcs.map(async (src) => {
+      const result = await migrateSource(await dial(), sourceVmOf(src), deps, { ...BASE, ...((opts.streams ?? 1) > 1 ? { connect: dial } : {}), ...opts });
+      const outcome = await outcomes.get(src.name)!;
+      return { result, outcome, report: result.report, transfer: result.report.transfer! };
+    }));
+  } finally {
+    for (const src of srcs) await src.stop().catch(() => undefined);
+  }
+}
+
+async function migrate(src: Vm, opts: MigrationOptions, link?: LinkInit): Promise<Run> {
+  return (await migrateAll([src], opts, link))[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bookkeeping: every migration verified, or a loud line.
+
+class Verification {
+  ok = 0;
+  total = 0;
+
+  /** Counts `run`; a failed or unverified migration gets a `<label>.verified 0` line. */
+  check(ctx: BenchContext, label: string, run: Run | Error): run is Run {
+    this.total++;
+    if (run instanceof Error) {
+      ctx.report({ metric: `${label}.verified`, value: 0, unit: 'ok', target: '>= 1', note: `MIGRATION FAILED: ${run.message}` });
+      return false;
+    }
+    const good = run.report.verified === true && run.outcome.verified !== false;
+    if (good) this.ok++;
+    else ctx.report({ metric: `${label}.verified`, value: 0, unit: 'ok', target: '>= 1', note: `NOT VERIFIED: source ${run.report.verified}, destination ${run.outcome.verified}` });
+    return true;
+  }
+
+  summary(ctx: BenchContext): void {
+    ctx.report({ metric: 'verified', value: this.total ? this.ok / this.total : NaN, unit: 'ok', target: '>= 1', note: `${this.ok} of ${this.total} migrations verified (digest of memory as at the pause)` });
+  }
+}
+
+const attempt = <T>(p: Promise<T>): Promise<T | Error> => p.catch((e: unknown) => (e instanceof Error ? e : new Error(String(e))));
+
+function compressionNote(t: TransferReport): string {
+  const c = t.compression;
+  if (!c) return 'no compression agreed';
+  const speedup = c.speedup === null ? '' : `, measured speedup ${c.speedup.toFixed(2)}×`;
+  return `compression ${c.on ? 'ON' : 'OFF'} at the end (${c.flips} flip${c.flips === 1 ? '' : 's'}${speedup})`;
+}
+
+function codecNote(t: TransferReport): string {
+  const s = t.codecStats;
+  const parts: string[] = [];
+  const pick = (k: string, as: string) => { if (s[k]) parts.push(`${as} ${s[k]}`); };
+  pick('page.xbzrle.hits', 'xbzrle hits');
+  pick('page.dedup.refs', 'dedup refs');
+  if (s.compressedBatches) parts.push(`${s.compressedBatches} batches compressed ${fmtMiB(s.rawBytesIn ?? 0)} → ${fmtMiB(s.compressedBytesOut ?? 0)}`);
+  return parts.join(', ');
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole migrations: codec sets × content mixes.
+
+const SETS: { name: string; codecs: CodecName[] }[] = [
+  { name: 'none', codecs: [] },
+  { name: 'xbzrle', codecs: ['xbzrle'] },
+  { name: 'dedup', codecs: ['dedup'] },
+  { name: 'lz4', codecs: ['lz4'] },
+  { name: 'zstd', codecs: ['zstd'] },
+  { name: 'all', codecs: ['xbzrle', 'dedup', 'zstd'] },
+];
+
+const MIXES: { name: string; content: string }[] = [
+  { name: 'realistic', content: 'zero=0.3 text=0.3 repeat=0.1' },
+  { name: 'text-heavy', content: 'text=0.8' },
+  { name: 'random', content: '' },
+];
+
+/** The link where compression should pay: 1 Gbit/s each way. */
+const GBIT: LinkInit = { bandwidthBytesPerSec: 125e6 };
+
+/**
+ * The working set: 8 MiB (1/16 of memory; 1/8 in a quick pass) written uniformly at 8 MB/s (1 M
+ * writes of 8 bytes a second: every page of it is dirty again within a few ms), re-dirtied pages
+ * keeping their class. Pre-copy's downtime budget is 50 ms, as in the migration bench: without
+ * codecs the working set fits it on loopback (≈ 25 ms at the ≈ 0.3 GB/s the engine moves pages
+ * here), so pre-copy converges after a round or two; at 1 Gbit/s it does not (67 ms), so pre-copy
+ * runs until a stop condition other than convergence — the case where fewer bytes per page should
+ * shorten TMT.
+ */
+const WRITES = 'pattern=uniform rate=8000000 wcontent=keep';
+const DOWNTIME_BUDGET_MS = 50;
+
+async function wholeMigrations(ctx: BenchContext, mem: number, reps: number, v: Verification): Promise<void> {
+  const onLink = SETS.filter((s) => ['none', 'zstd', 'all'].includes(s.name));
+  const plan = [...SETS.map((s) => ({ ...s, link: false })), ...onLink.map((s) => ({ ...s, link: true }))];
+  for (const mix of MIXES) {
+    const config = `wss=${Math.min(8 * MiB, mem / 8)} ${WRITES} ${mix.content}`;
+    const label = (s: (typeof plan)[number]) => `${mix.name}.${s.name}${s.link ? '-1gbit' : ''}`;
+    const runs = new Map<string, Run[]>(plan.map((s) => [label(s), []]));
+    // Interleaved: every set sees the same moments of this noisy machine.
+    for (let rep = 0; rep < reps; rep++) {
+      for (const s of plan) {
+        const run = await attempt(sourceVm(`${label(s)}-${rep}`, mem, config).then((src) =>
+          migrate(src, { mode: 'precopy', codecs: s.codecs, compression: 'auto', downtimeMs: DOWNTIME_BUDGET_MS }, s.link ? GBIT : undefined)));
+        if (v.check(ctx, label(s), run)) runs.get(label(s))!.push(run);
+      }
+    }
+    // Each (mix, set) is reported by its run of median TMT, so its figures belong together.
+    const chosen = new Map<string, { run: Run; tmts: number[] }>();
+    for (const [l, rs] of runs) {
+      if (rs.length === 0) continue;
+      const sorted = [...rs].sort((a, b) => a.report.totalMigrationTimeMs! - b.report.totalMigrationTimeMs!);
+      chosen.set(l, { run: sorted[(sorted.length - 1) >> 1], tmts: rs.map((r) => r.report.totalMigrationTimeMs!) });
+    }
+    for (const s of plan) {
+      const c = chosen.get(label(s));
+      if (!c) continue;
+      const { run, tmts } = c;
+      const r = run.report;
+      const t = run.transfer;
+      const none = chosen.get(label({ ...SETS[0], link: s.link }))?.run;
+      const vsNone = (f: (x: Run) => number) => (none ? `${(f(run) / f(none)).toFixed(2)}× none; ` : '');
+      const of = tmts.length > 1 ? `; the median-TMT run of ${tmts.length} (${tmts.map((x) => x.toFixed(0)).join(', ')} ms)` : '';
+      ctx.report({
+        metric: `${label(s)}.tmt`, value: r.totalMigrationTimeMs!, unit: 'ms',
+        note: `${vsNone((x) => x.report.totalMigrationTimeMs!)}${r.rounds.length} rounds, ${run.result.stopReason}; ${s.link ? '1 Gbit/s link' : 'loopback'}; ${fmtMiB(mem)} ${mix.name}; ${r.verified === true ? 'verified' : 'NOT VERIFIED'}${of}`,
+      });
+      ctx.report({ metric: `${label(s)}.downtime`, value: r.downtimeMs!, unit: 'ms', note: `destination start ${run.outcome.startMs.toFixed(1)} ms; budget ${DOWNTIME_BUDGET_MS} ms` });
+      ctx.report({
+        metric: `${label(s)}.wire-bytes`, value: r.bytes.wire / MiB, unit: 'MiB',
+        note: `${vsNone((x) => x.report.bytes.wire)}${(r.bytes.wire / mem).toFixed(2)}× memory; ${r.pages.resent} pages re-sent`,
+      });
+      ctx.report({
+        metric: `${label(s)}.reduction`, value: t.reduction, unit: '×',
+        note: `page bytes ÷ encoded; ${[compressionNote(t), codecNote(t)].filter(Boolean).join('; ')}`,
+      });
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gang migration: 4 similar VMs, separately vs together.
+
+/**
+ * Gang members: 80 % of pages common to all four (same dupseed), 10 % zero, 10 % random of their
+ * own (different seeds), and a small working set written slowly. Pages common to the four cross
+ * the wire once together, four times separately: with shared fraction s and own non-zero fraction
+ * u the ideal ratio is (s + 4u) ÷ 4(s + u) = 0.33 here (zero pages cost next to nothing either way).
+ */
+const GANG = { dup: 0.8, zero: 0.1 };
+
+async function gangMigration(ctx: BenchContext, mem: number, v: Verification): Promise<void> {
+  const own = 1 - GANG.dup - GANG.zero;
+  const ideal = (GANG.dup + 4 * own) / (4 * (GANG.dup + own));
+  const config = (i: number) => `wss=${mem / 32} pattern=uniform rate=1000000 wcontent=keep zero=${GANG.zero} dup=${GANG.dup} dupseed=77 seed=${i + 1}`;
+  const ids = [0, 1, 2, 3];
+
+  const separate: Run[] = [];
+  const t0 = performance.now();
+  for (const i of ids) {
+    const run = await attempt(sourceVm(`solo-${i}`, mem, config(i)).then((src) => migrate(src, { mode: 'precopy', codecs: ['dedup'] })));
+    if (v.check(ctx, `gang-4.separate-${i}`, run)) separate.push(run);
+  }
+  const separateWall = performance.now() - t0;
+
+  const srcs = await Promise.all(ids.map((i) => sourceVm(`gang-${i}`, mem, config(i))));
+  const t1 = performance.now();
+  const together = await attempt(migrateAll(srcs, { mode: 'precopy', codecs: ['dedup'], gang: new Gang('reduction-bench') }));
+  const togetherWall = performance.now() - t1;
+  if (together instanceof Error) {
+    v.check(ctx, 'gang-4.together', together);
+    return;
+  }
+  for (const [i, run] of together.entries()) v.check(ctx, `gang-4.together-${i}`, run);
+  if (separate.length < 4) return;
+
+  const wire = (rs: Run[]) => rs.reduce((n, r) => n + r.report.bytes.wire, 0);
+  const sumTmt = (rs: Run[]) => rs.reduce((n, r) => n + r.report.totalMigrationTimeMs!, 0);
+  const refs = (rs: Run[]) => rs.reduce((n, r) => n + (r.transfer.codecStats['page.dedup.refs'] ?? 0), 0);
+  ctx.report({
+    metric: 'gang-4.wire-bytes.vs-separate', value: wire(together) / wire(separate), unit: '×', target: '<= 0.4',
+    note: `together ${fmtMiB(wire(together))} vs separately ${fmtMiB(wire(separate))} (4 × ${fmtMiB(mem)}: ${GANG.dup * 100} % common, ${GANG.zero * 100} % zero, ${Math.round(own * 100)} % own); ideal ${ideal.toFixed(2)}×; dedup refs ${refs(together)} vs ${refs(separate)}`,
+  });
+  ctx.report({ metric: 'gang-4.separate.tmt', value: sumTmt(separate), unit: 'ms', note: `sum of 4 TMTs one after another (wall ${separateWall.toFixed(0)} ms with boots)` });
+  ctx.report({
+    metric: 'gang-4.together.tmt', value: togetherWall, unit: 'ms',
+    note: `wall time of the 4 concurrent migrations; longest TMT ${Math.max(...together.map((r) => r.report.totalMigrationTimeMs!)).toFixed(0)} ms; ${(togetherWall / sumTmt(separate)).toFixed(2)}× the separate sum`,
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parallel data streams.
+
+const STREAMS = [1, 2, 4];
+
+async function parallelStreams(ctx: BenchContext, mem: number, reps: number, v: Verification): Promise<void> {
+  for (const set of [SETS[0], SETS[4]]) {
+    const tmts = new Map<number, number[]>(STREAMS.map((n) => [n, []]));
+    const rates = new Map<number, number[]>(STREAMS.map((n) => [n, []]));
+    let last: Run | undefined;
+    // Interleaved: every stream count sees the same moments of this noisy machine.
+    for (let rep = 0; rep < reps; rep++) {
+      for (const n of STREAMS) {
+        const label = `streams-${n}.${set.name}`;
+        const run = await attempt(sourceVm(`${label}-${rep}`, mem, 'rate=1').then((src) => migrate(src, { mode: 'precopy', codecs: set.codecs, streams: n })));
+        if (!v.check(ctx, label, run)) continue;
+        tmts.get(n)!.push(run.report.totalMigrationTimeMs!);
+        const r0 = run.report.rounds[0];
+        rates.get(n)!.push(r0.bytesSent / 1e6 / r0.durationMs);
+        if (n === 1) last = run;
+      }
+    }
+    const one = median(tmts.get(1)!);
+    for (const n of STREAMS) {
+      const tmt = median(tmts.get(n)!);
+      ctx.report({ metric: `streams-${n}.${set.name}.tmt`, value: tmt, unit: 'ms', note: `${fmtMiB(mem)} random, idle; median of ${tmts.get(n)!.length}` });
+      ctx.report({ metric: `streams-${n}.${set.name}.throughput`, value: median(rates.get(n)!), unit: 'GB/s', note: 'first pass: wire bytes ÷ its duration' });
+      if (n > 1) ctx.report({ metric: `streams-${n}.${set.name}.vs-1`, value: one / tmt, unit: '×', note: `TMT with 1 stream ÷ TMT with ${n} (> 1: ${n} streams faster)` });
+    }
+    if (last?.transfer.compression) ctx.log(`streams ${set.name}: ${compressionNote(last.transfer)}`);
+  }
+}
+
+/** One failing part (an engine error) is logged and the others still run. */
+async function section(ctx: BenchContext, name: string, fn: () => Promise<void>): Promise<void> {
+  const t0 = performance.now();
+  try {
+    await fn();
+  } catch (e) {
+    ctx.log(`${name} failed: ${(e as Error).stack ?? String(e)}`);
+  }
+  ctx.log(`${name}: ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+}
+
+const suite: BenchSuite = {
+  name: 'reduction',
+  description: 'engine data reduction: codec sets × content mixes (loopback and 1 Gbit/s), gang of 4 vs separate, N streams vs 1',
+  async run(ctx) {
+    const q = ctx.quick;
+    const v = new Verification();
+    destination = await DestinationProcess.start();
+    try {
+      await section(ctx, 'whole', () => wholeMigrations(ctx, q ? 16 * MiB : 128 * MiB, q ? 1 : 3, v));
+      await section(ctx, 'gang', () => gangMigration(ctx, q ? 16 * MiB : 64 * MiB, v));
+      await section(ctx, 'streams', () => parallelStreams(ctx, q ? 32 * MiB : 128 * MiB, q ? 1 : 5, v));
+    } finally {
+      destination.stop();
+      destination = undefined;
+    }
+    v.summary(ctx);
+  },
+};
+export default suite;
+
+if (process.env.FERRY_BENCH_REDUCTION_DESTINATION === '1' && process.send) await destinationHost();
