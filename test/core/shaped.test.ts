@@ -5,6 +5,7 @@ import { VirtualClock } from '../../src/core/clock.js';
 import { InvalidArgumentError } from '../../src/core/errors.js';
 import { TransportError, TransportErrorCode, memoryPair, type Connection } from '../../src/core/transport/index.js';
 import { shaped } from '../../src/core/transport/shaped.js';
+import { TokenBucket } from '../../src/core/rate.js';
 import { fillPattern, patternByte } from './transport-suite.test.js';
 
 // Powers of two keep the virtual-time arithmetic exact: a 64 KiB chunk at 1 MiB/s takes 62.5 ms.
@@ -50,6 +51,32 @@ test('shaped: bytes leave at the cap, the bucket\'s burst first (virtual time, e
   assert.equal(log.at(-1)!.t, 1000);
   await b.close();
   assert.equal(await s.closed, undefined);
+});
+
+test('shaped: connections sharing one bucket hold the cap together (a migration\'s parallel streams)', async () => {
+  const clock = new VirtualClock();
+  const bucket = new TokenBucket({ rateBytesPerSec: RATE, burstBytes: CHUNK });
+  const pairs = [memoryPair(), memoryPair(), memoryPair()];
+  const total = 8 * CHUNK;
+  const readings = pairs.map(([, b], i) => record(b, clock, 10 + i));
+  const writings = pairs.map(([a], i) => writeAll(shaped(a, { bucket, chunkBytes: CHUNK, clock }), 10 + i, total, 256 * KiB));
+  await clock.runUntilSettled(Number.POSITIVE_INFINITY, settle);
+  await Promise.all(writings);
+  const logs = await Promise.all(readings);
+  // 24 chunks through one 1 MiB/s bucket: the burst, then one chunk per 62.5 ms across all three.
+  const end = Math.max(...logs.map((l) => l.at(-1)!.t));
+  assert.equal(end, (3 * total - CHUNK) / RATE * 1000);
+  for (const l of logs) assert.equal(l.at(-1)!.total, total);
+  const arrivals = logs.flat().sort((x, y) => x.t - y.t);
+  let sum = 0;
+  const per = new Map<number, number>();
+  for (const l of logs) for (let k = 0; k < l.length; k++) per.set(l[k].t, (per.get(l[k].t) ?? 0) + l[k].total - (k ? l[k - 1].total : 0));
+  for (const t of [...per.keys()].sort((x, y) => x - y)) {
+    sum += per.get(t)!;
+    assert.ok(sum <= CHUNK + (RATE * t) / 1000, `${sum} bytes by ${t} ms exceeds burst + rate × t for the three together`);
+  }
+  assert.ok(arrivals.length >= 24);
+  for (const [, b] of pairs) await b.close();
 });
 
 test('shaped: latency delays every chunk by exactly latencyMs and costs no throughput', async () => {

@@ -41,6 +41,11 @@ export interface ShapedConnectionInit {
   highWaterMark?: number;
   /** Largest piece paced and delayed as one (default 64 KiB). */
   chunkBytes?: number;
+  /**
+   * A bucket shared with other connections, so one cap holds for all of them together (a
+   * migration's parallel streams). It replaces `bandwidthBytesPerSec` / `burstBytes`.
+   */
+  bucket?: TokenBucket;
 }
 
 const DEFAULT_CHUNK = 64 * 1024;
@@ -81,8 +86,8 @@ class ShapedConnection implements Connection {
   private cleanlyClosed = false;
 
   constructor(private readonly conn: Connection, private readonly clock: Clock, init: ShapedConnectionInit) {
-    const rate = init.bandwidthBytesPerSec;
-    this.bucket = rate === undefined ? undefined : new TokenBucket({ rateBytesPerSec: rate, burstBytes: init.burstBytes });
+    const rate = init.bucket?.rateBytesPerSec ?? init.bandwidthBytesPerSec;
+    this.bucket = init.bucket ?? (rate === undefined ? undefined : new TokenBucket({ rateBytesPerSec: rate, burstBytes: init.burstBytes }));
     this.latency = init.latencyMs ?? 0;
     if (!(this.latency >= 0) || !Number.isFinite(this.latency)) throw new InvalidArgumentError(`latency ${init.latencyMs} ms must be a finite number ≥ 0`);
     this.chunk = init.chunkBytes ?? DEFAULT_CHUNK;
@@ -269,7 +274,7 @@ const EMPTY_SLOT = { bytes: EMPTY, due: 0 };
  * underlying connection closed; `abort()` drops what is still being shaped.
  */
 export function shaped(conn: Connection, init: ShapedConnectionInit): Connection {
-  if (init.bandwidthBytesPerSec === undefined && !init.latencyMs) return conn;
+  if (init.bandwidthBytesPerSec === undefined && init.bucket === undefined && !init.latencyMs) return conn;
   return new ShapedConnection(conn, init.clock, init);
 }
 

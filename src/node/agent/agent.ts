@@ -19,6 +19,7 @@ import { MigrationAcceptor } from '../../core/engine/destination.js';
 import { CODEC_NAMES, Gang, parseCodecNames, type CodecName } from '../../core/engine/codecs.js';
 import { MIGRATION_MODES, type HelloFrame, type MigrationMode } from '../../core/protocol/frames.js';
 import { shaped } from '../../core/transport/shaped.js';
+import { TokenBucket } from '../../core/rate.js';
 import type { Connection, Listener, Transport } from '../../core/transport/transport.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../engine/adapters.js';
 import { nodeBlobCodecs } from '../codec/blob.js';
@@ -553,14 +554,12 @@ export class HostAgent extends EventEmitter {
     this.jobs.set(job.id, job);
     m.migration = job;
     // The cap shapes our direction of the migration's connections (the bulk of the bytes), and
-    // holds for all of them together: shaped() keeps a token bucket per connection, so each one
-    // opened (data streams, and the fault channel) gets an equal share. A share the connection
-    // does not use (the fault channel between faults; streams the destination did not grant) is
-    // not lent to the others.
-    const connections = transfer.streams + (transfer.faultChannel ? 1 : 0);
-    const shape = bandwidth === undefined
+    // holds for all of them together: every connection it opens (data streams, the fault channel)
+    // draws on one token bucket.
+    const bucket = bandwidth === undefined ? undefined : new TokenBucket({ rateBytesPerSec: bandwidth });
+    const shape = bucket === undefined
       ? (c: Connection) => c
-      : (c: Connection) => shaped(c, { bandwidthBytesPerSec: bandwidth / connections, clock: this.deps.clock });
+      : (c: Connection) => shaped(c, { bucket, clock: this.deps.clock });
     const gang = req.gang === undefined ? null : this.joinGang(req.gang, dest.address);
     void this.runMigration(m, job, req, dest.address, shape, { ...transfer, gang });
     return job;
