@@ -69,7 +69,7 @@ export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
     module: vm.module,
     moduleSha256: vm.info.hash,
     guestPages: () => vm.guestPages,
-    readPage: (p, into, off) => into.set(vm.pageView(p), off),
+    readPage: (p, into, off) => vm.readPageInto(p, into, off),
     isZeroPage: (p) => (zero ??= zeroScanner({ memory: vm.memory })).isZero(vm.pageView(p)),
     startDirtyLog: () => vm.startDirtyLog(),
     harvestDirty: () => vm.harvestDirty(),
@@ -123,7 +123,7 @@ export class DestinationVmAdapter implements DestinationVm {
   }
 
   writePage(page: number, data: Uint8Array, offset: number): void {
-    this.vm.pageView(page).set(data.subarray(offset, offset + PAGE_SIZE));
+    this.vm.writePageFrom(page, data, offset);
   }
 
   zeroPage(page: number): void {
@@ -131,7 +131,7 @@ export class DestinationVmAdapter implements DestinationVm {
   }
 
   readPage(page: number, into: Uint8Array, offset: number): void {
-    into.set(this.vm.pageView(page), offset);
+    this.vm.readPageInto(page, into, offset);
   }
 
   onFault(handler: (page: number) => void): void {

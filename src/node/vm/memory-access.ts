@@ -100,3 +100,30 @@ export class SharedGuestMemory implements GuestMemoryAccess {
     this.touched(addr, 8);
   }
 }
+
+/**
+ * Copies `src` into `dst` at `at`, where either may be a view of shared memory (guest RAM), at
+ * memory speed whatever their alignment. `bounce` is caller-owned scratch of at least 16 bytes
+ * (a multiple of 8 long, starting 8-byte aligned, not shared); bigger means fewer steps.
+ *
+ * Why: V8 copies to or from a SharedArrayBuffer with relaxed-atomic word moves, and byte by byte
+ * when the two addresses differ modulo 8 — as page data in a PAGES frame does against guest pages
+ * (9-byte page headers). Measured on this machine kind: 1.8–1.9 GB/s byte-wise; 5–12 GB/s through
+ * a bounce buffer placed at the shared side's alignment (plain memcpy on the other side).
+ */
+export function copyBytes(dst: Uint8Array, at: number, src: Uint8Array, bounce: Uint8Array): void {
+  const dstShared = dst.buffer instanceof SharedArrayBuffer;
+  const srcShared = src.buffer instanceof SharedArrayBuffer;
+  if ((!dstShared && !srcShared) || ((dst.byteOffset + at - src.byteOffset) & 7) === 0 || (dstShared && srcShared)) {
+    dst.set(src, at);
+    return;
+  }
+  // Put the bytes in `bounce` at the shared side's alignment, so that side moves whole words.
+  const k = (dstShared ? dst.byteOffset + at : src.byteOffset) & 7;
+  const step = (bounce.length & ~7) - 8;
+  for (let off = 0; off < src.length; off += step) {
+    const n = Math.min(step, src.length - off);
+    bounce.set(src.subarray(off, off + n), k);
+    dst.set(bounce.subarray(k, k + n), at + off);
+  }
+}

@@ -1,0 +1,91 @@
+/**
+ * The per-byte path between guest memory and frames: copyBytes at every alignment and the VM's
+ * page copies.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { copyBytes } from '../../src/node/vm/memory-access.js';
+import { InstrumentCache } from '../../src/node/vm/instrument.js';
+import { Vm } from '../../src/node/vm/vm.js';
+import { PAGE_SIZE } from '../../src/core/pages.js';
+import { wat } from '../helpers/wat.js';
+import { mulberry32 } from '../helpers/prng.js';
+
+const cache = new InstrumentCache();
+
+/** An idle guest of one 64 KiB page that may grow to whatever the VM offers. */
+const idleGuest = wat(`(module
+  (memory (export "memory") 1)
+  (func (export "run") (param i32) (result i32) (i32.const 1)))`);
+
+function randomBytes(n: number, seed: number): Uint8Array {
+  const rnd = mulberry32(seed);
+  return Uint8Array.from({ length: n }, () => Math.floor(rnd() * 256));
+}
+
+function sharedBytes(n: number): Uint8Array {
+  return new Uint8Array(new WebAssembly.Memory({ initial: Math.ceil(n / 65536), maximum: Math.ceil(n / 65536), shared: true }).buffer, 0, n);
+}
+
+test('copyBytes: shared ↔ plain at every alignment and bounce size moves exactly the bytes', () => {
+  const src = randomBytes(3 * 4096 + 77, 7);
+  for (const bounceLen of [16, 24, 4104, 1 << 16]) {
+    const bounce = new Uint8Array(bounceLen);
+    for (let a = 0; a < 8; a++) {
+      for (let b = 0; b < 8; b++) {
+        const len = src.length - 16;
+        // plain → shared (a destination installing a page out of a frame)
+        const shared = sharedBytes(src.length + 64);
+        copyBytes(shared, 8 + a, src.subarray(b, b + len), bounce);
+        assert.deepEqual(shared.subarray(8 + a, 8 + a + len), src.subarray(b, b + len), `plain+${b} → shared+${a}, bounce ${bounceLen}`);
+        assert.equal(shared[7 + a], 0, 'nothing before the target range');
+        assert.equal(shared[8 + a + len], 0, 'nothing after the target range');
+        // shared → plain (a source copying a page into its frame)
+        const plain = new Uint8Array(src.length + 64);
+        copyBytes(plain, 8 + a, shared.subarray(8 + a, 8 + a + len), bounce);
+        assert.deepEqual(plain.subarray(8 + a, 8 + a + len), src.subarray(b, b + len), `shared+${a} → plain+${a}, bounce ${bounceLen}`);
+        const plain2 = new Uint8Array(src.length + 64);
+        copyBytes(plain2, 3 + b, shared.subarray(8 + a, 8 + a + len), bounce);
+        assert.deepEqual(plain2.subarray(3 + b, 3 + b + len), src.subarray(b, b + len), `shared+${a} → plain+${3 + b}`);
+      }
+    }
+  }
+});
+
+test('copyBytes: plain ↔ plain and shared ↔ shared are plain copies', () => {
+  const src = randomBytes(1000, 3);
+  const bounce = new Uint8Array(64);
+  const plain = new Uint8Array(1010);
+  copyBytes(plain, 5, src, bounce);
+  assert.deepEqual(plain.subarray(5, 1005), src);
+  const a = sharedBytes(2000);
+  const b = sharedBytes(2000);
+  a.set(src, 1);
+  copyBytes(b, 6, a.subarray(1, 1001), bounce);
+  assert.deepEqual(b.subarray(6, 1006), src);
+  assert.deepEqual(bounce, new Uint8Array(64), 'the bounce buffer was not needed');
+});
+
+test('vm: readPageInto / writePageFrom round-trip pages at odd offsets; pages outside memory throw RangeError', async () => {
+  const vm = Vm.create({ name: 'pages', module: idleGuest, memoryBytes: 4 << 20, cache });
+  const pages = vm.guestPages;
+  const frame = new Uint8Array(3 * (PAGE_SIZE + 9) + 16);
+  const content = randomBytes(PAGE_SIZE, 11);
+  for (let k = 0; k < 3; k++) frame.set(content, 16 + 9 + k * (PAGE_SIZE + 9));
+  for (let k = 0; k < 3; k++) vm.writePageFrom(k * 5, frame, 16 + 9 + k * (PAGE_SIZE + 9));
+  for (let k = 0; k < 3; k++) assert.deepEqual(vm.pageView(k * 5), content, `page ${k * 5}`);
+  assert.ok(vm.pageView(1).every((x) => x === 0), 'neighbours untouched');
+  const out = new Uint8Array(PAGE_SIZE + 13);
+  vm.readPageInto(10, out, 13);
+  assert.deepEqual(out.subarray(13), content);
+  vm.readPageInto(5, out, 0);
+  assert.deepEqual(out.subarray(0, PAGE_SIZE), content);
+  assert.throws(() => vm.readPageInto(pages, out, 0), RangeError);
+  assert.throws(() => vm.writePageFrom(-1, frame, 0), RangeError);
+  assert.throws(() => vm.writePageFrom(0, frame, frame.length - 100), RangeError, 'short data');
+  // A grown memory is seen by the page copies.
+  vm.growTo(vm.guestBytes + (1 << 16));
+  vm.writePageFrom(pages, content);
+  assert.deepEqual(vm.pageView(pages), content);
+  await vm.stop();
+});
