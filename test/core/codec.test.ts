@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import binaryen from 'binaryen';
 import {
-  CodecError, CodecErrorCode, CompressionController, DedupIndex, DedupStore, MAX_ENCODED_PAGE_BYTES, RAW_CODEC_ID,
+  CodecError, CodecErrorCode, CompressionController, ThroughputController, DedupIndex, DedupStore, MAX_ENCODED_PAGE_BYTES, RAW_CODEC_ID,
   ZERO_CODEC_ID, ZERO_SCAN_WASM, decodeBatch, encodeBatch, packBatch, unpackBatch, ZERO_SCAN_WASM_SHARED, adaptiveDecoder, adaptiveEncoder, chain, classifyPage, codecFail,
   dedup, isZeroJs, pageHash, readVarint, sampleEntropy, writeVarint, xbzrle, xbzrleDecodePage, zero, zeroScanner,
   type BlobCodec, type PageCodec,
@@ -472,4 +472,33 @@ describe('adaptive (MECOM)', () => {
     assert.throws(() => dec.decodeParts([{ blobCodecId: 77, pages: 1, bytes: new Uint8Array(8) }], (i) => dest[i]), (e: unknown) => e instanceof CodecError && e.code === CodecErrorCode.UNKNOWN);
     assert.throws(() => dec.decodeParts([{ blobCodecId: RAW_CODEC_ID, pages: 1, bytes: new Uint8Array([1, 255, 255, 255, 255]) }], (i) => dest[i]), CodecError);
   });
+});
+
+test('ThroughputController keeps the mode that moves pages faster, re-measures the other, ignores pauses', () => {
+  // A stream that moves 1 MiB batches at `on` MiB/s compressing and `off` MiB/s not.
+  const run = (on: number, off: number, batches: number, pauseEvery = 0) => {
+    const c = new ThroughputController({ windowMs: 100, exploreEvery: 4 });
+    let t = 0;
+    const modes: boolean[] = [];
+    for (let i = 0; i < batches; i++) {
+      const m = c.shouldCompress();
+      modes.push(m);
+      c.recordSent(1 << 20, t);
+      t += 1000 / (m ? on : off);
+      if (pauseEvery && i % pauseEvery === pauseEvery - 1) t += 5000; // a long pause (ACK wait) counts for nothing
+    }
+    return { c, modes };
+  };
+  const slowLink = run(300, 100, 400);
+  assert.equal(slowLink.c.assess().enabled, true);
+  assert.ok(Math.abs(slowLink.c.assess().speedup - 3) < 0.05, `speedup ${slowLink.c.assess().speedup}`);
+  const tail = slowLink.modes.slice(-100);
+  assert.ok(tail.filter((m) => m).length > 70 && tail.some((m) => !m), 'mostly on, with windows off to re-measure');
+  const fastLink = run(100, 400, 600);
+  assert.equal(fastLink.c.assess().enabled, false);
+  assert.ok(fastLink.modes.slice(-100).filter((m) => !m).length > 70, 'mostly off');
+  assert.equal(fastLink.c.flips, 1);
+  // Pauses between rounds do not count as sending time: the measured rates stay the same.
+  const paused = run(300, 100, 400, 7);
+  assert.ok(Math.abs(paused.c.assess().rateOn / (300 * (1 << 20)) - 1) < 0.05);
 });

@@ -102,7 +102,7 @@ export interface CompressionDecision {
 }
 
 /** Decides from measurements whether compressing pays on a stream. Pure: time comes in as numbers. */
-export class CompressionController {
+export class CompressionController implements CompressionGate {
   private readonly intervalMs: number;
   private readonly onMargin: number;
   private readonly offMargin: number;
@@ -169,6 +169,100 @@ export class CompressionController {
   }
 }
 
+/** What the adaptive encoder asks before each batch, and tells after compressing one. */
+export interface CompressionGate {
+  shouldCompress(nowMs: number): boolean;
+  recordCompress(rawBytes: number, compressedBytes: number, ms: number): void;
+}
+
+export interface ThroughputControllerInit {
+  /** Sending time per measurement window, ms (default 100). */
+  windowMs?: number;
+  /** After this many windows in the better mode, one window in the other, to re-measure it (default 8). */
+  exploreEvery?: number;
+  /** Compression must move pages this much faster to be chosen (default 0.05 = 5 %). */
+  margin?: number;
+  /** Pauses longer than this between batches (round ends, ACK waits) are not sending time, ms (default 20). */
+  gapMs?: number;
+}
+
+/**
+ * Turns compression on or off for a stream by measuring what it is for: page bytes the stream
+ * moved per second of sending time, in alternating windows with compression on and off — an A/B
+ * that needs no model of the link, and is not fooled by socket buffers that make a write look
+ * instant. It starts on, measures one window each way, keeps the faster mode and re-measures the
+ * other one window in `exploreEvery`.
+ */
+export class ThroughputController implements CompressionGate {
+  private readonly windowMs: number;
+  private readonly exploreEvery: number;
+  private readonly margin: number;
+  private readonly gapMs: number;
+  /** Mode of the current window. */
+  private mode = true;
+  /** The mode the measurements favour. */
+  private best = true;
+  private last = Number.NaN;
+  private windowTime = 0;
+  private windowBytes = 0;
+  private rateOn = Number.NaN;
+  private rateOff = Number.NaN;
+  private sinceExplore = 0;
+  private prev: { bytes: number; mode: boolean } | null = null;
+  /** Times the favoured mode changed. */
+  flips = 0;
+
+  constructor(init: ThroughputControllerInit = {}) {
+    this.windowMs = init.windowMs ?? 100;
+    this.exploreEvery = init.exploreEvery ?? 8;
+    this.margin = init.margin ?? 0.05;
+    this.gapMs = init.gapMs ?? 20;
+  }
+
+  /**
+   * A batch of `pageBytes` (before any codec), encoded in the current mode, was handed to the
+   * stream at `nowMs`. The time until the next batch is what this one cost.
+   */
+  recordSent(pageBytes: number, nowMs: number): void {
+    const dt = nowMs - this.last;
+    const prev = this.prev;
+    this.last = nowMs;
+    this.prev = { bytes: pageBytes, mode: this.mode };
+    // The first batch, a batch after a pause, or one sent in the mode before a switch: no sample.
+    if (!prev || !(dt >= 0) || dt > this.gapMs || prev.mode !== this.mode) return;
+    this.windowTime += dt;
+    this.windowBytes += prev.bytes;
+    if (this.windowTime < this.windowMs) return;
+    const rate = (this.windowBytes / this.windowTime) * 1000;
+    if (this.mode) this.rateOn = Number.isNaN(this.rateOn) ? rate : (this.rateOn + rate) / 2;
+    else this.rateOff = Number.isNaN(this.rateOff) ? rate : (this.rateOff + rate) / 2;
+    this.windowTime = 0;
+    this.windowBytes = 0;
+    if (Number.isNaN(this.rateOff)) {
+      this.mode = false; // measured on; now measure off
+      return;
+    }
+    const best = this.rateOn >= this.rateOff * (1 + this.margin);
+    if (best !== this.best) this.flips++;
+    this.best = best;
+    if (++this.sinceExplore > this.exploreEvery) {
+      this.sinceExplore = 0;
+      this.mode = !best;
+    } else this.mode = best;
+  }
+
+  shouldCompress(): boolean {
+    return this.mode;
+  }
+
+  recordCompress(): void {}
+
+  /** The favoured mode and the page rates behind it (NaN until measured). */
+  assess(): { enabled: boolean; rateOn: number; rateOff: number; speedup: number } {
+    return { enabled: this.best, rateOn: this.rateOn, rateOff: this.rateOff, speedup: this.rateOn / this.rateOff };
+  }
+}
+
 /** One part of an adaptive batch: a packed batch, compressed with `blobCodecId` (RAW_CODEC_ID = not). */
 export interface AdaptivePart {
   blobCodecId: number;
@@ -183,7 +277,7 @@ export interface AdaptiveInit extends Omit<ClassifyInit, 'isZero'> {
   /** Compressor for the low-entropy raw pages of a batch; none = never compress. */
   compressor?: BlobCodec;
   /** Measured on/off control; none = always compress low-entropy pages. */
-  controller?: CompressionController;
+  controller?: CompressionGate;
   /** Milliseconds clock for timing the compressor and the controller (default performance.now). */
   now?: () => number;
 }

@@ -24,7 +24,7 @@ import { chain } from '../codec/chain.js';
 import { DedupIndex, DedupStore, dedup } from '../codec/dedup.js';
 import { xbzrle } from '../codec/xbzrle.js';
 import { zero } from '../codec/zero.js';
-import { CompressionController, adaptiveEncoder, type AdaptiveEncoder, type AdaptivePart } from '../codec/adaptive.js';
+import { ThroughputController, adaptiveEncoder, type AdaptiveEncoder, type AdaptivePart } from '../codec/adaptive.js';
 import type { CodecOffer } from '../protocol/frames.js';
 
 /** Page codecs the engine can run (pure TypeScript). */
@@ -101,7 +101,7 @@ export interface PageEncoderInit {
 /** Sender half for one data stream. */
 export class StreamEncoder {
   private readonly enc: AdaptiveEncoder;
-  readonly controller: CompressionController | null;
+  readonly controller: ThroughputController | null;
   readonly compressor: BlobCodec | null;
   rawBytes = 0;
   encodedBytes = 0;
@@ -109,7 +109,7 @@ export class StreamEncoder {
   constructor(init: PageEncoderInit) {
     const blobName = BLOB_CODEC_NAMES.find((n) => idOf(init.agreed, n) !== undefined && init.blobs?.[n]);
     this.compressor = blobName ? init.blobs![blobName](idOf(init.agreed, blobName)!) : null;
-    this.controller = this.compressor && init.compression !== 'always' ? new CompressionController({ intervalMs: 200 }) : null;
+    this.controller = this.compressor && init.compression !== 'always' ? new ThroughputController() : null;
     this.enc = adaptiveEncoder({
       pageCodec: pageCodecOf(init.agreed, { xbzrleCacheBytes: init.xbzrleCacheBytes, index: init.index }),
       ...(this.compressor ? { compressor: this.compressor } : {}),
@@ -126,9 +126,9 @@ export class StreamEncoder {
     return parts;
   }
 
-  /** Time the stream waited for the link to take `wireBytes` (feeds the compression controller). */
-  recordLink(wireBytes: number, ms: number): void {
-    this.controller?.recordLink(wireBytes, ms);
+  /** The stream took another batch of `pageBytes` at `nowMs` (the compression controller's measure). */
+  recordSent(pageBytes: number, nowMs: number): void {
+    this.controller?.recordSent(pageBytes, nowMs);
   }
 
   stats(): Record<string, number> {

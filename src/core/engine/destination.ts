@@ -169,6 +169,14 @@ class RxStream {
   blockedAt: number | null = null;
   /** A continuation of this stream's drain is scheduled (post-copy applies in slices). */
   resuming = false;
+  /** Cancels the watchdog of the current wait for a definition. */
+  watchdog: AbortController | null = null;
+
+  unblock(): void {
+    this.blockedAt = null;
+    this.watchdog?.abort();
+    this.watchdog = null;
+  }
   constructor(readonly name: string, readonly decoder: StreamDecoder | null) {}
 }
 
@@ -199,7 +207,6 @@ class DestinationSession {
   private readonly roundEnds: { round: number; pages: number }[] = [];
   private roundsSettled: (() => void) | null = null;
   private ending = false;
-  private readonly stop = new AbortController();
   private readonly gang: string | null;
 
   constructor(private readonly framed: FramedConnection, private readonly hello: HelloFrame, private readonly factory: DestinationFactory, private readonly deps: EngineDeps, private readonly acceptor: MigrationAcceptor) {
@@ -280,11 +287,13 @@ class DestinationSession {
             return;
           }
           if (!this.apply(s, e.index(s.k), e.codec(s.k), e.data(s.k))) {
-            s.blockedAt ??= this.deps.clock.now();
-            this.watch(s);
+            if (s.blockedAt === null) {
+              s.blockedAt = this.deps.clock.now();
+              this.watch(s);
+            }
             return;
           }
-          s.blockedAt = null;
+          if (s.blockedAt !== null) s.unblock();
           progressed = true;
           slice++;
           if (e.seq >= 0) this.applied.set(e.seq, (this.applied.get(e.seq) ?? 0) + 1);
@@ -292,7 +301,7 @@ class DestinationSession {
         }
         s.cur = null;
       }
-      s.blockedAt = null;
+      if (s.blockedAt !== null) s.unblock();
     } catch (err) {
       this.pageError = err as Error;
       this.inbox.fail(this.pageError);
@@ -311,9 +320,11 @@ class DestinationSession {
     for (const s of this.rx) if (s.blockedAt !== null) this.drain(s);
   }
 
+  /** One watchdog per wait: it fails the migration if the definition never lands. */
   private watch(s: RxStream): void {
     const since = s.blockedAt;
-    void this.deps.clock.sleep(this.acceptor.definitionWaitMs, this.stop.signal).then(() => {
+    const ac = (s.watchdog = new AbortController());
+    void this.deps.clock.sleep(this.acceptor.definitionWaitMs, ac.signal).then(() => {
       if (s.blockedAt !== since || this.pageError) return;
       this.retryBlocked();
       if (s.blockedAt !== since) return;
@@ -430,7 +441,7 @@ class DestinationSession {
       throw e;
     } finally {
       this.ending = true;
-      this.stop.abort();
+      for (const s of this.rx) s.unblock();
       this.acceptor.unregister(this.token, this, this.gang);
     }
   }

@@ -83,10 +83,10 @@ class SendStream {
     for (const f of frames) bytes += f.length;
     this.pageBytes += n * PAGE_SIZE;
     this.frameBytes += bytes;
-    const enc = this.encoder;
-    const t0 = this.now();
+    // The stream moves one batch per previous write: the pace the compression controller compares.
+    this.encoder?.recordSent(n * PAGE_SIZE, this.now());
     // Written in order now (later frames on this connection go behind them); awaited as one.
-    const w = Promise.all(frames.map((f) => this.framed.sendEncoded(f))).then(() => enc?.recordLink(bytes, this.now() - t0));
+    const w = Promise.all(frames.map((f) => this.framed.sendEncoded(f))).then(() => undefined);
     w.catch(() => undefined); // a failure surfaces at the next flush or drain
     this.inflight = w;
     return { pages: n, bytes };
@@ -295,7 +295,12 @@ class SourceSession {
       await this.framed.send({ type: 'ROUND_END', round: this.round, pages: n, dirty: dirtyPages });
       await this.inbox.ack('ROUND_END', this.round);
       const ms = Math.max(1e-3, this.deps.clock.now() - rs);
-      this.bandwidth = ((this.bytesSent - b0) / ms) * 1000;
+      // The policies weigh dirty *pages* against this rate, so after the first pass it is the rate
+      // at which pages went, as page bytes: with codecs a re-sent page may cost a few wire bytes
+      // (the next round's pages are like this round's, re-dirtied ones). The first pass uses wire
+      // bytes: its pages (zero ones, first copies) say little about the dirty ones.
+      const moved = this.round === 0 ? this.bytesSent - b0 : n * PAGE_SIZE;
+      this.bandwidth = (moved / ms) * 1000;
       this.dirtyRate = ((dirtyPages * PAGE_SIZE) / ms) * 1000;
       this.pagesRemaining = dirtyPages;
       this.event({ type: 'round-end', t: this.now(), round: this.round, dirtyPages });
@@ -320,7 +325,7 @@ class SourceSession {
         }
       }
       if (converge) {
-        const f = converge.onRound(dirtyPages * PAGE_SIZE, this.bytesSent - b0);
+        const f = converge.onRound(dirtyPages * PAGE_SIZE, moved);
         this.vm.throttle(f);
         this.event({ type: 'throttle', t: this.now(), fraction: f });
       }
