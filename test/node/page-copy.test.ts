@@ -8,6 +8,7 @@ import { copyBytes } from '../../src/node/vm/memory-access.js';
 import { InstrumentCache } from '../../src/node/vm/instrument.js';
 import { Vm } from '../../src/node/vm/vm.js';
 import { PAGE_SIZE } from '../../src/core/pages.js';
+import { Bitmap } from '../../src/core/bitmap.js';
 import { wat } from '../helpers/wat.js';
 import { mulberry32 } from '../helpers/prng.js';
 
@@ -87,5 +88,15 @@ test('vm: readPageInto / writePageFrom round-trip pages at odd offsets; pages ou
   vm.growTo(vm.guestBytes + (1 << 16));
   vm.writePageFrom(pages, content);
   assert.deepEqual(vm.pageView(pages), content);
+  await vm.stop();
+});
+
+test('vm: softPages arrives as a bitmap over the VM\'s pages', async () => {
+  const vm = Vm.create({ name: 'soft', module: idleGuest, memoryBytes: 4 << 20, cache });
+  await vm.bootCold({ paused: true });
+  const soft = await vm.softPages();
+  assert.ok(soft instanceof Bitmap);
+  assert.equal(soft.size, vm.maxPages);
+  assert.equal(soft.count(), 0, 'a guest that reported nothing free has no soft pages');
   await vm.stop();
 });

@@ -511,16 +511,15 @@ export class Vm extends EventEmitter {
 
   /** Guest pages the guest reported free (soft pages). */
   async softPages(): Promise<Bitmap> {
-    const words = await this.request<number[]>({ t: 'soft-pages', id: this.nextId++ });
+    const words = await this.request<Uint32Array>({ t: 'soft-pages', id: this.nextId++ });
     const bm = new Bitmap(this.maxPages);
-    const n = Math.min(words.length, bm.words.length);
-    for (let i = 0; i < n; i++) bm.words[i] = words[i];
+    bm.words.set(words.subarray(0, bm.words.length));
     return bm;
   }
 
   async blockWriteBitmap(clear = false): Promise<Bitmap | null> {
-    const v = await this.request<{ size: number; words: number[] } | null>({ t: 'block-bitmap', id: this.nextId++, clear });
-    return v ? new Bitmap(v.size, Uint32Array.from(v.words)) : null;
+    const v = await this.request<{ size: number; words: Uint32Array } | null>({ t: 'block-bitmap', id: this.nextId++, clear });
+    return v ? new Bitmap(v.size, v.words) : null;
   }
 
   /** Hands records from the network endpoint to the guest. */
