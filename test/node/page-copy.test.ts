@@ -1,10 +1,11 @@
 /**
- * The per-byte path between guest memory and frames: copyBytes at every alignment and the VM's
- * page copies.
+ * The per-byte path between guest memory and frames: copyBytes at every alignment, prefaulting of
+ * fresh memory, the VM's page copies, and the destination adapter that prefaults at admission.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyBytes } from '../../src/node/vm/memory-access.js';
+import { copyBytes, prefaultFreshMemory } from '../../src/node/vm/memory-access.js';
+import { DestinationVmAdapter } from '../../src/node/engine/adapters.js';
 import { InstrumentCache } from '../../src/node/vm/instrument.js';
 import { Vm } from '../../src/node/vm/vm.js';
 import { PAGE_SIZE } from '../../src/core/pages.js';
@@ -67,6 +68,20 @@ test('copyBytes: plain ↔ plain and shared ↔ shared are plain copies', () => 
   assert.deepEqual(bounce, new Uint8Array(64), 'the bounce buffer was not needed');
 });
 
+test('prefaultFreshMemory: touches each page of the range once, leaves fresh memory zero, stops on abort', async () => {
+  const memory = new WebAssembly.Memory({ initial: 32, maximum: 64, shared: true }); // 2 MiB
+  const all = new Uint8Array(memory.buffer);
+  let yields = 0;
+  const n = await prefaultFreshMemory(memory, 4096 + 100, 1 << 20, { sliceBytes: 64 << 10, yieldFn: async () => { yields++; } });
+  assert.equal(n, (1 << 20) / 4096 - 1, 'from is rounded down to its page');
+  assert.ok(yields >= 14, `yielded between slices (${yields})`);
+  assert.ok(all.every((x) => x === 0));
+  assert.equal(await prefaultFreshMemory(memory, 0, 8 << 20), (2 << 20) / 4096, 'clamped to the memory');
+  const ac = new AbortController();
+  ac.abort();
+  assert.equal(await prefaultFreshMemory(memory, 0, 1 << 20, { signal: ac.signal }), 0);
+});
+
 test('vm: readPageInto / writePageFrom round-trip pages at odd offsets; pages outside memory throw RangeError', async () => {
   const vm = Vm.create({ name: 'pages', module: idleGuest, memoryBytes: 4 << 20, cache });
   const pages = vm.guestPages;
@@ -99,4 +114,37 @@ test('vm: softPages arrives as a bitmap over the VM\'s pages', async () => {
   assert.equal(soft.size, vm.maxPages);
   assert.equal(soft.count(), 0, 'a guest that reported nothing free has no soft pages');
   await vm.stop();
+});
+
+test('destination adapter: grows to the announced size, prefaults, warms the vCPU thread, installs pages', async () => {
+  const vm = Vm.create({ name: 'arriving', module: idleGuest, memoryBytes: 8 << 20, cache, variants: ['plain', 'dirty', 'presence'] });
+  const adapter = new DestinationVmAdapter(vm, { guestBytes: 6 << 20 });
+  assert.equal(vm.guestBytes, 6 << 20);
+  await adapter.warm();
+  assert.ok(vm.guestView().every((x) => x === 0), 'prefaulting leaves fresh memory zero');
+  const page = randomBytes(PAGE_SIZE + 1, 5);
+  adapter.writePage(3, page, 1);
+  const back = new Uint8Array(PAGE_SIZE + 3);
+  adapter.readPage(3, back, 3);
+  assert.deepEqual(back.subarray(3), page.subarray(1));
+  await adapter.discard();
+
+  // Without a size the VM keeps its own; prefault can be turned off; discard during warm-up is fine.
+  const other = Vm.create({ name: 'arriving-2', module: idleGuest, memoryBytes: 8 << 20, cache, variants: ['plain', 'dirty', 'presence'] });
+  const size = other.guestBytes;
+  const quiet = new DestinationVmAdapter(other, { prefault: false });
+  await quiet.discard();
+  await quiet.warm();
+  assert.equal(other.guestBytes, size);
+});
+
+test('destination adapter: a page installed before warm() resolved stops prefaulting instead of being zeroed', async () => {
+  const vm = Vm.create({ name: 'early', module: idleGuest, memoryBytes: 64 << 20, cache, variants: ['plain', 'dirty', 'presence'] });
+  const adapter = new DestinationVmAdapter(vm, { guestBytes: 64 << 20 });
+  const page = randomBytes(PAGE_SIZE, 9);
+  const last = vm.guestPages - 1; // the last slice to be prefaulted
+  adapter.writePage(last, page, 0);
+  await adapter.warm();
+  assert.deepEqual(vm.pageView(last), page);
+  await adapter.discard();
 });

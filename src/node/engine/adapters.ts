@@ -97,22 +97,61 @@ export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
   };
 }
 
+export interface DestinationVmAdapterInit {
+  /**
+   * Guest memory size the source announced (HELLO's guestBytes): memory grows to it at once, so
+   * that it is prefaulted with the rest. Default: the VM's size as created.
+   */
+  guestBytes?: number;
+  /**
+   * Fault in all guest memory while the VM is readied, before the destination acknowledges the
+   * module and pages start to arrive (default true). Writing a page into fresh shared memory costs
+   * a page fault: 1.7–15 µs per 4 KiB page measured on this machine kind (the hypervisor backs
+   * fresh memory lazily), against ~0.4 µs to copy the page. This moves that cost out of the
+   * transfer into the set-up, where it overlaps the vCPU thread's start. The price: the destination
+   * holds all of guest memory from the start, zero pages included.
+   */
+  prefault?: boolean;
+}
+
 /**
  * The engine's view of a VM arriving on this host. The VM must have been created with the
- * presence variant prepared (post-copy and hybrid need it).
+ * presence variant prepared (post-copy and hybrid need it), and nothing may have written its
+ * memory yet.
  */
 export class DestinationVmAdapter implements DestinationVm {
   private faultHandler: ((page: number) => void) | null = null;
   private serving = false;
   private readonly ctl: Int32Array;
-
   private readonly warming: Promise<void>;
+  private readonly stopPrefault = new AbortController();
+  private prefaulting: boolean;
 
-  constructor(readonly vm: Vm) {
+  constructor(readonly vm: Vm, init: DestinationVmAdapterInit = {}) {
     this.ctl = new Int32Array(vm.controlBuffer);
-    this.warming = vm.prewarm(); // the vCPU thread starts before the source pauses
+    if (init.guestBytes !== undefined) vm.growTo(init.guestBytes);
+    // The vCPU thread starts before the source pauses; memory is faulted in meanwhile, on this
+    // thread while that one loads (touching from the vCPU thread had to wait for it to load first:
+    // measured slower).
+    const thread = vm.prewarm();
+    this.prefaulting = init.prefault !== false;
+    const memory = this.prefaulting ? vm.prefaultFresh(this.stopPrefault.signal).finally(() => (this.prefaulting = false)) : null;
+    this.warming = Promise.all([thread, memory]).then(() => undefined);
   }
 
+  /**
+   * Prefaulting writes zeros, so it must be over before a page is installed. The engine installs
+   * pages only after warm(); should one come earlier anyway, prefaulting stops first (it runs on
+   * this thread between event-loop turns, so it is not inside a slice now).
+   */
+  private beforeInstall(): void {
+    if (this.prefaulting) {
+      this.stopPrefault.abort();
+      this.prefaulting = false;
+    }
+  }
+
+  /** Resolves once the vCPU thread stands by and guest memory is faulted in. */
   warm(): Promise<void> {
     return this.warming;
   }
@@ -123,10 +162,12 @@ export class DestinationVmAdapter implements DestinationVm {
   }
 
   writePage(page: number, data: Uint8Array, offset: number): void {
+    this.beforeInstall();
     this.vm.writePageFrom(page, data, offset);
   }
 
   zeroPage(page: number): void {
+    this.beforeInstall();
     this.vm.pageView(page).fill(0);
   }
 
@@ -198,6 +239,7 @@ export class DestinationVmAdapter implements DestinationVm {
 
   async discard(): Promise<void> {
     this.serving = false;
+    this.stopPrefault.abort();
     await this.vm.stop();
   }
 

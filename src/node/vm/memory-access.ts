@@ -127,3 +127,30 @@ export function copyBytes(dst: Uint8Array, at: number, src: Uint8Array, bounce: 
     dst.set(bounce.subarray(k, k + n), at + off);
   }
 }
+
+/**
+ * Makes the kernel back physical bytes `[from, to)` of `memory` now, by writing a zero into each
+ * 4 KiB page, so that later copies into them run at memory speed instead of taking a page fault
+ * per page (measured for 256 MiB of fresh shared memory on this machine kind: 115–1000 ms to fault
+ * in, depending on whether the hypervisor still backs the pages; 20–30 ms to write it again).
+ *
+ * Only for memory nobody has written yet (all zero, so writing zero changes nothing): a migration
+ * destination's guest memory before the first page arrives. Works in slices of `sliceBytes`,
+ * yielding to the event loop between them through `yieldFn` (if given) so a host thread stays
+ * responsive; stops early when `signal` aborts. Resolves with the pages touched.
+ */
+export async function prefaultFreshMemory(
+  memory: WebAssembly.Memory, from: number, to: number,
+  opts: { sliceBytes?: number; yieldFn?: () => Promise<void>; signal?: AbortSignal } = {},
+): Promise<number> {
+  const slice = opts.sliceBytes ?? 8 << 20;
+  const u8 = new Uint8Array(memory.buffer);
+  const stop = Math.min(to, u8.length);
+  let n = 0;
+  for (let at = from - (from & 4095); at < stop && !opts.signal?.aborted;) {
+    const end = Math.min(stop, at + slice);
+    for (; at < end; at += 4096, n++) u8[at] = 0;
+    if (at < stop && opts.yieldFn) await opts.yieldFn();
+  }
+  return n;
+}

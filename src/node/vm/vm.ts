@@ -16,7 +16,7 @@ import type { GuestModuleInfo, InstrumentCache } from './instrument.js';
 import type { DevicesInit } from './devices/index.js';
 import type { FromWorker, ToWorker, VcpuWorkerData } from './vcpu-worker.js';
 import type { GlobalDesc } from './globals.js';
-import { copyBytes } from './memory-access.js';
+import { copyBytes, prefaultFreshMemory } from './memory-access.js';
 
 export interface VmInit {
   name: string;
@@ -406,6 +406,18 @@ export class Vm extends EventEmitter {
     const at = this.pageAt(page);
     if (offset < 0 || data.length - offset < PAGE_SIZE) throw new RangeError(`a page needs ${PAGE_SIZE} bytes from offset ${offset}, ${data.length - offset} are there`);
     copyBytes(this.bytes, at, data.subarray(offset, offset + PAGE_SIZE), this.bounce);
+  }
+
+  /**
+   * Faults in every guest page now (see prefaultFreshMemory), a slice at a time between event-loop
+   * turns. Only for a VM whose memory nobody has written yet: a migration destination before the
+   * first page arrives. Resolves with the pages touched.
+   */
+  prefaultFresh(signal?: AbortSignal): Promise<number> {
+    return prefaultFreshMemory(this.memory, RESERVED_BYTES, RESERVED_BYTES + this.guestBytes, {
+      yieldFn: () => new Promise<void>((r) => setImmediate(r)),
+      signal,
+    });
   }
 
   /** A live view of guest memory. */
