@@ -14,7 +14,7 @@ import type { MigrationProgress } from '../../core/engine/types.js';
 import { formatReportTable, type TransferReport } from '../../core/metrics.js';
 import { MIGRATION_MODES } from '../../core/protocol/frames.js';
 import { formatBytes, formatDuration, parseDuration } from '../../core/units.js';
-import { MAX_MIGRATION_STREAMS } from '../agent/agent.js';
+import { MAX_MIGRATION_STREAMS, defaultStreams } from '../agent/agent.js';
 import type { MigrationJobJson } from '../agent/migrations.js';
 import { findHost, listHosts, stateHome } from './host.js';
 import { bandwidthText, codecList, flag, gangName, intInRange } from './args.js';
@@ -285,7 +285,7 @@ export function registerMigrateCommand(program: Command): void {
     }))
     .option('--bandwidth <rate>', "cap on each VM's migration (all its streams together), e.g. 1Gbit, 100Mbit, 50MB/s", bandwidthText)
     .option('--codecs <list>', `page codecs to offer beyond zero pages, comma-separated (${CODEC_NAMES.join(', ')}), or none (default)`, codecList)
-    .option('--streams <n>', `parallel data streams per VM, 1–${MAX_MIGRATION_STREAMS} (default 1; the destination may grant fewer)`, intInRange('--streams', 1, MAX_MIGRATION_STREAMS))
+    .option('--streams <n>', `parallel data streams per VM, 1–${MAX_MIGRATION_STREAMS} (default one per four cores, at most 4: ${defaultStreams()} here; the destination may grant fewer)`, intInRange('--streams', 1, MAX_MIGRATION_STREAMS))
     .addOption(new Option('--compression <when>', 'lz4/zstd: auto turns compression off when it slows the link (default); always never does').choices(['auto', 'always']))
     .option('--no-fault-channel', 'post-copy/hybrid: send page requests on the main connection instead of one of their own')
     .option('--gang [name]', 'migrate the VMs together, sharing one de-duplication index (implies dedup); the name defaults to a generated gang-<random>', gangName)
