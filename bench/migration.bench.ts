@@ -3,7 +3,9 @@
  * with every baseline measured in the same run:
  *
  * - pre-copy of an idle VM whose memory is random (nothing to compress, nothing to skip) vs raw
- *   node:net moving the same bytes — the engine's cost over the wire it runs on;
+ *   node:net moving the same bytes — the engine's cost over the wire it runs on — and vs raw
+ *   node:net whose receiver copies the bytes into fresh shared Wasm memory, the least any
+ *   migration must do (fresh memory costs a page fault per 4 KiB page on first write);
  * - downtime vs its physical floor: final dirty bytes ÷ bandwidth + one round trip + state bytes ÷
  *   bandwidth, with bandwidth and round trip measured on the same loopback;
  * - post-copy fault latency under random writes, as the vCPU waited for it (destination) and as
@@ -13,6 +15,10 @@
  *
  * The destination runs in a child process (this file, started with FERRY_BENCH_DESTINATION=1), so
  * the two engines have an event loop each, as on two hosts; both share this machine's 2 cores.
+ *
+ * For profiling one part: FERRY_BENCH_MIGRATION_PARTS=precopy-idle[,downtime,…] runs only those
+ * parts, FERRY_BENCH_REPS=n repeats the idle pre-copy n times (each run is logged with where its
+ * time went and the CPU time of both processes).
  */
 import net from 'node:net';
 import { fork, type ChildProcess } from 'node:child_process';
@@ -20,7 +26,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { median, type BenchContext, type BenchSuite } from './harness.js';
-import { rawTcp } from './transport.bench.js';
+import { rawTcp, rawTcpIntoFreshMemory } from './transport.bench.js';
 import { migrateSource } from '../src/core/engine/source.js';
 import { serveDestination, type DestinationOutcome } from '../src/core/engine/destination.js';
 import type { DestinationFactory, MigrationOptions, MigrationResult } from '../src/core/engine/types.js';
@@ -40,6 +46,10 @@ const cache = new InstrumentCache();
 const memstress = new Uint8Array(readFileSync(join(guestsDir(), 'memstress.wasm')));
 const deps = nodeEngineDeps();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const cpuMs = (since: NodeJS.CpuUsage) => {
+  const d = process.cpuUsage(since);
+  return (d.user + d.system) / 1000;
+};
 const fmtMiB = (b: number) => `${(b / MiB).toFixed(1)} MiB`;
 
 /** A memstress VM with a `mem`-byte region, booted and running (the region is filled with random words). */
@@ -58,7 +68,7 @@ type ToDestination = { type: 'expect'; link: LinkInit | null };
 type FromDestination =
   | { type: 'ready'; address: string }
   | { type: 'expecting' }
-  | { type: 'outcome'; outcome: DestinationOutcome }
+  | { type: 'outcome'; outcome: DestinationOutcome; readyMs: number | null; cpuMs: number }
   | { type: 'failed'; message: string };
 
 async function destinationHost(): Promise<void> {
@@ -69,8 +79,10 @@ async function destinationHost(): Promise<void> {
     onConnection: (c) => {
       const conn = link ? shaped(c, { ...link, clock: realClock() }) : c;
       const made: Vm[] = [];
-      serveDestination(conn, factory(made), deps)
-        .then((outcome) => send({ type: 'outcome', outcome }), (e: Error) => send({ type: 'failed', message: e.message }))
+      const ready: { ms: number | null } = { ms: null };
+      const cpu0 = process.cpuUsage();
+      serveDestination(conn, factory(made, ready), deps)
+        .then((outcome) => send({ type: 'outcome', outcome, readyMs: ready.ms, cpuMs: cpuMs(cpu0) }), (e: Error) => send({ type: 'failed', message: e.message }))
         .finally(async () => { for (const vm of made) await vm.stop().catch(() => undefined); });
     },
   });
@@ -106,12 +118,12 @@ class DestinationProcess {
   }
 
   /** Readies the next migration; `outcome` settles when the destination is done with it. */
-  async expect(link: LinkInit | null): Promise<{ outcome: Promise<DestinationOutcome> }> {
+  async expect(link: LinkInit | null): Promise<{ outcome: Promise<DestinationOutcome & { readyMs: number | null; cpuMs: number }> }> {
     const ack = DestinationProcess.reply(this.child);
     this.child.send({ type: 'expect', link } satisfies ToDestination);
     if ((await ack).type !== 'expecting') throw new Error('destination process did not get ready');
     const outcome = DestinationProcess.reply(this.child).then((m) => {
-      if (m.type === 'outcome') return m.outcome;
+      if (m.type === 'outcome') return { ...m.outcome, readyMs: m.readyMs, cpuMs: m.cpuMs };
       throw new Error(`destination failed: ${m.type === 'failed' ? m.message : m.type}`);
     });
     outcome.catch(() => undefined); // awaited after the source's result
@@ -123,14 +135,18 @@ class DestinationProcess {
   }
 }
 
-function factory(made: Vm[]): DestinationFactory {
+/** Destination VMs sized as the source announced (and so prefaulted whole); `ready.ms` gets the time from creation to warm. */
+function factory(made: Vm[], ready: { ms: number | null }): DestinationFactory {
   return {
     async admit(hello) {
       return {
         async create(module) {
+          const t0 = performance.now();
           const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] });
           made.push(vm);
-          return new DestinationVmAdapter(vm);
+          const adapter = new DestinationVmAdapter(vm, { guestBytes: hello.guestBytes });
+          adapter.warm().then(() => { ready.ms = performance.now() - t0; }, () => undefined);
+          return adapter;
         },
       };
     },
@@ -139,7 +155,9 @@ function factory(made: Vm[]): DestinationFactory {
 
 interface Run {
   result: MigrationResult;
-  outcome: DestinationOutcome;
+  outcome: DestinationOutcome & { readyMs: number | null; cpuMs: number };
+  /** CPU time (user + system, all threads) this process spent on the migration. */
+  cpuMs: number;
   report: MigrationReport;
 }
 
@@ -154,9 +172,11 @@ async function migrate(src: Vm, opts: MigrationOptions, link?: LinkInit): Promis
     const dest = await destination!.expect(link ?? null);
     const c = await tcp().dial(destination!.address);
     const a = link ? shaped(c, { ...link, clock: realClock() }) : c;
+    const cpu0 = process.cpuUsage();
     const result = await migrateSource(a, sourceVmOf(src), deps, opts);
+    const cpu = cpuMs(cpu0);
     const outcome = await dest.outcome;
-    return { result, outcome, report: result.report };
+    return { result, outcome, report: result.report, cpuMs: cpu };
   } finally {
     await src.stop().catch(() => undefined);
   }
@@ -181,6 +201,17 @@ async function loopbackRttMs(n: number): Promise<number> {
   return median(rtts);
 }
 
+/** Where a pre-copy's time went: set-up (handshake, module, destination VM readied) → rounds → pause → downtime → completion. */
+function phases(run: Run): string {
+  const r = run.report;
+  const ms = (x: number) => `${x.toFixed(0)} ms`;
+  const setup = r.rounds[0]?.startMs ?? 0;
+  const rounds = r.rounds.reduce((s, x) => s + x.durationMs, 0);
+  const toPause = r.preparationTimeMs! - setup - rounds;
+  const ready = run.outcome.readyMs === null ? '' : ` (destination VM ready in ${ms(run.outcome.readyMs)})`;
+  return `set-up ${ms(setup)}${ready} + rounds ${ms(rounds)} + to pause ${ms(toPause)} + downtime ${r.downtimeMs!.toFixed(1)} ms + completion ${ms(r.resumeTimeMs!)}`;
+}
+
 /** Pages sent after the pause (stop-and-copy): everything not counted in a pre-copy round. */
 function finalRoundBytes(r: MigrationReport): number {
   return r.bytes.total - r.rounds.reduce((s, x) => s + x.bytesSent, 0);
@@ -190,25 +221,45 @@ function finalRoundBytes(r: MigrationReport): number {
 
 async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promise<number> {
   const ratios: number[] = [];
+  const freshRatios: number[] = [];
   const rates: number[] = [];
+  const freshRates: number[] = [];
+  const setups: number[] = [];
   let last: Run | undefined;
   const block = new Uint8Array(MiB).map((_, i) => (i * 2654435761) >>> 24);
   await rawTcp(32 * MiB, block); // warm-up
+  await rawTcpIntoFreshMemory(32 * MiB, block);
   for (let i = 0; i < reps; i++) {
     const src = await sourceVm(`idle-${i}`, mem, 'rate=1');
-    const run = await migrate(src, { mode: 'precopy' });
+    // No work-rate baseline: an idle guest has no work rate to degrade, and the engine counts the
+    // baseline's sleep (200 ms by default) into TMT for now ('start' is stamped t=0, later events
+    // relative to the session's creation, before the sleep).
+    const run = await migrate(src, { mode: 'precopy', baselineMs: 0 });
     const wire = run.report.bytes.wire;
-    const rawMs = await rawTcp(Math.ceil(wire / MiB) * MiB, block);
-    ratios.push(rawMs / run.report.totalMigrationTimeMs!);
+    const total = Math.ceil(wire / MiB) * MiB;
+    const rawMs = await rawTcp(total, block);
+    const freshMs = await rawTcpIntoFreshMemory(total, block);
+    const tmt = run.report.totalMigrationTimeMs!;
+    ratios.push(rawMs / tmt);
+    freshRatios.push(freshMs / tmt);
     rates.push(wire / 1e6 / rawMs);
+    freshRates.push(wire / 1e6 / freshMs);
+    setups.push(run.report.rounds[0]?.startMs ?? NaN);
+    ctx.log(`precopy-idle run ${i}: TMT ${tmt.toFixed(0)} ms = ${phases(run)}; CPU source ${run.cpuMs.toFixed(0)} ms, destination ${run.outcome.cpuMs.toFixed(0)} ms; raw ${rawMs.toFixed(0)} ms, raw into fresh memory ${freshMs.toFixed(0)} ms`);
     last = run;
   }
   const r = last!.report;
+  const rate = (x: number) => `${x.toFixed(2)} GB/s`;
   ctx.report({
     metric: 'precopy-idle.vs-raw-tcp', value: median(ratios), unit: '×', target: '>= 0.9',
-    note: `raw time ÷ TMT; ${fmtMiB(mem)} random, idle; TMT ${r.totalMigrationTimeMs!.toFixed(0)} ms for ${fmtMiB(r.bytes.wire)} on the wire (${(r.bytes.wire / 1e6 / r.totalMigrationTimeMs!).toFixed(2)} GB/s) vs raw ${median(rates).toFixed(2)} GB/s; ${r.rounds.length} rounds; median of ${reps}`,
+    note: `raw time ÷ TMT; ${fmtMiB(mem)} random, idle; TMT ${r.totalMigrationTimeMs!.toFixed(0)} ms for ${fmtMiB(r.bytes.wire)} on the wire (${rate(r.bytes.wire / 1e6 / r.totalMigrationTimeMs!)}) vs raw ${rate(median(rates))}; ${r.rounds.length} rounds; median of ${reps}`,
   });
-  ctx.report({ metric: 'precopy-idle.tmt', value: r.totalMigrationTimeMs!, unit: 'ms', note: `downtime ${r.downtimeMs!.toFixed(1)} ms (destination start ${last!.outcome.startMs.toFixed(1)} ms) with nothing left to send, verified ${r.verified}` });
+  ctx.report({
+    metric: 'precopy-idle.vs-raw-tcp-into-fresh-memory', value: median(freshRatios), unit: '×',
+    note: `raw-into-fresh time ÷ TMT: the same raw node:net transfer, its receiver copying every byte into a fresh shared WebAssembly.Memory (page faults included, as any migration pays them) at ${rate(median(freshRates))}; median of ${reps}`,
+  });
+  ctx.report({ metric: 'precopy-idle.tmt', value: r.totalMigrationTimeMs!, unit: 'ms', note: `${phases(last!)}; destination start ${last!.outcome.startMs.toFixed(1)} ms with nothing left to send, verified ${r.verified}` });
+  ctx.report({ metric: 'precopy-idle.set-up', value: median(setups), unit: 'ms', note: `start → first round (handshake, module, destination VM readied: vCPU thread and guest memory faulted in, ${last!.outcome.readyMs?.toFixed(0) ?? '?'} ms in the last run); median of ${reps}` });
   return median(rates) * 1e9;
 }
 
@@ -328,13 +379,17 @@ const suite: BenchSuite = {
 };
 export default suite;
 
+/** FERRY_BENCH_MIGRATION_PARTS=precopy-idle,downtime runs only those parts (for profiling one of them). */
+const only = process.env.FERRY_BENCH_MIGRATION_PARTS?.split(',').filter(Boolean) ?? null;
+const wanted = (name: string) => !only || only.includes(name);
+
 async function parts(ctx: BenchContext, q: boolean, big: number): Promise<void> {
   let bandwidth = NaN;
-  await section(ctx, 'precopy-idle', async () => { bandwidth = await precopyIdle(ctx, big, q ? 1 : 3); });
-  await section(ctx, 'precopy-idle-1gbit', () => precopyIdleOnLink(ctx, big));
-  await section(ctx, 'downtime', () => downtimeFloor(ctx, big, bandwidth));
-  await section(ctx, 'postcopy', () => postcopyFaults(ctx, big));
-  await section(ctx, 'wss', () => workingSets(ctx, q ? 32 * MiB : 128 * MiB));
+  if (wanted('precopy-idle') || wanted('downtime')) await section(ctx, 'precopy-idle', async () => { bandwidth = await precopyIdle(ctx, big, Number(process.env.FERRY_BENCH_REPS ?? (q ? 1 : 3))); });
+  if (wanted('precopy-idle-1gbit')) await section(ctx, 'precopy-idle-1gbit', () => precopyIdleOnLink(ctx, big));
+  if (wanted('downtime')) await section(ctx, 'downtime', () => downtimeFloor(ctx, big, bandwidth));
+  if (wanted('postcopy')) await section(ctx, 'postcopy', () => postcopyFaults(ctx, big));
+  if (wanted('wss')) await section(ctx, 'wss', () => workingSets(ctx, q ? 32 * MiB : 128 * MiB));
 }
 
 if (process.env.FERRY_BENCH_DESTINATION === '1' && process.send) await destinationHost();

@@ -16,6 +16,7 @@ import { FramedConnection, type Connection } from '../src/core/transport/index.j
 import { shaped } from '../src/core/transport/shaped.js';
 import { realClock } from '../src/node/clock.js';
 import { tcp } from '../src/node/transport/tcp.js';
+import { copyBytes } from '../src/node/vm/memory-access.js';
 
 const MiB = 1 << 20;
 const PAGE = 4096;
@@ -34,6 +35,42 @@ export async function rawTcp(total: number, block: Uint8Array): Promise<number> 
   const server = net.createServer((s) => {
     let n = 0;
     s.on('data', (c: Buffer) => {
+      n += c.length;
+      if (n >= total) done(performance.now() - t0);
+    });
+    s.on('error', () => undefined);
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  const { port } = server.address() as net.AddressInfo;
+  const sock = net.connect({ port, host: '127.0.0.1', noDelay: true });
+  await new Promise<void>((r) => sock.once('connect', () => r()));
+  t0 = performance.now();
+  for (let sent = 0; sent < total; sent += block.length) {
+    if (!sock.write(block)) await new Promise<void>((r) => sock.once('drain', () => r()));
+  }
+  const ms = await finished;
+  sock.destroy();
+  server.close();
+  return ms;
+}
+
+/**
+ * Raw node:net as {@link rawTcp}, but the receiver copies every byte into a fresh shared
+ * WebAssembly.Memory big enough for them — what any migration must do with guest memory, page
+ * faults of fresh memory included (the memory is allocated before the clock starts, never touched
+ * before the bytes arrive). The copy moves whole words at any chunk alignment (copyBytes).
+ */
+export async function rawTcpIntoFreshMemory(total: number, block: Uint8Array): Promise<number> {
+  const pages = Math.ceil(total / 65536);
+  const into = new Uint8Array(new WebAssembly.Memory({ initial: pages, maximum: pages, shared: true }).buffer);
+  const bounce = new Uint8Array(1 << 16);
+  let done!: (ms: number) => void;
+  const finished = new Promise<number>((r) => { done = r; });
+  let t0 = 0;
+  const server = net.createServer((s) => {
+    let n = 0;
+    s.on('data', (c: Buffer) => {
+      copyBytes(into, n, c.subarray(0, Math.min(c.length, total - n)), bounce);
       n += c.length;
       if (n >= total) done(performance.now() - t0);
     });
