@@ -356,7 +356,7 @@ test('precopy with codecs xbzrle, dedup, zstd over 3 streams: the kv VM moves, i
         round++;
       }
     })();
-    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'kv', to: b.url, mode: 'precopy', codecs: ['xbzrle', 'dedup', 'zstd'], streams: 3 });
+    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'kv', to: b.url, mode: 'precopy', codecs: ['xbzrle', 'dedup', 'zstd'], streams: 3, xbzrleCache: '8MiB' });
     assert.equal(r.status, 202, JSON.stringify(r.json));
     const done = await finished(a, r.json.id);
     stop = true;
@@ -507,6 +507,11 @@ test('migrations API: bad codecs, streams, compression, gang or faultChannel get
     assert.equal(r.status, 400);
     assert.equal(r.json.error.code, 'ERR_INVALID_ARGUMENT');
     assert.match(r.json.error.message, /unknown codec 'brotli' \(known: xbzrle, dedup, lz4, zstd\)/);
+    for (const xbzrleCache of ['lots', '1KiB']) {
+      r = await post({ codecs: ['xbzrle'], xbzrleCache });
+      assert.equal(r.status, 400, xbzrleCache);
+      assert.equal(r.json.error.code, 'ERR_INVALID_ARGUMENT', xbzrleCache);
+    }
     for (const extra of [{ codecs: 'zstd' }, { codecs: [1] }, { streams: 0 }, { streams: 65 }, { streams: 1.5 }, { streams: '2' },
       { compression: 'sometimes' }, { gang: '' }, { gang: 'two words' }, { gang: 'g'.repeat(65) }, { faultChannel: 'yes' }]) {
       r = await post(extra);

@@ -107,7 +107,7 @@ test('ferry migrate and host start refuse bad flags with exit 2; --help works fo
     assert.match(r.stdout, /Usage: ferry/);
   }
   const help = await ferry(['migrate', '--help']);
-  for (const flag of ['--to', '--mode', '--downtime', '--bandwidth', '--codecs', '--streams', '--compression', '--no-fault-channel', '--gang', '--json']) assert.match(help.stdout, new RegExp(flag));
+  for (const flag of ['--to', '--mode', '--downtime', '--bandwidth', '--codecs', '--streams', '--compression', '--xbzrle-cache', '--no-fault-channel', '--gang', '--json']) assert.match(help.stdout, new RegExp(flag));
   assert.match(help.stdout, /<vm\.\.\.>/);
 });
 
@@ -139,6 +139,7 @@ test('ferry migrate refuses bad --codecs, --streams, --compression, --gang and a
     [['--streams', 'many'], /--streams must be an integer from 1 to 64/],
     [['--streams', '2.5'], /--streams must be an integer from 1 to 64/],
     [['--compression', 'sometimes'], /Allowed choices are auto, always/],
+    [['--xbzrle-cache', 'lots'], /xbzrle-cache/],
     [['--gang', 'a b'], /gang name 'a b' must be 1–64 printable ASCII/],
     [['--gang', 'g'.repeat(65)], /must be 1–64 printable ASCII/],
     [['kv'], /VM 'kv' is named twice/],

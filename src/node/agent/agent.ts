@@ -102,6 +102,8 @@ export interface MigrationRequest {
   streams?: number;
   /** lz4/zstd: `auto` (default) turns compression off when it makes the link slower; `always` never does. */
   compression?: 'auto' | 'always';
+  /** XBZRLE page cache for the VM, a size such as "64MiB" (default 64 MiB; whole pages, at least one). */
+  xbzrleCache?: string;
   /**
    * Gang name (1 … 64 printable ASCII): concurrent migrations from this host to the same
    * destination naming the same gang share one de-duplication index (implies the `dedup` codec).
@@ -532,7 +534,7 @@ export class HostAgent extends EventEmitter {
   }
 
   /** Checks the transfer options of a request before anything starts (InvalidArgumentError). */
-  private static transferOptions(req: MigrationRequest): { codecs: CodecName[]; streams: number; faultChannel: boolean } {
+  private static transferOptions(req: MigrationRequest): { codecs: CodecName[]; streams: number; faultChannel: boolean; xbzrleCacheBytes?: number } {
     const codecs = parseCodecNames(req.codecs ?? []);
     const streams = req.streams ?? defaultStreams();
     if (!Number.isInteger(streams) || streams < 1 || streams > MAX_MIGRATION_STREAMS) {
@@ -542,8 +544,10 @@ export class HostAgent extends EventEmitter {
       throw new InvalidArgumentError(`compression '${String(req.compression)}' is not one of auto, always`);
     }
     if (req.gang !== undefined && !GANG_NAME.test(req.gang)) throw new InvalidArgumentError(`gang '${req.gang}' must be 1–64 printable ASCII characters`);
+    const xbzrleCacheBytes = req.xbzrleCache === undefined ? undefined : parseSize(req.xbzrleCache, 'xbzrle cache');
+    if (xbzrleCacheBytes !== undefined && !(xbzrleCacheBytes >= 4096 && xbzrleCacheBytes <= 2 ** 32)) throw new InvalidArgumentError(`xbzrle cache ${req.xbzrleCache} must hold 1 page to 4 GiB`);
     // As the engine decides: post-copy and hybrid open a fault channel unless told not to.
-    return { codecs, streams, faultChannel: req.mode !== 'precopy' && req.faultChannel !== false };
+    return { codecs, streams, faultChannel: req.mode !== 'precopy' && req.faultChannel !== false, ...(xbzrleCacheBytes !== undefined ? { xbzrleCacheBytes } : {}) };
   }
 
   /** Starts migrating `req.vm` away; the job runs in the background. */
@@ -602,7 +606,7 @@ export class HostAgent extends EventEmitter {
 
   private async runMigration(
     m: ManagedVm, job: MigrationJob, req: MigrationRequest, address: string, shape: (c: Connection) => Connection,
-    transfer: { codecs: CodecName[]; streams: number; gang: Gang | null },
+    transfer: { codecs: CodecName[]; streams: number; gang: Gang | null; xbzrleCacheBytes?: number },
   ): Promise<void> {
     const signal = job.controller.signal;
     const link = m.link;
@@ -659,6 +663,7 @@ export class HostAgent extends EventEmitter {
         ...(transfer.codecs.length > 0 ? { codecs: transfer.codecs } : {}),
         ...(transfer.streams > 1 ? { streams: transfer.streams } : {}),
         ...(req.compression !== undefined ? { compression: req.compression } : {}),
+        ...(transfer.xbzrleCacheBytes !== undefined ? { xbzrleCacheBytes: transfer.xbzrleCacheBytes } : {}),
         ...(req.faultChannel !== undefined ? { faultChannel: req.faultChannel } : {}),
         ...(transfer.gang ? { gang: transfer.gang } : {}),
       });
@@ -772,6 +777,7 @@ const migrationBody = z.object({
   codecs: z.array(z.string().max(32)).max(CODEC_NAMES.length * 2).optional(),
   streams: z.number().int().min(1).max(MAX_MIGRATION_STREAMS).optional(),
   compression: z.enum(['auto', 'always']).optional(),
+  xbzrleCache: z.string().max(32).optional(),
   gang: z.string().regex(GANG_NAME, 'gang must be 1–64 printable ASCII characters').optional(),
   faultChannel: z.boolean().optional(),
 }).strict();

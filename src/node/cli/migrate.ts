@@ -17,7 +17,7 @@ import { formatBytes, formatDuration, parseDuration } from '../../core/units.js'
 import { MAX_MIGRATION_STREAMS, defaultStreams } from '../agent/agent.js';
 import type { MigrationJobJson } from '../agent/migrations.js';
 import { findHost, listHosts, stateHome } from './host.js';
-import { bandwidthText, codecList, flag, gangName, intInRange } from './args.js';
+import { bandwidthText, codecList, flag, gangName, intInRange, sizeText } from './args.js';
 
 interface ApiError { error?: { code: string; message: string } }
 
@@ -117,6 +117,7 @@ interface MigrateOpts {
   codecs?: CodecName[];
   streams?: number;
   compression?: 'auto' | 'always';
+  xbzrleCache?: string;
   /** false with --no-fault-channel. */
   faultChannel: boolean;
   /** --gang alone: true (a name is generated); --gang <name>: that name. */
@@ -208,6 +209,7 @@ async function migrate(vms: string[], o: MigrateOpts): Promise<number> {
     ...(o.codecs !== undefined ? { codecs: o.codecs } : {}),
     ...(o.streams !== undefined ? { streams: o.streams } : {}),
     ...(o.compression !== undefined ? { compression: o.compression } : {}),
+    ...(o.xbzrleCache !== undefined ? { xbzrleCache: o.xbzrleCache } : {}),
     ...(o.faultChannel === false ? { faultChannel: false } : {}),
     ...(gang !== undefined ? { gang } : {}),
   };
@@ -286,6 +288,7 @@ export function registerMigrateCommand(program: Command): void {
     .option('--bandwidth <rate>', "cap on each VM's migration (all its streams together), e.g. 1Gbit, 100Mbit, 50MB/s", bandwidthText)
     .option('--codecs <list>', `page codecs to offer beyond zero pages, comma-separated (${CODEC_NAMES.join(', ')}), or none (default)`, codecList)
     .option('--streams <n>', `parallel data streams per VM, 1–${MAX_MIGRATION_STREAMS} (default one per four cores, at most 4: ${defaultStreams()} here; the destination may grant fewer)`, intInRange('--streams', 1, MAX_MIGRATION_STREAMS))
+    .option('--xbzrle-cache <size>', 'XBZRLE page cache per VM, e.g. 128MiB (default 64MiB)', sizeText('--xbzrle-cache'))
     .addOption(new Option('--compression <when>', 'lz4/zstd: auto turns compression off when it slows the link (default); always never does').choices(['auto', 'always']))
     .option('--no-fault-channel', 'post-copy/hybrid: send page requests on the main connection instead of one of their own')
     .option('--gang [name]', 'migrate the VMs together, sharing one de-duplication index (implies dedup); the name defaults to a generated gang-<random>', gangName)
