@@ -33,6 +33,8 @@ export interface SourceVm {
   readPage(page: number, into: Uint8Array, offset: number): void;
   /** True when the page is all zeros (fast path; may be called on a running VM). */
   isZeroPage(page: number): boolean;
+  /** The page's hash as EngineDeps.hashPage computes it, without copying the page out (optional fast path). */
+  hashPage?(page: number): bigint;
   startDirtyLog(): Promise<void>;
   /** Pages written since the last harvest; pages read after this resolves are current. */
   harvestDirty(): Promise<Bitmap>;

@@ -23,7 +23,6 @@ import { shaped } from '../../core/transport/shaped.js';
 import { TokenBucket } from '../../core/rate.js';
 import type { Connection, Listener, Transport } from '../../core/transport/transport.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../engine/adapters.js';
-import { nodeBlobCodecs } from '../codec/blob.js';
 import { tcp, parseTcpAddress } from '../transport/tcp.js';
 import { InstrumentCache } from '../vm/instrument.js';
 import { Vm, type VmStats } from '../vm/vm.js';
@@ -147,8 +146,9 @@ export { parseHostPort };
 
 /** The engine's destination VM, plus a hook run once the VM has started. */
 class StartHookedDestinationVm extends DestinationVmAdapter {
-  constructor(vm: Vm, private readonly afterStart: () => void) {
-    super(vm);
+  constructor(vm: Vm, guestBytes: number, private readonly afterStart: () => void) {
+    // Memory as large as the source announced is faulted in while the VM is readied.
+    super(vm, { guestBytes });
   }
 
   override async start(...args: Parameters<DestinationVmAdapter['start']>): Promise<void> {
@@ -195,8 +195,7 @@ export class HostAgent extends EventEmitter {
     this.quantumMs = init.quantumMs;
     this.capacityBytes = init.capacityBytes ?? totalmem();
     this.transport = init.transport ?? tcp();
-    const deps = init.engineDeps ?? nodeEngineDeps();
-    this.deps = deps.blobCodecs ? deps : { ...deps, blobCodecs: nodeBlobCodecs() };
+    this.deps = init.engineDeps ?? nodeEngineDeps();
     this.migrationBind = init.migrationAddress;
     this.acceptor = new MigrationAcceptor(this.deps, init.maxIncomingStreams !== undefined ? { maxStreams: init.maxIncomingStreams } : {});
   }
@@ -483,7 +482,7 @@ export class HostAgent extends EventEmitter {
             this.attach(m);
             remote?.bindVm(vm);
             // The VM runs here once started: its clients' records must come here.
-            return new StartHookedDestinationVm(vm, () => {
+            return new StartHookedDestinationVm(vm, hello.guestBytes, () => {
               started = true;
               if (home) home.comeHome(vm);
               else remote?.running();

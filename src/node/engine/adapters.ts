@@ -6,6 +6,7 @@ import { xxh64 } from '@node-rs/xxhash';
 import { RESERVED_PAGES } from '../../core/abi.js';
 import { Bitmap } from '../../core/bitmap.js';
 import { zeroScanner, type ZeroScanner } from '../../core/codec/zero.js';
+import { nodeBlobCodecs } from '../codec/blob.js';
 import type { DestinationVm, EngineDeps, SourceVm, VmWireState } from '../../core/engine/types.js';
 import { PAGE_SIZE, WASM_PAGE_SIZE } from '../../core/pages.js';
 import type { WireGlobal } from '../../core/protocol/frames.js';
@@ -19,6 +20,7 @@ export function nodeEngineDeps(): EngineDeps {
     clock: realClock(),
     sha256Hex: (b) => createHash('sha256').update(b).digest('hex'),
     hashPage: (b, off) => xxh64(b.subarray(off, off + PAGE_SIZE)),
+    blobCodecs: nodeBlobCodecs(),
     yieldToIo: () => new Promise<void>((r) => setImmediate(r)),
   };
 }
@@ -70,6 +72,8 @@ export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
     moduleSha256: vm.info.hash,
     guestPages: () => vm.guestPages,
     readPage: (p, into, off) => vm.readPageInto(p, into, off),
+    // The binding reads shared memory in place: no copy for the digest.
+    hashPage: (p) => xxh64(vm.pageView(p)),
     isZeroPage: (p) => (zero ??= zeroScanner({ memory: vm.memory })).isZero(vm.pageView(p)),
     startDirtyLog: () => vm.startDirtyLog(),
     harvestDirty: () => vm.harvestDirty(),
