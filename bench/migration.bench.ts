@@ -13,44 +13,33 @@
  * - memstress with writable working sets of 1/8, 1/4, 1/2 of memory dirtying below and above the
  *   link rate (1 Gbit/s through the shaper) in all three modes: TMT, downtime, bytes, verified.
  *
- * The destination runs in a child process (this file, started with FERRY_BENCH_DESTINATION=1), so
- * the two engines have an event loop each, as on two hosts; both share this machine's 2 cores.
+ * The destination runs in a child process (bench/destination-host.ts), so the two engines have an
+ * event loop each, as on two hosts; both share this machine's 2 cores. Post-copy page requests
+ * travel on their own connection (the fault channel), as `ferry migrate` does by default.
  *
  * For profiling one part: FERRY_BENCH_MIGRATION_PARTS=precopy-idle[,downtime,…] runs only those
  * parts, FERRY_BENCH_REPS=n repeats the idle pre-copy n times (each run is logged with where its
  * time went and the CPU time of both processes).
  */
 import net from 'node:net';
-import { fork, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { median, type BenchContext, type BenchSuite } from './harness.js';
 import { rawTcp, rawTcpIntoFreshMemory } from './transport.bench.js';
-import { migrateSource } from '../src/core/engine/source.js';
-import { serveDestination, type DestinationOutcome } from '../src/core/engine/destination.js';
-import type { DestinationFactory, MigrationOptions, MigrationResult } from '../src/core/engine/types.js';
+import { DestinationProcess, cpuMs, type LinkInit, type Outcome } from './destination-host.js';
+import type { MigrationOptions, MigrationResult } from '../src/core/engine/types.js';
 import type { MigrationReport } from '../src/core/metrics.js';
 import type { MigrationMode } from '../src/core/protocol/frames.js';
-import { shaped, type ShapedConnectionInit } from '../src/core/transport/shaped.js';
-import { realClock } from '../src/node/clock.js';
-import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../src/node/engine/adapters.js';
 import { InstrumentCache } from '../src/node/vm/instrument.js';
 import { Vm } from '../src/node/vm/vm.js';
 import { guestsDir } from '../src/node/paths.js';
-import { tcp } from '../src/node/transport/tcp.js';
 
 const MiB = 1 << 20;
 const PAGE = 4096;
 const cache = new InstrumentCache();
 const memstress = new Uint8Array(readFileSync(join(guestsDir(), 'memstress.wasm')));
-const deps = nodeEngineDeps();
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const cpuMs = (since: NodeJS.CpuUsage) => {
-  const d = process.cpuUsage(since);
-  return (d.user + d.system) / 1000;
-};
 const fmtMiB = (b: number) => `${(b / MiB).toFixed(1)} MiB`;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** A memstress VM with a `mem`-byte region, booted and running (the region is filled with random words). */
 async function sourceVm(name: string, mem: number, config: string): Promise<Vm> {
@@ -60,102 +49,9 @@ async function sourceVm(name: string, mem: number, config: string): Promise<Vm> 
   return vm;
 }
 
-// ---------------------------------------------------------------------------------------------
-// The destination host: a child process that serves one migration per connection.
-
-type LinkInit = Omit<ShapedConnectionInit, 'clock'>;
-type ToDestination = { type: 'expect'; link: LinkInit | null };
-type FromDestination =
-  | { type: 'ready'; address: string }
-  | { type: 'expecting' }
-  | { type: 'outcome'; outcome: DestinationOutcome; readyMs: number | null; cpuMs: number }
-  | { type: 'failed'; message: string };
-
-async function destinationHost(): Promise<void> {
-  for (const v of ['plain', 'dirty', 'presence'] as const) cache.get(memstress, v); // instrument before any migration
-  let link: LinkInit | null = null;
-  const send = (m: FromDestination) => process.send!(m);
-  const l = await tcp().listen({
-    onConnection: (c) => {
-      const conn = link ? shaped(c, { ...link, clock: realClock() }) : c;
-      const made: Vm[] = [];
-      const ready: { ms: number | null } = { ms: null };
-      const cpu0 = process.cpuUsage();
-      serveDestination(conn, factory(made, ready), deps)
-        .then((outcome) => send({ type: 'outcome', outcome, readyMs: ready.ms, cpuMs: cpuMs(cpu0) }), (e: Error) => send({ type: 'failed', message: e.message }))
-        .finally(async () => { for (const vm of made) await vm.stop().catch(() => undefined); });
-    },
-  });
-  process.on('message', (m: ToDestination) => {
-    if (m.type === 'expect') {
-      link = m.link;
-      send({ type: 'expecting' });
-    }
-  });
-  process.on('disconnect', () => process.exit(0));
-  send({ type: 'ready', address: l.address });
-}
-
-class DestinationProcess {
-  private constructor(private readonly child: ChildProcess, readonly address: string) {}
-
-  static async start(): Promise<DestinationProcess> {
-    const child = fork(fileURLToPath(import.meta.url), [], { env: { ...process.env, FERRY_BENCH_DESTINATION: '1' }, stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
-    const m = await DestinationProcess.reply(child);
-    if (m.type !== 'ready') throw new Error(`destination process said ${m.type}`);
-    return new DestinationProcess(child, m.address);
-  }
-
-  private static reply(child: ChildProcess): Promise<FromDestination> {
-    return new Promise((resolve, reject) => {
-      const onExit = (code: number | null) => reject(new Error(`destination process exited (${code})`));
-      child.once('exit', onExit);
-      child.once('message', (m: FromDestination) => {
-        child.off('exit', onExit);
-        resolve(m);
-      });
-    });
-  }
-
-  /** Readies the next migration; `outcome` settles when the destination is done with it. */
-  async expect(link: LinkInit | null): Promise<{ outcome: Promise<DestinationOutcome & { readyMs: number | null; cpuMs: number }> }> {
-    const ack = DestinationProcess.reply(this.child);
-    this.child.send({ type: 'expect', link } satisfies ToDestination);
-    if ((await ack).type !== 'expecting') throw new Error('destination process did not get ready');
-    const outcome = DestinationProcess.reply(this.child).then((m) => {
-      if (m.type === 'outcome') return { ...m.outcome, readyMs: m.readyMs, cpuMs: m.cpuMs };
-      throw new Error(`destination failed: ${m.type === 'failed' ? m.message : m.type}`);
-    });
-    outcome.catch(() => undefined); // awaited after the source's result
-    return { outcome };
-  }
-
-  stop(): void {
-    this.child.disconnect();
-  }
-}
-
-/** Destination VMs sized as the source announced (and so prefaulted whole); `ready.ms` gets the time from creation to warm. */
-function factory(made: Vm[], ready: { ms: number | null }): DestinationFactory {
-  return {
-    async admit(hello) {
-      return {
-        async create(module) {
-          const t0 = performance.now();
-          const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] });
-          made.push(vm);
-          const adapter = new DestinationVmAdapter(vm, { guestBytes: hello.guestBytes });
-          adapter.warm().then(() => { ready.ms = performance.now() - t0; }, () => undefined);
-          return adapter;
-        },
-      };
-    },
-  };
-}
-
 interface Run {
   result: MigrationResult;
-  outcome: DestinationOutcome & { readyMs: number | null; cpuMs: number };
+  outcome: Outcome;
   /** CPU time (user + system, all threads) this process spent on the migration. */
   cpuMs: number;
   report: MigrationReport;
@@ -164,22 +60,13 @@ interface Run {
 let destination: DestinationProcess | undefined;
 
 /**
- * Migrates `src` to a fresh VM in the destination process over loopback TCP (both directions
- * shaped when `link` is given), then stops the source.
+ * Migrates `src` to a fresh VM in the destination process (bench/destination-host.ts) over
+ * loopback TCP (both directions shaped when `link` is given), then stops the source.
  */
 async function migrate(src: Vm, opts: MigrationOptions, link?: LinkInit): Promise<Run> {
-  try {
-    const dest = await destination!.expect(link ?? null);
-    const c = await tcp().dial(destination!.address);
-    const a = link ? shaped(c, { ...link, clock: realClock() }) : c;
-    const cpu0 = process.cpuUsage();
-    const result = await migrateSource(a, sourceVmOf(src), deps, opts);
-    const cpu = cpuMs(cpu0);
-    const outcome = await dest.outcome;
-    return { result, outcome, report: result.report, cpuMs: cpu };
-  } finally {
-    await src.stop().catch(() => undefined);
-  }
+  const cpu0 = process.cpuUsage();
+  const [r] = await destination!.migrate([src], opts, link);
+  return { ...r, report: r.result.report, cpuMs: cpuMs(cpu0) };
 }
 
 /** Round trip of one byte over a fresh loopback socket: median of `n`. */
@@ -392,4 +279,3 @@ async function parts(ctx: BenchContext, q: boolean, big: number): Promise<void> 
   if (wanted('wss')) await section(ctx, 'wss', () => workingSets(ctx, q ? 32 * MiB : 128 * MiB));
 }
 
-if (process.env.FERRY_BENCH_DESTINATION === '1' && process.send) await destinationHost();

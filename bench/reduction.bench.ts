@@ -22,32 +22,24 @@
  * source's); the closing `verified` line counts those that were, and a migration that failed or did
  * not verify prints a `….verified 0` line that misses its target.
  *
- * The destination runs in a child process (this file, started with FERRY_BENCH_REDUCTION_DESTINATION=1)
- * that serves every connection through one MigrationAcceptor (JOINs of parallel streams, gang members).
+ * The destination runs in a child process (bench/destination-host.ts) that serves every connection
+ * through one MigrationAcceptor (JOINs of parallel streams, gang members).
  */
-import { fork, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { median, type BenchContext, type BenchSuite } from './harness.js';
-import { migrateSource } from '../src/core/engine/source.js';
-import { MigrationAcceptor, type DestinationOutcome } from '../src/core/engine/destination.js';
+import { DestinationProcess, type LinkInit } from './destination-host.js';
+import type { DestinationOutcome } from '../src/core/engine/destination.js';
 import { Gang, type CodecName } from '../src/core/engine/codecs.js';
-import type { DestinationFactory, EngineDeps, MigrationOptions, MigrationResult } from '../src/core/engine/types.js';
+import type { MigrationOptions, MigrationResult } from '../src/core/engine/types.js';
 import type { MigrationReport, TransferReport } from '../src/core/metrics.js';
-import { shaped, type ShapedConnectionInit } from '../src/core/transport/shaped.js';
-import { realClock } from '../src/node/clock.js';
-import { nodeBlobCodecs } from '../src/node/codec/blob.js';
-import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../src/node/engine/adapters.js';
 import { InstrumentCache } from '../src/node/vm/instrument.js';
 import { Vm } from '../src/node/vm/vm.js';
 import { guestsDir } from '../src/node/paths.js';
-import { tcp } from '../src/node/transport/tcp.js';
 
 const MiB = 1 << 20;
 const cache = new InstrumentCache();
 const memstress = new Uint8Array(readFileSync(join(guestsDir(), 'memstress.wasm')));
-const deps: EngineDeps = { ...nodeEngineDeps(), blobCodecs: nodeBlobCodecs() };
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const fmtMiB = (b: number) => `${(b / MiB).toFixed(1)} MiB`;
 
@@ -66,130 +58,6 @@ async function sourceVm(name: string, mem: number, config: string): Promise<Vm> 
   return vm;
 }
 
-// ---------------------------------------------------------------------------------------------
-// The destination host: a child process serving every connection through one MigrationAcceptor.
-
-type LinkInit = Omit<ShapedConnectionInit, 'clock'>;
-type ToDestination = { type: 'expect'; link: LinkInit | null };
-type FromDestination =
-  | { type: 'ready'; address: string }
-  | { type: 'expecting' }
-  | { type: 'outcome'; vmName: string; outcome: DestinationOutcome }
-  | { type: 'failed'; vmName: string | null; message: string };
-
-async function destinationHost(): Promise<void> {
-  for (const v of ['plain', 'dirty', 'presence'] as const) cache.get(memstress, v); // instrument before any migration
-  let link: LinkInit | null = null;
-  const send = (m: FromDestination) => process.send!(m);
-  const acceptor = new MigrationAcceptor(deps);
-  const l = await tcp().listen({
-    onConnection: (c) => {
-      const conn = link ? shaped(c, { ...link, clock: realClock() }) : c;
-      const made: Vm[] = [];
-      let vmName: string | null = null;
-      acceptor.accept(conn, factory(made, (n) => { vmName = n; }))
-        .then((outcome) => { if (outcome) send({ type: 'outcome', vmName: outcome.vmName, outcome }); }, (e: Error) => send({ type: 'failed', vmName, message: e.message }))
-        // The guest ran on here, verified; this host only measures, so it frees the VM at once.
-        .finally(async () => { for (const vm of made) await vm.stop().catch(() => undefined); });
-    },
-  });
-  process.on('message', (m: ToDestination) => {
-    if (m.type === 'expect') {
-      link = m.link;
-      send({ type: 'expecting' });
-    }
-  });
-  process.on('disconnect', () => process.exit(0));
-  send({ type: 'ready', address: l.address });
-}
-
-function factory(made: Vm[], admitted: (vmName: string) => void): DestinationFactory {
-  return {
-    async admit(hello) {
-      admitted(hello.vmName);
-      return {
-        async create(module) {
-          const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] });
-          made.push(vm);
-          return new DestinationVmAdapter(vm);
-        },
-      };
-    },
-  };
-}
-
-interface Deferred<T> {
-  promise: Promise<T>;
-  resolve(v: T): void;
-  reject(e: Error): void;
-}
-
-function deferred<T>(): Deferred<T> {
-  let resolve!: (v: T) => void;
-  let reject!: (e: Error) => void;
-  const promise = new Promise<T>((res, rej) => { resolve = res; reject = rej; });
-  promise.catch(() => undefined); // awaited after the source's result
-  return { promise, resolve, reject };
-}
-
-class DestinationProcess {
-  private readonly outcomes = new Map<string, Deferred<DestinationOutcome>>();
-  private ack: Deferred<void> | null = null;
-
-  private constructor(private readonly child: ChildProcess, readonly address: string) {
-    child.on('message', (m: FromDestination) => this.onMessage(m));
-    child.once('exit', (code) => this.failAll(new Error(`destination process exited (${code})`)));
-  }
-
-  static async start(): Promise<DestinationProcess> {
-    const child = fork(fileURLToPath(import.meta.url), [], { env: { ...process.env, FERRY_BENCH_REDUCTION_DESTINATION: '1' }, stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
-    const address = await new Promise<string>((resolve, reject) => {
-      child.once('exit', (code) => reject(new Error(`destination process exited (${code})`)));
-      child.once('message', (m: FromDestination) => (m.type === 'ready' ? resolve(m.address) : reject(new Error(`destination process said ${m.type}`))));
-    });
-    return new DestinationProcess(child, address);
-  }
-
-  private onMessage(m: FromDestination): void {
-    if (m.type === 'expecting') this.ack?.resolve();
-    else if (m.type === 'outcome') {
-      this.outcomes.get(m.vmName)?.resolve(m.outcome);
-      this.outcomes.delete(m.vmName);
-    } else if (m.type === 'failed') {
-      const e = new Error(`destination failed: ${m.message}`);
-      if (m.vmName === null) this.failAll(e); // refused before HELLO, or a JOIN: whose is unknown
-      else {
-        this.outcomes.get(m.vmName)?.reject(e);
-        this.outcomes.delete(m.vmName);
-      }
-    }
-  }
-
-  private failAll(e: Error): void {
-    for (const d of this.outcomes.values()) d.reject(e);
-    this.outcomes.clear();
-    this.ack?.reject(e);
-  }
-
-  /** Readies the next migrations (VMs named `vmNames`, every connection shaped by `link`); each outcome settles when the destination is done with it. */
-  async expect(link: LinkInit | null, vmNames: string[]): Promise<Map<string, Promise<DestinationOutcome>>> {
-    this.ack = deferred<void>();
-    this.child.send({ type: 'expect', link } satisfies ToDestination);
-    await this.ack.promise;
-    const out = new Map<string, Promise<DestinationOutcome>>();
-    for (const n of vmNames) {
-      const d = deferred<DestinationOutcome>();
-      this.outcomes.set(n, d);
-      out.set(n, d.promise);
-    }
-    return out;
-  }
-
-  stop(): void {
-    this.child.disconnect();
-  }
-}
-
 interface Run {
   result: MigrationResult;
   outcome: DestinationOutcome;
@@ -202,27 +70,10 @@ let destination: DestinationProcess | undefined;
 /** Options every migration here shares: no degradation baseline (not reported here). */
 const BASE: Partial<MigrationOptions> = { baselineMs: 0 };
 
-/**
- * Migrates every VM in `srcs` (concurrently) to fresh VMs in the destination process over loopback
- * TCP — both directions shaped when `link` is given — then stops the sources. Extra connections
- * (parallel streams) are dialled when `opts.streams` > 1.
- */
+/** Migrates every VM in `srcs` concurrently to the destination process (bench/destination-host.ts). */
 async function migrateAll(srcs: Vm[], opts: MigrationOptions, link?: LinkInit): Promise<Run[]> {
-  const d = destination!;
-  try {
-    const outcomes = await d.expect(link ?? null, srcs.map((s) => s.name));
-    const dial = async () => {
-      const c = await tcp().dial(d.address);
-      return link ? shaped(c, { ...link, clock: realClock() }) : c;
-    };
-    return await Promise.all(srcs.map(async (src) => {
-      const result = await migrateSource(await dial(), sourceVmOf(src), deps, { ...BASE, ...((opts.streams ?? 1) > 1 ? { connect: dial } : {}), ...opts });
-      const outcome = await outcomes.get(src.name)!;
-      return { result, outcome, report: result.report, transfer: result.report.transfer! };
-    }));
-  } finally {
-    for (const src of srcs) await src.stop().catch(() => undefined);
-  }
+  const runs = await destination!.migrate(srcs, { ...BASE, ...opts }, link);
+  return runs.map((r) => ({ ...r, report: r.result.report, transfer: r.result.report.transfer! }));
 }
 
 async function migrate(src: Vm, opts: MigrationOptions, link?: LinkInit): Promise<Run> {
@@ -468,4 +319,3 @@ const suite: BenchSuite = {
 };
 export default suite;
 
-if (process.env.FERRY_BENCH_REDUCTION_DESTINATION === '1' && process.send) await destinationHost();

@@ -1,0 +1,186 @@
+/**
+ * The destination host the migration benchmarks move VMs to: a child process (this file, started
+ * with FERRY_BENCH_DESTINATION=1), so the two engines have an event loop each, as on two hosts —
+ * both share this machine's cores. It serves every connection through one MigrationAcceptor
+ * (parallel streams and the fault channel JOIN their session; gang members share a store), sizes
+ * each VM as the source announced (memory faulted in while it is readied), reports each outcome
+ * with its set-up time and CPU time, and frees the VM: it only measures.
+ */
+import { fork, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { migrateSource } from '../src/core/engine/source.js';
+import { MigrationAcceptor, type DestinationOutcome } from '../src/core/engine/destination.js';
+import type { DestinationFactory, MigrationOptions, MigrationResult } from '../src/core/engine/types.js';
+import { shaped, type ShapedConnectionInit } from '../src/core/transport/shaped.js';
+import { realClock } from '../src/node/clock.js';
+import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../src/node/engine/adapters.js';
+import { InstrumentCache } from '../src/node/vm/instrument.js';
+import { Vm } from '../src/node/vm/vm.js';
+import { guestsDir } from '../src/node/paths.js';
+import { tcp } from '../src/node/transport/tcp.js';
+
+export type LinkInit = Omit<ShapedConnectionInit, 'clock'>;
+
+/** The destination's outcome, with how long its VM took to get ready and the CPU it spent. */
+export type Outcome = DestinationOutcome & { readyMs: number | null; cpuMs: number };
+
+export const deps = nodeEngineDeps();
+
+/** CPU time (user + system, all threads) this process spent since `since`, ms. */
+export function cpuMs(since: NodeJS.CpuUsage): number {
+  const d = process.cpuUsage(since);
+  return (d.user + d.system) / 1000;
+}
+
+type ToDestination = { type: 'expect'; link: LinkInit | null };
+type FromDestination =
+  | { type: 'ready'; address: string }
+  | { type: 'expecting' }
+  | { type: 'outcome'; vmName: string; outcome: Outcome }
+  | { type: 'failed'; vmName: string | null; message: string };
+
+async function destinationHost(): Promise<void> {
+  const cache = new InstrumentCache();
+  const memstress = new Uint8Array(readFileSync(join(guestsDir(), 'memstress.wasm')));
+  for (const v of ['plain', 'dirty', 'presence'] as const) cache.get(memstress, v); // instrument before any migration
+  let link: LinkInit | null = null;
+  const send = (m: FromDestination) => process.send!(m);
+  const acceptor = new MigrationAcceptor(deps);
+  const l = await tcp().listen({
+    onConnection: (c) => {
+      const conn = link ? shaped(c, { ...link, clock: realClock() }) : c;
+      const made: Vm[] = [];
+      const ready: { ms: number | null } = { ms: null };
+      let vmName: string | null = null;
+      const cpu0 = process.cpuUsage();
+      const factory: DestinationFactory = {
+        async admit(hello) {
+          vmName = hello.vmName;
+          return {
+            async create(module) {
+              const t0 = performance.now();
+              const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] });
+              made.push(vm);
+              const adapter = new DestinationVmAdapter(vm, { guestBytes: hello.guestBytes });
+              adapter.warm().then(() => { ready.ms = performance.now() - t0; }, () => undefined);
+              return adapter;
+            },
+          };
+        },
+      };
+      acceptor.accept(conn, factory)
+        .then((o) => { if (o) send({ type: 'outcome', vmName: o.vmName, outcome: { ...o, readyMs: ready.ms, cpuMs: cpuMs(cpu0) } }); }, (e: Error) => send({ type: 'failed', vmName, message: e.message }))
+        .finally(async () => { for (const vm of made) await vm.stop().catch(() => undefined); });
+    },
+  });
+  process.on('message', (m: ToDestination) => {
+    if (m.type === 'expect') {
+      link = m.link;
+      send({ type: 'expecting' });
+    }
+  });
+  process.on('disconnect', () => process.exit(0));
+  send({ type: 'ready', address: l.address });
+}
+
+interface Deferred<T> {
+  promise: Promise<T>;
+  resolve(v: T): void;
+  reject(e: Error): void;
+}
+
+function deferred<T>(): Deferred<T> {
+  let resolve!: (v: T) => void;
+  let reject!: (e: Error) => void;
+  const promise = new Promise<T>((res, rej) => { resolve = res; reject = rej; });
+  promise.catch(() => undefined); // awaited after the source's result
+  return { promise, resolve, reject };
+}
+
+export interface Run {
+  result: MigrationResult;
+  outcome: Outcome;
+}
+
+export class DestinationProcess {
+  private readonly outcomes = new Map<string, Deferred<Outcome>>();
+  private ack: Deferred<void> | null = null;
+
+  private constructor(private readonly child: ChildProcess, readonly address: string) {
+    child.on('message', (m: FromDestination) => this.onMessage(m));
+    child.once('exit', (code) => this.failAll(new Error(`destination process exited (${code})`)));
+  }
+
+  static async start(): Promise<DestinationProcess> {
+    const child = fork(fileURLToPath(import.meta.url), [], { env: { ...process.env, FERRY_BENCH_DESTINATION: '1' }, stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+    const address = await new Promise<string>((resolve, reject) => {
+      child.once('exit', (code) => reject(new Error(`destination process exited (${code})`)));
+      child.once('message', (m: FromDestination) => (m.type === 'ready' ? resolve(m.address) : reject(new Error(`destination process said ${m.type}`))));
+    });
+    return new DestinationProcess(child, address);
+  }
+
+  private onMessage(m: FromDestination): void {
+    if (m.type === 'expecting') this.ack?.resolve();
+    else if (m.type === 'outcome') {
+      this.outcomes.get(m.vmName)?.resolve(m.outcome);
+      this.outcomes.delete(m.vmName);
+    } else if (m.type === 'failed') {
+      const e = new Error(`destination failed: ${m.message}`);
+      if (m.vmName === null) this.failAll(e); // refused before HELLO, or a JOIN: whose is unknown
+      else {
+        this.outcomes.get(m.vmName)?.reject(e);
+        this.outcomes.delete(m.vmName);
+      }
+    }
+  }
+
+  private failAll(e: Error): void {
+    for (const d of this.outcomes.values()) d.reject(e);
+    this.outcomes.clear();
+    this.ack?.reject(e);
+  }
+
+  /** Readies the next migrations (VMs named `vmNames`, every connection shaped by `link`); each outcome settles when the destination is done with it. */
+  private async expect(link: LinkInit | null, vmNames: string[]): Promise<Map<string, Promise<Outcome>>> {
+    this.ack = deferred<void>();
+    this.child.send({ type: 'expect', link } satisfies ToDestination);
+    await this.ack.promise;
+    const out = new Map<string, Promise<Outcome>>();
+    for (const n of vmNames) {
+      const d = deferred<Outcome>();
+      this.outcomes.set(n, d);
+      out.set(n, d.promise);
+    }
+    return out;
+  }
+
+  /**
+   * Migrates every VM in `srcs` (concurrently) to fresh VMs here over loopback TCP — our direction
+   * shaped when `link` is given, as the child shapes its own — then stops the sources. The engine
+   * may open more connections (parallel streams, the post-copy fault channel).
+   */
+  async migrate(srcs: Vm[], opts: MigrationOptions, link?: LinkInit): Promise<Run[]> {
+    try {
+      const outcomes = await this.expect(link ?? null, srcs.map((s) => s.name));
+      const dial = async () => {
+        const c = await tcp().dial(this.address);
+        return link ? shaped(c, { ...link, clock: realClock() }) : c;
+      };
+      return await Promise.all(srcs.map(async (src) => {
+        const result = await migrateSource(await dial(), sourceVmOf(src), deps, { connect: dial, ...opts });
+        return { result, outcome: await outcomes.get(src.name)! };
+      }));
+    } finally {
+      for (const src of srcs) await src.stop().catch(() => undefined);
+    }
+  }
+
+  stop(): void {
+    this.child.disconnect();
+  }
+}
+
+if (process.env.FERRY_BENCH_DESTINATION === '1' && process.send) await destinationHost();
