@@ -141,8 +141,9 @@ export class StreamDecoder {
   readonly decoder: PageDecoder;
   private readonly blobs = new Map<number, BlobCodec>();
 
-  constructor(agreed: readonly CodecOffer[], blobs: Readonly<Record<string, BlobCodecFactory>>, store: DedupStore, private readonly maxPages: number) {
-    this.decoder = pageCodecOf(agreed, { store }).createDecoder();
+  /** `store`: the session's (or its gang's) dedup store, when dedup was agreed. */
+  constructor(agreed: readonly CodecOffer[], blobs: Readonly<Record<string, BlobCodecFactory>>, store: DedupStore | null, private readonly maxPages: number) {
+    this.decoder = pageCodecOf(agreed, store ? { store } : {}).createDecoder();
     for (const name of BLOB_CODEC_NAMES) {
       const id = idOf(agreed, name);
       if (id !== undefined && blobs[name]) this.blobs.set(id, blobs[name](id));

@@ -243,7 +243,7 @@ class DestinationSession {
   }
 
   private newStream(name: string): RxStream {
-    const s = new RxStream(name, usesCodecs(this.agreed) ? new StreamDecoder(this.agreed, this.deps.blobCodecs ?? {}, this.store!, 4096) : null);
+    const s = new RxStream(name, usesCodecs(this.agreed) ? new StreamDecoder(this.agreed, this.deps.blobCodecs ?? {}, this.store, 4096) : null);
     this.rx.push(s);
     return s;
   }

@@ -38,7 +38,7 @@ class SendStream {
   private readonly indices: number[] = [];
   private readonly buf: Uint8Array | null;
 
-  constructor(readonly framed: FramedConnection, readonly inbox: Inbox, readonly encoder: StreamEncoder | null, private readonly batchPages: number, private readonly now: () => number) {
+  constructor(readonly framed: FramedConnection, readonly encoder: StreamEncoder | null, private readonly batchPages: number, private readonly now: () => number) {
     this.buf = encoder ? new Uint8Array(batchPages * PAGE_SIZE) : null;
   }
 
@@ -228,7 +228,7 @@ class SourceSession {
     const index = this.opts.gang?.index ?? (this.agreed.some((c) => c.name === 'dedup') ? new DedupIndex({ capacityBytes: vmIndexBytes(this.vm.memoryBytes) }) : undefined);
     const conns = [{ framed: this.framed, inbox: this.inbox }, ...dataConns];
     const now = () => this.deps.clock.now();
-    this.streams = conns.map((c) => new SendStream(c.framed, c.inbox, usesCodecs(this.agreed)
+    this.streams = conns.map((c) => new SendStream(c.framed, usesCodecs(this.agreed)
       ? new StreamEncoder({
         agreed: this.agreed, now, index,
         ...(this.deps.blobCodecs ? { blobs: this.deps.blobCodecs } : {}),
