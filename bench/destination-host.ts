@@ -28,6 +28,29 @@ export type Outcome = DestinationOutcome & { readyMs: number | null; cpuMs: numb
 
 export const deps = nodeEngineDeps();
 
+const MiB = 1 << 20;
+const sourceCache = new InstrumentCache();
+let memstressModule: Uint8Array | null = null;
+
+/**
+ * A memstress VM (the source side of a benchmark) with a `mem`-byte region, booted, its init
+ * (the content fill) done and running. Waits for init's region line: filling a large region takes
+ * a while.
+ */
+export async function memstressVm(name: string, mem: number, config: string): Promise<Vm> {
+  memstressModule ??= new Uint8Array(readFileSync(join(guestsDir(), 'memstress.wasm')));
+  const vm = Vm.create({ name, module: memstressModule, memoryBytes: mem + 16 * MiB, config: `mem=${mem} ${config}`, cache: sourceCache });
+  let ready = false;
+  vm.on('console', (l: string) => { if (l.startsWith('memstress: region')) ready = true; });
+  await vm.bootCold();
+  for (let i = 0; i < 6000 && !ready; i++) await sleep(5);
+  if (!ready) throw new Error(`${name}: memstress did not finish its init`);
+  await sleep(50);
+  return vm;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
 /** CPU time (user + system, all threads) this process spent since `since`, ms. */
 export function cpuMs(since: NodeJS.CpuUsage): number {
   const d = process.cpuUsage(since);

@@ -57,3 +57,14 @@ export function percentile(xs: number[], p: number): number {
   const idx = Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1));
   return s[idx];
 }
+
+/** One failing part (an engine error) is logged and the others still run. */
+export async function section(ctx: BenchContext, name: string, fn: () => Promise<void>): Promise<void> {
+  const t0 = performance.now();
+  try {
+    await fn();
+  } catch (e) {
+    ctx.log(`${name} failed: ${(e as Error).stack ?? String(e)}`);
+  }
+  ctx.log(`${name}: ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+}

@@ -22,32 +22,18 @@
  * time went and the CPU time of both processes).
  */
 import net from 'node:net';
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { median, type BenchContext, type BenchSuite } from './harness.js';
+import { median, section, type BenchContext, type BenchSuite } from './harness.js';
 import { rawTcp, rawTcpIntoFreshMemory } from './transport.bench.js';
-import { DestinationProcess, cpuMs, type LinkInit, type Outcome } from './destination-host.js';
+import { DestinationProcess, memstressVm, cpuMs, type LinkInit, type Outcome } from './destination-host.js';
 import type { MigrationOptions, MigrationResult } from '../src/core/engine/types.js';
 import type { MigrationReport } from '../src/core/metrics.js';
 import type { MigrationMode } from '../src/core/protocol/frames.js';
-import { InstrumentCache } from '../src/node/vm/instrument.js';
 import { Vm } from '../src/node/vm/vm.js';
-import { guestsDir } from '../src/node/paths.js';
 
 const MiB = 1 << 20;
 const PAGE = 4096;
-const cache = new InstrumentCache();
-const memstress = new Uint8Array(readFileSync(join(guestsDir(), 'memstress.wasm')));
 const fmtMiB = (b: number) => `${(b / MiB).toFixed(1)} MiB`;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** A memstress VM with a `mem`-byte region, booted and running (the region is filled with random words). */
-async function sourceVm(name: string, mem: number, config: string): Promise<Vm> {
-  const vm = Vm.create({ name, module: memstress, memoryBytes: mem + 16 * MiB, config: `mem=${mem} ${config}`, cache });
-  await vm.bootCold();
-  await sleep(50);
-  return vm;
-}
 
 interface Run {
   result: MigrationResult;
@@ -117,7 +103,7 @@ async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promis
   await rawTcp(32 * MiB, block); // warm-up
   await rawTcpIntoFreshMemory(32 * MiB, block);
   for (let i = 0; i < reps; i++) {
-    const src = await sourceVm(`idle-${i}`, mem, 'rate=1');
+    const src = await memstressVm(`idle-${i}`, mem, 'rate=1');
     // No work-rate baseline: an idle guest has no work rate to degrade, and the engine counts the
     // baseline's sleep (200 ms by default) into TMT for now ('start' is stamped t=0, later events
     // relative to the session's creation, before the sleep).
@@ -153,7 +139,7 @@ async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promis
 /** The same idle pre-copy through a 1 Gbit/s shaped link: does the engine fill a link it can outrun? */
 async function precopyIdleOnLink(ctx: BenchContext, mem: number): Promise<void> {
   const cap = 125e6;
-  const src = await sourceVm('idle-link', mem, 'rate=1');
+  const src = await memstressVm('idle-link', mem, 'rate=1');
   const run = await migrate(src, { mode: 'precopy' }, { bandwidthBytesPerSec: cap });
   const r = run.report;
   const round0 = r.rounds[0];
@@ -167,7 +153,7 @@ async function downtimeFloor(ctx: BenchContext, mem: number, bandwidth: number):
   const rtt = await loopbackRttMs(200);
   // A hot 16 MiB written at 4 MB/s (≈ 500 k random writes/s): a full final round at every pause.
   const wss = Math.min(16 * MiB, mem / 4);
-  const src = await sourceVm('downtime', mem, `wss=${wss} rate=4000000`);
+  const src = await memstressVm('downtime', mem, `wss=${wss} rate=4000000`);
   const run = await migrate(src, { mode: 'precopy' });
   const r = run.report;
   const fin = finalRoundBytes(r);
@@ -180,7 +166,7 @@ async function downtimeFloor(ctx: BenchContext, mem: number, bandwidth: number):
 async function postcopyFaults(ctx: BenchContext, mem: number): Promise<void> {
   // Random 8-byte writes over the whole region, 40 MB/s of writes: nearly every write lands on a
   // page that has not arrived yet, until the push catches up.
-  const src = await sourceVm('faults', mem, 'pattern=uniform rate=40000000');
+  const src = await memstressVm('faults', mem, 'pattern=uniform rate=40000000');
   const run = await migrate(src, { mode: 'postcopy' });
   const d = run.outcome.faultLatencyMs;
   const s = run.report.postcopy.faultLatencyMs;
@@ -209,7 +195,7 @@ async function workingSets(ctx: BenchContext, mem: number): Promise<void> {
     for (const [rateName, rate] of Object.entries(rates)) {
       for (const mode of modes) {
         const label = `wss-${wssName}.rate-${rateName}.${mode}`;
-        const src = await sourceVm('wss', mem, `wss=${Math.floor(mem * frac)} pattern=uniform rate=${Math.round(rate)}`);
+        const src = await memstressVm('wss', mem, `wss=${Math.floor(mem * frac)} pattern=uniform rate=${Math.round(rate)}`);
         let run: Run;
         try {
           run = await migrate(src, { mode, downtimeMs: DOWNTIME_BUDGET_MS }, link);
@@ -236,17 +222,6 @@ async function workingSets(ctx: BenchContext, mem: number): Promise<void> {
       }
     }
   }
-}
-
-/** One failing part (an engine error) is logged and the others still run. */
-async function section(ctx: BenchContext, name: string, fn: () => Promise<void>): Promise<void> {
-  const t0 = performance.now();
-  try {
-    await fn();
-  } catch (e) {
-    ctx.log(`${name} failed: ${(e as Error).stack ?? String(e)}`);
-  }
-  ctx.log(`${name}: ${((performance.now() - t0) / 1000).toFixed(1)} s`);
 }
 
 const suite: BenchSuite = {

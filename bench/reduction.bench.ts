@@ -25,38 +25,17 @@
  * The destination runs in a child process (bench/destination-host.ts) that serves every connection
  * through one MigrationAcceptor (JOINs of parallel streams, gang members).
  */
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { median, type BenchContext, type BenchSuite } from './harness.js';
-import { DestinationProcess, type LinkInit } from './destination-host.js';
+import { median, section, type BenchContext, type BenchSuite } from './harness.js';
+import { DestinationProcess, memstressVm, type LinkInit } from './destination-host.js';
 import type { DestinationOutcome } from '../src/core/engine/destination.js';
 import { Gang, type CodecName } from '../src/core/engine/codecs.js';
 import type { MigrationOptions, MigrationResult } from '../src/core/engine/types.js';
 import type { MigrationReport, TransferReport } from '../src/core/metrics.js';
-import { InstrumentCache } from '../src/node/vm/instrument.js';
 import { Vm } from '../src/node/vm/vm.js';
-import { guestsDir } from '../src/node/paths.js';
 
 const MiB = 1 << 20;
-const cache = new InstrumentCache();
-const memstress = new Uint8Array(readFileSync(join(guestsDir(), 'memstress.wasm')));
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const fmtMiB = (b: number) => `${(b / MiB).toFixed(1)} MiB`;
 
-/**
- * A memstress VM with a `mem`-byte region, booted, its init (content fill) done and running.
- * Waits for init's region line: filling text pages of a large region takes a while.
- */
-async function sourceVm(name: string, mem: number, config: string): Promise<Vm> {
-  const vm = Vm.create({ name, module: memstress, memoryBytes: mem + 16 * MiB, config: `mem=${mem} ${config}`, cache });
-  let ready = false;
-  vm.on('console', (l: string) => { if (l.startsWith('memstress: region')) ready = true; });
-  await vm.bootCold();
-  for (let i = 0; i < 6000 && !ready; i++) await sleep(5);
-  if (!ready) throw new Error(`${name}: memstress did not finish its init`);
-  await sleep(50);
-  return vm;
-}
 
 interface Run {
   result: MigrationResult;
@@ -167,7 +146,7 @@ async function wholeMigrations(ctx: BenchContext, mem: number, reps: number, v: 
     // Interleaved: every set sees the same moments of this noisy machine.
     for (let rep = 0; rep < reps; rep++) {
       for (const s of plan) {
-        const run = await attempt(sourceVm(`${label(s)}-${rep}`, mem, config).then((src) =>
+        const run = await attempt(memstressVm(`${label(s)}-${rep}`, mem, config).then((src) =>
           migrate(src, { mode: 'precopy', codecs: s.codecs, compression: 'auto', downtimeMs: DOWNTIME_BUDGET_MS }, s.link ? GBIT : undefined)));
         if (v.check(ctx, label(s), run)) runs.get(label(s))!.push(run);
       }
@@ -225,12 +204,12 @@ async function gangMigration(ctx: BenchContext, mem: number, v: Verification): P
   const separate: Run[] = [];
   const t0 = performance.now();
   for (const i of ids) {
-    const run = await attempt(sourceVm(`solo-${i}`, mem, config(i)).then((src) => migrate(src, { mode: 'precopy', codecs: ['dedup'] })));
+    const run = await attempt(memstressVm(`solo-${i}`, mem, config(i)).then((src) => migrate(src, { mode: 'precopy', codecs: ['dedup'] })));
     if (v.check(ctx, `gang-4.separate-${i}`, run)) separate.push(run);
   }
   const separateWall = performance.now() - t0;
 
-  const srcs = await Promise.all(ids.map((i) => sourceVm(`gang-${i}`, mem, config(i))));
+  const srcs = await Promise.all(ids.map((i) => memstressVm(`gang-${i}`, mem, config(i))));
   const t1 = performance.now();
   const together = await attempt(migrateAll(srcs, { mode: 'precopy', codecs: ['dedup'], gang: new Gang('reduction-bench') }));
   const togetherWall = performance.now() - t1;
@@ -269,7 +248,7 @@ async function parallelStreams(ctx: BenchContext, mem: number, reps: number, v: 
     for (let rep = 0; rep < reps; rep++) {
       for (const n of STREAMS) {
         const label = `streams-${n}.${set.name}`;
-        const run = await attempt(sourceVm(`${label}-${rep}`, mem, 'rate=1').then((src) => migrate(src, { mode: 'precopy', codecs: set.codecs, streams: n })));
+        const run = await attempt(memstressVm(`${label}-${rep}`, mem, 'rate=1').then((src) => migrate(src, { mode: 'precopy', codecs: set.codecs, streams: n })));
         if (!v.check(ctx, label, run)) continue;
         tmts.get(n)!.push(run.report.totalMigrationTimeMs!);
         const r0 = run.report.rounds[0];
@@ -286,17 +265,6 @@ async function parallelStreams(ctx: BenchContext, mem: number, reps: number, v: 
     }
     if (last?.transfer.compression) ctx.log(`streams ${set.name}: ${compressionNote(last.transfer)}`);
   }
-}
-
-/** One failing part (an engine error) is logged and the others still run. */
-async function section(ctx: BenchContext, name: string, fn: () => Promise<void>): Promise<void> {
-  const t0 = performance.now();
-  try {
-    await fn();
-  } catch (e) {
-    ctx.log(`${name} failed: ${(e as Error).stack ?? String(e)}`);
-  }
-  ctx.log(`${name}: ${((performance.now() - t0) / 1000).toFixed(1)} s`);
 }
 
 const suite: BenchSuite = {

@@ -27,14 +27,18 @@ function randomBytes(n: number): Uint8Array {
   return b;
 }
 
-/** Raw node:net: one socket, 1 MiB writes. Returns ms from the first write to the last byte received. */
-export async function rawTcp(total: number, block: Uint8Array): Promise<number> {
+/**
+ * Raw node:net: one socket, `block`-sized writes; the receiver hands each chunk to `receive` (by
+ * default it drops it). Returns ms from the first write to the last byte received.
+ */
+export async function rawTcp(total: number, block: Uint8Array, receive?: (chunk: Buffer, offset: number) => void): Promise<number> {
   let done!: (ms: number) => void;
   const finished = new Promise<number>((r) => { done = r; });
   let t0 = 0;
   const server = net.createServer((s) => {
     let n = 0;
     s.on('data', (c: Buffer) => {
+      receive?.(c.subarray(0, Math.min(c.length, total - n)), n);
       n += c.length;
       if (n >= total) done(performance.now() - t0);
     });
@@ -60,34 +64,11 @@ export async function rawTcp(total: number, block: Uint8Array): Promise<number> 
  * faults of fresh memory included (the memory is allocated before the clock starts, never touched
  * before the bytes arrive). The copy moves whole words at any chunk alignment (copyBytes).
  */
-export async function rawTcpIntoFreshMemory(total: number, block: Uint8Array): Promise<number> {
+export function rawTcpIntoFreshMemory(total: number, block: Uint8Array): Promise<number> {
   const pages = Math.ceil(total / 65536);
   const into = new Uint8Array(new WebAssembly.Memory({ initial: pages, maximum: pages, shared: true }).buffer);
   const bounce = new Uint8Array(1 << 16);
-  let done!: (ms: number) => void;
-  const finished = new Promise<number>((r) => { done = r; });
-  let t0 = 0;
-  const server = net.createServer((s) => {
-    let n = 0;
-    s.on('data', (c: Buffer) => {
-      copyBytes(into, n, c.subarray(0, Math.min(c.length, total - n)), bounce);
-      n += c.length;
-      if (n >= total) done(performance.now() - t0);
-    });
-    s.on('error', () => undefined);
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
-  const { port } = server.address() as net.AddressInfo;
-  const sock = net.connect({ port, host: '127.0.0.1', noDelay: true });
-  await new Promise<void>((r) => sock.once('connect', () => r()));
-  t0 = performance.now();
-  for (let sent = 0; sent < total; sent += block.length) {
-    if (!sock.write(block)) await new Promise<void>((r) => sock.once('drain', () => r()));
-  }
-  const ms = await finished;
-  sock.destroy();
-  server.close();
-  return ms;
+  return rawTcp(total, block, (c, n) => copyBytes(into, n, c, bounce));
 }
 
 /** A ferry transport pair over loopback TCP, the listener closed once accepted. */

@@ -13,9 +13,8 @@ import { guestsDir } from '../../src/node/paths.js';
 import { migrateSource } from '../../src/core/engine/source.js';
 import { MigrationAcceptor, serveDestination, type DestinationOutcome } from '../../src/core/engine/destination.js';
 import { Gang, type CodecName } from '../../src/core/engine/codecs.js';
-import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
-import { nodeBlobCodecs } from '../../src/node/codec/blob.js';
-import type { DestinationFactory, EngineDeps, MigrationOptions, MigrationResult } from '../../src/core/engine/types.js';
+import { nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
+import type { EngineDeps, MigrationOptions, MigrationResult } from '../../src/core/engine/types.js';
 import { FrameTypeId, HEADER_BYTES } from '../../src/core/protocol/frames.js';
 import { encodeFrame } from '../../src/core/protocol/encode.js';
 import { FramedConnection } from '../../src/core/transport/framed.js';
@@ -24,26 +23,15 @@ import { tcp } from '../../src/node/transport/tcp.js';
 import type { Connection } from '../../src/core/transport/transport.js';
 import { FerryError } from '../../src/core/errors.js';
 import { mulberry32 } from '../helpers/prng.js';
+import { vmFactory } from '../helpers/destination.js';
 
 const cache = new InstrumentCache();
 const memstress = new Uint8Array(readFileSync(join(guestsDir(), 'memstress.wasm')));
-const deps: EngineDeps = { ...nodeEngineDeps(), blobCodecs: nodeBlobCodecs() };
+const deps: EngineDeps = nodeEngineDeps();
 const PAGE = 4096;
 const MiB = 1 << 20;
 
-function factory(made: Vm[]): DestinationFactory {
-  return {
-    async admit(hello) {
-      return {
-        async create(module) {
-          const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] });
-          made.push(vm);
-          return new DestinationVmAdapter(vm);
-        },
-      };
-    },
-  };
-}
+const factory = (made: Vm[]) => vmFactory(made, cache);
 
 const WORDS = ['the', 'page', 'memory', 'migration', 'host', 'guest', 'dirty', 'round', 'copy', 'stream', 'delta', 'cache', 'of', 'and', 'to', 'a'];
 

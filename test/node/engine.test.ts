@@ -7,32 +7,19 @@ import { InstrumentCache } from '../../src/node/vm/instrument.js';
 import { guestsDir } from '../../src/node/paths.js';
 import { migrateSource } from '../../src/core/engine/source.js';
 import { serveDestination, type DestinationOutcome } from '../../src/core/engine/destination.js';
-import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
-import type { DestinationFactory } from '../../src/core/engine/types.js';
+import { nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
 import type { MigrationMode } from '../../src/core/protocol/frames.js';
 import { memoryPair } from '../../src/core/transport/memory.js';
 import { tcp } from '../../src/node/transport/tcp.js';
 import type { Connection } from '../../src/core/transport/transport.js';
 import { FerryError } from '../../src/core/errors.js';
+import { vmFactory } from '../helpers/destination.js';
 
 const cache = new InstrumentCache();
 const memstress = new Uint8Array(readFileSync(join(guestsDir(), 'memstress.wasm')));
 const deps = nodeEngineDeps();
 
-function factory(made: Vm[], opts: { refuse?: FerryError } = {}): DestinationFactory {
-  return {
-    async admit(hello) {
-      if (opts.refuse) throw opts.refuse;
-      return {
-        async create(module) {
-          const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] });
-          made.push(vm);
-          return new DestinationVmAdapter(vm);
-        },
-      };
-    },
-  };
-}
+const factory = (made: Vm[], opts: { refuse?: FerryError } = {}) => vmFactory(made, cache, opts);
 
 async function tcpPair(): Promise<[Connection, Connection, () => Promise<void>]> {
   const t = tcp();

@@ -78,23 +78,13 @@ for (const mode of ['precopy', 'postcopy', 'hybrid'] as const) {
       const check = new Checker(client);
       await Promise.all(Array.from({ length: 2000 }, (_, i) => check.set(`k${i}`, `v${i}`)));
       // Load keeps running through the migration: requests in flight at the switchover are answered once.
-      let stop = false;
-      let round = 0;
-      const load = (async () => {
-        while (!stop) {
-          const base = 2000 + round * 50;
-          await Promise.all(Array.from({ length: 50 }, (_, i) => check.set(`k${base + i}`, `v${base + i}`).then(() => check.get(`k${base + i}`, `v${base + i}`))));
-          round++;
-        }
-      })();
+      const load = keepWriting(check);
       r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'kv', to: b.url, mode });
       assert.equal(r.status, 202, JSON.stringify(r.json));
       const done = await finished(a, r.json.id);
       assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
       assert.equal(done.report.verified, true);
-      stop = true;
-      await load;
-      const more = round * 50 + 2000;
+      const more = (await load.stop()) * 50 + 2000;
       await Promise.all(Array.from({ length: more }, (_, i) => check.get(`k${i}`, `v${i}`)));
       assert.equal(await client.request('COUNT'), `COUNT ${more}`);
       assert.deepEqual(check.wrong, []);
@@ -141,6 +131,20 @@ test('there and back: pre-copy a → b, post-copy b → a; the endpoint on a ser
  * A TCP transport whose migration streams (not relays) stop sending after `limit` bytes until
  * `open()`: a migration that is certainly still in pre-copy, without relying on timing.
  */
+/** Sets and reads back 50 new keys (k2000, k2001, …) a round until stopped; `stop` resolves with the rounds done. */
+function keepWriting(check: Checker): { stop(): Promise<number> } {
+  let stopped = false;
+  let round = 0;
+  const running = (async () => {
+    while (!stopped) {
+      const base = 2000 + round * 50;
+      await Promise.all(Array.from({ length: 50 }, (_, i) => check.set(`k${base + i}`, `v${base + i}`).then(() => check.get(`k${base + i}`, `v${base + i}`))));
+      round++;
+    }
+  })();
+  return { stop: async () => { stopped = true; await running; return round; } };
+}
+
 function gatedTcp(limit: number): { transport: Transport; stalled: Promise<void>; open(): void } {
   const inner = tcp();
   let open!: () => void;
@@ -347,20 +351,11 @@ test('precopy with codecs xbzrle, dedup, zstd over 3 streams: the kv VM moves, i
     const client = await clientOf(a, 'kv');
     const check = new Checker(client);
     await Promise.all(Array.from({ length: 2000 }, (_, i) => check.set(`k${i}`, `v${i}-${'x'.repeat(40)}`)));
-    let stop = false;
-    let round = 0;
-    const load = (async () => {
-      while (!stop) {
-        const base = 2000 + round * 50;
-        await Promise.all(Array.from({ length: 50 }, (_, i) => check.set(`k${base + i}`, `v${base + i}`).then(() => check.get(`k${base + i}`, `v${base + i}`))));
-        round++;
-      }
-    })();
+    const load = keepWriting(check);
     const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'kv', to: b.url, mode: 'precopy', codecs: ['xbzrle', 'dedup', 'zstd'], streams: 3, xbzrleCache: '8MiB' });
     assert.equal(r.status, 202, JSON.stringify(r.json));
     const done = await finished(a, r.json.id);
-    stop = true;
-    await load;
+    const rounds = await load.stop();
     assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
     assert.equal(done.report.verified, true);
     const t = done.report.transfer;
@@ -370,7 +365,7 @@ test('precopy with codecs xbzrle, dedup, zstd over 3 streams: the kv VM moves, i
     assert.equal(t.gang, null);
     assert.equal(done.gang, null);
     for (let i = 0; i < 2000; i += 7) await check.get(`k${i}`, `v${i}-${'x'.repeat(40)}`);
-    assert.equal(await client.request('COUNT'), `COUNT ${2000 + round * 50}`);
+    assert.equal(await client.request('COUNT'), `COUNT ${2000 + rounds * 50}`);
     assert.deepEqual(check.wrong, []);
     // Two JOIN connections reached b besides the HELLO: one VM, one arrival, no errors.
     await listed(b, ['kv']);

@@ -31,6 +31,13 @@ function hostProcess(args: string[]): Promise<{ proc: ChildProcess; started: Sta
   });
 }
 
+/** Stops host processes (each must exit 0 on SIGTERM) and removes their directory. */
+async function stopHosts(dir: string, ...hosts: { proc: ChildProcess; exit: Promise<number> }[]): Promise<void> {
+  for (const h of hosts) h.proc.kill('SIGTERM');
+  for (const h of hosts) assert.equal(await h.exit, 0);
+  await rm(dir, { recursive: true, force: true });
+}
+
 test('ferry host start ×2, ferry host boot kv on a, ferry migrate --json → b and back by host name; the client keeps its data', async () => {
   const dir = await mkdtemp(join(tmpdir(), 'ferry-mcli-'));
   const state = ['--state-dir', join(dir, 'state')];
@@ -74,11 +81,7 @@ test('ferry host start ×2, ferry host boot kv on a, ferry migrate --json → b 
     assert.equal(nothing.code, 1);
     assert.match(nothing.stderr, /ERR_NOT_FOUND/);
   } finally {
-    a.proc.kill('SIGTERM');
-    b.proc.kill('SIGTERM');
-    assert.equal(await a.exit, 0);
-    assert.equal(await b.exit, 0);
-    await rm(dir, { recursive: true, force: true });
+    await stopHosts(dir, a, b);
   }
 });
 
@@ -219,11 +222,7 @@ test('ferry migrate m1 m2 m3 --gang: three VMs migrate together; then several at
     assert.match(ghost.stderr, /'ghost'.*ERR_NOT_FOUND/);
     assert.deepEqual(await vmsOn(a.started.control), ['m1']);
   } finally {
-    a.proc.kill('SIGTERM');
-    b.proc.kill('SIGTERM');
-    assert.equal(await a.exit, 0);
-    assert.equal(await b.exit, 0);
-    await rm(dir, { recursive: true, force: true });
+    await stopHosts(dir, a, b);
   }
 });
 

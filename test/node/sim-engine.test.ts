@@ -18,13 +18,13 @@ import { guestsDir } from '../../src/node/paths.js';
 import { recordTrace } from '../../src/node/vm/trace.js';
 import { migrateSource } from '../../src/core/engine/source.js';
 import { serveDestination } from '../../src/core/engine/destination.js';
-import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
-import type { DestinationFactory } from '../../src/core/engine/types.js';
+import { nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
 import { memoryPair } from '../../src/core/transport/memory.js';
 import { shaped } from '../../src/core/transport/shaped.js';
 import { realClock } from '../../src/node/clock.js';
 import { PAGE_SIZE } from '../../src/core/pages.js';
 import { decodeTrace, pageCost, runSimVm, TraceReplayDirty } from '../../src/core/sim/index.js';
+import { vmFactory } from '../helpers/destination.js';
 
 const cache = new InstrumentCache();
 const memstress = new Uint8Array(readFileSync(join(guestsDir(), 'memstress.wasm')));
@@ -39,17 +39,7 @@ async function engineMigrate(src: Vm, made: Vm[]) {
   // A shallow token bucket: the link is a steady 200 Mbit/s, without a burst at the start.
   const a = shaped(a0, { bandwidthBytesPerSec: bandwidth, latencyMs, clock, burstBytes: 16384 });
   const b = shaped(b0, { bandwidthBytesPerSec: bandwidth, latencyMs, clock, burstBytes: 16384 });
-  const factory: DestinationFactory = {
-      async admit(hello) {
-        return {
-          async create(module) {
-            const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] });
-            made.push(vm);
-            return new DestinationVmAdapter(vm);
-          },
-        };
-      },
-    };
+  const factory = vmFactory(made, cache);
   const deps = nodeEngineDeps();
   const dest = serveDestination(b, factory, deps);
   const result = await migrateSource(a, sourceVmOf(src), deps, { mode: 'precopy', downtimeMs: DOWNTIME_MS, maxRounds: MAX_ROUNDS });
