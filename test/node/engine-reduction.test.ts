@@ -279,3 +279,38 @@ test('codec names and stream counts are checked before anything is sent', async 
   assert.throws(() => encodeFrame({ type: 'JOIN', token: 'ab'.repeat(16), stream: 0, role: 'data' }));
   await src.stop();
 });
+
+test('a data stream lost during pre-copy resumes the VM on the source; the destination discards its copy', async () => {
+  const src = await sourceVm('severed', 'mem=16MiB wss=2MiB rate=20000000');
+  const acceptor = new MigrationAcceptor(deps);
+  const made: Vm[] = [];
+  const [a, b] = memoryPair();
+  const dest = acceptor.accept(b, factory(made)).catch((e: unknown) => e);
+  const extra: Connection[] = [];
+  const connect = async () => {
+    const [x, y] = memoryPair();
+    void acceptor.accept(y, factory(made)).catch(() => undefined);
+    extra.push(y);
+    return x;
+  };
+  let cut = false;
+  const p = migrateSource(a, sourceVmOf(src), deps, {
+    mode: 'precopy', streams: 3, connect, codecs: ['xbzrle', 'dedup'], baselineMs: 0,
+    onProgress: (pr) => {
+      if (!cut && pr.pagesSent > 1000) {
+        cut = true;
+        extra[1].abort(); // the destination end of data stream 2
+      }
+    },
+  });
+  await assert.rejects(p, FerryError);
+  assert.ok(cut, 'the stream was cut mid-migration');
+  assert.ok((await dest) instanceof Error, 'the destination session failed too');
+  assert.equal(src.state, 'running', 'the source VM runs again');
+  assert.equal(src.dirtyLogging, false);
+  const p0 = src.stat().progress;
+  for (let i = 0; i < 100 && src.stat().progress === p0; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.ok(src.stat().progress > p0, 'and keeps working');
+  for (const vm of made) assert.equal(vm.state, 'stopped', 'the half-filled destination VM was discarded');
+  await src.stop();
+});
