@@ -10,7 +10,7 @@ import type { Connection, Transport } from '../../src/core/transport/transport.j
 import { tcp } from '../../src/node/transport/tcp.js';
 import { startsLikeRelay } from '../../src/node/net/relay.js';
 import { FramedConnection } from '../../src/core/transport/framed.js';
-import type { FerryError } from '../../src/core/errors.js';
+import { FerryError } from '../../src/core/errors.js';
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- JSON replies of several shapes, checked field by field
 type Reply = any;
@@ -392,6 +392,31 @@ test('postcopy over 2 streams, capped at 2 Gbit/s in total: page requests have a
     assert.equal(b.agent.summary('ms').stats.state, 'running');
     assert.deepEqual(incoming.arrived, ['ms']);
     assert.deepEqual(incoming.errors, []);
+  });
+});
+
+test('post-copy: the arriving VM is listed on the destination as soon as it runs there; it cannot move on or be snapshot until every page arrived', async () => {
+  await withHosts(async (a, b) => {
+    await a.agent.createVm({ name: 'ms', guest: 'memstress', memory: '48MiB', config: 'mem=32MiB rate=1000000' });
+    // 32 MiB at 100 Mbit/s: the post-copy push takes about 3 s, while the VM already runs on b.
+    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'ms', to: b.agent.migrationAddress, mode: 'postcopy', bandwidth: '100Mbit' });
+    assert.equal(r.status, 202, JSON.stringify(r.json));
+    let seenWhileArriving = false;
+    for (let i = 0; i < 1000; i++) {
+      const job = a.agent.migration(r.json.id);
+      if (job.status !== 'running') break;
+      if (b.agent.list().some((v) => v.name === 'ms')) {
+        seenWhileArriving = true;
+        await assert.rejects(b.agent.startMigration({ vm: 'ms', to: a.agent.migrationAddress!, mode: 'precopy' }), (e: unknown) => e instanceof FerryError && /still arriving/.test(e.message));
+        await assert.rejects(b.agent.snapshotVm('ms', join(tmpdir(), 'never.snap')), (e: unknown) => e instanceof FerryError && /still arriving/.test(e.message));
+        break;
+      }
+      await new Promise((res) => setTimeout(res, 10));
+    }
+    const done = await finished(a, r.json.id);
+    assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
+    assert.ok(seenWhileArriving, 'b listed the VM while its post-copy was still running');
+    assert.equal(b.agent.summary('ms').stats.state, 'running');
   });
 });
 

@@ -352,6 +352,7 @@ export class HostAgent extends EventEmitter {
     if (!isAbsolute(out)) throw new InvalidArgumentError(`snapshot path '${out}' must be absolute (the agent may run in another directory)`);
     const m = this.get(name);
     if (m.migration) throw new VmStateError(`VM '${name}' is migrating (${m.migration.id})`);
+    if (this.incoming.has(name)) throw new VmStateError(`VM '${name}' is still arriving (post-copy pages are on their way); a snapshot now would miss them`);
     const wasPaused = m.vm.state === 'paused';
     m.link?.hold();
     await m.vm.pause();
@@ -484,6 +485,8 @@ export class HostAgent extends EventEmitter {
             // The VM runs here once started: its clients' records must come here.
             return new StartHookedDestinationVm(vm, hello.guestBytes, () => {
               started = true;
+              // It runs here from now on: listed at once (post-copy may still be fetching pages).
+              this.vms.set(name, m);
               if (home) home.comeHome(vm);
               else remote?.running();
             });
@@ -503,7 +506,10 @@ export class HostAgent extends EventEmitter {
     } catch (e) {
       const m = managed as ManagedVm | null;
       // After the start the VM ran here and depends on a source that failed: it cannot continue.
-      if (m && started) await m.vm.stop().catch(() => undefined);
+      if (m && started) {
+        await m.vm.stop().catch(() => undefined);
+        if (reservedName !== null && this.vms.get(reservedName) === m) this.vms.delete(reservedName);
+      }
       throw e;
     } finally {
       if (reservedName !== null) this.incoming.delete(reservedName);
@@ -556,6 +562,7 @@ export class HostAgent extends EventEmitter {
     const transfer = HostAgent.transferOptions(req);
     const m = this.get(req.vm);
     if (m.migration) throw new VmStateError(`VM '${req.vm}' is already migrating (${m.migration.id})`);
+    if (this.incoming.has(req.vm)) throw new VmStateError(`VM '${req.vm}' is still arriving (post-copy pages are on their way); it can move once all are here`);
     if (m.vm.state === 'booting') await m.vm.whenRunning();
     if (m.vm.state !== 'running') throw new VmStateError(`VM '${req.vm}' is ${m.vm.state}; only a running VM migrates live`);
     const dest = await this.resolveDestination(req.to);
