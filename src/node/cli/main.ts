@@ -185,7 +185,7 @@ export function buildProgram(): Command {
   registerMigrateCommand(program);
 
   program.command('demo')
-    .description('two hosts, the kv guest serving a client, live pre-copy a → b and post-copy b → a, and a report per migration')
+    .description('two hosts, the kv guest serving a client, live pre-copy a → b, post-copy b → a with data reduction over two streams, and a report per migration')
     .option('--json', 'print the report as JSON')
     .action(async (o) => {
       process.exitCode = await runDemo({ json: !!o.json });
