@@ -8,6 +8,7 @@ import { FERRY_IMPORTS, NetRecord, WASI_IMPORTS } from '../../src/core/abi.js';
 import { Bitmap } from '../../src/core/bitmap.js';
 import { NetRing, ringLayout, type NetRecordData } from '../../src/core/net-ring.js';
 import { CONSOLE_MAX_LINE, DeviceStateError, Devices, Errno, GuestExitError, SOFT_PAGE_COUNT, type DeviceHooks, type DevicesInit } from '../../src/node/vm/devices/index.js';
+import { parseDeviceState } from '../../src/node/vm/devices/state-schema.js';
 import { FerryError } from '../../src/core/errors.js';
 import type { GuestMemoryAccess } from '../../src/node/vm/guest-memory.js';
 
@@ -488,7 +489,7 @@ test('state: export → JSON → fromState continues identically', () => {
     const hooks = new RecordingHooks();
     const clock = new FakeClock();
     clock.t = 999_999_999_999n;
-    const restored = Devices.fromState(state, b.init, b.mem, hooks, { now: clock.now });
+    const restored = Devices.fromState(parseDeviceState(state), b.init, b.mem, hooks, { now: clock.now });
     assert.deepEqual(restored.exportState(), JSON.parse(json), 'export of a fresh restore is the same state');
     const imp = restored.imports()[FERRY] as Record<string, Fn>;
     const clockNs = imp.clock_ns as unknown as () => bigint;
@@ -549,15 +550,15 @@ test('fromState refuses bad state with ERR_DEVICE_STATE', () => {
       (() => { const s = clone(); s.extra = 1; return s; })(),
     ];
     for (const [i, s] of bad.entries()) {
-      assert.throws(() => Devices.fromState(s, { config: '', block: { path, sizeBytes: 8192 } }, new FakeMemory(MEM), new RecordingHooks()), { code: 'ERR_DEVICE_STATE' }, `case ${i}`);
-      assert.throws(() => Devices.fromState(s, { config: '', block: { path, sizeBytes: 8192 } }, new FakeMemory(MEM), new RecordingHooks()), (e: unknown) => {
+      assert.throws(() => Devices.fromState(parseDeviceState(s), { config: '', block: { path, sizeBytes: 8192 } }, new FakeMemory(MEM), new RecordingHooks()), { code: 'ERR_DEVICE_STATE' }, `case ${i}`);
+      assert.throws(() => Devices.fromState(parseDeviceState(s), { config: '', block: { path, sizeBytes: 8192 } }, new FakeMemory(MEM), new RecordingHooks()), (e: unknown) => {
         assert.ok(e instanceof DeviceStateError, `case ${i}: ${String(e)}`);
         assert.equal((e as DeviceStateError).code, 'ERR_DEVICE_STATE');
         return true;
       });
     }
-    assert.throws(() => Devices.fromState(good, { config: '' }, new FakeMemory(MEM), new RecordingHooks()), { code: 'ERR_DEVICE_STATE' }, 'state has a disk, VM has none');
-    Devices.fromState(good, { config: '', block: { path, sizeBytes: 8192 } }, new FakeMemory(MEM), new RecordingHooks()).close();
+    assert.throws(() => Devices.fromState(parseDeviceState(good), { config: '' }, new FakeMemory(MEM), new RecordingHooks()), { code: 'ERR_DEVICE_STATE' }, 'state has a disk, VM has none');
+    Devices.fromState(parseDeviceState(good), { config: '', block: { path, sizeBytes: 8192 } }, new FakeMemory(MEM), new RecordingHooks()).close();
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -10,7 +10,7 @@ import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from '
 import { PRESENCE_MAP_OFFSET, REWRITE, RunStatus } from '../../core/abi.js';
 import { Cmd, Ctl, Stat, VARIANTS, VmRunState, type VariantName } from './control.js';
 import { SharedGuestMemory } from './memory-access.js';
-import { Devices, type DevicesInit } from './devices/index.js';
+import { Devices, type DeviceState, type DevicesInit } from './devices/index.js';
 import type { NetRecordData } from '../../core/net-ring.js';
 import { decodeGlobals, encodeGlobals, type GlobalDesc, type GlobalValue } from './globals.js';
 
@@ -148,7 +148,7 @@ const hooks = {
 };
 let credit = 0;
 const devices = data.boot.kind === 'state'
-  ? Devices.fromState(data.boot.devices, data.devices, mem, hooks)
+  ? Devices.fromState(data.boot.devices as DeviceState, data.devices, mem, hooks) // validated by the host thread (Vm.bootFromState)
   : new Devices(data.devices, mem, hooks);
 const imports: WebAssembly.Imports = {
   ...devices.imports(),

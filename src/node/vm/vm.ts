@@ -14,6 +14,7 @@ import type { NetRecordData } from '../../core/net-ring.js';
 import { Cmd, Ctl, Stat, VmRunState, stateName, variantId, type VariantName } from './control.js';
 import type { GuestModuleInfo, InstrumentCache } from './instrument.js';
 import type { DevicesInit } from './devices/index.js';
+import { parseDeviceState } from './devices/state-schema.js';
 import type { FromWorker, ToWorker, VcpuWorkerData } from './vcpu-worker.js';
 import type { GlobalDesc } from './globals.js';
 import { copyBytes, prefaultFreshMemory } from './memory-access.js';
@@ -161,8 +162,10 @@ export class Vm extends EventEmitter {
     if (state.moduleHash !== this.info.hash) {
       throw new FerryError('ERR_STATE_MODULE', `state is for module ${state.moduleHash.slice(0, 12)}…, this VM runs ${this.info.hash.slice(0, 12)}…`);
     }
+    // Validated here, on the host thread, so the vCPU thread need not load the schema library.
+    const devices = parseDeviceState(state.devices);
     this.growTo(state.guestBytes);
-    await this.spawn({ kind: 'state', globals: state.globals as never, devices: state.devices }, opts);
+    await this.spawn({ kind: 'state', globals: state.globals as never, devices }, opts);
   }
 
   /**

@@ -32,12 +32,12 @@ import type { GuestMemoryAccess } from '../guest-memory.js';
 import { BLOCK_SIZE, BlockDevice } from './block.js';
 import { CONSOLE_MAX_LINE, ConsoleDevice } from './console.js';
 import { DEFAULT_RX_QUEUE_LIMIT, NetDevice, NetRxOverflowError } from './net.js';
-import { DeviceStateError, decodeBitmap, encodeBitmap, fromBase64, parseDeviceState, toBase64, type DeviceState } from './state.js';
+import { DeviceStateError, decodeBitmap, encodeBitmap, fromBase64, toBase64, type DeviceState } from './state.js';
 
 export { BLOCK_SIZE, BlockDeviceError } from './block.js';
 export { CONSOLE_MAX_LINE } from './console.js';
 export { DEFAULT_RX_QUEUE_LIMIT, NetRxOverflowError } from './net.js';
-export { DeviceStateError, deviceStateSchema, type DeviceState } from './state.js';
+export { DeviceStateError, type DeviceState } from './state.js';
 
 export interface DevicesInit {
   /** The `--config` string (config_read, WASI args). */
@@ -152,9 +152,12 @@ export class Devices {
     }
   }
 
-  /** Continues devices from `exportState()` output. Throws DeviceStateError (ERR_DEVICE_STATE) for anything malformed or inconsistent with `init`/`mem`. */
-  static fromState(state: unknown, init: DevicesInit, mem: GuestMemoryAccess, hooks: DeviceHooks, options: DevicesOptions = {}): Devices {
-    const s = parseDeviceState(state);
+  /**
+   * Continues devices from `exportState()` output, validated by `parseDeviceState`
+   * (state-schema.ts, on the host thread). Throws DeviceStateError (ERR_DEVICE_STATE) for anything
+   * inconsistent with `init`/`mem`.
+   */
+  static fromState(s: DeviceState, init: DevicesInit, mem: GuestMemoryAccess, hooks: DeviceHooks, options: DevicesOptions = {}): Devices {
     if (BigInt(s.clock.ns) > INT64_MAX || BigInt(s.clock.realtimeBaseNs) > INT64_MAX) throw new DeviceStateError('device state clock is out of range');
     if ((s.block === null) !== (init.block === undefined)) {
       throw new DeviceStateError(s.block ? 'device state has a disk but this VM has none' : 'this VM has a disk but its device state has none');

@@ -1,5 +1,7 @@
 /**
- * The devices' state that does not live in guest memory, as plain JSON, and its validation.
+ * The devices' state that does not live in guest memory, as plain JSON (its schema and validation
+ * are in state-schema.ts: they need zod, which the vCPU thread does not load — 75 ms of every
+ * thread's start; the VM validates state on the host thread before it reaches the vCPU).
  * Byte strings and bitmaps travel as base64 (bitmap words little-endian, trailing zero words
  * dropped), so the state stays compact and bounded:
  *   - rx queue ≤ `rxQueueLimit` bytes (default 16 MiB) of payload,
@@ -7,9 +9,9 @@
  *   - block write bitmap ≤ disk size / 32768 bytes,
  *   - console partial line ≤ 64 KiB.
  */
-import { z } from 'zod';
 import { Bitmap } from '../../../core/bitmap.js';
 import { FerryError } from '../../../core/errors.js';
+import type { EncodedBitmap } from './state-schema.js';
 
 export class DeviceStateError extends FerryError {
   constructor(message: string, options?: { cause?: unknown }) {
@@ -17,37 +19,7 @@ export class DeviceStateError extends FerryError {
   }
 }
 
-const u32 = z.number().int().min(0).max(0xffffffff);
-const decimalBigint = z.string().regex(/^\d{1,20}$/);
-const base64 = z.string().regex(/^[A-Za-z0-9+/]*={0,2}$/);
-const bitmapSchema = z.object({ size: z.number().int().min(0).max(2 ** 40), words: base64 }).strict();
-
-export const deviceStateSchema = z.object({
-  version: z.literal(1),
-  clock: z.object({
-    /** Guest monotonic clock (ns) at export, decimal. */
-    ns: decimalBigint,
-    /** Wall-clock ns at cold boot; WASI realtime = this + guest clock. */
-    realtimeBaseNs: decimalBigint,
-  }).strict(),
-  net: z.object({
-    ring: z.object({ base: u32, size: u32 }).strict().nullable(),
-    /** The guest corrupted its rings; the device no longer touches them. */
-    failed: z.boolean(),
-    /** Host→guest records not yet in the rx ring, oldest first. */
-    rx: z.array(z.object({ conn: u32, type: z.number().int().min(1).max(3), payload: base64 }).strict()),
-  }).strict(),
-  block: z.object({
-    path: z.string(),
-    sizeBytes: z.number().int().min(0),
-    written: bitmapSchema,
-  }).strict().nullable(),
-  soft: bitmapSchema,
-  console: z.object({ partial: base64 }).strict(),
-}).strict();
-
-export type DeviceState = z.infer<typeof deviceStateSchema>;
-export type EncodedBitmap = z.infer<typeof bitmapSchema>;
+export type { DeviceState, EncodedBitmap } from './state-schema.js';
 
 export function toBase64(bytes: Uint8Array): string {
   return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('base64');
@@ -76,13 +48,4 @@ export function decodeBitmap(enc: EncodedBitmap, expectedSize: number, what: str
   const tail = expectedSize & 31;
   if (tail && bm.words.length > 0 && (bm.words[bm.words.length - 1] >>> tail) !== 0) throw new DeviceStateError(`${what} bitmap has bits beyond its size`);
   return bm;
-}
-
-export function parseDeviceState(state: unknown): DeviceState {
-  const r = deviceStateSchema.safeParse(state);
-  if (!r.success) {
-    const issue = r.error.issues[0];
-    throw new DeviceStateError(`invalid device state: ${issue ? `${issue.path.join('.') || '(root)'}: ${issue.message}` : 'malformed'}`, { cause: r.error });
-  }
-  return r.data;
 }
