@@ -314,3 +314,12 @@ test('a data stream lost during pre-copy resumes the VM on the source; the desti
   for (const vm of made) assert.equal(vm.state, 'stopped', 'the half-filled destination VM was discarded');
   await src.stop();
 });
+
+test('a destination that never answers the handshake fails the migration by name; the VM runs on', async () => {
+  const src = await sourceVm('unanswered', 'mem=4MiB');
+  const [a] = memoryPair(); // nobody reads the other end
+  await assert.rejects(migrateSource(a, sourceVmOf(src), deps, { mode: 'precopy', baselineMs: 0, handshakeTimeoutMs: 200 }),
+    (e: unknown) => e instanceof FerryError && e.code === 'ERR_MIGRATION_TIMEOUT' && /HELLO_ACK/.test(e.message));
+  assert.equal(src.state, 'running');
+  await src.stop();
+});

@@ -22,6 +22,8 @@ import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, toWireBitmap
 import type { EngineDeps, MigrationOptions, MigrationPhase, MigrationProgress, MigrationResult, SourceVm } from './types.js';
 
 const MODULE_CHUNK = 1 << 20;
+/** How long the handshake waits for each answer by default (the destination VM's set-up gets 4×). */
+const HANDSHAKE_TIMEOUT_MS = 30_000;
 
 type Ownership = 'source' | 'in-doubt' | 'destination';
 
@@ -206,7 +208,7 @@ class SourceSession {
       moduleSha256: this.vm.moduleSha256, moduleBytes: this.vm.module.length, config: this.vm.config, offer,
       ...(this.opts.gang ? { gang: this.opts.gang.id } : {}),
     });
-    const ack = await this.inbox.next('HELLO_ACK');
+    const ack = await this.within(this.inbox.next('HELLO_ACK'), this.opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS, 'HELLO_ACK');
     if (!ack.accepted) throw new RemoteMigrationError(ack.code, `destination refused the migration: ${ack.message}`);
     if (ack.mode !== this.opts.mode) throw new MigrationError('ERR_MIGRATION_MODE', `destination chose ${ack.mode}, ${this.opts.mode} was asked for`);
     if (ack.streams > wantStreams) throw new MigrationError('ERR_MIGRATION_STREAMS', `destination chose ${ack.streams} streams, at most ${wantStreams} were offered`);
@@ -244,7 +246,23 @@ class SourceSession {
     }
     // The destination acknowledges once its VM is ready to start (thread loaded): only then may
     // we pause, so the destination's set-up is not part of the downtime.
-    await this.inbox.ack('MODULE', this.vm.module.length);
+    await this.within(this.inbox.ack('MODULE', this.vm.module.length), (this.opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS) * 4, 'the destination VM to be ready (ACK of MODULE)');
+  }
+
+  /**
+   * `p`, or ERR_MIGRATION_TIMEOUT when the destination stays silent for `ms` (before the
+   * switchover, so the VM runs on here).
+   */
+  private async within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+    const ac = new AbortController();
+    const timeout = this.deps.clock.sleep(ms, ac.signal).then(() => {
+      throw new MigrationError('ERR_MIGRATION_TIMEOUT', `the destination did not answer within ${ms} ms (waiting for ${what})`);
+    }, () => undefined as never);
+    try {
+      return await Promise.race([p, timeout]);
+    } finally {
+      ac.abort();
+    }
   }
 
   /** Opens an extra connection of this session and presents the token; resolves once the destination acknowledged it. */
@@ -261,7 +279,7 @@ class SourceSession {
       if (!this.ending) this.inbox.fail(e);
     });
     await framed.send({ type: 'JOIN', token, stream, role });
-    await inbox.ack('JOIN', stream);
+    await this.within(inbox.ack('JOIN', stream), this.opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS, `ACK of JOIN for ${role} stream ${stream}`);
     return { framed, inbox };
   }
 

@@ -137,6 +137,11 @@ export interface MigrationOptions {
   faultChannel?: boolean;
   /** Gang migration: VMs migrating together share this de-duplication index (implies the `dedup` codec). */
   gang?: Gang;
+  /**
+   * A destination silent this long during the handshake (HELLO_ACK, JOIN) fails the migration with
+   * ERR_MIGRATION_TIMEOUT, the VM running on here; its VM set-up (ACK of MODULE) gets 4×. Default 30 s.
+   */
+  handshakeTimeoutMs?: number;
   signal?: AbortSignal;
   onProgress?: (p: MigrationProgress) => void;
 }
