@@ -24,6 +24,7 @@ function run(files, concurrency) {
   return new Promise((resolve) => {
     const child = spawn(process.execPath, ['--test', `--test-concurrency=${concurrency}`, '--test-timeout=300000', '--test-reporter=tap', ...files], { stdio: ['ignore', 'pipe', 'inherit'] });
     const counts = { pass: 0, fail: 0, skipped: 0 };
+    const failedFiles = [];
     let tail = '';
     child.stdout.on('data', (d) => {
       process.stdout.write(d);
@@ -33,9 +34,12 @@ function run(files, concurrency) {
       for (const line of lines) {
         const m = /^# (pass|fail|skipped) (\d+)$/.exec(line);
         if (m) counts[m[1]] = Number(m[2]);
+        // A file that failed as a whole (it timed out, or its process did not exit cleanly).
+        const f = /^not ok \d+ - (\S+\.test\.js)$/.exec(line);
+        if (f) failedFiles.push(f[1]);
       }
     });
-    child.on('close', (code) => resolve({ code: code ?? 1, counts }));
+    child.on('close', (code) => resolve({ code: code ?? 1, counts, failedFiles }));
   });
 }
 
@@ -51,5 +55,6 @@ const results = [];
 if (rest.length) results.push(await run(rest, 2));
 if (alone.length) results.push(await run(alone, 1));
 const sum = (k) => results.reduce((n, r) => n + r.counts[k], 0);
-console.log(`tests: ${sum('pass')} passed, ${sum('fail')} failed, ${sum('skipped')} skipped`);
+const failedFiles = results.flatMap((r) => r.failedFiles);
+console.log(`tests: ${sum('pass')} passed, ${sum('fail')} failed, ${sum('skipped')} skipped${failedFiles.length ? `; test files that failed as a whole: ${failedFiles.join(', ')}` : ''}`);
 process.exit(results.some((r) => r.code !== 0) ? 1 : 0);

@@ -8,9 +8,12 @@ import { HostAgent, type HostAgentInit } from '../../src/node/agent/agent.js';
 import { KvClient } from '../../src/node/kv-client.js';
 import type { Connection, Transport } from '../../src/core/transport/transport.js';
 import { tcp } from '../../src/node/transport/tcp.js';
+import { leaveWhenDone } from '../helpers/leave-when-done.js';
 import { startsLikeRelay } from '../../src/node/net/relay.js';
 import { FramedConnection } from '../../src/core/transport/framed.js';
 import { FerryError } from '../../src/core/errors.js';
+
+leaveWhenDone();
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- JSON replies of several shapes, checked field by field
 type Reply = any;

@@ -42,6 +42,8 @@ export interface DestinationOutcome {
   /** Connections that carried pages, and whether page requests had their own. */
   streams: number;
   faultChannel: boolean;
+  /** The source acknowledged COMPLETE (released its copy). False when its ACK never came: the VM runs here all the same. */
+  acknowledged: boolean;
 }
 
 export interface MigrationAcceptorInit {
@@ -532,9 +534,7 @@ class DestinationSession {
       this.started = true;
       const startMs = this.deps.clock.now() - swAt;
       await this.framed.send({ type: 'RESUMED', pagesMissing: 0 });
-      await this.framed.send({ type: 'COMPLETE', digest: { algorithm: 'sha256', hex } });
-      await this.inbox.ack('COMPLETE', 0);
-      await this.close();
+      await this.complete(hex);
       return this.outcome(hello.vmName, mode, want === null ? null : hex === want, startMs);
     }
 
@@ -557,12 +557,25 @@ class DestinationSession {
     if (this.pageError) throw this.pageError;
     await vm.allPresent();
     const hex = digest.hex((b) => this.deps.sha256Hex(b));
-    await this.framed.send({ type: 'COMPLETE', digest: { algorithm: 'sha256', hex } });
-    await this.inbox.ack('COMPLETE', 0);
-    await this.close();
+    await this.complete(hex);
     if (want !== null && hex !== want) throw new MigrationError('ERR_MIGRATION_VERIFY', `memory digest mismatch after post-copy: source ${want.slice(0, 16)}…, here ${hex.slice(0, 16)}…`);
     return this.outcome(hello.vmName, mode, want === null ? null : true, startMs);
   }
+
+  /**
+   * Every page is here and the VM runs: COMPLETE, then the source's ACK. From COMPLETE on the VM is
+   * this host's whatever happens to the connections — the source closing its extra connections
+   * before we read its ACK, or the ACK never coming, must not cost the VM.
+   */
+  private async complete(hex: string): Promise<void> {
+    this.ending = true;
+    await this.framed.send({ type: 'COMPLETE', digest: { algorithm: 'sha256', hex } }).catch(() => undefined);
+    this.acknowledged = await this.inbox.ack('COMPLETE', 0).then(() => true, () => false);
+    await this.close();
+  }
+
+  /** The source acknowledged COMPLETE (it released its copy); false when its ACK never came. */
+  private acknowledged = false;
 
   private async close(): Promise<void> {
     this.ending = true;
@@ -572,7 +585,7 @@ class DestinationSession {
   private outcome(vmName: string, mode: MigrationMode, verified: boolean | null, startMs: number): DestinationOutcome {
     return {
       vmName, mode, verified, pagesReceived: this.pagesReceived, faults: this.faults, faultLatencyMs: this.latency.summary(), startMs,
-      streams: 1 + this.joined.size, faultChannel: this.fault !== null,
+      streams: 1 + this.joined.size, faultChannel: this.fault !== null, acknowledged: this.acknowledged,
     };
   }
 }
