@@ -123,7 +123,8 @@ for (const codecs of SETS) {
     const t = r.transfer!;
     assert.equal(r.verified, true);
     assert.deepEqual(t.codecs, codecs);
-    assert.ok(r.rounds.length >= 4, 'rounds re-sent the hot pages');
+    // At least one round re-sent hot pages (a loaded machine starves the guest, so pre-copy may converge before the round limit).
+    assert.ok(r.rounds.length >= 2 && r.pages.resent > 0, `rounds re-sent the hot pages (${r.rounds.length} rounds, ${r.pages.resent} re-sent)`);
     const s = t.codecStats;
     if (codecs.includes('xbzrle')) {
       assert.ok(s['page.xbzrle.hits'] > 0, `re-dirtied pages went as deltas: ${JSON.stringify(s)}`);
