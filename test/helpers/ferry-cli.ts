@@ -1,5 +1,6 @@
 /** Runs the real `ferry` command line (bin/ferry.js) as a child process. */
-import { execFile } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { createInterface } from 'node:readline';
 import { promisify } from 'node:util';
 import { fileURLToPath } from 'node:url';
 
@@ -14,4 +15,28 @@ export async function ferry(args: string[]): Promise<{ code: number; stdout: str
     const err = e as { code: number; stdout: string; stderr: string };
     return { code: err.code, stdout: err.stdout, stderr: err.stderr };
   }
+}
+
+/** A long-running `ferry …` child (with --json), once it printed its "started" event. */
+export interface StartedFerry<T> {
+  proc: ChildProcess;
+  started: T;
+  /** Resolves with the exit code. */
+  exit: Promise<number>;
+}
+
+/** Runs `ferry <args>` in the background; resolves with its "started" JSON event, rejects if it exits first. */
+export function ferryStarted<T>(args: string[]): Promise<StartedFerry<T>> {
+  const proc = spawn(process.execPath, [ferryBin, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  proc.stderr!.on('data', (d) => (stderr += d));
+  const exit = new Promise<number>((r) => proc.on('exit', (code) => r(code ?? -1)));
+  return new Promise((resolve, reject) => {
+    const rl = createInterface({ input: proc.stdout! });
+    rl.on('line', (line) => {
+      const ev = JSON.parse(line) as T & { event: string };
+      if (ev.event === 'started') resolve({ proc, started: ev, exit });
+    });
+    void exit.then((code) => reject(new Error(`ferry ${args.slice(0, 2).join(' ')} exited with ${code} before starting: ${stderr}`)));
+  });
 }

@@ -1,29 +1,15 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { createInterface } from 'node:readline';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { KvClient } from '../../src/node/kv-client.js';
-import { ferry, ferryBin } from '../helpers/ferry-cli.js';
+import { ferry, ferryStarted, type StartedFerry } from '../helpers/ferry-cli.js';
 
-const bin = ferryBin;
 
 /** Starts a foreground `ferry vm run|restore … --json` and resolves with its "started" event. */
-function foreground(args: string[]): Promise<{ proc: ChildProcess; started: { endpoint: string | null; name: string }; exit: Promise<number> }> {
-  const proc = spawn(process.execPath, [bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  proc.stderr!.on('data', (d) => (stderr += d));
-  const exit = new Promise<number>((r) => proc.on('exit', (code) => r(code ?? -1)));
-  return new Promise((resolve, reject) => {
-    const rl = createInterface({ input: proc.stdout! });
-    rl.on('line', (line) => {
-      const ev = JSON.parse(line) as { event: string; endpoint: string | null; name: string };
-      if (ev.event === 'started') resolve({ proc, started: ev, exit });
-    });
-    void exit.then((code) => reject(new Error(`ferry exited with ${code} before starting: ${stderr}`)));
-  });
+function foreground(args: string[]): Promise<StartedFerry<{ endpoint: string | null; name: string }>> {
+  return ferryStarted(args);
 }
 
 async function kv(endpoint: string): Promise<KvClient> {

@@ -1,7 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { createInterface } from 'node:readline';
+import type { ChildProcess } from 'node:child_process';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -9,26 +8,14 @@ import { KvClient } from '../../src/node/kv-client.js';
 import { Command, CommanderError } from 'commander';
 import { MonotonicEta, MonotonicFraction, formatTransfer } from '../../src/node/cli/migrate.js';
 import { buildProgram } from '../../src/node/cli/main.js';
-import { ferry, ferryBin } from '../helpers/ferry-cli.js';
+import { ferry, ferryStarted, type StartedFerry } from '../helpers/ferry-cli.js';
 
-const bin = ferryBin;
 
 interface Started { control: string; migration: string; name: string }
 
 /** `ferry host start … --json` as a child process; resolves with its "started" event. */
-function hostProcess(args: string[]): Promise<{ proc: ChildProcess; started: Started; exit: Promise<number> }> {
-  const proc = spawn(process.execPath, [bin, 'host', 'start', '--json', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  proc.stderr!.on('data', (d) => (stderr += d));
-  const exit = new Promise<number>((r) => proc.on('exit', (code) => r(code ?? -1)));
-  return new Promise((resolve, reject) => {
-    const rl = createInterface({ input: proc.stdout! });
-    rl.on('line', (line) => {
-      const ev = JSON.parse(line) as Started & { event: string };
-      if (ev.event === 'started') resolve({ proc, started: ev, exit });
-    });
-    void exit.then((code) => reject(new Error(`ferry host start exited with ${code} before starting: ${stderr}`)));
-  });
+function hostProcess(args: string[]): Promise<StartedFerry<Started>> {
+  return ferryStarted(['host', 'start', '--json', ...args]);
 }
 
 /** Stops host processes (each must exit 0 on SIGTERM) and removes their directory. */
