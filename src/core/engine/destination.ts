@@ -245,7 +245,7 @@ class DestinationSession {
   }
 
   private newStream(name: string): RxStream {
-    const s = new RxStream(name, usesCodecs(this.agreed) ? new StreamDecoder(this.agreed, this.deps.blobCodecs ?? {}, this.store, 4096) : null);
+    const s = new RxStream(name, usesCodecs(this.agreed) ? new StreamDecoder(this.agreed, this.deps.blobCodecs ?? {}, this.store, this.framed.decoder.limits.maxPagesPerBatch) : null);
     this.rx.push(s);
     return s;
   }

@@ -15,11 +15,14 @@ import { Ctl } from '../vm/control.js';
 import type { GlobalDesc } from '../vm/globals.js';
 import type { Vm, VmState } from '../vm/vm.js';
 
+/** The page hash of the memory digest (EngineDeps.hashPage): xxh64 of one page, read in place. */
+const hashPage = (page: Uint8Array): bigint => xxh64(page);
+
 export function nodeEngineDeps(): EngineDeps {
   return {
     clock: realClock(),
     sha256Hex: (b) => createHash('sha256').update(b).digest('hex'),
-    hashPage: (b, off) => xxh64(b.subarray(off, off + PAGE_SIZE)),
+    hashPage: (b, off) => hashPage(b.subarray(off, off + PAGE_SIZE)),
     blobCodecs: nodeBlobCodecs(),
     yieldToIo: () => new Promise<void>((r) => setImmediate(r)),
   };
@@ -73,7 +76,7 @@ export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
     guestPages: () => vm.guestPages,
     readPage: (p, into, off) => vm.readPageInto(p, into, off),
     // The binding reads shared memory in place: no copy for the digest.
-    hashPage: (p) => xxh64(vm.pageView(p)),
+    hashPage: (p) => hashPage(vm.pageView(p)),
     isZeroPage: (p) => (zero ??= zeroScanner({ memory: vm.memory })).isZero(vm.pageView(p)),
     startDirtyLog: () => vm.startDirtyLog(),
     harvestDirty: () => vm.harvestDirty(),
