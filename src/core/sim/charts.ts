@@ -73,14 +73,8 @@ export function lineChart(spec: ChartSpec): string {
     if (xTicks.length < 2) xTicks = [x0, x1];
   } else xTicks = niceTicks(x0, x1);
   const o: string[] = [];
-  o.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">`);
-  o.push(`<rect width="${W}" height="${H}" fill="white"/>`);
-  o.push(`<text x="${W / 2 - m.r / 2}" y="20" text-anchor="middle" font-size="14" font-weight="bold">${esc(spec.title)}</text>`);
-  for (const v of yTicks) {
-    const y = num(ty(v));
-    o.push(`<line x1="${m.l}" y1="${y}" x2="${m.l + pw}" y2="${y}" stroke="#e5e5e5"/>`);
-    o.push(`<text x="${m.l - 6}" y="${y}" text-anchor="end" dominant-baseline="middle">${esc(fy(v))}</text>`);
-  }
+  openChart(o, W, H, m, spec.title);
+  yGrid(o, yTicks, ty, m, pw, fy);
   for (const v of xTicks) {
     const x = num(tx(v));
     o.push(`<line x1="${x}" y1="${m.t}" x2="${x}" y2="${m.t + ph}" stroke="#f0f0f0"/>`);
@@ -131,14 +125,8 @@ export function barChart(spec: BarChartSpec): string {
   const gw = pw / spec.groups.length;
   const bw = (gw * 0.8) / Math.max(1, spec.series.length);
   const o: string[] = [];
-  o.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">`);
-  o.push(`<rect width="${W}" height="${H}" fill="white"/>`);
-  o.push(`<text x="${W / 2 - m.r / 2}" y="20" text-anchor="middle" font-size="14" font-weight="bold">${esc(spec.title)}</text>`);
-  for (const v of ticks) {
-    const y = num(ty(v));
-    o.push(`<line x1="${m.l}" y1="${y}" x2="${m.l + pw}" y2="${y}" stroke="#e5e5e5"/>`);
-    o.push(`<text x="${m.l - 6}" y="${y}" text-anchor="end" dominant-baseline="middle">${esc(fy(v))}</text>`);
-  }
+  openChart(o, W, H, m, spec.title);
+  yGrid(o, ticks, ty, m, pw, fy);
   o.push(`<rect x="${m.l}" y="${m.t}" width="${pw}" height="${ph}" fill="none" stroke="#333"/>`);
   o.push(`<text transform="translate(16 ${m.t + ph / 2}) rotate(-90)" text-anchor="middle">${esc(spec.yLabel)}</text>`);
   spec.groups.forEach((g, gi) => {
@@ -231,4 +219,22 @@ export function scenarioCharts(r: ScenarioResult): { file: string; svg: string }
     });
   }
   return out;
+}
+
+type Margins = { l: number; r: number; t: number; b: number };
+
+/** The SVG element, its white background and the title: the start of every chart. */
+function openChart(o: string[], W: number, H: number, m: Margins, title: string): void {
+  o.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">`);
+  o.push(`<rect width="${W}" height="${H}" fill="white"/>`);
+  o.push(`<text x="${W / 2 - m.r / 2}" y="20" text-anchor="middle" font-size="14" font-weight="bold">${esc(title)}</text>`);
+}
+
+/** Horizontal grid lines with their y-axis labels. */
+function yGrid(o: string[], ticks: readonly number[], ty: (y: number) => number, m: Margins, pw: number, fy: (v: number) => string): void {
+  for (const v of ticks) {
+    const y = num(ty(v));
+    o.push(`<line x1="${m.l}" y1="${y}" x2="${m.l + pw}" y2="${y}" stroke="#e5e5e5"/>`);
+    o.push(`<text x="${m.l - 6}" y="${y}" text-anchor="end" dominant-baseline="middle">${esc(fy(v))}</text>`);
+  }
 }
