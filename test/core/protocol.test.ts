@@ -515,3 +515,40 @@ test('PagesFrameBuilder produces exactly the bytes encodePages does, and decodes
   assert.throws(() => full.addZero(2), InvalidArgumentError);
   assert.throws(() => new PagesFrameBuilder(1, 4096).finish(0, false), InvalidArgumentError);
 });
+
+test('recycle: a big PAGES frame given back is reused for the next one, which still decodes exactly', () => {
+  const d = new FrameDecoder();
+  const frameOf = (seed: number, n: number) => encodePages({ seq: seed, demand: false, pages: Array.from({ length: n }, (_, i) => ({ index: seed * 1000 + i, encoding: Encoding.RAW, data: page(seed + i) })) });
+  const feed = (bytes: Uint8Array) => {
+    const out: Frame[] = [];
+    for (let at = 0; at < bytes.length; at += 65536) out.push(...d.push(bytes.subarray(at, at + 65536))); // as a socket delivers it
+    return out;
+  };
+  const [a] = feed(frameOf(1, 40));
+  assert.equal(a.type, 'PAGES');
+  const bufA = a.type === 'PAGES' ? a.pages[0].data.buffer : null;
+  d.recycle(a);
+  // A smaller big frame lands in the same buffer (longer than the frame: only its length counts).
+  const [b] = feed(frameOf(2, 30));
+  assert.ok(b.type === 'PAGES');
+  assert.equal(b.pages[0].data.buffer, bufA, 'the recycled buffer was reused');
+  assert.equal(b.pages.length, 30);
+  for (const [i, p] of b.pages.entries()) {
+    assert.equal(p.index, 2000 + i);
+    assert.deepEqual(p.data, page(2 + i));
+  }
+  // Not given back: the next frame gets a buffer of its own, and b's data stays intact.
+  const [c] = feed(frameOf(3, 40));
+  assert.ok(c.type === 'PAGES');
+  assert.notEqual(c.pages[0].data.buffer, bufA);
+  assert.deepEqual(b.pages[29].data, page(2 + 29));
+  // A frame given back twice, or one this decoder never assembled, changes nothing.
+  d.recycle(b);
+  d.recycle(b);
+  d.recycle({ type: 'PUSH_DONE', pagesSent: 1 });
+  const [e] = feed(frameOf(4, 40));
+  const [f] = feed(frameOf(5, 40));
+  assert.ok(e.type === 'PAGES' && f.type === 'PAGES');
+  assert.notEqual(e.pages[0].data.buffer, f.pages[0].data.buffer, 'one buffer given back serves one frame');
+  assert.deepEqual(e.pages[39].data, page(4 + 39));
+});

@@ -179,7 +179,22 @@ class RxStream {
     this.watchdog?.abort();
     this.watchdog = null;
   }
-  constructor(readonly name: string, readonly decoder: StreamDecoder | null) {}
+  /** The frame `cur` came from, while it is being applied. */
+  frame: PagesFrame | BatchFrame | null = null;
+
+  /**
+   * @param framed the connection the stream's frames come in on: a PAGES frame applied in full
+   *   (every page copied into guest memory; no codec keeps a reference) gives its buffer back to
+   *   that connection's decoder for the next frame.
+   */
+  constructor(readonly name: string, readonly decoder: StreamDecoder | null, private readonly framed: FramedConnection) {}
+
+  /** The current frame is applied in full. */
+  done(): void {
+    if (this.frame?.type === 'PAGES' && !this.decoder) this.framed.decoder.recycle(this.frame);
+    this.frame = null;
+    this.cur = null;
+  }
 }
 
 class DestinationSession {
@@ -232,20 +247,20 @@ class DestinationSession {
     const conn = { framed, inbox };
     if (f.role === 'data') {
       this.joined.set(f.stream, conn);
-      const s = this.newStream(`stream ${f.stream}`);
+      const s = this.newStream(`stream ${f.stream}`, framed);
       inbox.on('PAGES', (p) => this.enqueue(s, p));
       inbox.on('BATCH', (b) => this.enqueue(s, b));
     } else {
       this.fault = conn;
       // Demand pages: raw or zero, applied as they come.
-      const s = this.newStream(FAULT_STREAM);
+      const s = this.newStream(FAULT_STREAM, framed);
       inbox.on('PAGES', (p) => this.enqueue(s, p));
     }
     await framed.send({ type: 'ACK', acked: 'JOIN', value: f.stream });
   }
 
-  private newStream(name: string): RxStream {
-    const s = new RxStream(name, usesCodecs(this.agreed) ? new StreamDecoder(this.agreed, this.deps.blobCodecs ?? {}, this.store, this.framed.decoder.limits.maxPagesPerBatch) : null);
+  private newStream(name: string, framed: FramedConnection): RxStream {
+    const s = new RxStream(name, usesCodecs(this.agreed) ? new StreamDecoder(this.agreed, this.deps.blobCodecs ?? {}, this.store, this.framed.decoder.limits.maxPagesPerBatch) : null, framed);
     this.rx.push(s);
     return s;
   }
@@ -268,6 +283,7 @@ class DestinationSession {
         if (!s.cur) {
           const f = s.queue.shift();
           if (!f) break;
+          s.frame = f;
           if (f.type === 'PAGES') s.cur = pagesEntries(f);
           else {
             if (!s.decoder) throw new ProtocolError('ERR_PROTOCOL_UNKNOWN_ENCODING', 'BATCH frame, but no codec was agreed');
@@ -301,7 +317,7 @@ class DestinationSession {
           if (e.seq >= 0) this.applied.set(e.seq, (this.applied.get(e.seq) ?? 0) + 1);
           s.k++;
         }
-        s.cur = null;
+        s.done();
       }
       if (s.blockedAt !== null) s.unblock();
     } catch (err) {
@@ -472,7 +488,7 @@ class DestinationSession {
     const token = Array.from(globalThis.crypto.getRandomValues(new Uint8Array(SESSION_TOKEN_BYTES)), (b) => b.toString(16).padStart(2, '0')).join('');
     this.token = token;
     this.acceptor.register(token, this);
-    const control = this.newStream('control connection');
+    const control = this.newStream('control connection', this.framed);
     await this.framed.send({ type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode, streams: this.streamsAgreed, codecs: this.agreed, token });
 
     const module = new Uint8Array(hello.moduleBytes);
