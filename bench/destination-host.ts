@@ -3,8 +3,11 @@
  * with FERRY_BENCH_DESTINATION=1), so the two engines have an event loop each, as on two hosts —
  * both share this machine's cores. It serves every connection through one MigrationAcceptor
  * (parallel streams and the fault channel JOIN their session; gang members share a store), sizes
- * each VM as the source announced (memory faulted in while it is readied), reports each outcome
- * with its set-up time and CPU time, and frees the VM: it only measures.
+ * each VM as the source announced, reports each outcome with its set-up time and CPU time, and
+ * frees the VM: it only measures. Like a host, it keeps a pool of guest memories
+ * (src/node/vm/memory-pool.ts): a VM that is done gives its memory back, zeroed in the background,
+ * and the next VM of that shape starts with backed memory; a VM with fresh memory has it faulted in
+ * while it is readied. Each outcome says which it was.
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
@@ -17,14 +20,18 @@ import { shaped, type ShapedConnectionInit } from '../src/core/transport/shaped.
 import { realClock } from '../src/node/clock.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../src/node/engine/adapters.js';
 import { InstrumentCache } from '../src/node/vm/instrument.js';
+import { GuestMemoryPool } from '../src/node/vm/memory-pool.js';
 import { Vm } from '../src/node/vm/vm.js';
 import { guestsDir } from '../src/node/paths.js';
 import { tcp } from '../src/node/transport/tcp.js';
 
 export type LinkInit = Omit<ShapedConnectionInit, 'clock'>;
 
-/** The destination's outcome, with how long its VM took to get ready and the CPU it spent. */
-export type Outcome = DestinationOutcome & { readyMs: number | null; cpuMs: number };
+/**
+ * The destination's outcome, with how long its VM took to get ready, the CPU it spent, and whether
+ * its guest memory came from the host's pool (already backed) or was fresh.
+ */
+export type Outcome = DestinationOutcome & { readyMs: number | null; cpuMs: number; pooled: boolean };
 
 export const deps = nodeEngineDeps();
 
@@ -71,11 +78,13 @@ async function destinationHost(): Promise<void> {
   let link: LinkInit | null = null;
   const send = (m: FromDestination) => process.send!(m);
   const acceptor = new MigrationAcceptor(deps);
+  // As a host would: a VM that is done gives its memory back, and the next VM of its shape takes it.
+  const pool = new GuestMemoryPool(1 << 30);
   const l = await tcp().listen({
     onConnection: (c) => {
       const conn = link ? shaped(c, { ...link, clock: realClock() }) : c;
       const made: Vm[] = [];
-      const ready: { ms: number | null } = { ms: null };
+      const ready: { ms: number | null; pooled: boolean } = { ms: null, pooled: false };
       let vmName: string | null = null;
       const cpu0 = process.cpuUsage();
       const factory: DestinationFactory = {
@@ -84,8 +93,9 @@ async function destinationHost(): Promise<void> {
           return {
             async create(module) {
               const t0 = performance.now();
-              const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] });
+              const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'], pool }, hello.guestBytes);
               made.push(vm);
+              ready.pooled = vm.memoryBacked;
               const adapter = new DestinationVmAdapter(vm, { guestBytes: hello.guestBytes });
               adapter.warm().then(() => { ready.ms = performance.now() - t0; }, () => undefined);
               return adapter;
@@ -94,8 +104,8 @@ async function destinationHost(): Promise<void> {
         },
       };
       acceptor.accept(conn, factory)
-        .then((o) => { if (o) send({ type: 'outcome', vmName: o.vmName, outcome: { ...o, readyMs: ready.ms, cpuMs: cpuMs(cpu0) } }); }, (e: Error) => send({ type: 'failed', vmName, message: e.message }))
-        .finally(async () => { for (const vm of made) await vm.stop().catch(() => undefined); });
+        .then((o) => { if (o) send({ type: 'outcome', vmName: o.vmName, outcome: { ...o, readyMs: ready.ms, cpuMs: cpuMs(cpu0), pooled: ready.pooled } }); }, (e: Error) => send({ type: 'failed', vmName, message: e.message }))
+        .finally(async () => { for (const vm of made) await vm.dispose().catch(() => undefined); });
     },
   });
   process.on('message', (m: ToDestination) => {

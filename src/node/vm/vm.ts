@@ -18,6 +18,7 @@ import { parseDeviceState } from './devices/state-schema.js';
 import type { FromWorker, ToWorker, VcpuWorkerData } from './vcpu-worker.js';
 import type { GlobalDesc } from './globals.js';
 import { copyBytes, prefaultFreshMemory } from './memory-access.js';
+import type { GuestMemoryPool } from './memory-pool.js';
 
 export interface VmInit {
   name: string;
@@ -37,6 +38,11 @@ export interface VmInit {
   idleWaitMs?: number;
   /** Variants to prepare. Default plain + dirty; a post-copy destination adds presence. */
   variants?: VariantName[];
+  /**
+   * The host's pool of ready guest memories: the VM takes its memory from it when one of its shape
+   * is there (zeroed and already backed: no page faults on first write), and dispose() gives it back.
+   */
+  pool?: GuestMemoryPool;
 }
 
 /** Everything about a VM that is not in guest memory. JSON-serializable. */
@@ -76,7 +82,9 @@ type Pending = { resolve: (v: unknown) => void; reject: (e: unknown) => void };
 
 export class Vm extends EventEmitter {
   readonly name: string;
-  readonly memory: WebAssembly.Memory;
+  private mem: WebAssembly.Memory | null;
+  /** The memory came from the host's pool: zero, and every page already backed. */
+  readonly memoryBacked: boolean;
   readonly info: GuestModuleInfo;
   readonly memoryBytes: number;
   readonly maxPages: number;
@@ -109,11 +117,16 @@ export class Vm extends EventEmitter {
     this.memoryBytes = init.memoryBytes;
     this.maxPages = init.memoryBytes / PAGE_SIZE;
     this.config = init.config ?? '';
-    this.memory = new WebAssembly.Memory({
-      initial: RESERVED_WASM_PAGES + initialGuestBytes / WASM_PAGE_SIZE,
-      maximum: RESERVED_WASM_PAGES + init.memoryBytes / WASM_PAGE_SIZE,
-      shared: true,
-    });
+    const shape = { initial: RESERVED_WASM_PAGES + initialGuestBytes / WASM_PAGE_SIZE, maximum: RESERVED_WASM_PAGES + init.memoryBytes / WASM_PAGE_SIZE };
+    const pooled = init.pool?.take(shape) ?? null;
+    this.memoryBacked = pooled !== null;
+    this.mem = pooled ?? new WebAssembly.Memory({ ...shape, shared: true });
+  }
+
+  /** Guest RAM (reserved region first). A VM that was disposed of has none: VmStateError. */
+  get memory(): WebAssembly.Memory {
+    if (!this.mem) throw new VmStateError(`VM ${this.name} was disposed of: its memory is gone`);
+    return this.mem;
   }
 
   /**
@@ -349,6 +362,19 @@ export class Vm extends EventEmitter {
     this.port?.close();
   }
 
+  /**
+   * Stops the VM for good and gives its memory back to the host's pool (VmInit.pool), to be zeroed
+   * and used by a later VM. Only for a VM nothing will read again: its memory is gone after this.
+   */
+  async dispose(): Promise<void> {
+    await this.stop();
+    const mem = this.mem;
+    if (!mem) return;
+    this.mem = null;
+    this.bytes = new Uint8Array(0);
+    this.init.pool?.give(mem, RESERVED_WASM_PAGES + this.memoryBytes / WASM_PAGE_SIZE);
+  }
+
   private async exitedOrStopped(): Promise<void> {
     await this.waitState((x) => x >= VmRunState.STOPPED).catch(() => undefined);
   }
@@ -417,6 +443,7 @@ export class Vm extends EventEmitter {
    * first page arrives. Resolves with the pages touched.
    */
   prefaultFresh(signal?: AbortSignal): Promise<number> {
+    if (this.memoryBacked) return Promise.resolve(0);
     return prefaultFreshMemory(this.memory, RESERVED_BYTES, RESERVED_BYTES + this.guestBytes, {
       yieldFn: () => new Promise<void>((r) => setImmediate(r)),
       signal,
