@@ -146,7 +146,7 @@ async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promis
     });
   }
   ctx.report({ metric: 'precopy-idle.tmt', value: r.totalMigrationTimeMs!, unit: 'ms', note: `${phases(last!)}; destination start ${last!.outcome.startMs.toFixed(1)} ms with nothing left to send, verified ${r.verified}` });
-  ctx.report({ metric: 'precopy-idle.set-up', value: median(setups), unit: 'ms', note: `start → first round (handshake, module, destination VM readied: vCPU thread and guest memory faulted in, ${last!.outcome.readyMs?.toFixed(0) ?? '?'} ms in the last run); median of ${reps}` });
+  ctx.report({ metric: 'precopy-idle.set-up', value: median(setups), unit: 'ms', note: `start → first round (handshake, module, destination memory ready); the destination's vCPU thread loads during the first round (VM ready to start after ${last!.outcome.readyMs?.toFixed(0) ?? '?'} ms in the last run); median of ${reps}` });
   return median(rates) * 1e9;
 }
 

@@ -201,6 +201,8 @@ class DestinationSession {
   private readonly inbox: Inbox;
   private vm: DestinationVm | null = null;
   private started = false;
+  /** The VM could start now (vCPU thread loaded): rounds may be acknowledged. */
+  private warmed = false;
   private maxPages = 0;
   private received = new Bitmap(0);
   private pagesReceived = 0;
@@ -416,6 +418,7 @@ class DestinationSession {
 
   /** Acknowledges each ROUND_END once all of its round's pages are applied, in order. */
   private settleRounds(): void {
+    if (!this.warmed) return; // the VM cannot start yet: the source must not pause (see serve)
     while (this.roundEnds.length > 0) {
       const r = this.roundEnds[0];
       if ((this.applied.get(r.round) ?? 0) < r.pages) return;
@@ -505,8 +508,24 @@ class DestinationSession {
     this.preHashes = new BigUint64Array(this.maxPages);
     const vm = await admission.create(module);
     this.vm = vm;
-    // The source pauses only after this ACK, so VM set-up is never part of the downtime.
-    await vm.warm();
+    // VM set-up is never part of the downtime. Post-copy starts the VM right after this ACK, so
+    // the ACK waits for the vCPU thread. Pre-copy and hybrid pause the source only once a round is
+    // acknowledged, so pages may flow as soon as memory is set up while the thread still loads:
+    // round acknowledgements wait for it instead (settleRounds).
+    const warm = vm.warm();
+    if (mode === 'postcopy' || !vm.memoryReady) {
+      await warm;
+      this.warmed = true;
+    } else {
+      warm.then(() => {
+        this.warmed = true;
+        this.settleRounds();
+      }, (e: unknown) => {
+        this.pageError ??= e instanceof Error ? e : new Error(String(e));
+        this.inbox.fail(this.pageError);
+      });
+      await vm.memoryReady();
+    }
     await this.framed.send({ type: 'ACK', acked: 'MODULE', value: hello.moduleBytes });
     vm.ensurePages(Math.ceil(hello.guestBytes / PAGE_SIZE));
     this.inbox.on('PAGES', (f) => this.enqueue(control, f));

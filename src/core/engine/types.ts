@@ -76,6 +76,11 @@ export interface DestinationVm {
   onFault(handler: (page: number) => void): void;
   /** Resolves once the VM can start without further set-up (its vCPU thread is loaded). */
   warm(): Promise<void>;
+  /**
+   * Resolves once pages may be installed (guest memory is set up), which may be before warm():
+   * pre-copy then moves pages while the vCPU thread still loads. Without it, pages wait for warm().
+   */
+  memoryReady?(): Promise<void>;
   /** Throws the destination's VM away (migration failed before it owned the VM). */
   discard(): Promise<void>;
   progress(): number;

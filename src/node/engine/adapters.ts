@@ -131,6 +131,7 @@ export class DestinationVmAdapter implements DestinationVm {
   private serving = false;
   private readonly ctl: Int32Array;
   private readonly warming: Promise<void>;
+  private readonly memory: Promise<void>;
   private readonly stopPrefault = new AbortController();
   private prefaulting: boolean;
 
@@ -142,8 +143,14 @@ export class DestinationVmAdapter implements DestinationVm {
     // measured slower).
     const thread = vm.prewarm();
     this.prefaulting = init.prefault !== false;
-    const memory = this.prefaulting ? vm.prefaultFresh(this.stopPrefault.signal).finally(() => (this.prefaulting = false)) : null;
+    const memory = this.prefaulting ? vm.prefaultFresh(this.stopPrefault.signal).finally(() => (this.prefaulting = false)) : Promise.resolve(0);
+    this.memory = memory.then(() => undefined);
     this.warming = Promise.all([thread, memory]).then(() => undefined);
+  }
+
+  /** Resolves once guest memory is faulted in (at once for memory from the host's pool). */
+  memoryReady(): Promise<void> {
+    return this.memory;
   }
 
   /**
