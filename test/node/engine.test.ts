@@ -7,7 +7,8 @@ import { InstrumentCache } from '../../src/node/vm/instrument.js';
 import { guestsDir } from '../../src/node/paths.js';
 import { migrateSource } from '../../src/core/engine/source.js';
 import { serveDestination, type DestinationOutcome } from '../../src/core/engine/destination.js';
-import { nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
+import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
+import type { DestinationFactory } from '../../src/core/engine/types.js';
 import type { MigrationMode } from '../../src/core/protocol/frames.js';
 import { memoryPair } from '../../src/core/transport/memory.js';
 import { tcp } from '../../src/node/transport/tcp.js';
@@ -139,3 +140,61 @@ test('cancel through the AbortSignal before switchover leaves the VM on the sour
   assert.equal(src.state, 'running');
   await src.stop();
 });
+
+for (const mode of ['precopy', 'hybrid', 'postcopy'] as MigrationMode[]) {
+  test(`${mode}: pages may arrive while the destination's vCPU thread loads, but the source pauses only once the VM can start`, async () => {
+    const src = await source('mem=8MiB wss=2MiB rate=4000000');
+    const [a, b] = memoryPair();
+    const made: Vm[] = [];
+    let written = 0;
+    let pagesBeforeReady = -1;
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    // The real adapter, with a vCPU thread that takes until the gate opens to be ready.
+    class SlowThread extends DestinationVmAdapter {
+      override writePage(page: number, data: Uint8Array, offset: number): void {
+        written++;
+        super.writePage(page, data, offset);
+      }
+      override async warm(): Promise<void> {
+        await super.warm();
+        await gate;
+      }
+    }
+    const slow: DestinationFactory = {
+      async admit(hello) {
+        return {
+          async create(module) {
+            const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] });
+            made.push(vm);
+            return new SlowThread(vm);
+          },
+        };
+      },
+    };
+    let paused = false;
+    const sourceVm = sourceVmOf(src, { onPause: () => (paused = true) });
+    const dest = serveDestination(b, slow, deps);
+    const moving = migrateSource(a, sourceVm, deps, { mode, baselineMs: 0 });
+    try {
+      // Wait until the migration is stuck on the gate: nothing changes for a while.
+      let last = -1;
+      for (let i = 0; i < 200 && written !== last; i++) {
+        last = written;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      pagesBeforeReady = written;
+      assert.equal(paused, false, 'the source did not pause while the destination VM could not start');
+      assert.equal(src.state, 'running');
+      if (mode === 'postcopy') assert.equal(pagesBeforeReady, 0, 'post-copy starts the VM right after the module ACK: it waits for the thread');
+      else assert.ok(pagesBeforeReady >= (6 << 20) / 4096, `pre-copy pages flowed while the thread loaded (${pagesBeforeReady})`);
+    } finally {
+      release();
+    }
+    const result = await moving;
+    await dest;
+    assert.equal(result.report.verified, true);
+    assert.equal(paused, true);
+    await made[0].stop();
+  });
+}
