@@ -122,12 +122,24 @@ export function fromWireBitmap(w: WireBitmap, size: number): Bitmap {
  */
 export class MemoryDigest {
   private readonly hashes: BigUint64Array;
-  constructor(readonly pages: number) {
-    this.hashes = new BigUint64Array(pages);
+  readonly pages: number;
+  constructor(pages: number, hashes?: BigUint64Array) {
+    this.hashes = hashes ?? new BigUint64Array(pages);
+    this.pages = this.hashes.length;
+  }
+
+  /** A digest over `hashes` as they are (index = page), without a copy. */
+  static adopt(hashes: BigUint64Array): MemoryDigest {
+    return new MemoryDigest(0, hashes);
   }
 
   set(page: number, hash: bigint): void {
     this.hashes[page] = hash;
+  }
+
+  /** Page `page` counts as 0 (soft, or not yet here). Beyond the digest's pages: ignored. */
+  clear(page: number): void {
+    if (page < this.hashes.length) this.hashes[page] = 0n;
   }
 
   hex(sha256Hex: (b: Uint8Array) => string): string {
