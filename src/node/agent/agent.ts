@@ -26,6 +26,7 @@ import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../engine/adap
 import { tcp, parseTcpAddress } from '../transport/tcp.js';
 import { InstrumentCache } from '../vm/instrument.js';
 import { Vm, type VmStats } from '../vm/vm.js';
+import { GuestMemoryPool, type MemoryPoolStats } from '../vm/memory-pool.js';
 import { restoreSnapshot, writeSnapshot, type SnapshotStats } from '../vm/snapshot.js';
 import { ExposeEndpoint, parseHostPort } from '../net/expose.js';
 import { Relay, peekStart, startsLikeRelay, withPrefix } from '../net/relay.js';
@@ -54,6 +55,26 @@ export interface HostAgentInit {
   engineDeps?: EngineDeps;
   /** Most parallel data streams granted to one incoming migration (default: the engine's, 16). */
   maxIncomingStreams?: number;
+  /**
+   * Most bytes of ready guest memory this host keeps for later VMs (default
+   * {@link DEFAULT_MEMORY_POOL_BYTES}; 0 turns the pool off). A VM that leaves the host gives its
+   * memory back; a VM created or arriving later with the same memory shape takes it, zeroed and
+   * already backed by the kernel, instead of faulting fresh memory in (see GuestMemoryPool).
+   */
+  memoryPoolBytes?: number;
+}
+
+/**
+ * Memory pool capacity when none is given: room for the memory of a few small VMs, or one larger
+ * one, coming back (a VM migrated away and back is the common case; see GuestMemoryPool). The pool
+ * holds only memory VMs gave back, so an idle host keeps nothing.
+ */
+export const DEFAULT_MEMORY_POOL_BYTES = 512 << 20;
+
+/** The host's memory pool as GET /v1/host reports it. */
+export interface HostMemoryPoolJson extends MemoryPoolStats {
+  /** Most bytes the pool holds (0: off). */
+  capacityBytes: number;
 }
 
 export interface VmSpec {
@@ -140,6 +161,8 @@ interface ManagedVm {
   guest: string;
   link: NetLink | null;
   migration: MigrationJob | null;
+  /** Snapshots being written: they read guest memory, so it goes back to the pool only after them. */
+  readers: Set<Promise<unknown>>;
 }
 
 export { parseHostPort };
@@ -164,6 +187,8 @@ export class HostAgent extends EventEmitter {
   readonly capacityBytes: number;
   private readonly guests: string;
   private readonly quantumMs: number | undefined;
+  /** Ready guest memories: VMs leaving this host give theirs back, VMs created or arriving take them. */
+  private readonly pool: GuestMemoryPool;
   private readonly vms = new Map<string, ManagedVm>();
   private http: FastifyInstance | null = null;
   private readonly transport: Transport;
@@ -193,6 +218,7 @@ export class HostAgent extends EventEmitter {
     this.guests = init.guestsDir ?? guestsDir();
     this.cache = init.cache ?? new InstrumentCache({ dir: join(init.dataDir, 'cache') });
     this.quantumMs = init.quantumMs;
+    this.pool = new GuestMemoryPool(init.memoryPoolBytes ?? DEFAULT_MEMORY_POOL_BYTES);
     this.capacityBytes = init.capacityBytes ?? totalmem();
     this.transport = init.transport ?? tcp();
     this.deps = init.engineDeps ?? nodeEngineDeps();
@@ -261,12 +287,12 @@ export class HostAgent extends EventEmitter {
       block = { path: spec.disk ? resolve(spec.disk) : join(this.dataDir, 'disks', `${spec.name}.img`), sizeBytes };
     }
     const vm = Vm.create({
-      name: spec.name, module: bytes, memoryBytes, config: spec.config ?? '', cache: this.cache,
+      name: spec.name, module: bytes, memoryBytes, config: spec.config ?? '', cache: this.cache, pool: this.pool,
       ...(block ? { block } : {}),
       ...(spec.fixedBudget ? { fixedBudget: spec.fixedBudget } : {}),
       ...(this.quantumMs ? { quantumMs: this.quantumMs } : {}),
     });
-    const managed: ManagedVm = { vm, guest: label, link: null, migration: null };
+    const managed: ManagedVm = { vm, guest: label, link: null, migration: null, readers: new Set() };
     this.attach(managed);
     try {
       if (exposeAt) managed.link = await this.exposeVm(vm, label, exposeAt);
@@ -275,7 +301,7 @@ export class HostAgent extends EventEmitter {
     } catch (e) {
       this.vms.delete(spec.name);
       await this.closeLink(managed.link);
-      await vm.stop();
+      await this.retire(managed);
       throw e;
     }
     return this.summary(spec.name);
@@ -286,7 +312,7 @@ export class HostAgent extends EventEmitter {
     const exposeAt = opts.expose ? parseHostPort(opts.expose) : null;
     const { vm, header } = await restoreSnapshot(path, { cache: this.cache, noStart: true, ...(opts.name ? { name: opts.name } : {}) });
     this.checkNameFree(vm.name);
-    const managed: ManagedVm = { vm, guest: header.state.name, link: null, migration: null };
+    const managed: ManagedVm = { vm, guest: header.state.name, link: null, migration: null, readers: new Set() };
     this.attach(managed);
     try {
       if (exposeAt) managed.link = await this.exposeVm(vm, managed.guest, exposeAt);
@@ -295,7 +321,7 @@ export class HostAgent extends EventEmitter {
     } catch (e) {
       this.vms.delete(vm.name);
       await this.closeLink(managed.link);
-      await vm.stop();
+      await this.retire(managed);
       throw e;
     }
     return this.summary(vm.name);
@@ -357,7 +383,11 @@ export class HostAgent extends EventEmitter {
     m.link?.hold();
     await m.vm.pause();
     try {
-      const stats = await writeSnapshot(m.vm, out);
+      const writing = writeSnapshot(m.vm, out);
+      const settled = writing.then(() => undefined, () => undefined);
+      m.readers.add(settled);
+      void settled.then(() => m.readers.delete(settled));
+      const stats = await writing;
       if (opts.stop) await this.stopVm(name);
       return stats;
     } finally {
@@ -368,12 +398,33 @@ export class HostAgent extends EventEmitter {
     }
   }
 
+  /** Stops a VM and removes it for good: its memory goes back to the host's pool. */
   async stopVm(name: string): Promise<void> {
     const m = this.get(name);
-    if (m.migration) m.migration.controller.abort(new VmStateError(`VM '${name}' was stopped`));
+    const job = m.migration;
+    if (job) job.controller.abort(new VmStateError(`VM '${name}' was stopped`));
     this.vms.delete(name);
     await this.closeLink(m.link);
     await m.vm.stop();
+    // An outgoing migration reads guest memory until it has ended.
+    await job?.done;
+    await this.retire(m);
+  }
+
+  /**
+   * Stops a VM this host is done with and gives its memory to the pool, once nothing reads it any
+   * more (snapshots being written). Only for a VM no table lists and no migration still reads: a
+   * later VM may take the memory and fill it. Never throws (the VM is gone either way).
+   */
+  private async retire(m: ManagedVm): Promise<void> {
+    await m.vm.stop().catch(() => undefined);
+    await Promise.all(m.readers);
+    await m.vm.dispose().catch(() => undefined);
+  }
+
+  /** The memory pool: its capacity and what it holds and has handed out. */
+  memoryPool(): HostMemoryPoolJson {
+    return { capacityBytes: this.pool.capacityBytes, ...this.pool.stats() };
   }
 
   summary(name: string): VmSummary {
@@ -459,7 +510,7 @@ export class HostAgent extends EventEmitter {
   private async serveIncoming(conn: Connection): Promise<void> {
     let reservedName: string | null = null;
     let managed: ManagedVm | null = null;
-    let started = false;
+    let adapter: StartHookedDestinationVm | null = null;
     const factory: DestinationFactory = {
       admit: async (hello: HelloFrame) => {
         const name = hello.vmName;
@@ -470,26 +521,28 @@ export class HostAgent extends EventEmitter {
         reservedName = name;
         return {
           create: async (module: Uint8Array): Promise<DestinationVm> => {
+            // Created at the source's size, so that memory the pool holds for it fits (a pool memory
+            // serves only its exact shape); the adapter's growTo is then a no-op.
             const vm = Vm.create({
-              name, module, memoryBytes: hello.memoryBytes, config: hello.config, cache: this.cache,
+              name, module, memoryBytes: hello.memoryBytes, config: hello.config, cache: this.cache, pool: this.pool,
               variants: ['plain', 'dirty', 'presence'],
               ...(this.quantumMs ? { quantumMs: this.quantumMs } : {}),
-            });
+            }, hello.guestBytes);
             const home = this.away.get(name) ?? null;
             const remote = home ? null : (this.incomingRelays.get(name) ?? null);
             const guest = home?.guest ?? remote?.hello.guest ?? `sha256:${hello.moduleSha256.slice(0, 12)}`;
-            const m: ManagedVm = { vm, guest, link: home ?? remote, migration: null };
+            const m: ManagedVm = { vm, guest, link: home ?? remote, migration: null, readers: new Set() };
             managed = m;
             this.attach(m);
             remote?.bindVm(vm);
             // The VM runs here once started: its clients' records must come here.
-            return new StartHookedDestinationVm(vm, hello.guestBytes, () => {
-              started = true;
+            adapter = new StartHookedDestinationVm(vm, hello.guestBytes, () => {
               // It runs here from now on: listed at once (post-copy may still be fetching pages).
               this.vms.set(name, m);
               if (home) home.comeHome(vm);
               else remote?.running();
             });
+            return adapter;
           },
         };
       },
@@ -505,10 +558,14 @@ export class HostAgent extends EventEmitter {
       this.emit('migration-in', outcome);
     } catch (e) {
       const m = managed as ManagedVm | null;
-      // After the start the VM ran here and depends on a source that failed: it cannot continue.
-      if (m && started) {
-        await m.vm.stop().catch(() => undefined);
+      // Before the start the engine discarded the VM; after it, the VM ran here and depends on a
+      // source that failed: it cannot continue. Either way nothing reads it again (the source runs
+      // its own copy, if any), so its memory goes to the pool.
+      if (m) {
         if (reservedName !== null && this.vms.get(reservedName) === m) this.vms.delete(reservedName);
+        // Ends the fault service and any prefaulting (both write guest memory); the engine may have done so.
+        await (adapter as StartHookedDestinationVm | null)?.discard().catch(() => undefined);
+        await this.retire(m);
       }
       throw e;
     } finally {
@@ -674,7 +731,7 @@ export class HostAgent extends EventEmitter {
         ...(transfer.gang ? { gang: transfer.gang } : {}),
       });
       failed = false;
-      // The destination owns the VM (the engine stopped it here).
+      // The destination owns the VM (the engine released it here: stopped).
       if (this.vms.get(m.vm.name) === m) this.vms.delete(m.vm.name);
       m.migration = null;
       if (link instanceof HomeLink && relay) {
@@ -684,6 +741,9 @@ export class HostAgent extends EventEmitter {
       }
       // A RemoteLink is fenced and closed by the home, which the VM went back to.
       held = false;
+      // Nothing reads this copy again (the engine is done with it; the links hand client records
+      // on, they never read guest memory): its memory serves the next VM that arrives here.
+      await this.retire(m);
       job.succeed(result);
       this.emit('migration-out', job.json());
     } catch (e) {
@@ -808,6 +868,7 @@ export function buildControlApi(agent: HostAgent): FastifyInstance {
   app.get('/v1/host', async () => ({
     name: agent.name, vms: agent.list().length, migration: agent.migrationAddress,
     capacityBytes: agent.capacityBytes, reservedBytes: agent.reservedBytes(), away: agent.awayList(),
+    memoryPool: agent.memoryPool(),
   }));
   app.get('/v1/vms', async () => agent.list());
   app.post('/v1/vms', async (req, reply) => {

@@ -7,7 +7,7 @@ import { mkdir, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { FerryError } from '../../core/errors.js';
 import { formatBytes } from '../../core/units.js';
-import { HostAgent, parseHostPort } from '../agent/agent.js';
+import { DEFAULT_MEMORY_POOL_BYTES, HostAgent, parseHostPort } from '../agent/agent.js';
 import { ferryHome } from '../paths.js';
 import { addressText, sizeBytes, sizeText } from './args.js';
 import { readRegistration, register, registeredNames, registryDir } from './registry.js';
@@ -43,6 +43,7 @@ const nameArg = (v: string) => {
 };
 const addrArg = addressText;
 const sizeArg = sizeBytes('capacity');
+const poolArg = sizeBytes('memory pool size');
 
 export function registerHostCommands(program: Command): void {
   const host = program.command('host').description('run host agents: the control API and migration endpoint of one host');
@@ -54,9 +55,10 @@ export function registerHostCommands(program: Command): void {
     .option('--migration <host:port>', 'migration listener address (default: the control host, a free port)', addrArg)
     .option('--data-dir <dir>', 'caches and disks of this host (default: <state dir>/hosts/<name>.d)')
     .option('--capacity <size>', 'guest RAM this host may reserve, e.g. 8GiB (default: the machine\'s memory)', sizeArg)
+    .option('--memory-pool <size>', `guest memory kept ready for later VMs, e.g. 1GiB: a VM that leaves this host gives its memory back, and a VM created or arriving later with the same memory size and ceiling takes it, zeroed and already backed (no page faults as it fills); 0 turns it off (default: ${formatBytes(DEFAULT_MEMORY_POOL_BYTES)})`, poolArg)
     .option('--state-dir <dir>', 'where hosts and VMs register (default $FERRY_HOME or ~/.ferry)')
     .option('--json', 'print events as JSON lines')
-    .action(async (o: { name: string; listen: string; migration?: string; dataDir?: string; capacity?: number; stateDir?: string; json?: boolean }) => {
+    .action(async (o: { name: string; listen: string; migration?: string; dataDir?: string; capacity?: number; memoryPool?: number; stateDir?: string; json?: boolean }) => {
       const home = stateHome(o.stateDir);
       if (await findHost(home, o.name)) throw new FerryError('ERR_HOST_EXISTS', `a host named '${o.name}' is already running (see ${join(hostsDir(home), `${o.name}.json`)})`);
       const at = parseHostPort(o.listen);
@@ -65,6 +67,7 @@ export function registerHostCommands(program: Command): void {
       const agent = new HostAgent({
         name: o.name, dataDir,
         ...(o.capacity !== undefined ? { capacityBytes: o.capacity } : {}),
+        ...(o.memoryPool !== undefined ? { memoryPoolBytes: o.memoryPool } : {}),
         ...(o.migration ? { migrationAddress: o.migration } : {}),
       });
       const log = (event: string, fields: Record<string, unknown>, text: string) => {
@@ -79,8 +82,9 @@ export function registerHostCommands(program: Command): void {
       const control = await agent.listen(at.host, at.port);
       const migration = agent.migrationAddress ?? '';
       const regFile = await register(home, 'hosts', { name: o.name, pid: process.pid, control, migration } satisfies HostRegistration);
-      log('started', { name: o.name, control, migration, capacityBytes: agent.capacityBytes },
-        `host ${o.name} running; control ${control}, migration ${migration}, capacity ${formatBytes(agent.capacityBytes)}`);
+      const poolBytes = agent.memoryPool().capacityBytes;
+      log('started', { name: o.name, control, migration, capacityBytes: agent.capacityBytes, memoryPoolBytes: poolBytes },
+        `host ${o.name} running; control ${control}, migration ${migration}, capacity ${formatBytes(agent.capacityBytes)}, memory pool ${poolBytes === 0 ? 'off' : formatBytes(poolBytes)}`);
       await new Promise<void>((res) => {
         process.once('SIGINT', res);
         process.once('SIGTERM', res);

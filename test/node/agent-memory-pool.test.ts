@@ -1,0 +1,344 @@
+/**
+ * The host agent's guest memory pool: VMs that leave a host (stopped, migrated away, an arrival
+ * that failed) give their memory back, and VMs created or arriving later with the same memory
+ * shape take it. Real agents in one process, real TCP on 127.0.0.1, stats read from GET /v1/host.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { DEFAULT_MEMORY_POOL_BYTES, HostAgent, type HostAgentInit, type HostMemoryPoolJson } from '../../src/node/agent/agent.js';
+import { InvalidArgumentError } from '../../src/core/errors.js';
+import { KvClient } from '../../src/node/kv-client.js';
+import type { Connection, Transport } from '../../src/core/transport/transport.js';
+import { tcp } from '../../src/node/transport/tcp.js';
+import { startsLikeRelay } from '../../src/node/net/relay.js';
+import { leaveWhenDone } from '../helpers/leave-when-done.js';
+import { ferry, ferryStarted } from '../helpers/ferry-cli.js';
+
+leaveWhenDone();
+
+// eslint-disable-next-line @typescript-eslint/no-explicit-any -- JSON replies of several shapes, checked field by field
+type Reply = any;
+
+async function http(url: string, method: string, body?: unknown): Promise<{ status: number; json: Reply }> {
+  const res = await fetch(url, { method, headers: body === undefined ? {} : { 'content-type': 'application/json' }, body: body === undefined ? undefined : JSON.stringify(body) });
+  const text = await res.text();
+  return { status: res.status, json: text ? JSON.parse(text) : null };
+}
+
+interface Host { agent: HostAgent; url: string }
+
+async function withHosts(fn: (a: Host, b: Host) => Promise<void>, init: { a?: Partial<HostAgentInit>; b?: Partial<HostAgentInit> } = {}): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-pool-'));
+  const a = new HostAgent({ name: 'a', dataDir: join(dir, 'a'), ...init.a });
+  const b = new HostAgent({ name: 'b', dataDir: join(dir, 'b'), ...init.b });
+  try {
+    const [ua, ub] = [await a.listen(), await b.listen()];
+    await fn({ agent: a, url: ua }, { agent: b, url: ub });
+  } finally {
+    await a.close();
+    await b.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+/** The pool as the host info endpoint reports it. */
+async function pool(host: Host): Promise<HostMemoryPoolJson> {
+  const r = await http(`${host.url}/v1/host`, 'GET');
+  assert.equal(r.status, 200);
+  return r.json.memoryPool as HostMemoryPoolJson;
+}
+
+/** Polls the host info until `ok` holds (at most 500 looks), then returns the pool. */
+async function poolWhen(host: Host, ok: (p: HostMemoryPoolJson) => boolean): Promise<HostMemoryPoolJson> {
+  let p = await pool(host);
+  for (let i = 0; i < 500 && !ok(p); i++) {
+    await new Promise((r) => setTimeout(r, 10));
+    p = await pool(host);
+  }
+  return p;
+}
+
+async function clientOf(host: Host, vm: string): Promise<KvClient> {
+  const ep = host.agent.summary(vm).endpoint!;
+  const i = ep.lastIndexOf(':');
+  const c = new KvClient(ep.slice(0, i), Number(ep.slice(i + 1)));
+  await c.connect();
+  return c;
+}
+
+async function finished(host: Host, id: string): Promise<Reply> {
+  for (;;) {
+    const r = await http(`${host.url}/v1/migrations/${id}`, 'GET');
+    assert.equal(r.status, 200);
+    if (r.json.status !== 'running') return r.json;
+    await new Promise((res) => setTimeout(res, 20));
+  }
+}
+
+async function migrate(from: Host, to: Host, mode: string): Promise<Reply> {
+  const r = await http(`${from.url}/v1/migrations`, 'POST', { vm: 'kv', to: to.url, mode });
+  assert.equal(r.status, 202, JSON.stringify(r.json));
+  return finished(from, r.json.id);
+}
+
+/**
+ * The destination's VM once it is listed (the source may report success a moment before the
+ * destination has read the last frame).
+ */
+async function arrived(host: Host, name: string): Promise<ReturnType<HostAgent['vm']>> {
+  for (let i = 0; i < 500 && !host.agent.list().some((v) => v.name === name); i++) await new Promise((r) => setTimeout(r, 10));
+  return host.agent.vm(name);
+}
+
+async function keysAreThere(c: KvClient, n: number): Promise<void> {
+  const got = await Promise.all(Array.from({ length: n }, (_, i) => c.get(`k${i}`)));
+  assert.deepEqual(got, Array.from({ length: n }, (_, i) => `v${i}`));
+}
+
+for (const back of ['precopy', 'postcopy'] as const) {
+  test(`kv moves a → b (pre-copy) and back (${back}): the way back takes the memory a kept, verifies, and every key is there`, async () => {
+    await withHosts(async (a, b) => {
+      await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '64MiB', expose: '127.0.0.1:0' });
+      const client = await clientOf(a, 'kv');
+      await Promise.all(Array.from({ length: 500 }, (_, i) => client.set(`k${i}`, `v${i}`)));
+      assert.deepEqual(await pool(a), { capacityBytes: DEFAULT_MEMORY_POOL_BYTES, hits: 0, misses: 1, memories: 0, bytes: 0 });
+
+      let done = await migrate(a, b, 'precopy');
+      assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
+      assert.equal(done.report.verified, true);
+      // The VM left a: its memory waits there. b had nothing to give the arrival.
+      const kept = await pool(a);
+      assert.equal(kept.memories, 1);
+      assert.ok(kept.bytes > 64 << 10, `a keeps the VM's memory (${kept.bytes} bytes)`);
+      assert.deepEqual(await pool(b), { capacityBytes: DEFAULT_MEMORY_POOL_BYTES, hits: 0, misses: 1, memories: 0, bytes: 0 });
+      assert.equal((await arrived(b, 'kv')).memoryBacked, false);
+      await keysAreThere(client, 500);
+
+      done = await migrate(b, a, back);
+      assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
+      assert.equal(done.report.verified, true);
+      const after = await pool(a);
+      assert.equal(after.hits, 1, 'the arrival on a took the memory a kept');
+      assert.equal(after.memories, 0);
+      assert.equal((await arrived(a, 'kv')).memoryBacked, true);
+      assert.equal((await pool(b)).memories, 1, 'b keeps the memory of the VM that left it');
+      await keysAreThere(client, 500);
+      await client.set('after', 'home');
+      assert.equal(await client.get('after'), 'home');
+      await client.close();
+    });
+  });
+}
+
+/** Resolves with the console lines of VM `name` once it halts. */
+function runToHalt(agent: HostAgent, name: string): Promise<{ code: number; lines: string[] }> {
+  const lines: string[] = [];
+  const onConsole = (vm: string, line: string) => {
+    if (vm === name) lines.push(line);
+  };
+  agent.on('console', onConsole);
+  return new Promise((resolve) => {
+    const onHalt = (vm: string, code: number) => {
+      if (vm !== name) return;
+      agent.off('console', onConsole);
+      agent.off('halt', onHalt);
+      resolve({ code, lines });
+    };
+    agent.on('halt', onHalt);
+  });
+}
+
+test('a VM deleted through the API gives its memory to the pool; the next VM of that shape takes it and runs as one in fresh memory does', async () => {
+  // compute keeps the memory size it declares, so a new VM of it has the shape the old one left.
+  const spec = { guest: 'compute', memory: '16MiB', config: 'kind=hash iters=200000 seed=7' };
+  await withHosts(async (a) => {
+    const fresh = runToHalt(a.agent, 'one');
+    let r = await http(`${a.url}/v1/vms`, 'POST', { name: 'one', ...spec });
+    assert.equal(r.status, 201, JSON.stringify(r.json));
+    assert.equal(a.agent.vm('one').memoryBacked, false);
+    const first = await fresh;
+    assert.equal(first.code, 0);
+    assert.match(first.lines.join('\n'), /compute: hash iters=200000 digest=[0-9a-f]+/);
+    assert.equal((await http(`${a.url}/v1/vms/one`, 'DELETE')).status, 204);
+    const kept = await pool(a);
+    assert.deepEqual(kept, { capacityBytes: DEFAULT_MEMORY_POOL_BYTES, hits: 0, misses: 1, memories: 1, bytes: (2 << 20) + (64 << 10) });
+
+    const pooled = runToHalt(a.agent, 'two');
+    r = await http(`${a.url}/v1/vms`, 'POST', { name: 'two', ...spec });
+    assert.equal(r.status, 201, JSON.stringify(r.json));
+    assert.deepEqual(await pool(a), { ...kept, hits: 1, memories: 0, bytes: 0 });
+    assert.equal(a.agent.vm('two').memoryBacked, true);
+    assert.deepEqual(await pooled, first, 'the same run, the same output');
+
+    // Memory serves only its exact shape: a VM with another ceiling does not take it.
+    assert.equal((await http(`${a.url}/v1/vms/two`, 'DELETE')).status, 204);
+    assert.equal((await pool(a)).memories, 1);
+    r = await http(`${a.url}/v1/vms`, 'POST', { name: 'three', ...spec, memory: '32MiB' });
+    assert.equal(r.status, 201, JSON.stringify(r.json));
+    assert.deepEqual(await pool(a), { ...kept, hits: 1, misses: 2, memories: 1 });
+    assert.equal(a.agent.vm('three').memoryBacked, false);
+  });
+});
+
+test('snapshot --stop: the memory goes to the pool after the snapshot is written, and the snapshot restores every key', async () => {
+  await withHosts(async (a) => {
+    await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '64MiB', expose: '127.0.0.1:0' });
+    const client = await clientOf(a, 'kv');
+    await Promise.all(Array.from({ length: 300 }, (_, i) => client.set(`k${i}`, `v${i}`)));
+    await client.close();
+    const out = join(a.agent.dataDir, 'kv.snap');
+    const r = await http(`${a.url}/v1/vms/kv/snapshot`, 'POST', { out, stop: true });
+    assert.equal(r.status, 200, JSON.stringify(r.json));
+    assert.deepEqual(a.agent.list(), []);
+    assert.equal((await pool(a)).memories, 1);
+    await a.agent.restoreVm(out, { expose: '127.0.0.1:0' });
+    const again = await clientOf(a, 'kv');
+    await keysAreThere(again, 300);
+    await again.close();
+  });
+});
+
+test('memoryPoolBytes 0: nothing is ever pooled, whether VMs stop or migrate away', async () => {
+  await withHosts(async (a, b) => {
+    await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '16MiB' });
+    await a.agent.stopVm('kv');
+    await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '16MiB' });
+    assert.equal(a.agent.vm('kv').memoryBacked, false);
+    const done = await migrate(a, b, 'precopy');
+    assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
+    assert.equal(done.report.verified, true);
+    // Requests still count as misses: the VMs took fresh memory.
+    assert.deepEqual(await pool(a), { capacityBytes: 0, hits: 0, misses: 2, memories: 0, bytes: 0 });
+    // b pools (its default): the same VM leaving b fills a pool that is on.
+    await arrived(b, 'kv');
+    await b.agent.stopVm('kv');
+    assert.equal((await pool(b)).memories, 1);
+  }, { a: { memoryPoolBytes: 0 } });
+});
+
+test('the pool capacity defaults to 512 MiB; one that is not a whole number of bytes ≥ 0 is refused by name', () => {
+  const dir = join(tmpdir(), 'ferry-pool-none');
+  assert.equal(new HostAgent({ name: 'x', dataDir: dir }).memoryPool().capacityBytes, 512 << 20);
+  assert.equal(new HostAgent({ name: 'x', dataDir: dir, memoryPoolBytes: 1 << 30 }).memoryPool().capacityBytes, 1 << 30);
+  for (const bad of [-1, 1.5, Number.NaN]) {
+    assert.throws(() => new HostAgent({ name: 'x', dataDir: dir, memoryPoolBytes: bad }), (e: unknown) => e instanceof InvalidArgumentError && /memory pool capacity/.test(e.message), String(bad));
+  }
+});
+
+test('a migration the destination refuses leaves the VM running at the source, its memory not pooled', async () => {
+  await withHosts(async (a, b) => {
+    await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '64MiB', expose: '127.0.0.1:0' });
+    const client = await clientOf(a, 'kv');
+    await Promise.all(Array.from({ length: 300 }, (_, i) => client.set(`k${i}`, `v${i}`)));
+    const done = await migrate(a, b, 'hybrid');
+    assert.equal(done.status, 'failed');
+    assert.equal(done.error.code, 'ERR_NO_CAPACITY');
+    assert.equal((await pool(a)).memories, 0);
+    assert.equal(a.agent.summary('kv').stats.state, 'running');
+    await keysAreThere(client, 300);
+    await client.close();
+  }, { b: { capacityBytes: 32 << 20 } });
+});
+
+/**
+ * A TCP transport whose migration streams (not relays) stop sending after `limit` bytes until
+ * `open()`: a migration that is certainly still in pre-copy, without relying on timing. (As in
+ * migrate-agent.test.)
+ */
+function gatedTcp(limit: number): { transport: Transport; stalled: Promise<void>; open(): void } {
+  const inner = tcp();
+  let open!: () => void;
+  const gate = new Promise<void>((r) => (open = r));
+  let stalledNow!: () => void;
+  const stalled = new Promise<void>((r) => (stalledNow = r));
+  const wrap = (c: Connection): Connection => {
+    let sent = 0;
+    let relay: boolean | null = null;
+    let aborted!: (e: Error) => void;
+    const abortedP = new Promise<never>((_, rej) => (aborted = rej));
+    abortedP.catch(() => undefined);
+    return {
+      localAddress: c.localAddress, remoteAddress: c.remoteAddress, closed: c.closed,
+      close: () => c.close(),
+      abort: (e) => {
+        aborted(e ?? new Error('aborted'));
+        c.abort(e);
+      },
+      [Symbol.asyncIterator]: () => c[Symbol.asyncIterator](),
+      write: async (bytes) => {
+        relay ??= startsLikeRelay(bytes);
+        sent += bytes.length;
+        if (!relay && sent > limit) {
+          stalledNow();
+          await Promise.race([gate, abortedP]);
+        }
+        return c.write(bytes);
+      },
+    };
+  };
+  return { transport: { name: 'gated-tcp', dial: async (addr, o) => wrap(await inner.dial(addr, o)), listen: (o) => inner.listen(o) }, stalled, open };
+}
+
+test('a migration cancelled in pre-copy: the destination pools the VM it discards, the source keeps its VM; the next try takes the pooled memory', async () => {
+  const gated = gatedTcp(200_000);
+  await withHosts(async (a, b) => {
+    await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '64MiB', expose: '127.0.0.1:0' });
+    const client = await clientOf(a, 'kv');
+    // Non-zero pages so pre-copy has more than the gate lets through.
+    await Promise.all(Array.from({ length: 3000 }, (_, i) => client.set(`k${i}`, `v${i}`.padEnd(100, 'p'))));
+    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'kv', to: b.url, mode: 'precopy' });
+    assert.equal(r.status, 202);
+    await gated.stalled;
+    assert.equal((await http(`${a.url}/v1/migrations/${r.json.id}`, 'DELETE')).status, 202);
+    gated.open();
+    const cancelled = await finished(a, r.json.id);
+    assert.equal(cancelled.status, 'cancelled');
+    // b learns of the cancellation from the stream; then it discards the VM it was filling.
+    const discarded = await poolWhen(b, (p) => p.memories > 0);
+    assert.equal(discarded.memories, 1, 'b pooled the memory of the VM it discarded');
+    assert.equal(discarded.misses, 1);
+    assert.deepEqual(b.agent.list(), []);
+    assert.equal((await pool(a)).memories, 0, 'the VM stays on a with its memory');
+    assert.equal(a.agent.summary('kv').stats.state, 'running');
+    const got = await Promise.all(Array.from({ length: 3000 }, (_, i) => client.get(`k${i}`)));
+    assert.deepEqual(got, Array.from({ length: 3000 }, (_, i) => `v${i}`.padEnd(100, 'p')));
+
+    const done = await migrate(a, b, 'precopy');
+    assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
+    assert.equal(done.report.verified, true);
+    assert.equal((await pool(b)).hits, 1);
+    assert.equal((await arrived(b, 'kv')).memoryBacked, true);
+    assert.equal(await client.get('k2999'), 'v2999'.padEnd(100, 'p'));
+    await client.close();
+  }, { a: { transport: gated.transport } });
+});
+
+test('ferry host start --memory-pool: a size (0: off) reaches the agent; a bad one is refused by name with exit 2', async () => {
+  for (const bad of ['bogus', '-5MiB', '12parsecs']) {
+    const r = await ferry(['host', 'start', '--name', 'a', '--memory-pool', bad]);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, new RegExp(`invalid memory pool size '${bad}'`));
+  }
+  const help = await ferry(['host', 'start', '--help']);
+  assert.match(help.stdout, /--memory-pool <size>[\s\S]*0 turns it off[\s\S]*default: 512 MiB/);
+
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-pool-cli-'));
+  try {
+    for (const [flag, bytes] of [['64MiB', 64 << 20], ['0', 0]] as const) {
+      const h = await ferryStarted<{ control: string; memoryPoolBytes: number }>(['host', 'start', '--json', '--name', `p${bytes}`, '--memory-pool', flag, '--data-dir', join(dir, flag), '--state-dir', join(dir, 'state')]);
+      try {
+        assert.equal(h.started.memoryPoolBytes, bytes);
+        const info = (await http(`${h.started.control}/v1/host`, 'GET')).json;
+        assert.deepEqual(info.memoryPool, { capacityBytes: bytes, hits: 0, misses: 0, memories: 0, bytes: 0 });
+      } finally {
+        h.proc.kill('SIGTERM');
+        assert.equal(await h.exit, 0);
+      }
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
