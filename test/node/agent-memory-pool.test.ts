@@ -8,41 +8,14 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { DEFAULT_MEMORY_POOL_BYTES, HostAgent, type HostAgentInit, type HostMemoryPoolJson } from '../../src/node/agent/agent.js';
+import { DEFAULT_MEMORY_POOL_BYTES, HostAgent, type HostMemoryPoolJson } from '../../src/node/agent/agent.js';
 import { InvalidArgumentError } from '../../src/core/errors.js';
 import { KvClient } from '../../src/node/kv-client.js';
-import type { Connection, Transport } from '../../src/core/transport/transport.js';
-import { tcp } from '../../src/node/transport/tcp.js';
-import { startsLikeRelay } from '../../src/node/net/relay.js';
 import { leaveWhenDone } from '../helpers/leave-when-done.js';
+import { clientOf, finished, gatedTcp, http, withHosts, type Host, type Reply } from '../helpers/agents.js';
 import { ferry, ferryStarted } from '../helpers/ferry-cli.js';
 
 leaveWhenDone();
-
-// eslint-disable-next-line @typescript-eslint/no-explicit-any -- JSON replies of several shapes, checked field by field
-type Reply = any;
-
-async function http(url: string, method: string, body?: unknown): Promise<{ status: number; json: Reply }> {
-  const res = await fetch(url, { method, headers: body === undefined ? {} : { 'content-type': 'application/json' }, body: body === undefined ? undefined : JSON.stringify(body) });
-  const text = await res.text();
-  return { status: res.status, json: text ? JSON.parse(text) : null };
-}
-
-interface Host { agent: HostAgent; url: string }
-
-async function withHosts(fn: (a: Host, b: Host) => Promise<void>, init: { a?: Partial<HostAgentInit>; b?: Partial<HostAgentInit> } = {}): Promise<void> {
-  const dir = await mkdtemp(join(tmpdir(), 'ferry-pool-'));
-  const a = new HostAgent({ name: 'a', dataDir: join(dir, 'a'), ...init.a });
-  const b = new HostAgent({ name: 'b', dataDir: join(dir, 'b'), ...init.b });
-  try {
-    const [ua, ub] = [await a.listen(), await b.listen()];
-    await fn({ agent: a, url: ua }, { agent: b, url: ub });
-  } finally {
-    await a.close();
-    await b.close();
-    await rm(dir, { recursive: true, force: true });
-  }
-}
 
 /** The pool as the host info endpoint reports it. */
 async function pool(host: Host): Promise<HostMemoryPoolJson> {
@@ -61,22 +34,6 @@ async function poolWhen(host: Host, ok: (p: HostMemoryPoolJson) => boolean): Pro
   return p;
 }
 
-async function clientOf(host: Host, vm: string): Promise<KvClient> {
-  const ep = host.agent.summary(vm).endpoint!;
-  const i = ep.lastIndexOf(':');
-  const c = new KvClient(ep.slice(0, i), Number(ep.slice(i + 1)));
-  await c.connect();
-  return c;
-}
-
-async function finished(host: Host, id: string): Promise<Reply> {
-  for (;;) {
-    const r = await http(`${host.url}/v1/migrations/${id}`, 'GET');
-    assert.equal(r.status, 200);
-    if (r.json.status !== 'running') return r.json;
-    await new Promise((res) => setTimeout(res, 20));
-  }
-}
 
 async function migrate(from: Host, to: Host, mode: string): Promise<Reply> {
   const r = await http(`${from.url}/v1/migrations`, 'POST', { vm: 'kv', to: to.url, mode });
@@ -243,44 +200,6 @@ test('a migration the destination refuses leaves the VM running at the source, i
   }, { b: { capacityBytes: 32 << 20 } });
 });
 
-/**
- * A TCP transport whose migration streams (not relays) stop sending after `limit` bytes until
- * `open()`: a migration that is certainly still in pre-copy, without relying on timing. (As in
- * migrate-agent.test.)
- */
-function gatedTcp(limit: number): { transport: Transport; stalled: Promise<void>; open(): void } {
-  const inner = tcp();
-  let open!: () => void;
-  const gate = new Promise<void>((r) => (open = r));
-  let stalledNow!: () => void;
-  const stalled = new Promise<void>((r) => (stalledNow = r));
-  const wrap = (c: Connection): Connection => {
-    let sent = 0;
-    let relay: boolean | null = null;
-    let aborted!: (e: Error) => void;
-    const abortedP = new Promise<never>((_, rej) => (aborted = rej));
-    abortedP.catch(() => undefined);
-    return {
-      localAddress: c.localAddress, remoteAddress: c.remoteAddress, closed: c.closed,
-      close: () => c.close(),
-      abort: (e) => {
-        aborted(e ?? new Error('aborted'));
-        c.abort(e);
-      },
-      [Symbol.asyncIterator]: () => c[Symbol.asyncIterator](),
-      write: async (bytes) => {
-        relay ??= startsLikeRelay(bytes);
-        sent += bytes.length;
-        if (!relay && sent > limit) {
-          stalledNow();
-          await Promise.race([gate, abortedP]);
-        }
-        return c.write(bytes);
-      },
-    };
-  };
-  return { transport: { name: 'gated-tcp', dial: async (addr, o) => wrap(await inner.dial(addr, o)), listen: (o) => inner.listen(o) }, stalled, open };
-}
 
 test('a migration cancelled in pre-copy: the destination pools the VM it discards, the source keeps its VM; the next try takes the pooled memory', async () => {
   const gated = gatedTcp(200_000);

@@ -165,6 +165,8 @@ export interface RestoreOptions extends BootOptions {
   fixedBudget?: number;
   /** Parse and verify, but do not start the VM (it is returned created, with memory filled). */
   noStart?: boolean;
+  /** The host's memory pool: the VM is created at the snapshot's size, so memory of that shape fits. */
+  pool?: VmInit['pool'];
 }
 
 export interface Restored {
@@ -216,6 +218,7 @@ export async function restoreSnapshot(path: string, opts: RestoreOptions): Promi
       ...(block ? { block } : {}),
       ...(opts.quantumMs ? { quantumMs: opts.quantumMs } : {}),
       ...(opts.fixedBudget ? { fixedBudget: opts.fixedBudget } : {}),
+      ...(opts.pool ? { pool: opts.pool } : {}),
     }, st.guestBytes);
     const guest = vm.guestView();
     const maxPage = st.guestBytes / PAGE_SIZE;
