@@ -310,7 +310,7 @@ export class HostAgent extends EventEmitter {
   /** Restores a snapshot file as a new VM on this host and continues it. */
   async restoreVm(path: string, opts: { name?: string; expose?: string; paused?: boolean } = {}): Promise<VmSummary> {
     const exposeAt = opts.expose ? parseHostPort(opts.expose) : null;
-    const { vm, header } = await restoreSnapshot(path, { cache: this.cache, noStart: true, pool: this.pool, ...(opts.name ? { name: opts.name } : {}) });
+    const { vm, header } = await restoreSnapshot(path, { cache: this.cache, noStart: true, ...(opts.name ? { name: opts.name } : {}) });
     this.checkNameFree(vm.name);
     const managed: ManagedVm = { vm, guest: header.state.name, link: null, migration: null, readers: new Set() };
     this.attach(managed);
