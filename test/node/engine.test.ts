@@ -142,10 +142,11 @@ test('cancel through the AbortSignal before switchover leaves the VM on the sour
 });
 
 for (const mode of ['precopy', 'hybrid', 'postcopy'] as MigrationMode[]) {
-  test(`${mode}: pages may arrive while the destination's vCPU thread loads, but the source pauses only once the VM can start`, async () => {
+  test(`${mode}: pages may arrive while the destination's vCPU thread loads, but the source pauses only once the VM can start`, async (t) => {
     const src = await source('mem=8MiB wss=2MiB rate=4000000');
     const [a, b] = memoryPair();
     const made: Vm[] = [];
+    t.after(async () => { for (const vm of [src, ...made]) await vm.stop(); }); // no vCPU thread left behind, pass or fail
     let written = 0;
     let pagesBeforeReady = -1;
     let release!: () => void;
@@ -200,10 +201,11 @@ for (const mode of ['precopy', 'hybrid', 'postcopy'] as MigrationMode[]) {
 }
 
 for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
-  test(`${mode}: pages the guest reported free are never sent, and the migration still verifies`, async () => {
+  test(`${mode}: pages the guest reported free are never sent, and the migration still verifies`, async (t) => {
     const src = await source('mem=8MiB wss=2MiB rate=4000000');
     const [a, b] = memoryPair();
     const made: Vm[] = [];
+    t.after(async () => { for (const vm of [src, ...made]) await vm.stop(); });
     const base = sourceVmOf(src);
     const pages = base.guestPages();
     let softCount = 0;

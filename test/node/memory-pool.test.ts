@@ -1,4 +1,4 @@
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -28,6 +28,7 @@ async function bootedMemstress(name: string, pool: GuestMemoryPool): Promise<Vm>
 test('a disposed VM gives its memory back; the next VM of its shape takes it zeroed and backed', async () => {
   const pool = new GuestMemoryPool(64 * MiB);
   const a = await bootedMemstress('pool-a', pool);
+  after(() => a.stop()); // should an assertion fail before dispose: no vCPU thread left behind
   assert.equal(a.memoryBacked, false, 'an empty pool has nothing to give');
   a.guestView(0, 4 * MiB).fill(0xa5); // the first VM's bytes, which nobody else may ever see
   const memA = a.memory;
@@ -41,9 +42,14 @@ test('a disposed VM gives its memory back; the next VM of its shape takes it zer
   assert.equal(b.memory, memA, 'the same memory, reused');
   assert.ok(allZero(new Uint8Array(b.memory.buffer)), 'every byte zero again, the reserved region included');
   assert.deepEqual(pool.stats(), { hits: 1, misses: 1, memories: 0, bytes: 0 });
-  await b.bootCold();
-  assert.equal(b.state, 'running');
-  await b.dispose();
+  try {
+    await b.bootCold();
+    const p0 = b.stat().quanta;
+    for (let i = 0; i < 500 && b.stat().quanta === p0; i++) await new Promise((r) => setTimeout(r, 10));
+    assert.ok(b.stat().quanta > p0, 'the guest runs in reused memory');
+  } finally {
+    await b.dispose();
+  }
 });
 
 test('the pool serves only the exact shape, and holds no more than its capacity', async () => {
