@@ -1,14 +1,14 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { BugIndicatingError, ProtocolError } from '../../src/core/errors.js';
-import { Encoding, ProtocolErrorCode, SequenceChecker, type Frame, type MigrationMode, type Role } from '../../src/core/protocol/index.js';
+import { Encoding, PROTOCOL_VERSION, ProtocolErrorCode, SequenceChecker, type Frame, type MigrationMode, type Role } from '../../src/core/protocol/index.js';
 
 const EMPTY = { size: 0, words: new Uint32Array(0) };
 const S: Role = 'source';
 const D: Role = 'destination';
 
 const hello = (moduleBytes = 10): Frame => ({
-  type: 'HELLO', minVersion: 1, maxVersion: 1, vmName: 'vm', memoryBytes: 1 << 20, guestBytes: 1 << 16, pageSize: 4096,
+  type: 'HELLO', minVersion: PROTOCOL_VERSION, maxVersion: PROTOCOL_VERSION, vmName: 'vm', memoryBytes: 1 << 20, guestBytes: 1 << 16, pageSize: 4096,
   moduleSha256: '00'.repeat(32), moduleBytes, config: '', offer: { modes: ['precopy', 'postcopy', 'hybrid'], maxStreams: 1, codecs: [] },
 });
 const ack = (mode: MigrationMode): Frame => ({ type: 'HELLO_ACK', accepted: true, version: 1, mode, streams: 1, codecs: [] });

@@ -4,7 +4,7 @@ import { InvalidArgumentError, ProtocolError } from '../../src/core/errors.js';
 import { mulberry32 } from '../helpers/prng.js';
 import {
   DEFAULT_LIMITS, Encoding, FrameDecoder, FrameTypeId, HEADER_BYTES, ProtocolErrorCode, decodeFrame, encodeFrame,
-  encodeHello, encodePages, encodeState, type Frame, type HelloFrame,
+  encodeHello, encodePages, encodeState, PROTOCOL_VERSION, type Frame, type HelloFrame,
 } from '../../src/core/protocol/index.js';
 
 function page(seed: number, size = 4096): Uint8Array {
@@ -32,7 +32,7 @@ const hello: HelloFrame = {
 /** One frame of every type (both HELLO_ACK forms), with values near the edges of their fields. */
 const SAMPLE_FRAMES: Frame[] = [
   hello,
-  { type: 'HELLO_ACK', accepted: true, version: 1, mode: 'hybrid', streams: 2, codecs: [{ id: 3, name: 'lz4' }] },
+  { type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode: 'hybrid', streams: 2, codecs: [{ id: 3, name: 'lz4' }] },
   { type: 'HELLO_ACK', accepted: false, code: 'ERR_NO_CAPACITY', message: 'no room for 4 GiB' },
   { type: 'MODULE', totalBytes: 10, offset: 4, chunk: new Uint8Array([1, 2, 3, 4, 5, 6]) },
   { type: 'MODULE', totalBytes: 0, offset: 0, chunk: new Uint8Array(0) },
@@ -68,7 +68,7 @@ const SAMPLE_FRAMES: Frame[] = [
   { type: 'PING', seq: 1, time: 1234.5678 },
   { type: 'PONG', seq: 1, time: -0.25 },
   { ...hello, vmName: 'gang-member', gang: 'gang-7' },
-  { type: 'HELLO_ACK', accepted: true, version: 1, mode: 'postcopy', streams: 4, codecs: [], token: '0123456789abcdef'.repeat(2) },
+  { type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode: 'postcopy', streams: 4, codecs: [], token: '0123456789abcdef'.repeat(2) },
   { type: 'JOIN', token: 'fe'.repeat(16), stream: 3, role: 'data' },
   { type: 'JOIN', token: '00'.repeat(16), stream: 0, role: 'fault' },
   { type: 'BATCH', seq: 2, demand: false, blobCodec: 3, pages: 17, data: new Uint8Array([9, 8, 7, 6]) },
@@ -131,7 +131,7 @@ test('JOIN and BATCH refuse what they cannot carry', () => {
   new DataView(zero.buffer).setUint32(8 + 5, 0, true);
   expectCode(() => decodeFrame(zero), ProtocolErrorCode.MALFORMED);
   // HELLO_ACK's token is 0 or 16 bytes.
-  const ack = encodeFrame({ type: 'HELLO_ACK', accepted: true, version: 1, mode: 'precopy', streams: 1, codecs: [], token: '11'.repeat(16) }).slice();
+  const ack = encodeFrame({ type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode: 'precopy', streams: 1, codecs: [], token: '11'.repeat(16) }).slice();
   ack[8 + 1 + 2 + 1 + 2 + 1] = 15;
   expectCode(() => decodeFrame(ack), ProtocolErrorCode.MALFORMED);
 });
@@ -236,11 +236,11 @@ function patched(f: Frame, at: number, bytes: number[]): Uint8Array {
 test('payload errors are named', () => {
   // HELLO magic, version range.
   expectCode(() => decodeFrame(patched(hello, 0, [0x46, 0x52, 0x52, 0x58])), ProtocolErrorCode.BAD_MAGIC);
-  expectCode(() => decodeFrame(patched(hello, 4, [2, 0, 3, 0])), ProtocolErrorCode.BAD_VERSION);
+  expectCode(() => decodeFrame(patched(hello, 4, [PROTOCOL_VERSION + 1, 0, PROTOCOL_VERSION + 2, 0])), ProtocolErrorCode.BAD_VERSION);
   expectCode(() => decodeFrame(patched(hello, 4, [3, 0, 2, 0])), ProtocolErrorCode.MALFORMED);
-  expectCode(() => decodeFrame(encodeFrame({ type: 'HELLO_ACK', accepted: true, version: 2, mode: 'precopy', streams: 1, codecs: [] })), ProtocolErrorCode.BAD_VERSION);
+  expectCode(() => decodeFrame(encodeFrame({ type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION + 1, mode: 'precopy', streams: 1, codecs: [] })), ProtocolErrorCode.BAD_VERSION);
   // HELLO_ACK must choose exactly one mode.
-  const ack = encodeFrame({ type: 'HELLO_ACK', accepted: true, version: 1, mode: 'precopy', streams: 1, codecs: [] }).slice();
+  const ack = encodeFrame({ type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode: 'precopy', streams: 1, codecs: [] }).slice();
   ack[HEADER_BYTES + 3] = 0x03;
   expectCode(() => decodeFrame(ack), ProtocolErrorCode.MALFORMED);
   // Truncated: the length field is honest about the bytes, the payload is short of its fields.
@@ -551,4 +551,26 @@ test('recycle: a big PAGES frame given back is reused for the next one, which st
   assert.ok(e.type === 'PAGES' && f.type === 'PAGES');
   assert.notEqual(e.pages[0].data.buffer, f.pages[0].data.buffer, 'one buffer given back serves one frame');
   assert.deepEqual(e.pages[39].data, page(4 + 39));
+});
+
+test('PAGES (version 2): every page\'s data starts 8-byte aligned; reserved and padding bytes must be zero', () => {
+  const odd = new Uint8Array([1, 2, 3, 4, 5]);
+  const bytes = encodePages({ seq: 1, demand: false, pages: [
+    { index: 7, encoding: 2, data: odd },
+    { index: 8, encoding: Encoding.RAW, data: page(8) },
+    { index: 9, encoding: Encoding.ZERO, data: new Uint8Array(0) },
+  ] });
+  const d = new FrameDecoder({ encodings: [2] });
+  const [f] = d.push(bytes);
+  assert.ok(f.type === 'PAGES');
+  assert.deepEqual(f.pages.map((p) => [p.index, p.encoding, p.data.length]), [[7, 2, 5], [8, Encoding.RAW, 4096], [9, Encoding.ZERO, 0]]);
+  for (const p of f.pages) assert.equal((p.data.byteOffset - bytes.byteOffset) % 8, 0, `page ${p.index}'s data is aligned in the frame`);
+  assert.deepEqual(f.pages[1].data, page(8));
+  // Head of page 7 at payload offset 8: index (4), encoding (1), reserved (3), length (4), reserved (4).
+  const at = HEADER_BYTES + 8;
+  for (const off of [5, 13, 16 + 5]) { // reserved after encoding, reserved after length, padding after the 5 data bytes
+    const bad = bytes.slice();
+    bad[at + off] = 1;
+    expectCode(() => new FrameDecoder({ encodings: [2] }).push(bad), ProtocolErrorCode.MALFORMED);
+  }
 });

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { InvalidArgumentError } from '../../src/core/errors.js';
 import { FramedConnection, TransportError, TransportErrorCode } from '../../src/core/transport/index.js';
 import { parseTcpAddress, tcp } from '../../src/node/transport/tcp.js';
+import { PROTOCOL_VERSION } from '../../src/core/protocol/frames.js';
 import { transportComplianceSuite } from '../core/transport-suite.test.js';
 
 transportComplianceSuite('tcp', {
@@ -39,7 +40,7 @@ test('frames over TCP: a HELLO / HELLO_ACK exchange', async () => {
       server = (async () => {
         const hello = await f.next();
         assert.ok(hello?.type === 'HELLO');
-        await f.send({ type: 'HELLO_ACK', accepted: true, version: 1, mode: hello.offer.modes[0], streams: 1, codecs: [] });
+        await f.send({ type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode: hello.offer.modes[0], streams: 1, codecs: [] });
         await f.close();
         assert.equal(await f.next(), undefined);
       })();
@@ -47,7 +48,7 @@ test('frames over TCP: a HELLO / HELLO_ACK exchange', async () => {
   });
   const f = new FramedConnection(await t.dial(l.address));
   await f.send({
-    type: 'HELLO', minVersion: 1, maxVersion: 1, vmName: 'vm', memoryBytes: 1 << 20, guestBytes: 1 << 16, pageSize: 4096,
+    type: 'HELLO', minVersion: PROTOCOL_VERSION, maxVersion: PROTOCOL_VERSION, vmName: 'vm', memoryBytes: 1 << 20, guestBytes: 1 << 16, pageSize: 4096,
     moduleSha256: '00'.repeat(32), moduleBytes: 0, config: '', offer: { modes: ['postcopy'], maxStreams: 1, codecs: [] },
   });
   const ack = await f.next();

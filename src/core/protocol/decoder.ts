@@ -16,7 +16,7 @@ import {
   DEFAULT_LIMITS, DIGEST_ALGORITHMS, Encoding, FIRST_CODEC_ID, FLAG_PAGES_DEMAND, FRAME_TYPE_NAMES,
   GLOBAL_TYPE_IDS, HEADER_BYTES, HELLO_MAGIC, MAX_CODEC_NAME_BYTES, MAX_CODECS, MAX_CONFIG_BYTES,
   MAX_ERROR_CODE_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_STREAMS, MIGRATION_MODES, MODE_BITS,
-  PROTOCOL_VERSION, ProtocolErrorCode, SESSION_TOKEN_BYTES, STREAM_ROLES,
+  PAGE_HEAD_BYTES, PROTOCOL_VERSION, ProtocolErrorCode, SESSION_TOKEN_BYTES, STREAM_ROLES, pagePadding,
   type CodecOffer, type StreamRole, type Digest, type DigestAlgorithm, type Frame, type FrameType, type MigrationMode, type WireBitmap,
   type WireGlobal, type WirePage,
 } from './frames.js';
@@ -188,7 +188,7 @@ export class FrameDecoder {
       HELLO: 4 + 4 + 2 + MAX_NAME_BYTES + 16 + 4 + 32 + 4 + 4 + MAX_CONFIG_BYTES + 1 + 2 + CODECS_MAX + 2 + MAX_NAME_BYTES,
       HELLO_ACK: 1 + Math.max(2 + 1 + 2 + CODECS_MAX + 1 + SESSION_TOKEN_BYTES, 2 + MAX_ERROR_CODE_BYTES + 2 + MAX_MESSAGE_BYTES),
       MODULE: 8 + l.maxModuleBytes,
-      PAGES: 8 + l.maxPagesPerBatch * (9 + Math.max(l.pageSize, l.maxEncodedPageBytes)),
+      PAGES: 8 + l.maxPagesPerBatch * (PAGE_HEAD_BYTES + Math.max(l.pageSize, l.maxEncodedPageBytes) + 7),
       ROUND_END: 12,
       STATE: 8 + 4 + l.maxGlobals * 9 + 4 + l.maxJsonBytes + 4 + Math.ceil(l.maxBitmapBits / 32) * 4,
       SWITCHOVER: 4 + DIGEST_MAX + 4 + Math.ceil(l.maxBitmapBits / 32) * 4,
@@ -532,14 +532,16 @@ export class FrameDecoder {
     const count = r.u32('page count');
     if (count === 0) fail(ProtocolErrorCode.MALFORMED, 'PAGES batch has no pages');
     if (count > this.limits.maxPagesPerBatch) fail(ProtocolErrorCode.LIMIT, `PAGES batch of ${count} pages (limit ${this.limits.maxPagesPerBatch})`);
-    // Each page needs at least 9 bytes: refuse an impossible count before allocating for it.
-    if (count * 9 > r.remaining) fail(ProtocolErrorCode.TRUNCATED, `PAGES batch of ${count} pages cannot fit in ${r.remaining} bytes`);
+    // Each page needs at least its head: refuse an impossible count before allocating for it.
+    if (count * PAGE_HEAD_BYTES > r.remaining) fail(ProtocolErrorCode.TRUNCATED, `PAGES batch of ${count} pages cannot fit in ${r.remaining} bytes`);
     const pages = new Array<WirePage>(count);
     const { pageSize, maxEncodedPageBytes } = this.limits;
     for (let i = 0; i < count; i++) {
       const index = r.u32('page index');
       const encoding = r.u8('page encoding');
+      if (r.u8('reserved') | r.u16('reserved')) fail(ProtocolErrorCode.MALFORMED, `page ${index} has reserved bytes set`);
       const len = r.u32('page length');
+      if (r.u32('reserved') !== 0) fail(ProtocolErrorCode.MALFORMED, `page ${index} has reserved bytes set`);
       if (encoding === Encoding.RAW) {
         if (len !== pageSize) fail(ProtocolErrorCode.MALFORMED, `raw page ${index} is ${len} bytes, not ${pageSize}`);
       } else if (encoding === Encoding.ZERO) {
@@ -550,6 +552,8 @@ export class FrameDecoder {
         fail(ProtocolErrorCode.LIMIT, `encoded page ${index} is ${len} bytes (limit ${maxEncodedPageBytes})`);
       }
       pages[i] = { index, encoding, data: r.bytes(len, 'page data') };
+      const pad = r.bytes(pagePadding(len), 'page padding');
+      for (let k = 0; k < pad.length; k++) if (pad[k] !== 0) fail(ProtocolErrorCode.MALFORMED, `page ${index} has non-zero padding`);
     }
     return { type: 'PAGES', seq, demand: (this.flags & FLAG_PAGES_DEMAND) !== 0, pages };
   }

@@ -9,7 +9,7 @@ import { InvalidArgumentError } from '../errors.js';
 import {
   DIGEST_ALGORITHMS, FIRST_CODEC_ID, FLAG_PAGES_DEMAND, FrameTypeId, GLOBAL_TYPE_IDS, HEADER_BYTES, HELLO_MAGIC,
   MAX_CODECS, MAX_CONFIG_BYTES, MAX_ERROR_CODE_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES,
-  MAX_PAGE_SIZE, MAX_STREAMS, MIN_PAGE_SIZE, MIGRATION_MODES, MODE_BITS, Encoding, SESSION_TOKEN_BYTES, STREAM_ROLES,
+  MAX_PAGE_SIZE, MAX_STREAMS, MIN_PAGE_SIZE, MIGRATION_MODES, MODE_BITS, Encoding, PAGE_HEAD_BYTES, SESSION_TOKEN_BYTES, STREAM_ROLES, pagePadding,
   type AckFrame, type BatchFrame, type JoinFrame, type CancelFrame, type CodecOffer, type CompleteFrame, type Digest, type ErrorFrame, type Frame,
   type FrameType, type HelloAckFrame, type HelloFrame, type ModuleFrame, type PageRequestFrame, type PagesFrame,
   type PingFrame, type PongFrame, type PushDoneFrame, type ResumedFrame, type RoundEndFrame, type StateFrame,
@@ -185,7 +185,7 @@ export function encodePages(f: Omit<PagesFrame, 'type'>, pageSize?: number): Uin
   checkU32(f.seq, 'seq');
   if (f.pages.length === 0) bad('a PAGES batch needs at least one page');
   let size = HEADER_BYTES + 8;
-  for (const p of f.pages) size += 9 + p.data.length;
+  for (const p of f.pages) size += PAGE_HEAD_BYTES + p.data.length + pagePadding(p.data.length);
   const w = new Writer(size);
   w.u32(f.seq);
   w.u32(f.pages.length);
@@ -195,16 +195,19 @@ export function encodePages(f: Omit<PagesFrame, 'type'>, pageSize?: number): Uin
     if (p.encoding === Encoding.ZERO && p.data.length !== 0) bad(`zero page ${p.index} carries ${p.data.length} bytes`);
     if (p.encoding === Encoding.RAW && pageSize !== undefined && p.data.length !== pageSize) bad(`raw page ${p.index} is ${p.data.length} bytes, not ${pageSize}`);
     w.u32(p.index);
-    w.u8(p.encoding);
+    w.u32(p.encoding); // u8 encoding + 3 zero bytes
     w.u32(p.data.length);
+    w.u32(0);
     w.bytes(p.data);
+    for (let i = pagePadding(p.data.length); i > 0; i--) w.u8(0);
   }
   return w.finish('PAGES', f.demand ? FLAG_PAGES_DEMAND : 0);
 }
 
 /**
  * Builds one PAGES frame in place, so a sender can copy each page straight from guest memory
- * into the frame (one copy instead of two). Produces exactly the bytes {@link encodePages} would.
+ * into the frame (one copy instead of two; the page's bytes are 8-byte aligned in the buffer, so
+ * the copy moves whole words). Produces exactly the bytes {@link encodePages} would.
  */
 export class PagesFrameBuilder {
   private readonly buf: Uint8Array;
@@ -214,7 +217,8 @@ export class PagesFrameBuilder {
 
   constructor(readonly maxPages: number, readonly pageSize: number) {
     if (!Number.isInteger(maxPages) || maxPages < 1) bad(`a PAGES builder needs room for at least one page, got ${maxPages}`);
-    this.buf = new Uint8Array(HEADER_BYTES + 8 + maxPages * (9 + pageSize));
+    if (!Number.isInteger(pageSize) || pageSize < 8 || pageSize % 8 !== 0) bad(`a PAGES builder needs a page size that is a multiple of 8, got ${pageSize}`);
+    this.buf = new Uint8Array(HEADER_BYTES + 8 + maxPages * (PAGE_HEAD_BYTES + pageSize));
     this.view = new DataView(this.buf.buffer);
   }
 
@@ -227,9 +231,10 @@ export class PagesFrameBuilder {
     if (this.full) bad('PAGES builder is full');
     checkU32(index, 'page index');
     this.view.setUint32(this.pos, index, true);
-    this.view.setUint8(this.pos + 4, encoding);
-    this.view.setUint32(this.pos + 5, length, true);
-    this.pos += 9;
+    this.view.setUint32(this.pos + 4, encoding, true); // u8 encoding + 3 zero bytes
+    this.view.setUint32(this.pos + 8, length, true);
+    this.view.setUint32(this.pos + 12, 0, true);
+    this.pos += PAGE_HEAD_BYTES;
     this.n++;
   }
 

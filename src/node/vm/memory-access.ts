@@ -107,9 +107,10 @@ export class SharedGuestMemory implements GuestMemoryAccess {
  * (a multiple of 8 long, starting 8-byte aligned, not shared); bigger means fewer steps.
  *
  * Why: V8 copies to or from a SharedArrayBuffer with relaxed-atomic word moves, and byte by byte
- * when the two addresses differ modulo 8 — as page data in a PAGES frame does against guest pages
- * (9-byte page headers). Measured on this machine kind: 1.8–1.9 GB/s byte-wise; 5–12 GB/s through
- * a bounce buffer placed at the shared side's alignment (plain memcpy on the other side).
+ * when the two addresses differ modulo 8 — as page data does when a frame lies at any offset of a
+ * socket chunk (and did in every PAGES frame of protocol version 1, with its 9-byte page heads).
+ * Measured on this machine kind: 1.8–1.9 GB/s byte-wise; 5–12 GB/s through a bounce buffer placed
+ * at the shared side's alignment (plain memcpy on the other side).
  */
 export function copyBytes(dst: Uint8Array, at: number, src: Uint8Array, bounce: Uint8Array): void {
   const dstShared = dst.buffer instanceof SharedArrayBuffer;
