@@ -137,7 +137,7 @@ async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promis
   });
   ctx.report({
     metric: 'precopy-idle.vs-raw-tcp-into-fresh-memory', value: median(freshRatios), unit: '×',
-    note: `raw-into-fresh time ÷ TMT: the same raw node:net transfer, its receiver copying every byte into a fresh shared WebAssembly.Memory (page faults included, as any migration pays them) at ${rate(median(freshRates))}; median of ${reps}`,
+    note: `raw-into-fresh time ÷ TMT: the same raw node:net transfer, its receiver copying every byte into a fresh shared WebAssembly.Memory (page faults included) at ${rate(median(freshRates))}; the migrations' destination memory came from the host's pool, so above 1 means the pool saved more than the engine costs; median of ${reps}`,
   });
   if (cold) {
     ctx.report({
