@@ -6,7 +6,7 @@ import { Vm } from '../../src/node/vm/vm.js';
 import { InstrumentCache } from '../../src/node/vm/instrument.js';
 import { guestsDir } from '../../src/node/paths.js';
 import { migrateSource } from '../../src/core/engine/source.js';
-import { serveDestination, type DestinationOutcome } from '../../src/core/engine/destination.js';
+import { MigrationAcceptor, serveDestination, type DestinationOutcome } from '../../src/core/engine/destination.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
 import type { DestinationFactory } from '../../src/core/engine/types.js';
 import type { MigrationMode } from '../../src/core/protocol/frames.js';
@@ -228,3 +228,31 @@ for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
     await made[0].stop();
   });
 }
+
+test('a destination VM that never gets ready fails the pre-copy with ERR_MIGRATION_TIMEOUT; the VM runs on at the source', async (t) => {
+  const src = await source('mem=4MiB rate=1');
+  const [a, b] = memoryPair();
+  const made: Vm[] = [];
+  t.after(async () => { for (const vm of [src, ...made]) await vm.stop(); });
+  class NeverReady extends DestinationVmAdapter {
+    override warm(): Promise<void> {
+      return new Promise(() => undefined);
+    }
+  }
+  const never: DestinationFactory = {
+    async admit(hello) {
+      return {
+        async create(module) {
+          const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] });
+          made.push(vm);
+          return new NeverReady(vm);
+        },
+      };
+    },
+  };
+  const dest = new MigrationAcceptor(deps, { vmReadyWaitMs: 300 }).accept(b, never);
+  dest.catch(() => undefined);
+  await assert.rejects(migrateSource(a, sourceVmOf(src), deps, { mode: 'precopy', baselineMs: 0 }), (e: FerryError) => e.code === 'ERR_MIGRATION_TIMEOUT' && /not ready to start/.test(e.message));
+  await assert.rejects(dest, (e: FerryError) => e.code === 'ERR_MIGRATION_TIMEOUT');
+  assert.equal(src.state, 'running', 'the VM runs on at the source');
+});

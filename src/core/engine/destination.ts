@@ -51,6 +51,12 @@ export interface MigrationAcceptorInit {
   maxStreams?: number;
   /** A stream held back for a dedup definition that does not arrive fails the migration after this long, ms (default 30 s). */
   definitionWaitMs?: number;
+  /**
+   * How long a pre-copy or hybrid migration waits for its destination VM to be ready to start
+   * (vCPU thread loaded) while pages already flow, before it fails with ERR_MIGRATION_TIMEOUT.
+   * Default 120 s, as long as the source waits for a post-copy destination's module ACK.
+   */
+  vmReadyWaitMs?: number;
 }
 
 interface GangEntry {
@@ -68,10 +74,12 @@ export class MigrationAcceptor {
   private readonly gangs = new Map<string, GangEntry>();
   readonly maxStreams: number;
   readonly definitionWaitMs: number;
+  readonly vmReadyWaitMs: number;
 
   constructor(private readonly deps: EngineDeps, init: MigrationAcceptorInit = {}) {
     this.maxStreams = Math.max(1, Math.min(init.maxStreams ?? 16, MAX_STREAMS));
     this.definitionWaitMs = init.definitionWaitMs ?? 30_000;
+    this.vmReadyWaitMs = init.vmReadyWaitMs ?? 120_000;
   }
 
   /**
@@ -517,13 +525,24 @@ class DestinationSession {
       await warm;
       this.warmed = true;
     } else {
+      const fail = (e: Error) => {
+        this.pageError ??= e;
+        this.inbox.fail(this.pageError);
+      };
+      const timer = new AbortController();
       warm.then(() => {
+        timer.abort();
         this.warmed = true;
         this.settleRounds();
       }, (e: unknown) => {
-        this.pageError ??= e instanceof Error ? e : new Error(String(e));
-        this.inbox.fail(this.pageError);
+        timer.abort();
+        fail(e instanceof Error ? e : new Error(String(e)));
       });
+      // Nothing else bounds this wait: the source waits for round ACKs as long as it takes.
+      const limit = this.acceptor.vmReadyWaitMs;
+      void this.deps.clock.sleep(limit, timer.signal).then(() => {
+        if (!this.warmed) fail(new MigrationError('ERR_MIGRATION_TIMEOUT', `the destination VM was not ready to start within ${limit} ms`));
+      }, () => undefined);
       await vm.memoryReady();
     }
     await this.framed.send({ type: 'ACK', acked: 'MODULE', value: hello.moduleBytes });
