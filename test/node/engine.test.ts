@@ -8,7 +8,6 @@ import { guestsDir } from '../../src/node/paths.js';
 import { migrateSource } from '../../src/core/engine/source.js';
 import { MigrationAcceptor, serveDestination, type DestinationOutcome } from '../../src/core/engine/destination.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
-import type { DestinationFactory } from '../../src/core/engine/types.js';
 import type { MigrationMode } from '../../src/core/protocol/frames.js';
 import { memoryPair } from '../../src/core/transport/memory.js';
 import { tcp } from '../../src/node/transport/tcp.js';
@@ -162,17 +161,7 @@ for (const mode of ['precopy', 'hybrid', 'postcopy'] as MigrationMode[]) {
         await gate;
       }
     }
-    const slow: DestinationFactory = {
-      async admit(hello) {
-        return {
-          async create(module) {
-            const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] });
-            made.push(vm);
-            return new SlowThread(vm);
-          },
-        };
-      },
-    };
+    const slow = vmFactory(made, cache, { adapter: (vm) => new SlowThread(vm) });
     let paused = false;
     const sourceVm = sourceVmOf(src, { onPause: () => (paused = true) });
     const dest = serveDestination(b, slow, deps);
@@ -239,17 +228,7 @@ test('a destination VM that never gets ready fails the pre-copy with ERR_MIGRATI
       return new Promise(() => undefined);
     }
   }
-  const never: DestinationFactory = {
-    async admit(hello) {
-      return {
-        async create(module) {
-          const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] });
-          made.push(vm);
-          return new NeverReady(vm);
-        },
-      };
-    },
-  };
+  const never = vmFactory(made, cache, { adapter: (vm) => new NeverReady(vm) });
   const dest = new MigrationAcceptor(deps, { vmReadyWaitMs: 300 }).accept(b, never);
   dest.catch(() => undefined);
   await assert.rejects(migrateSource(a, sourceVmOf(src), deps, { mode: 'precopy', baselineMs: 0 }), (e: FerryError) => e.code === 'ERR_MIGRATION_TIMEOUT' && /not ready to start/.test(e.message));
