@@ -364,9 +364,11 @@ class SourceSession {
   }
 
   /**
-   * Digest of the paused source memory (soft pages excluded). It is computed once the destination
-   * runs the VM, not during the downtime: source memory cannot change until release, and the
-   * destination reports its own digest in COMPLETE.
+   * Digest of the paused source memory (soft pages excluded), taken once every page has gone:
+   * source memory cannot change until release, so the digest is the same whenever it is taken,
+   * and the destination reports its own in COMPLETE. Taken earlier, hashing all of memory took a
+   * core the destination needed inside the downtime, and in post-copy it held the push and the
+   * first page requests back by its 40-60 ms.
    */
   private async digestOfPausedMemory(soft: Bitmap): Promise<string> {
     const pages = this.vm.guestPages();
@@ -384,8 +386,8 @@ class SourceSession {
     return digest.hex((b) => this.deps.sha256Hex(b));
   }
 
-  /** STATE + SWITCHOVER; from here the outcome is in doubt until RESUMED or ERROR. Returns the source digest. */
-  private async switchover(remaining: Bitmap, stale: Bitmap, soft: Bitmap): Promise<string> {
+  /** STATE + SWITCHOVER; from here the outcome is in doubt until RESUMED or ERROR. */
+  private async switchover(remaining: Bitmap, stale: Bitmap, soft: Bitmap): Promise<void> {
     const pages = this.vm.guestPages();
     const state = await this.vm.exportState();
     const stateBytes = JSON.stringify(state.devices).length + state.globals.length * 9 + 16;
@@ -404,12 +406,6 @@ class SourceSession {
     }
     this.owner = 'destination';
     this.event({ type: 'resumed', t: this.now() });
-    // Only now: hashing all of memory takes a core for tens of ms, which the destination needs to
-    // apply the last pages and start the VM within the downtime. Paused memory cannot change
-    // before release, so the digest is the same whenever it is taken.
-    const digest = this.digestOfPausedMemory(soft);
-    digest.catch(() => undefined);
-    return digest;
   }
 
   /**
@@ -541,16 +537,16 @@ class SourceSession {
     try {
       this.checkAbort();
       await this.handshake();
-      let digest: string;
+      let soft: Bitmap;
       if (this.opts.mode === 'postcopy') {
         this.stopReason = 'postcopy';
         await this.pause();
-        const soft = await this.vm.softPages();
+        soft = await this.vm.softPages();
         const remaining = new Bitmap(this.maxPages);
         const pages = this.vm.guestPages();
         for (let p = 0; p < pages; p++) if (!soft.get(p)) remaining.set(p);
         this.pagesRemaining = remaining.count();
-        digest = await this.switchover(remaining, new Bitmap(this.maxPages), soft);
+        await this.switchover(remaining, new Bitmap(this.maxPages), soft);
         await this.postcopyPush(remaining, soft);
       } else {
         const { dirty, sentEver, postcopy } = await this.precopy();
@@ -560,7 +556,7 @@ class SourceSession {
         last.or(dirty);
         // Dirty logging stays on: a paused VM writes nothing, and switching variants now would
         // only add to the downtime. It is switched off if the VM resumes here after a failure.
-        const soft = await this.vm.softPages();
+        soft = await this.vm.softPages();
         const pages = this.vm.guestPages();
         if (!postcopy) {
           // Stop-and-copy: the last dirty pages, then state. Soft pages are never sent.
@@ -577,7 +573,7 @@ class SourceSession {
           this.event({ type: 'pages', t: this.now(), kind: 'resent', pages: n, bytes: this.bytesSent - b0 });
           // No waiting for this round's ACK: the stream is ordered, STATE and SWITCHOVER follow.
           await this.framed.send({ type: 'ROUND_END', round: this.round, pages: n, dirty: 0 });
-          digest = await this.switchover(new Bitmap(this.maxPages), new Bitmap(this.maxPages), soft);
+          await this.switchover(new Bitmap(this.maxPages), new Bitmap(this.maxPages), soft);
         } else {
           // Hybrid switching to post-copy: what the destination has is current except `stale`.
           const stale = new Bitmap(this.maxPages);
@@ -585,11 +581,11 @@ class SourceSession {
           const remaining = stale.clone();
           for (let p = 0; p < pages; p++) if (!sentEver.get(p) && !soft.get(p)) remaining.set(p);
           this.pagesRemaining = remaining.count();
-          digest = await this.switchover(remaining, stale, soft);
+          await this.switchover(remaining, stale, soft);
           await this.postcopyPush(remaining, soft);
         }
       }
-      await this.finish(digest);
+      await this.finish(await this.digestOfPausedMemory(soft));
       const report = this.builder.build();
       report.transfer = this.transfer();
       return { report, stopReason: this.stopReason };
