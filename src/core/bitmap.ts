@@ -71,4 +71,18 @@ export class Bitmap {
   clone(): Bitmap {
     return new Bitmap(this.size, this.words.slice());
   }
+
+  /**
+   * A bitmap of `size` bits whose first `bits` bits are word `i` of `word(i)` (bits from `bits`
+   * on stay clear): set algebra over other bitmaps' `words`, 32 pages a step — for the switchover's
+   * page sets, which run once per migration (cold code) inside the downtime.
+   */
+  static fromWords(size: number, bits: number, word: (i: number) => number): Bitmap {
+    const b = new Bitmap(size);
+    const n = Math.min(bits, size);
+    const full = n >>> 5;
+    for (let i = 0; i < full; i++) b.words[i] = word(i);
+    if (n & 31) b.words[full] = word(full) & ((1 << (n & 31)) - 1);
+    return b;
+  }
 }

@@ -34,3 +34,21 @@ test('Bitmap set/iterate/count', () => {
   assert.equal(b.count(), 100);
   assert.deepEqual([...b].slice(-2), [98, 99]);
 });
+
+test('Bitmap.fromWords: set algebra over words equals the same algebra page by page, and stops at `bits`', () => {
+  const rnd = (seed: number) => { let x = seed; return () => ((x = (x * 1103515245 + 12345) >>> 0) >>> 16) & 1; };
+  for (const [size, bits] of [[100, 100], [100, 70], [96, 64], [129, 33], [64, 0]] as const) {
+    const r = rnd(size + bits);
+    const [a, b, c] = [new Bitmap(size), new Bitmap(size), new Bitmap(size)];
+    for (let p = 0; p < size; p++) {
+      if (r()) a.set(p);
+      if (r()) b.set(p);
+      if (r()) c.set(p);
+    }
+    const got = Bitmap.fromWords(size, bits, (i) => (a.words[i] | ~b.words[i]) & ~c.words[i]);
+    const want: number[] = [];
+    for (let p = 0; p < bits; p++) if ((a.get(p) || !b.get(p)) && !c.get(p)) want.push(p);
+    assert.deepEqual([...got], want, `size ${size}, bits ${bits}`);
+    assert.equal(got.size, size);
+  }
+});

@@ -565,14 +565,11 @@ class DestinationSession {
     vm.ensurePages(pages);
     const soft = fromWireBitmap(state.soft, pages);
     const stale = fromWireBitmap(sw.stale, pages);
-    // This runs inside the downtime, once per migration (so in cold code): 32 pages per step.
-    // absent = (not received, or stale) and not soft, over the first `pages` pages.
-    const absent = new Bitmap(this.maxPages);
-    const aw = absent.words;
+    // absent = (not received, or stale) and not soft. This and the digest below run inside the
+    // downtime, once per migration (so in cold code): 32 pages a step.
     const [rw, stw, so] = [this.received.words, stale.words, soft.words];
-    const full = pages >>> 5;
-    for (let i = 0; i < full; i++) aw[i] = (~rw[i] | stw[i]) & ~so[i];
-    if (pages & 31) aw[full] = (~rw[full] | stw[full]) & ~so[full] & ((1 << (pages & 31)) - 1);
+    const absent = Bitmap.fromWords(this.maxPages, pages, (i) => (~rw[i] | stw[i]) & ~so[i]);
+    const aw = absent.words;
     const missing = absent.count();
     if (missing !== sw.pagesRemaining) {
       throw new MigrationError('ERR_MIGRATION_MISSING_PAGES', `the source says ${sw.pagesRemaining} pages remain, but ${missing} are missing here`);

@@ -560,13 +560,9 @@ class SourceSession {
         const pages = this.vm.guestPages();
         if (!postcopy) {
           // Stop-and-copy: the last dirty pages, then state. Soft pages are never sent.
-          // final = (dirty since last sent, or never sent) and not soft, over the guest's pages:
-          // 32 pages a step (this is cold code, inside the downtime).
-          const final = new Bitmap(this.maxPages);
-          const [fw, lw, ew, sw] = [final.words, last.words, sentEver.words, soft.words];
-          const full = pages >>> 5;
-          for (let i = 0; i < full; i++) fw[i] = (lw[i] | ~ew[i]) & ~(sw[i] ?? 0);
-          if (pages & 31) fw[full] = (lw[full] | ~ew[full]) & ~(sw[full] ?? 0) & ((1 << (pages & 31)) - 1);
+          // final = (dirty since last sent, or never sent) and not soft.
+          const [lw, ew, sw] = [last.words, sentEver.words, soft.words];
+          const final = Bitmap.fromWords(this.maxPages, pages, (i) => ((lw[i] ?? 0) | ~ew[i]) & ~(sw[i] ?? 0));
           this.round++;
           const b0 = this.bytesSent;
           const n = await this.sendPages(final, this.round);
@@ -575,11 +571,11 @@ class SourceSession {
           await this.framed.send({ type: 'ROUND_END', round: this.round, pages: n, dirty: 0 });
           await this.switchover(new Bitmap(this.maxPages), new Bitmap(this.maxPages), soft);
         } else {
-          // Hybrid switching to post-copy: what the destination has is current except `stale`.
-          const stale = new Bitmap(this.maxPages);
-          for (const p of last) if (p < pages && sentEver.get(p) && !soft.get(p)) stale.set(p);
-          const remaining = stale.clone();
-          for (let p = 0; p < pages; p++) if (!sentEver.get(p) && !soft.get(p)) remaining.set(p);
+          // Hybrid switching to post-copy: what the destination has is current except `stale`
+          // (sent, then dirtied); remaining = stale or never sent; soft pages never count.
+          const [lw, ew, sw] = [last.words, sentEver.words, soft.words];
+          const stale = Bitmap.fromWords(this.maxPages, pages, (i) => (lw[i] ?? 0) & ew[i] & ~(sw[i] ?? 0));
+          const remaining = Bitmap.fromWords(this.maxPages, pages, (i) => (((lw[i] ?? 0) & ew[i]) | ~ew[i]) & ~(sw[i] ?? 0));
           this.pagesRemaining = remaining.count();
           await this.switchover(remaining, stale, soft);
           await this.postcopyPush(remaining, soft);
