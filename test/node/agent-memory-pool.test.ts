@@ -12,6 +12,8 @@ import { DEFAULT_MEMORY_POOL_BYTES, HostAgent, type HostMemoryPoolJson } from '.
 import { InvalidArgumentError } from '../../src/core/errors.js';
 import { KvClient } from '../../src/node/kv-client.js';
 import { leaveWhenDone } from '../helpers/leave-when-done.js';
+import { restoreSnapshot } from '../../src/node/vm/snapshot.js';
+import { InstrumentCache } from '../../src/node/vm/instrument.js';
 import { clientOf, finished, gatedTcp, http, withHosts, type Host, type Reply } from '../helpers/agents.js';
 import { ferry, ferryStarted } from '../helpers/ferry-cli.js';
 
@@ -140,7 +142,7 @@ test('a VM deleted through the API gives its memory to the pool; the next VM of 
   });
 });
 
-test('snapshot --stop: the memory goes to the pool after the snapshot is written, and the snapshot restores every key', async () => {
+test('snapshot --stop: the memory goes to the pool after the snapshot is written, and the restore takes it back with every key', async () => {
   await withHosts(async (a) => {
     await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '64MiB', expose: '127.0.0.1:0' });
     const client = await clientOf(a, 'kv');
@@ -151,7 +153,15 @@ test('snapshot --stop: the memory goes to the pool after the snapshot is written
     assert.equal(r.status, 200, JSON.stringify(r.json));
     assert.deepEqual(a.agent.list(), []);
     assert.equal((await pool(a)).memories, 1);
+    // The snapshot says where the endpoint's connection ids stood (one client so far), so the
+    // restore's endpoint never hands a new client an id the guest may still hold records of.
+    const { vm: peek, header } = await restoreSnapshot(out, { cache: new InstrumentCache(), noStart: true });
+    await peek.stop();
+    assert.equal(header.netConnsFrom, 2);
     await a.agent.restoreVm(out, { expose: '127.0.0.1:0' });
+    // The restore is created at the snapshot's size: the memory the VM gave back fits it.
+    assert.equal((await pool(a)).hits, 1);
+    assert.equal(a.agent.vm('kv').memoryBacked, true);
     const again = await clientOf(a, 'kv');
     await keysAreThere(again, 300);
     await again.close();

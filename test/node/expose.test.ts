@@ -4,6 +4,7 @@ import { connect, type Socket } from 'node:net';
 import { NET_MAX_PAYLOAD, NetRecord } from '../../src/core/abi.js';
 import type { NetRecordData } from '../../src/core/net-ring.js';
 import { ExposeEndpoint, parseHostPort, type ExposeOptions } from '../../src/node/net/expose.js';
+import { InvalidArgumentError } from '../../src/core/errors.js';
 
 /** Polls `cond` on the event loop; fails (never by timing out a measurement) after many turns. */
 async function until(cond: () => boolean, what: string): Promise<void> {
@@ -295,4 +296,23 @@ test('close() ends every connection and the listener', async () => {
     s.once('error', reject);
   }), { code: 'ECONNREFUSED' });
   await ep.close(); // idempotent
+});
+
+test('firstConnId: a restored VM\'s endpoint hands out ids from there on; out-of-range values are refused', async () => {
+  const { ep, got } = await endpoint({ firstConnId: 41 });
+  try {
+    assert.equal(ep.nextConnId, 41);
+    const a = await client(ep);
+    const b = await client(ep);
+    await until(() => opens(got).length === 2, 'two OPEN records');
+    assert.deepEqual(opens(got), [41, 42]);
+    assert.equal(ep.nextConnId, 43);
+    a.sock.destroy();
+    b.sock.destroy();
+  } finally {
+    await ep.close();
+  }
+  for (const bad of [0, -1, 1.5, 2 ** 32]) {
+    await assert.rejects(endpoint({ firstConnId: bad }), InvalidArgumentError);
+  }
 });

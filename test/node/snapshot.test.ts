@@ -10,7 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { Vm } from '../../src/node/vm/vm.js';
 import { InstrumentCache } from '../../src/node/vm/instrument.js';
 import { restoreSnapshot, writeSnapshot } from '../../src/node/vm/snapshot.js';
-import { SnapshotError } from '../../src/core/errors.js';
+import { InvalidArgumentError, SnapshotError } from '../../src/core/errors.js';
 import { guestsDir } from '../../src/node/paths.js';
 
 const run = promisify(execFile);
@@ -88,6 +88,29 @@ test('truncated, altered, foreign and future-version snapshots are refused with 
     const { vm: back } = await restoreSnapshot(file, { cache, paused: true });
     assert.equal(back.state, 'paused');
     await back.stop();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('a snapshot carries where its VM\'s client connection ids stand, for the restore; a bad value is refused', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-snap-'));
+  try {
+    const vm = mk('conns');
+    await vm.bootCold({ pauseAfterQuanta: 3 });
+    await vm.whenPaused();
+    const file = join(dir, 'conns.snap');
+    await writeSnapshot(vm, file, { netConnsFrom: 1234 });
+    const plain = join(dir, 'plain.snap');
+    await writeSnapshot(vm, plain);
+    await assert.rejects(writeSnapshot(vm, join(dir, 'bad.snap'), { netConnsFrom: 0 }), InvalidArgumentError);
+    await vm.stop();
+    const { vm: back, header } = await restoreSnapshot(file, { cache, noStart: true });
+    assert.equal(header.netConnsFrom, 1234);
+    await back.stop();
+    const { vm: back2, header: h2 } = await restoreSnapshot(plain, { cache, noStart: true });
+    assert.equal(h2.netConnsFrom, undefined, 'older snapshots and VMs without an endpoint: absent');
+    await back2.stop();
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

@@ -310,12 +310,12 @@ export class HostAgent extends EventEmitter {
   /** Restores a snapshot file as a new VM on this host and continues it. */
   async restoreVm(path: string, opts: { name?: string; expose?: string; paused?: boolean } = {}): Promise<VmSummary> {
     const exposeAt = opts.expose ? parseHostPort(opts.expose) : null;
-    const { vm, header } = await restoreSnapshot(path, { cache: this.cache, noStart: true, ...(opts.name ? { name: opts.name } : {}) });
+    const { vm, header } = await restoreSnapshot(path, { cache: this.cache, noStart: true, pool: this.pool, ...(opts.name ? { name: opts.name } : {}) });
     this.checkNameFree(vm.name);
     const managed: ManagedVm = { vm, guest: header.state.name, link: null, migration: null, readers: new Set() };
     this.attach(managed);
     try {
-      if (exposeAt) managed.link = await this.exposeVm(vm, managed.guest, exposeAt);
+      if (exposeAt) managed.link = await this.exposeVm(vm, managed.guest, exposeAt, header.netConnsFrom);
       this.vms.set(vm.name, managed);
       await vm.bootFromState(header.state, { paused: opts.paused });
     } catch (e) {
@@ -338,11 +338,15 @@ export class HostAgent extends EventEmitter {
     vm.on('net-credit', (bytes: number) => m.link?.credit(bytes));
   }
 
-  private async exposeVm(vm: Vm, guest: string, at: { host: string; port: number }): Promise<HomeLink> {
+  /** `firstConnId`: for a restored VM, above the connection ids it may still hold records of. */
+  private async exposeVm(vm: Vm, guest: string, at: { host: string; port: number }, firstConnId?: number): Promise<HomeLink> {
     // The window keeps client input the guest has not consumed below the device's rx queue limit;
     // the vCPU returns credit as records enter the guest's ring (so nothing overflows or is lost).
     const link = new HomeLink(guest, (l, err) => this.onHomeLost(vm.name, l, err));
-    const ep = await ExposeEndpoint.listen({ host: at.host, port: at.port, window: EXPOSE_WINDOW, onRecords: (records) => link.toGuest(records) });
+    const ep = await ExposeEndpoint.listen({
+      host: at.host, port: at.port, window: EXPOSE_WINDOW, onRecords: (records) => link.toGuest(records),
+      ...(firstConnId !== undefined ? { firstConnId } : {}),
+    });
     link.bind(ep, vm);
     return link;
   }
@@ -383,7 +387,10 @@ export class HostAgent extends EventEmitter {
     m.link?.hold();
     await m.vm.pause();
     try {
-      const writing = writeSnapshot(m.vm, out);
+      // A VM exposed here records where its endpoint's connection ids stand, so a restore does not
+      // hand a new client an id the guest still holds records of.
+      const netConnsFrom = m.link instanceof HomeLink ? m.link.endpointObject.nextConnId : undefined;
+      const writing = writeSnapshot(m.vm, out, netConnsFrom === undefined ? {} : { netConnsFrom });
       const settled = writing.then(() => undefined, () => undefined);
       m.readers.add(settled);
       void settled.then(() => m.readers.delete(settled));

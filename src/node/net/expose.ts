@@ -45,6 +45,11 @@ export interface ExposeOptions {
   onError?(err: Error): void;
   /** Largest number of simultaneous clients; further ones are refused (closed at once). Default 10,000. */
   maxConnections?: number;
+  /**
+   * The first connection id to hand out (default 1): a restored VM's endpoint starts above the ids
+   * the VM may still hold records of (SnapshotHeader.netConnsFrom).
+   */
+  firstConnId?: number;
 }
 
 interface Conn {
@@ -80,6 +85,10 @@ export class ExposeEndpoint {
 
   private constructor(private readonly server: Server, opts: ExposeOptions) {
     this.onRecords = opts.onRecords;
+    if (opts.firstConnId !== undefined) {
+      if (!Number.isInteger(opts.firstConnId) || opts.firstConnId < 1 || opts.firstConnId > 0xffffffff) throw new InvalidArgumentError(`firstConnId must be an integer in 1..${0xffffffff}, got ${opts.firstConnId}`);
+      this.nextId = opts.firstConnId;
+    }
     this.bufferLimit = opts.bufferLimit ?? DEFAULT_EXPOSE_BUFFER_LIMIT;
     this.window = opts.window;
     if (!(this.bufferLimit > 0)) throw new InvalidArgumentError(`bufferLimit must be positive, got ${opts.bufferLimit}`);
@@ -105,6 +114,11 @@ export class ExposeEndpoint {
     const a = this.server.address() as AddressInfo | null;
     if (!a) throw new InvalidArgumentError('endpoint is not listening');
     return { host: a.address, port: a.port };
+  }
+
+  /** The id the next client connection will get. */
+  get nextConnId(): number {
+    return this.nextId;
   }
 
   /** Open client connections. */

@@ -18,7 +18,7 @@
 import { createHash } from 'node:crypto';
 import { open, rename, unlink } from 'node:fs/promises';
 import { z } from 'zod';
-import { SnapshotError } from '../../core/errors.js';
+import { InvalidArgumentError, SnapshotError } from '../../core/errors.js';
 import { PAGE_SIZE } from '../../core/pages.js';
 import { Vm, type BootOptions, type VmInit, type VmState } from './vm.js';
 
@@ -32,6 +32,12 @@ export interface SnapshotHeader {
   state: VmState;
   moduleBytes: number;
   createdAt: string;
+  /**
+   * The first client connection id a restored VM's endpoint may hand out. The guest may still hold
+   * records (or state) of connections with lower ids from before the snapshot — a client's CLOSE
+   * already in its rx ring, say — which must not be taken for a new client's. Absent: 1.
+   */
+  netConnsFrom?: number;
 }
 
 const headerSchema = z.object({
@@ -47,6 +53,7 @@ const headerSchema = z.object({
   }),
   moduleBytes: z.number().int().positive().max(MAX_MODULE),
   createdAt: z.string().max(64),
+  netConnsFrom: z.number().int().min(1).max(0xffffffff).optional(),
 });
 
 export interface SnapshotStats {
@@ -62,12 +69,22 @@ function isZero(words: BigUint64Array, start: number): boolean {
   return true;
 }
 
-/** Writes a paused VM to `path` (atomically: a temporary file renamed into place). */
-export async function writeSnapshot(vm: Vm, path: string): Promise<SnapshotStats> {
+/**
+ * Writes a paused VM to `path` (atomically: a temporary file renamed into place). `netConnsFrom`:
+ * the next client connection id of the VM's endpoint, for the restore (SnapshotHeader).
+ */
+export async function writeSnapshot(vm: Vm, path: string, opts: { netConnsFrom?: number } = {}): Promise<SnapshotStats> {
+  const from = opts.netConnsFrom;
+  if (from !== undefined && !(Number.isInteger(from) && from >= 1 && from <= 0xffffffff)) {
+    throw new InvalidArgumentError(`netConnsFrom must be a connection id in 1..${0xffffffff}, got ${from}`);
+  }
   const t0 = performance.now();
   const state = await vm.exportState();
   const module = vm.module;
-  const header: SnapshotHeader = { state, moduleBytes: module.length, createdAt: new Date().toISOString() };
+  const header: SnapshotHeader = {
+    state, moduleBytes: module.length, createdAt: new Date().toISOString(),
+    ...(opts.netConnsFrom !== undefined ? { netConnsFrom: opts.netConnsFrom } : {}),
+  };
   const tmp = `${path}.tmp-${process.pid}-${Date.now()}`;
   const fh = await open(tmp, 'w');
   const hash = createHash('sha256');
