@@ -569,17 +569,14 @@ class DestinationSession {
     // downtime, once per migration (so in cold code): 32 pages a step.
     const [rw, stw, so] = [this.received.words, stale.words, soft.words];
     const absent = Bitmap.fromWords(this.maxPages, pages, (i) => (~rw[i] | stw[i]) & ~so[i]);
-    const aw = absent.words;
     const missing = absent.count();
     if (missing !== sw.pagesRemaining) {
       throw new MigrationError('ERR_MIGRATION_MISSING_PAGES', `the source says ${sw.pagesRemaining} pages remain, but ${missing} are missing here`);
     }
     // The hashes of the pages installed so far, as they are; soft and absent pages count 0 for now.
     const digest = MemoryDigest.adopt(this.preHashes.subarray(0, pages));
-    for (let i = 0; i < so.length; i++) {
-      const skip = aw[i] | so[i];
-      if (skip !== 0) for (let b = 0; b < 32; b++) if (skip & (1 << b)) digest.clear(i * 32 + b);
-    }
+    const aw = absent.words;
+    for (const p of Bitmap.fromWords(this.maxPages, pages, (i) => aw[i] | so[i])) digest.clear(p);
     this.preHashes = new BigUint64Array(0);
     this.digest = digest;
     const want = sw.digest?.hex ?? null;

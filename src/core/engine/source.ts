@@ -558,11 +558,13 @@ class SourceSession {
         // only add to the downtime. It is switched off if the VM resumes here after a failure.
         soft = await this.vm.softPages();
         const pages = this.vm.guestPages();
+        // What the destination lacks, 32 pages a step (cold code, inside the downtime): pages
+        // dirtied since they were last sent, or never sent; soft pages never count.
+        const [lw, ew, sw] = [last.words, sentEver.words, soft.words];
+        const unsent = (i: number) => ((lw[i] ?? 0) | ~ew[i]) & ~(sw[i] ?? 0);
         if (!postcopy) {
           // Stop-and-copy: the last dirty pages, then state. Soft pages are never sent.
-          // final = (dirty since last sent, or never sent) and not soft.
-          const [lw, ew, sw] = [last.words, sentEver.words, soft.words];
-          const final = Bitmap.fromWords(this.maxPages, pages, (i) => ((lw[i] ?? 0) | ~ew[i]) & ~(sw[i] ?? 0));
+          const final = Bitmap.fromWords(this.maxPages, pages, unsent);
           this.round++;
           const b0 = this.bytesSent;
           const n = await this.sendPages(final, this.round);
@@ -572,10 +574,9 @@ class SourceSession {
           await this.switchover(new Bitmap(this.maxPages), new Bitmap(this.maxPages), soft);
         } else {
           // Hybrid switching to post-copy: what the destination has is current except `stale`
-          // (sent, then dirtied); remaining = stale or never sent; soft pages never count.
-          const [lw, ew, sw] = [last.words, sentEver.words, soft.words];
+          // (sent, then dirtied); the rest of what is not there yet, never sent, is pushed too.
           const stale = Bitmap.fromWords(this.maxPages, pages, (i) => (lw[i] ?? 0) & ew[i] & ~(sw[i] ?? 0));
-          const remaining = Bitmap.fromWords(this.maxPages, pages, (i) => (((lw[i] ?? 0) & ew[i]) | ~ew[i]) & ~(sw[i] ?? 0));
+          const remaining = Bitmap.fromWords(this.maxPages, pages, unsent);
           this.pagesRemaining = remaining.count();
           await this.switchover(remaining, stale, soft);
           await this.postcopyPush(remaining, soft);
