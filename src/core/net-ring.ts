@@ -28,6 +28,14 @@ export function isValidRingSize(size: number): boolean {
   return Number.isInteger(size) && size >= MIN_RING_SIZE && size <= MAX_RING_SIZE && (size & (size - 1)) === 0;
 }
 
+/** The largest client connection id (a record carries it as a u32; ids count from 1). */
+export const MAX_CONN_ID = 0xffffffff;
+
+/** A client connection id an endpoint may hand out: a whole number in 1..MAX_CONN_ID. */
+export function isConnId(id: number): boolean {
+  return Number.isInteger(id) && id >= 1 && id <= MAX_CONN_ID;
+}
+
 const pad4 = (n: number) => (n + 3) & ~3;
 
 /** Bytes a record with `payloadLength` bytes occupies in a ring. */

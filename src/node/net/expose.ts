@@ -26,7 +26,7 @@
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { NET_MAX_PAYLOAD, NetRecord } from '../../core/abi.js';
 import { FerryError, InvalidArgumentError } from '../../core/errors.js';
-import type { NetRecordData } from '../../core/net-ring.js';
+import { MAX_CONN_ID, isConnId, type NetRecordData } from '../../core/net-ring.js';
 
 export const DEFAULT_EXPOSE_BUFFER_LIMIT = 4 << 20;
 
@@ -86,7 +86,7 @@ export class ExposeEndpoint {
   private constructor(private readonly server: Server, opts: ExposeOptions) {
     this.onRecords = opts.onRecords;
     if (opts.firstConnId !== undefined) {
-      if (!Number.isInteger(opts.firstConnId) || opts.firstConnId < 1 || opts.firstConnId > 0xffffffff) throw new InvalidArgumentError(`firstConnId must be an integer in 1..${0xffffffff}, got ${opts.firstConnId}`);
+      if (!isConnId(opts.firstConnId)) throw new InvalidArgumentError(`firstConnId must be an integer in 1..${MAX_CONN_ID}, got ${opts.firstConnId}`);
       this.nextId = opts.firstConnId;
     }
     this.bufferLimit = opts.bufferLimit ?? DEFAULT_EXPOSE_BUFFER_LIMIT;
@@ -264,7 +264,7 @@ export class ExposeEndpoint {
   private allocId(): number {
     for (;;) {
       const id = this.nextId;
-      this.nextId = this.nextId === 0xffffffff ? 1 : this.nextId + 1;
+      this.nextId = this.nextId === MAX_CONN_ID ? 1 : this.nextId + 1;
       if (!this.conns.has(id)) return id;
     }
   }

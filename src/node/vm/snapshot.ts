@@ -19,6 +19,7 @@ import { createHash } from 'node:crypto';
 import { open, rename, unlink } from 'node:fs/promises';
 import { z } from 'zod';
 import { InvalidArgumentError, SnapshotError } from '../../core/errors.js';
+import { MAX_CONN_ID, isConnId } from '../../core/net-ring.js';
 import { PAGE_SIZE } from '../../core/pages.js';
 import { Vm, type BootOptions, type VmInit, type VmState } from './vm.js';
 
@@ -53,7 +54,7 @@ const headerSchema = z.object({
   }),
   moduleBytes: z.number().int().positive().max(MAX_MODULE),
   createdAt: z.string().max(64),
-  netConnsFrom: z.number().int().min(1).max(0xffffffff).optional(),
+  netConnsFrom: z.number().int().min(1).max(MAX_CONN_ID).optional(),
 });
 
 export interface SnapshotStats {
@@ -75,15 +76,13 @@ function isZero(words: BigUint64Array, start: number): boolean {
  */
 export async function writeSnapshot(vm: Vm, path: string, opts: { netConnsFrom?: number } = {}): Promise<SnapshotStats> {
   const from = opts.netConnsFrom;
-  if (from !== undefined && !(Number.isInteger(from) && from >= 1 && from <= 0xffffffff)) {
-    throw new InvalidArgumentError(`netConnsFrom must be a connection id in 1..${0xffffffff}, got ${from}`);
-  }
+  if (from !== undefined && !isConnId(from)) throw new InvalidArgumentError(`netConnsFrom must be a connection id in 1..${MAX_CONN_ID}, got ${from}`);
   const t0 = performance.now();
   const state = await vm.exportState();
   const module = vm.module;
   const header: SnapshotHeader = {
     state, moduleBytes: module.length, createdAt: new Date().toISOString(),
-    ...(opts.netConnsFrom !== undefined ? { netConnsFrom: opts.netConnsFrom } : {}),
+    ...(from !== undefined ? { netConnsFrom: from } : {}),
   };
   const tmp = `${path}.tmp-${process.pid}-${Date.now()}`;
   const fh = await open(tmp, 'w');
