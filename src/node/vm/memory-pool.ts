@@ -79,13 +79,12 @@ export class GuestMemoryPool {
    * (a few ms per 100 MiB), which is still far quicker than faulting fresh memory in.
    */
   take(shape: MemoryShape): WebAssembly.Memory | null {
-    const bytes = shape.initial * WASM_PAGE_SIZE;
     let best = -1;
     for (let i = 0; i < this.entries.length; i++) {
       const e = this.entries[i];
-      if (e.maximum !== shape.maximum || e.memory.buffer.byteLength !== bytes) continue;
+      if (!fits(e, shape)) continue;
       if (best < 0 || e.next > this.entries[best].next) best = i;
-      if (e.next >= bytes) break;
+      if (e.next >= e.memory.buffer.byteLength) break;
     }
     if (best < 0) {
       this.misses++;
@@ -115,7 +114,7 @@ export class GuestMemoryPool {
    */
   async warm(shape: MemoryShape, count = 1): Promise<void> {
     const bytes = shape.initial * WASM_PAGE_SIZE;
-    let have = this.entries.filter((e) => e.maximum === shape.maximum && e.memory.buffer.byteLength === bytes).length;
+    let have = this.entries.filter((e) => fits(e, shape)).length;
     for (; have < count && this.bytes + bytes <= this.capacityBytes; have++) {
       this.entries.push({ memory: new WebAssembly.Memory({ ...shape, shared: true }), maximum: shape.maximum, next: 0, fresh: true });
     }
@@ -140,6 +139,11 @@ export class GuestMemoryPool {
       this.working = false;
     }
   }
+}
+
+/** `e` serves a request of `shape`: the same maximum and the same current size. */
+function fits(e: Entry, shape: MemoryShape): boolean {
+  return e.maximum === shape.maximum && e.memory.buffer.byteLength === shape.initial * WASM_PAGE_SIZE;
 }
 
 /** Zeroes up to `max` more bytes of `e` (writing zeros also faults the pages in). */

@@ -85,6 +85,8 @@ export class Vm extends EventEmitter {
   private mem: WebAssembly.Memory | null;
   /** The memory came from the host's pool: zero, and every page already backed. */
   readonly memoryBacked: boolean;
+  /** The memory's maximum in Wasm pages (reserved region included): its shape in the pool. */
+  private readonly maxWasmPages: number;
   readonly info: GuestModuleInfo;
   readonly memoryBytes: number;
   readonly maxPages: number;
@@ -117,7 +119,8 @@ export class Vm extends EventEmitter {
     this.memoryBytes = init.memoryBytes;
     this.maxPages = init.memoryBytes / PAGE_SIZE;
     this.config = init.config ?? '';
-    const shape = { initial: RESERVED_WASM_PAGES + initialGuestBytes / WASM_PAGE_SIZE, maximum: RESERVED_WASM_PAGES + init.memoryBytes / WASM_PAGE_SIZE };
+    this.maxWasmPages = RESERVED_WASM_PAGES + init.memoryBytes / WASM_PAGE_SIZE;
+    const shape = { initial: RESERVED_WASM_PAGES + initialGuestBytes / WASM_PAGE_SIZE, maximum: this.maxWasmPages };
     const pooled = init.pool?.take(shape) ?? null;
     this.memoryBacked = pooled !== null;
     this.mem = pooled ?? new WebAssembly.Memory({ ...shape, shared: true });
@@ -372,7 +375,7 @@ export class Vm extends EventEmitter {
     if (!mem) return;
     this.mem = null;
     this.bytes = new Uint8Array(0);
-    this.init.pool?.give(mem, RESERVED_WASM_PAGES + this.memoryBytes / WASM_PAGE_SIZE);
+    this.init.pool?.give(mem, this.maxWasmPages);
   }
 
   private async exitedOrStopped(): Promise<void> {
