@@ -23,6 +23,8 @@ export class Inbox {
   private readonly waiters = new Map<FrameType, { resolve: (f: Frame) => void; reject: (e: Error) => void }[]>();
   private failure: Error | null = null;
   private readonly handlers = new Map<FrameType, (f: Frame) => void>();
+  /** Set while the consumer of this connection's pages is behind (see {@link pause}). */
+  private held: { promise: Promise<void>; release: () => void } | null = null;
   readonly done: Promise<void>;
 
   /** `onFail` hears the first failure (peer error, protocol violation, end of stream). */
@@ -40,9 +42,32 @@ export class Inbox {
     }
   }
 
+  /**
+   * Stops reading until {@link resume}: the consumer has as many frames as it can hold. The
+   * connection's own backpressure then reaches the peer (TCP: the receive window closes), so
+   * frames wait in the kernel instead of in freshly allocated buffers here, and the event loop
+   * stays free for what must not wait (a post-copy demand page on another connection).
+   */
+  pause(): void {
+    if (this.held || this.failure) return;
+    let release!: () => void;
+    const promise = new Promise<void>((r) => (release = r));
+    this.held = { promise, release };
+  }
+
+  resume(): void {
+    const h = this.held;
+    this.held = null;
+    h?.release();
+  }
+
   private async pump(): Promise<void> {
     try {
       for (;;) {
+        while (this.held) {
+          await this.held.promise;
+          if (this.failure) return;
+        }
         const f = await this.framed.next();
         if (!f) throw new MigrationError('ERR_MIGRATION_PEER_CLOSED', 'the peer closed the migration connection before the migration ended');
         if (f.type === 'ERROR') throw new RemoteMigrationError(f.code, `peer reported: ${f.message}`);
@@ -72,6 +97,7 @@ export class Inbox {
   fail(e: Error): void {
     if (this.failure) return;
     this.failure = e;
+    this.resume();
     for (const list of this.waiters.values()) for (const w of list.splice(0)) w.reject(e);
     this.onFail?.(e);
   }

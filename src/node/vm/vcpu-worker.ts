@@ -110,7 +110,8 @@ class HaltSignal extends Error {
 let presence = new Uint8Array(data.memory.buffer);
 function isPresent(page: number): boolean {
   if (presence.byteLength !== data.memory.buffer.byteLength) presence = new Uint8Array(data.memory.buffer);
-  return presence[PRESENCE_MAP_OFFSET + page] !== 0;
+  // Sequentially consistent: pairs with the fault service's store (see DestinationVmAdapter.markPresent).
+  return Atomics.load(presence, PRESENCE_MAP_OFFSET + page) !== 0;
 }
 
 /** Blocks the vCPU until `page` is present. Served by the destination's fault service. */
