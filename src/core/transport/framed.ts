@@ -39,9 +39,12 @@ export class FramedConnection implements AsyncIterable<Frame> {
     return this.connection.write(encodeFrame(frame, this.pageSize));
   }
 
-  /** Writes an already-encoded frame (e.g. one encoded once and sent on several streams). */
-  sendEncoded(bytes: Uint8Array): Promise<void> {
-    return this.connection.write(bytes);
+  /**
+   * Writes an already-encoded frame (e.g. one encoded once and sent on several streams);
+   * `release` as in {@link Connection.write}: the buffer may be reused once it is called.
+   */
+  sendEncoded(bytes: Uint8Array, release?: () => void): Promise<void> {
+    return this.connection.write(bytes, release);
   }
 
   /** The next frame, or undefined at a clean end of stream (never inside a frame). */

@@ -26,7 +26,10 @@
  * - **Named errors.** Everything a transport rejects or throws is a {@link TransportError} (or an
  *   `AbortError` when an operation's AbortSignal fires), with the underlying error as `cause`.
  * - **Ownership.** A buffer passed to `write` belongs to the connection from then on: don't modify
- *   it. Chunks handed out by iteration belong to the reader.
+ *   it — until the connection calls the write's `release` callback, if it does: from then on it
+ *   holds no reference to those bytes and the writer may reuse the buffer (TCP: once the kernel
+ *   has them). A connection that hands the buffer itself to its peer (the in-memory pair) never
+ *   calls it. Chunks handed out by iteration belong to the reader.
  */
 import { FerryError } from '../errors.js';
 
@@ -64,9 +67,11 @@ export interface Connection extends AsyncIterable<Uint8Array> {
   readonly remoteAddress: string;
   /**
    * Queues `bytes` and resolves when there is room again (see backpressure above). Rejects with a
-   * TransportError when the connection is closed for writing, aborted or reset.
+   * TransportError when the connection is closed for writing, aborted or reset. `release`, when
+   * given, may be called (at most once) when the connection no longer references `bytes` (see
+   * ownership above); it may also never be called.
    */
-  write(bytes: Uint8Array): Promise<void>;
+  write(bytes: Uint8Array, release?: () => void): Promise<void>;
   /**
    * Ends our direction once everything written so far is flushed; resolves then. Idempotent.
    * Rejects (TransportError) if the connection is aborted or reset before the flush completes.
