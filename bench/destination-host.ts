@@ -147,7 +147,10 @@ export class DestinationProcess {
   }
 
   static async start(): Promise<DestinationProcess> {
-    const child = fork(fileURLToPath(import.meta.url), [], { env: { ...process.env, FERRY_BENCH_DESTINATION: '1' }, stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+    // FERRY_BENCH_DESTINATION_ARGS: node options for the destination alone (e.g. `--cpu-prof
+    // --cpu-prof-dir=/tmp/prof` to profile the receiving side, which NODE_OPTIONS does not allow).
+    const args = process.env.FERRY_BENCH_DESTINATION_ARGS?.split(' ').filter((a) => a !== '');
+    const child = fork(fileURLToPath(import.meta.url), [], { execArgv: args ?? process.execArgv, env: { ...process.env, FERRY_BENCH_DESTINATION: '1' }, stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
     const address = await new Promise<string>((resolve, reject) => {
       child.once('exit', (code) => reject(new Error(`destination process exited (${code})`)));
       child.once('message', (m: FromDestination) => (m.type === 'ready' ? resolve(m.address) : reject(new Error(`destination process said ${m.type}`))));

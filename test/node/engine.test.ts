@@ -235,3 +235,59 @@ test('a destination VM that never gets ready fails the pre-copy with ERR_MIGRATI
   await assert.rejects(dest, (e: FerryError) => e.code === 'ERR_MIGRATION_TIMEOUT');
   assert.equal(src.state, 'running', 'the VM runs on at the source');
 });
+
+test('post-copy with a fault channel: while a fault is outstanding, no pushed page is applied before the demanded one', async (t) => {
+  const src = await source('mem=24MiB wss=24MiB pattern=uniform rate=40000000');
+  const made: Vm[] = [];
+  t.after(async () => { for (const vm of [src, ...made]) await vm.stop(); });
+  // The destination's clock never lets the priority wait time out, so the order below is the
+  // mechanism's alone (the real one gives up after a few ms, for a demand page that is slow).
+  const real = deps.clock;
+  const destDeps = { ...deps, clock: { now: () => real.now(), sleep: (_ms: number, signal?: AbortSignal) => new Promise<void>((_r, reject) => signal?.addEventListener('abort', () => reject(new Error('aborted')))) } };
+  const events: ['fault' | 'install', number][] = [];
+  let started = false;
+  class Recording extends DestinationVmAdapter {
+    override onFault(handler: (page: number) => void): void {
+      super.onFault((p) => { events.push(['fault', p]); handler(p); });
+    }
+    override writePage(page: number, data: Uint8Array, offset: number): void {
+      if (started) events.push(['install', page]);
+      super.writePage(page, data, offset);
+    }
+    override async start(...args: Parameters<DestinationVmAdapter['start']>): Promise<void> {
+      started = true;
+      await super.start(...args);
+    }
+  }
+  const acceptor = new MigrationAcceptor(destDeps);
+  let outcome: Promise<DestinationOutcome> | undefined;
+  const listener = await tcp().listen({
+    onConnection: (c) => {
+      const r = acceptor.accept(c, vmFactory(made, cache, { adapter: (vm) => new Recording(vm) }));
+      r.catch(() => undefined);
+      void r.then((o) => { if (o) outcome = Promise.resolve(o); });
+    },
+  });
+  try {
+    const result = await migrateSource(await tcp().dial(listener.address), sourceVmOf(src), deps, { mode: 'postcopy', connect: () => tcp().dial(listener.address), baselineMs: 0 });
+    for (let i = 0; i < 100 && !outcome; i++) await new Promise((r) => setTimeout(r, 10));
+    const o = await outcome!;
+    assert.equal(result.report.verified, true);
+    assert.equal(o.faultChannel, true);
+    const installed = new Set<number>();
+    let checked = 0;
+    for (let i = 0; i < events.length; i++) {
+      const [kind, page] = events[i];
+      if (kind === 'install') { installed.add(page); continue; }
+      if (installed.has(page)) continue; // arrived meanwhile: nothing was requested
+      const served = events.findIndex(([k, p], j) => j > i && k === 'install' && p === page);
+      assert.ok(served > i, `fault on page ${page} was never served`);
+      const between = events.slice(i + 1, served).filter(([k]) => k === 'install');
+      assert.deepEqual(between, [], `pushed pages were applied while the vCPU waited for page ${page}`);
+      checked++;
+    }
+    assert.ok(checked >= 5, `too few faults to judge (${checked})`);
+  } finally {
+    await listener.close();
+  }
+});

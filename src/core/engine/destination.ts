@@ -177,6 +177,13 @@ const POSTCOPY_SLICE_PAGES = 32;
  * serves faults (10–30 ms stalls measured). Bounded, the decoder's recycled buffers suffice.
  */
 const RX_QUEUE_FRAMES = 2;
+/**
+ * Post-copy with a fault channel: while the vCPU waits for a demand page, pushed pages wait too
+ * (at most this long, ms), so the event loop is free the moment the page lands instead of busy
+ * with a slice of background pages — Hines' "a fault is served ahead of background pages", on
+ * the receiving side.
+ */
+const FAULT_PRIORITY_MS = 2;
 
 /** One connection's pages, applied in arrival order; held back while a dedup definition is missing. */
 class RxStream {
@@ -238,6 +245,8 @@ class DestinationSession {
   private missing = 0;
   private digest: MemoryDigest | null = null;
   private readonly faultAt = new Map<number, number>();
+  /** Pushed-page streams waiting for the outstanding faults to be served (see FAULT_PRIORITY_MS). */
+  private faultServed: (() => void)[] = [];
   private readonly latency = new Histogram();
   private faults = 0;
   private allArrived: (() => void) | null = null;
@@ -326,9 +335,10 @@ class DestinationSession {
         while (s.k < e.count) {
           // While the VM runs, pushed pages are applied in slices so a demand page (fault channel)
           // or a fault notification waits for one slice at most, not for a whole batch.
-          if (this.started && s.name !== FAULT_STREAM && slice >= POSTCOPY_SLICE_PAGES) {
+          const faultFirst = this.started && this.fault !== null && this.faultAt.size > 0;
+          if (this.started && s.name !== FAULT_STREAM && (slice >= POSTCOPY_SLICE_PAGES || faultFirst)) {
             s.resuming = true;
-            void this.deps.yieldToIo().then(() => {
+            void (faultFirst ? this.faultsServed() : this.deps.yieldToIo()).then(() => {
               s.resuming = false;
               if (s.blockedAt === null && !this.pageError) this.drain(s);
             });
@@ -361,6 +371,20 @@ class DestinationSession {
         if (this.gang) queueMicrotask(() => this.acceptor.wakeGang(this.gang!, this));
       }
     }
+  }
+
+  /** Resolves once no fault is outstanding, or after FAULT_PRIORITY_MS. */
+  private faultsServed(): Promise<void> {
+    const ac = new AbortController();
+    let served!: () => void;
+    return Promise.race([
+      new Promise<void>((r) => this.faultServed.push((served = r))),
+      this.deps.clock.sleep(FAULT_PRIORITY_MS, ac.signal).catch(() => undefined),
+    ]).finally(() => {
+      ac.abort();
+      const i = this.faultServed.indexOf(served);
+      if (i >= 0) this.faultServed.splice(i, 1);
+    });
   }
 
   /** Streams waiting for a definition try again (one may have landed on another stream or VM). */
@@ -439,6 +463,7 @@ class DestinationSession {
     if (t !== undefined) {
       this.latency.record(this.deps.clock.now() - t);
       this.faultAt.delete(page);
+      if (this.faultAt.size === 0 && this.faultServed.length > 0) for (const w of this.faultServed.splice(0)) w();
     }
     if (--this.missing === 0) this.allArrived?.();
     return true;
