@@ -22,8 +22,9 @@
  * time went and the CPU time of both processes).
  */
 import net from 'node:net';
-import { median, section, type BenchContext, type BenchSuite } from './harness.js';
+import { median, percentile, section, type BenchContext, type BenchSuite } from './harness.js';
 import { rawTcp, rawTcpIntoFreshMemory } from './transport.bench.js';
+import { exchangeFloor } from './latency-floor.js';
 import { DestinationProcess, memstressVm, cpuMs, type LinkInit, type Outcome } from './destination-host.js';
 import type { MigrationOptions, MigrationResult } from '../src/core/engine/types.js';
 import type { MigrationReport } from '../src/core/metrics.js';
@@ -189,6 +190,16 @@ async function postcopyFaults(ctx: BenchContext, mem: number): Promise<void> {
   ctx.report({ metric: 'postcopy.fault-latency.p99', value: d.p99 ?? NaN, unit: 'ms', target: '<= 1', note: `max ${d.max?.toFixed(2)} ms` });
   ctx.report({ metric: 'postcopy.report-fault-latency.p50', value: s.p50 ?? NaN, unit: 'ms', target: '<= 0.2', note: `source report histogram (request in → page sent), ${s.count} faults` });
   ctx.report({ metric: 'postcopy.report-fault-latency.p99', value: s.p99 ?? NaN, unit: 'ms', target: '<= 1' });
+  // The same machine's floor for a fault's round trip, measured right after (see latency-floor.ts).
+  // Its load: a stream at the rate this run pushed (pushed bytes over the whole migration time).
+  const pushRate = run.report.bytes.pushed / (run.report.totalMigrationTimeMs! / 1000);
+  const f = await exchangeFloor(Math.max(200, d.count ?? 0), pushRate);
+  const fmt = (xs: number[]) => `p50 ${percentile(xs, 50).toFixed(3)} ms, p99 ${percentile(xs, 99).toFixed(2)} ms`;
+  ctx.report({
+    metric: 'postcopy.fault-latency.floor.p99', value: percentile(f.loaded, 99), unit: 'ms',
+    note: `4 KiB request/response between two processes' otherwise idle threads while their main threads stream ${(f.bulkBytesPerSec / 1e9).toFixed(2)} GB/s, this run's push rate (${fmt(f.loaded)}); quiet machine: ${fmt(f.idle)}`,
+  });
+  ctx.report({ metric: 'postcopy.fault-latency.p99.vs-floor', value: (d.p99 ?? NaN) / percentile(f.loaded, 99), unit: '×' });
 }
 
 /**
