@@ -271,3 +271,34 @@ test('ferry host start --memory-pool: a size (0: off) reaches the agent; a bad o
     await rm(dir, { recursive: true, force: true });
   }
 });
+
+test('pooled memory yields to admitted VMs: the pool keeps only what reservations leave of the host capacity', async () => {
+  const spec = { guest: 'compute', config: 'kind=hash iters=1000 seed=7' };
+  await withHosts(async (a) => {
+    assert.equal((await http(`${a.url}/v1/vms`, 'POST', { name: 'one', ...spec, memory: '16MiB' })).status, 201);
+    assert.equal((await http(`${a.url}/v1/vms/one`, 'DELETE')).status, 204);
+    const kept = await pool(a);
+    assert.equal(kept.memories, 1);
+    // 33 of 34 MiB reserved: the 2 MiB the pool holds no longer fit beside it.
+    assert.equal((await http(`${a.url}/v1/vms`, 'POST', { name: 'big', ...spec, memory: '33MiB' })).status, 201);
+    assert.deepEqual(await pool(a), { ...kept, misses: kept.misses + 1, memories: 0, bytes: 0 });
+    // Room again: what leaves is pooled again.
+    assert.equal((await http(`${a.url}/v1/vms/big`, 'DELETE')).status, 204);
+    assert.equal((await pool(a)).memories, 1);
+  }, { a: { capacityBytes: 34 << 20 } });
+});
+
+test('a restore the host has no room for is refused by name before any memory is taken, and changes nothing', async () => {
+  await withHosts(async (a, b) => {
+    await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '64MiB' });
+    const out = join(a.agent.dataDir, 'kv.snap');
+    assert.equal((await http(`${a.url}/v1/vms/kv/snapshot`, 'POST', { out })).status, 200);
+    const before = await pool(b);
+    await assert.rejects(b.agent.restoreVm(out), (e: unknown) => (e as { code?: string }).code === 'ERR_NO_CAPACITY');
+    assert.deepEqual(b.agent.list(), []);
+    assert.deepEqual(await pool(b), before, 'no memory was asked of the pool');
+    // A name already taken is refused the same way, before memory too.
+    await assert.rejects(a.agent.restoreVm(out), (e: unknown) => e instanceof Error && /already exists/.test(e.message));
+    assert.deepEqual(a.agent.list().map((v) => v.name), ['kv']);
+  }, { b: { capacityBytes: 32 << 20 } });
+});

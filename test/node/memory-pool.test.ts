@@ -91,3 +91,19 @@ test('a pool of capacity 0 keeps nothing', async () => {
   await a.dispose();
   assert.deepEqual(pool.stats(), { hits: 0, misses: 1, memories: 0, bytes: 0 });
 });
+
+test('trim lets go of the oldest memories until the pool holds at most what it is told', async () => {
+  const pool = new GuestMemoryPool(16 * MiB);
+  const old = new WebAssembly.Memory({ initial: 32, maximum: 64, shared: true }); // 2 MiB
+  const mid = new WebAssembly.Memory({ initial: 48, maximum: 64, shared: true }); // 3 MiB
+  const young = new WebAssembly.Memory({ initial: 16, maximum: 64, shared: true }); // 1 MiB
+  pool.give(old, 64);
+  pool.give(mid, 64);
+  pool.give(young, 64);
+  assert.equal(pool.trim(6 * MiB), 0, 'it fits: nothing goes');
+  assert.equal(pool.trim(4 * MiB), 2 * MiB);
+  assert.equal(pool.take({ initial: 32, maximum: 64 }), null, 'the oldest went first');
+  assert.equal(pool.bytes, 4 * MiB);
+  assert.equal(pool.trim(0), 4 * MiB);
+  assert.deepEqual({ memories: pool.stats().memories, bytes: pool.bytes }, { memories: 0, bytes: 0 });
+});

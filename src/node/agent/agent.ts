@@ -274,6 +274,14 @@ export class HostAgent extends EventEmitter {
     }
   }
 
+  /**
+   * The pool keeps only what the VMs' reservations leave of the host's capacity. Called once a
+   * newly reserved VM has its memory (from the pool, if it had that shape).
+   */
+  private fitPool(): void {
+    this.pool.trim(Math.max(0, this.capacityBytes - this.reservedBytes()));
+  }
+
   async createVm(spec: VmSpec): Promise<VmSummary> {
     this.checkNameFree(spec.name);
     const memoryBytes = typeof spec.memory === 'number' ? spec.memory : parseSize(spec.memory, 'memory size');
@@ -297,6 +305,7 @@ export class HostAgent extends EventEmitter {
     try {
       if (exposeAt) managed.link = await this.exposeVm(vm, label, exposeAt);
       this.vms.set(spec.name, managed);
+      this.fitPool();
       await vm.bootCold({ paused: spec.paused });
     } catch (e) {
       this.vms.delete(spec.name);
@@ -310,13 +319,19 @@ export class HostAgent extends EventEmitter {
   /** Restores a snapshot file as a new VM on this host and continues it. */
   async restoreVm(path: string, opts: { name?: string; expose?: string; paused?: boolean } = {}): Promise<VmSummary> {
     const exposeAt = opts.expose ? parseHostPort(opts.expose) : null;
-    const { vm, header } = await restoreSnapshot(path, { cache: this.cache, noStart: true, pool: this.pool, ...(opts.name ? { name: opts.name } : {}) });
-    this.checkNameFree(vm.name);
+    const { vm, header } = await restoreSnapshot(path, {
+      cache: this.cache, noStart: true, pool: this.pool, ...(opts.name ? { name: opts.name } : {}),
+      admit: (name, memoryBytes) => {
+        this.checkNameFree(name);
+        this.checkCapacity(memoryBytes);
+      },
+    });
     const managed: ManagedVm = { vm, guest: header.state.name, link: null, migration: null, readers: new Set() };
     this.attach(managed);
     try {
       if (exposeAt) managed.link = await this.exposeVm(vm, managed.guest, exposeAt, header.netConnsFrom);
       this.vms.set(vm.name, managed);
+      this.fitPool();
       await vm.bootFromState(header.state, { paused: opts.paused });
     } catch (e) {
       this.vms.delete(vm.name);
@@ -535,6 +550,7 @@ export class HostAgent extends EventEmitter {
               variants: ['plain', 'dirty', 'presence'],
               ...(this.quantumMs ? { quantumMs: this.quantumMs } : {}),
             }, hello.guestBytes);
+            this.fitPool(); // the arrival is reserved (incoming) and has its memory now
             const home = this.away.get(name) ?? null;
             const remote = home ? null : (this.incomingRelays.get(name) ?? null);
             const guest = home?.guest ?? remote?.hello.guest ?? `sha256:${hello.moduleSha256.slice(0, 12)}`;

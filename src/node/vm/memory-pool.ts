@@ -121,6 +121,22 @@ export class GuestMemoryPool {
     await this.work();
   }
 
+  /**
+   * Lets go of memories, the oldest first, until the pool holds at most `maxBytes`: a host makes
+   * room for the VMs it admits (pooled memory is a cache; a VM's reservation comes first).
+   * Returns the bytes let go.
+   */
+  trim(maxBytes: number): number {
+    let dropped = 0;
+    let held = this.bytes;
+    while (held > maxBytes && this.entries.length > 0) {
+      const [e] = this.entries.splice(0, 1);
+      held -= e.memory.buffer.byteLength;
+      dropped += e.memory.buffer.byteLength;
+    }
+    return dropped;
+  }
+
   /** Zeroes (and so faults in) every entry not yet done, a slice at a time. */
   private async work(): Promise<void> {
     if (this.working) {

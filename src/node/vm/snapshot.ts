@@ -183,6 +183,11 @@ export interface RestoreOptions extends BootOptions {
   noStart?: boolean;
   /** The host's memory pool: the VM is created at the snapshot's size, so memory of that shape fits. */
   pool?: VmInit['pool'];
+  /**
+   * Called with the VM's name and memory size once the snapshot is verified and before any
+   * memory is taken for it; throwing refuses the restore (a host's admission), with nothing made.
+   */
+  admit?: (name: string, memoryBytes: number) => void;
 }
 
 export interface Restored {
@@ -224,6 +229,7 @@ export async function restoreSnapshot(path: string, opts: RestoreOptions): Promi
     if (moduleHash !== header.state.moduleHash) throw new SnapshotError('ERR_SNAPSHOT_MODULE', 'the guest module inside the snapshot does not match the hash its state was saved with');
 
     const st = header.state;
+    opts.admit?.(opts.name ?? st.name, st.memoryBytes);
     const block = opts.block ?? diskOf(st.devices);
     const vm = Vm.create({
       name: opts.name ?? st.name,
