@@ -3,7 +3,7 @@
  * VM verified and says what it saved; parallel data streams and the post-copy fault channel over
  * real TCP; gang migration sending pages common to several VMs once; bad input refused by name.
  */
-import { test } from 'node:test';
+import { afterEach, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -31,7 +31,19 @@ const deps: EngineDeps = nodeEngineDeps();
 const PAGE = 4096;
 const MiB = 1 << 20;
 
-const factory = (made: Vm[]) => vmFactory(made, cache);
+/**
+ * Every VM a test makes (sources, and destinations through `factory`) is stopped after it, pass or
+ * fail: a vCPU thread left running keeps the test file from exiting (and CI waits for it).
+ */
+const sources: Vm[] = [];
+const destinations: Vm[][] = [];
+afterEach(async () => {
+  for (const vm of [...sources.splice(0), ...destinations.splice(0).flat()]) await vm.stop().catch(() => undefined);
+});
+const factory = (made: Vm[]) => {
+  destinations.push(made);
+  return vmFactory(made, cache);
+};
 
 const WORDS = ['the', 'page', 'memory', 'migration', 'host', 'guest', 'dirty', 'round', 'copy', 'stream', 'delta', 'cache', 'of', 'and', 'to', 'a'];
 
@@ -64,6 +76,7 @@ interface Content {
  */
 async function sourceVm(name: string, config: string, content?: Content): Promise<Vm> {
   const vm = Vm.create({ name, module: memstress, memoryBytes: 48 * MiB, config, cache });
+  sources.push(vm);
   let line = '';
   vm.on('console', (l: string) => { if (l.startsWith('memstress: region')) line = l; });
   await vm.bootCold();

@@ -30,6 +30,11 @@ async function tcpPair(): Promise<[Connection, Connection, () => Promise<void>]>
   return [a, await accepted, () => listener.close()];
 }
 
+/** Stops every VM a test made, pass or fail: a vCPU thread left running keeps the test file from exiting. */
+async function stopAll(src: Vm, made: Vm[]): Promise<void> {
+  for (const vm of [src, ...made]) await vm.stop().catch(() => undefined);
+}
+
 async function source(config: string): Promise<Vm> {
   const vm = Vm.create({ name: 'mover', module: memstress, memoryBytes: 64 << 20, config, cache });
   await vm.bootCold();
@@ -39,10 +44,11 @@ async function source(config: string): Promise<Vm> {
 
 for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
   for (const transport of ['tcp', 'memory'] as const) {
-    test(`${mode} over ${transport}: the VM moves while writing memory, verified, and keeps running there`, async () => {
+    test(`${mode} over ${transport}: the VM moves while writing memory, verified, and keeps running there`, async (t) => {
       const src = await source('mem=24MiB wss=8MiB pattern=hotcold rate=40000000');
       const [a, b, close] = transport === 'tcp' ? await tcpPair() : [...memoryPair(), async () => undefined] as const;
       const made: Vm[] = [];
+      t.after(() => stopAll(src, made));
       const progress: number[] = [];
       const dest = serveDestination(b, factory(made), deps);
       // A 1 ms budget makes pre-copy iterate (the hot set keeps being rewritten) until its round limit.
@@ -74,10 +80,11 @@ for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
   }
 }
 
-test('postcopy demand faults are served and counted; pre-paging pages follow', async () => {
+test('postcopy demand faults are served and counted; pre-paging pages follow', async (t) => {
   const src = await source('mem=32MiB pattern=uniform rate=200000000');
   const [a, b, close] = await tcpPair();
   const made: Vm[] = [];
+  t.after(() => stopAll(src, made));
   const dest = serveDestination(b, factory(made), deps);
   const result = await migrateSource(a, sourceVmOf(src), deps, { mode: 'postcopy' });
   const outcome = await dest;
@@ -89,8 +96,9 @@ test('postcopy demand faults are served and counted; pre-paging pages follow', a
   await made[0].stop();
 });
 
-test('refused admission: the VM keeps running on the source, the error is named', async () => {
+test('refused admission: the VM keeps running on the source, the error is named', async (t) => {
   const src = await source('mem=8MiB');
+  t.after(() => stopAll(src, []));
   const [a, b] = memoryPair();
   const dest = serveDestination(b, factory([], { refuse: new FerryError('ERR_NO_CAPACITY', 'host is full') }), deps);
   await assert.rejects(migrateSource(a, sourceVmOf(src), deps, { mode: 'precopy' }), (e: unknown) => e instanceof FerryError && e.code === 'ERR_NO_CAPACITY');
@@ -99,10 +107,11 @@ test('refused admission: the VM keeps running on the source, the error is named'
   await src.stop();
 });
 
-test('a connection lost during pre-copy resumes the VM on the source with nothing lost', async () => {
+test('a connection lost during pre-copy resumes the VM on the source with nothing lost', async (t) => {
   const src = await source('mem=16MiB rate=20000000');
   const [a, b] = memoryPair();
   const made: Vm[] = [];
+  t.after(() => stopAll(src, made));
   const dest = serveDestination(b, factory(made), deps).catch((e) => e);
   let killed = false;
   const p = migrateSource(a, sourceVmOf(src), deps, {
@@ -125,10 +134,12 @@ test('a connection lost during pre-copy resumes the VM on the source with nothin
   await src.stop();
 });
 
-test('cancel through the AbortSignal before switchover leaves the VM on the source', async () => {
+test('cancel through the AbortSignal before switchover leaves the VM on the source', async (t) => {
   const src = await source('mem=16MiB rate=50000000');
   const [a, b] = memoryPair();
-  const dest = serveDestination(b, factory([]), deps).catch((e) => e);
+  const made: Vm[] = [];
+  t.after(() => stopAll(src, made));
+  const dest = serveDestination(b, factory(made), deps).catch((e) => e);
   const ac = new AbortController();
   const p = migrateSource(a, sourceVmOf(src), deps, { mode: 'hybrid', signal: ac.signal, onProgress: (pr) => { if (pr.pagesSent > 300) ac.abort(); } });
   await assert.rejects(p, (e: unknown) => e instanceof FerryError && e.code === 'ERR_ABORTED');
@@ -145,7 +156,7 @@ for (const mode of ['precopy', 'hybrid', 'postcopy'] as MigrationMode[]) {
     const src = await source('mem=8MiB wss=2MiB rate=4000000');
     const [a, b] = memoryPair();
     const made: Vm[] = [];
-    t.after(async () => { for (const vm of [src, ...made]) await vm.stop(); }); // no vCPU thread left behind, pass or fail
+    t.after(() => stopAll(src, made)); // no vCPU thread left behind, pass or fail
     let written = 0;
     let pagesBeforeReady = -1;
     let release!: () => void;
@@ -194,7 +205,7 @@ for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
     const src = await source('mem=8MiB wss=2MiB rate=4000000');
     const [a, b] = memoryPair();
     const made: Vm[] = [];
-    t.after(async () => { for (const vm of [src, ...made]) await vm.stop(); });
+    t.after(() => stopAll(src, made));
     const base = sourceVmOf(src);
     const pages = base.guestPages();
     let softCount = 0;
@@ -222,7 +233,7 @@ test('a destination VM that never gets ready fails the pre-copy with ERR_MIGRATI
   const src = await source('mem=4MiB rate=1');
   const [a, b] = memoryPair();
   const made: Vm[] = [];
-  t.after(async () => { for (const vm of [src, ...made]) await vm.stop(); });
+  t.after(() => stopAll(src, made));
   class NeverReady extends DestinationVmAdapter {
     override warm(): Promise<void> {
       return new Promise(() => undefined);
@@ -239,7 +250,7 @@ test('a destination VM that never gets ready fails the pre-copy with ERR_MIGRATI
 test('post-copy with a fault channel: while a fault is outstanding, no pushed page is applied before the demanded one', async (t) => {
   const src = await source('mem=24MiB wss=24MiB pattern=uniform rate=40000000');
   const made: Vm[] = [];
-  t.after(async () => { for (const vm of [src, ...made]) await vm.stop(); });
+  t.after(() => stopAll(src, made));
   // The destination's clock never lets the priority wait time out, so the order below is the
   // mechanism's alone (the real one gives up after a few ms, for a demand page that is slow).
   const real = deps.clock;
