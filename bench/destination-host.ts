@@ -19,6 +19,7 @@ import type { DestinationFactory, MigrationOptions, MigrationResult } from '../s
 import { shaped, type ShapedConnectionInit } from '../src/core/transport/shaped.js';
 import { realClock } from '../src/node/clock.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../src/node/engine/adapters.js';
+import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../src/node/engine/fault-thread.js';
 import { InstrumentCache } from '../src/node/vm/instrument.js';
 import { GuestMemoryPool } from '../src/node/vm/memory-pool.js';
 import { Vm } from '../src/node/vm/vm.js';
@@ -34,6 +35,8 @@ export type LinkInit = Omit<ShapedConnectionInit, 'clock'>;
 export type Outcome = DestinationOutcome & { readyMs: number | null; cpuMs: number; pooled: boolean };
 
 export const deps = nodeEngineDeps();
+/** The bench process's fault thread (the source side of every post-copy migration it runs). */
+const sourceFaultThreads = new SourceFaultThreads();
 
 const MiB = 1 << 20;
 const sourceCache = new InstrumentCache();
@@ -77,7 +80,8 @@ async function destinationHost(): Promise<void> {
   for (const v of ['plain', 'dirty', 'presence'] as const) cache.get(memstress, v); // instrument before any migration
   let link: LinkInit | null = null;
   const send = (m: FromDestination) => process.send!(m);
-  const acceptor = new MigrationAcceptor(deps);
+  // Post-copy faults on threads of their own, as a host serves them.
+  const acceptor = new MigrationAcceptor(deps, { faultThreads: new FaultThreadListener('127.0.0.1') });
   // As a host would: a VM that is done gives its memory back, and the next VM of its shape takes it.
   const pool = new GuestMemoryPool(1 << 30);
   const l = await tcp().listen({
@@ -206,7 +210,9 @@ export class DestinationProcess {
         return link ? shaped(c, { ...link, clock: realClock() }) : c;
       };
       return await Promise.all(srcs.map(async (src) => {
-        const result = await migrateSource(await dial(), sourceVmOf(src), deps, { connect: dial, ...opts });
+        // A shaped link shapes every connection: the fault thread's would bypass it, so then none.
+        const faultThread = link ? {} : { faultThread: sourceFaultThread(sourceFaultThreads, src, '127.0.0.1') };
+        const result = await migrateSource(await dial(), sourceVmOf(src), deps, { connect: dial, ...faultThread, ...opts });
         return { result, outcome: await outcomes.get(src.name)! };
       }));
     } finally {

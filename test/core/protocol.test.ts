@@ -69,6 +69,7 @@ const SAMPLE_FRAMES: Frame[] = [
   { type: 'PONG', seq: 1, time: -0.25 },
   { ...hello, vmName: 'gang-member', gang: 'gang-7' },
   { type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode: 'postcopy', streams: 4, codecs: [], token: '0123456789abcdef'.repeat(2) },
+  { type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode: 'hybrid', streams: 1, codecs: [], token: 'fe'.repeat(16), faultPort: 65535 },
   { type: 'JOIN', token: 'fe'.repeat(16), stream: 3, role: 'data' },
   { type: 'JOIN', token: '00'.repeat(16), stream: 0, role: 'fault' },
   { type: 'BATCH', seq: 2, demand: false, blobCodec: 3, pages: 17, data: new Uint8Array([9, 8, 7, 6]) },
@@ -134,6 +135,12 @@ test('JOIN and BATCH refuse what they cannot carry', () => {
   const ack = encodeFrame({ type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode: 'precopy', streams: 1, codecs: [], token: '11'.repeat(16) }).slice();
   ack[8 + 1 + 2 + 1 + 2 + 1] = 15;
   expectCode(() => decodeFrame(ack), ProtocolErrorCode.MALFORMED);
+  // A fault port needs the token its JOIN presents: refused on both sides.
+  const noToken = encodeFrame({ type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode: 'postcopy', streams: 1, codecs: [] }).slice();
+  new DataView(noToken.buffer).setUint16(noToken.length - 2, 4000, true);
+  expectCode(() => decodeFrame(noToken), ProtocolErrorCode.MALFORMED);
+  assert.throws(() => encodeFrame({ type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode: 'postcopy', streams: 1, codecs: [], faultPort: 4000 }), /needs a session token/);
+  assert.throws(() => encodeFrame({ type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode: 'postcopy', streams: 1, codecs: [], token: '11'.repeat(16), faultPort: 70000 }), /not in 1\.\.65535/);
 });
 
 test('every frame type round-trips through encodeFrame and FrameDecoder', () => {

@@ -8,6 +8,7 @@ import { guestsDir } from '../../src/node/paths.js';
 import { migrateSource } from '../../src/core/engine/source.js';
 import { MigrationAcceptor, serveDestination, type DestinationOutcome } from '../../src/core/engine/destination.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
+import { FaultThreadListener, SourceFaultThreads } from '../../src/node/engine/fault-thread.js';
 import type { MigrationMode } from '../../src/core/protocol/frames.js';
 import { memoryPair } from '../../src/core/transport/memory.js';
 import { tcp } from '../../src/node/transport/tcp.js';
@@ -300,5 +301,87 @@ test('post-copy with a fault channel: while a fault is outstanding, no pushed pa
     assert.ok(checked >= 5, `too few faults to judge (${checked})`);
   } finally {
     await listener.close();
+  }
+});
+
+test('post-copy with fault threads: page requests and answers go between threads of their own, every fault is answered, verified', async (t) => {
+  const src = await source('mem=24MiB wss=24MiB pattern=uniform rate=100000000');
+  const made: Vm[] = [];
+  const listener = new FaultThreadListener('127.0.0.1');
+  const threads = new SourceFaultThreads();
+  t.after(async () => {
+    await stopAll(src, made);
+    await listener.close();
+    await threads.close();
+  });
+  const acceptor = new MigrationAcceptor(deps, { faultThreads: listener });
+  let outcome: Promise<DestinationOutcome> | undefined;
+  let accepted = 0;
+  const main = await tcp().listen({
+    onConnection: (c) => {
+      accepted++;
+      const r = acceptor.accept(c, factory(made));
+      r.catch(() => undefined);
+      void r.then((o) => { if (o) outcome = Promise.resolve(o); });
+    },
+  });
+  try {
+    const result = await migrateSource(await tcp().dial(main.address), sourceVmOf(src), deps, {
+      mode: 'postcopy', baselineMs: 0, connect: () => tcp().dial(main.address),
+      faultThread: (port, token) => threads.open('127.0.0.1', port, token, () => ({ buffer: src.memory.buffer as unknown as SharedArrayBuffer, pages: src.guestPages })),
+    });
+    for (let i = 0; i < 100 && !outcome; i++) await new Promise((r) => setTimeout(r, 10));
+    const o = await outcome!;
+    assert.equal(result.report.verified, true, 'the source checked the destination digest');
+    assert.notEqual(o.verified, false);
+    assert.equal(result.report.transfer?.faultChannel, true);
+    assert.equal(o.faultChannel, true);
+    assert.equal(accepted, 1, 'the fault channel did not join through the migration listener');
+    assert.ok(o.faults > 0, 'the guest faulted');
+    assert.equal(o.faultLatencyMs.count, o.faults, 'every fault was answered');
+    assert.ok(result.report.pages.faulted > 0, 'the source counted the pages its thread served');
+    const vm = made[0];
+    const p0 = vm.stat().progress;
+    for (let i = 0; i < 500 && vm.stat().progress === p0; i++) await new Promise((r) => setTimeout(r, 10));
+    assert.ok(vm.stat().progress > p0, 'the guest keeps working on the destination');
+  } finally {
+    await main.close();
+  }
+});
+
+test('post-copy: a fault thread that cannot be reached, or a source without one, falls back to the fault channel; verified', async (t) => {
+  const listener = new FaultThreadListener('127.0.0.1');
+  t.after(() => listener.close());
+  for (const how of ['unreachable', 'none'] as const) {
+    const src = await source('mem=16MiB wss=16MiB pattern=uniform rate=50000000');
+    const made: Vm[] = [];
+    t.after(() => stopAll(src, made));
+    const acceptor = new MigrationAcceptor(deps, { faultThreads: listener });
+    let outcome: Promise<DestinationOutcome> | undefined;
+    let accepted = 0;
+    const main = await tcp().listen({
+      onConnection: (c) => {
+        accepted++;
+        const r = acceptor.accept(c, factory(made));
+        r.catch(() => undefined);
+        void r.then((o) => { if (o) outcome = Promise.resolve(o); });
+      },
+    });
+    try {
+      let offered: number | null = null;
+      const result = await migrateSource(await tcp().dial(main.address), sourceVmOf(src), deps, {
+        mode: 'postcopy', baselineMs: 0, connect: () => tcp().dial(main.address),
+        ...(how === 'unreachable' ? { faultThread: (port: number) => { offered = port; return Promise.reject(new FerryError('ERR_TEST', 'no route')); } } : {}),
+      });
+      for (let i = 0; i < 100 && !outcome; i++) await new Promise((r) => setTimeout(r, 10));
+      const o = await outcome!;
+      assert.equal(result.report.verified, true, how);
+      if (how === 'unreachable') assert.ok(offered !== null && offered > 0, 'the destination named its fault thread port');
+      assert.equal(accepted, 2, `${how}: control connection + the fault channel joined through the migration listener`);
+      assert.equal(o.faultChannel, true);
+      assert.equal(o.faultLatencyMs.count, o.faults, 'every fault was answered');
+    } finally {
+      await main.close();
+    }
   }
 });

@@ -23,7 +23,7 @@ import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
 import { GANG_INDEX_BYTES, StreamDecoder, acceptCodecs, isMissingDefinition, storeBytesFor, usesCodecs, vmIndexBytes } from './codecs.js';
 import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, fromWireBitmap } from './common.js';
-import type { DestinationFactory, DestinationVm, EngineDeps } from './types.js';
+import type { DestinationFactory, DestinationFaultLink, DestinationVm, EngineDeps, FaultThreadEvents, FaultThreads } from './types.js';
 
 export interface DestinationOutcome {
   vmName: string;
@@ -57,6 +57,8 @@ export interface MigrationAcceptorInit {
    * Default 120 s, as long as the source waits for a post-copy destination's module ACK.
    */
   vmReadyWaitMs?: number;
+  /** Post-copy faults served on threads of their own (see FaultThreads); without it, on the session's. */
+  faultThreads?: FaultThreads;
 }
 
 interface GangEntry {
@@ -75,8 +77,10 @@ export class MigrationAcceptor {
   readonly maxStreams: number;
   readonly definitionWaitMs: number;
   readonly vmReadyWaitMs: number;
+  readonly faultThreads: FaultThreads | null;
 
   constructor(private readonly deps: EngineDeps, init: MigrationAcceptorInit = {}) {
+    this.faultThreads = init.faultThreads ?? null;
     this.maxStreams = Math.max(1, Math.min(init.maxStreams ?? 16, MAX_STREAMS));
     this.definitionWaitMs = init.definitionWaitMs ?? 30_000;
     this.vmReadyWaitMs = init.vmReadyWaitMs ?? 120_000;
@@ -335,7 +339,7 @@ class DestinationSession {
         while (s.k < e.count) {
           // While the VM runs, pushed pages are applied in slices so a demand page (fault channel)
           // or a fault notification waits for one slice at most, not for a whole batch.
-          const faultFirst = this.started && this.fault !== null && this.faultAt.size > 0;
+          const faultFirst = this.started && this.fault !== null && !this.threaded && this.faultAt.size > 0;
           if (this.started && s.name !== FAULT_STREAM && (slice >= POSTCOPY_SLICE_PAGES || faultFirst)) {
             s.resuming = true;
             void (faultFirst ? this.faultsServed() : this.deps.yieldToIo()).then(() => {
@@ -405,6 +409,16 @@ class DestinationSession {
     }, () => undefined);
   }
 
+  /** Post-copy faults are served by the fault thread (its link joined and the VM took it). */
+  private threaded = false;
+  /** The session's link to the destination's fault thread, if it has one. */
+  private faultLink: DestinationFaultLink | null = null;
+
+  /** With a fault thread, exactly one of it and this thread installs each page. */
+  private claimed(page: number): boolean {
+    return !this.threaded || this.vm!.claim!(page);
+  }
+
   private scratch = new Uint8Array(PAGE_SIZE);
   /** Hashes of pages as installed before the start, by page (valid where `received` is set). */
   private preHashes = new BigUint64Array(0);
@@ -426,14 +440,14 @@ class DestinationSession {
     let hash: bigint;
     if (codec === Encoding.ZERO) {
       if (data.length !== 0) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `zero page ${page} carries ${data.length} bytes`);
-      if (!wanted) return true;
+      if (!wanted || !this.claimed(page)) return true;
       vm.zeroPage(page);
       s.decoder?.decoder.delivered(page, (this.scratch.fill(0), this.scratch));
       hash = this.zeroHash();
     } else if (codec === Encoding.RAW) {
       if (data.length !== PAGE_SIZE) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `raw page ${page} is ${data.length} bytes, not ${PAGE_SIZE}`);
       s.decoder?.decoder.delivered(page, data);
-      if (!wanted) return true;
+      if (!wanted || !this.claimed(page)) return true;
       vm.writePage(page, data, 0);
       hash = this.deps.hashPage(data, 0);
     } else {
@@ -446,7 +460,7 @@ class DestinationSession {
         if (isMissingDefinition(e)) return false;
         throw e;
       }
-      if (!wanted) return true;
+      if (!wanted || !this.claimed(page)) return true;
       vm.writePage(page, this.scratch, 0);
       hash = this.deps.hashPage(this.scratch, 0);
     }
@@ -467,6 +481,28 @@ class DestinationSession {
     }
     if (--this.missing === 0) this.allArrived?.();
     return true;
+  }
+
+  /** What the fault thread did, folded into this session's accounting (see FaultThreadEvents). */
+  private threadEvents(): FaultThreadEvents {
+    return {
+      // The fault thread alone counts faults and their waits (it asked for the pages).
+      installed: (page, hash, waitedMs) => {
+        if (waitedMs !== null) {
+          this.faults++;
+          this.latency.record(waitedMs);
+        }
+        if (!this.absent?.get(page)) return; // this thread installed it first
+        this.pagesReceived++;
+        this.digest!.set(page, hash);
+        this.absent.clear(page);
+        if (--this.missing === 0) this.allArrived?.();
+      },
+      failed: (e) => {
+        this.pageError ??= e;
+        this.inbox.fail(e);
+      },
+    };
   }
 
   /** Acknowledges each ROUND_END once all of its round's pages are applied, in order. */
@@ -516,6 +552,7 @@ class DestinationSession {
     } finally {
       this.ending = true;
       for (const s of this.rx) s.unblock();
+      this.faultLink?.close();
       this.acceptor.unregister(this.token, this, this.gang);
     }
   }
@@ -545,7 +582,17 @@ class DestinationSession {
     this.token = token;
     this.acceptor.register(token, this);
     const control = this.newStream('control connection', this.framed, this.inbox);
-    await this.framed.send({ type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode, streams: this.streamsAgreed, codecs: this.agreed, token });
+    // Post-copy faults may be served on a thread of its own: the source is told where it listens.
+    let faultPort: number | undefined;
+    if (mode !== 'precopy' && this.acceptor.faultThreads) {
+      try {
+        faultPort = await this.acceptor.faultThreads.port();
+        this.faultLink = this.acceptor.faultThreads.expect(token);
+      } catch {
+        faultPort = undefined; // no thread: the fault channel joins as any stream does
+      }
+    }
+    await this.framed.send({ type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode, streams: this.streamsAgreed, codecs: this.agreed, token, ...(faultPort !== undefined ? { faultPort } : {}) });
 
     const module = new Uint8Array(hello.moduleBytes);
     for (let got = 0; got < hello.moduleBytes;) {
@@ -646,12 +693,17 @@ class DestinationSession {
     this.absent = absent;
     this.missing = missing;
     let requestId = 0;
-    vm.onFault((page) => {
-      if (!this.absent?.get(page) || this.faultAt.has(page)) return;
-      this.faults++;
-      this.faultAt.set(page, this.deps.clock.now());
-      void (this.fault?.framed ?? this.framed).send({ type: 'PAGE_REQUEST', id: ++requestId, pages: [page] }).catch(() => undefined);
-    });
+    // The fault thread serves faults if the source's joined it (and not the in-session channel).
+    const link = this.faultLink;
+    this.threaded = this.fault === null && link !== null && link.joined && vm.claim !== undefined && (vm.serveFaultsOn?.(link, this.threadEvents()) ?? false);
+    if (!this.threaded) {
+      vm.onFault((page) => {
+        if (!this.absent?.get(page) || this.faultAt.has(page)) return;
+        this.faults++;
+        this.faultAt.set(page, this.deps.clock.now());
+        void (this.fault?.framed ?? this.framed).send({ type: 'PAGE_REQUEST', id: ++requestId, pages: [page] }).catch(() => undefined);
+      });
+    }
     const arrived = new Promise<void>((r) => (this.allArrived = r));
     await vm.start({ guestBytes: state.guestBytes, globals: state.globals, devices: state.devices }, absent);
     this.started = true;
@@ -659,6 +711,7 @@ class DestinationSession {
     await this.framed.send({ type: 'RESUMED', pagesMissing: missing });
     await Promise.race([arrived, this.inbox.done.then(() => { throw this.inbox.error ?? new MigrationError('ERR_MIGRATION_PEER_CLOSED', 'source went away during post-copy'); })]);
     if (this.pageError) throw this.pageError;
+    this.faultLink?.close();
     await vm.allPresent();
     const hex = digest.hex((b) => this.deps.sha256Hex(b));
     await this.complete(hex);
@@ -689,7 +742,7 @@ class DestinationSession {
   private outcome(vmName: string, mode: MigrationMode, verified: boolean | null, startMs: number): DestinationOutcome {
     return {
       vmName, mode, verified, pagesReceived: this.pagesReceived, faults: this.faults, faultLatencyMs: this.latency.summary(), startMs,
-      streams: 1 + this.joined.size, faultChannel: this.fault !== null, acknowledged: this.acknowledged,
+      streams: 1 + this.joined.size, faultChannel: this.fault !== null || this.threaded, acknowledged: this.acknowledged,
     };
   }
 }

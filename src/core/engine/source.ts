@@ -19,7 +19,7 @@ import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
 import { StreamEncoder, codecOffer, streamOf, usesCodecs, vmIndexBytes, type CodecName } from './codecs.js';
 import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, toWireBitmap } from './common.js';
-import type { EngineDeps, MigrationOptions, MigrationPhase, MigrationProgress, MigrationResult, SourceVm, VmWireState } from './types.js';
+import type { EngineDeps, MigrationOptions, MigrationPhase, MigrationProgress, MigrationResult, SourceFaultLink, SourceVm, VmWireState } from './types.js';
 
 const MODULE_CHUNK = 1 << 20;
 /** How long the handshake waits for each answer by default (the destination VM's set-up gets 4×). */
@@ -135,6 +135,8 @@ class SourceSession {
   private streams: SendStream[] = [];
   /** The post-copy fault channel, when one was opened. */
   private fault: { framed: FramedConnection; inbox: Inbox } | null = null;
+  /** The post-copy fault channel on a thread of its own, when the destination offered one and it opened. */
+  private faultLink: SourceFaultLink | null = null;
   private readonly extra: FramedConnection[] = [];
   private agreed: CodecOffer[] = [];
   /** Set once the migration is ending normally: extra connections closing is then no failure. */
@@ -228,7 +230,16 @@ class SourceSession {
       if (!offer.codecs.some((o) => o.id === c.id && o.name === c.name)) throw new MigrationError('ERR_MIGRATION_CODEC', `destination agreed to codec ${c.name} (${c.id}), which was not offered`);
     }
     this.agreed = ack.codecs;
-    const wantFault = this.opts.mode !== 'precopy' && this.opts.connect !== undefined && this.opts.faultChannel !== false;
+    const wantFault = this.opts.mode !== 'precopy' && this.opts.faultChannel !== false;
+    // The destination's fault thread first (page requests never wait behind background pages);
+    // if it cannot be reached, the fault channel joins like any stream.
+    if (wantFault && ack.faultPort !== undefined && ack.token !== undefined && this.opts.faultThread) {
+      this.faultLink = await this.opts.faultThread(ack.faultPort, ack.token).catch(() => null);
+      if (this.ending || this.inbox.error) {
+        await this.faultLink?.close();
+        throw this.inbox.error ?? new MigrationError('ERR_MIGRATION_ABORTED', 'the migration ended while the fault channel was opening');
+      }
+    }
     if (ack.streams > 1 && ack.token === undefined) {
       throw new MigrationError('ERR_MIGRATION_STREAMS', 'destination agreed to several streams but gave no session token');
     }
@@ -236,7 +247,7 @@ class SourceSession {
     const joins: Promise<void>[] = [];
     const dataConns: { framed: FramedConnection; inbox: Inbox }[] = [];
     for (let i = 1; i < ack.streams; i++) joins.push(this.join(ack.token!, i, 'data').then((c) => { dataConns[i - 1] = c; }));
-    if (wantFault && ack.token !== undefined) joins.push(this.join(ack.token, 0, 'fault').then((c) => { this.fault = c; }));
+    if (wantFault && !this.faultLink && this.opts.connect && ack.token !== undefined) joins.push(this.join(ack.token, 0, 'fault').then((c) => { this.fault = c; }));
     await Promise.all(joins);
 
     const index = this.opts.gang?.index ?? (this.agreed.some((c) => c.name === 'dedup') ? new DedupIndex({ capacityBytes: vmIndexBytes(this.vm.memoryBytes) }) : undefined);
@@ -473,6 +484,18 @@ class SourceSession {
       }, () => undefined);
     };
     this.inbox.on('PAGE_REQUEST', (f) => serve(f, this.framed));
+    this.faultLink?.serve(soft, (served, bytes, latencyMs) => {
+      const done = this.now();
+      for (const p of served) {
+        sched.onFault(p);
+        sched.markPresent(p);
+        this.event({ type: 'fault', t: done, page: p, latencyMs });
+      }
+      demandPages += served.length;
+      demandBytes += bytes;
+      this.bytesSent += bytes;
+      this.pagesSent += served.length;
+    }, (e) => this.inbox.fail(e));
     const fault = this.fault;
     if (fault) fault.inbox.on('PAGE_REQUEST', (f) => serve(f, fault.framed));
     let pushedPages = 0;
@@ -504,6 +527,7 @@ class SourceSession {
     this.event({ type: 'verified', t: this.now(), ok });
     await this.framed.send({ type: 'ACK', acked: 'COMPLETE', value: 0 });
     await Promise.all([this.framed, ...this.extra].map((f) => f.close().catch(() => undefined)));
+    await this.faultLink?.close();
     this.event({ type: 'complete', t: this.now() });
     await this.vm.release();
     this.event({ type: 'source-released', t: this.now() });
@@ -533,7 +557,7 @@ class SourceSession {
       } else if (e.compressor) compression = { on: true, flips: 0, speedup: null };
     }
     return {
-      streams: this.streams.length, faultChannel: this.fault !== null, codecs: this.agreed.map((c) => c.name), gang: this.opts.gang?.id ?? null,
+      streams: this.streams.length, faultChannel: this.fault !== null || this.faultLink !== null, codecs: this.agreed.map((c) => c.name), gang: this.opts.gang?.id ?? null,
       pageBytes, encodedBytes, reduction: encodedBytes > 0 ? pageBytes / encodedBytes : 1, codecStats, compression,
     };
   }
@@ -640,6 +664,7 @@ class SourceSession {
     this.ending = true;
     this.framed.abort(e instanceof Error ? e : undefined);
     for (const f of this.extra) f.abort(e instanceof Error ? e : undefined);
+    await this.faultLink?.close().catch(() => undefined);
   }
 }
 

@@ -84,6 +84,63 @@ export interface DestinationVm {
   /** Throws the destination's VM away (migration failed before it owned the VM). */
   discard(): Promise<void>;
   progress(): number;
+  /**
+   * Post-copy: serve this VM's faults on `link`'s thread instead of through onFault (see
+   * {@link FaultThreads}); called instead of onFault, before start. `events` hears what that thread
+   * does. False when this VM cannot: onFault is used then.
+   */
+  serveFaultsOn?(link: DestinationFaultLink, events: FaultThreadEvents): boolean;
+  /**
+   * With a fault thread: claims `page` for this thread's install (exactly one install wins);
+   * false when the fault thread has it already.
+   */
+  claim?(page: number): boolean;
+}
+
+/**
+ * Post-copy demand paging on a thread of its own at each end: page requests and their answers
+ * never wait behind the work of the threads that push and apply background pages (FINDINGS:
+ * faults waited behind pushes). The engine only routes: the destination names the port its fault
+ * thread listens on (HELLO_ACK faultPort), the source's fault thread connects there, and each
+ * engine hears what its thread did. Edge-provided; without it page requests travel on the fault
+ * channel or the control connection and the engine's own thread serves them.
+ */
+export interface FaultThreads {
+  /** The port the destination's fault thread listens on (on the host migrations come in to). */
+  port(): Promise<number>;
+  /** Expects the fault connection of session `token` (a JOIN presenting it). */
+  expect(token: string): DestinationFaultLink;
+}
+
+/** A destination session's side of a fault thread. */
+export interface DestinationFaultLink {
+  /** The source's fault thread has joined (its JOIN was acknowledged). */
+  readonly joined: boolean;
+  /** Done with the session (its VM has every page, or the migration ended): the connection closes. */
+  close(): void;
+}
+
+/** What a destination's fault thread tells the engine. */
+export interface FaultThreadEvents {
+  /**
+   * The thread installed `page` (its hash, for the digest); `waitedMs`: how long the vCPU waited,
+   * if it faulted on it (each such page is one fault). Also for a page it asked for that the
+   * session's own thread installed first (a push won the claim): then only `waitedMs` counts, an
+   * upper bound (the time until the thread's answer came).
+   */
+  installed(page: number, hash: bigint, waitedMs: number | null): void;
+  /** The fault connection failed: post-copy cannot go on. */
+  failed(e: Error): void;
+}
+
+/** A source's fault thread, connected to the destination's (see {@link FaultThreads}). */
+export interface SourceFaultLink {
+  /**
+   * Answers page requests from now on (the VM is paused: its memory is final); soft pages are
+   * never sent. `served` hears each answer: its pages, wire bytes and how long it took.
+   */
+  serve(soft: Bitmap, served: (pages: number[], bytes: number, latencyMs: number) => void, failed: (e: Error) => void): void;
+  close(): Promise<void>;
 }
 
 /** What a destination host decides when a migration arrives. */
@@ -140,6 +197,12 @@ export interface MigrationOptions {
   connect?: () => Promise<Connection>;
   /** Post-copy / hybrid: page requests and their answers on a connection of their own (default true when `connect` is given). */
   faultChannel?: boolean;
+  /**
+   * Opens the fault channel from a thread of its own to the port the destination named (HELLO_ACK
+   * faultPort), presenting `token`. Used when the destination names one; if it fails, the fault
+   * channel joins through `connect` as without it.
+   */
+  faultThread?: (port: number, token: string) => Promise<SourceFaultLink>;
   /** Gang migration: VMs migrating together share this de-duplication index (implies the `dedup` codec). */
   gang?: Gang;
   /**

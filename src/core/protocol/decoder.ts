@@ -186,7 +186,7 @@ export class FrameDecoder {
     // before a single payload byte is buffered.
     this.typeMax = {
       HELLO: 4 + 4 + 2 + MAX_NAME_BYTES + 16 + 4 + 32 + 4 + 4 + MAX_CONFIG_BYTES + 1 + 2 + CODECS_MAX + 2 + MAX_NAME_BYTES,
-      HELLO_ACK: 1 + Math.max(2 + 1 + 2 + CODECS_MAX + 1 + SESSION_TOKEN_BYTES, 2 + MAX_ERROR_CODE_BYTES + 2 + MAX_MESSAGE_BYTES),
+      HELLO_ACK: 1 + Math.max(2 + 1 + 2 + CODECS_MAX + 1 + SESSION_TOKEN_BYTES + 2, 2 + MAX_ERROR_CODE_BYTES + 2 + MAX_MESSAGE_BYTES),
       MODULE: 8 + l.maxModuleBytes,
       PAGES: 8 + l.maxPagesPerBatch * (PAGE_HEAD_BYTES + Math.max(l.pageSize, l.maxEncodedPageBytes) + 7),
       ROUND_END: 12,
@@ -524,7 +524,9 @@ export class FrameDecoder {
     const tokenLen = r.u8('token length');
     if (tokenLen !== 0 && tokenLen !== SESSION_TOKEN_BYTES) fail(ProtocolErrorCode.MALFORMED, `HELLO_ACK session token is ${tokenLen} bytes, not 0 or ${SESSION_TOKEN_BYTES}`);
     const token = tokenLen ? toHex(r.bytes(tokenLen, 'session token')) : undefined;
-    return { type: 'HELLO_ACK', accepted: true, version, mode: modes[0], streams, codecs, ...(token ? { token } : {}) };
+    const faultPort = r.u16('fault port');
+    if (faultPort !== 0 && !token) fail(ProtocolErrorCode.MALFORMED, 'HELLO_ACK names a fault port but no session token');
+    return { type: 'HELLO_ACK', accepted: true, version, mode: modes[0], streams, codecs, ...(token ? { token } : {}), ...(faultPort ? { faultPort } : {}) };
   }
 
   private pages(r: Reader): Frame {

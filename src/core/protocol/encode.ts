@@ -160,6 +160,9 @@ export function encodeHelloAck(f: FrameBody<HelloAckFrame>): Uint8Array {
       w.u8(SESSION_TOKEN_BYTES);
       w.bytes(hexToBytes(f.token, SESSION_TOKEN_BYTES, 'session token'));
     }
+    if (f.faultPort !== undefined && (!Number.isInteger(f.faultPort) || f.faultPort < 1 || f.faultPort > 0xffff)) bad(`fault port ${f.faultPort} is not in 1..65535`);
+    if (f.faultPort !== undefined && f.token === undefined) bad('a fault port needs a session token (its JOIN presents it)');
+    w.u16(f.faultPort ?? 0);
   } else {
     w.u8(0);
     if (!ERROR_CODE_RE.test(f.code)) bad(`error code '${f.code}' must match ${ERROR_CODE_RE}`);

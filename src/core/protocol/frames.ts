@@ -18,7 +18,7 @@ export const HEADER_BYTES = 8;
 /** Magic at the start of a HELLO payload: "FRRY". */
 export const HELLO_MAGIC = new Uint8Array([0x46, 0x52, 0x52, 0x59]);
 /** The protocol version this implementation speaks (the only one, so far). */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 
 /**
  * Bytes in front of each page's data in a PAGES frame: `u32 index`, `u8 encoding`, 3 zero bytes,
@@ -210,6 +210,12 @@ export type HelloAckFrame =
        * streams, the post-copy fault channel) present it in JOIN. Absent: no extra connections.
        */
       token?: string;
+      /**
+       * Post-copy and hybrid: a TCP port, on the host the control connection reached, where the
+       * destination's fault thread takes the fault channel's JOIN (a thread of its own serves page
+       * requests there). Absent: the fault channel joins like any other stream.
+       */
+      faultPort?: number;
     }
   | { type: 'HELLO_ACK'; accepted: false; code: string; message: string };
 

@@ -14,7 +14,7 @@ import Fastify, { type FastifyInstance } from 'fastify';
 import { z } from 'zod';
 import { AbortError, FerryError, InvalidArgumentError, VmStateError } from '../../core/errors.js';
 import { parseBandwidth, parseSize } from '../../core/units.js';
-import type { DestinationFactory, DestinationVm, EngineDeps } from '../../core/engine/types.js';
+import type { DestinationFactory, DestinationVm, EngineDeps, MigrationOptions } from '../../core/engine/types.js';
 import { migrateSource } from '../../core/engine/source.js';
 import { MigrationAcceptor } from '../../core/engine/destination.js';
 import { CODEC_NAMES, Gang, parseCodecNames, type CodecName } from '../../core/engine/codecs.js';
@@ -24,6 +24,7 @@ import { TokenBucket } from '../../core/rate.js';
 import type { Connection, Listener, Transport } from '../../core/transport/transport.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../engine/adapters.js';
 import { tcp, parseTcpAddress } from '../transport/tcp.js';
+import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../engine/fault-thread.js';
 import { InstrumentCache } from '../vm/instrument.js';
 import { Vm, type VmStats } from '../vm/vm.js';
 import { GuestMemoryPool, type MemoryPoolStats } from '../vm/memory-pool.js';
@@ -205,6 +206,13 @@ export class HostAgent extends EventEmitter {
   private nextJob = 1;
   /** Incoming migrations: one acceptor, so a JOIN finds the session it belongs to. */
   private readonly acceptor: MigrationAcceptor;
+  /**
+   * Post-copy faults on threads of their own (FaultThreads): the destination's, listening beside
+   * the migration listener, and the source's. Only on this host's own TCP transport: a transport
+   * given in the init (tests, relays) carries every connection itself.
+   */
+  private readonly faultListener: FaultThreadListener | null;
+  private readonly sourceFaults: SourceFaultThreads | null;
   /** Gangs with a migration in flight, by destination address and gang name. */
   private readonly gangs = new Map<string, { gang: Gang; members: number }>();
   private readonly openConns = new Set<Connection>();
@@ -223,7 +231,12 @@ export class HostAgent extends EventEmitter {
     this.transport = init.transport ?? tcp();
     this.deps = init.engineDeps ?? nodeEngineDeps();
     this.migrationBind = init.migrationAddress;
-    this.acceptor = new MigrationAcceptor(this.deps, init.maxIncomingStreams !== undefined ? { maxStreams: init.maxIncomingStreams } : {});
+    this.faultListener = init.transport ? null : new FaultThreadListener('127.0.0.1');
+    this.sourceFaults = init.transport ? null : new SourceFaultThreads();
+    this.acceptor = new MigrationAcceptor(this.deps, {
+      ...(init.maxIncomingStreams !== undefined ? { maxStreams: init.maxIncomingStreams } : {}),
+      ...(this.faultListener ? { faultThreads: this.faultListener } : {}),
+    });
   }
 
   /** Resolves a guest name or path to module bytes. */
@@ -484,6 +497,8 @@ export class HostAgent extends EventEmitter {
   async listenMigrations(address = '127.0.0.1:0'): Promise<string> {
     if (this.migrationListener) return this.migrationListener.address;
     this.migrationListener = await this.transport.listen({ address, onConnection: (c) => void this.onMigrationConnection(c) });
+    // The fault thread listens on the host migrations come in to.
+    if (this.faultListener) this.faultListener.host = parseTcpAddress(this.migrationListener.address).host;
     return this.migrationListener.address;
   }
 
@@ -662,7 +677,9 @@ export class HostAgent extends EventEmitter {
       ? (c: Connection) => c
       : (c: Connection) => shaped(c, { bucket, clock: this.deps.clock });
     const gang = req.gang === undefined ? null : this.joinGang(req.gang, dest.address);
-    void this.runMigration(m, job, req, dest.address, shape, { ...transfer, gang });
+    // Under a cap every connection draws on the bucket: the fault thread's would not, so then none.
+    const faultThread = this.sourceFaults && !bucket ? sourceFaultThread(this.sourceFaults, m.vm, parseTcpAddress(dest.address).host) : null;
+    void this.runMigration(m, job, req, dest.address, shape, { ...transfer, gang, faultThread });
     return job;
   }
 
@@ -692,7 +709,7 @@ export class HostAgent extends EventEmitter {
 
   private async runMigration(
     m: ManagedVm, job: MigrationJob, req: MigrationRequest, address: string, shape: (c: Connection) => Connection,
-    transfer: { codecs: CodecName[]; streams: number; gang: Gang | null; xbzrleCacheBytes?: number },
+    transfer: { codecs: CodecName[]; streams: number; gang: Gang | null; xbzrleCacheBytes?: number; faultThread: MigrationOptions['faultThread'] | null },
   ): Promise<void> {
     const signal = job.controller.signal;
     const link = m.link;
@@ -752,6 +769,7 @@ export class HostAgent extends EventEmitter {
         ...(transfer.xbzrleCacheBytes !== undefined ? { xbzrleCacheBytes: transfer.xbzrleCacheBytes } : {}),
         ...(req.faultChannel !== undefined ? { faultChannel: req.faultChannel } : {}),
         ...(transfer.gang ? { gang: transfer.gang } : {}),
+        ...(transfer.faultThread ? { faultThread: transfer.faultThread } : {}),
       });
       failed = false;
       // The destination owns the VM (the engine released it here: stopped).
@@ -837,6 +855,8 @@ export class HostAgent extends EventEmitter {
     this.away.clear();
     for (const l of this.incomingRelays.values()) await l.close().catch(() => undefined);
     this.incomingRelays.clear();
+    await this.faultListener?.close();
+    await this.sourceFaults?.close();
   }
 }
 

@@ -7,7 +7,8 @@ import { RESERVED_PAGES } from '../../core/abi.js';
 import { Bitmap } from '../../core/bitmap.js';
 import { zeroScanner, type ZeroScanner } from '../../core/codec/zero.js';
 import { nodeBlobCodecs } from '../codec/blob.js';
-import type { DestinationVm, EngineDeps, SourceVm, VmWireState } from '../../core/engine/types.js';
+import type { DestinationFaultLink, DestinationVm, EngineDeps, FaultThreadEvents, SourceVm, VmWireState } from '../../core/engine/types.js';
+import { NodeDestinationFaultLink } from './fault-thread.js';
 import { PAGE_SIZE, WASM_PAGE_SIZE } from '../../core/pages.js';
 import type { WireGlobal } from '../../core/protocol/frames.js';
 import { realClock } from '../clock.js';
@@ -132,6 +133,8 @@ export class DestinationVmAdapter implements DestinationVm {
   private readonly ctl: Int32Array;
   /** The presence map (one byte per guest page), set up by start() for post-copy. */
   private presence: Uint8Array | null = null;
+  /** Post-copy on a fault thread: its link, what it tells, and the install claims shared with it. */
+  private thread: { link: NodeDestinationFaultLink; events: FaultThreadEvents; claims: Int32Array; shared: SharedArrayBuffer } | null = null;
   private readonly warming: Promise<void>;
   private readonly memory: Promise<void>;
   private readonly stopPrefault = new AbortController();
@@ -209,8 +212,14 @@ export class DestinationVmAdapter implements DestinationVm {
     const presence = (this.presence = vm.presenceView());
     presence.fill(1);
     for (const p of absent) presence[p] = 0;
-    this.serving = true;
-    void this.serveFaults();
+    if (this.thread) {
+      // The fault thread takes the vCPU's fault notifications from here on.
+      const { link, events, shared } = this.thread;
+      link.start({ memory: vm.memory.buffer as unknown as SharedArrayBuffer, ctl: this.vm.controlBuffer, claims: shared, pages: presence.length }, events);
+    } else {
+      this.serving = true;
+      void this.serveFaults();
+    }
     await vm.bootFromState(full, { variant: 'presence' });
   }
 
@@ -241,6 +250,20 @@ export class DestinationVmAdapter implements DestinationVm {
   private wake(): void {
     Atomics.add(this.ctl, Ctl.FAULT_DONE, 1);
     Atomics.notify(this.ctl, Ctl.FAULT_DONE);
+  }
+
+  serveFaultsOn(link: DestinationFaultLink, events: FaultThreadEvents): boolean {
+    if (!(link instanceof NodeDestinationFaultLink)) return false;
+    const shared = new SharedArrayBuffer(Math.ceil(this.vm.presenceView().length / 32) * 4);
+    this.thread = { link, events, claims: new Int32Array(shared), shared };
+    return true;
+  }
+
+  claim(page: number): boolean {
+    const claims = this.thread?.claims;
+    if (!claims) return true;
+    const bit = 1 << (page & 31);
+    return (Atomics.or(claims, page >> 5, bit) & bit) === 0;
   }
 
   markPresent(page: number): void {
