@@ -552,7 +552,7 @@ class DestinationSession {
     } finally {
       this.ending = true;
       for (const s of this.rx) s.unblock();
-      this.faultLink?.close();
+      await this.faultLink?.close();
       this.acceptor.unregister(this.token, this, this.gang);
     }
   }
@@ -711,7 +711,7 @@ class DestinationSession {
     await this.framed.send({ type: 'RESUMED', pagesMissing: missing });
     await Promise.race([arrived, this.inbox.done.then(() => { throw this.inbox.error ?? new MigrationError('ERR_MIGRATION_PEER_CLOSED', 'source went away during post-copy'); })]);
     if (this.pageError) throw this.pageError;
-    this.faultLink?.close();
+    await this.faultLink?.close();
     await vm.allPresent();
     const hex = digest.hex((b) => this.deps.sha256Hex(b));
     await this.complete(hex);

@@ -116,8 +116,11 @@ export interface FaultThreads {
 export interface DestinationFaultLink {
   /** The source's fault thread has joined (its JOIN was acknowledged). */
   readonly joined: boolean;
-  /** Done with the session (its VM has every page, or the migration ended): the connection closes. */
-  close(): void;
+  /**
+   * Done with the session (its VM has every page, or the migration ended): the connection closes.
+   * Resolves once the thread will touch the VM's memory no more (it may go back to a pool then).
+   */
+  close(): Promise<void>;
 }
 
 /** What a destination's fault thread tells the engine. */

@@ -59,7 +59,8 @@ type FromListener =
   | { t: 'listen-failed'; message: string }
   | { t: 'joined'; token: string }
   | { t: 'installed'; token: string; page: number; hash: bigint; waitedMs: number | null }
-  | { t: 'failed'; token: string; code: string; message: string };
+  | { t: 'failed'; token: string; code: string; message: string }
+  | { t: 'closed'; token: string };
 
 type ToSource =
   | { t: 'dial'; id: number; host: string; port: number; token: string }
@@ -124,6 +125,13 @@ export class FaultThreadListener implements FaultThreads {
     const worker = new Worker(HERE, { workerData: { role: 'listen', host: this.host } satisfies Role });
     worker.unref(); // it never keeps a host process alive by itself
     this.worker = worker;
+    worker.once('exit', () => {
+      if (this.worker === worker) this.worker = null;
+      for (const l of [...this.links.values()]) {
+        l.events?.failed(errorOf('ERR_MIGRATION_FAULT_THREAD', 'the fault thread exited'));
+        l.closedNow();
+      }
+    });
     this.portP = new Promise<number>((resolve, reject) => {
       worker.once('error', reject);
       worker.on('message', (m: FromListener) => {
@@ -141,7 +149,8 @@ export class FaultThreadListener implements FaultThreads {
   }
 
   expect(token: string): DestinationFaultLink {
-    const link = new NodeDestinationFaultLink(token, (m) => this.worker?.postMessage(m), () => this.links.delete(token));
+    // Without a thread (it died) nothing can touch memory: close() returns at once then.
+    const link = new NodeDestinationFaultLink(token, (m) => { if (this.worker) this.worker.postMessage(m); else link.closedNow(); }, () => this.links.delete(token));
     this.links.set(token, link);
     this.worker?.postMessage({ t: 'expect', token } satisfies ToListener);
     return link;
@@ -153,12 +162,14 @@ export class FaultThreadListener implements FaultThreads {
     this.worker = null;
     this.portP = null;
     await w?.terminate();
+    for (const l of [...this.links.values()]) l.closedNow();
   }
 
   private route(m: Exclude<FromListener, { t: 'port' } | { t: 'listen-failed' }>): void {
     const link = this.links.get(m.token);
     if (!link) return;
-    if (m.t === 'joined') link.joined = true;
+    if (m.t === 'closed') link.closedNow();
+    else if (m.t === 'joined') link.joined = true;
     else if (m.t === 'installed') link.events?.installed(m.page, m.hash, m.waitedMs);
     else link.events?.failed(errorOf(m.code, m.message));
   }
@@ -168,7 +179,8 @@ export class FaultThreadListener implements FaultThreads {
 export class NodeDestinationFaultLink implements DestinationFaultLink {
   joined = false;
   events: FaultThreadEvents | null = null;
-  private closed = false;
+  private closing: Promise<void> | null = null;
+  private done: (() => void) | null = null;
 
   constructor(readonly token: string, private readonly post: (m: ToListener) => void, private readonly forget: () => void) {}
 
@@ -178,12 +190,20 @@ export class NodeDestinationFaultLink implements DestinationFaultLink {
     this.post({ t: 'start', token: this.token, ...vm });
   }
 
-  close(): void {
-    if (this.closed) return;
-    this.closed = true;
+  close(): Promise<void> {
+    this.closing ??= new Promise<void>((resolve) => {
+      this.events = null;
+      this.done = resolve;
+      this.post({ t: 'close', token: this.token });
+    });
+    return this.closing;
+  }
+
+  /** The thread let go of the session (or is gone). */
+  closedNow(): void {
     this.events = null;
-    this.post({ t: 'close', token: this.token });
     this.forget();
+    this.done?.();
   }
 }
 
@@ -344,7 +364,7 @@ function listenThread(host: string, raised: boolean): void {
   /** Installs a demand page unless the session's own thread did first. */
   const install = (token: string, s: ListenSession, page: number, encoding: number, data: Uint8Array) => {
     const vm = s.vm;
-    if (!vm || page >= vm.pages) return;
+    if (!vm || !s.active || page >= vm.pages) return;
     const bit = 1 << (page & 31);
     const t0 = s.requested.get(page);
     s.requested.delete(page);
@@ -451,9 +471,12 @@ function listenThread(host: string, raised: boolean): void {
     } else {
       const s = sessions.get(m.token);
       sessions.delete(m.token);
-      if (!s) return;
-      s.active = false;
-      void s.conn?.close().catch(() => undefined);
+      if (s) {
+        s.active = false;
+        s.vm = null; // no install after this: the memory may go back to a pool
+        void s.conn?.close().catch(() => undefined);
+      }
+      post({ t: 'closed', token: m.token });
     }
   });
 
