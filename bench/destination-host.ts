@@ -37,6 +37,8 @@ export type Outcome = DestinationOutcome & { readyMs: number | null; cpuMs: numb
 export const deps = nodeEngineDeps();
 /** The bench process's fault thread (the source side of every post-copy migration it runs). */
 const sourceFaultThreads = new SourceFaultThreads();
+/** Whether the fault threads run at raised priority (FAULT_THREAD_NICE): the source's says for this machine. */
+export const faultThreadsRaised = (): boolean => sourceFaultThreads.priorityRaised;
 
 const MiB = 1 << 20;
 const sourceCache = new InstrumentCache();

@@ -25,7 +25,7 @@ import net from 'node:net';
 import { median, percentile, section, type BenchContext, type BenchSuite } from './harness.js';
 import { rawTcp, rawTcpIntoFreshMemory } from './transport.bench.js';
 import { exchangeFloor } from './latency-floor.js';
-import { DestinationProcess, memstressVm, cpuMs, type LinkInit, type Outcome } from './destination-host.js';
+import { DestinationProcess, faultThreadsRaised, memstressVm, cpuMs, type LinkInit, type Outcome } from './destination-host.js';
 import type { MigrationOptions, MigrationResult } from '../src/core/engine/types.js';
 import type { MigrationReport } from '../src/core/metrics.js';
 import type { MigrationMode } from '../src/core/protocol/frames.js';
@@ -185,7 +185,8 @@ async function postcopyFaults(ctx: BenchContext, mem: number): Promise<void> {
   const run = await migrate(src, { mode: 'postcopy' });
   const d = run.outcome.faultLatencyMs;
   const s = run.report.postcopy.faultLatencyMs;
-  const note = `${run.outcome.faults} faults, ${fmtMiB(mem)} uniform random writes; TMT ${run.report.totalMigrationTimeMs!.toFixed(0)} ms, verified ${run.report.verified}`;
+  const threads = run.report.transfer?.faultChannel ? `fault threads at ${faultThreadsRaised() ? 'nice -10' : 'default priority (raising it was not permitted)'}` : 'no fault threads';
+  const note = `${run.outcome.faults} faults, ${fmtMiB(mem)} uniform random writes, ${threads}; TMT ${run.report.totalMigrationTimeMs!.toFixed(0)} ms, verified ${run.report.verified}`;
   ctx.report({ metric: 'postcopy.fault-latency.p50', value: d.p50 ?? NaN, unit: 'ms', target: '<= 0.2', note: `vCPU wait, measured on the destination; ${note}` });
   ctx.report({ metric: 'postcopy.fault-latency.p99', value: d.p99 ?? NaN, unit: 'ms', target: '<= 1', note: `max ${d.max?.toFixed(2)} ms` });
   ctx.report({ metric: 'postcopy.report-fault-latency.p50', value: s.p50 ?? NaN, unit: 'ms', target: '<= 0.2', note: `source report histogram (request in → page sent), ${s.count} faults` });
