@@ -11,6 +11,7 @@ import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node
 import { FaultThreadListener, SourceFaultThreads } from '../../src/node/engine/fault-thread.js';
 import type { MigrationMode } from '../../src/core/protocol/frames.js';
 import { memoryPair } from '../../src/core/transport/memory.js';
+import { FramedConnection } from '../../src/core/transport/framed.js';
 import { tcp } from '../../src/node/transport/tcp.js';
 import type { Connection } from '../../src/core/transport/transport.js';
 import { FerryError } from '../../src/core/errors.js';
@@ -384,4 +385,38 @@ test('post-copy: a fault thread that cannot be reached, or a source without one,
       await main.close();
     }
   }
+});
+
+test('a fault thread refuses a JOIN whose token no session expects, and one that is not a JOIN, by name', async (t) => {
+  const listener = new FaultThreadListener('127.0.0.1');
+  t.after(() => listener.close());
+  const port = await listener.port();
+  const link = listener.expect('ab'.repeat(16));
+  for (const first of [
+    { type: 'JOIN' as const, token: 'cd'.repeat(16), stream: 0, role: 'fault' as const },
+    { type: 'JOIN' as const, token: 'ab'.repeat(16), stream: 1, role: 'data' as const },
+    { type: 'PING' as const, seq: 1, time: 0 },
+  ]) {
+    const framed = new FramedConnection(await tcp().dial(`127.0.0.1:${port}`));
+    await framed.send(first);
+    const reply = await framed.next();
+    assert.equal(reply?.type, 'ERROR', JSON.stringify(first));
+    assert.equal((reply as { code: string }).code, 'ERR_MIGRATION_UNKNOWN_SESSION');
+    assert.equal(await framed.next(), undefined, 'then it closes');
+    framed.abort();
+  }
+  assert.equal(link.joined, false);
+  // The expected session joins, once.
+  const ok = new FramedConnection(await tcp().dial(`127.0.0.1:${port}`));
+  await ok.send({ type: 'JOIN', token: 'ab'.repeat(16), stream: 0, role: 'fault' });
+  assert.deepEqual(await ok.next(), { type: 'ACK', acked: 'JOIN', value: 0 });
+  for (let i = 0; i < 100 && !link.joined; i++) await new Promise((r) => setTimeout(r, 5));
+  assert.equal(link.joined, true);
+  const again = new FramedConnection(await tcp().dial(`127.0.0.1:${port}`));
+  await again.send({ type: 'JOIN', token: 'ab'.repeat(16), stream: 0, role: 'fault' });
+  assert.equal((await again.next())?.type, 'ERROR', 'a second JOIN for the same session is refused');
+  again.abort();
+  await link.close();
+  assert.equal(await ok.next(), undefined, 'closing the session closes its fault connection');
+  ok.abort();
 });
