@@ -8,8 +8,9 @@ import { guestsDir } from '../../src/node/paths.js';
 import { migrateSource } from '../../src/core/engine/source.js';
 import { MigrationAcceptor, serveDestination, type DestinationOutcome } from '../../src/core/engine/destination.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
-import { FaultThreadListener, SourceFaultThreads } from '../../src/node/engine/fault-thread.js';
+import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../../src/node/engine/fault-thread.js';
 import type { MigrationMode } from '../../src/core/protocol/frames.js';
+import type { DestinationFactory } from '../../src/core/engine/types.js';
 import { memoryPair } from '../../src/core/transport/memory.js';
 import { FramedConnection } from '../../src/core/transport/framed.js';
 import { tcp } from '../../src/node/transport/tcp.js';
@@ -35,6 +36,32 @@ async function tcpPair(): Promise<[Connection, Connection, () => Promise<void>]>
 /** Stops every VM a test made, pass or fail: a vCPU thread left running keeps the test file from exiting. */
 async function stopAll(src: Vm, made: Vm[]): Promise<void> {
   for (const vm of [src, ...made]) await vm.stop().catch(() => undefined);
+}
+
+/**
+ * A destination on real TCP: every connection goes to `acceptor` with `factory`. `outcome()` waits
+ * (up to 1 s) for the migration's outcome once the source is done.
+ */
+async function tcpDestination(acceptor: MigrationAcceptor, factory: DestinationFactory): Promise<{ address: string; accepted(): number; outcome(): Promise<DestinationOutcome>; close(): Promise<void> }> {
+  let outcome: Promise<DestinationOutcome> | undefined;
+  let accepted = 0;
+  const listener = await tcp().listen({
+    onConnection: (c) => {
+      accepted++;
+      const r = acceptor.accept(c, factory);
+      r.catch(() => undefined);
+      void r.then((o) => { if (o) outcome = Promise.resolve(o); });
+    },
+  });
+  return {
+    address: listener.address,
+    accepted: () => accepted,
+    async outcome() {
+      for (let i = 0; i < 100 && !outcome; i++) await new Promise((r) => setTimeout(r, 10));
+      return outcome!;
+    },
+    close: () => listener.close(),
+  };
 }
 
 async function source(config: string): Promise<Vm> {
@@ -272,19 +299,10 @@ test('post-copy with a fault channel: while a fault is outstanding, no pushed pa
       await super.start(...args);
     }
   }
-  const acceptor = new MigrationAcceptor(destDeps);
-  let outcome: Promise<DestinationOutcome> | undefined;
-  const listener = await tcp().listen({
-    onConnection: (c) => {
-      const r = acceptor.accept(c, vmFactory(made, cache, { adapter: (vm) => new Recording(vm) }));
-      r.catch(() => undefined);
-      void r.then((o) => { if (o) outcome = Promise.resolve(o); });
-    },
-  });
+  const dest = await tcpDestination(new MigrationAcceptor(destDeps), vmFactory(made, cache, { adapter: (vm) => new Recording(vm) }));
   try {
-    const result = await migrateSource(await tcp().dial(listener.address), sourceVmOf(src), deps, { mode: 'postcopy', connect: () => tcp().dial(listener.address), baselineMs: 0 });
-    for (let i = 0; i < 100 && !outcome; i++) await new Promise((r) => setTimeout(r, 10));
-    const o = await outcome!;
+    const result = await migrateSource(await tcp().dial(dest.address), sourceVmOf(src), deps, { mode: 'postcopy', connect: () => tcp().dial(dest.address), baselineMs: 0 });
+    const o = await dest.outcome();
     assert.equal(result.report.verified, true);
     assert.equal(o.faultChannel, true);
     const installed = new Set<number>();
@@ -301,7 +319,7 @@ test('post-copy with a fault channel: while a fault is outstanding, no pushed pa
     }
     assert.ok(checked >= 5, `too few faults to judge (${checked})`);
   } finally {
-    await listener.close();
+    await dest.close();
   }
 });
 
@@ -315,29 +333,18 @@ test('post-copy with fault threads: page requests and answers go between threads
     await listener.close();
     await threads.close();
   });
-  const acceptor = new MigrationAcceptor(deps, { faultThreads: listener });
-  let outcome: Promise<DestinationOutcome> | undefined;
-  let accepted = 0;
-  const main = await tcp().listen({
-    onConnection: (c) => {
-      accepted++;
-      const r = acceptor.accept(c, factory(made));
-      r.catch(() => undefined);
-      void r.then((o) => { if (o) outcome = Promise.resolve(o); });
-    },
-  });
+  const main = await tcpDestination(new MigrationAcceptor(deps, { faultThreads: listener }), factory(made));
   try {
     const result = await migrateSource(await tcp().dial(main.address), sourceVmOf(src), deps, {
       mode: 'postcopy', baselineMs: 0, connect: () => tcp().dial(main.address),
-      faultThread: (port, token) => threads.open('127.0.0.1', port, token, () => ({ buffer: src.memory.buffer as unknown as SharedArrayBuffer, pages: src.guestPages })),
+      faultThread: sourceFaultThread(threads, src, '127.0.0.1'),
     });
-    for (let i = 0; i < 100 && !outcome; i++) await new Promise((r) => setTimeout(r, 10));
-    const o = await outcome!;
+    const o = await main.outcome();
     assert.equal(result.report.verified, true, 'the source checked the destination digest');
     assert.notEqual(o.verified, false);
     assert.equal(result.report.transfer?.faultChannel, true);
     assert.equal(o.faultChannel, true);
-    assert.equal(accepted, 1, 'the fault channel did not join through the migration listener');
+    assert.equal(main.accepted(), 1, 'the fault channel did not join through the migration listener');
     assert.ok(o.faults > 0, 'the guest faulted');
     assert.equal(o.faultLatencyMs.count, o.faults, 'every fault was answered');
     assert.ok(result.report.pages.faulted > 0, 'the source counted the pages its thread served');
@@ -357,28 +364,17 @@ test('post-copy: a fault thread that cannot be reached, or a source without one,
     const src = await source('mem=16MiB wss=16MiB pattern=uniform rate=50000000');
     const made: Vm[] = [];
     t.after(() => stopAll(src, made));
-    const acceptor = new MigrationAcceptor(deps, { faultThreads: listener });
-    let outcome: Promise<DestinationOutcome> | undefined;
-    let accepted = 0;
-    const main = await tcp().listen({
-      onConnection: (c) => {
-        accepted++;
-        const r = acceptor.accept(c, factory(made));
-        r.catch(() => undefined);
-        void r.then((o) => { if (o) outcome = Promise.resolve(o); });
-      },
-    });
+    const main = await tcpDestination(new MigrationAcceptor(deps, { faultThreads: listener }), factory(made));
     try {
       let offered: number | null = null;
       const result = await migrateSource(await tcp().dial(main.address), sourceVmOf(src), deps, {
         mode: 'postcopy', baselineMs: 0, connect: () => tcp().dial(main.address),
         ...(how === 'unreachable' ? { faultThread: (port: number) => { offered = port; return Promise.reject(new FerryError('ERR_TEST', 'no route')); } } : {}),
       });
-      for (let i = 0; i < 100 && !outcome; i++) await new Promise((r) => setTimeout(r, 10));
-      const o = await outcome!;
+      const o = await main.outcome();
       assert.equal(result.report.verified, true, how);
       if (how === 'unreachable') assert.ok(offered !== null && offered > 0, 'the destination named its fault thread port');
-      assert.equal(accepted, 2, `${how}: control connection + the fault channel joined through the migration listener`);
+      assert.equal(main.accepted(), 2, `${how}: control connection + the fault channel joined through the migration listener`);
       assert.equal(o.faultChannel, true);
       assert.equal(o.faultLatencyMs.count, o.faults, 'every fault was answered');
     } finally {
