@@ -302,6 +302,25 @@ test('precopy with codecs xbzrle, dedup, zstd over 3 streams: the kv VM moves, i
   });
 });
 
+test('postcopy between hosts: page requests go between the hosts\' fault threads, and GET /v1/host says where and at which priority', async () => {
+  await withHosts(async (a, b) => {
+    const before = (await http(`${b.url}/v1/host`, 'GET')).json.faultThreads as { port: number | null; priorityRaised: boolean };
+    assert.deepEqual(before, { port: null, priorityRaised: false }, 'no thread before the first post-copy arrival');
+    await a.agent.createVm({ name: 'ms', guest: 'memstress', memory: '16MiB', config: 'mem=12MiB wss=12MiB pattern=uniform rate=20000000' });
+    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'ms', to: b.agent.migrationAddress, mode: 'postcopy' });
+    assert.equal(r.status, 202, JSON.stringify(r.json));
+    const done = await finished(a, r.json.id);
+    assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
+    assert.equal(done.report.verified, true);
+    assert.equal(done.report.transfer.faultChannel, true);
+    const info = (await http(`${b.url}/v1/host`, 'GET')).json.faultThreads as { port: number | null; priorityRaised: boolean };
+    assert.ok(typeof info.port === 'number' && info.port > 0, JSON.stringify(info));
+    assert.equal(typeof info.priorityRaised, 'boolean');
+    await listed(b, ['ms']);
+    assert.equal(b.agent.summary('ms').stats.state, 'running');
+  });
+});
+
 test('postcopy over 2 streams, capped at 2 Gbit/s in total: page requests have a fault channel of their own', async () => {
   await withHosts(async (a, b) => {
     const incoming = watchIncoming(b.agent);

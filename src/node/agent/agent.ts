@@ -457,6 +457,16 @@ export class HostAgent extends EventEmitter {
     await m.vm.dispose().catch(() => undefined);
   }
 
+  /**
+   * Post-copy fault threads (null: this host has none, its transport is not its own TCP). The
+   * port is null until a post-copy migration first arrived; `priorityRaised` says whether the
+   * threads started so far run at FAULT_THREAD_NICE (it needs CAP_SYS_NICE).
+   */
+  faultThreads(): { port: number | null; priorityRaised: boolean } | null {
+    if (!this.faultListener || !this.sourceFaults) return null;
+    return { port: this.faultListener.listeningPort, priorityRaised: this.faultListener.priorityRaised || this.sourceFaults.priorityRaised };
+  }
+
   /** The memory pool: its capacity and what it holds and has handed out. */
   memoryPool(): HostMemoryPoolJson {
     return { capacityBytes: this.pool.capacityBytes, ...this.pool.stats() };
@@ -911,7 +921,7 @@ export function buildControlApi(agent: HostAgent): FastifyInstance {
   app.get('/v1/host', async () => ({
     name: agent.name, vms: agent.list().length, migration: agent.migrationAddress,
     capacityBytes: agent.capacityBytes, reservedBytes: agent.reservedBytes(), away: agent.awayList(),
-    memoryPool: agent.memoryPool(),
+    memoryPool: agent.memoryPool(), faultThreads: agent.faultThreads(),
   }));
   app.get('/v1/vms', async () => agent.list());
   app.post('/v1/vms', async (req, reply) => {

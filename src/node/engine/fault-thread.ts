@@ -116,6 +116,8 @@ export class FaultThreadListener implements FaultThreads {
   private readonly links = new Map<string, NodeDestinationFaultLink>();
   /** The thread runs at FAULT_THREAD_NICE (false: not permitted, or not started yet). */
   priorityRaised = false;
+  /** Where the thread listens, once it does. */
+  listeningPort: number | null = null;
 
   /** @param host where the thread listens (the host migrations come in to; may be set until first use). */
   constructor(public host: string) {}
@@ -137,6 +139,7 @@ export class FaultThreadListener implements FaultThreads {
       worker.on('message', (m: FromListener) => {
         if (m.t === 'port') {
           this.priorityRaised = m.raised;
+          this.listeningPort = m.port;
           resolve(m.port);
         }
         else if (m.t === 'listen-failed') reject(errorOf('ERR_MIGRATION_FAULT_THREAD', m.message));
