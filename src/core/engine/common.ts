@@ -3,6 +3,8 @@
  */
 import { Bitmap } from '../bitmap.js';
 import { FerryError, ProtocolError } from '../errors.js';
+import { PAGE_SIZE } from '../pages.js';
+import { PagesFrameBuilder } from '../protocol/encode.js';
 import type { Frame, FrameType, WireBitmap } from '../protocol/frames.js';
 import type { FramedConnection } from '../transport/framed.js';
 
@@ -171,4 +173,23 @@ export class MemoryDigest {
   hex(sha256Hex: (b: Uint8Array) => string): string {
     return sha256Hex(new Uint8Array(this.hashes.buffer, this.hashes.byteOffset, this.hashes.byteLength));
   }
+}
+
+/**
+ * The answer to a page request `id`: one DEMAND PAGES frame with the pages asked for that are in
+ * the guest's `guestPages` and not soft (zero pages as ZERO, the rest read by `read`), or null
+ * when none is left. The source's session and its fault thread answer alike.
+ */
+export function demandAnswer(
+  id: number, pages: readonly number[], guestPages: number, soft: Bitmap,
+  isZero: (page: number) => boolean, read: (page: number, into: Uint8Array) => void,
+): { want: number[]; frame: Uint8Array } | null {
+  const want = pages.filter((p) => p < guestPages && !soft.get(p));
+  if (want.length === 0) return null;
+  const b = new PagesFrameBuilder(want.length, PAGE_SIZE);
+  for (const p of want) {
+    if (isZero(p)) b.addZero(p);
+    else read(p, b.addRaw(p));
+  }
+  return { want, frame: b.finish(id, true) };
 }

@@ -464,14 +464,12 @@ class DestinationSession {
       vm.writePage(page, this.scratch, 0);
       hash = this.deps.hashPage(this.scratch, 0);
     }
-    this.pagesReceived++;
     if (!this.started) {
+      this.pagesReceived++;
       this.received.set(page);
       this.preHashes[page] = hash;
       return true;
     }
-    this.digest!.set(page, hash);
-    this.absent!.clear(page);
     vm.markPresent(page);
     const t = this.faultAt.get(page);
     if (t !== undefined) {
@@ -479,8 +477,16 @@ class DestinationSession {
       this.faultAt.delete(page);
       if (this.faultAt.size === 0 && this.faultServed.length > 0) for (const w of this.faultServed.splice(0)) w();
     }
-    if (--this.missing === 0) this.allArrived?.();
+    this.arrived(page, hash);
     return true;
+  }
+
+  /** A page absent at the start is here now (installed by this thread or the fault thread). */
+  private arrived(page: number, hash: bigint): void {
+    this.pagesReceived++;
+    this.digest!.set(page, hash);
+    this.absent!.clear(page);
+    if (--this.missing === 0) this.allArrived?.();
   }
 
   /** What the fault thread did, folded into this session's accounting (see FaultThreadEvents). */
@@ -492,11 +498,7 @@ class DestinationSession {
           this.faults++;
           this.latency.record(waitedMs);
         }
-        if (!this.absent?.get(page)) return; // this thread installed it first
-        this.pagesReceived++;
-        this.digest!.set(page, hash);
-        this.absent.clear(page);
-        if (--this.missing === 0) this.allArrived?.();
+        if (this.absent?.get(page)) this.arrived(page, hash); // else this thread installed it first
       },
       failed: (e) => {
         this.pageError ??= e;

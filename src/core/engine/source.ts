@@ -18,7 +18,7 @@ import { PagesFrameBuilder, encodeBatchFrame } from '../protocol/encode.js';
 import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
 import { StreamEncoder, codecOffer, streamOf, usesCodecs, vmIndexBytes, type CodecName } from './codecs.js';
-import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, toWireBitmap } from './common.js';
+import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, demandAnswer, toWireBitmap } from './common.js';
 import type { EngineDeps, MigrationOptions, MigrationPhase, MigrationProgress, MigrationResult, SourceFaultLink, SourceVm, VmWireState } from './types.js';
 
 const MODULE_CHUNK = 1 << 20;
@@ -460,41 +460,35 @@ class SourceSession {
     }
     let demandPages = 0;
     let demandBytes = 0;
-    const serve = (f: PageRequestFrame, framed: FramedConnection) => {
-      const t = this.now();
-      const want = f.pages.filter((p) => p < pages && !soft.get(p));
-      if (want.length === 0) return;
-      // Served now with the page's final content (the source is paused), even when a push of it is
-      // already under way: the vCPU is waiting. Any fault is also the scheduler's newest pivot.
-      const b = new PagesFrameBuilder(want.length, PAGE_SIZE);
+    // Demand pages, served here or by the fault thread: the push skips them, each is the
+    // scheduler's newest pivot, and each counts for the report.
+    const demanded = (want: number[], bytes: number) => {
       for (const p of want) {
         sched.onFault(p);
         sched.markPresent(p);
-        if (this.vm.isZeroPage(p)) b.addZero(p);
-        else this.vm.readPage(p, b.addRaw(p), 0);
       }
-      const bytes = b.finish(f.id, true);
       demandPages += want.length;
-      demandBytes += bytes.length;
-      this.bytesSent += bytes.length;
-      this.pagesSent += want.length;
-      framed.sendEncoded(bytes).then(() => {
-        const done = this.now();
-        for (const p of want) this.event({ type: 'fault', t: done, page: p, latencyMs: done - t });
-      }, () => undefined);
-    };
-    this.inbox.on('PAGE_REQUEST', (f) => serve(f, this.framed));
-    this.faultLink?.serve(soft, (served, bytes, latencyMs) => {
-      const done = this.now();
-      for (const p of served) {
-        sched.onFault(p);
-        sched.markPresent(p);
-        this.event({ type: 'fault', t: done, page: p, latencyMs });
-      }
-      demandPages += served.length;
       demandBytes += bytes;
       this.bytesSent += bytes;
-      this.pagesSent += served.length;
+      this.pagesSent += want.length;
+    };
+    const faulted = (want: number[], latencyMs: number) => {
+      const done = this.now();
+      for (const p of want) this.event({ type: 'fault', t: done, page: p, latencyMs });
+    };
+    const serve = (f: PageRequestFrame, framed: FramedConnection) => {
+      const t = this.now();
+      // Served now with the page's final content (the source is paused), even when a push of it is
+      // already under way: the vCPU is waiting.
+      const answer = demandAnswer(f.id, f.pages, pages, soft, (p) => this.vm.isZeroPage(p), (p, into) => this.vm.readPage(p, into, 0));
+      if (!answer) return;
+      demanded(answer.want, answer.frame.length);
+      framed.sendEncoded(answer.frame).then(() => faulted(answer.want, this.now() - t), () => undefined);
+    };
+    this.inbox.on('PAGE_REQUEST', (f) => serve(f, this.framed));
+    this.faultLink?.serve(soft, (want, bytes, latencyMs) => {
+      demanded(want, bytes);
+      faulted(want, latencyMs);
     }, (e) => this.inbox.fail(e));
     const fault = this.fault;
     if (fault) fault.inbox.on('PAGE_REQUEST', (f) => serve(f, fault.framed));

@@ -24,11 +24,10 @@ import { Worker, isMainThread, parentPort, workerData } from 'node:worker_thread
 import { xxh64 } from '@node-rs/xxhash';
 import { PRESENCE_MAP_OFFSET, RESERVED_BYTES, RESERVED_PAGES } from '../../core/abi.js';
 import { Bitmap } from '../../core/bitmap.js';
-import { MigrationError } from '../../core/engine/common.js';
+import { MigrationError, demandAnswer } from '../../core/engine/common.js';
 import type { DestinationFaultLink, FaultThreadEvents, FaultThreads, SourceFaultLink } from '../../core/engine/types.js';
 import { FerryError } from '../../core/errors.js';
 import { PAGE_SIZE } from '../../core/pages.js';
-import { PagesFrameBuilder } from '../../core/protocol/encode.js';
 import { Encoding, type Frame } from '../../core/protocol/frames.js';
 import { FramedConnection } from '../../core/transport/framed.js';
 import type { Connection } from '../../core/transport/transport.js';
@@ -513,17 +512,13 @@ function sourceThread(raised: boolean): void {
   };
 
   const answer = (id: number, s: SourceSession, reqId: number, wanted: number[], t0: number) => {
-    const want = wanted.filter((p) => p < s.pages && !s.soft!.get(p));
-    if (want.length === 0) return;
-    const b = new PagesFrameBuilder(want.length, PAGE_SIZE);
-    for (const p of want) {
-      if (isZero(s.words!, p)) b.addZero(p);
-      else {
-        const at = RESERVED_BYTES + p * PAGE_SIZE;
-        b.addRaw(p).set(s.mem!.subarray(at, at + PAGE_SIZE));
-      }
-    }
-    const bytes = b.finish(reqId, true);
+    const mem = s.mem!;
+    const a = demandAnswer(reqId, wanted, s.pages, s.soft!, (p) => isZero(s.words!, p), (p, into) => {
+      const at = RESERVED_BYTES + p * PAGE_SIZE;
+      into.set(mem.subarray(at, at + PAGE_SIZE));
+    });
+    if (!a) return;
+    const { want, frame: bytes } = a;
     s.framed.sendEncoded(bytes).then(
       () => post({ t: 'served', id, pages: want, bytes: bytes.length, latencyMs: performance.now() - t0 }),
       (e: unknown) => { if (!s.closing) post({ t: 'failed', id, code: codeOf(e), message: (e as Error).message }); },
