@@ -6,7 +6,12 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { RESERVED_PAGES } from '../../src/core/abi.js';
+import { PRESENCE_MAP_OFFSET, RESERVED_BYTES, RESERVED_PAGES } from '../../src/core/abi.js';
+import { xxh64 } from '@node-rs/xxhash';
+import { Encoding } from '../../src/core/protocol/frames.js';
+import { FramedConnection } from '../../src/core/transport/framed.js';
+import { FaultThreadListener, type NodeDestinationFaultLink } from '../../src/node/engine/fault-thread.js';
+import { tcp } from '../../src/node/transport/tcp.js';
 import { Bitmap } from '../../src/core/bitmap.js';
 import { DestinationVmAdapter } from '../../src/node/engine/adapters.js';
 import { Ctl } from '../../src/node/vm/control.js';
@@ -48,4 +53,43 @@ test('post-copy: markPresent wakes the vCPU for the page it waits on, and only f
   adapter.markPresent(7);
   assert.equal(Atomics.load(ctl, Ctl.FAULT_DONE), done0 + 1);
   await adapter.discard();
+});
+
+test('destination fault thread: installs an absent demand page, never a present one, and refuses a page beyond the VM by name', async (t) => {
+  const listener = new FaultThreadListener('127.0.0.1');
+  t.after(() => listener.close());
+  const port = await listener.port();
+  const token = '5a'.repeat(16);
+  const link = listener.expect(token) as NodeDestinationFaultLink;
+  const source = new FramedConnection(await tcp().dial(`127.0.0.1:${port}`));
+  t.after(() => source.abort());
+  await source.send({ type: 'JOIN', token, stream: 0, role: 'fault' });
+  assert.equal((await source.next())?.type, 'ACK');
+
+  const pages = 16;
+  const memory = new SharedArrayBuffer(RESERVED_BYTES + pages * 4096);
+  const presence = new Uint8Array(memory, PRESENCE_MAP_OFFSET + RESERVED_PAGES, pages);
+  presence.fill(1);
+  presence[3] = 0; // absent
+  const mem = new Uint8Array(memory);
+  mem.fill(7, RESERVED_BYTES + 5 * 4096, RESERVED_BYTES + 6 * 4096); // page 5: present, the guest's own content
+  const installed: [number, bigint, number | null][] = [];
+  const failures: Error[] = [];
+  link.start({ memory, ctl: new SharedArrayBuffer(64 * 4), claims: new SharedArrayBuffer(4), pages }, {
+    installed: (page, hash, waited) => installed.push([page, hash, waited]),
+    failed: (e) => failures.push(e),
+  });
+  const page = (fill: number) => new Uint8Array(4096).fill(fill);
+  await source.send({ type: 'PAGES', seq: 1, demand: true, pages: [{ index: 3, encoding: Encoding.RAW, data: page(9) }, { index: 5, encoding: Encoding.RAW, data: page(9) }] });
+  for (let i = 0; i < 200 && installed.length === 0; i++) await new Promise((r) => setTimeout(r, 5));
+  assert.deepEqual(installed.map(([p, , w]) => [p, w]), [[3, null]], 'only the absent page was installed (nobody waited for it)');
+  assert.equal(installed[0][1], xxh64(page(9)), 'its hash is the digest hash of what was installed');
+  assert.equal(presence[3], 1);
+  assert.ok(mem.subarray(RESERVED_BYTES + 3 * 4096, RESERVED_BYTES + 4 * 4096).every((b) => b === 9));
+  assert.ok(mem.subarray(RESERVED_BYTES + 5 * 4096, RESERVED_BYTES + 6 * 4096).every((b) => b === 7), 'a present page keeps what the guest wrote');
+
+  await source.send({ type: 'PAGES', seq: 2, demand: true, pages: [{ index: pages, encoding: Encoding.ZERO, data: new Uint8Array(0) }] });
+  for (let i = 0; i < 200 && failures.length === 0; i++) await new Promise((r) => setTimeout(r, 5));
+  assert.equal((failures[0] as { code?: string } | undefined)?.code, 'ERR_PROTOCOL_MALFORMED');
+  await link.close();
 });

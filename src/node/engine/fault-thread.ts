@@ -363,14 +363,18 @@ function listenThread(host: string, raised: boolean): void {
     Atomics.notify(ctl, Ctl.FAULT_DONE);
   };
 
-  /** Installs a demand page unless the session's own thread did first. */
+  /**
+   * Installs a demand page unless it is present already (it was at the start, or the session's own
+   * thread installed it: a page the guest may have written since is never overwritten).
+   */
   const install = (token: string, s: ListenSession, page: number, encoding: number, data: Uint8Array) => {
     const vm = s.vm;
-    if (!vm || !s.active || page >= vm.pages) return;
+    if (!vm || !s.active) return;
+    if (page >= vm.pages) throw errorOf('ERR_PROTOCOL_MALFORMED', `demand page ${page} is beyond the VM's ${vm.pages} pages`);
     const bit = 1 << (page & 31);
     const t0 = s.requested.get(page);
     s.requested.delete(page);
-    if (Atomics.or(vm.claims32, page >> 5, bit) & bit) {
+    if (Atomics.load(vm.presence, page) || Atomics.or(vm.claims32, page >> 5, bit) & bit) {
       // A push installed it first (and woke the vCPU): only the wait is news, an upper bound of it.
       if (t0 !== undefined) post({ t: 'installed', token, page, hash: 0n, waitedMs: performance.now() - t0 });
       return;
