@@ -134,7 +134,7 @@ export class DestinationVmAdapter implements DestinationVm {
   /** The presence map (one byte per guest page), set up by start() for post-copy. */
   private presence: Uint8Array | null = null;
   /** Post-copy on a fault thread: its link, what it tells, and the install claims shared with it. */
-  private thread: { link: NodeDestinationFaultLink; events: FaultThreadEvents; claims: Int32Array; shared: SharedArrayBuffer } | null = null;
+  private thread: { link: NodeDestinationFaultLink; events: FaultThreadEvents; claims: Int32Array<SharedArrayBuffer> } | null = null;
   private readonly warming: Promise<void>;
   private readonly memory: Promise<void>;
   private readonly stopPrefault = new AbortController();
@@ -214,8 +214,8 @@ export class DestinationVmAdapter implements DestinationVm {
     for (const p of absent) presence[p] = 0;
     if (this.thread) {
       // The fault thread takes the vCPU's fault notifications from here on.
-      const { link, events, shared } = this.thread;
-      link.start({ memory: vm.memory.buffer as unknown as SharedArrayBuffer, ctl: this.vm.controlBuffer, claims: shared, pages: presence.length }, events);
+      const { link, events, claims } = this.thread;
+      link.start({ memory: vm.memory.buffer as unknown as SharedArrayBuffer, ctl: this.vm.controlBuffer, claims: claims.buffer, pages: presence.length }, events);
     } else {
       this.serving = true;
       void this.serveFaults();
@@ -254,8 +254,7 @@ export class DestinationVmAdapter implements DestinationVm {
 
   serveFaultsOn(link: DestinationFaultLink, events: FaultThreadEvents): boolean {
     if (!(link instanceof NodeDestinationFaultLink)) return false;
-    const shared = new SharedArrayBuffer(Math.ceil(this.vm.presenceView().length / 32) * 4);
-    this.thread = { link, events, claims: new Int32Array(shared), shared };
+    this.thread = { link, events, claims: new Int32Array(new SharedArrayBuffer(Math.ceil(this.vm.presenceView().length / 32) * 4)) };
     return true;
   }
 
