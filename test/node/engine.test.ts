@@ -10,7 +10,7 @@ import { MigrationAcceptor, serveDestination, type DestinationOutcome } from '..
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
 import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../../src/node/engine/fault-thread.js';
 import type { MigrationMode } from '../../src/core/protocol/frames.js';
-import type { DestinationFactory } from '../../src/core/engine/types.js';
+import type { DestinationFactory, SourceFaultLink } from '../../src/core/engine/types.js';
 import { memoryPair } from '../../src/core/transport/memory.js';
 import { FramedConnection } from '../../src/core/transport/framed.js';
 import { tcp } from '../../src/node/transport/tcp.js';
@@ -357,10 +357,15 @@ test('post-copy with fault threads: page requests and answers go between threads
   }
 });
 
-test('post-copy: a fault thread that cannot be reached, or a source without one, falls back to the fault channel; verified', async (t) => {
+test('post-copy: a fault thread that cannot be reached, opens too late, or a source without one: the fault channel joins as usual; verified', async (t) => {
   const listener = new FaultThreadListener('127.0.0.1');
   t.after(() => listener.close());
-  for (const how of ['unreachable', 'none'] as const) {
+  let lateClosed = false;
+  const late = (): Promise<SourceFaultLink> => new Promise((resolve) => setTimeout(() => resolve({
+    serve: () => assert.fail('a link that opened too late must not serve'),
+    close: () => { lateClosed = true; return Promise.resolve(); },
+  }), 3300));
+  for (const how of ['unreachable', 'late', 'none'] as const) {
     const src = await source('mem=16MiB wss=16MiB pattern=uniform rate=50000000');
     const made: Vm[] = [];
     t.after(() => stopAll(src, made));
@@ -370,6 +375,7 @@ test('post-copy: a fault thread that cannot be reached, or a source without one,
       const result = await migrateSource(await tcp().dial(main.address), sourceVmOf(src), deps, {
         mode: 'postcopy', baselineMs: 0, connect: () => tcp().dial(main.address),
         ...(how === 'unreachable' ? { faultThread: (port: number) => { offered = port; return Promise.reject(new FerryError('ERR_TEST', 'no route')); } } : {}),
+        ...(how === 'late' ? { faultThread: late } : {}),
       });
       const o = await main.outcome();
       assert.equal(result.report.verified, true, how);
@@ -381,6 +387,8 @@ test('post-copy: a fault thread that cannot be reached, or a source without one,
       await main.close();
     }
   }
+  for (let i = 0; i < 100 && !lateClosed; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.equal(lateClosed, true, 'the link that opened too late was closed');
 });
 
 test('a fault thread refuses a JOIN whose token no session expects, and one that is not a JOIN, by name', async (t) => {

@@ -31,6 +31,9 @@ type Ownership = 'source' | 'in-doubt' | 'destination';
  * One connection that carries pages. It batches the pages routed to it and keeps one write in
  * flight, so the streams' writes overlap instead of taking turns.
  */
+/** How long the source waits for its fault thread's connection before it joins the fault channel the usual way, ms. */
+const FAULT_THREAD_OPEN_MS = 3000;
+
 /** Frame buffers a stream keeps for reuse (more in flight than this are let go). */
 const SPARE_FRAMES = 8;
 
@@ -234,7 +237,7 @@ class SourceSession {
     // The destination's fault thread first (page requests never wait behind background pages);
     // if it cannot be reached, the fault channel joins like any stream.
     if (wantFault && ack.faultPort !== undefined && ack.token !== undefined && this.opts.faultThread) {
-      this.faultLink = await this.opts.faultThread(ack.faultPort, ack.token).catch(() => null);
+      this.faultLink = await this.openFaultThread(this.opts.faultThread, ack.faultPort, ack.token);
       if (this.ending || this.inbox.error) {
         await this.faultLink?.close();
         throw this.inbox.error ?? new MigrationError('ERR_MIGRATION_ABORTED', 'the migration ended while the fault channel was opening');
@@ -286,6 +289,22 @@ class SourceSession {
     } finally {
       ac.abort();
     }
+  }
+
+  /**
+   * The fault thread's link, or null when it cannot be opened within FAULT_THREAD_OPEN_MS (a port
+   * a firewall drops would otherwise hold the handshake for a TCP connect timeout): the fault
+   * channel then joins like any stream. A link that opens too late is closed.
+   */
+  private async openFaultThread(open: NonNullable<MigrationOptions['faultThread']>, port: number, token: string): Promise<SourceFaultLink | null> {
+    const opening = open(port, token);
+    const ac = new AbortController();
+    const late = this.deps.clock.sleep(FAULT_THREAD_OPEN_MS, ac.signal).then(() => 'late' as const, () => 'late' as const);
+    const first = await Promise.race([opening.then((l) => l, () => null), late]);
+    ac.abort();
+    if (first !== 'late') return first;
+    void opening.then((l) => l.close(), () => undefined);
+    return null;
   }
 
   /** Opens an extra connection of this session and presents the token; resolves once the destination acknowledged it. */
