@@ -19,7 +19,7 @@ import type { DestinationFactory, MigrationOptions, MigrationResult } from '../s
 import { shaped, type ShapedConnectionInit } from '../src/core/transport/shaped.js';
 import { realClock } from '../src/node/clock.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../src/node/engine/adapters.js';
-import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../src/node/engine/fault-thread.js';
+import { FaultThreadListener, SourceFaultThreads, faultLinkShape, sourceFaultThread } from '../src/node/engine/fault-thread.js';
 import { InstrumentCache } from '../src/node/vm/instrument.js';
 import { GuestMemoryPool } from '../src/node/vm/memory-pool.js';
 import { Vm } from '../src/node/vm/vm.js';
@@ -82,8 +82,9 @@ async function destinationHost(): Promise<void> {
   for (const v of ['plain', 'dirty', 'presence'] as const) cache.get(memstress, v); // instrument before any migration
   let link: LinkInit | null = null;
   const send = (m: FromDestination) => process.send!(m);
-  // Post-copy faults on threads of their own, as a host serves them.
-  const acceptor = new MigrationAcceptor(deps, { faultThreads: new FaultThreadListener('127.0.0.1') });
+  // Post-copy faults on threads of their own, as a host serves them (shaped like every connection).
+  const faultThreads = new FaultThreadListener('127.0.0.1');
+  const acceptor = new MigrationAcceptor(deps, { faultThreads });
   // As a host would: a VM that is done gives its memory back, and the next VM of its shape takes it.
   const pool = new GuestMemoryPool(1 << 30);
   const l = await tcp().listen({
@@ -117,6 +118,7 @@ async function destinationHost(): Promise<void> {
   process.on('message', (m: ToDestination) => {
     if (m.type === 'expect') {
       link = m.link;
+      faultThreads.shape = link ? faultLinkShape(link) : null;
       send({ type: 'expecting' });
     }
   });
@@ -212,8 +214,9 @@ export class DestinationProcess {
         return link ? shaped(c, { ...link, clock: realClock() }) : c;
       };
       return await Promise.all(srcs.map(async (src) => {
-        // A shaped link shapes every connection: the fault thread's would bypass it, so then none.
-        const faultThread = link ? {} : { faultThread: sourceFaultThread(sourceFaultThreads, src, '127.0.0.1') };
+        // A shaped link shapes every connection, the fault threads' too.
+        const shape = link ? faultLinkShape(link) : null;
+        const faultThread = link && !shape ? {} : { faultThread: sourceFaultThread(sourceFaultThreads, src, '127.0.0.1', shape) };
         const result = await migrateSource(await dial(), sourceVmOf(src), deps, { connect: dial, ...faultThread, ...opts });
         return { result, outcome: await outcomes.get(src.name)! };
       }));

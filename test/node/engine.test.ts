@@ -13,6 +13,7 @@ import type { MigrationMode } from '../../src/core/protocol/frames.js';
 import type { DestinationFactory, SourceFaultLink } from '../../src/core/engine/types.js';
 import { memoryPair } from '../../src/core/transport/memory.js';
 import { FramedConnection } from '../../src/core/transport/framed.js';
+import { shaped } from '../../src/core/transport/shaped.js';
 import { tcp } from '../../src/node/transport/tcp.js';
 import type { Connection } from '../../src/core/transport/transport.js';
 import { FerryError } from '../../src/core/errors.js';
@@ -423,4 +424,36 @@ test('a fault thread refuses a JOIN whose token no session expects, and one that
   await link.close();
   assert.equal(await ok.next(), undefined, 'closing the session closes its fault connection');
   ok.abort();
+});
+
+test('post-copy with fault threads on a shaped link: their connections are shaped too (every fault waits at least the round trip)', async (t) => {
+  const src = await source('mem=16MiB wss=16MiB pattern=uniform rate=20000000');
+  const made: Vm[] = [];
+  const listener = new FaultThreadListener('127.0.0.1');
+  const threads = new SourceFaultThreads();
+  t.after(async () => {
+    await stopAll(src, made);
+    await listener.close();
+    await threads.close();
+  });
+  const link = { latencyMs: 4 };
+  listener.shape = link;
+  const clock = deps.clock;
+  // The destination shapes its direction of every connection it accepts, the source its own.
+  const acceptor = new MigrationAcceptor(deps, { faultThreads: listener });
+  const main = await tcpDestination(acceptor, factory(made));
+  const dial = async () => shaped(await tcp().dial(main.address), { ...link, clock });
+  try {
+    const result = await migrateSource(await dial(), sourceVmOf(src), deps, {
+      mode: 'postcopy', baselineMs: 0, connect: dial, faultThread: sourceFaultThread(threads, src, '127.0.0.1', link),
+    });
+    const o = await main.outcome();
+    assert.equal(result.report.verified, true);
+    assert.equal(main.accepted(), 1, 'the fault channel went between the threads');
+    assert.ok(o.faults > 0);
+    // 4 ms each way through the threads' shapers: no fault can be answered sooner.
+    assert.ok(o.faultLatencyMs.p50! >= 8 * 0.9, `faults were answered in ${o.faultLatencyMs.p50} ms (median), faster than the shaped round trip`);
+  } finally {
+    await main.close();
+  }
 });

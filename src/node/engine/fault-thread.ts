@@ -30,6 +30,8 @@ import { FerryError } from '../../core/errors.js';
 import { PAGE_SIZE } from '../../core/pages.js';
 import { Encoding, type Frame } from '../../core/protocol/frames.js';
 import { FramedConnection } from '../../core/transport/framed.js';
+import { shaped, type ShapedConnectionInit } from '../../core/transport/shaped.js';
+import { realClock } from '../clock.js';
 import type { Connection } from '../../core/transport/transport.js';
 import { Ctl } from '../vm/control.js';
 import type { Vm } from '../vm/vm.js';
@@ -49,8 +51,26 @@ export interface FaultThreadVm {
   pages: number;
 }
 
+/**
+ * A link shaper for a fault connection's direction (see core/transport/shaped.ts), as an
+ * experiment shapes every connection of a migration. Not a shared cap: a token bucket shared with
+ * other connections cannot cross into a thread.
+ */
+export type FaultLinkShape = Pick<ShapedConnectionInit, 'bandwidthBytesPerSec' | 'burstBytes' | 'latencyMs' | 'chunkBytes'>;
+
+/** The part of a link shaper a fault thread can apply itself; null for a shared bucket, which it cannot. */
+export function faultLinkShape(init: Omit<ShapedConnectionInit, 'clock'>): FaultLinkShape | null {
+  if (init.bucket) return null;
+  const shape: FaultLinkShape = {};
+  if (init.bandwidthBytesPerSec !== undefined) shape.bandwidthBytesPerSec = init.bandwidthBytesPerSec;
+  if (init.burstBytes !== undefined) shape.burstBytes = init.burstBytes;
+  if (init.latencyMs !== undefined) shape.latencyMs = init.latencyMs;
+  if (init.chunkBytes !== undefined) shape.chunkBytes = init.chunkBytes;
+  return shape;
+}
+
 type ToListener =
-  | { t: 'expect'; token: string }
+  | { t: 'expect'; token: string; shape: FaultLinkShape | null }
   | ({ t: 'start'; token: string } & FaultThreadVm)
   | { t: 'close'; token: string };
 type FromListener =
@@ -62,7 +82,7 @@ type FromListener =
   | { t: 'closed'; token: string };
 
 type ToSource =
-  | { t: 'dial'; id: number; host: string; port: number; token: string }
+  | { t: 'dial'; id: number; host: string; port: number; token: string; shape: FaultLinkShape | null }
   | { t: 'serve'; id: number; memory: SharedArrayBuffer; pages: number; soft: Uint32Array; softBits: number }
   | { t: 'close'; id: number };
 type FromSource =
@@ -117,6 +137,8 @@ export class FaultThreadListener implements FaultThreads {
   priorityRaised = false;
   /** Where the thread listens, once it does. */
   listeningPort: number | null = null;
+  /** Shapes the thread's direction of the fault connections of sessions expected from now on. */
+  shape: FaultLinkShape | null = null;
 
   /** @param host where the thread listens (the host migrations come in to; may be set until first use). */
   constructor(public host: string) {}
@@ -154,7 +176,7 @@ export class FaultThreadListener implements FaultThreads {
     // Without a thread (it died) nothing can touch memory: close() returns at once then.
     const link = new NodeDestinationFaultLink(token, (m) => { if (this.worker) this.worker.postMessage(m); else link.closedNow(); }, () => this.links.delete(token));
     this.links.set(token, link);
-    this.worker?.postMessage({ t: 'expect', token } satisfies ToListener);
+    this.worker?.postMessage({ t: 'expect', token, shape: this.shape } satisfies ToListener);
     return link;
   }
 
@@ -250,7 +272,7 @@ export class SourceFaultThreads {
    * the destination's fault thread acknowledged the JOIN. `memory` gives the VM's pages to serve
    * once serve() is called (after the pause).
    */
-  async open(host: string, port: number, token: string, memory: () => { buffer: SharedArrayBuffer; pages: number }): Promise<SourceFaultLink> {
+  async open(host: string, port: number, token: string, memory: () => { buffer: SharedArrayBuffer; pages: number }, shape: FaultLinkShape | null = null): Promise<SourceFaultLink> {
     const id = this.nextId++;
     const worker = this.thread();
     const link = new NodeSourceFaultLink(id, (m) => worker.postMessage(m), memory, () => this.links.delete(id));
@@ -258,7 +280,7 @@ export class SourceFaultThreads {
     try {
       await new Promise<void>((resolve, reject) => {
         this.pending.set(id, { resolve, reject });
-        worker.postMessage({ t: 'dial', id, host, port, token } satisfies ToSource);
+        worker.postMessage({ t: 'dial', id, host, port, token, shape } satisfies ToSource);
       });
     } catch (e) {
       this.links.delete(id);
@@ -297,8 +319,8 @@ export class SourceFaultThreads {
  * The engine's `faultThread` option for migrating `vm` to a destination on `host` (the host its
  * control connection dialled): the fault channel from `threads`, serving `vm`'s memory.
  */
-export function sourceFaultThread(threads: SourceFaultThreads, vm: Vm, host: string): (port: number, token: string) => Promise<SourceFaultLink> {
-  return (port, token) => threads.open(host, port, token, () => ({ buffer: vm.memory.buffer as unknown as SharedArrayBuffer, pages: vm.guestPages }));
+export function sourceFaultThread(threads: SourceFaultThreads, vm: Vm, host: string, shape: FaultLinkShape | null = null): (port: number, token: string) => Promise<SourceFaultLink> {
+  return (port, token) => threads.open(host, port, token, () => ({ buffer: vm.memory.buffer as unknown as SharedArrayBuffer, pages: vm.guestPages }), shape);
 }
 
 class NodeSourceFaultLink implements SourceFaultLink {
@@ -340,7 +362,9 @@ class NodeSourceFaultLink implements SourceFaultLink {
 
 /** A destination session as its fault thread knows it. */
 interface ListenSession {
+  /** Where requests are written (through the session's shaper, if it has one). */
   conn: FramedConnection | null;
+  shape: FaultLinkShape | null;
   vm: (FaultThreadVm & { mem: Uint8Array; presence: Uint8Array; ctl32: Int32Array; claims32: Int32Array }) | null;
   requested: Map<number, number>;
   nextId: number;
@@ -451,9 +475,10 @@ function listenThread(host: string, raised: boolean): void {
         await framed.close().catch(() => undefined);
         return;
       }
-      s.conn = framed;
+      // Requests go through the session's shaper; frames are still read from the connection itself.
+      s.conn = s.shape ? new FramedConnection(shaped(conn, { ...s.shape, clock: realClock() })) : framed;
       post({ t: 'joined', token: first.token });
-      await framed.send({ type: 'ACK', acked: 'JOIN', value: 0 });
+      await s.conn.send({ type: 'ACK', acked: 'JOIN', value: 0 });
       void readFrames(first.token, s, framed);
     } catch {
       framed.abort();
@@ -462,7 +487,7 @@ function listenThread(host: string, raised: boolean): void {
 
   parentPort!.on('message', (m: ToListener) => {
     if (m.t === 'expect') {
-      sessions.set(m.token, { conn: null, vm: null, requested: new Map(), nextId: 0, active: true });
+      sessions.set(m.token, { conn: null, shape: m.shape, vm: null, requested: new Map(), nextId: 0, active: true });
     } else if (m.t === 'start') {
       const s = sessions.get(m.token);
       if (!s || s.vm) return;
@@ -559,7 +584,8 @@ function sourceThread(raised: boolean): void {
       void (async () => {
         let framed: FramedConnection | null = null;
         try {
-          framed = new FramedConnection(await tcp().dial(`${m.host.includes(':') ? `[${m.host}]` : m.host}:${m.port}`));
+          const conn = await tcp().dial(`${m.host.includes(':') ? `[${m.host}]` : m.host}:${m.port}`);
+          framed = new FramedConnection(m.shape ? shaped(conn, { ...m.shape, clock: realClock() }) : conn);
           await framed.send({ type: 'JOIN', token: m.token, stream: 0, role: 'fault' });
           const ack = await framed.next();
           if (ack?.type === 'ERROR') throw errorOf(ack.code, ack.message);
