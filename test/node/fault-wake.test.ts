@@ -75,14 +75,24 @@ test('destination fault thread: installs an absent demand page, never a present 
   mem.fill(7, RESERVED_BYTES + 5 * 4096, RESERVED_BYTES + 6 * 4096); // page 5: present, the guest's own content
   const installed: [number, bigint, number | null][] = [];
   const failures: Error[] = [];
-  link.start({ memory, ctl: new SharedArrayBuffer(64 * 4), claims: new SharedArrayBuffer(4), pages }, {
+  const ctl = new Int32Array(new SharedArrayBuffer(64 * 4));
+  link.start({ memory, ctl: ctl.buffer, claims: new SharedArrayBuffer(4), pages }, {
     installed: (page, hash, waited) => installed.push([page, hash, waited]),
     failed: (e) => failures.push(e),
   });
+  // Play the vCPU: it faults on page 3; the thread asks the source for it.
+  Atomics.store(ctl, Ctl.FAULT_PAGE, 3 + RESERVED_PAGES);
+  Atomics.add(ctl, Ctl.FAULT_REQ, 1);
+  Atomics.notify(ctl, Ctl.FAULT_REQ);
+  const request = await source.next();
+  assert.deepEqual(request?.type === 'PAGE_REQUEST' ? request.pages : request, [3]);
   const page = (fill: number) => new Uint8Array(4096).fill(fill);
-  await source.send({ type: 'PAGES', seq: 1, demand: true, pages: [{ index: 3, encoding: Encoding.RAW, data: page(9) }, { index: 5, encoding: Encoding.RAW, data: page(9) }] });
+  // The answer, and page 5 (present: the guest's own) smuggled in beside it.
+  await source.send({ type: 'PAGES', seq: request?.type === 'PAGE_REQUEST' ? request.id : 0, demand: true, pages: [{ index: 3, encoding: Encoding.RAW, data: page(9) }, { index: 5, encoding: Encoding.RAW, data: page(9) }] });
   for (let i = 0; i < 200 && installed.length === 0; i++) await new Promise((r) => setTimeout(r, 5));
-  assert.deepEqual(installed.map(([p, , w]) => [p, w]), [[3, null]], 'only the absent page was installed (nobody waited for it)');
+  assert.deepEqual(installed.map(([p]) => p), [3], 'only the absent page was installed');
+  assert.ok(installed[0][2] !== null && installed[0][2] >= 0, 'the vCPU waited for it, and the thread says how long');
+  assert.ok(Atomics.load(ctl, Ctl.FAULT_DONE) > 0, 'the vCPU was woken');
   assert.equal(installed[0][1], xxh64(page(9)), 'its hash is the digest hash of what was installed');
   assert.equal(presence[3], 1);
   assert.ok(mem.subarray(RESERVED_BYTES + 3 * 4096, RESERVED_BYTES + 4 * 4096).every((b) => b === 9));

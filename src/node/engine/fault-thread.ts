@@ -393,7 +393,8 @@ function listenThread(host: string, raised: boolean): void {
    */
   const install = (token: string, s: ListenSession, page: number, encoding: number, data: Uint8Array) => {
     const vm = s.vm;
-    if (!vm || !s.active) return;
+    if (!s.active) return;
+    if (!vm) throw errorOf('ERR_PROTOCOL_SEQUENCE', `demand page ${page} before any page was asked for`);
     if (page >= vm.pages) throw errorOf('ERR_PROTOCOL_MALFORMED', `demand page ${page} is beyond the VM's ${vm.pages} pages`);
     const bit = 1 << (page & 31);
     const t0 = s.requested.get(page);
@@ -446,21 +447,27 @@ function listenThread(host: string, raised: boolean): void {
   const serveFaults = async (token: string, s: ListenSession) => {
     const vm = s.vm!;
     const ctl = vm.ctl32;
+    /** The fault FAULT_PAGE names: woken at once if its page is there (or it is about to trap), else asked for. */
+    const handle = () => {
+      const page = Atomics.load(ctl, Ctl.FAULT_PAGE) - RESERVED_PAGES;
+      if (page < 0 || page >= vm.pages || Atomics.load(vm.presence, page)) {
+        wake(ctl); // about to trap, or arrived meanwhile
+        return;
+      }
+      if (s.requested.has(page) || !s.conn) return;
+      s.requested.set(page, performance.now());
+      s.conn.send({ type: 'PAGE_REQUEST', id: ++s.nextId, pages: [page] }).catch((e: unknown) => failed(token, e));
+    };
     let seen = Atomics.load(ctl, Ctl.FAULT_REQ);
+    // The vCPU may have faulted before this thread got the VM (start is a message): serve that one.
+    if (seen !== 0) handle();
     while (s.active) {
       const r = Atomics.waitAsync(ctl, Ctl.FAULT_REQ, seen, 100);
       if (r.async) await r.value;
       const now = Atomics.load(ctl, Ctl.FAULT_REQ);
       if (now === seen) continue;
       seen = now;
-      const page = Atomics.load(ctl, Ctl.FAULT_PAGE) - RESERVED_PAGES;
-      if (page < 0 || page >= vm.pages || Atomics.load(vm.presence, page)) {
-        wake(ctl); // about to trap, or arrived meanwhile
-        continue;
-      }
-      if (s.requested.has(page) || !s.conn) continue;
-      s.requested.set(page, performance.now());
-      s.conn.send({ type: 'PAGE_REQUEST', id: ++s.nextId, pages: [page] }).catch((e: unknown) => failed(token, e));
+      handle();
     }
   };
 
