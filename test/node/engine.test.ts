@@ -1,4 +1,4 @@
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -63,6 +63,18 @@ async function tcpDestination(acceptor: MigrationAcceptor, factory: DestinationF
     },
     close: () => listener.close(),
   };
+}
+
+/** Both ends' fault threads for a test, stopped (with the test's VMs) when it ends. */
+function faultThreadsFor(t: TestContext, src: Vm, made: Vm[]): { listener: FaultThreadListener; threads: SourceFaultThreads } {
+  const listener = new FaultThreadListener('127.0.0.1');
+  const threads = new SourceFaultThreads();
+  t.after(async () => {
+    await stopAll(src, made);
+    await listener.close();
+    await threads.close();
+  });
+  return { listener, threads };
 }
 
 async function source(config: string): Promise<Vm> {
@@ -327,13 +339,7 @@ test('post-copy with a fault channel: while a fault is outstanding, no pushed pa
 test('post-copy with fault threads: page requests and answers go between threads of their own, every fault is answered, verified', async (t) => {
   const src = await source('mem=24MiB wss=24MiB pattern=uniform rate=100000000');
   const made: Vm[] = [];
-  const listener = new FaultThreadListener('127.0.0.1');
-  const threads = new SourceFaultThreads();
-  t.after(async () => {
-    await stopAll(src, made);
-    await listener.close();
-    await threads.close();
-  });
+  const { listener, threads } = faultThreadsFor(t, src, made);
   const main = await tcpDestination(new MigrationAcceptor(deps, { faultThreads: listener }), factory(made));
   try {
     const result = await migrateSource(await tcp().dial(main.address), sourceVmOf(src), deps, {
@@ -429,13 +435,7 @@ test('a fault thread refuses a JOIN whose token no session expects, and one that
 test('post-copy with fault threads on a shaped link: their connections are shaped too (every fault waits at least the round trip)', async (t) => {
   const src = await source('mem=16MiB wss=16MiB pattern=uniform rate=20000000');
   const made: Vm[] = [];
-  const listener = new FaultThreadListener('127.0.0.1');
-  const threads = new SourceFaultThreads();
-  t.after(async () => {
-    await stopAll(src, made);
-    await listener.close();
-    await threads.close();
-  });
+  const { listener, threads } = faultThreadsFor(t, src, made);
   const link = { latencyMs: 4 };
   listener.shape = link;
   const clock = deps.clock;
