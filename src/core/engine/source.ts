@@ -34,7 +34,15 @@ type Ownership = 'source' | 'in-doubt' | 'destination';
 /** How long the source waits for its fault thread's connection before it joins the fault channel the usual way, ms. */
 const FAULT_THREAD_OPEN_MS = 3000;
 
-/** Frame buffers a stream keeps for reuse (more in flight than this are let go). */
+/**
+ * Frame buffers a stream keeps for reuse. With none spare and this many queued on the connection,
+ * a flush waits one event-loop turn for one to come back before it takes a fresh one. A write the
+ * kernel takes at once resolves at once, and the loop that fills frames then runs on microtasks
+ * alone, so the connection's release callbacks (process ticks) waited for it: they came back in
+ * bursts, up to 168 frames late (measured), and half the frames were built in fresh buffers, a
+ * page fault per 4 KiB. (A connection may never release, like the in-memory pair: then every
+ * frame takes a fresh buffer, one turn later.)
+ */
 const SPARE_FRAMES = 8;
 
 class SendStream {
@@ -51,8 +59,12 @@ class SendStream {
    * new ones took 130–160 ms per 256 MiB on this machine kind (profiled), most of a round's CPU.
    */
   private readonly spare: Uint8Array[] = [];
+  /** Frame buffers queued on the connection and not released yet. */
+  private queued = 0;
+  /** Wakes the flush waiting for a buffer to come back. */
+  private returned: (() => void) | null = null;
 
-  constructor(readonly framed: FramedConnection, readonly encoder: StreamEncoder | null, private readonly batchPages: number, private readonly now: () => number) {
+  constructor(readonly framed: FramedConnection, readonly encoder: StreamEncoder | null, private readonly batchPages: number, private readonly now: () => number, private readonly yieldToIo: () => Promise<void>) {
     this.buf = encoder ? new Uint8Array(batchPages * PAGE_SIZE) : null;
   }
 
@@ -71,9 +83,13 @@ class SendStream {
       this.indices.push(p);
       return;
     }
-    const b = (this.builder ??= new PagesFrameBuilder(this.batchPages, PAGE_SIZE, this.spare.pop()));
+    const b = (this.builder ??= this.newBuilder());
     if (vm.isZeroPage(p)) b.addZero(p);
     else vm.readPage(p, b.addRaw(p), 0);
+  }
+
+  private newBuilder(): PagesFrameBuilder {
+    return new PagesFrameBuilder(this.batchPages, PAGE_SIZE, this.spare.pop());
   }
 
   /**
@@ -102,10 +118,21 @@ class SendStream {
     // The stream moves one batch per previous write: the pace the compression controller compares.
     this.encoder?.recordSent(n * PAGE_SIZE, this.now());
     // Written in order now (later frames on this connection go behind them); awaited as one.
-    const release = reusable ? () => { if (this.spare.length < SPARE_FRAMES) this.spare.push(reusable); } : undefined;
+    if (reusable) this.queued++;
+    const release = reusable ? () => {
+      this.queued--;
+      if (this.spare.length < SPARE_FRAMES) this.spare.push(reusable);
+      const wake = this.returned;
+      this.returned = null;
+      wake?.();
+    } : undefined;
     const w = Promise.all(frames.map((f) => this.framed.sendEncoded(f, release))).then(() => undefined);
     w.catch(() => undefined); // a failure surfaces at the next flush or drain
     this.inflight = w;
+    if (reusable && this.spare.length === 0 && this.queued >= SPARE_FRAMES) {
+      await Promise.race([new Promise<void>((resolve) => { this.returned = resolve; }), this.yieldToIo()]);
+      this.returned = null;
+    }
     return { pages: n, bytes };
   }
 
@@ -263,7 +290,7 @@ class SourceSession {
         xbzrleCacheBytes: Math.max(PAGE_SIZE, Math.floor((this.opts.xbzrleCacheBytes ?? 64 << 20) / conns.length)),
         ...(this.opts.compression ? { compression: this.opts.compression } : {}),
       })
-      : null, this.batchPages, now));
+      : null, this.batchPages, now, () => this.deps.yieldToIo()));
 
     for (let off = 0; off < this.vm.module.length; off += MODULE_CHUNK) {
       const chunk = this.vm.module.subarray(off, Math.min(this.vm.module.length, off + MODULE_CHUNK));
