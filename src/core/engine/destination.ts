@@ -161,6 +161,8 @@ interface Entries {
 }
 
 function pagesEntries(f: PagesFrame): Entries {
+  const t = f.table;
+  if (t) return { seq: f.seq, count: t.count, index: (k) => t.index(k), codec: (k) => t.encoding(k), data: (k) => t.data(k) };
   return { seq: f.seq, count: f.pages.length, index: (k) => f.pages[k].index, codec: (k) => f.pages[k].encoding, data: (k) => f.pages[k].data };
 }
 

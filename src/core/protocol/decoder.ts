@@ -16,9 +16,9 @@ import {
   DEFAULT_LIMITS, DIGEST_ALGORITHMS, Encoding, FIRST_CODEC_ID, FLAG_PAGES_DEMAND, FRAME_TYPE_NAMES,
   GLOBAL_TYPE_IDS, HEADER_BYTES, HELLO_MAGIC, MAX_CODEC_NAME_BYTES, MAX_CODECS, MAX_CONFIG_BYTES,
   MAX_ERROR_CODE_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_STREAMS, MIGRATION_MODES, MODE_BITS,
-  PAGE_HEAD_BYTES, PROTOCOL_VERSION, ProtocolErrorCode, SESSION_TOKEN_BYTES, STREAM_ROLES, pagePadding,
+  PAGE_HEAD_BYTES, PROTOCOL_VERSION, PageTable, ProtocolErrorCode, SESSION_TOKEN_BYTES, STREAM_ROLES, pagePadding, pagesFrameOf,
   type CodecOffer, type StreamRole, type Digest, type DigestAlgorithm, type Frame, type FrameType, type MigrationMode, type WireBitmap,
-  type WireGlobal, type WirePage,
+  type WireGlobal,
 } from './frames.js';
 
 export interface FrameDecoderInit {
@@ -119,6 +119,16 @@ class Reader {
   }
   f64(what: string): number { return this.view.getFloat64(this.take(8, what), true); }
   bytes(n: number, what: string): Uint8Array { const at = this.take(n, what); return this.buf.subarray(at, at + n); }
+  /** Skips `n` bytes and returns where they start in `payload`. */
+  skip(n: number, what: string): number { return this.take(n, what); }
+  /** The bytes read. */
+  get payload(): Uint8Array { return this.buf; }
+  /** Skips `n` bytes; false if any is not zero (no view made: padding is read once per page). */
+  zeros(n: number, what: string): boolean {
+    const at = this.take(n, what);
+    for (let k = at; k < at + n; k++) if (this.buf[k] !== 0) return false;
+    return true;
+  }
   utf8(n: number, what: string): string {
     const b = this.bytes(n, what);
     try {
@@ -536,7 +546,7 @@ export class FrameDecoder {
     if (count > this.limits.maxPagesPerBatch) fail(ProtocolErrorCode.LIMIT, `PAGES batch of ${count} pages (limit ${this.limits.maxPagesPerBatch})`);
     // Each page needs at least its head: refuse an impossible count before allocating for it.
     if (count * PAGE_HEAD_BYTES > r.remaining) fail(ProtocolErrorCode.TRUNCATED, `PAGES batch of ${count} pages cannot fit in ${r.remaining} bytes`);
-    const pages = new Array<WirePage>(count);
+    const table = new PageTable(count, r.payload);
     const { pageSize, maxEncodedPageBytes } = this.limits;
     for (let i = 0; i < count; i++) {
       const index = r.u32('page index');
@@ -553,11 +563,10 @@ export class FrameDecoder {
       } else if (len > maxEncodedPageBytes) {
         fail(ProtocolErrorCode.LIMIT, `encoded page ${index} is ${len} bytes (limit ${maxEncodedPageBytes})`);
       }
-      pages[i] = { index, encoding, data: r.bytes(len, 'page data') };
-      const pad = r.bytes(pagePadding(len), 'page padding');
-      for (let k = 0; k < pad.length; k++) if (pad[k] !== 0) fail(ProtocolErrorCode.MALFORMED, `page ${index} has non-zero padding`);
+      table.push(index, encoding, r.skip(len, 'page data'), len);
+      if (!r.zeros(pagePadding(len), 'page padding')) fail(ProtocolErrorCode.MALFORMED, `page ${index} has non-zero padding`);
     }
-    return { type: 'PAGES', seq, demand: (this.flags & FLAG_PAGES_DEMAND) !== 0, pages };
+    return pagesFrameOf(seq, (this.flags & FLAG_PAGES_DEMAND) !== 0, table);
   }
 
   private stateFrame(r: Reader): Frame {

@@ -234,7 +234,63 @@ export interface PagesFrame {
   seq: number;
   /** True when the batch answers a PAGE_REQUEST (flag FLAG_PAGES_DEMAND). */
   demand: boolean;
+  /** The pages (a decoded frame builds this list from `table` on first use). */
   pages: WirePage[];
+  /**
+   * A decoded frame's pages as columns over its payload (not enumerable, so a decoded frame
+   * compares equal to the frame that was encoded). The receiving engine reads this: one object
+   * and one view per page, 256 to a batch, were most of what a destination allocated per byte
+   * received, and that kept V8 marking its old generation back to back (see docs/design notes
+   * in src/core/engine/destination.ts).
+   */
+  readonly table?: PageTable;
+}
+
+/** Pages of a PAGES batch, by position: index, encoding and where the bytes are in `bytes`. */
+export class PageTable {
+  /** Four words per page: index, encoding, offset, length. */
+  private readonly cols: Uint32Array;
+  count = 0;
+
+  constructor(capacity: number, readonly bytes: Uint8Array) {
+    this.cols = new Uint32Array(capacity * 4);
+  }
+
+  /** Appends a page whose bytes are `bytes[offset, offset + length)`. */
+  push(index: number, encoding: number, offset: number, length: number): void {
+    const at = this.count++ * 4;
+    this.cols[at] = index;
+    this.cols[at + 1] = encoding;
+    this.cols[at + 2] = offset;
+    this.cols[at + 3] = length;
+  }
+
+  index(k: number): number { return this.cols[k * 4]; }
+  encoding(k: number): number { return this.cols[k * 4 + 1]; }
+  /** The page's bytes (a view of `bytes`). */
+  data(k: number): Uint8Array {
+    const at = this.cols[k * 4 + 2];
+    return this.bytes.subarray(at, at + this.cols[k * 4 + 3]);
+  }
+
+  toPages(): WirePage[] {
+    const out = new Array<WirePage>(this.count);
+    for (let k = 0; k < this.count; k++) out[k] = { index: this.index(k), encoding: this.encoding(k), data: this.data(k) };
+    return out;
+  }
+}
+
+/** A PAGES frame over `table`: `pages` is built from it when first read, once. */
+export function pagesFrameOf(seq: number, demand: boolean, table: PageTable): PagesFrame {
+  let pages: WirePage[] | undefined;
+  const f = { type: 'PAGES', seq, demand } as PagesFrame;
+  Object.defineProperty(f, 'pages', {
+    get: () => (pages ??= table.toPages()),
+    set: (v: WirePage[]) => { pages = v; },
+    enumerable: true, configurable: true,
+  });
+  Object.defineProperty(f, 'table', { value: table, enumerable: false });
+  return f;
 }
 
 /**

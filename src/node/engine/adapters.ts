@@ -23,7 +23,8 @@ export function nodeEngineDeps(): EngineDeps {
   return {
     clock: realClock(),
     sha256Hex: (b) => createHash('sha256').update(b).digest('hex'),
-    hashPage: (b, off) => hashPage(b.subarray(off, off + PAGE_SIZE)),
+    // A page that is the whole view (a raw page off the wire) is hashed as it is: no view per page.
+    hashPage: (b, off) => hashPage(off === 0 && b.length === PAGE_SIZE ? b : b.subarray(off, off + PAGE_SIZE)),
     blobCodecs: nodeBlobCodecs(),
     yieldToIo: () => new Promise<void>((r) => setImmediate(r)),
   };

@@ -437,7 +437,8 @@ export class Vm extends EventEmitter {
   writePageFrom(page: number, data: Uint8Array, offset = 0): void {
     const at = this.pageAt(page);
     if (offset < 0 || data.length - offset < PAGE_SIZE) throw new RangeError(`a page needs ${PAGE_SIZE} bytes from offset ${offset}, ${data.length - offset} are there`);
-    copyBytes(this.bytes, at, data.subarray(offset, offset + PAGE_SIZE), this.bounce);
+    // A page that is the whole view (off the wire) goes as it is: no view per page.
+    copyBytes(this.bytes, at, offset === 0 && data.length === PAGE_SIZE ? data : data.subarray(offset, offset + PAGE_SIZE), this.bounce);
   }
 
   /**
