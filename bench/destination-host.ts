@@ -24,6 +24,7 @@ import { InstrumentCache } from '../src/node/vm/instrument.js';
 import { GuestMemoryPool } from '../src/node/vm/memory-pool.js';
 import { Vm } from '../src/node/vm/vm.js';
 import { guestsDir } from '../src/node/paths.js';
+import { HOST_NODE_FLAGS, hasHostFlags } from '../src/node/host-runtime.js';
 import { tcp } from '../src/node/transport/tcp.js';
 
 export type LinkInit = Omit<ShapedConnectionInit, 'clock'>;
@@ -158,7 +159,10 @@ export class DestinationProcess {
     // FERRY_BENCH_DESTINATION_ARGS: node options for the destination alone (e.g. `--cpu-prof
     // --cpu-prof-dir=/tmp/prof` to profile the receiving side, which NODE_OPTIONS does not allow).
     const args = process.env.FERRY_BENCH_DESTINATION_ARGS?.split(' ').filter((a) => a !== '');
-    const child = fork(fileURLToPath(import.meta.url), [], { execArgv: args ?? process.execArgv, env: { ...process.env, FERRY_BENCH_DESTINATION: '1' }, stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+    // A destination host runs with a host's heap settings, as `ferry host start` does.
+    const own = args ?? process.execArgv;
+    const execArgv = hasHostFlags(own) ? own : [...HOST_NODE_FLAGS, ...own];
+    const child = fork(fileURLToPath(import.meta.url), [], { execArgv, env: { ...process.env, FERRY_BENCH_DESTINATION: '1' }, stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
     const address = await new Promise<string>((resolve, reject) => {
       child.once('exit', (code) => reject(new Error(`destination process exited (${code})`)));
       child.once('message', (m: FromDestination) => (m.type === 'ready' ? resolve(m.address) : reject(new Error(`destination process said ${m.type}`))));

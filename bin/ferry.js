@@ -8,5 +8,11 @@ if (!existsSync(fileURLToPath(entry))) {
   console.error('ferry: not built yet — run `npm run build` (or `bash scripts/setup.sh`) first');
   process.exit(1);
 }
+// Commands that host VMs run under the host's heap settings (src/node/host-runtime.ts).
+if (['host', 'demo'].includes(process.argv[2])) {
+  const { relaunchWithHostFlags } = await import(new URL('../dist/src/node/host-runtime.js', import.meta.url).href);
+  const relaunched = relaunchWithHostFlags();
+  if (relaunched) process.exit(await relaunched);
+}
 const { main } = await import(entry.href);
 await main(process.argv);

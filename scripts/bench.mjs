@@ -20,6 +20,11 @@ for (let i = 0; i < argv.length; i++) {
 }
 const dir = 'dist/bench';
 if (!existsSync(dir)) { console.error('dist/bench missing: run npm run build'); process.exit(1); }
+// The benchmarks' hosts (the migration source runs in this process) have a host's heap settings,
+// as `ferry host start` does (src/node/host-runtime.ts).
+const { relaunchWithHostFlags } = await import(pathToFileURL(resolve('dist/src/node/host-runtime.js')).href);
+const relaunched = relaunchWithHostFlags();
+if (relaunched) process.exit(await relaunched);
 const { meetsTarget } = await import(pathToFileURL(resolve(dir, 'harness.js')).href);
 const files = readdirSync(dir).filter((f) => f.endsWith('.bench.js')).sort();
 const suites = [];
