@@ -113,9 +113,15 @@ export class SharedGuestMemory implements GuestMemoryAccess {
  * at the shared side's alignment (plain memcpy on the other side).
  */
 export function copyBytes(dst: Uint8Array, at: number, src: Uint8Array, bounce: Uint8Array): void {
+  // The same alignment modulo 8 first (every page copy between guest memory and a frame): asked
+  // first, the buffer checks below took a third of the time of copying 256 MiB page by page.
+  if (((dst.byteOffset + at - src.byteOffset) & 7) === 0) {
+    dst.set(src, at);
+    return;
+  }
   const dstShared = dst.buffer instanceof SharedArrayBuffer;
   const srcShared = src.buffer instanceof SharedArrayBuffer;
-  if ((!dstShared && !srcShared) || ((dst.byteOffset + at - src.byteOffset) & 7) === 0 || (dstShared && srcShared)) {
+  if ((!dstShared && !srcShared) || (dstShared && srcShared)) {
     dst.set(src, at);
     return;
   }
