@@ -454,6 +454,12 @@ class SourceSession {
    */
   private async digestOfPausedMemory(soft: Bitmap): Promise<string> {
     const pages = this.vm.guestPages();
+    if (this.vm.hashAllPages) {
+      const hashes = await this.vm.hashAllPages();
+      if (hashes.length !== pages) throw new MigrationError('ERR_MIGRATION_VERIFY', `the VM hashed ${hashes.length} pages, it has ${pages}`);
+      for (const p of soft) if (p < pages) hashes[p] = 0n;
+      return MemoryDigest.adopt(hashes).hex((b) => this.deps.sha256Hex(b));
+    }
     const digest = new MemoryDigest(pages);
     const scratch = new Uint8Array(PAGE_SIZE);
     for (let p = 0; p < pages; p++) {

@@ -35,6 +35,11 @@ export interface SourceVm {
   isZeroPage(page: number): boolean;
   /** The page's hash as EngineDeps.hashPage computes it, without copying the page out (optional fast path). */
   hashPage?(page: number): bigint;
+  /**
+   * Every guest page's hash (index = page) as hashPage computes it, on threads of its own
+   * (optional fast path for the digest of the paused memory; the VM must be paused).
+   */
+  hashAllPages?(): Promise<BigUint64Array>;
   startDirtyLog(): Promise<void>;
   /** Pages written since the last harvest; pages read after this resolves are current. */
   harvestDirty(): Promise<Bitmap>;

@@ -3,7 +3,7 @@
  */
 import { createHash } from 'node:crypto';
 import { xxh64 } from '@node-rs/xxhash';
-import { RESERVED_PAGES } from '../../core/abi.js';
+import { RESERVED_BYTES, RESERVED_PAGES } from '../../core/abi.js';
 import { Bitmap } from '../../core/bitmap.js';
 import { zeroScanner, type ZeroScanner } from '../../core/codec/zero.js';
 import { nodeBlobCodecs } from '../codec/blob.js';
@@ -14,6 +14,7 @@ import type { WireGlobal } from '../../core/protocol/frames.js';
 import { realClock } from '../clock.js';
 import { Ctl } from '../vm/control.js';
 import type { GlobalDesc } from '../vm/globals.js';
+import { PageHasher } from '../vm/page-hasher.js';
 import type { Vm, VmState } from '../vm/vm.js';
 
 /** The page hash of the memory digest (EngineDeps.hashPage): xxh64 of one page, read in place. */
@@ -66,9 +67,17 @@ export interface SourceHooks {
   onRelease?(): void;
 }
 
+let hasher: PageHasher | null = null;
+/** This process's page-hashing threads (the digest of a paused source VM), started on first use. */
+function pageHasher(): PageHasher {
+  return (hasher ??= new PageHasher());
+}
+
 /** The engine's view of a VM that is leaving this host. */
 export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
   let zero: ZeroScanner | null = null;
+  pageHasher().warm(); // its threads load while the rounds run
+
   return {
     name: vm.name,
     memoryBytes: vm.memoryBytes,
@@ -79,6 +88,7 @@ export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
     readPage: (p, into, off) => vm.readPageInto(p, into, off),
     // The binding reads shared memory in place: no copy for the digest.
     hashPage: (p) => hashPage(vm.pageView(p)),
+    hashAllPages: () => pageHasher().hash(vm.memory, RESERVED_BYTES, vm.guestPages),
     isZeroPage: (p) => (zero ??= zeroScanner({ memory: vm.memory })).isZero(vm.pageView(p)),
     startDirtyLog: () => vm.startDirtyLog(),
     harvestDirty: () => vm.harvestDirty(),

@@ -1,0 +1,70 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { xxh64 } from '@node-rs/xxhash';
+import { PAGE_SIZE } from '../../src/core/pages.js';
+import { PageHasher } from '../../src/node/vm/page-hasher.js';
+
+const BASE = 3 * PAGE_SIZE;
+
+function memoryWithPages(pages: number, shared: boolean): WebAssembly.Memory {
+  const wasmPages = Math.ceil((BASE + pages * PAGE_SIZE) / 65536);
+  const memory = new WebAssembly.Memory({ initial: wasmPages, maximum: wasmPages, shared });
+  const u8 = new Uint8Array(memory.buffer);
+  for (let i = 0; i < u8.length; i += 13) u8[i] = (i * 2654435761) >>> 24;
+  return memory;
+}
+
+function expected(memory: WebAssembly.Memory, pages: number): bigint[] {
+  const out: bigint[] = [];
+  for (let p = 0; p < pages; p++) out.push(xxh64(new Uint8Array(memory.buffer, BASE + p * PAGE_SIZE, PAGE_SIZE)));
+  return out;
+}
+
+test('PageHasher: threads hash every page of shared memory as xxh64 of the page, index = page', async () => {
+  const hasher = new PageHasher(3);
+  try {
+    const pages = 1000; // not a multiple of the threads: the last range is shorter
+    const memory = memoryWithPages(pages, true);
+    const got = await hasher.hash(memory, BASE, pages);
+    assert.equal(got.length, pages);
+    assert.ok(!(got.buffer instanceof SharedArrayBuffer), 'the result is the caller\'s own memory');
+    assert.deepEqual([...got], expected(memory, pages));
+    assert.deepEqual([...(await hasher.hash(memory, BASE, 2))], expected(memory, 2), 'fewer pages than threads');
+  } finally {
+    await hasher.close();
+  }
+});
+
+test('PageHasher: memory that is not shared is hashed on the calling thread, alike', async () => {
+  const hasher = new PageHasher(2);
+  try {
+    const memory = memoryWithPages(40, false);
+    assert.deepEqual([...(await hasher.hash(memory, BASE, 40))], expected(memory, 40));
+  } finally {
+    await hasher.close();
+  }
+});
+
+test('PageHasher: a range beyond the memory is a RangeError; a closed hasher starts new threads', async () => {
+  const hasher = new PageHasher(2);
+  try {
+    const memory = memoryWithPages(16, true);
+    await assert.rejects(hasher.hash(memory, BASE, 1 << 20), RangeError);
+    await hasher.close();
+    assert.deepEqual([...(await hasher.hash(memory, BASE, 16))], expected(memory, 16));
+  } finally {
+    await hasher.close();
+  }
+});
+
+test('PageHasher: idle threads keep no process alive; working ones do until they answer', async () => {
+  const { spawnSync } = await import('node:child_process');
+  const url = new URL('../../src/node/vm/page-hasher.js', import.meta.url).href;
+  const script = `import { PageHasher } from ${JSON.stringify(url)};
+const h = new PageHasher(2); h.warm();
+const m = new WebAssembly.Memory({ initial: 2, maximum: 2, shared: true });
+console.log((await h.hash(m, 0, 32)).length);`;
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 20_000 });
+  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.stdout.trim(), '32');
+});
