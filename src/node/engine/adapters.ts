@@ -2,30 +2,27 @@
  * The engine's views of a real ferry VM (src/core/engine/types.ts), and the host services it needs.
  */
 import { createHash } from 'node:crypto';
-import { xxh64 } from '@node-rs/xxhash';
 import { RESERVED_BYTES, RESERVED_PAGES } from '../../core/abi.js';
 import { Bitmap } from '../../core/bitmap.js';
 import { zeroScanner, type ZeroScanner } from '../../core/codec/zero.js';
 import { nodeBlobCodecs } from '../codec/blob.js';
 import type { DestinationFaultLink, DestinationVm, EngineDeps, FaultThreadEvents, SourceVm, VmWireState } from '../../core/engine/types.js';
 import { NodeDestinationFaultLink } from './fault-thread.js';
-import { PAGE_SIZE, WASM_PAGE_SIZE } from '../../core/pages.js';
+import { PAGE_SIZE, WASM_PAGE_SIZE, pageBytes } from '../../core/pages.js';
 import type { WireGlobal } from '../../core/protocol/frames.js';
 import { realClock } from '../clock.js';
 import { Ctl } from '../vm/control.js';
 import type { GlobalDesc } from '../vm/globals.js';
+import { hashPage } from '../vm/page-hash.js';
 import { PageHasher } from '../vm/page-hasher.js';
 import type { Vm, VmState } from '../vm/vm.js';
 
-/** The page hash of the memory digest (EngineDeps.hashPage): xxh64 of one page, read in place. */
-const hashPage = (page: Uint8Array): bigint => xxh64(page);
 
 export function nodeEngineDeps(): EngineDeps {
   return {
     clock: realClock(),
     sha256Hex: (b) => createHash('sha256').update(b).digest('hex'),
-    // A page that is the whole view (a raw page off the wire) is hashed as it is: no view per page.
-    hashPage: (b, off) => hashPage(off === 0 && b.length === PAGE_SIZE ? b : b.subarray(off, off + PAGE_SIZE)),
+    hashPage: (b, off) => hashPage(pageBytes(b, off)),
     blobCodecs: nodeBlobCodecs(),
     yieldToIo: () => new Promise<void>((r) => setImmediate(r)),
   };

@@ -21,7 +21,6 @@
 import { setPriority } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
-import { xxh64 } from '@node-rs/xxhash';
 import { PRESENCE_MAP_OFFSET, RESERVED_BYTES, RESERVED_PAGES } from '../../core/abi.js';
 import { Bitmap } from '../../core/bitmap.js';
 import { MigrationError, demandAnswer } from '../../core/engine/common.js';
@@ -34,6 +33,7 @@ import { shaped, type ShapedConnectionInit } from '../../core/transport/shaped.j
 import { realClock } from '../clock.js';
 import type { Connection } from '../../core/transport/transport.js';
 import { Ctl } from '../vm/control.js';
+import { hashPage } from '../vm/page-hash.js';
 import type { Vm } from '../vm/vm.js';
 import { tcp } from '../transport/tcp.js';
 
@@ -374,7 +374,7 @@ interface ListenSession {
 function listenThread(host: string, raised: boolean): void {
   const post = (m: FromListener) => parentPort!.postMessage(m);
   const sessions = new Map<string, ListenSession>();
-  const zeroHash = xxh64(new Uint8Array(PAGE_SIZE));
+  const zeroHash = hashPage(new Uint8Array(PAGE_SIZE));
 
   const failed = (token: string, e: unknown) => {
     const s = sessions.get(token);
@@ -411,7 +411,7 @@ function listenThread(host: string, raised: boolean): void {
       hash = zeroHash;
     } else {
       vm.mem.set(data, at);
-      hash = xxh64(data);
+      hash = hashPage(data);
     }
     Atomics.store(vm.presence, page, 1);
     wake(vm.ctl32);

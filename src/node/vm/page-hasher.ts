@@ -13,8 +13,8 @@
  */
 import { availableParallelism } from 'node:os';
 import { Worker, parentPort, workerData } from 'node:worker_threads';
-import { xxh64 } from '@node-rs/xxhash';
 import { PAGE_SIZE } from '../../core/pages.js';
+import { hashPage } from './page-hash.js';
 
 interface Job {
   id: number;
@@ -31,9 +31,9 @@ interface Done {
   error?: string;
 }
 
-/** out[p] = xxh64 of page p, for p in [from, to). */
+/** out[p] = hashPage of page p, for p in [from, to). */
 export function hashPageRange(memory: ArrayBufferLike, base: number, from: number, to: number, out: BigUint64Array): void {
-  for (let p = from; p < to; p++) out[p] = xxh64(new Uint8Array(memory, base + p * PAGE_SIZE, PAGE_SIZE));
+  for (let p = from; p < to; p++) out[p] = hashPage(new Uint8Array(memory, base + p * PAGE_SIZE, PAGE_SIZE));
 }
 
 const HERE = new URL(import.meta.url);

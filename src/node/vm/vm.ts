@@ -9,7 +9,7 @@ import { MessageChannel, Worker } from 'node:worker_threads';
 import { DIRTY_MAP_OFFSET, MAX_GUEST_BYTES, PRESENCE_MAP_OFFSET, RESERVED_BYTES, RESERVED_PAGES, RESERVED_WASM_PAGES } from '../../core/abi.js';
 import { Bitmap } from '../../core/bitmap.js';
 import { FerryError, GuestModuleError, GuestTrapError, InvalidArgumentError, VmStateError } from '../../core/errors.js';
-import { PAGE_SIZE, WASM_PAGE_SIZE } from '../../core/pages.js';
+import { PAGE_SIZE, WASM_PAGE_SIZE, pageBytes } from '../../core/pages.js';
 import type { NetRecordData } from '../../core/net-ring.js';
 import { Cmd, Ctl, Stat, VmRunState, stateName, variantId, type VariantName } from './control.js';
 import type { GuestModuleInfo, InstrumentCache } from './instrument.js';
@@ -437,8 +437,7 @@ export class Vm extends EventEmitter {
   writePageFrom(page: number, data: Uint8Array, offset = 0): void {
     const at = this.pageAt(page);
     if (offset < 0 || data.length - offset < PAGE_SIZE) throw new RangeError(`a page needs ${PAGE_SIZE} bytes from offset ${offset}, ${data.length - offset} are there`);
-    // A page that is the whole view (off the wire) goes as it is: no view per page.
-    copyBytes(this.bytes, at, offset === 0 && data.length === PAGE_SIZE ? data : data.subarray(offset, offset + PAGE_SIZE), this.bounce);
+    copyBytes(this.bytes, at, pageBytes(data, offset), this.bounce);
   }
 
   /**
