@@ -30,8 +30,9 @@ export function hasHostFlags(execArgv: readonly string[] = process.execArgv): bo
 
 /**
  * Runs this script again under HOST_NODE_FLAGS, unless it already has them or FERRY_HOST_RUNTIME
- * is set (the new process has it; `FERRY_HOST_RUNTIME=0` runs with node's defaults). Resolves with the exit code to leave with (signals it
- * receives are passed on to the new process), or null when this process should go on itself.
+ * is set (the new process has it; `FERRY_HOST_RUNTIME=0` runs with node's defaults). Resolves
+ * with the exit code to leave with (signals it receives are passed on to the new process), or
+ * null when this process should go on itself.
  */
 export function relaunchWithHostFlags(): Promise<number> | null {
   if (hasHostFlags() || process.env[RELAUNCHED] !== undefined) return null;

@@ -1,4 +1,4 @@
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { xxh64 } from '@node-rs/xxhash';
 import { PAGE_SIZE } from '../../src/core/pages.js';
@@ -14,47 +14,42 @@ function memoryWithPages(pages: number, shared: boolean): WebAssembly.Memory {
   return memory;
 }
 
+/** A hasher of `threads` threads, closed when the test ends. */
+function hasherFor(t: TestContext, threads: number): PageHasher {
+  const hasher = new PageHasher(threads);
+  t.after(() => hasher.close());
+  return hasher;
+}
+
 function expected(memory: WebAssembly.Memory, pages: number): bigint[] {
   const out: bigint[] = [];
   for (let p = 0; p < pages; p++) out.push(xxh64(new Uint8Array(memory.buffer, BASE + p * PAGE_SIZE, PAGE_SIZE)));
   return out;
 }
 
-test('PageHasher: threads hash every page of shared memory as xxh64 of the page, index = page', async () => {
-  const hasher = new PageHasher(3);
-  try {
-    const pages = 1000; // not a multiple of the threads: the last range is shorter
-    const memory = memoryWithPages(pages, true);
-    const got = await hasher.hash(memory, BASE, pages);
-    assert.equal(got.length, pages);
-    assert.ok(!(got.buffer instanceof SharedArrayBuffer), 'the result is the caller\'s own memory');
-    assert.deepEqual([...got], expected(memory, pages));
-    assert.deepEqual([...(await hasher.hash(memory, BASE, 2))], expected(memory, 2), 'fewer pages than threads');
-  } finally {
-    await hasher.close();
-  }
+test('PageHasher: threads hash every page of shared memory as xxh64 of the page, index = page', async (t) => {
+  const hasher = hasherFor(t, 3);
+  const pages = 1000; // not a multiple of the threads: the last range is shorter
+  const memory = memoryWithPages(pages, true);
+  const got = await hasher.hash(memory, BASE, pages);
+  assert.equal(got.length, pages);
+  assert.ok(!(got.buffer instanceof SharedArrayBuffer), 'the result is the caller\'s own memory');
+  assert.deepEqual([...got], expected(memory, pages));
+  assert.deepEqual([...(await hasher.hash(memory, BASE, 2))], expected(memory, 2), 'fewer pages than threads');
 });
 
-test('PageHasher: memory that is not shared is hashed on the calling thread, alike', async () => {
-  const hasher = new PageHasher(2);
-  try {
-    const memory = memoryWithPages(40, false);
-    assert.deepEqual([...(await hasher.hash(memory, BASE, 40))], expected(memory, 40));
-  } finally {
-    await hasher.close();
-  }
+test('PageHasher: memory that is not shared is hashed on the calling thread, alike', async (t) => {
+  const hasher = hasherFor(t, 2);
+  const memory = memoryWithPages(40, false);
+  assert.deepEqual([...(await hasher.hash(memory, BASE, 40))], expected(memory, 40));
 });
 
-test('PageHasher: a range beyond the memory is a RangeError; a closed hasher starts new threads', async () => {
-  const hasher = new PageHasher(2);
-  try {
-    const memory = memoryWithPages(16, true);
-    await assert.rejects(hasher.hash(memory, BASE, 1 << 20), RangeError);
-    await hasher.close();
-    assert.deepEqual([...(await hasher.hash(memory, BASE, 16))], expected(memory, 16));
-  } finally {
-    await hasher.close();
-  }
+test('PageHasher: a range beyond the memory is a RangeError; a closed hasher starts new threads', async (t) => {
+  const hasher = hasherFor(t, 2);
+  const memory = memoryWithPages(16, true);
+  await assert.rejects(hasher.hash(memory, BASE, 1 << 20), RangeError);
+  await hasher.close();
+  assert.deepEqual([...(await hasher.hash(memory, BASE, 16))], expected(memory, 16));
 });
 
 test('PageHasher: idle threads keep no process alive; working ones do until they answer', async () => {

@@ -83,13 +83,9 @@ class SendStream {
       this.indices.push(p);
       return;
     }
-    const b = (this.builder ??= this.newBuilder());
+    const b = (this.builder ??= new PagesFrameBuilder(this.batchPages, PAGE_SIZE, this.spare.pop()));
     if (vm.isZeroPage(p)) b.addZero(p);
     else vm.readPage(p, b.addRaw(p), 0);
-  }
-
-  private newBuilder(): PagesFrameBuilder {
-    return new PagesFrameBuilder(this.batchPages, PAGE_SIZE, this.spare.pop());
   }
 
   /**

@@ -240,8 +240,8 @@ export interface PagesFrame {
    * A decoded frame's pages as columns over its payload (not enumerable, so a decoded frame
    * compares equal to the frame that was encoded). The receiving engine reads this: one object
    * and one view per page, 256 to a batch, were most of what a destination allocated per byte
-   * received, and that kept V8 marking its old generation back to back (see docs/design notes
-   * in src/core/engine/destination.ts).
+   * received, and that kept V8 marking its old generation back to back (see
+   * src/node/host-runtime.ts).
    */
   readonly table?: PageTable;
 }
