@@ -14,6 +14,7 @@ const hello = (moduleBytes = 10): Frame => ({
 const ack = (mode: MigrationMode): Frame => ({ type: 'HELLO_ACK', accepted: true, version: 1, mode, streams: 1, codecs: [] });
 const mod = (offset: number, n: number, total = 10): Frame => ({ type: 'MODULE', totalBytes: total, offset, chunk: new Uint8Array(n) });
 const pages = (seq: number, demand = false): Frame => ({ type: 'PAGES', seq, demand, pages: [{ index: seq, encoding: Encoding.ZERO, data: new Uint8Array(0) }] });
+const run = (seq: number): Frame => ({ type: 'RUN', seq, extents: [{ first: seq, count: 1, data: new Uint8Array(4096) }] });
 const roundEnd = (round: number): Frame => ({ type: 'ROUND_END', round, pages: 1, dirty: 0 });
 const state: Frame = { type: 'STATE', guestBytes: 1 << 16, globals: [], devices: {}, soft: EMPTY };
 const switchover = (pagesRemaining: number): Frame => ({ type: 'SWITCHOVER', pagesRemaining, digest: null, stale: EMPTY });
@@ -59,7 +60,7 @@ const precopy: Step[] = [
   ...handshake('precopy'),
   [S, pages(0)], [S, pages(0)], [S, roundEnd(0)], [D, { type: 'ACK', acked: 'MODULE', value: 10 }],
   [S, ping], [D, pong], [D, { type: 'ACK', acked: 'ROUND_END', value: 0 }],
-  [S, pages(1)], [S, roundEnd(1)], [S, roundEnd(2)],
+  [S, pages(1)], [S, run(1)], [S, roundEnd(1)], [S, roundEnd(2)],
   [S, state], [S, switchover(0)], [D, resumed], [D, complete], [S, ackComplete],
 ];
 
@@ -107,10 +108,12 @@ test('out-of-sequence frames are refused by the receiver and are bugs at the sen
   refused([...pre, [S, state]], [S, switchover(3)]);
   refused([...pre, [S, state], [S, switchover(0)]], [D, request(0)]);
   refused([...pre, [S, state], [S, switchover(0)]], [S, pages(3)]);
+  refused([...pre, [S, state], [S, switchover(0)]], [S, run(3)]);
   refused([...pre, [S, state], [S, switchover(0)]], [S, { type: 'CANCEL', reason: 'too late' }]);
   refused([...pre, [S, state], [S, switchover(0)]], [D, complete]);
   refused(pre, [D, { type: 'ACK', acked: 'ROUND_END', value: 0 }]);
   refused(post, [S, pages(0)]);
+  refused(post, [S, run(0)]);
   refused(post, [S, roundEnd(0)]);
   refused([...post, [S, state], [S, switchover(9)]], [S, pages(0, true)]);
   refused([...post, [S, state], [S, switchover(9)], [D, request(3)]], [D, request(3)]);

@@ -4,7 +4,7 @@ import { InvalidArgumentError, ProtocolError } from '../../src/core/errors.js';
 import { mulberry32 } from '../helpers/prng.js';
 import {
   DEFAULT_LIMITS, Encoding, FrameDecoder, FrameTypeId, HEADER_BYTES, ProtocolErrorCode, decodeFrame, encodeFrame,
-  encodeHello, encodePages, encodeState, PROTOCOL_VERSION, type Frame, type HelloFrame,
+  encodeHello, encodePages, encodeRunHead, encodeState, PROTOCOL_VERSION, type Frame, type HelloFrame,
 } from '../../src/core/protocol/index.js';
 
 function page(seed: number, size = 4096): Uint8Array {
@@ -18,7 +18,7 @@ const SHA = 'ab'.repeat(32);
 const hello: HelloFrame = {
   type: 'HELLO',
   minVersion: 1,
-  maxVersion: 3,
+  maxVersion: 4,
   vmName: 'web-1 ✓',
   memoryBytes: 4 * 2 ** 30,
   guestBytes: 2 ** 20,
@@ -74,6 +74,8 @@ const SAMPLE_FRAMES: Frame[] = [
   { type: 'JOIN', token: '00'.repeat(16), stream: 0, role: 'fault' },
   { type: 'BATCH', seq: 2, demand: false, blobCodec: 3, pages: 17, data: new Uint8Array([9, 8, 7, 6]) },
   { type: 'BATCH', seq: 7, demand: true, blobCodec: 0, pages: 1, data: new Uint8Array(0) },
+  { type: 'RUN', seq: 4, extents: [{ first: 5, count: 1, data: page(4) }] },
+  { type: 'RUN', seq: 0, extents: [{ first: 0, count: 2, data: concat([page(5), page(6)]) }, { first: 2, count: 1, data: page(7) }, { first: 0xffffffff, count: 1, data: page(8) }] },
 ];
 
 function concat(parts: Uint8Array[]): Uint8Array {
@@ -387,13 +389,32 @@ const KNOWN_CODES = new Set<string>(Object.values(ProtocolErrorCode));
 
 interface FuzzStats { frames: number; errors: Map<string, number> }
 
-/** Feeds `bytes` in random chunks, then ends the stream; checks the invariants. */
+/**
+ * Feeds `bytes` in random chunks, then ends the stream; checks the invariants. Half the time it
+ * reads as a socket with `readInto` does (into the decoder's target when it names one, else into a
+ * reused buffer pushed as transient) with a run sink that takes some extents into "guest memory".
+ */
 function feed(d: FrameDecoder, bytes: Uint8Array, rnd: () => number, stats: FuzzStats, label: string): void {
+  const byob = rnd() < 0.5;
+  const guest = new Uint8Array(1 << 16);
+  const scratch = new Uint8Array(4096);
+  if (byob) d.setRunSink((first, count) => (rnd() < 0.5 && count * d.limits.pageSize <= guest.length ? guest.subarray(0, count * d.limits.pageSize) : null));
   try {
     let pos = 0;
     while (pos < bytes.length) {
-      const n = rnd() < 0.3 ? 1 + Math.floor(rnd() * 8) : 1 + Math.floor(rnd() * bytes.length);
-      stats.frames += d.push(bytes.subarray(pos, pos + n)).length;
+      let n = rnd() < 0.3 ? 1 + Math.floor(rnd() * 8) : 1 + Math.floor(rnd() * bytes.length);
+      n = Math.min(n, bytes.length - pos);
+      const target = byob ? d.readTarget() : null;
+      if (target) {
+        n = Math.min(n, target.length);
+        target.set(bytes.subarray(pos, pos + n));
+        stats.frames += d.push(target.subarray(0, n), true).length;
+      } else if (byob) {
+        n = Math.min(n, scratch.length);
+        scratch.set(bytes.subarray(pos, pos + n));
+        stats.frames += d.push(scratch.subarray(0, n), true).length;
+        scratch.fill(0xee); // a reused buffer: nothing decoded may still point into it
+      } else stats.frames += d.push(bytes.subarray(pos, pos + n)).length;
       pos += n;
       if (d.bufferedBytes > d.maxBufferedBytes) assert.fail(`${label}: buffered ${d.bufferedBytes} > cap ${d.maxBufferedBytes}`);
     }
@@ -443,9 +464,11 @@ test(`fuzz: 60,000 mutated valid frames (seed ${SEED})`, () => {
   const rnd = mulberry32(SEED ^ 0xa5a5a5a5);
   const stats: FuzzStats = { frames: 0, errors: new Map() };
   // Smaller pages keep the PAGES samples cheap to mutate 60k times.
-  const samples = SAMPLE_FRAMES.map((f) => f.type !== 'PAGES' ? f : {
-    ...f, pages: f.pages.map((p) => ({ ...p, data: p.encoding === Encoding.RAW ? p.data.subarray(0, 512) : p.data })),
-  }).map((f) => encodeFrame(f));
+  const samples = SAMPLE_FRAMES.map((f): Frame => {
+    if (f.type === 'PAGES') return { ...f, pages: f.pages.map((p) => ({ ...p, data: p.encoding === Encoding.RAW ? p.data.subarray(0, 512) : p.data })) };
+    if (f.type === 'RUN') return { ...f, extents: f.extents.map((e) => ({ ...e, data: e.data.subarray(0, e.count * 512) })) };
+    return f;
+  }).map((f) => encodeFrame(f, 512));
   for (let i = 0; i < 60_000; i++) {
     const k = 1 + Math.floor(rnd() * 3);
     const parts: Uint8Array[] = [];
@@ -558,6 +581,98 @@ test('recycle: a big PAGES frame given back is reused for the next one, which st
   assert.ok(e.type === 'PAGES' && f.type === 'PAGES');
   assert.notEqual(e.pages[0].data.buffer, f.pages[0].data.buffer, 'one buffer given back serves one frame');
   assert.deepEqual(e.pages[39].data, page(4 + 39));
+});
+
+test('RUN: a stream decodes the same through readTarget and a run sink, byte by byte or at once; in-place extents land in guest memory', () => {
+  const P = 4096;
+  const runs: Frame[] = [
+    { type: 'PAGES', seq: 1, demand: false, pages: [{ index: 3, encoding: Encoding.RAW, data: page(30) }] },
+    { type: 'RUN', seq: 1, extents: [{ first: 2, count: 2, data: concat([page(1), page(2)]) }, { first: 9, count: 1, data: page(3) }] },
+    { type: 'ROUND_END', round: 1, pages: 4, dirty: 0 },
+    { type: 'RUN', seq: 2, extents: [{ first: 5, count: 3, data: concat([page(4), page(5), page(6)]) }] },
+  ];
+  const stream = concat(runs.map((f) => encodeFrame(f)));
+  for (const step of [1, 7, 4096, 5000, stream.length]) {
+    const guest = new Uint8Array(16 * P);
+    const d = new FrameDecoder();
+    const asked: number[] = [];
+    d.setRunSink((first, count) => {
+      asked.push(first);
+      return first === 9 ? null : guest.subarray(first * P, (first + count) * P); // page 9 stays in the frame
+    });
+    const scratch = new Uint8Array(step);
+    const out: Frame[] = [];
+    let targets = 0;
+    for (let pos = 0; pos < stream.length;) {
+      const t = d.readTarget();
+      const into = t ?? scratch;
+      const n = Math.min(step, into.length, stream.length - pos);
+      into.set(stream.subarray(pos, pos + n));
+      if (t) targets++;
+      out.push(...d.push(into.subarray(0, n), true));
+      pos += n;
+    }
+    d.end();
+    assert.equal(out.length, 4, `step ${step}`);
+    const [pages, r1, , r2] = out;
+    assert.ok(pages.type === 'PAGES' && r1.type === 'RUN' && r2.type === 'RUN');
+    assert.deepEqual(pages.pages[0].data, page(30), `step ${step}: a PAGES frame decoded from reused buffers keeps its bytes`);
+    // When the PAGES frame before it completes in the same push (all at once, or in 5000-byte reads),
+    // the first RUN's sink is not asked (the receiver cannot have applied that frame yet): its
+    // extents stay in the frame. Read into targets, the PAGES frame ends a push of its own.
+    const together = step === stream.length;
+    if (together) assert.equal(r1.extents[0].inPlace, undefined);
+    if (step <= 4096) assert.equal(r1.extents[0].inPlace, true, `step ${step}`);
+    assert.equal(r1.extents[1].inPlace, undefined);
+    assert.deepEqual(r1.extents[0].data, concat([page(1), page(2)]));
+    assert.deepEqual(r1.extents[1].data, page(3));
+    // Run 2 follows ROUND_END, which carries no pages: the sink is asked even in the same push
+    // (unless run 1 came in that push too). Read into targets, run 1 ends a push of its own.
+    assert.equal(r2.extents[0].inPlace, together ? undefined : true);
+    assert.deepEqual(r2.extents[0].data, concat([page(4), page(5), page(6)]));
+    if (r2.extents[0].inPlace) assert.deepEqual(guest.subarray(5 * P, 8 * P), concat([page(4), page(5), page(6)]), `step ${step}: run 2 is in guest memory`);
+    if (r1.extents[0].inPlace) assert.deepEqual(guest.subarray(2 * P, 4 * P), concat([page(1), page(2)]));
+    else assert.deepEqual(guest.subarray(2 * P, 4 * P), new Uint8Array(2 * P));
+    assert.deepEqual(guest.subarray(9 * P, 10 * P), new Uint8Array(P), 'the extent the sink declined is not in guest memory');
+    if (together) assert.deepEqual(asked, [], 'all in one push, every run follows a page frame of that push');
+    if (step >= 4096 && step < stream.length) assert.ok(targets > 0, 'bytes were read straight into targets');
+  }
+});
+
+test('RUN: heads and lengths are checked before any page byte is taken', () => {
+  const forged = (pairs: number[][], extra = 0, pagesOverride?: number) => {
+    const head = encodeRunHead(1, pairs.map((_, i) => ({ first: i * 10, count: 1 })), 4096);
+    const v = new DataView(head.buffer);
+    let pages = 0;
+    pairs.forEach(([first, count], i) => { v.setUint32(HEADER_BYTES + 8 + i * 8, first, true); v.setUint32(HEADER_BYTES + 12 + i * 8, count, true); pages += count; });
+    const carried = pagesOverride ?? pages;
+    v.setUint32(0, 8 + 8 * pairs.length + carried * 4096 + extra, true);
+    return concat([head, new Uint8Array(carried * 4096 + extra)]);
+  };
+  assert.equal(decodeFrame(forged([[1, 2]])).type, 'RUN');
+  const none = forged([[1, 1]]);
+  new DataView(none.buffer).setUint32(HEADER_BYTES + 4, 0, true);
+  expectCode(() => decodeFrame(none), ProtocolErrorCode.MALFORMED);
+  expectCode(() => decodeFrame(forged([[5, 2], [6, 1]])), ProtocolErrorCode.MALFORMED); // overlap
+  expectCode(() => decodeFrame(forged([[5, 1], [4, 1]])), ProtocolErrorCode.MALFORMED); // out of order
+  expectCode(() => decodeFrame(forged([[5, 1], [7, 0]], 0, 2)), ProtocolErrorCode.MALFORMED); // empty extent
+  expectCode(() => decodeFrame(forged([[0xffffffff, 2]])), ProtocolErrorCode.MALFORMED); // past page 2^32
+  expectCode(() => decodeFrame(forged([[0, 3]], 8)), ProtocolErrorCode.MALFORMED); // trailing bytes
+  expectCode(() => decodeFrame(forged([[0, 3], [4, 1]], 0, 3)), ProtocolErrorCode.TRUNCATED);
+  expectCode(() => new FrameDecoder({ maxPagesPerBatch: 2 }).push(forged([[0, 3]])), ProtocolErrorCode.FRAME_TOO_LARGE);
+  expectCode(() => new FrameDecoder({ maxPagesPerBatch: 4 }).push(forged([[0, 3], [4, 2]], 0, 4)), ProtocolErrorCode.LIMIT);
+  // A header too short for one page is refused from the header alone.
+  const tiny = forged([[0, 1]]).slice(0, HEADER_BYTES);
+  new DataView(tiny.buffer).setUint32(0, 20, true);
+  expectCode(() => new FrameDecoder().push(tiny), ProtocolErrorCode.TRUNCATED);
+  // A sink that throws (a page the receiver does not have) poisons the decoder with its error.
+  const d = new FrameDecoder();
+  d.setRunSink(() => { throw new ProtocolError(ProtocolErrorCode.MALFORMED, 'page beyond memory'); });
+  const e = expectCode(() => d.push(forged([[1, 1]])), ProtocolErrorCode.MALFORMED);
+  assert.throws(() => d.push(new Uint8Array(1)), (x) => x === e);
+  assert.throws(() => encodeRunHead(0, [{ first: 3, count: 1 }, { first: 3, count: 1 }], 4096), InvalidArgumentError);
+  assert.throws(() => encodeRunHead(0, [], 4096), InvalidArgumentError);
+  assert.throws(() => encodeRunHead(0, [{ first: 0, count: 0 }], 4096), InvalidArgumentError);
 });
 
 test('PAGES (version 2): every page\'s data starts 8-byte aligned; reserved and padding bytes must be zero', () => {

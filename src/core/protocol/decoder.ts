@@ -16,7 +16,7 @@ import {
   DEFAULT_LIMITS, DIGEST_ALGORITHMS, Encoding, FIRST_CODEC_ID, FLAG_PAGES_DEMAND, FRAME_TYPE_NAMES,
   GLOBAL_TYPE_IDS, HEADER_BYTES, HELLO_MAGIC, MAX_CODEC_NAME_BYTES, MAX_CODECS, MAX_CONFIG_BYTES,
   MAX_ERROR_CODE_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_STREAMS, MIGRATION_MODES, MODE_BITS,
-  PAGE_HEAD_BYTES, PROTOCOL_VERSION, PageTable, ProtocolErrorCode, SESSION_TOKEN_BYTES, STREAM_ROLES, pagePadding, pagesFrameOf,
+  PAGE_HEAD_BYTES, PROTOCOL_VERSION, PageTable, ProtocolErrorCode, SESSION_TOKEN_BYTES, STREAM_ROLES, pagePadding, pagesFrameOf, runHeadBytes,
   type CodecOffer, type StreamRole, type Digest, type DigestAlgorithm, type Frame, type FrameType, type MigrationMode, type WireBitmap,
   type WireGlobal,
 } from './frames.js';
@@ -47,6 +47,15 @@ export interface FrameDecoderInit {
   /** Codec encoding ids accepted in PAGES besides RAW and ZERO (default none; see allowEncodings). */
   encodings?: Iterable<number>;
 }
+
+/**
+ * Where the page data of one RUN extent (pages `first` … `first + count − 1`) should go: a view of
+ * exactly `count × pageSize` bytes (e.g. guest memory), or null to have the decoder keep them in
+ * the frame. Asked when the extent's first byte is due, so the answer may depend on everything
+ * decoded before: the sink is asked only when every frame carrying pages (PAGES, BATCH, RUN)
+ * before the RUN has been returned by push(). May throw a ProtocolError (e.g. a page the receiver does not have).
+ */
+export type RunSink = (first: number, count: number) => Uint8Array | null;
 
 export type FrameDecoderLimits = Readonly<Required<Omit<FrameDecoderInit, 'encodings'>>>;
 
@@ -153,7 +162,30 @@ const EXACT_SIZE: Partial<Record<FrameType, number>> = {
 const CODECS_MAX = 1 + MAX_CODECS * (2 + MAX_CODEC_NAME_BYTES);
 const DIGEST_MAX = 2 + 64;
 
-enum State { Header, Payload }
+enum State { Header, Payload, RunHead, RunBody }
+
+/** A RUN extent being received. */
+interface RxExtent {
+  first: number;
+  count: number;
+  /** Pages of the frame before this extent (its place in the frame's own buffer). */
+  before: number;
+  /** Where its bytes go (set when the extent is entered). */
+  dest: Uint8Array | null;
+  direct: boolean;
+  have: number;
+}
+
+/** True when one of `frames` carries page data (the run sink is not asked behind those). */
+function carriesPages(frames: Frame[]): boolean {
+  for (const f of frames) if (f.type === 'PAGES' || f.type === 'BATCH' || f.type === 'RUN') return true;
+  return false;
+}
+
+/** Copies `src` to `dest[at…]`, unless it is there already (it was read into the target {@link FrameDecoder.readTarget} gave). */
+function place(dest: Uint8Array, at: number, src: Uint8Array): void {
+  if (src.buffer !== dest.buffer || src.byteOffset !== dest.byteOffset + at) dest.set(src, at);
+}
 
 export class FrameDecoder {
   readonly limits: FrameDecoderLimits;
@@ -172,6 +204,15 @@ export class FrameDecoder {
   private readonly spare: Uint8Array[] = [];
   private payloadHave = 0;
   private poisoned: Error | undefined;
+  private runSink: RunSink | null = null;
+  /** The RUN being received: its head, then its extents and the buffer for those it keeps. */
+  private runHead = new Uint8Array(8);
+  private runHeadNeed = 8;
+  private runSeq = 0;
+  private runPages = 0;
+  private runExtents: RxExtent[] = [];
+  private runK = 0;
+  private runData: Uint8Array | null = null;
 
   constructor(init: FrameDecoderInit = {}) {
     const pageSize = init.pageSize ?? PAGE_SIZE;
@@ -214,6 +255,7 @@ export class FrameDecoder {
       JOIN: SESSION_TOKEN_BYTES + 3,
       // A compressed batch may not be smaller than its raw pages by much, but it is never larger.
       BATCH: 13 + l.maxPagesPerBatch * (9 + Math.max(l.pageSize, l.maxEncodedPageBytes)) + 64,
+      RUN: runHeadBytes(1) + l.maxPagesPerBatch * (8 + l.pageSize),
     };
   }
 
@@ -241,13 +283,41 @@ export class FrameDecoder {
   }
 
   /**
+   * Page data of RUN frames from now on goes where `sink` says, extent by extent (null: kept in
+   * the frame, as without a sink). See {@link RunSink} and {@link readTarget}.
+   */
+  setRunSink(sink: RunSink | null): void {
+    this.runSink = sink;
+  }
+
+  /**
+   * Where the next bytes of the stream should be put to be taken without a copy (bring your own
+   * buffer): the rest of the payload being assembled, or of the RUN extent being received (guest
+   * memory, when the run sink named it). Null when the decoder has no such place (between frames,
+   * in a small head, before a payload's buffer exists). Bytes read into it are then pushed as a
+   * view of it, and {@link push} sees they are in place. Valid until the next push.
+   */
+  readTarget(): Uint8Array | null {
+    if (this.poisoned) return null;
+    if (this.state === State.Payload) {
+      const p = this.payload;
+      return p && p.length >= this.length && this.payloadHave < this.length ? p.subarray(this.payloadHave, this.length) : null;
+    }
+    if (this.state === State.RunBody) {
+      const e = this.runExtents[this.runK];
+      return e.dest!.subarray(e.have);
+    }
+    return null;
+  }
+
+  /**
    * Hands back the payload buffer of a PAGES frame this decoder returned, once nothing refers to
    * its page data any more (every page copied out). A later big frame is assembled in it instead of
    * in a fresh allocation: a fresh 1 MiB buffer costs page faults, measured 18–105 ms per 256 MiB
    * on this machine kind against 4–5 ms to reuse one. Frames that were not assembled from several
    * chunks, or not returned by this decoder, are ignored. Never hand back a frame twice.
    */
-  recycle(frame: Frame): void {
+  recycle(frame: Frame): void { // PAGES, and RUN frames whose extents the decoder kept
     const payload = this.assembled.get(frame);
     if (!payload) return;
     this.assembled.delete(frame);
@@ -256,9 +326,10 @@ export class FrameDecoder {
 
   /**
    * Consumes `chunk` and returns the frames it completes, in order. Frames' byte fields (page
-   * data, module chunks) may alias `chunk`: don't modify a chunk after pushing it.
+   * data, module chunks) may alias `chunk`: don't modify a chunk after pushing it — unless
+   * `transient` is set, and the decoder copies what it keeps (the chunk is a reused read buffer).
    */
-  push(chunk: Uint8Array): Frame[] {
+  push(chunk: Uint8Array, transient = false): Frame[] {
     if (this.poisoned) throw this.poisoned;
     const out: Frame[] = [];
     try {
@@ -279,10 +350,15 @@ export class FrameDecoder {
             this.onHeader(this.header, 0);
           }
         }
+        if (this.state !== State.Payload) {
+          pos = this.runStep(chunk, pos, out);
+          if (this.state === State.Header) continue;
+          break;
+        }
         // Payload state.
         const rem = chunk.length - pos;
         if (this.payloadHave === 0 && rem >= this.length) {
-          out.push(this.decodePayload(chunk.subarray(pos, pos + this.length)));
+          out.push(this.decodePayload(transient ? chunk.slice(pos, pos + this.length) : chunk.subarray(pos, pos + this.length)));
           pos += this.length;
         } else {
           if (rem === 0) break;
@@ -305,6 +381,8 @@ export class FrameDecoder {
       // Anything but a ProtocolError is a decoder bug: it is not dressed up as bad input (the
       // property tests rely on that), but the decoder is unusable after it all the same.
       this.payload = null;
+      this.runData = null;
+      this.runExtents = [];
       this.poisoned = e instanceof Error ? e : new BugIndicatingError(String(e));
       throw e;
     }
@@ -335,10 +413,13 @@ export class FrameDecoder {
     if (length > this.typeMax[type]) fail(ProtocolErrorCode.FRAME_TOO_LARGE, `${type} frame announces ${length} payload bytes; this type needs at most ${this.typeMax[type]}`);
     const exact = EXACT_SIZE[type];
     if (exact !== undefined && length !== exact) fail(length < exact ? ProtocolErrorCode.TRUNCATED : ProtocolErrorCode.MALFORMED, `${type} payload must be ${exact} bytes, header says ${length}`);
+    // A RUN holds at least one extent of one page: its head is then never read past the payload.
+    if (type === 'RUN' && length < runHeadBytes(1) + this.limits.pageSize) fail(ProtocolErrorCode.TRUNCATED, `RUN payload of ${length} bytes cannot hold one page`);
     this.type = type;
     this.flags = flags;
     this.length = length;
-    this.state = State.Payload;
+    this.state = type === 'RUN' ? State.RunHead : State.Payload;
+    this.runHeadNeed = 8;
     this.headerHave = HEADER_BYTES;
     this.payloadHave = 0;
   }
@@ -361,8 +442,110 @@ export class FrameDecoder {
       if (this.payload) next.set(this.payload.subarray(0, this.payloadHave));
       this.payload = next;
     }
-    this.payload.set(bytes, this.payloadHave);
+    place(this.payload, this.payloadHave, bytes);
     this.payloadHave = need;
+  }
+
+  /**
+   * A RUN arrives in two parts: its head (seq, extent count, the extents) is assembled and checked
+   * whole, then each extent's page data goes where the run sink says — straight from the chunk,
+   * or in place when it was read into {@link readTarget} — or into the frame's own buffer.
+   * Returns the position in `chunk` it got to; the frame is in `out` once its last byte came.
+   */
+  private runStep(chunk: Uint8Array, pos: number, out: Frame[]): number {
+    const pageSize = this.limits.pageSize;
+    while (this.state === State.RunHead) {
+      const n = Math.min(this.runHeadNeed - this.payloadHave, chunk.length - pos);
+      this.runHead.set(chunk.subarray(pos, pos + n), this.payloadHave);
+      this.payloadHave += n;
+      pos += n;
+      if (this.payloadHave < this.runHeadNeed) return pos;
+      const v = new DataView(this.runHead.buffer, this.runHead.byteOffset, this.runHeadNeed);
+      if (this.runHeadNeed === 8) {
+        this.runSeq = v.getUint32(0, true);
+        const extents = v.getUint32(4, true);
+        if (extents === 0) fail(ProtocolErrorCode.MALFORMED, 'RUN has no extents');
+        if (extents > this.limits.maxPagesPerBatch) fail(ProtocolErrorCode.LIMIT, `RUN of ${extents} extents (limit ${this.limits.maxPagesPerBatch} pages)`);
+        // Each extent holds a page at least: refuse an impossible count before allocating for it.
+        if (runHeadBytes(extents) + extents * pageSize > this.length) fail(ProtocolErrorCode.TRUNCATED, `RUN of ${extents} extents cannot fit in ${this.length} bytes`);
+        this.runHeadNeed = runHeadBytes(extents);
+        const head = new Uint8Array(this.runHeadNeed);
+        head.set(this.runHead.subarray(0, 8));
+        this.runHead = head;
+        continue;
+      }
+      const extents: RxExtent[] = [];
+      let pages = 0;
+      let end = 0;
+      for (let at = 8; at < this.runHeadNeed; at += 8) {
+        const first = v.getUint32(at, true);
+        const count = v.getUint32(at + 4, true);
+        if (count === 0) fail(ProtocolErrorCode.MALFORMED, `RUN extent at page ${first} has no pages`);
+        if (first < end) fail(ProtocolErrorCode.MALFORMED, `RUN extent at page ${first} overlaps or precedes the one before (ending at ${end})`);
+        end = first + count;
+        if (end > 0x1_0000_0000) fail(ProtocolErrorCode.MALFORMED, `RUN extent of ${count} pages at ${first} runs past page 2^32`);
+        extents.push({ first, count, before: pages, dest: null, direct: false, have: 0 });
+        pages += count;
+        if (pages > this.limits.maxPagesPerBatch) fail(ProtocolErrorCode.LIMIT, `RUN of more than ${this.limits.maxPagesPerBatch} pages`);
+      }
+      const want = this.runHeadNeed + pages * pageSize;
+      if (want !== this.length) fail(want > this.length ? ProtocolErrorCode.TRUNCATED : ProtocolErrorCode.MALFORMED, `RUN of ${pages} pages needs ${want} payload bytes, header says ${this.length}`);
+      if (this.runHead.length > 8) this.runHead = new Uint8Array(8);
+      this.runExtents = extents;
+      this.runPages = pages;
+      this.runK = 0;
+      this.state = State.RunBody;
+      this.enterExtent(!carriesPages(out));
+    }
+    for (;;) {
+      const e = this.runExtents[this.runK];
+      if (pos === chunk.length) return pos;
+      const dest = e.dest!;
+      const n = Math.min(dest.length - e.have, chunk.length - pos);
+      place(dest, e.have, chunk.subarray(pos, pos + n));
+      e.have += n;
+      this.payloadHave += n;
+      pos += n;
+      if (e.have < dest.length) return pos;
+      if (++this.runK < this.runExtents.length) {
+        this.enterExtent(!carriesPages(out));
+        continue;
+      }
+      const frame: Frame = { type: 'RUN', seq: this.runSeq, extents: this.runExtents.map((x) => (x.direct ? { first: x.first, count: x.count, data: x.dest!, inPlace: true as const } : { first: x.first, count: x.count, data: x.dest! })) };
+      const data = this.runData;
+      if (data && data.byteOffset === 0 && data.buffer.byteLength > FIRST_PAYLOAD_BYTES) this.assembled.set(frame, new Uint8Array(data.buffer as ArrayBuffer));
+      this.runData = null;
+      this.runExtents = [];
+      out.push(frame);
+      this.headerHave = 0;
+      this.payloadHave = 0;
+      this.state = State.Header;
+      return pos;
+    }
+  }
+
+  /**
+   * The next extent's bytes are due: ask the run sink where they go — only once every frame with
+   * pages before this RUN has left push() (`ask`), so the receiver can know they were all applied.
+   */
+  private enterExtent(ask: boolean): void {
+    const e = this.runExtents[this.runK];
+    const pageSize = this.limits.pageSize;
+    const target = ask ? this.runSink?.(e.first, e.count) ?? null : null;
+    if (target) {
+      if (target.length !== e.count * pageSize) throw new BugIndicatingError(`run sink gave ${target.length} bytes for ${e.count} pages`);
+      e.dest = target;
+      e.direct = true;
+      return;
+    }
+    // Kept in the frame's own buffer, made now (the head is checked and the length agrees with
+    // it; bounded by maxPayloadBytes like any payload), so reads into it end where the extent does.
+    if (!this.runData) {
+      const need = this.runPages * pageSize;
+      const i = this.spare.findIndex((b) => b.length >= need);
+      this.runData = i >= 0 ? this.spare.splice(i, 1)[0].subarray(0, need) : new Uint8Array(need);
+    }
+    e.dest = this.runData.subarray(e.before * pageSize, (e.before + e.count) * pageSize);
   }
 
   private decodePayload(payload: Uint8Array): Frame {
@@ -431,6 +614,7 @@ export class FrameDecoder {
         break;
       }
       case 'COMPLETE': frame = { type: 'COMPLETE', digest: this.digest(r) }; break;
+      case 'RUN': throw new BugIndicatingError('RUN frames are decoded as they stream (runStep)');
       case 'ERROR': {
         const code = r.str16(MAX_ERROR_CODE_BYTES, 'error code');
         if (!ERROR_CODE_RE.test(code)) fail(ProtocolErrorCode.MALFORMED, 'ERROR code is not of the form ERR_[A-Z0-9_]+');

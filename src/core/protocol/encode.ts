@@ -9,12 +9,13 @@ import { InvalidArgumentError } from '../errors.js';
 import {
   DIGEST_ALGORITHMS, FIRST_CODEC_ID, FLAG_PAGES_DEMAND, FrameTypeId, GLOBAL_TYPE_IDS, HEADER_BYTES, HELLO_MAGIC,
   MAX_CODECS, MAX_CONFIG_BYTES, MAX_ERROR_CODE_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES,
-  MAX_PAGE_SIZE, MAX_STREAMS, MIN_PAGE_SIZE, MIGRATION_MODES, MODE_BITS, Encoding, PAGE_HEAD_BYTES, SESSION_TOKEN_BYTES, STREAM_ROLES, pagePadding,
+  MAX_PAGE_SIZE, MAX_STREAMS, MIN_PAGE_SIZE, MIGRATION_MODES, MODE_BITS, Encoding, PAGE_HEAD_BYTES, SESSION_TOKEN_BYTES, STREAM_ROLES, pagePadding, runHeadBytes,
   type AckFrame, type BatchFrame, type JoinFrame, type CancelFrame, type CodecOffer, type CompleteFrame, type Digest, type ErrorFrame, type Frame,
   type FrameType, type HelloAckFrame, type HelloFrame, type ModuleFrame, type PageRequestFrame, type PagesFrame,
   type PingFrame, type PongFrame, type PushDoneFrame, type ResumedFrame, type RoundEndFrame, type StateFrame,
-  type SwitchoverFrame, type WireBitmap, type WireGlobal, type FrameBody,
+  type SwitchoverFrame, type WireBitmap, type WireGlobal, type FrameBody, type RunFrame,
 } from './frames.js';
+import { PAGE_SIZE } from '../pages.js';
 
 const utf8 = new TextEncoder();
 export const ERROR_CODE_RE = /^ERR_[A-Z0-9_]{1,60}$/;
@@ -280,6 +281,21 @@ export class PagesFrameBuilder {
   }
 }
 
+/** A PAGES frame of zero pages only (16 bytes a page, no data), as {@link encodePages} would make it. */
+export function encodeZeroPages(seq: number, demand: boolean, indices: ArrayLike<number>, count = indices.length): Uint8Array {
+  if (count < 1) bad('a PAGES batch needs at least one page');
+  const w = new Writer(HEADER_BYTES + 8 + count * PAGE_HEAD_BYTES);
+  w.u32(checkU32(seq, 'seq'));
+  w.u32(count);
+  for (let i = 0; i < count; i++) {
+    w.u32(checkU32(indices[i], 'page index'));
+    w.u32(Encoding.ZERO);
+    w.u32(0);
+    w.u32(0);
+  }
+  return w.finish('PAGES', demand ? FLAG_PAGES_DEMAND : 0);
+}
+
 export function encodeJoin(f: Omit<JoinFrame, 'type'>): Uint8Array {
   const w = new Writer(HEADER_BYTES + SESSION_TOKEN_BYTES + 3);
   w.bytes(hexToBytes(f.token, SESSION_TOKEN_BYTES, 'session token'));
@@ -447,7 +463,57 @@ export function encodePong(f: Omit<PongFrame, 'type'>): Uint8Array {
   return encodePingPong('PONG', f);
 }
 
-/** Encodes any frame. `pageSize` (optional) is checked against RAW pages in PAGES frames. */
+/**
+ * The header and head of a RUN frame whose extents' page data follow it on the wire (the sender
+ * writes them from wherever they are, e.g. straight from guest memory). Checks what the decoder
+ * checks: 1 … n extents, ascending, not overlapping, each at least one page.
+ */
+export function encodeRunHead(seq: number, extents: readonly { first: number; count: number }[], pageSize: number): Uint8Array {
+  checkU32(seq, 'seq');
+  if (extents.length === 0) bad('a RUN needs at least one extent');
+  if (!isValidPageSize(pageSize)) bad(`page size ${pageSize} is not a power of two in 512..65536`);
+  let pages = 0;
+  let end = 0;
+  for (const e of extents) {
+    checkU32(e.first, 'extent first page');
+    if (!Number.isInteger(e.count) || e.count < 1 || e.first + e.count > 0x1_0000_0000) bad(`extent of ${e.count} pages at ${e.first} is empty or past page 2^32`);
+    if (e.first < end) bad(`extent at page ${e.first} overlaps or precedes the one before (which ends at ${end})`);
+    end = e.first + e.count;
+    pages += e.count;
+  }
+  const length = runHeadBytes(extents.length) + pages * pageSize;
+  if (length > 0xffffffff) bad(`RUN of ${pages} pages is too long for one frame`);
+  const w = new Writer(HEADER_BYTES + runHeadBytes(extents.length));
+  w.u32(seq);
+  w.u32(extents.length);
+  for (const e of extents) {
+    w.u32(e.first);
+    w.u32(e.count);
+  }
+  const buf = w.finish('RUN');
+  new DataView(buf.buffer, buf.byteOffset).setUint32(0, length, true);
+  return buf;
+}
+
+/** RUN with its page data, as one buffer (tests, tools; a sender writes the head and the data apart). */
+export function encodeRun(f: Omit<RunFrame, 'type'>, pageSize: number): Uint8Array {
+  const head = encodeRunHead(f.seq, f.extents, pageSize);
+  let size = head.length;
+  for (const e of f.extents) {
+    if (!e.data || e.data.length !== e.count * pageSize) bad(`extent at page ${e.first} needs ${e.count * pageSize} bytes of data`);
+    size += e.data.length;
+  }
+  const out = new Uint8Array(size);
+  out.set(head);
+  let at = head.length;
+  for (const e of f.extents) {
+    out.set(e.data!, at);
+    at += e.data!.length;
+  }
+  return out;
+}
+
+/** Encodes any frame. `pageSize` (optional) is checked against RAW pages in PAGES frames (RUN: default PAGE_SIZE). */
 export function encodeFrame(frame: Frame, pageSize?: number): Uint8Array {
   switch (frame.type) {
     case 'HELLO': return encodeHello(frame);
@@ -468,6 +534,7 @@ export function encodeFrame(frame: Frame, pageSize?: number): Uint8Array {
     case 'PONG': return encodePong(frame);
     case 'JOIN': return encodeJoin(frame);
     case 'BATCH': return encodeBatchFrame(frame);
+    case 'RUN': return encodeRun(frame, pageSize ?? PAGE_SIZE);
     default: return bad(`unknown frame type ${(frame as { type: string }).type}`);
   }
 }

@@ -18,7 +18,7 @@ export const HEADER_BYTES = 8;
 /** Magic at the start of a HELLO payload: "FRRY". */
 export const HELLO_MAGIC = new Uint8Array([0x46, 0x52, 0x52, 0x59]);
 /** The protocol version this implementation speaks (the only one, so far). */
-export const PROTOCOL_VERSION = 3;
+export const PROTOCOL_VERSION = 4;
 
 /**
  * Bytes in front of each page's data in a PAGES frame: `u32 index`, `u8 encoding`, 3 zero bytes,
@@ -54,6 +54,7 @@ export const FrameTypeId = {
   PONG: 0x10,
   JOIN: 0x11,
   BATCH: 0x12,
+  RUN: 0x13,
 } as const;
 export type FrameType = keyof typeof FrameTypeId;
 export const FRAME_TYPE_NAMES: ReadonlyMap<number, FrameType> = new Map(
@@ -309,6 +310,37 @@ export interface BatchFrame {
   data: Uint8Array;
 }
 
+/** One extent of a RUN frame: pages `first` … `first + count − 1`, raw, back to back. */
+export interface RunExtent {
+  first: number;
+  count: number;
+  /** The extent's `count × pageSize` bytes. */
+  data: Uint8Array;
+  /**
+   * Set in a decoded frame when `data` is the place the decoder's run sink named (see
+   * FrameDecoder.setRunSink): the bytes were put there as they arrived.
+   */
+  inPlace?: true;
+}
+
+/**
+ * Whole raw pages as runs of guest memory (protocol version 4): a sender writes each run straight
+ * from guest memory, and a receiver can read each one straight into guest memory — no copy on
+ * either side beyond the kernel's (docs/protocol.md, RUN).
+ */
+export interface RunFrame {
+  type: 'RUN';
+  /** As in PAGES: pre-copy round, or 0 for a post-copy push (never a demand reply). */
+  seq: number;
+  /** Ascending, not overlapping, at least one page each. */
+  extents: RunExtent[];
+}
+
+/** Bytes of a RUN payload in front of its page data: seq, extent count, 8 per extent. */
+export function runHeadBytes(extents: number): number {
+  return 8 + 8 * extents;
+}
+
 /** First frame of an extra connection of a session (parallel data stream, or the fault channel). */
 export interface JoinFrame {
   type: 'JOIN';
@@ -432,7 +464,8 @@ export type Frame =
   | PingFrame
   | PongFrame
   | JoinFrame
-  | BatchFrame;
+  | BatchFrame
+  | RunFrame;
 
 /** A frame without its `type` tag (what the per-type encoders take); distributes over unions. */
 export type FrameBody<F extends Frame> = F extends unknown ? Omit<F, 'type'> : never;

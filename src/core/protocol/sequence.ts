@@ -27,7 +27,7 @@ export type Phase =
   /** Terminal: refused, cancelled or failed (ERROR). */
   | 'failed';
 
-const FROM_SOURCE: ReadonlySet<FrameType> = new Set(['HELLO', 'JOIN', 'MODULE', 'PAGES', 'BATCH', 'ROUND_END', 'STATE', 'SWITCHOVER', 'PUSH_DONE']);
+const FROM_SOURCE: ReadonlySet<FrameType> = new Set(['HELLO', 'JOIN', 'MODULE', 'PAGES', 'BATCH', 'RUN', 'ROUND_END', 'STATE', 'SWITCHOVER', 'PUSH_DONE']);
 const FROM_DESTINATION: ReadonlySet<FrameType> = new Set(['HELLO_ACK', 'RESUMED', 'PAGE_REQUEST', 'COMPLETE']);
 
 export class SequenceChecker {
@@ -108,7 +108,8 @@ export class SequenceChecker {
         return undefined;
       case 'PAGES':
       case 'BATCH':
-        if (frame.demand) {
+      case 'RUN':
+        if (frame.type !== 'RUN' && frame.demand) {
           if (!post || (phase !== 'switched' && phase !== 'resumed')) return 'demand pages outside a post-copy phase';
           if (frame.seq > this.lastRequest) return `no PAGE_REQUEST ${frame.seq} was made`;
           return undefined;

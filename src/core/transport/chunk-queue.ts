@@ -86,6 +86,15 @@ export class ChunkQueue implements AsyncIterable<Uint8Array> {
     });
   }
 
+  /** Takes every queued chunk at once (a reader that switches to being handed bytes directly). */
+  takeAll(): Uint8Array[] {
+    const out = this.chunks.slice(this.head);
+    this.chunks = [];
+    this.head = 0;
+    this.queued = 0;
+    return out;
+  }
+
   [Symbol.asyncIterator](): AsyncIterator<Uint8Array> {
     return {
       next: () => this.next(),

@@ -59,8 +59,36 @@ export class TransportError extends FerryError {
   }
 }
 
+/**
+ * A reader that says where incoming bytes land (bring your own buffer; see Connection.readInto):
+ * a migration's destination reads pages straight into guest memory this way.
+ */
+export interface ByobReader {
+  /** Where the next incoming bytes should land (they may fill only its start), or null: the connection's own read buffer. */
+  target(): Uint8Array | null;
+  /**
+   * Bytes arrived, handed over synchronously, in order: a view of the last target, or of the
+   * connection's read buffer, which it reuses once this returns (copy what you keep).
+   */
+  data(bytes: Uint8Array): void;
+  /** The stream ended: cleanly (no argument) or with the error that ended it. Called once, last. */
+  end(err?: TransportError): void;
+}
+
+/** Backpressure for a {@link ByobReader}: paused, the connection stops reading (TCP: the window closes). */
+export interface ByobControl {
+  pause(): void;
+  resume(): void;
+}
+
 /** One byte stream between two hosts. Iterate it (once at a time) for incoming chunks. */
 export interface Connection extends AsyncIterable<Uint8Array> {
+  /**
+   * Optional zero-copy receive: from now on incoming bytes go to `reader`, landing where it says,
+   * instead of to iteration (which must not have started; chunks already queued go to the reader
+   * first). At most once per connection. TCP has it; a transport without it is iterated.
+   */
+  readInto?(reader: ByobReader): ByobControl;
   /** Our end, e.g. `127.0.0.1:40123` or `memory:3`. */
   readonly localAddress: string;
   /** The peer's end, in the same form. */

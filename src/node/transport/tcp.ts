@@ -3,13 +3,19 @@
  * and maps socket events onto the Connection contract (src/core/transport/transport.ts):
  * incoming data is queued up to `readHighWaterMark` and the socket paused beyond it, so a reader
  * that stops reading stops the sender through TCP's own flow control.
+ *
+ * Reads go into buffers ferry chooses (node:net's `onread`), so a ByobReader (Connection.readInto)
+ * gets bytes where it wants them — a migration's pages straight into guest memory, the kernel's
+ * copy the only one. node:net offers `onread` to sockets it dials, not to sockets a server
+ * accepts: those are accepted paused and their handle moved into a socket made with `onread`
+ * (`adoptWithOnread`).
  */
 import net from 'node:net';
-import { AbortError, InvalidArgumentError } from '../../core/errors.js';
+import { AbortError, BugIndicatingError, InvalidArgumentError } from '../../core/errors.js';
 import { ChunkQueue } from '../../core/transport/chunk-queue.js';
 import {
   TransportError, TransportErrorCode,
-  type Connection, type DialOptions, type Listener, type ListenOptions, type Transport,
+  type ByobControl, type ByobReader, type Connection, type DialOptions, type Listener, type ListenOptions, type Transport,
 } from '../../core/transport/transport.js';
 
 export interface TcpTransportInit {
@@ -25,6 +31,49 @@ export interface TcpTransportInit {
 }
 
 const DEFAULT_HWM = 1 << 20;
+/** The connection's own read buffer, for reads no ByobReader target takes. */
+const READ_BUFFER_BYTES = 64 * 1024;
+/** Iteration hands out reads this big or bigger as they are (in a buffer of their own), smaller ones as exact copies. */
+const KEEP_READ_BYTES = 16 * 1024;
+
+/** Where a socket's reads go: set before the socket reads its first byte, pointed at the connection once it exists. */
+class ReadRouter {
+  conn: TcpConnection | null = null;
+  private own = new Uint8Array(READ_BUFFER_BYTES);
+  readonly onread = {
+    buffer: (): Uint8Array => {
+      const t = this.conn?.reader?.target();
+      return t && t.length > 0 ? t : this.own; // an empty buffer would fail the read (ENOBUFS)
+    },
+    callback: (n: number, buf: Uint8Array): boolean => {
+      const c = this.conn;
+      if (!c) return true;
+      const bytes = buf.subarray(0, n);
+      if (c.reader) c.reader.data(bytes);
+      else if (buf !== this.own) c.received(bytes);
+      else if (n >= KEEP_READ_BYTES) {
+        // The whole buffer goes with the chunk: the next read gets a new one.
+        c.received(bytes);
+        this.own = new Uint8Array(READ_BUFFER_BYTES);
+      } else c.received(bytes.slice());
+      return true;
+    },
+  };
+}
+
+/**
+ * A socket a server accepted (paused), remade with `onread`: node:net's server does not pass it
+ * on, so the handle moves into a socket that has it, and the accepted one, left without a handle,
+ * is destroyed (which also takes it off the server's count). Null if this Node has no handle to move.
+ */
+function adoptWithOnread(accepted: net.Socket, router: ReadRouter, allowHalfOpen: boolean): net.Socket | null {
+  const a = accepted as net.Socket & { _handle?: unknown };
+  const handle = a._handle;
+  if (!handle) return null;
+  a._handle = null;
+  accepted.destroy();
+  return new net.Socket({ handle, allowHalfOpen, readable: true, writable: true, onread: router.onread } as net.SocketConstructorOpts);
+}
 
 /** `host:port` or `[v6]:port` → parts. */
 export function parseTcpAddress(address: string): { host: string; port: number } {
@@ -44,6 +93,8 @@ function errno(e: unknown): string | undefined {
 }
 
 class TcpConnection implements Connection {
+  /** Set once readInto() was called: incoming bytes go to it. */
+  reader: ByobReader | null = null;
   readonly localAddress: string;
   readonly remoteAddress: string;
   readonly closed: Promise<TransportError | undefined>;
@@ -60,7 +111,7 @@ class TcpConnection implements Connection {
   private readonly readHwm: number;
   private readonly writeHwm: number;
 
-  constructor(private readonly socket: net.Socket, init: TcpTransportInit) {
+  constructor(private readonly socket: net.Socket, init: TcpTransportInit, router?: ReadRouter) {
     this.readHwm = init.readHighWaterMark ?? DEFAULT_HWM;
     this.writeHwm = init.writeHighWaterMark ?? DEFAULT_HWM;
     this.localAddress = formatTcpAddress(socket.localAddress, socket.localPort);
@@ -68,17 +119,16 @@ class TcpConnection implements Connection {
     this.closed = new Promise((resolve) => { this.resolveClosed = resolve; });
     socket.setNoDelay(init.noDelay ?? true);
 
-    socket.on('data', (chunk: Buffer) => {
-      // Hand out plain Uint8Array views (Buffer's methods are not part of the contract).
-      this.inbound.push(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength));
-      if (this.inbound.bytes > this.readHwm) socket.pause();
-    });
+    if (router) router.conn = this;
+    // Without a router (not expected: every socket here is made with one) node:net's own reads.
+    else socket.on('data', (chunk: Buffer) => this.received(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength)));
     this.inbound.onConsume = (queued) => {
       if (queued <= this.readHwm && socket.isPaused() && !this.done) socket.resume();
     };
     socket.on('end', () => {
       this.readEnded = true;
       this.inbound.end();
+      this.reader?.end();
       this.maybeDone();
     });
     socket.on('drain', () => this.wakeWriters());
@@ -103,6 +153,26 @@ class TcpConnection implements Connection {
       if (this.readEnded && this.writeFinished) this.maybeDone();
       else this.fail(new TransportError(TransportErrorCode.RESET, `connection to ${this.remoteAddress} closed before both sides ended`));
     });
+  }
+
+  /** Incoming bytes for iteration (the buffer is the chunk's own). */
+  received(chunk: Uint8Array): void {
+    this.inbound.push(chunk);
+    if (this.inbound.bytes > this.readHwm) this.socket.pause();
+  }
+
+  readInto(reader: ByobReader): ByobControl {
+    if (this.reader) throw new BugIndicatingError('readInto() was called twice on one connection');
+    const queued = this.inbound.takeAll();
+    this.reader = reader;
+    for (const c of queued) reader.data(c);
+    if (this.error) reader.end(this.error);
+    else if (this.readEnded) reader.end();
+    else if (this.socket.isPaused()) this.socket.resume();
+    return {
+      pause: () => { if (!this.done) this.socket.pause(); },
+      resume: () => { if (!this.done && this.socket.isPaused()) this.socket.resume(); },
+    };
   }
 
   private wakeWriters(): void {
@@ -147,6 +217,7 @@ class TcpConnection implements Connection {
     this.done = true;
     this.error = e;
     this.inbound.fail(e);
+    this.reader?.end(e);
     const w = this.writers;
     this.writers = [];
     for (const x of w) x.reject(e);
@@ -184,7 +255,8 @@ export function tcp(init: TcpTransportInit = {}): Transport {
       const { signal } = options;
       if (signal?.aborted) return Promise.reject(new AbortError(`dial ${address} aborted`, { cause: signal.reason }));
       return new Promise((resolve, reject) => {
-        const socket = net.connect({ host, port, allowHalfOpen: true, noDelay: init.noDelay ?? true });
+        const router = new ReadRouter();
+        const socket = net.connect({ host, port, allowHalfOpen: true, noDelay: init.noDelay ?? true, onread: router.onread });
         const cleanup = () => {
           signal?.removeEventListener('abort', onAbort);
           socket.off('connect', onConnect);
@@ -197,7 +269,7 @@ export function tcp(init: TcpTransportInit = {}): Transport {
         };
         const onConnect = () => {
           cleanup();
-          resolve(new TcpConnection(socket, init));
+          resolve(new TcpConnection(socket, init, router));
         };
         const onError = (e: Error) => {
           cleanup();
@@ -219,13 +291,17 @@ export function tcp(init: TcpTransportInit = {}): Transport {
       const { host, port } = parseTcpAddress(options.address ?? '127.0.0.1:0');
       const { signal } = options;
       if (signal?.aborted) throw new AbortError('listen aborted', { cause: signal.reason });
-      const server = net.createServer({ allowHalfOpen: true, noDelay: init.noDelay ?? true }, (socket) => {
-        // Constructed synchronously, before any 'data' can be emitted and lost.
+      const server = net.createServer({ allowHalfOpen: true, noDelay: init.noDelay ?? true, pauseOnConnect: true }, (accepted) => {
+        // Constructed synchronously, before anything is read.
         let conn: Connection;
         try {
-          conn = new TcpConnection(socket, init);
+          const router = new ReadRouter();
+          const socket = adoptWithOnread(accepted, router, true);
+          if (socket) socket.setNoDelay(init.noDelay ?? true);
+          else accepted.resume();
+          conn = new TcpConnection(socket ?? accepted, init, socket ? router : undefined);
         } catch {
-          socket.destroy();
+          accepted.destroy();
           return;
         }
         options.onConnection(conn);
