@@ -17,7 +17,7 @@ import { Histogram, type HistogramSummary } from '../metrics.js';
 import { PAGE_SIZE } from '../pages.js';
 import {
   Encoding, MAX_STREAMS, PROTOCOL_VERSION, SESSION_TOKEN_BYTES,
-  type BatchFrame, type CodecOffer, type HelloFrame, type JoinFrame, type MigrationMode, type PagesFrame,
+  type BatchFrame, type CodecOffer, type HelloFrame, type JoinFrame, type MigrationMode, type PagesFrame, type RunFrame,
 } from '../protocol/frames.js';
 import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
@@ -151,25 +151,51 @@ export async function serveDestination(conn: Connection, factory: DestinationFac
   return outcome;
 }
 
-/** Page entries of a PAGES or BATCH frame, read uniformly. */
+/** Page entries of a PAGES, BATCH or RUN frame, read uniformly. */
 interface Entries {
   seq: number;
   count: number;
   index(k: number): number;
   codec(k: number): number;
   data(k: number): Uint8Array;
+  /** The page's bytes are in guest memory already (a RUN extent read straight into it). */
+  inPlace(k: number): boolean;
+}
+
+const notInPlace = () => false;
+
+function runEntries(f: RunFrame): Entries {
+  // Entry k → its extent, by position (runs of up to a batch of pages, few extents each).
+  const ext = f.extents;
+  const starts = new Uint32Array(ext.length + 1);
+  for (let i = 0; i < ext.length; i++) starts[i + 1] = starts[i] + ext[i].count;
+  let i = 0;
+  const find = (k: number) => {
+    if (k < starts[i]) i = 0;
+    while (k >= starts[i + 1]) i++;
+    return i;
+  };
+  return {
+    seq: f.seq, count: starts[ext.length], codec: () => Encoding.RAW,
+    index: (k) => ext[find(k)].first + (k - starts[i]),
+    data: (k) => {
+      const at = (k - starts[find(k)]) * PAGE_SIZE;
+      return ext[i].data.subarray(at, at + PAGE_SIZE);
+    },
+    inPlace: (k) => ext[find(k)].inPlace === true,
+  };
 }
 
 function pagesEntries(f: PagesFrame): Entries {
   const t = f.table;
-  if (t) return { seq: f.seq, count: t.count, index: (k) => t.index(k), codec: (k) => t.encoding(k), data: (k) => t.data(k) };
-  return { seq: f.seq, count: f.pages.length, index: (k) => f.pages[k].index, codec: (k) => f.pages[k].encoding, data: (k) => f.pages[k].data };
+  if (t) return { seq: f.seq, count: t.count, index: (k) => t.index(k), codec: (k) => t.encoding(k), data: (k) => t.data(k), inPlace: notInPlace };
+  return { seq: f.seq, count: f.pages.length, index: (k) => f.pages[k].index, codec: (k) => f.pages[k].encoding, data: (k) => f.pages[k].data, inPlace: notInPlace };
 }
 
 function batchEntries(seq: number, b: EncodedBatch): Entries {
   return {
     seq, count: b.count, index: (k) => b.indices[k], codec: (k) => b.codecIds[k],
-    data: (k) => b.bytes.subarray(b.offsets[k], b.offsets[k + 1]),
+    data: (k) => b.bytes.subarray(b.offsets[k], b.offsets[k + 1]), inPlace: notInPlace,
   };
 }
 
@@ -193,12 +219,14 @@ const FAULT_PRIORITY_MS = 2;
 
 /** One connection's pages, applied in arrival order; held back while a dedup definition is missing. */
 class RxStream {
-  readonly queue: (PagesFrame | BatchFrame)[] = [];
+  readonly queue: (PagesFrame | BatchFrame | RunFrame)[] = [];
   cur: Entries | null = null;
   k = 0;
   blockedAt: number | null = null;
   /** A continuation of this stream's drain is scheduled (post-copy applies in slices). */
   resuming = false;
+  /** Its page frames go to the session as they come (handlers registered, guest memory set up). */
+  live = false;
   /** Cancels the watchdog of the current wait for a definition. */
   watchdog: AbortController | null = null;
 
@@ -208,23 +236,23 @@ class RxStream {
     this.watchdog = null;
   }
   /** The frame `cur` came from, while it is being applied. */
-  frame: PagesFrame | BatchFrame | null = null;
+  frame: PagesFrame | BatchFrame | RunFrame | null = null;
 
   /**
    * @param framed the connection the stream's frames come in on: a PAGES frame applied in full
    *   (every page copied into guest memory; no codec keeps a reference) gives its buffer back to
    *   that connection's decoder for the next frame.
    */
-  constructor(readonly name: string, readonly decoder: StreamDecoder | null, private readonly framed: FramedConnection, private readonly inbox: Inbox) {}
+  constructor(readonly name: string, readonly decoder: StreamDecoder | null, readonly framed: FramedConnection, private readonly inbox: Inbox) {}
 
   /** A frame came in: the connection stops reading once the stream holds enough. */
-  add(f: PagesFrame | BatchFrame): void {
+  add(f: PagesFrame | BatchFrame | RunFrame): void {
     this.queue.push(f);
     if (this.queue.length >= RX_QUEUE_FRAMES) this.inbox.pause();
   }
 
   /** The next frame to apply. */
-  take(): PagesFrame | BatchFrame | undefined {
+  take(): PagesFrame | BatchFrame | RunFrame | undefined {
     const f = this.queue.shift();
     if (this.queue.length < RX_QUEUE_FRAMES) this.inbox.resume();
     return f;
@@ -232,7 +260,7 @@ class RxStream {
 
   /** The current frame is applied in full. */
   done(): void {
-    if (this.frame?.type === 'PAGES' && !this.decoder) this.framed.decoder.recycle(this.frame);
+    if ((this.frame?.type === 'PAGES' || this.frame?.type === 'RUN') && !this.decoder) this.framed.decoder.recycle(this.frame);
     this.frame = null;
     this.cur = null;
   }
@@ -295,6 +323,8 @@ class DestinationSession {
       const s = this.newStream(`stream ${f.stream}`, framed, inbox);
       inbox.on('PAGES', (p) => this.enqueue(s, p));
       inbox.on('BATCH', (b) => this.enqueue(s, b));
+      inbox.on('RUN', (r) => this.enqueue(s, r));
+      s.live = true;
     } else {
       this.fault = conn;
       // Demand pages: raw or zero, applied as they come.
@@ -307,12 +337,29 @@ class DestinationSession {
   private newStream(name: string, framed: FramedConnection, inbox: Inbox): RxStream {
     const s = new RxStream(name, usesCodecs(this.agreed) ? new StreamDecoder(this.agreed, this.deps.blobCodecs ?? {}, this.store, this.framed.decoder.limits.maxPagesPerBatch) : null, framed, inbox);
     this.rx.push(s);
+    framed.decoder.setRunSink((first, count) => this.runTarget(s, first, count));
     return s;
+  }
+
+  /**
+   * Where a RUN extent's pages go as they arrive: straight into guest memory before the start,
+   * when nothing of this connection is waiting to be applied — an earlier frame applied after
+   * the run would put older bytes over newer ones (a page always travels on one connection, so
+   * other connections cannot). Otherwise null: the decoder keeps the pages and they are applied
+   * in order like any others.
+   */
+  private runTarget(s: RxStream, first: number, count: number): Uint8Array | null {
+    const vm = this.vm;
+    if (!vm?.pagesView || !s.live || !this.memoryUp || this.started || this.pageError) return null;
+    if (first + count > this.maxPages) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `pages ${first}…${first + count - 1} are beyond the VM's ${this.maxPages} pages`);
+    if (s.queue.length > 0 || s.cur !== null || s.blockedAt !== null || s.resuming || s.framed.queuedFrames > 0) return null;
+    vm.ensurePages(first + count);
+    return vm.pagesView(first, count);
   }
 
   // ------------------------------------------------------------------ applying pages
 
-  private enqueue(s: RxStream, f: PagesFrame | BatchFrame): void {
+  private enqueue(s: RxStream, f: PagesFrame | BatchFrame | RunFrame): void {
     if (this.pageError) return;
     s.add(f);
     // Before the VM exists (a data stream can be quicker than the control connection) frames wait.
@@ -330,6 +377,7 @@ class DestinationSession {
           if (!f) break;
           s.frame = f;
           if (f.type === 'PAGES') s.cur = pagesEntries(f);
+          else if (f.type === 'RUN') s.cur = runEntries(f);
           else {
             if (!s.decoder) throw new ProtocolError('ERR_PROTOCOL_UNKNOWN_ENCODING', 'BATCH frame, but no codec was agreed');
             s.cur = batchEntries(f.seq, s.decoder.unpack(f.blobCodec, f.data, f.pages));
@@ -350,7 +398,7 @@ class DestinationSession {
             });
             return;
           }
-          if (!this.apply(s, e.index(s.k), e.codec(s.k), e.data(s.k))) {
+          if (!this.apply(s, e.index(s.k), e.codec(s.k), e.data(s.k), e.inPlace(s.k))) {
             if (s.blockedAt === null) {
               s.blockedAt = this.deps.clock.now();
               this.watch(s);
@@ -411,6 +459,9 @@ class DestinationSession {
     }, () => undefined);
   }
 
+  /** Guest memory is set up and the control connection's pages flow: RUN pages may land in place. */
+  private memoryUp = false;
+
   /** Post-copy faults are served by the fault thread (its link joined and the VM took it). */
   private threaded = false;
   /** The session's link to the destination's fault thread, if it has one. */
@@ -434,7 +485,7 @@ class DestinationSession {
    * installed — a page the guest already has stays as the guest left it — but every codec entry is
    * still decoded, so codec state stays in step). False when a dedup reference must wait.
    */
-  private apply(s: RxStream, page: number, codec: number, data: Uint8Array): boolean {
+  private apply(s: RxStream, page: number, codec: number, data: Uint8Array, inPlace: boolean): boolean {
     const vm = this.vm!;
     if (page >= this.maxPages) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `page ${page} is beyond the VM's ${this.maxPages} pages`);
     const wanted = !this.started || this.absent!.get(page);
@@ -450,7 +501,7 @@ class DestinationSession {
       if (data.length !== PAGE_SIZE) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `raw page ${page} is ${data.length} bytes, not ${PAGE_SIZE}`);
       s.decoder?.decoder.delivered(page, data);
       if (!wanted || !this.claimed(page)) return true;
-      vm.writePage(page, data, 0);
+      if (!inPlace) vm.writePage(page, data, 0);
       hash = this.deps.hashPage(data, 0);
     } else {
       if (!s.decoder) throw new ProtocolError('ERR_PROTOCOL_UNKNOWN_ENCODING', `page ${page}: encoding ${codec} was not agreed`);
@@ -645,6 +696,9 @@ class DestinationSession {
     vm.ensurePages(Math.ceil(hello.guestBytes / PAGE_SIZE));
     this.inbox.on('PAGES', (f) => this.enqueue(control, f));
     this.inbox.on('BATCH', (f) => this.enqueue(control, f));
+    this.inbox.on('RUN', (f) => this.enqueue(control, f));
+    control.live = true;
+    this.memoryUp = true;
     for (const s of this.rx) if (s.queue.length) this.drain(s); // data streams may have been quicker than the ACK
     this.inbox.on('ROUND_END', (f) => {
       this.roundEnds.push({ round: f.round, pages: f.pages });

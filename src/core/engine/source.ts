@@ -14,7 +14,7 @@ import { PostcopyScheduler } from '../policy/postcopy.js';
 import { DedupIndex } from '../codec/dedup.js';
 import type { TransferReport } from '../metrics.js';
 import { MAX_STREAMS, PROTOCOL_VERSION, type CodecOffer, type PageRequestFrame } from '../protocol/frames.js';
-import { PagesFrameBuilder, encodeBatchFrame } from '../protocol/encode.js';
+import { encodeBatchFrame, encodeRunHead, encodeZeroPages } from '../protocol/encode.js';
 import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
 import { StreamEncoder, codecOffer, streamOf, usesCodecs, vmIndexBytes, type CodecName } from './codecs.js';
@@ -27,85 +27,104 @@ const HANDSHAKE_TIMEOUT_MS = 30_000;
 
 type Ownership = 'source' | 'in-doubt' | 'destination';
 
-/**
- * One connection that carries pages. It batches the pages routed to it and keeps one write in
- * flight, so the streams' writes overlap instead of taking turns.
- */
 /** How long the source waits for its fault thread's connection before it joins the fault channel the usual way, ms. */
 const FAULT_THREAD_OPEN_MS = 3000;
 
 /**
- * Frame buffers a stream keeps for reuse. With none spare and this many queued on the connection,
- * a flush waits one event-loop turn for one to come back before it takes a fresh one. A write the
- * kernel takes at once resolves at once, and the loop that fills frames then runs on microtasks
- * alone, so the connection's release callbacks (process ticks) waited for it: they came back in
- * bursts, up to 168 frames late (measured), and half the frames were built in fresh buffers, a
- * page fault per 4 KiB. (A connection may never release, like the in-memory pair: then every
- * frame takes a fresh buffer, one turn later.)
+ * One connection that carries pages. It batches the pages routed to it and keeps one write in
+ * flight, so the streams' writes overlap instead of taking turns.
+ *
+ * Without a codec, raw pages travel as RUN frames: a small head, then each run of consecutive
+ * pages written straight from guest memory (SourceVm.pagesView) — the only copy is the kernel's.
+ * A page the guest writes between the harvest and the kernel's copy is dirty again and goes again
+ * (in the final round the VM is paused). Zero pages go as ZERO entries of a PAGES frame. With
+ * codecs, pages are copied into a batch and encoded into BATCH frames.
  */
-const SPARE_FRAMES = 8;
-
 class SendStream {
   private inflight: Promise<void> = Promise.resolve();
-  private builder: PagesFrameBuilder | null = null;
   /** Guest page bytes this stream carried, and the frame bytes they became. */
   pageBytes = 0;
   frameBytes = 0;
+  /** Codec path: the batch's page indices, and its pages back to back in `buf`. */
   private readonly indices: number[] = [];
   private readonly buf: Uint8Array | null;
-  /**
-   * Frame buffers the connection has let go of (see Connection.write's release), for the next
-   * batches. A fresh 1 MiB buffer costs a page fault per 4 KiB on first touch: building frames in
-   * new ones took 130–160 ms per 256 MiB on this machine kind (profiled), most of a round's CPU.
-   */
-  private readonly spare: Uint8Array[] = [];
-  /** Frame buffers queued on the connection and not released yet. */
-  private queued = 0;
-  /** Wakes the flush waiting for a buffer to come back. */
-  private returned: (() => void) | null = null;
+  /** RUN path: raw pages of the batch (in the order added) and zero pages. */
+  private readonly raw: Uint32Array;
+  private rawCount = 0;
+  private readonly zeros: Uint32Array;
+  private zeroCount = 0;
+  private vm: SourceVm | null = null;
 
-  constructor(readonly framed: FramedConnection, readonly encoder: StreamEncoder | null, private readonly batchPages: number, private readonly now: () => number, private readonly yieldToIo: () => Promise<void>) {
+  constructor(readonly framed: FramedConnection, readonly encoder: StreamEncoder | null, private readonly batchPages: number, private readonly now: () => number) {
     this.buf = encoder ? new Uint8Array(batchPages * PAGE_SIZE) : null;
+    this.raw = new Uint32Array(encoder ? 0 : batchPages);
+    this.zeros = new Uint32Array(encoder ? 0 : batchPages);
   }
 
   get count(): number {
-    return this.encoder ? this.indices.length : (this.builder?.count ?? 0);
+    return this.encoder ? this.indices.length : this.rawCount + this.zeroCount;
   }
 
   get full(): boolean {
     return this.count >= this.batchPages;
   }
 
-  /** Copies page `p` into the batch (straight into the frame when no codec runs; zero pages as a flag). */
+  /** Adds page `p` to the batch (codec path: copied now; RUN path: read from guest memory when written). */
   add(vm: SourceVm, p: number): void {
     if (this.buf) {
       vm.readPage(p, this.buf, this.indices.length * PAGE_SIZE);
       this.indices.push(p);
       return;
     }
-    const b = (this.builder ??= new PagesFrameBuilder(this.batchPages, PAGE_SIZE, this.spare.pop()));
-    if (vm.isZeroPage(p)) b.addZero(p);
-    else vm.readPage(p, b.addRaw(p), 0);
+    this.vm = vm;
+    if (vm.isZeroPage(p)) this.zeros[this.zeroCount++] = p;
+    else this.raw[this.rawCount++] = p;
+  }
+
+  /** The RUN path's frames: the RUN head, each extent's bytes, then the zero pages' PAGES frame. */
+  private runFrames(seq: number): Uint8Array[] {
+    const out: Uint8Array[] = [];
+    if (this.rawCount > 0) {
+      const pages = this.raw.subarray(0, this.rawCount);
+      for (let i = 1; i < pages.length; i++) if (pages[i] <= pages[i - 1]) { pages.sort(); break; }
+      const extents: { first: number; count: number }[] = [];
+      let last = -1;
+      for (const p of pages) {
+        if (p === last) continue; // the same page twice in a batch: one view carries it
+        if (p === last + 1 && extents.length > 0) extents[extents.length - 1].count++;
+        else extents.push({ first: p, count: 1 });
+        last = p;
+      }
+      out.push(encodeRunHead(seq, extents, PAGE_SIZE));
+      const vm = this.vm!;
+      for (const e of extents) {
+        if (vm.pagesView) out.push(vm.pagesView(e.first, e.count));
+        else {
+          const b = new Uint8Array(e.count * PAGE_SIZE);
+          for (let k = 0; k < e.count; k++) vm.readPage(e.first + k, b, k * PAGE_SIZE);
+          out.push(b);
+        }
+      }
+    }
+    if (this.zeroCount > 0) out.push(encodeZeroPages(seq, false, this.zeros, this.zeroCount));
+    this.rawCount = 0;
+    this.zeroCount = 0;
+    return out;
   }
 
   /**
    * Encodes the batch and queues its frames behind the stream's previous write (waiting for that
    * one first). Returns the pages and wire bytes it queued.
    */
-  async flush(seq: number, demand: boolean): Promise<{ pages: number; bytes: number }> {
+  async flush(seq: number): Promise<{ pages: number; bytes: number }> {
     const n = this.count;
     if (n === 0) return { pages: 0, bytes: 0 };
     const frames: Uint8Array[] = [];
-    let reusable: Uint8Array | null = null;
     if (this.encoder) {
       const parts = this.encoder.encode(this.indices, this.buf!.subarray(0, n * PAGE_SIZE));
       this.indices.length = 0;
-      for (const part of parts) frames.push(encodeBatchFrame({ seq, demand, blobCodec: part.blobCodecId, pages: part.pages, data: part.bytes }));
-    } else {
-      frames.push(this.builder!.finish(seq, demand));
-      reusable = this.builder!.buffer;
-      this.builder = null;
-    }
+      for (const part of parts) frames.push(encodeBatchFrame({ seq, demand: false, blobCodec: part.blobCodecId, pages: part.pages, data: part.bytes }));
+    } else frames.push(...this.runFrames(seq));
     await this.inflight;
     let bytes = 0;
     for (const f of frames) bytes += f.length;
@@ -114,21 +133,9 @@ class SendStream {
     // The stream moves one batch per previous write: the pace the compression controller compares.
     this.encoder?.recordSent(n * PAGE_SIZE, this.now());
     // Written in order now (later frames on this connection go behind them); awaited as one.
-    if (reusable) this.queued++;
-    const release = reusable ? () => {
-      this.queued--;
-      if (this.spare.length < SPARE_FRAMES) this.spare.push(reusable);
-      const wake = this.returned;
-      this.returned = null;
-      wake?.();
-    } : undefined;
-    const w = Promise.all(frames.map((f) => this.framed.sendEncoded(f, release))).then(() => undefined);
+    const w = Promise.all(frames.map((f) => this.framed.sendEncoded(f))).then(() => undefined);
     w.catch(() => undefined); // a failure surfaces at the next flush or drain
     this.inflight = w;
-    if (reusable && this.spare.length === 0 && this.queued >= SPARE_FRAMES) {
-      await Promise.race([new Promise<void>((resolve) => { this.returned = resolve; }), this.yieldToIo()]);
-      this.returned = null;
-    }
     return { pages: n, bytes };
   }
 
@@ -222,7 +229,7 @@ class SourceSession {
   }
 
   private async flush(s: SendStream, seq: number): Promise<number> {
-    const { pages, bytes } = await s.flush(seq, false);
+    const { pages, bytes } = await s.flush(seq);
     if (pages === 0) return 0;
     this.bytesSent += bytes;
     this.pagesSent += pages;
@@ -286,7 +293,7 @@ class SourceSession {
         xbzrleCacheBytes: Math.max(PAGE_SIZE, Math.floor((this.opts.xbzrleCacheBytes ?? 64 << 20) / conns.length)),
         ...(this.opts.compression ? { compression: this.opts.compression } : {}),
       })
-      : null, this.batchPages, now, () => this.deps.yieldToIo()));
+      : null, this.batchPages, now));
 
     for (let off = 0; off < this.vm.module.length; off += MODULE_CHUNK) {
       const chunk = this.vm.module.subarray(off, Math.min(this.vm.module.length, off + MODULE_CHUNK));

@@ -33,6 +33,12 @@ export interface SourceVm {
   readPage(page: number, into: Uint8Array, offset: number): void;
   /** True when the page is all zeros (fast path; may be called on a running VM). */
   isZeroPage(page: number): boolean;
+  /**
+   * Guest pages `first` … `first + count − 1` in place, as one view (optional: a run of pages is
+   * then written to the wire without a copy). The bytes change while the guest runs: a page
+   * written after the harvest that made it due is dirty again, and sent again.
+   */
+  pagesView?(first: number, count: number): Uint8Array;
   /** The page's hash as EngineDeps.hashPage computes it, without copying the page out (optional fast path). */
   hashPage?(page: number): bigint;
   /**
@@ -68,6 +74,17 @@ export interface DestinationVm {
   /** Installs a zero page. */
   zeroPage(page: number): void;
   readPage(page: number, into: Uint8Array, offset: number): void;
+  /**
+   * Guest pages `first` … `first + count − 1` as one writable view (optional; before start only):
+   * pages of a RUN are then read from the wire straight into guest memory. Memory must hold the
+   * pages already (ensurePages).
+   */
+  pagesView?(first: number, count: number): Uint8Array;
+  /**
+   * The page's hash as EngineDeps.hashPage computes it, read in place (optional fast path for pages
+   * that landed in guest memory straight from the wire).
+   */
+  hashPage?(page: number): bigint;
   /**
    * Boots the VM from state. With `absent`, it runs in post-copy mode: those pages are not yet
    * present, any access to one blocks the vCPU and calls `onFault`.

@@ -87,6 +87,7 @@ export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
     hashPage: (p) => hashPage(vm.pageView(p)),
     hashAllPages: () => pageHasher().hash(vm.memory, RESERVED_BYTES, vm.guestPages),
     isZeroPage: (p) => (zero ??= zeroScanner({ memory: vm.memory })).isZero(vm.pageView(p)),
+    pagesView: (first, count) => vm.pagesView(first, count),
     startDirtyLog: () => vm.startDirtyLog(),
     harvestDirty: () => vm.harvestDirty(),
     stopDirtyLog: () => vm.stopDirtyLog(),
@@ -200,6 +201,15 @@ export class DestinationVmAdapter implements DestinationVm {
 
   readPage(page: number, into: Uint8Array, offset: number): void {
     this.vm.readPageInto(page, into, offset);
+  }
+
+  pagesView(first: number, count: number): Uint8Array {
+    this.beforeInstall();
+    return this.vm.pagesView(first, count);
+  }
+
+  hashPage(page: number): bigint {
+    return hashPage(this.vm.pageView(page));
   }
 
   onFault(handler: (page: number) => void): void {

@@ -409,6 +409,14 @@ export class Vm extends EventEmitter {
     return new Uint8Array(this.memory.buffer, RESERVED_BYTES + page * PAGE_SIZE, PAGE_SIZE);
   }
 
+  /** Guest pages `first` … `first + count − 1` in place (a racing view while the guest runs, as pageView). */
+  pagesView(first: number, count: number): Uint8Array {
+    if (!Number.isSafeInteger(first) || !Number.isSafeInteger(count) || first < 0 || count < 1 || first + count > this.guestPages) {
+      throw new RangeError(`pages ${first}+${count} are not all in the guest's ${this.guestPages}`);
+    }
+    return new Uint8Array(this.memory.buffer, RESERVED_BYTES + first * PAGE_SIZE, count * PAGE_SIZE);
+  }
+
   /** All of memory (reserved region included), refreshed when the memory has grown past it. */
   private bytes = new Uint8Array(0);
   /** Scratch for copyBytes (page copies at any alignment). */
