@@ -22,6 +22,7 @@ import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../src/node/en
 import { FaultThreadListener, SourceFaultThreads, faultLinkShape, sourceFaultThread } from '../src/node/engine/fault-thread.js';
 import { InstrumentCache } from '../src/node/vm/instrument.js';
 import { GuestMemoryPool } from '../src/node/vm/memory-pool.js';
+import { VcpuThreadPool } from '../src/node/vm/vcpu-threads.js';
 import { Vm } from '../src/node/vm/vm.js';
 import { guestsDir } from '../src/node/paths.js';
 import { HOST_NODE_FLAGS, hasHostFlags } from '../src/node/host-runtime.js';
@@ -88,6 +89,8 @@ async function destinationHost(): Promise<void> {
   const acceptor = new MigrationAcceptor(deps, { faultThreads });
   // As a host would: a VM that is done gives its memory back, and the next VM of its shape takes it.
   const pool = new GuestMemoryPool(1 << 30);
+  // And a vCPU thread started ahead of the next VM (HostAgent's spareVcpuThreads default).
+  const threads = new VcpuThreadPool(1);
   const l = await tcp().listen({
     onConnection: (c) => {
       const conn = link ? shaped(c, { ...link, clock: realClock() }) : c;
@@ -101,7 +104,7 @@ async function destinationHost(): Promise<void> {
           return {
             async create(module) {
               const t0 = performance.now();
-              const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'], pool }, hello.guestBytes);
+              const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'], pool, threads }, hello.guestBytes);
               made.push(vm);
               ready.pooled = vm.memoryBacked;
               const adapter = new DestinationVmAdapter(vm, { guestBytes: hello.guestBytes });

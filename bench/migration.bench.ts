@@ -56,6 +56,16 @@ async function migrate(src: Vm, opts: MigrationOptions, link?: LinkInit): Promis
   return { ...r, report: r.result.report, cpuMs: cpuMs(cpu0) };
 }
 
+/**
+ * Lets both processes go quiet before a measurement: after a migration the destination zeroes the
+ * memory the VM gave back and starts its next spare vCPU thread, the source frees its VM, and a
+ * new source VM fills its memory. Measured in that wake, raw TCP ran at half speed (0.72 against
+ * 1.5 GB/s), which flattered every ratio against it.
+ */
+function settle(): Promise<void> {
+  return new Promise((r) => setTimeout(r, 600));
+}
+
 /** Round trip of one byte over a fresh loopback socket: median of `n`. */
 async function loopbackRttMs(n: number): Promise<number> {
   const server = net.createServer((s) => s.on('data', (d) => s.write(d)));
@@ -109,13 +119,16 @@ async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promis
     // fresh and must be faulted in. Every later run finds the memory the previous VM gave back in
     // the host's pool (zeroed, backed), as on a host whose VMs come and go.
     const src = await memstressVm(`idle-${i + 1}`, mem, 'rate=1');
+    await settle();
     // No work-rate baseline: an idle guest has no work rate to degrade, and the engine counts the
     // baseline's sleep (200 ms by default) into TMT for now ('start' is stamped t=0, later events
     // relative to the session's creation, before the sleep).
     const run = await migrate(src, { mode: 'precopy', baselineMs: 0 });
     const wire = run.report.bytes.wire;
     const total = Math.ceil(wire / MiB) * MiB;
+    await settle();
     const rawMs = await rawTcp(total, block);
+    await settle();
     const freshMs = await rawTcpIntoFreshMemory(total, block);
     const tmt = run.report.totalMigrationTimeMs!;
     ctx.log(`precopy-idle run ${i < 0 ? 'cold' : i}: TMT ${tmt.toFixed(0)} ms = ${phases(run)}; destination memory ${run.outcome.pooled ? 'from the pool' : 'fresh'}; CPU source ${run.cpuMs.toFixed(0)} ms, destination ${run.outcome.cpuMs.toFixed(0)} ms; raw ${rawMs.toFixed(0)} ms, raw into fresh memory ${freshMs.toFixed(0)} ms`);

@@ -74,6 +74,10 @@ for (const back of ['precopy', 'postcopy'] as const) {
       assert.ok(kept.bytes > 64 << 10, `a keeps the VM's memory (${kept.bytes} bytes)`);
       assert.deepEqual(await pool(b), { capacityBytes: DEFAULT_MEMORY_POOL_BYTES, hits: 0, misses: 1, memories: 0, bytes: 0 });
       assert.equal((await arrived(b, 'kv')).memoryBacked, false);
+      // Its vCPU thread was b's spare, started before the migration; b starts the next one.
+      const threads = (await http(`${b.url}/v1/host`, 'GET')).json.vcpuThreads as { spares: number; started: number; taken: number };
+      assert.equal(threads.spares, 1);
+      assert.equal(threads.taken, 1, 'the arrival took the spare thread');
       await keysAreThere(client, 500);
 
       done = await migrate(b, a, back);
@@ -262,6 +266,31 @@ test('ferry host start --memory-pool: a size (0: off) reaches the agent; a bad o
         assert.equal(h.started.memoryPoolBytes, bytes);
         const info = (await http(`${h.started.control}/v1/host`, 'GET')).json;
         assert.deepEqual(info.memoryPool, { capacityBytes: bytes, hits: 0, misses: 0, memories: 0, bytes: 0 });
+      } finally {
+        h.proc.kill('SIGTERM');
+        assert.equal(await h.exit, 0);
+      }
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('ferry host start --spare-vcpu-threads: a count reaches the agent (GET /v1/host); a bad one is refused by name with exit 2', async () => {
+  for (const bad of ['x', '-1', '17', '1.5']) {
+    const r = await ferry(['host', 'start', '--name', 'a', '--spare-vcpu-threads', bad]);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /spare vCPU threads must be an integer from 0 to 16/);
+  }
+  const help = await ferry(['host', 'start', '--help']);
+  assert.match(help.stdout, /--spare-vcpu-threads <n>[\s\S]*default: 1/);
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-spares-cli-'));
+  try {
+    for (const n of [0, 2]) {
+      const h = await ferryStarted<{ control: string }>(['host', 'start', '--json', '--name', `s${n}`, '--spare-vcpu-threads', String(n), '--data-dir', join(dir, String(n)), '--state-dir', join(dir, 'state')]);
+      try {
+        const info = (await http(`${h.started.control}/v1/host`, 'GET')).json;
+        assert.deepEqual(info.vcpuThreads, { spares: n, started: n, taken: 0 });
       } finally {
         h.proc.kill('SIGTERM');
         assert.equal(await h.exit, 0);

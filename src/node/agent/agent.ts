@@ -28,6 +28,7 @@ import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../e
 import { InstrumentCache } from '../vm/instrument.js';
 import { Vm, type VmStats } from '../vm/vm.js';
 import { GuestMemoryPool, type MemoryPoolStats } from '../vm/memory-pool.js';
+import { VcpuThreadPool } from '../vm/vcpu-threads.js';
 import { restoreSnapshot, writeSnapshot, type SnapshotStats } from '../vm/snapshot.js';
 import { ExposeEndpoint, parseHostPort } from '../net/expose.js';
 import { Relay, peekStart, startsLikeRelay, withPrefix } from '../net/relay.js';
@@ -63,6 +64,12 @@ export interface HostAgentInit {
    * already backed by the kernel, instead of faulting fresh memory in (see GuestMemoryPool).
    */
   memoryPoolBytes?: number;
+  /**
+   * vCPU threads this host keeps started ahead of the VMs that will run on them (default 1; 0:
+   * every VM starts its own). A migration's destination VM then takes a loaded thread instead of
+   * starting one during the first round (see VcpuThreadPool).
+   */
+  spareVcpuThreads?: number;
 }
 
 /**
@@ -190,6 +197,7 @@ export class HostAgent extends EventEmitter {
   private readonly quantumMs: number | undefined;
   /** Ready guest memories: VMs leaving this host give theirs back, VMs created or arriving take them. */
   private readonly pool: GuestMemoryPool;
+  private readonly threads: VcpuThreadPool;
   private readonly vms = new Map<string, ManagedVm>();
   private http: FastifyInstance | null = null;
   private readonly transport: Transport;
@@ -227,6 +235,7 @@ export class HostAgent extends EventEmitter {
     this.cache = init.cache ?? new InstrumentCache({ dir: join(init.dataDir, 'cache') });
     this.quantumMs = init.quantumMs;
     this.pool = new GuestMemoryPool(init.memoryPoolBytes ?? DEFAULT_MEMORY_POOL_BYTES);
+    this.threads = new VcpuThreadPool(init.spareVcpuThreads ?? 1);
     this.capacityBytes = init.capacityBytes ?? totalmem();
     this.transport = init.transport ?? tcp();
     this.deps = init.engineDeps ?? nodeEngineDeps();
@@ -308,7 +317,7 @@ export class HostAgent extends EventEmitter {
       block = { path: spec.disk ? resolve(spec.disk) : join(this.dataDir, 'disks', `${spec.name}.img`), sizeBytes };
     }
     const vm = Vm.create({
-      name: spec.name, module: bytes, memoryBytes, config: spec.config ?? '', cache: this.cache, pool: this.pool,
+      name: spec.name, module: bytes, memoryBytes, config: spec.config ?? '', cache: this.cache, pool: this.pool, threads: this.threads,
       ...(block ? { block } : {}),
       ...(spec.fixedBudget ? { fixedBudget: spec.fixedBudget } : {}),
       ...(this.quantumMs ? { quantumMs: this.quantumMs } : {}),
@@ -462,6 +471,11 @@ export class HostAgent extends EventEmitter {
    * port is null until a post-copy migration first arrived; `priorityRaised` says whether the
    * threads started so far run at FAULT_THREAD_NICE (it needs CAP_SYS_NICE).
    */
+  /** The spare vCPU threads: how many this host keeps, how many it started and how many VMs took one. */
+  vcpuThreads(): { spares: number; started: number; taken: number } {
+    return { spares: this.threads.spares, started: this.threads.started, taken: this.threads.taken };
+  }
+
   faultThreads(): { port: number | null; priorityRaised: boolean } | null {
     if (!this.faultListener || !this.sourceFaults) return null;
     return { port: this.faultListener.listeningPort, priorityRaised: this.faultListener.priorityRaised || this.sourceFaults.priorityRaised };
@@ -571,7 +585,7 @@ export class HostAgent extends EventEmitter {
             // Created at the source's size, so that memory the pool holds for it fits (a pool memory
             // serves only its exact shape); the adapter's growTo is then a no-op.
             const vm = Vm.create({
-              name, module, memoryBytes: hello.memoryBytes, config: hello.config, cache: this.cache, pool: this.pool,
+              name, module, memoryBytes: hello.memoryBytes, config: hello.config, cache: this.cache, pool: this.pool, threads: this.threads,
               variants: ['plain', 'dirty', 'presence'],
               ...(this.quantumMs ? { quantumMs: this.quantumMs } : {}),
             }, hello.guestBytes);
@@ -867,6 +881,7 @@ export class HostAgent extends EventEmitter {
     this.incomingRelays.clear();
     await this.faultListener?.close();
     await this.sourceFaults?.close();
+    await this.threads.close();
   }
 }
 
@@ -921,7 +936,7 @@ export function buildControlApi(agent: HostAgent): FastifyInstance {
   app.get('/v1/host', async () => ({
     name: agent.name, vms: agent.list().length, migration: agent.migrationAddress,
     capacityBytes: agent.capacityBytes, reservedBytes: agent.reservedBytes(), away: agent.awayList(),
-    memoryPool: agent.memoryPool(), faultThreads: agent.faultThreads(),
+    memoryPool: agent.memoryPool(), vcpuThreads: agent.vcpuThreads(), faultThreads: agent.faultThreads(),
   }));
   app.get('/v1/vms', async () => agent.list());
   app.post('/v1/vms', async (req, reply) => {

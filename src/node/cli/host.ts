@@ -44,6 +44,10 @@ const nameArg = (v: string) => {
 const addrArg = addressText;
 const sizeArg = sizeBytes('capacity');
 const poolArg = sizeBytes('memory pool size');
+const sparesArg = (v: string) => {
+  if (!/^\d{1,2}$/.test(v) || Number(v) > 16) throw new CommanderArgError(`spare vCPU threads must be an integer from 0 to 16, got '${v}'`);
+  return Number(v);
+};
 
 export function registerHostCommands(program: Command): void {
   const host = program.command('host').description('run host agents: the control API and migration endpoint of one host');
@@ -56,9 +60,10 @@ export function registerHostCommands(program: Command): void {
     .option('--data-dir <dir>', 'caches and disks of this host (default: <state dir>/hosts/<name>.d)')
     .option('--capacity <size>', 'guest RAM this host may reserve, e.g. 8GiB (default: the machine\'s memory)', sizeArg)
     .option('--memory-pool <size>', `guest memory kept ready for later VMs, e.g. 1GiB: a VM that leaves this host gives its memory back, and a VM created or arriving later with the same memory size and ceiling takes it, zeroed and already backed (no page faults as it fills); 0 turns it off (default: ${formatBytes(DEFAULT_MEMORY_POOL_BYTES)})`, poolArg)
+    .option('--spare-vcpu-threads <n>', 'vCPU threads kept started ahead of the VMs that will run on them, 0–16: an arriving VM takes a loaded one instead of starting its own during the migration (default: 1)', sparesArg)
     .option('--state-dir <dir>', 'where hosts and VMs register (default $FERRY_HOME or ~/.ferry)')
     .option('--json', 'print events as JSON lines')
-    .action(async (o: { name: string; listen: string; migration?: string; dataDir?: string; capacity?: number; memoryPool?: number; stateDir?: string; json?: boolean }) => {
+    .action(async (o: { name: string; listen: string; migration?: string; dataDir?: string; capacity?: number; memoryPool?: number; spareVcpuThreads?: number; stateDir?: string; json?: boolean }) => {
       const home = stateHome(o.stateDir);
       if (await findHost(home, o.name)) throw new FerryError('ERR_HOST_EXISTS', `a host named '${o.name}' is already running (see ${join(hostsDir(home), `${o.name}.json`)})`);
       const at = parseHostPort(o.listen);
@@ -68,6 +73,7 @@ export function registerHostCommands(program: Command): void {
         name: o.name, dataDir,
         ...(o.capacity !== undefined ? { capacityBytes: o.capacity } : {}),
         ...(o.memoryPool !== undefined ? { memoryPoolBytes: o.memoryPool } : {}),
+        ...(o.spareVcpuThreads !== undefined ? { spareVcpuThreads: o.spareVcpuThreads } : {}),
         ...(o.migration ? { migrationAddress: o.migration } : {}),
       });
       const log = (event: string, fields: Record<string, unknown>, text: string) => {

@@ -13,6 +13,7 @@ import { SharedGuestMemory } from './memory-access.js';
 import { Devices, type DeviceState, type DevicesInit } from './devices/index.js';
 import type { NetRecordData } from '../../core/net-ring.js';
 import { decodeGlobals, encodeGlobals, type GlobalDesc, type GlobalValue } from './globals.js';
+import { SPARE_ROLE, type SpareThreadData } from './vcpu-threads.js';
 
 export interface VcpuWorkerData {
   name: string;
@@ -55,7 +56,29 @@ export type FromWorker =
  * while pages are still arriving, so thread start-up is not part of the downtime). It then waits
  * here for its 'boot' message; anything else that arrives meanwhile is kept for later.
  */
-const initial = workerData as Omit<VcpuWorkerData, 'boot'> & { boot?: VcpuWorkerData['boot'] };
+type InitialData = Omit<VcpuWorkerData, 'boot'> & { boot?: VcpuWorkerData['boot'] };
+
+/**
+ * A spare thread (vcpu-threads.ts) starts before its VM exists: it warms what it can, then waits
+ * for the VM's thread data on its port. Any other thread has that data as workerData.
+ */
+function adopt(): InitialData {
+  const spare = workerData as SpareThreadData | InitialData;
+  if (!('role' in spare) || spare.role !== SPARE_ROLE) return spare as InitialData;
+  warmRestorePath(new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true }));
+  const wake = new Int32Array(spare.wake);
+  for (;;) {
+    const rung = Atomics.load(wake, 0);
+    const m = receiveMessageOnPort(spare.port);
+    if (m) {
+      spare.port.close();
+      return (m.message as { data: InitialData }).data;
+    }
+    Atomics.wait(wake, 0, rung);
+  }
+}
+const adopted = (workerData as { role?: string } | null)?.role === SPARE_ROLE;
+const initial = adopt();
 const ctl = new Int32Array(initial.control);
 const backlog: ToWorker[] = [];
 function awaitBoot(): VcpuWorkerData['boot'] | null {
@@ -76,18 +99,18 @@ function awaitBoot(): VcpuWorkerData['boot'] | null {
  * compilation, cold code) is not paid during the downtime — measured 6–11 ms in a fresh thread,
  * 0.1–0.4 ms after this. Nothing of it touches guest memory; a failure only loses the warm-up.
  */
-function warmRestorePath(): void {
+function warmRestorePath(memory: WebAssembly.Memory): void {
   try {
     const noop = () => undefined;
     const hooks = { console: noop, netTx: noop, halt: noop, abort: noop };
-    const mem = new SharedGuestMemory(initial.memory, noop);
+    const mem = new SharedGuestMemory(memory, noop);
     Devices.fromState(new Devices({ config: '' }, mem, hooks).exportState(), { config: '' }, mem, hooks).close();
   } catch {
     // not needed for correctness
   }
 }
 if (!initial.boot) {
-  warmRestorePath();
+  if (!adopted) warmRestorePath(initial.memory);
   parentPort!.postMessage({ t: 'standby' } satisfies FromWorker);
 }
 const bootInfo = initial.boot ?? awaitBoot();

@@ -19,6 +19,7 @@ import type { FromWorker, ToWorker, VcpuWorkerData } from './vcpu-worker.js';
 import type { GlobalDesc } from './globals.js';
 import { copyBytes, prefaultFreshMemory } from './memory-access.js';
 import type { GuestMemoryPool } from './memory-pool.js';
+import type { VcpuThreadPool } from './vcpu-threads.js';
 
 export interface VmInit {
   name: string;
@@ -43,6 +44,8 @@ export interface VmInit {
    * is there (zeroed and already backed: no page faults on first write), and dispose() gives it back.
    */
   pool?: GuestMemoryPool;
+  /** The host's spare vCPU threads: the VM's thread is taken from there when one stands by. */
+  threads?: VcpuThreadPool;
 }
 
 /** Everything about a VM that is not in guest memory. JSON-serializable. */
@@ -209,7 +212,12 @@ export class Vm extends EventEmitter {
       quantumMs: this.init.quantumMs ?? 1,
       idleWaitMs: this.init.idleWaitMs ?? 1,
     };
-    const worker = new Worker(new URL('./vcpu-worker.js', import.meta.url), { workerData: data, transferList: [port2] });
+    const spare = this.init.threads?.take() ?? null;
+    let worker: Worker;
+    if (spare) {
+      worker = spare.worker;
+      spare.adopt(data, [port2]);
+    } else worker = new Worker(new URL('./vcpu-worker.js', import.meta.url), { workerData: data, transferList: [port2] });
     this.worker = worker;
     this.readyP = new Promise<void>((res, rej) => ((this.ready = res), (this.failed = rej)));
     this.readyP.catch(() => undefined);

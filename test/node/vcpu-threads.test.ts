@@ -1,0 +1,56 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { Vm } from '../../src/node/vm/vm.js';
+import { InstrumentCache } from '../../src/node/vm/instrument.js';
+import { VcpuThreadPool } from '../../src/node/vm/vcpu-threads.js';
+import { hammerGuest } from '../helpers/wat.js';
+
+const cache = new InstrumentCache();
+
+async function until(cond: () => boolean, what: string): Promise<void> {
+  for (let i = 0; i < 500 && !cond(); i++) await new Promise((r) => setTimeout(r, 10));
+  assert.ok(cond(), what);
+}
+
+test('a VM takes a spare vCPU thread: it boots, runs, pauses and continues from state on it; the pool starts the next spare', async (t) => {
+  const threads = new VcpuThreadPool(1, 20);
+  t.after(() => threads.close());
+  assert.equal(threads.started, 1, 'one spare started with the pool');
+  const bytes = hammerGuest(16);
+  const a = Vm.create({ name: 'spare-a', module: bytes, memoryBytes: 4 << 20, cache, quantumMs: 0.5, threads });
+  await a.bootCold();
+  assert.equal(threads.taken, 1, 'the VM ran on the spare');
+  const p0 = a.stat().progress;
+  await until(() => a.stat().progress > p0, 'the guest makes progress on the adopted thread');
+  await a.pause();
+  const state = await a.exportState();
+  const digest = a.digest();
+  // The next spare starts a moment later; a VM continuing from the state takes it.
+  await until(() => threads.started === 2, 'the pool started the next spare');
+  const b = Vm.create({ name: 'spare-b', module: bytes, memoryBytes: 4 << 20, cache, quantumMs: 0.5, threads }, state.guestBytes);
+  b.guestView().set(a.guestView());
+  await b.prewarm();
+  assert.equal(threads.taken, 2);
+  await b.bootFromState({ ...state, name: 'spare-b' }, { paused: true });
+  assert.equal(b.digest(), digest, 'the adopted thread continued exactly where the VM was');
+  b.resume();
+  const q0 = b.stat().progress;
+  await until(() => b.stat().progress > q0, 'and runs on');
+  await Promise.all([a.stop(), b.stop()]);
+  assert.equal(b.state, 'stopped');
+});
+
+test('with no spare standing (none kept, or taken), a VM starts its own thread; close() stops the spares', async (t) => {
+  const none = new VcpuThreadPool(0);
+  const vm = Vm.create({ name: 'own-thread', module: hammerGuest(8), memoryBytes: 4 << 20, cache, quantumMs: 0.5, threads: none });
+  t.after(() => vm.stop());
+  await vm.bootCold();
+  assert.equal(none.taken, 0);
+  assert.equal(none.started, 0);
+  const p0 = vm.stat().progress;
+  await until(() => vm.stat().progress > p0, 'the guest runs on its own thread');
+  const pool = new VcpuThreadPool(2, 10_000);
+  await pool.close();
+  assert.equal(pool.take(), null, 'a closed pool hands out nothing');
+  assert.throws(() => new VcpuThreadPool(-1), RangeError);
+});
