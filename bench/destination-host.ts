@@ -90,7 +90,8 @@ async function destinationHost(): Promise<void> {
   // As a host would: a VM that is done gives its memory back, and the next VM of its shape takes it.
   const pool = new GuestMemoryPool(1 << 30);
   // And a vCPU thread started ahead of the next VM (HostAgent's spareVcpuThreads default).
-  const threads = new VcpuThreadPool(1);
+  let accepting = 0;
+  const threads = new VcpuThreadPool(1, { busy: () => accepting > 0 });
   const l = await tcp().listen({
     onConnection: (c) => {
       const conn = link ? shaped(c, { ...link, clock: realClock() }) : c;
@@ -114,7 +115,9 @@ async function destinationHost(): Promise<void> {
           };
         },
       };
+      accepting++;
       acceptor.accept(conn, factory)
+        .finally(() => accepting--)
         .then((o) => { if (o) send({ type: 'outcome', vmName: o.vmName, outcome: { ...o, readyMs: ready.ms, cpuMs: cpuMs(cpu0), pooled: ready.pooled } }); }, (e: Error) => send({ type: 'failed', vmName, message: e.message }))
         .finally(async () => { for (const vm of made) await vm.dispose().catch(() => undefined); });
     },

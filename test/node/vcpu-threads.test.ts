@@ -13,7 +13,8 @@ async function until(cond: () => boolean, what: string): Promise<void> {
 }
 
 test('a VM takes a spare vCPU thread: it boots, runs, pauses and continues from state on it; the pool starts the next spare', async (t) => {
-  const threads = new VcpuThreadPool(1, 20);
+  let busy = true;
+  const threads = new VcpuThreadPool(1, { refillDelayMs: 20, busy: () => busy });
   t.after(() => threads.close());
   assert.equal(threads.started, 1, 'one spare started with the pool');
   const bytes = hammerGuest(16);
@@ -25,7 +26,10 @@ test('a VM takes a spare vCPU thread: it boots, runs, pauses and continues from 
   await a.pause();
   const state = await a.exportState();
   const digest = a.digest();
-  // The next spare starts a moment later; a VM continuing from the state takes it.
+  // The next spare starts once the host is not busy; a VM continuing from the state takes it.
+  await new Promise((r) => setTimeout(r, 100));
+  assert.equal(threads.started, 1, 'no spare starts while the host is busy');
+  busy = false;
   await until(() => threads.started === 2, 'the pool started the next spare');
   const b = Vm.create({ name: 'spare-b', module: bytes, memoryBytes: 4 << 20, cache, quantumMs: 0.5, threads }, state.guestBytes);
   b.guestView().set(a.guestView());
@@ -49,7 +53,7 @@ test('with no spare standing (none kept, or taken), a VM starts its own thread; 
   assert.equal(none.started, 0);
   const p0 = vm.stat().progress;
   await until(() => vm.stat().progress > p0, 'the guest runs on its own thread');
-  const pool = new VcpuThreadPool(2, 10_000);
+  const pool = new VcpuThreadPool(2, { refillDelayMs: 10_000 });
   await pool.close();
   assert.equal(pool.take(), null, 'a closed pool hands out nothing');
   assert.throws(() => new VcpuThreadPool(-1), RangeError);

@@ -235,7 +235,10 @@ export class HostAgent extends EventEmitter {
     this.cache = init.cache ?? new InstrumentCache({ dir: join(init.dataDir, 'cache') });
     this.quantumMs = init.quantumMs;
     this.pool = new GuestMemoryPool(init.memoryPoolBytes ?? DEFAULT_MEMORY_POOL_BYTES);
-    this.threads = new VcpuThreadPool(init.spareVcpuThreads ?? 1);
+    // A spare starts only while no migration runs here (it would take the CPU the migration needs).
+    this.threads = new VcpuThreadPool(init.spareVcpuThreads ?? 1, {
+      busy: () => this.incoming.size > 0 || [...this.jobs.values()].some((j) => j.status === 'running'),
+    });
     this.capacityBytes = init.capacityBytes ?? totalmem();
     this.transport = init.transport ?? tcp();
     this.deps = init.engineDeps ?? nodeEngineDeps();
