@@ -27,7 +27,6 @@ transportComplianceSuite('shaped tcp', {
   backpressureBytes: 48 << 20,
   resetMayLookLikeEnd: true,
   largeTransferBytes: 32 << 20,
-  releasesWrites: true,
 });
 
 test('real clock: sleep waits at least as long as asked and honours its AbortSignal', async () => {

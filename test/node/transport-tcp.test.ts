@@ -11,7 +11,6 @@ transportComplianceSuite('tcp', {
   // Well beyond loopback socket buffers that have not been auto-tuned (nobody reads) plus our 1 MiB queues.
   backpressureBytes: 32 << 20,
   resetMayLookLikeEnd: true,
-  releasesWrites: true,
 });
 
 transportComplianceSuite('tcp (small buffers)', {
@@ -19,7 +18,6 @@ transportComplianceSuite('tcp (small buffers)', {
   backpressureBytes: 16 << 20,
   resetMayLookLikeEnd: true,
   largeTransferBytes: 8 << 20,
-  releasesWrites: true,
 });
 
 test('TCP addresses parse and the listener binds 127.0.0.1 on an ephemeral port', async () => {

@@ -53,9 +53,8 @@ class SendStream {
   private rawCount = 0;
   private readonly zeros: Uint32Array;
   private zeroCount = 0;
-  private vm: SourceVm | null = null;
 
-  constructor(readonly framed: FramedConnection, readonly encoder: StreamEncoder | null, private readonly batchPages: number, private readonly now: () => number) {
+  constructor(readonly framed: FramedConnection, readonly encoder: StreamEncoder | null, private readonly vm: SourceVm, private readonly batchPages: number, private readonly now: () => number) {
     this.buf = encoder ? new Uint8Array(batchPages * PAGE_SIZE) : null;
     this.raw = new Uint32Array(encoder ? 0 : batchPages);
     this.zeros = new Uint32Array(encoder ? 0 : batchPages);
@@ -70,13 +69,13 @@ class SendStream {
   }
 
   /** Adds page `p` to the batch (codec path: copied now; RUN path: read from guest memory when written). */
-  add(vm: SourceVm, p: number): void {
+  add(p: number): void {
+    const vm = this.vm;
     if (this.buf) {
       vm.readPage(p, this.buf, this.indices.length * PAGE_SIZE);
       this.indices.push(p);
       return;
     }
-    this.vm = vm;
     if (vm.isZeroPage(p)) this.zeros[this.zeroCount++] = p;
     else this.raw[this.rawCount++] = p;
   }
@@ -96,7 +95,7 @@ class SendStream {
         last = p;
       }
       out.push(encodeRunHead(seq, extents, PAGE_SIZE));
-      const vm = this.vm!;
+      const vm = this.vm;
       for (const e of extents) {
         if (vm.pagesView) out.push(vm.pagesView(e.first, e.count));
         else {
@@ -221,7 +220,7 @@ class SourceSession {
     for (const p of pages) {
       this.checkAbort();
       const s = this.streams[streamOf(p, n)];
-      s.add(this.vm, p);
+      s.add(p);
       if (s.full) sent += await this.flush(s, seq);
     }
     for (const s of this.streams) sent += await this.flush(s, seq);
@@ -293,7 +292,7 @@ class SourceSession {
         xbzrleCacheBytes: Math.max(PAGE_SIZE, Math.floor((this.opts.xbzrleCacheBytes ?? 64 << 20) / conns.length)),
         ...(this.opts.compression ? { compression: this.opts.compression } : {}),
       })
-      : null, this.batchPages, now));
+      : null, this.vm, this.batchPages, now));
 
     for (let off = 0; off < this.vm.module.length; off += MODULE_CHUNK) {
       const chunk = this.vm.module.subarray(off, Math.min(this.vm.module.length, off + MODULE_CHUNK));

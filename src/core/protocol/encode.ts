@@ -219,26 +219,12 @@ export class PagesFrameBuilder {
   private pos = HEADER_BYTES + 8;
   private n = 0;
 
-  /**
-   * @param reuse a buffer to build in (one that {@link buffer} gave before, its frame no longer
-   *   referenced); used when at least {@link PagesFrameBuilder.bytesFor} long. Every byte of the
-   *   frame is written, so old contents never leak into it.
-   */
-  constructor(readonly maxPages: number, readonly pageSize: number, reuse?: Uint8Array) {
+  constructor(readonly maxPages: number, readonly pageSize: number) {
     if (!Number.isInteger(maxPages) || maxPages < 1) bad(`a PAGES builder needs room for at least one page, got ${maxPages}`);
     if (!Number.isInteger(pageSize) || pageSize < 8 || pageSize % 8 !== 0) bad(`a PAGES builder needs a page size that is a multiple of 8, got ${pageSize}`);
-    const need = PagesFrameBuilder.bytesFor(maxPages, pageSize);
-    this.buf = reuse && reuse.length >= need ? reuse : new Uint8Array(need);
+    this.buf = new Uint8Array(HEADER_BYTES + 8 + maxPages * (PAGE_HEAD_BYTES + pageSize));
     this.view = new DataView(this.buf.buffer, this.buf.byteOffset, this.buf.byteLength);
   }
-
-  /** The buffer a builder of `maxPages` pages of `pageSize` needs. */
-  static bytesFor(maxPages: number, pageSize: number): number {
-    return HEADER_BYTES + 8 + maxPages * (PAGE_HEAD_BYTES + pageSize);
-  }
-
-  /** The buffer the frame is built in (finish() returns a view of it). */
-  get buffer(): Uint8Array { return this.buf; }
 
   get count(): number { return this.n; }
   get full(): boolean { return this.n >= this.maxPages; }

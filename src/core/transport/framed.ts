@@ -59,11 +59,11 @@ export class FramedConnection implements AsyncIterable<Frame> {
   }
 
   /**
-   * Writes an already-encoded frame (e.g. one encoded once and sent on several streams);
-   * `release` as in {@link Connection.write}: the buffer may be reused once it is called.
+   * Writes already-encoded bytes: a frame encoded once and sent on several streams, or a part of
+   * one (a RUN head, then its extents straight from guest memory).
    */
-  sendEncoded(bytes: Uint8Array, release?: () => void): Promise<void> {
-    return this.connection.write(bytes, release);
+  sendEncoded(bytes: Uint8Array): Promise<void> {
+    return this.connection.write(bytes);
   }
 
   /** Frames decoded and not yet returned by next(). */

@@ -56,10 +56,8 @@ interface Waiter {
   reject(e: Error): void;
 }
 
-/** A write's release, shared by its pieces: called once the last piece is released. */
-interface PieceRelease { release: () => void; pieces: number; last?: boolean }
-/** Written bytes not yet paced, and their write's release. */
-interface Piece { bytes: Uint8Array; release: PieceRelease | undefined }
+/** Written bytes not yet paced. */
+interface Piece { bytes: Uint8Array }
 
 class ShapedConnection implements Connection {
   private readonly bucket: TokenBucket | undefined;
@@ -74,7 +72,7 @@ class ShapedConnection implements Connection {
   private queue: Piece[] = [];
   private queueHead = 0;
   /** Paced chunks and the time each may be delivered. */
-  private wire: { bytes: Uint8Array; due: number; release?: PieceRelease | undefined }[] = [];
+  private wire: { bytes: Uint8Array; due: number }[] = [];
   private wireHead = 0;
   private wireBytes = 0;
   /** Accepted and not yet handed to the underlying connection. */
@@ -124,11 +122,11 @@ class ShapedConnection implements Connection {
     return this.conn.closed;
   }
 
-  write(bytes: Uint8Array, release?: () => void): Promise<void> {
+  write(bytes: Uint8Array): Promise<void> {
     if (this.error) return Promise.reject(this.error);
     if (this.writeEnded) return Promise.reject(new TransportError(TransportErrorCode.CLOSED, `write after close on ${this.localAddress}`));
     if (bytes.length > 0) {
-      this.queue.push({ bytes, release: release ? { release, pieces: 0 } : undefined });
+      this.queue.push({ bytes });
       this.held += bytes.length;
       this.pace();
     }
@@ -191,12 +189,6 @@ class ShapedConnection implements Connection {
         const head = this.queue[this.queueHead];
         const whole = head.bytes.length <= this.chunk;
         const piece = whole ? head.bytes : head.bytes.subarray(0, this.chunk);
-        // A write's release travels with each of its pieces: called once the last is released.
-        const rel = head.release;
-        if (rel) {
-          rel.pieces++;
-          if (whole) rel.last = true;
-        }
         if (whole) {
           this.queue[this.queueHead++] = EMPTY_PIECE;
           if (this.queueHead > 1024 && this.queueHead * 2 > this.queue.length) {
@@ -204,14 +196,14 @@ class ShapedConnection implements Connection {
             this.queueHead = 0;
           }
         } else {
-          this.queue[this.queueHead] = { bytes: head.bytes.subarray(this.chunk), release: rel };
+          this.queue[this.queueHead] = { bytes: head.bytes.subarray(this.chunk) };
         }
         if (this.bucket) {
           const wait = this.bucket.reserve(piece.length, this.clock.now());
           if (wait > 0) await this.clock.sleep(wait, this.stop.signal);
           if (this.error) return;
         }
-        this.wire.push({ bytes: piece, due: this.clock.now() + this.latency, release: rel });
+        this.wire.push({ bytes: piece, due: this.clock.now() + this.latency });
         this.wireBytes += piece.length;
         this.deliver();
       }
@@ -233,7 +225,7 @@ class ShapedConnection implements Connection {
   private async runDeliverer(): Promise<void> {
     try {
       while (!this.error && this.wireHead < this.wire.length) {
-        const { bytes, due, release: rel } = this.wire[this.wireHead];
+        const { bytes, due } = this.wire[this.wireHead];
         const wait = due - this.clock.now();
         if (wait > 0) await this.clock.sleep(wait, this.stop.signal);
         if (this.error) return;
@@ -242,9 +234,7 @@ class ShapedConnection implements Connection {
           this.wire = this.wire.slice(this.wireHead);
           this.wireHead = 0;
         }
-        const written = this.conn.write(bytes, rel ? () => {
-          if (--rel.pieces === 0 && rel.last) rel.release();
-        } : undefined);
+        const written = this.conn.write(bytes);
         this.held -= bytes.length;
         this.wireBytes -= bytes.length;
         this.wakeWriters();
@@ -280,7 +270,7 @@ class ShapedConnection implements Connection {
 
 const EMPTY = new Uint8Array(0);
 const EMPTY_SLOT = { bytes: EMPTY, due: 0 };
-const EMPTY_PIECE: Piece = { bytes: EMPTY, release: undefined };
+const EMPTY_PIECE: Piece = { bytes: EMPTY };
 
 /**
  * Shapes our direction of `conn`: at most `bandwidthBytesPerSec` (token bucket, `burstBytes`

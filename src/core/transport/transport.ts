@@ -25,11 +25,12 @@
  *   failure — ferry's does (docs/protocol.md).
  * - **Named errors.** Everything a transport rejects or throws is a {@link TransportError} (or an
  *   `AbortError` when an operation's AbortSignal fires), with the underlying error as `cause`.
- * - **Ownership.** A buffer passed to `write` belongs to the connection from then on: don't modify
- *   it — until the connection calls the write's `release` callback, if it does: from then on it
- *   holds no reference to those bytes and the writer may reuse the buffer (TCP: once the kernel
- *   has them). A connection that hands the buffer itself to its peer (the in-memory pair) never
- *   calls it. Chunks handed out by iteration belong to the reader.
+ * - **Ownership.** A connection reads the bytes passed to `write` some time before they reach
+ *   the peer (TCP: when the kernel takes them; the in-memory pair hands the buffer itself to its
+ *   peer). A writer that changes them meanwhile sends whatever they hold when they are read — the
+ *   migration source writes guest memory this way and sends again any page the guest changed
+ *   (docs/protocol.md, RUN); anyone else should not touch a buffer once written. Chunks handed out
+ *   by iteration belong to the reader.
  */
 import { FerryError } from '../errors.js';
 
@@ -95,11 +96,9 @@ export interface Connection extends AsyncIterable<Uint8Array> {
   readonly remoteAddress: string;
   /**
    * Queues `bytes` and resolves when there is room again (see backpressure above). Rejects with a
-   * TransportError when the connection is closed for writing, aborted or reset. `release`, when
-   * given, may be called (at most once) when the connection no longer references `bytes` (see
-   * ownership above); it may also never be called.
+   * TransportError when the connection is closed for writing, aborted or reset.
    */
-  write(bytes: Uint8Array, release?: () => void): Promise<void>;
+  write(bytes: Uint8Array): Promise<void>;
   /**
    * Ends our direction once everything written so far is flushed; resolves then. Idempotent.
    * Rejects (TransportError) if the connection is aborted or reset before the flush completes.

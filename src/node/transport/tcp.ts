@@ -182,13 +182,10 @@ class TcpConnection implements Connection {
     for (const x of w) x.resolve();
   }
 
-  write(bytes: Uint8Array, release?: () => void): Promise<void> {
+  write(bytes: Uint8Array): Promise<void> {
     if (this.error) return Promise.reject(this.error);
     if (this.writeEnded || this.done) return Promise.reject(new TransportError(TransportErrorCode.CLOSED, `write after close on ${this.localAddress}`));
-    // The socket's callback runs once the kernel has the bytes (or the write failed and was
-    // dropped): either way nothing references them any more.
-    if (release) this.socket.write(bytes, () => release());
-    else this.socket.write(bytes);
+    this.socket.write(bytes);
     if (this.socket.writableLength <= this.writeHwm) return Promise.resolve();
     return new Promise((resolve, reject) => this.writers.push({ resolve, reject }));
   }
