@@ -165,24 +165,23 @@ interface Entries {
 const notInPlace = () => false;
 
 function runEntries(f: RunFrame): Entries {
-  // Entry k → its extent, by position (runs of up to a batch of pages, few extents each).
+  // Entry k is page `at[k]` of extent `of[k]` (a batch of pages at most, so one pass is cheap).
   const ext = f.extents;
-  const starts = new Uint32Array(ext.length + 1);
-  for (let i = 0; i < ext.length; i++) starts[i + 1] = starts[i] + ext[i].count;
-  let i = 0;
-  const find = (k: number) => {
-    if (k < starts[i]) i = 0;
-    while (k >= starts[i + 1]) i++;
-    return i;
-  };
+  let count = 0;
+  for (const e of ext) count += e.count;
+  const of = new Uint32Array(count);
+  const at = new Uint32Array(count);
+  for (let i = 0, k = 0; i < ext.length; i++) {
+    for (let j = 0; j < ext[i].count; j++, k++) {
+      of[k] = i;
+      at[k] = j;
+    }
+  }
   return {
-    seq: f.seq, count: starts[ext.length], codec: () => Encoding.RAW,
-    index: (k) => ext[find(k)].first + (k - starts[i]),
-    data: (k) => {
-      const at = (k - starts[find(k)]) * PAGE_SIZE;
-      return ext[i].data.subarray(at, at + PAGE_SIZE);
-    },
-    inPlace: (k) => ext[find(k)].inPlace === true,
+    seq: f.seq, count, codec: () => Encoding.RAW,
+    index: (k) => ext[of[k]].first + at[k],
+    data: (k) => ext[of[k]].data.subarray(at[k] * PAGE_SIZE, (at[k] + 1) * PAGE_SIZE),
+    inPlace: (k) => ext[of[k]].inPlace === true,
   };
 }
 

@@ -81,11 +81,6 @@ export interface DestinationVm {
    */
   pagesView?(first: number, count: number): Uint8Array;
   /**
-   * The page's hash as EngineDeps.hashPage computes it, read in place (optional fast path for pages
-   * that landed in guest memory straight from the wire).
-   */
-  hashPage?(page: number): bigint;
-  /**
    * Boots the VM from state. With `absent`, it runs in post-copy mode: those pages are not yet
    * present, any access to one blocks the vCPU and calls `onFault`.
    */

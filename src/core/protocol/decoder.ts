@@ -424,6 +424,12 @@ export class FrameDecoder {
     this.payloadHave = 0;
   }
 
+  /** A recycled buffer of at least `bytes` (see recycle), or null. */
+  private takeSpare(bytes: number): Uint8Array | null {
+    const i = this.spare.findIndex((b) => b.length >= bytes);
+    return i >= 0 ? this.spare.splice(i, 1)[0] : null;
+  }
+
   /**
    * Appends to the incomplete payload. The first buffer is at most 64 KiB (a header alone does not
    * make us allocate what it announces); once the payload outgrows it, the buffer becomes the
@@ -433,8 +439,7 @@ export class FrameDecoder {
     const need = this.payloadHave + bytes.length;
     if (!this.payload && this.type === 'PAGES' && this.length > FIRST_PAYLOAD_BYTES) {
       // A spare big enough (a buffer that exists already: the header alone still allocates nothing).
-      const i = this.spare.findIndex((b) => b.length >= this.length);
-      if (i >= 0) this.payload = this.spare.splice(i, 1)[0];
+      this.payload = this.takeSpare(this.length);
     }
     if (!this.payload || this.payload.length < need) {
       const cap = this.payload ? this.length : Math.min(this.length, Math.max(need, FIRST_PAYLOAD_BYTES));
@@ -542,8 +547,7 @@ export class FrameDecoder {
     // it; bounded by maxPayloadBytes like any payload), so reads into it end where the extent does.
     if (!this.runData) {
       const need = this.runPages * pageSize;
-      const i = this.spare.findIndex((b) => b.length >= need);
-      this.runData = i >= 0 ? this.spare.splice(i, 1)[0].subarray(0, need) : new Uint8Array(need);
+      this.runData = this.takeSpare(need)?.subarray(0, need) ?? new Uint8Array(need);
     }
     e.dest = this.runData.subarray(e.before * pageSize, (e.before + e.count) * pageSize);
   }

@@ -116,11 +116,8 @@ export class FramedConnection implements AsyncIterable<Frame> {
   async next(): Promise<Frame | undefined> {
     if (this.control) return this.nextPushed();
     for (;;) {
-      if (this.head < this.pending.length) {
-        const f = this.pending[this.head];
-        this.pending[this.head++] = undefined as unknown as Frame;
-        return f;
-      }
+      const f = this.take();
+      if (f) return f;
       if (this.eof) return undefined;
       // Refused once, refused for good (and the peer is told only once).
       if (this.decoder.error) throw this.decoder.error;
@@ -140,18 +137,23 @@ export class FramedConnection implements AsyncIterable<Frame> {
     }
   }
 
+  /** The oldest decoded frame not yet handed out; reading resumes once few enough wait. */
+  private take(): Frame | undefined {
+    if (this.head === this.pending.length) return undefined;
+    const f = this.pending[this.head];
+    this.pending[this.head++] = undefined as unknown as Frame;
+    if (this.paused && this.pending.length - this.head < MAX_QUEUED_FRAMES) {
+      this.paused = false;
+      this.control!.resume();
+    }
+    return f;
+  }
+
   /** next() over a readInto connection: frames were decoded as bytes came. */
   private async nextPushed(): Promise<Frame | undefined> {
     for (;;) {
-      if (this.head < this.pending.length) {
-        const f = this.pending[this.head];
-        this.pending[this.head++] = undefined as unknown as Frame;
-        if (this.paused && this.pending.length - this.head < MAX_QUEUED_FRAMES) {
-          this.paused = false;
-          this.control!.resume();
-        }
-        return f;
-      }
+      const f = this.take();
+      if (f) return f;
       if (this.failed) throw this.failed;
       if (this.eof) return undefined;
       await new Promise<void>((resolve) => { this.wake = resolve; });

@@ -208,10 +208,6 @@ export class DestinationVmAdapter implements DestinationVm {
     return this.vm.pagesView(first, count);
   }
 
-  hashPage(page: number): bigint {
-    return hashPage(this.vm.pageView(page));
-  }
-
   onFault(handler: (page: number) => void): void {
     this.faultHandler = handler;
   }
