@@ -566,17 +566,25 @@ class SourceSession {
     await this.framed.send({ type: 'PUSH_DONE', pagesSent: pushedPages + demandPages });
   }
 
-  private async finish(sourceDigest: string): Promise<boolean> {
+  /**
+   * The destination's COMPLETE says every page is there and the VM runs: from then on it depends
+   * on nothing here, so that is when the migration is complete (the end of its total migration
+   * time). Then the check: the digest of our paused memory against the one COMPLETE carries,
+   * hashed only now so it takes no core from the destination before COMPLETE. The source is
+   * released after the check; the eviction time includes it.
+   */
+  private async finish(soft: Bitmap): Promise<boolean> {
     this.phase = 'complete';
     await this.drainStreams();
     const complete = await this.inbox.next('COMPLETE');
     this.ending = true;
+    this.event({ type: 'complete', t: this.now() });
+    const sourceDigest = await this.digestOfPausedMemory(soft);
     const ok = complete.digest?.hex === sourceDigest;
     this.event({ type: 'verified', t: this.now(), ok });
     await this.framed.send({ type: 'ACK', acked: 'COMPLETE', value: 0 });
     await Promise.all([this.framed, ...this.extra].map((f) => f.close().catch(() => undefined)));
     await this.faultLink?.close();
-    this.event({ type: 'complete', t: this.now() });
     await this.vm.release();
     this.event({ type: 'source-released', t: this.now() });
     if (!ok) throw new MigrationError('ERR_MIGRATION_VERIFY', `memory digest mismatch: source ${sourceDigest.slice(0, 16)}…, destination ${complete.digest?.hex.slice(0, 16) ?? 'none'}…`);
@@ -682,7 +690,7 @@ class SourceSession {
           await this.postcopyPush(remaining, soft);
         }
       }
-      await this.finish(await this.digestOfPausedMemory(soft));
+      await this.finish(soft);
       const report = this.builder.build();
       report.transfer = this.transfer();
       return { report, stopReason: this.stopReason };
