@@ -73,6 +73,19 @@ test('pre-copy: the documented sequence is accepted and ends done', () => {
   assert.ok(owns.slice(at).every((o) => !o), 'and not after');
 });
 
+test('pre-copy: STATE may go among the final round\'s pages (ferry sends it once exported), not twice, and not after SWITCHOVER', () => {
+  const early: Step[] = [
+    ...handshake('precopy'),
+    [S, run(0)], [S, roundEnd(0)], [D, { type: 'ACK', acked: 'MODULE', value: 10 }],
+    [S, run(1)], [S, state], [S, run(1)], [S, pages(1)], [S, roundEnd(1)],
+    [S, switchover(0)], [D, resumed], [D, complete], [S, ackComplete],
+  ];
+  assert.equal(play(early).src.phase, 'done');
+  const upToState = early.slice(0, early.findIndex(([, f]) => f.type === 'STATE') + 1);
+  refused(upToState, [S, state]);
+  refused(early.slice(0, early.findIndex(([, f]) => f.type === 'SWITCHOVER') + 1), [S, run(2)]);
+});
+
 test('post-copy: push, demand requests and PUSH_DONE interleave', () => {
   const { src } = play([
     ...handshake('postcopy'),

@@ -27,6 +27,8 @@ function standIn(pages: number): { vm: Vm; ctl: Int32Array; presence: Uint8Array
     prefaultFresh: () => Promise.resolve(0),
     presenceView: () => presence,
     bootFromState: () => Promise.resolve(),
+    resume: () => undefined,
+    whenRunning: () => Promise.resolve(),
     switchVariant: () => Promise.resolve(),
     stop: () => Promise.resolve(),
   } as unknown as Vm;
@@ -38,7 +40,8 @@ test('post-copy: markPresent wakes the vCPU for the page it waits on, and only f
   const adapter = new DestinationVmAdapter(vm, { prefault: false });
   const absent = new Bitmap(16);
   for (const p of [3, 5, 7]) absent.set(p);
-  await adapter.start({ guestBytes: 16 * 4096, globals: [], devices: {} } as never, absent);
+  await adapter.load({ guestBytes: 16 * 4096, globals: [], devices: {} } as never);
+  await adapter.start(absent);
   assert.deepEqual([...presence].map((x, i) => (x ? -1 : i)).filter((i) => i >= 0), [3, 5, 7]);
 
   // The vCPU faults on page 5: it publishes the page (it would then bump FAULT_REQ and wait).

@@ -5,6 +5,10 @@ import { InstrumentCache } from '../../src/node/vm/instrument.js';
 import { GuestTrapError, InvalidArgumentError, VmStateError } from '../../src/core/errors.js';
 import { PAGE_SIZE } from '../../src/core/pages.js';
 import { hammerGuest, trapGuest } from '../helpers/wat.js';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { guestsDir } from '../../src/node/paths.js';
+import { NetRecord } from '../../src/core/abi.js';
 
 const cache = new InstrumentCache();
 
@@ -152,6 +156,38 @@ test('export/import state continues the same machine in a new VM', async () => {
   await second.whenPaused();
   assert.equal(second.digest(), want);
   await assert.rejects(second.bootFromState(state), VmStateError);
+  await second.stop();
+});
+
+test('a VM continued from state and kept paused touches no guest memory until it runs (queued network input waits)', async () => {
+  const kv = new Uint8Array(readFileSync(join(guestsDir(), 'kv.wasm')));
+  const mk = (name: string) => Vm.create({ name, module: kv, memoryBytes: 4 << 20, cache });
+  const first = mk('kv-first');
+  await first.bootCold();
+  await first.pause();
+  // Input that arrives while paused waits in the device's queue, not in guest memory.
+  const before = first.digest();
+  first.deliverNet([
+    { conn: 7, type: NetRecord.OPEN, payload: new Uint8Array(0) },
+    { conn: 7, type: NetRecord.DATA, payload: new TextEncoder().encode('SET a 1\n') },
+  ]);
+  const state = await first.exportState();
+  assert.equal(first.digest(), before);
+  assert.equal((state.devices as { net: { rx: unknown[] } }).net.rx.length, 2, 'the input is in the exported state');
+  const second = mk('kv-second');
+  second.growTo(state.guestBytes);
+  second.guestView().set(first.guestView());
+  await first.stop();
+  // A migration destination loads the state this way while the last pages still arrive.
+  await second.bootFromState(state, { paused: true });
+  await new Promise((r) => setTimeout(r, 30));
+  assert.equal(second.state, 'paused');
+  assert.equal(second.digest(), before, 'a loaded, paused VM wrote guest memory');
+  // Running, it takes the input into its ring and serves it.
+  second.resume();
+  await second.whenRunning();
+  for (let i = 0; i < 100 && second.digest() === before; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.notEqual(second.digest(), before);
   await second.stop();
 });
 

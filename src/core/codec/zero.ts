@@ -114,8 +114,12 @@ export function zeroScanner(init: ZeroScannerInit = {}): ZeroScanner {
         }
         return zeros;
       }
+      // In place: one call per page straight at its address (no view per page; 65536 of them per
+      // 256 MiB cost the source more than the scan).
+      const at = pages.byteOffset;
+      const inPlace = guestScan !== null && pages.buffer === guest!.buffer && at + pages.length <= 2 ** 32;
       for (let k = 0; k < count; k++) {
-        const z = isZero(pages.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE)) ? 1 : 0;
+        const z = inPlace ? guestScan(at + k * PAGE_SIZE, PAGE_SIZE) : isZero(pages.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE)) ? 1 : 0;
         out[k] = z;
         zeros += z;
       }

@@ -705,13 +705,19 @@ class DestinationSession {
     });
 
     const state = await this.inbox.next('STATE');
+    const pages = Math.ceil(state.guestBytes / PAGE_SIZE);
+    if (pages > this.maxPages) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `state claims ${pages} pages, more than the VM's ${this.maxPages}`);
+    vm.ensurePages(pages);
+    // The state is loaded at once: ferry's source sends STATE as soon as the paused VM exported
+    // it, while the last pages are still on their way, and loading (a round trip to the vCPU
+    // thread, which restores devices and globals) then stays out of the downtime.
+    const loaded = vm.load({ guestBytes: state.guestBytes, globals: state.globals, devices: state.devices });
+    loaded.catch(() => undefined); // awaited below
     const sw = await this.inbox.next('SWITCHOVER');
     await this.allRoundsApplied();
     if (this.pageError) throw this.pageError;
     const swAt = this.deps.clock.now();
-    const pages = Math.ceil(state.guestBytes / PAGE_SIZE);
-    if (pages > this.maxPages) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `state claims ${pages} pages, more than the VM's ${this.maxPages}`);
-    vm.ensurePages(pages);
+    await loaded;
     const soft = fromWireBitmap(state.soft, pages);
     const stale = fromWireBitmap(sw.stale, pages);
     // absent = (not received, or stale) and not soft. This and the digest below run inside the
@@ -737,7 +743,7 @@ class DestinationSession {
       // downtime.
       let hex = want === null ? null : digest.hex((b) => this.deps.sha256Hex(b));
       if (want !== null && hex !== want) throw new MigrationError('ERR_MIGRATION_VERIFY', `memory digest mismatch at switchover: source ${want.slice(0, 16)}…, here ${hex!.slice(0, 16)}…`);
-      await vm.start({ guestBytes: state.guestBytes, globals: state.globals, devices: state.devices }, null);
+      await vm.start(null);
       this.started = true;
       const startMs = this.deps.clock.now() - swAt;
       await this.framed.send({ type: 'RESUMED', pagesMissing: 0 });
@@ -762,7 +768,7 @@ class DestinationSession {
       });
     }
     const arrived = new Promise<void>((r) => (this.allArrived = r));
-    await vm.start({ guestBytes: state.guestBytes, globals: state.globals, devices: state.devices }, absent);
+    await vm.start(absent);
     this.started = true;
     const startMs = this.deps.clock.now() - swAt;
     await this.framed.send({ type: 'RESUMED', pagesMissing: missing });

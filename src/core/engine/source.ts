@@ -48,20 +48,21 @@ class SendStream {
   /** Codec path: the batch's page indices, and its pages back to back in `buf`. */
   private readonly indices: number[] = [];
   private readonly buf: Uint8Array | null;
-  /** RUN path: raw pages of the batch (in the order added) and zero pages. */
-  private readonly raw: Uint32Array;
-  private rawCount = 0;
+  /** RUN path: the batch's pages in the order added (sorted, and sorted into raw and zero, at flush). */
+  private readonly pending: Uint32Array;
+  private pendingCount = 0;
+  private readonly zeroFlags: Uint8Array;
   private readonly zeros: Uint32Array;
-  private zeroCount = 0;
 
   constructor(readonly framed: FramedConnection, readonly encoder: StreamEncoder | null, private readonly vm: SourceVm, private readonly batchPages: number, private readonly now: () => number) {
     this.buf = encoder ? new Uint8Array(batchPages * PAGE_SIZE) : null;
-    this.raw = new Uint32Array(encoder ? 0 : batchPages);
+    this.pending = new Uint32Array(encoder ? 0 : batchPages);
+    this.zeroFlags = new Uint8Array(encoder ? 0 : batchPages);
     this.zeros = new Uint32Array(encoder ? 0 : batchPages);
   }
 
   get count(): number {
-    return this.encoder ? this.indices.length : this.rawCount + this.zeroCount;
+    return this.encoder ? this.indices.length : this.pendingCount;
   }
 
   get full(): boolean {
@@ -70,32 +71,45 @@ class SendStream {
 
   /** Adds page `p` to the batch (codec path: copied now; RUN path: read from guest memory when written). */
   add(p: number): void {
-    const vm = this.vm;
     if (this.buf) {
-      vm.readPage(p, this.buf, this.indices.length * PAGE_SIZE);
+      this.vm.readPage(p, this.buf, this.indices.length * PAGE_SIZE);
       this.indices.push(p);
       return;
     }
-    if (vm.isZeroPage(p)) this.zeros[this.zeroCount++] = p;
-    else this.raw[this.rawCount++] = p;
+    this.pending[this.pendingCount++] = p;
   }
 
-  /** The RUN path's frames: the RUN head, each extent's bytes, then the zero pages' PAGES frame. */
+  /**
+   * The RUN path's frames: the RUN head, each extent's bytes, then the zero pages' PAGES frame.
+   * The batch's pages, sorted and without repeats, fall into runs of consecutive pages; each run is
+   * scanned for zero pages in one call, and its non-zero stretches become the extents.
+   */
   private runFrames(seq: number): Uint8Array[] {
-    const out: Uint8Array[] = [];
-    if (this.rawCount > 0) {
-      const pages = this.raw.subarray(0, this.rawCount);
-      for (let i = 1; i < pages.length; i++) if (pages[i] <= pages[i - 1]) { pages.sort(); break; }
-      const extents: { first: number; count: number }[] = [];
-      let last = -1;
-      for (const p of pages) {
-        if (p === last) continue; // the same page twice in a batch: one view carries it
-        if (p === last + 1 && extents.length > 0) extents[extents.length - 1].count++;
-        else extents.push({ first: p, count: 1 });
-        last = p;
+    const vm = this.vm;
+    let pages = this.pending.subarray(0, this.pendingCount);
+    this.pendingCount = 0;
+    for (let i = 1; i < pages.length; i++) if (pages[i] <= pages[i - 1]) { pages.sort(); break; }
+    let n = 0;
+    for (let i = 0; i < pages.length; i++) if (i === 0 || pages[i] !== pages[i - 1]) pages[n++] = pages[i]; // the same page twice: once
+    pages = pages.subarray(0, n);
+    const extents: { first: number; count: number }[] = [];
+    let zeroCount = 0;
+    const flags = this.zeroFlags;
+    for (let i = 0; i < n;) {
+      let j = i + 1;
+      while (j < n && pages[j] === pages[j - 1] + 1) j++;
+      const first = pages[i];
+      const zeros = vm.zeroPages(first, j - i, flags);
+      for (let k = 0; k < j - i; k++) {
+        if (zeros > 0 && flags[k] === 1) this.zeros[zeroCount++] = first + k;
+        else if (k > 0 && flags[k - 1] !== 1 && extents.length > 0) extents[extents.length - 1].count++;
+        else extents.push({ first: first + k, count: 1 });
       }
+      i = j;
+    }
+    const out: Uint8Array[] = [];
+    if (extents.length > 0) {
       out.push(encodeRunHead(seq, extents, PAGE_SIZE));
-      const vm = this.vm;
       for (const e of extents) {
         if (vm.pagesView) out.push(vm.pagesView(e.first, e.count));
         else {
@@ -105,9 +119,7 @@ class SendStream {
         }
       }
     }
-    if (this.zeroCount > 0) out.push(encodeZeroPages(seq, false, this.zeros, this.zeroCount));
-    this.rawCount = 0;
-    this.zeroCount = 0;
+    if (zeroCount > 0) out.push(encodeZeroPages(seq, false, this.zeros, zeroCount));
     return out;
   }
 
@@ -476,15 +488,25 @@ class SourceSession {
     return digest.hex((b) => this.deps.sha256Hex(b));
   }
 
-  /** STATE + SWITCHOVER; from here the outcome is in doubt until RESUMED or ERROR. */
-  /** `exported`: the CPU and device state, asked of the VM right after the pause (see afterPause). */
-  private async switchover(remaining: Bitmap, stale: Bitmap, soft: Bitmap, exported: Promise<VmWireState>): Promise<void> {
-    const pages = this.vm.guestPages();
+  /**
+   * STATE, as soon as the paused VM has exported it (`exported`, asked for right after the pause:
+   * see afterPause). In stop-and-copy it goes between the final round's batches, so the
+   * destination loads it while the last pages arrive. Whole frames are written synchronously, so
+   * it never lands inside another frame.
+   */
+  private async sendState(exported: Promise<VmWireState>, soft: Bitmap): Promise<void> {
     const state = await exported;
+    const pages = this.vm.guestPages();
     const stateBytes = JSON.stringify(state.devices).length + state.globals.length * 9 + 16;
     await this.framed.send({ type: 'STATE', guestBytes: state.guestBytes, globals: state.globals, devices: state.devices, soft: toWireBitmap(soft, pages) });
     this.bytesSent += stateBytes;
     this.event({ type: 'state', t: this.now(), bytes: stateBytes });
+  }
+
+  /** SWITCHOVER once STATE has gone (`stateSent`); from here the outcome is in doubt until RESUMED or ERROR. */
+  private async switchover(remaining: Bitmap, stale: Bitmap, stateSent: Promise<void>): Promise<void> {
+    const pages = this.vm.guestPages();
+    await stateSent;
     this.checkAbort();
     this.owner = 'in-doubt';
     await this.framed.send({ type: 'SWITCHOVER', pagesRemaining: remaining.count(), digest: null, stale: toWireBitmap(stale, pages) });
@@ -530,11 +552,12 @@ class SourceSession {
       const done = this.now();
       for (const p of want) this.event({ type: 'fault', t: done, page: p, latencyMs });
     };
+    const oneFlag = new Uint8Array(1);
     const serve = (f: PageRequestFrame, framed: FramedConnection) => {
       const t = this.now();
       // Served now with the page's final content (the source is paused), even when a push of it is
       // already under way: the vCPU is waiting.
-      const answer = demandAnswer(f.id, f.pages, pages, soft, (p) => this.vm.isZeroPage(p), (p, into) => this.vm.readPage(p, into, 0));
+      const answer = demandAnswer(f.id, f.pages, pages, soft, (p) => this.vm.zeroPages(p, 1, oneFlag) === 1, (p, into) => this.vm.readPage(p, into, 0));
       if (!answer) return;
       demanded(answer.want, answer.frame.length);
       framed.sendEncoded(answer.frame).then(() => faulted(answer.want, this.now() - t), () => undefined);
@@ -653,7 +676,7 @@ class SourceSession {
         const pages = this.vm.guestPages();
         for (let p = 0; p < pages; p++) if (!soft.get(p)) remaining.set(p);
         this.pagesRemaining = remaining.count();
-        await this.switchover(remaining, new Bitmap(this.maxPages), soft, after.state);
+        await this.switchover(remaining, new Bitmap(this.maxPages), this.sendState(after.state, soft));
         await this.postcopyPush(remaining, soft);
       } else {
         const { dirty, sentEver, postcopy } = await this.precopy();
@@ -671,22 +694,25 @@ class SourceSession {
         const [lw, ew, sw] = [last.words, sentEver.words, soft.words];
         const unsent = (i: number) => ((lw[i] ?? 0) | ~ew[i]) & ~(sw[i] ?? 0);
         if (!postcopy) {
-          // Stop-and-copy: the last dirty pages, then state. Soft pages are never sent.
+          // Stop-and-copy: the last dirty pages, with the state among them once it is exported.
+          // Soft pages are never sent.
           const final = Bitmap.fromWords(this.maxPages, pages, unsent);
+          const stateSent = this.sendState(after.state, soft);
+          stateSent.catch(() => undefined); // awaited by switchover
           this.round++;
           const b0 = this.bytesSent;
           const n = await this.sendPages(final, this.round);
           this.event({ type: 'pages', t: this.now(), kind: 'resent', pages: n, bytes: this.bytesSent - b0 });
           // No waiting for this round's ACK: the stream is ordered, STATE and SWITCHOVER follow.
           await this.framed.send({ type: 'ROUND_END', round: this.round, pages: n, dirty: 0 });
-          await this.switchover(new Bitmap(this.maxPages), new Bitmap(this.maxPages), soft, after.state);
+          await this.switchover(new Bitmap(this.maxPages), new Bitmap(this.maxPages), stateSent);
         } else {
           // Hybrid switching to post-copy: what the destination has is current except `stale`
           // (sent, then dirtied); the rest of what is not there yet, never sent, is pushed too.
           const stale = Bitmap.fromWords(this.maxPages, pages, (i) => (lw[i] ?? 0) & ew[i] & ~(sw[i] ?? 0));
           const remaining = Bitmap.fromWords(this.maxPages, pages, unsent);
           this.pagesRemaining = remaining.count();
-          await this.switchover(remaining, stale, soft, after.state);
+          await this.switchover(remaining, stale, this.sendState(after.state, soft));
           await this.postcopyPush(remaining, soft);
         }
       }

@@ -31,8 +31,11 @@ export interface SourceVm {
   guestPages(): number;
   /** Copies guest page `page` into `into` at `offset` (PAGE_SIZE bytes). */
   readPage(page: number, into: Uint8Array, offset: number): void;
-  /** True when the page is all zeros (fast path; may be called on a running VM). */
-  isZeroPage(page: number): boolean;
+  /**
+   * Sets `out[k]` to 1 when guest page `first + k` is all zeros, else 0, for k < `count`; returns
+   * how many are (one call per batch: the hot path of every round; may be called on a running VM).
+   */
+  zeroPages(first: number, count: number, out: Uint8Array): number;
   /**
    * Guest pages `first` … `first + count − 1` in place, as one view (optional: a run of pages is
    * then written to the wire without a copy). The bytes change while the guest runs: a page
@@ -81,10 +84,15 @@ export interface DestinationVm {
    */
   pagesView?(first: number, count: number): Uint8Array;
   /**
-   * Boots the VM from state. With `absent`, it runs in post-copy mode: those pages are not yet
-   * present, any access to one blocks the vCPU and calls `onFault`.
+   * Loads the CPU and device state into the VM without running it: no guest code runs and no
+   * device touches guest memory until start(), so pages may still be installed meanwhile. Once.
    */
-  start(state: VmWireState, absent: Bitmap | null): Promise<void>;
+  load(state: VmWireState): Promise<void>;
+  /**
+   * Runs the loaded VM; resolves once its vCPU runs. With `absent`, it runs in post-copy mode:
+   * those pages are not yet present, any access to one blocks the vCPU and calls `onFault`.
+   */
+  start(absent: Bitmap | null): Promise<void>;
   /** Post-copy: a page arrived; wake a vCPU waiting for it. */
   markPresent(page: number): void;
   /** Post-copy: every page is present; run without presence checks from now on. */

@@ -86,7 +86,7 @@ export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
     // The binding reads shared memory in place: no copy for the digest.
     hashPage: (p) => hashPage(vm.pageView(p)),
     hashAllPages: () => pageHasher().hash(vm.memory, RESERVED_BYTES, vm.guestPages),
-    isZeroPage: (p) => (zero ??= zeroScanner({ memory: vm.memory })).isZero(vm.pageView(p)),
+    zeroPages: (first, count, out) => (zero ??= zeroScanner({ memory: vm.memory })).zeroMap(vm.pagesView(first, count), out),
     pagesView: (first, count) => vm.pagesView(first, count),
     startDirtyLog: () => vm.startDirtyLog(),
     harvestDirty: () => vm.harvestDirty(),
@@ -212,14 +212,21 @@ export class DestinationVmAdapter implements DestinationVm {
     this.faultHandler = handler;
   }
 
-  async start(state: VmWireState, absent: Bitmap | null): Promise<void> {
+  async load(state: VmWireState): Promise<void> {
     const vm = this.vm;
     const full: VmState = {
       version: 1, name: vm.name, moduleHash: vm.info.hash, memoryBytes: vm.memoryBytes, guestBytes: state.guestBytes,
       config: vm.config, globals: fromWire(state.globals), devices: state.devices,
     };
+    // Booted paused: the vCPU thread restores globals and devices now and runs nothing.
+    await vm.bootFromState(full, { paused: true });
+  }
+
+  async start(absent: Bitmap | null): Promise<void> {
+    const vm = this.vm;
     if (!absent) {
-      await vm.bootFromState(full);
+      vm.resume();
+      await vm.whenRunning();
       return;
     }
     // The map lies in the memory's reserved first 2 MiB: growth never moves it, one view serves.
@@ -234,7 +241,8 @@ export class DestinationVmAdapter implements DestinationVm {
       this.serving = true;
       void this.serveFaults();
     }
-    await vm.bootFromState(full, { variant: 'presence' });
+    vm.resume({ variant: 'presence' });
+    await vm.whenRunning();
   }
 
   /**

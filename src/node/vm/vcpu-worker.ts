@@ -320,6 +320,10 @@ function main(): void {
   post({ t: 'ready' });
   let budget = Atomics.load(ctl, Ctl.FIXED_BUDGET) || 1024;
   let idle = false;
+  // Device work between quanta is for guest code that ran. A VM continued from state and kept
+  // paused has run none: its devices touch no guest memory until it runs (a migration destination
+  // loads the state while the last pages still arrive, and a delivery now would be overwritten).
+  let guestRan = data.boot.kind === 'cold';
   const targetNs = data.quantumMs * 1e6;
   for (;;) {
     const bell = Atomics.load(ctl, Ctl.DOORBELL);
@@ -331,7 +335,7 @@ function main(): void {
       const wanted = VARIANTS[Atomics.load(ctl, Ctl.VARIANT_REQ)];
       if (wanted && wanted !== variant) activate(wanted);
       if (Atomics.load(ctl, Ctl.STATE) !== VmRunState.PAUSED) {
-        if (!tick()) return waitForStop();
+        if (guestRan && !tick()) return waitForStop();
         devices.pause();
         setState(VmRunState.PAUSED);
         bumpEpoch();
@@ -356,6 +360,7 @@ function main(): void {
     if (fixed > 0) budget = fixed;
     let status: number;
     const t0 = process.hrtime.bigint();
+    guestRan = true;
     try {
       status = run(budget);
     } catch (e) {

@@ -330,10 +330,15 @@ export class Vm extends EventEmitter {
     if (s !== VmRunState.PAUSED) throw this.terminalError('pause');
   }
 
-  resume(opts: { pauseAfterQuanta?: number } = {}): void {
+  /** `variant`: run this instrumentation variant from the first quantum on (as switchVariant, without waiting). */
+  resume(opts: { pauseAfterQuanta?: number; variant?: VariantName } = {}): void {
     this.requireWorker();
     const s = Atomics.load(this.ctl, Ctl.STATE);
     if (s === VmRunState.TRAPPED || s === VmRunState.HALTED || s === VmRunState.STOPPED) throw this.terminalError('resume');
+    if (opts.variant !== undefined) {
+      if (!this.modules[opts.variant]) throw new VmStateError(`variant ${opts.variant} was not prepared for VM ${this.name}`);
+      Atomics.store(this.ctl, Ctl.VARIANT_REQ, variantId(opts.variant));
+    }
     Atomics.store(this.ctl, Ctl.QUANTA_LEFT, opts.pauseAfterQuanta ?? 0);
     Atomics.store(this.ctl, Ctl.CMD, Cmd.RUN);
     this.ring();
