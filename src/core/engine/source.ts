@@ -687,21 +687,27 @@ class SourceSession {
         last.or(dirty);
         // Dirty logging stays on: a paused VM writes nothing, and switching variants now would
         // only add to the downtime. It is switched off if the VM resumes here after a failure.
-        soft = await after.soft;
         const pages = this.vm.guestPages();
         // What the destination lacks, 32 pages a step (cold code, inside the downtime): pages
-        // dirtied since they were last sent, or never sent; soft pages never count.
-        const [lw, ew, sw] = [last.words, sentEver.words, soft.words];
-        const unsent = (i: number) => ((lw[i] ?? 0) | ~ew[i]) & ~(sw[i] ?? 0);
+        // dirtied since they were last sent, or never sent and not soft.
+        const [lw, ew] = [last.words, sentEver.words];
+        // The soft pages at the pause, less any dirtied since it was last sent: a page written
+        // after its free report is in use again (docs/guest-abi.md), and the devices that keep
+        // the report do not see guest stores.
+        const softNow = after.soft.then((s) => Bitmap.fromWords(this.maxPages, pages, (i) => (s.words[i] ?? 0) & ~(lw[i] ?? 0)));
+        softNow.catch(() => undefined); // awaited below
         if (!postcopy) {
-          // Stop-and-copy: the last dirty pages, with the state among them once it is exported.
-          // Soft pages are never sent.
-          const final = Bitmap.fromWords(this.maxPages, pages, unsent);
-          const stateSent = this.sendState(after.state, soft);
-          stateSent.catch(() => undefined); // awaited by switchover
+          // Stop-and-copy. First the pages dirtied since they were sent, without waiting for the
+          // soft pages (a round trip to the paused vCPU thread); then, soft pages known, what was
+          // never sent and is not soft. The state goes among the pages as soon as it is exported.
           this.round++;
           const b0 = this.bytesSent;
-          const n = await this.sendPages(final, this.round);
+          const stateSent = softNow.then((s) => this.sendState(after.state, s));
+          stateSent.catch(() => undefined); // awaited by switchover
+          let n = await this.sendPages(Bitmap.fromWords(this.maxPages, pages, (i) => (lw[i] ?? 0) & ew[i]), this.round);
+          soft = await softNow;
+          const sw = soft.words;
+          n += await this.sendPages(Bitmap.fromWords(this.maxPages, pages, (i) => ~ew[i] & ~sw[i]), this.round);
           this.event({ type: 'pages', t: this.now(), kind: 'resent', pages: n, bytes: this.bytesSent - b0 });
           // No waiting for this round's ACK: the stream is ordered, STATE and SWITCHOVER follow.
           await this.framed.send({ type: 'ROUND_END', round: this.round, pages: n, dirty: 0 });
@@ -709,7 +715,10 @@ class SourceSession {
         } else {
           // Hybrid switching to post-copy: what the destination has is current except `stale`
           // (sent, then dirtied); the rest of what is not there yet, never sent, is pushed too.
-          const stale = Bitmap.fromWords(this.maxPages, pages, (i) => (lw[i] ?? 0) & ew[i] & ~(sw[i] ?? 0));
+          soft = await softNow;
+          const sw = soft.words;
+          const unsent = (i: number) => ((lw[i] ?? 0) | ~ew[i]) & ~sw[i];
+          const stale = Bitmap.fromWords(this.maxPages, pages, (i) => (lw[i] ?? 0) & ew[i] & ~sw[i]);
           const remaining = Bitmap.fromWords(this.maxPages, pages, unsent);
           this.pagesRemaining = remaining.count();
           await this.switchover(remaining, stale, this.sendState(after.state, soft));
