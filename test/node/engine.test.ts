@@ -335,6 +335,31 @@ test('precopy: a page written after the guest reported it free is in use again: 
   await made[0].stop();
 });
 
+test('destination VM: start may follow load before it settles (one round trip); a load that fails fails start, and nothing runs', async (t) => {
+  const src = await source('mem=4MiB rate=1000');
+  await src.pause();
+  const state = await sourceVmOf(src).exportState();
+  const made: Vm[] = [];
+  t.after(() => stopAll(src, made));
+  const mk = () => {
+    const vm = Vm.create({ name: `loaded-${made.length}`, module: memstress, memoryBytes: 64 << 20, config: src.config, cache });
+    made.push(vm);
+    vm.guestView().set(src.guestView().subarray(0, vm.guestView().length));
+    return new DestinationVmAdapter(vm, { guestBytes: state.guestBytes });
+  };
+  const good = mk();
+  await assert.rejects(good.start(null), { code: 'ERR_VM_STATE' }, 'start before load is refused');
+  const loading = good.load(state);
+  await good.start(null); // not awaiting the load first
+  await loading;
+  assert.equal(good.vm.state, 'running');
+  const bad = mk();
+  const broken = bad.load({ ...state, devices: { ...(state.devices as object), clock: 'not a clock' } });
+  await assert.rejects(bad.start(null), (e: Error & { code?: string }) => e.code === 'ERR_DEVICE_STATE');
+  await assert.rejects(broken, (e: Error & { code?: string }) => e.code === 'ERR_DEVICE_STATE');
+  assert.notEqual(bad.vm.state, 'running');
+});
+
 test('a destination VM that never gets ready fails the pre-copy with ERR_MIGRATION_TIMEOUT; the VM runs on at the source', async (t) => {
   const src = await source('mem=4MiB rate=1');
   const [a, b] = memoryPair();

@@ -712,12 +712,11 @@ class DestinationSession {
     // it, while the last pages are still on their way, and loading (a round trip to the vCPU
     // thread, which restores devices and globals) then stays out of the downtime.
     const loaded = vm.load({ guestBytes: state.guestBytes, globals: state.globals, devices: state.devices });
-    loaded.catch(() => undefined); // awaited below
+    loaded.catch(() => undefined); // start() waits for it, and fails with it
     const sw = await this.inbox.next('SWITCHOVER');
     await this.allRoundsApplied();
     if (this.pageError) throw this.pageError;
     const swAt = this.deps.clock.now();
-    await loaded;
     const soft = fromWireBitmap(state.soft, pages);
     const stale = fromWireBitmap(sw.stale, pages);
     // absent = (not received, or stale) and not soft. This and the digest below run inside the

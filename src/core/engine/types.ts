@@ -89,8 +89,10 @@ export interface DestinationVm {
    */
   load(state: VmWireState): Promise<void>;
   /**
-   * Runs the loaded VM; resolves once its vCPU runs. With `absent`, it runs in post-copy mode:
-   * those pages are not yet present, any access to one blocks the vCPU and calls `onFault`.
+   * Runs the VM once load() is done (it may be called before load() has resolved, never before
+   * load() was called); resolves once its vCPU runs, rejects with the load's error. With
+   * `absent`, it runs in post-copy mode: those pages are not yet present, any access to one
+   * blocks the vCPU and calls `onFault`.
    */
   start(absent: Bitmap | null): Promise<void>;
   /** Post-copy: a page arrived; wake a vCPU waiting for it. */

@@ -4,6 +4,7 @@
 import { createHash } from 'node:crypto';
 import { RESERVED_BYTES, RESERVED_PAGES } from '../../core/abi.js';
 import { Bitmap } from '../../core/bitmap.js';
+import { VmStateError } from '../../core/errors.js';
 import { zeroScanner, type ZeroScanner } from '../../core/codec/zero.js';
 import { nodeBlobCodecs } from '../codec/blob.js';
 import type { DestinationFaultLink, DestinationVm, EngineDeps, FaultThreadEvents, SourceVm, VmWireState } from '../../core/engine/types.js';
@@ -212,21 +213,39 @@ export class DestinationVmAdapter implements DestinationVm {
     this.faultHandler = handler;
   }
 
-  async load(state: VmWireState): Promise<void> {
+  load(state: VmWireState): Promise<void> {
     const vm = this.vm;
     const full: VmState = {
       version: 1, name: vm.name, moduleHash: vm.info.hash, memoryBytes: vm.memoryBytes, guestBytes: state.guestBytes,
       config: vm.config, globals: fromWire(state.globals), devices: state.devices,
     };
-    // Booted paused: the vCPU thread restores globals and devices now and runs nothing.
-    await vm.bootFromState(full, { paused: true });
+    // Booted paused: the vCPU thread restores globals and devices and runs nothing. The boot
+    // message is on its way when this returns, so start() may follow before it resolves.
+    this.loading = vm.bootFromState(full, { paused: true });
+    return this.loading;
   }
+
+  /** The load under way (see load). */
+  private loading: Promise<void> | null = null;
 
   async start(absent: Bitmap | null): Promise<void> {
     const vm = this.vm;
-    if (!absent) {
-      vm.resume();
+    const loading = this.loading;
+    if (!loading) throw new VmStateError(`VM ${vm.name} was started before its state was loaded`);
+    // Resumed before the load has settled (post-copy's STATE comes just before SWITCHOVER): the
+    // vCPU thread takes the boot, then the resume, in order — one round trip instead of two.
+    const run = async (opts: { variant?: 'presence' }) => {
+      try {
+        vm.resume(opts);
+      } catch (e) {
+        await loading; // a failed load says more than the resume it failed
+        throw e;
+      }
+      await loading;
       await vm.whenRunning();
+    };
+    if (!absent) {
+      await run({});
       return;
     }
     // The map lies in the memory's reserved first 2 MiB: growth never moves it, one view serves.
@@ -241,8 +260,7 @@ export class DestinationVmAdapter implements DestinationVm {
       this.serving = true;
       void this.serveFaults();
     }
-    vm.resume({ variant: 'presence' });
-    await vm.whenRunning();
+    await run({ variant: 'presence' });
   }
 
   /**

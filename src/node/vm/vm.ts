@@ -250,7 +250,8 @@ export class Vm extends EventEmitter {
     this.port!.postMessage({ t: 'boot', boot } satisfies ToWorker);
     this.ring();
     await this.readyP;
-    if (opts.paused) await this.waitState((s) => s !== VmRunState.BOOTING && s !== VmRunState.RUNNING);
+    // Paused (or already resumed by a resume() that did not wait for this).
+    if (opts.paused) await this.waitState((s) => s !== VmRunState.BOOTING);
   }
 
   private onMessage(m: FromWorker, ready: () => void, failed: (e: unknown) => void): void {
