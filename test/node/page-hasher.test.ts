@@ -63,3 +63,43 @@ console.log((await h.hash(m, 0, 32)).length);`;
   assert.equal(r.status, 0, r.stderr);
   assert.equal(r.stdout.trim(), '32');
 });
+
+test('PageHashQueue: pages queued after each change end with their last content\'s hash, in shared memory or not', async (t) => {
+  for (const shared of [true, false]) {
+    const hasher = hasherFor(t, 2);
+    const pages = 300;
+    const memory = memoryWithPages(pages, shared);
+    const q = hasher.queue(memory, BASE, pages);
+    const u8 = new Uint8Array(memory.buffer);
+    // Install every page once (in runs and out of order), then change some and queue them again,
+    // as later rounds of a pre-copy do, while earlier ranges may still be hashing.
+    for (let p = 0; p < pages; p += 2) q.add(p);
+    for (let p = 1; p < pages; p += 2) q.add(p);
+    await Promise.resolve();
+    for (let round = 1; round <= 5; round++) {
+      for (let p = round; p < pages; p += 7) {
+        u8.fill(round * 31 + p, BASE + p * PAGE_SIZE, BASE + (p + 1) * PAGE_SIZE);
+        q.add(p);
+      }
+      if (round % 2) await Promise.resolve(); // some rounds flushed apart, some together
+    }
+    await q.settled();
+    assert.deepEqual([...q.out], expected(memory, pages), shared ? 'shared' : 'not shared');
+    assert.equal(q.out.buffer instanceof SharedArrayBuffer, true);
+  }
+});
+
+test('PageHashQueue: ranges whose thread is gone are hashed on this thread, in order', async (t) => {
+  const hasher = hasherFor(t, 1);
+  const pages = 64;
+  const memory = memoryWithPages(pages, true);
+  const q = hasher.queue(memory, BASE, pages);
+  for (let p = 0; p < pages; p++) q.add(p);
+  const closing = hasher.close(); // its thread goes while the range is queued
+  const u8 = new Uint8Array(memory.buffer);
+  u8.fill(9, BASE, BASE + PAGE_SIZE);
+  q.add(0);
+  await closing;
+  await q.settled();
+  assert.deepEqual([...q.out], expected(memory, pages));
+});

@@ -473,7 +473,9 @@ class DestinationSession {
 
   private scratch = new Uint8Array(PAGE_SIZE);
   /** Hashes of pages as installed before the start, by page (valid where `received` is set). */
-  private preHashes = new BigUint64Array(0);
+  private preHashes: BigUint64Array = new BigUint64Array(0);
+  /** Where installed pages are hashed before the start, when the VM hashes them off this thread. */
+  private hashQueue: ReturnType<NonNullable<DestinationVm['pageHashes']>> | null = null;
   private zeroHashValue: bigint | null = null;
   private zeroHash(): bigint {
     return (this.zeroHashValue ??= this.deps.hashPage(new Uint8Array(PAGE_SIZE), 0));
@@ -489,19 +491,20 @@ class DestinationSession {
     if (page >= this.maxPages) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `page ${page} is beyond the VM's ${this.maxPages} pages`);
     const wanted = !this.started || this.absent!.get(page);
     if (!this.started) vm.ensurePages(page + 1);
-    let hash: bigint;
+    // The bytes installed, to hash (null: a zero page).
+    let content: Uint8Array | null;
     if (codec === Encoding.ZERO) {
       if (data.length !== 0) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `zero page ${page} carries ${data.length} bytes`);
       if (!wanted || !this.claimed(page)) return true;
       vm.zeroPage(page);
       s.decoder?.decoder.delivered(page, (this.scratch.fill(0), this.scratch));
-      hash = this.zeroHash();
+      content = null;
     } else if (codec === Encoding.RAW) {
       if (data.length !== PAGE_SIZE) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `raw page ${page} is ${data.length} bytes, not ${PAGE_SIZE}`);
       s.decoder?.decoder.delivered(page, data);
       if (!wanted || !this.claimed(page)) return true;
       if (!inPlace) vm.writePage(page, data, 0);
-      hash = this.deps.hashPage(data, 0);
+      content = data;
     } else {
       if (!s.decoder) throw new ProtocolError('ERR_PROTOCOL_UNKNOWN_ENCODING', `page ${page}: encoding ${codec} was not agreed`);
       // Delta codecs apply to what this side holds now.
@@ -514,14 +517,17 @@ class DestinationSession {
       }
       if (!wanted || !this.claimed(page)) return true;
       vm.writePage(page, this.scratch, 0);
-      hash = this.deps.hashPage(this.scratch, 0);
+      content = this.scratch;
     }
     if (!this.started) {
       this.pagesReceived++;
       this.received.set(page);
-      this.preHashes[page] = hash;
+      // Before the start, hashing may wait: off this thread when the VM offers it (see pageHashes).
+      if (this.hashQueue) this.hashQueue.add(page);
+      else this.preHashes[page] = content === null ? this.zeroHash() : this.deps.hashPage(content, 0);
       return true;
     }
+    const hash = content === null ? this.zeroHash() : this.deps.hashPage(content, 0);
     vm.markPresent(page);
     const t = this.faultAt.get(page);
     if (t !== undefined) {
@@ -659,9 +665,10 @@ class DestinationSession {
 
     this.maxPages = Math.floor(hello.memoryBytes / PAGE_SIZE);
     this.received = new Bitmap(this.maxPages);
-    this.preHashes = new BigUint64Array(this.maxPages);
     const vm = await admission.create(module);
     this.vm = vm;
+    this.hashQueue = vm.pageHashes?.(this.maxPages) ?? null;
+    this.preHashes = this.hashQueue?.out ?? new BigUint64Array(this.maxPages);
     // VM set-up is never part of the downtime. Post-copy starts the VM right after this ACK, so
     // the ACK waits for the vCPU thread. Pre-copy and hybrid pause the source only once a round is
     // acknowledged, so pages may flow as soon as memory is set up while the thread still loads:
@@ -716,6 +723,7 @@ class DestinationSession {
     const sw = await this.inbox.next('SWITCHOVER');
     await this.allRoundsApplied();
     if (this.pageError) throw this.pageError;
+    await this.hashQueue?.settled();
     const swAt = this.deps.clock.now();
     const soft = fromWireBitmap(state.soft, pages);
     const stale = fromWireBitmap(sw.stale, pages);

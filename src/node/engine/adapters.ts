@@ -15,7 +15,7 @@ import { realClock } from '../clock.js';
 import { Ctl } from '../vm/control.js';
 import type { GlobalDesc } from '../vm/globals.js';
 import { hashPage } from '../vm/page-hash.js';
-import { PageHasher } from '../vm/page-hasher.js';
+import { PageHasher, type PageHashQueue } from '../vm/page-hasher.js';
 import type { Vm, VmState } from '../vm/vm.js';
 
 
@@ -183,6 +183,10 @@ export class DestinationVmAdapter implements DestinationVm {
   /** Resolves once the vCPU thread stands by and guest memory is faulted in. */
   warm(): Promise<void> {
     return this.warming;
+  }
+
+  pageHashes(pages: number): PageHashQueue {
+    return pageHasher().queue(this.vm.memory, RESERVED_BYTES, pages);
   }
 
   ensurePages(pages: number): void {

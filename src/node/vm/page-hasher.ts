@@ -78,6 +78,23 @@ export class PageHasher {
     return new BigUint64Array(out);
   }
 
+  /**
+   * A queue of guest pages to hash on one of the threads, in the order queued, each read from
+   * `memory` when its turn comes: the hash left for a page queued again after each change is that
+   * of its last content. Hashes land in `out` (index = page), shared with the thread. A memory that
+   * is not shared, or a range the thread could not hash, is hashed on this thread, in order too.
+   */
+  queue(memory: WebAssembly.Memory, base: number, pages: number): PageHashQueue {
+    return new PageHashQueue(this, memory, base, pages);
+  }
+
+  /** Hashes pages [from, to) into `out` on thread `slot` (0 = first); false when it could not. */
+  hashOn(slot: number, memory: ArrayBufferLike, base: number, from: number, to: number, out: SharedArrayBuffer): Promise<boolean> {
+    this.warm();
+    const w = this.workers[slot % Math.max(1, this.workers.length)];
+    return w ? this.run(w, { memory: memory as SharedArrayBuffer, base, from, to, out }) : Promise.resolve(false);
+  }
+
   private run(worker: Worker, job: Omit<Job, 'id'>): Promise<boolean> {
     const id = this.nextId++;
     // Held while it works for someone; idle, it keeps no process alive.
@@ -131,4 +148,60 @@ if (parentPort && (workerData as { role?: unknown } | null)?.role === ROLE) {
       port.postMessage({ id: j.id, error: e instanceof Error ? e.message : String(e) } satisfies Done);
     }
   });
+}
+
+/** See PageHasher.queue. */
+export class PageHashQueue {
+  /** Hashes, index = page (shared with the hashing thread). */
+  readonly out: BigUint64Array;
+  private runFirst = -1;
+  private runEnd = -1;
+  private flushing = false;
+  private tail: Promise<void> = Promise.resolve();
+
+  constructor(private readonly hasher: PageHasher, private readonly memory: WebAssembly.Memory, private readonly base: number, pages: number) {
+    this.out = new BigUint64Array(new SharedArrayBuffer(pages * 8));
+  }
+
+  /** Queues `page` (it was just installed). Consecutive pages go as one range, at the end of this turn. */
+  add(page: number): void {
+    if (page === this.runEnd) {
+      this.runEnd++;
+      return;
+    }
+    this.flush();
+    this.runFirst = page;
+    this.runEnd = page + 1;
+    if (!this.flushing) {
+      this.flushing = true;
+      queueMicrotask(() => {
+        this.flushing = false;
+        this.flush();
+      });
+    }
+  }
+
+  /** Resolves once every page queued so far is hashed. */
+  settled(): Promise<void> {
+    this.flush();
+    return this.tail;
+  }
+
+  private flush(): void {
+    if (this.runFirst < 0) return;
+    const [from, to] = [this.runFirst, this.runEnd];
+    this.runFirst = this.runEnd = -1;
+    const buf = this.memory.buffer as ArrayBufferLike;
+    const out = this.out.buffer as SharedArrayBuffer;
+    if (!(buf instanceof SharedArrayBuffer)) {
+      hashPageRange(buf, this.base, from, to, this.out);
+      return;
+    }
+    // One thread, so ranges are hashed in the order queued; a range it could not hash is hashed
+    // here once every range before it has settled, so the order holds.
+    const done = this.hasher.hashOn(0, buf, this.base, from, to, out);
+    this.tail = Promise.all([this.tail, done]).then(([, ok]) => {
+      if (!ok) hashPageRange(this.memory.buffer, this.base, from, to, this.out);
+    });
+  }
 }
