@@ -191,6 +191,35 @@ test('a VM continued from state and kept paused touches no guest memory until it
   await second.stop();
 });
 
+test('pauseWithState: the state and soft pages come with the pause, as exportState and softPages would give them', async () => {
+  const memstress = new Uint8Array(readFileSync(join(guestsDir(), 'memstress.wasm')));
+  const vm = Vm.create({ name: 'pws', module: memstress, memoryBytes: 16 << 20, config: 'mem=8MiB wss=1MiB rate=1000000 pattern=zipf', cache });
+  await vm.bootCold();
+  await new Promise((r) => setTimeout(r, 30));
+  const p = vm.pauseWithState();
+  await p.paused;
+  assert.equal(vm.state, 'paused');
+  const [state, soft] = await Promise.all([p.state, p.soft]);
+  assert.deepEqual(state, await vm.exportState());
+  const again = await vm.softPages();
+  assert.deepEqual([...soft.words], [...again.words]);
+  assert.ok(soft.count() > 0, 'memstress hands its temporaries back as soft pages');
+  // Asked again while paused, it answers at once.
+  const q = vm.pauseWithState();
+  await q.paused;
+  assert.deepEqual(await q.state, state);
+  await vm.stop();
+
+  const trapping = Vm.create({ name: 'pws-trap', module: trapGuest(3), memoryBytes: 1 << 20, cache });
+  const trapped = new Promise((r) => trapping.once('trap', r));
+  await trapping.bootCold();
+  await trapped;
+  const t = trapping.pauseWithState();
+  await assert.rejects(t.paused);
+  await assert.rejects(t.state, { code: 'ERR_VM_STATE' });
+  await trapping.stop();
+});
+
 test('bad VM parameters are refused with named errors', () => {
   const bytes = hammerGuest(16);
   assert.throws(() => Vm.create({ name: 'bad name!', module: bytes, memoryBytes: 1 << 20, cache }), InvalidArgumentError);

@@ -74,6 +74,7 @@ function pageHasher(): PageHasher {
 /** The engine's view of a VM that is leaving this host. */
 export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
   let zero: ZeroScanner | null = null;
+  let atPause: ReturnType<Vm['pauseWithState']> | null = null;
   pageHasher().warm(); // its threads load while the rounds run
 
   return {
@@ -92,21 +93,25 @@ export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
     startDirtyLog: () => vm.startDirtyLog(),
     harvestDirty: () => vm.harvestDirty(),
     stopDirtyLog: () => vm.stopDirtyLog(),
+    // The state and soft pages a migration asks for right after the pause come with it.
     pause: async () => {
       hooks.onPause?.();
-      await vm.pause();
+      const p = vm.pauseWithState();
+      atPause = p;
+      await p.paused;
     },
     resume: async () => {
+      atPause = null;
       vm.resume();
       await vm.whenRunning();
       hooks.onResume?.();
     },
     throttle: (f) => vm.throttle(f),
     exportState: async (): Promise<VmWireState> => {
-      const s = await vm.exportState();
+      const s = await (atPause?.state ?? vm.exportState());
       return { guestBytes: s.guestBytes, globals: toWire(vm.info.globals as GlobalDesc[], s.globals), devices: s.devices as Record<string, unknown> };
     },
-    softPages: () => vm.softPages(),
+    softPages: () => atPause?.soft ?? vm.softPages(),
     progress: () => vm.stat().progress,
     release: async () => {
       hooks.onRelease?.();
