@@ -102,7 +102,7 @@ class SendStream {
       const zeros = vm.zeroPages(first, j - i, flags);
       for (let k = 0; k < j - i; k++) {
         if (zeros > 0 && flags[k] === 1) this.zeros[zeroCount++] = first + k;
-        else if (k > 0 && flags[k - 1] !== 1 && extents.length > 0) extents[extents.length - 1].count++;
+        else if (k > 0 && flags[k - 1] !== 1) extents[extents.length - 1].count++; // the page before is the last extent's
         else extents.push({ first: first + k, count: 1 });
       }
       i = j;
@@ -447,9 +447,9 @@ class SourceSession {
   }
 
   /**
-   * What the switchover needs of the paused VM, asked for at once: each is a round trip to the
-   * vCPU thread (0.6-5 ms measured inside the downtime), and one after the other they were two,
-   * the second after the last pages had been queued. A failure surfaces where each is awaited.
+   * What the switchover needs of the paused VM, asked for at once and used as each arrives (the
+   * node VM has both from the pause itself: Vm.pauseWithState). A failure surfaces where each is
+   * awaited.
    */
   private afterPause(): { soft: Promise<Bitmap>; state: Promise<VmWireState> } {
     const soft = this.vm.softPages();
