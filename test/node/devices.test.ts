@@ -451,6 +451,23 @@ test('soft pages: whole pages only, free/in-use, device writes and markInUse rec
   f('soft_pages')(MEM * 1000, 4096 * 4, 1); // beyond the current memory: recorded, no trap
 });
 
+test('a free report zeroes its whole pages, marked dirty; a page the guest writes afterwards leaves the soft set for good', () => {
+  const { f, dev, mem } = setup();
+  mem.bytes.fill(9, 0, 4096 * 8);
+  f('soft_pages')(4096 + 100, 4096 * 4, 1); // pages 2..4 whole; 1 and 5 partial
+  for (const p of [2, 3, 4]) assert.ok(mem.bytes.subarray(p * 4096, (p + 1) * 4096).every((b) => b === 0), `page ${p} zeroed`);
+  for (const p of [1, 5]) assert.ok(mem.bytes.subarray(p * 4096, (p + 1) * 4096).every((b) => b === 9), `partial page ${p} untouched`);
+  assert.deepEqual([...mem.dirty].sort((a, b) => a - b), [2, 3, 4]);
+  assert.deepEqual([...dev.softPages()], [2, 3, 4]);
+  mem.bytes[3 * 4096 + 5] = 1; // a guest store: devices do not see it
+  mem.bytes.fill(0, 4 * 4096, 4 * 4096 + 64); // zeros over zeros: nothing to tell
+  assert.deepEqual([...dev.softPages()], [2, 4]);
+  mem.bytes[3 * 4096 + 5] = 0;
+  assert.deepEqual([...dev.softPages()], [2, 4], 'in use again until reported free again');
+  f('soft_pages')(MEM, 4096 * 2, 1); // beyond the memory: recorded, nothing to zero
+  assert.equal(dev.softPages().get(MEM / 4096), true);
+});
+
 test('rx ring writes reclaim soft pages', () => {
   const { f, dev } = setup();
   f('soft_pages')(0, MEM, 1);

@@ -4,7 +4,7 @@ import { Vm } from '../../src/node/vm/vm.js';
 import { InstrumentCache } from '../../src/node/vm/instrument.js';
 import { GuestTrapError, InvalidArgumentError, VmStateError } from '../../src/core/errors.js';
 import { PAGE_SIZE } from '../../src/core/pages.js';
-import { hammerGuest, trapGuest } from '../helpers/wat.js';
+import { hammerGuest, trapGuest, wat } from '../helpers/wat.js';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { guestsDir } from '../../src/node/paths.js';
@@ -218,6 +218,32 @@ test('pauseWithState: the state and soft pages come with the pause, as exportSta
   await assert.rejects(t.paused);
   await assert.rejects(t.state, { code: 'ERR_VM_STATE' });
   await trapping.stop();
+});
+
+test('soft pages: a free report zeroes its pages, and a page the guest writes afterwards is in use again', async () => {
+  // Pages 16..31 (guest addresses 64 KiB..128 KiB) are filled, reported free, then page 17 is written.
+  const guest = wat(`(module
+  (import "ferry" "soft_pages" (func $soft (param i32 i32 i32)))
+  (memory (export "memory") 4)
+  (global $calls (mut i32) (i32.const 0))
+  (func (export "run") (param i32) (result i32)
+    (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+    (if (i32.eq (global.get $calls) (i32.const 1)) (then
+      (memory.fill (i32.const 65536) (i32.const 7) (i32.const 65536))
+      (call $soft (i32.const 65536) (i32.const 65536) (i32.const 1))
+      (i32.store8 (i32.const 69633) (i32.const 1))))
+    (i32.const 1)))`);
+  const vm = Vm.create({ name: 'soft', module: guest, memoryBytes: 1 << 20, cache });
+  await vm.bootCold();
+  while (vm.stat().quanta < 2) await new Promise((r) => setTimeout(r, 5));
+  const p = vm.pauseWithState();
+  await p.paused;
+  const soft = await p.soft;
+  assert.deepEqual([...soft].filter((x) => x < 64), [16, ...Array.from({ length: 14 }, (_, i) => 18 + i)]);
+  assert.ok(vm.pageView(16).every((b) => b === 0), 'the report zeroed the page');
+  assert.equal(vm.pageView(17)[1], 1, 'the write after the report is there');
+  assert.deepEqual([...(await vm.softPages())].filter((x) => x < 64), [...soft].filter((x) => x < 64), 'asked again: the same');
+  await vm.stop();
 });
 
 test('bad VM parameters are refused with named errors', () => {

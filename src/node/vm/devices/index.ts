@@ -18,13 +18,14 @@
  *   `betweenQuanta`).
  * - Soft pages: the bitmap has one bit per 4 KiB *guest* page (guest address / 4096, i.e. physical
  *   page − RESERVED_PAGES) over the largest guest memory. Devices clear the bit of every page they
- *   write themselves, but cannot see guest stores: whoever consults `softPages()` must intersect
- *   it with the dirty log harvested since (or call `markInUse(pages)` with the guest's dirty pages
- *   at each harvest), so a page written after its free report is sent.
+ *   write themselves. They cannot see guest stores, so a free report zeroes its pages, and
+ *   `softPages()` drops (for good) every soft page that holds anything but zeros: the guest wrote
+ *   it after the report, and it is in use again.
  */
 import { randomFillSync } from 'node:crypto';
 import { MAX_GUEST_BYTES, NET_MAX_PAYLOAD } from '../../../core/abi.js';
 import { Bitmap } from '../../../core/bitmap.js';
+import { isZeroJs } from '../../../core/codec/zero.js';
 import { FerryError, GuestTrapError } from '../../../core/errors.js';
 import { recordSpace, type NetRecordData } from '../../../core/net-ring.js';
 import { PAGE_SIZE } from '../../../core/pages.js';
@@ -380,8 +381,18 @@ export class Devices {
     };
   }
 
-  /** Guest pages (guest address / 4096) reported free and not written by a device since. A copy. */
+  /**
+   * Guest pages (guest address / 4096) reported free and not written since. A copy. A report
+   * zeroes its pages, so a soft page that holds anything but zeros was written by the guest after
+   * it (devices see their own writes, not the guest's stores): it is in use again, from now on.
+   * Pages beyond the current memory stay as reported (memory grows zeroed).
+   */
   softPages(): Bitmap {
+    const inMemory = Math.floor(this.mem.byteLength / PAGE_SIZE);
+    for (const p of this.soft) {
+      if (p >= inMemory) break;
+      if (!isZeroJs(this.mem.view(p * PAGE_SIZE, PAGE_SIZE))) this.soft.clear(p);
+    }
     return this.soft.clone();
   }
 
@@ -436,6 +447,14 @@ export class Devices {
   private softReport(ptr: number, len: number, free: boolean): void {
     const first = Math.ceil(ptr / PAGE_SIZE);
     const end = Math.min(Math.floor((ptr + len) / PAGE_SIZE), this.soft.size);
+    // Free pages' content does not matter: zeroed now (and marked dirty), so that softPages() can
+    // tell a page the guest wrote afterwards. Pages beyond the current memory are zero already.
+    const zeroEnd = Math.min(end, Math.floor(this.mem.byteLength / PAGE_SIZE));
+    if (free && zeroEnd > first) {
+      const [at, n] = [first * PAGE_SIZE, (zeroEnd - first) * PAGE_SIZE];
+      this.mem.view(at, n).fill(0);
+      this.mem.touched(at, n);
+    }
     for (let p = first; p < end; p++) {
       if ((p & 31) === 0 && p + 32 <= end) {
         this.soft.words[p >>> 5] = free ? 0xffffffff : 0;
