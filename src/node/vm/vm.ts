@@ -332,12 +332,8 @@ export class Vm extends EventEmitter {
     this.requireWorker();
     const v = this.request<{ globals: string[]; devices: unknown; soft: Uint32Array }>({ t: 'export-at-pause', id: this.nextId++ });
     const paused = this.pause();
-    const state = v.then((x): VmState => ({ version: 1, name: this.name, moduleHash: this.info.hash, memoryBytes: this.memoryBytes, guestBytes: this.guestBytes, config: this.config, globals: x.globals, devices: x.devices }));
-    const soft = v.then((x) => {
-      const bm = new Bitmap(this.maxPages);
-      bm.words.set(x.soft.subarray(0, bm.words.length));
-      return bm;
-    });
+    const state = v.then((x) => this.stateOf(x));
+    const soft = v.then((x) => this.softOf(x.soft));
     for (const p of [state, soft]) p.catch(() => undefined);
     return { paused, state, soft };
   }
@@ -592,13 +588,21 @@ export class Vm extends EventEmitter {
   async exportState(): Promise<VmState> {
     const s = Atomics.load(this.ctl, Ctl.STATE);
     if (s !== VmRunState.PAUSED && s !== VmRunState.HALTED) throw new VmStateError(`export needs VM ${this.name} paused; it is ${this.state}`);
-    const v = await this.request<{ globals: string[]; devices: unknown }>({ t: 'export', id: this.nextId++ });
-    return { version: 1, name: this.name, moduleHash: this.info.hash, memoryBytes: this.memoryBytes, guestBytes: this.guestBytes, config: this.config, globals: v.globals, devices: v.devices };
+    return this.stateOf(await this.request<{ globals: string[]; devices: unknown }>({ t: 'export', id: this.nextId++ }));
   }
 
   /** Guest pages the guest reported free (soft pages). */
   async softPages(): Promise<Bitmap> {
-    const words = await this.request<Uint32Array>({ t: 'soft-pages', id: this.nextId++ });
+    return this.softOf(await this.request<Uint32Array>({ t: 'soft-pages', id: this.nextId++ }));
+  }
+
+  /** The VM's state from what its vCPU thread exported (the VM paused meanwhile). */
+  private stateOf(v: { globals: string[]; devices: unknown }): VmState {
+    return { version: 1, name: this.name, moduleHash: this.info.hash, memoryBytes: this.memoryBytes, guestBytes: this.guestBytes, config: this.config, globals: v.globals, devices: v.devices };
+  }
+
+  /** The soft-page bitmap from the words the vCPU thread sent. */
+  private softOf(words: Uint32Array): Bitmap {
     const bm = new Bitmap(this.maxPages);
     bm.words.set(words.subarray(0, bm.words.length));
     return bm;
