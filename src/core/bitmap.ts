@@ -68,6 +68,39 @@ export class Bitmap {
     }
   }
 
+  /** Runs of consecutive set bits in ascending order, as [first, count] (one step per run, 32 bits a step over full words). */
+  *runs(): IterableIterator<[number, number]> {
+    const words = this.words;
+    let first = -1;
+    let count = 0;
+    for (let wi = 0; wi < words.length; wi++) {
+      let w = words[wi];
+      if (w === 0) continue;
+      const base = wi << 5;
+      if (w === 0xffffffff) {
+        if (first >= 0 && first + count === base) count += 32;
+        else {
+          if (first >= 0) yield [first, count];
+          first = base;
+          count = 32;
+        }
+        continue;
+      }
+      while (w !== 0) {
+        const bit = 31 - Math.clz32(w & -w);
+        const p = base + bit;
+        if (first >= 0 && first + count === p) count++;
+        else {
+          if (first >= 0) yield [first, count];
+          first = p;
+          count = 1;
+        }
+        w &= w - 1;
+      }
+    }
+    if (first >= 0) yield [first, count];
+  }
+
   clone(): Bitmap {
     return new Bitmap(this.size, this.words.slice());
   }

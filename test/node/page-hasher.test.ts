@@ -103,3 +103,59 @@ test('PageHashQueue: ranges whose thread is gone are hashed on this thread, in o
   await q.settled();
   assert.deepEqual([...q.out], expected(memory, pages));
 });
+
+test('PageHashQueue: more separate ranges than its ring holds, and pages of memory grown meanwhile, all end with their hash', async (t) => {
+  const hasher = hasherFor(t, 1);
+  // Memory that grows (as a destination's does when the guest grew): pages beyond its first size are queued later.
+  const first = 9000;
+  const pages = 12000;
+  const maxWasm = Math.ceil((BASE + pages * PAGE_SIZE) / 65536);
+  const memory = new WebAssembly.Memory({ initial: Math.ceil((BASE + first * PAGE_SIZE) / 65536), maximum: maxWasm, shared: true });
+  const fill = (from: number, to: number) => {
+    const u8 = new Uint8Array(memory.buffer);
+    for (let p = from; p < to; p++) u8.fill((p * 7) & 255, BASE + p * PAGE_SIZE + (p % 4000), BASE + p * PAGE_SIZE + (p % 4000) + 9);
+  };
+  fill(0, first);
+  const q = hasher.queue(memory, BASE, pages);
+  // Every other page: 4500 ranges of one page each in a single turn, more than the ring's 4096.
+  for (let p = 0; p < first; p += 2) q.add(p);
+  await Promise.resolve();
+  for (let p = 1; p < first; p += 2) q.add(p);
+  memory.grow(maxWasm - memory.buffer.byteLength / 65536);
+  fill(first, pages);
+  q.addRange(first, pages - first);
+  await q.settled();
+  q.close();
+  assert.deepEqual([...q.out], expected(memory, pages));
+});
+
+test('PageHashQueue: a closed queue lets its thread go (no process kept alive) and takes no more pages', async () => {
+  const { spawnSync } = await import('node:child_process');
+  const url = new URL('../../src/node/vm/page-hasher.js', import.meta.url).href;
+  const script = `import { PageHasher } from ${JSON.stringify(url)};
+const h = new PageHasher(1);
+const m = new WebAssembly.Memory({ initial: 2, maximum: 2, shared: true });
+const q = h.queue(m, 0, 32);
+q.addRange(0, 32);
+await q.settled();
+q.close();
+try { q.add(1); console.log('taken'); } catch (e) { console.log(e.constructor.name); }`;
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 20_000 });
+  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.stdout.trim(), 'BugIndicatingError', 'the process ended by itself once the queue closed');
+});
+
+test('PageHashQueue: while a thread serves a queue, the same threads still answer hash() (a host migrating VMs in and out at once)', async (t) => {
+  const hasher = hasherFor(t, 2);
+  const memory = memoryWithPages(64, true);
+  const q = hasher.queue(memory, BASE, 64);
+  q.addRange(0, 10);
+  await q.settled(); // thread 0 now sleeps on the queue's ring
+  const other = memoryWithPages(100, true);
+  new Uint8Array(other.buffer).fill(5, BASE, BASE + 40 * PAGE_SIZE);
+  assert.deepEqual([...(await hasher.hash(other, BASE, 100))], expected(other, 100));
+  q.addRange(10, 54);
+  await q.settled();
+  q.close();
+  assert.deepEqual([...q.out], expected(memory, 64));
+});

@@ -45,6 +45,11 @@ export function streamOf(page: number, streams: number): number {
   return streams === 1 ? 0 : (page >>> RUN_PAGES_LOG2) % streams;
 }
 
+/** Pages from `page` on that go on its stream ({@link streamOf}) before the next may not. */
+export function pagesOnStream(page: number, streams: number): number {
+  return streams === 1 ? Infinity : (1 << RUN_PAGES_LOG2) - (page & ((1 << RUN_PAGES_LOG2) - 1));
+}
+
 /** Checks codec names from a user (CLI flag, API body); throws InvalidArgumentError naming the bad one. */
 export function parseCodecNames(names: readonly string[]): CodecName[] {
   const out: CodecName[] = [];

@@ -164,9 +164,10 @@ interface Entries {
 
 const notInPlace = () => false;
 
-function runEntries(f: RunFrame): Entries {
+/** The entries of `f`'s extents that `keep` says still need applying (all of them by default). */
+function runEntries(f: RunFrame, keep?: { count: number; extents: Uint8Array }): Entries {
   // Entry k is page `at[k]` of extent `of[k]` (a batch of pages at most, so one pass is cheap).
-  const ext = f.extents;
+  const ext = keep ? f.extents.filter((_, i) => keep.extents[i] === 1) : f.extents;
   let count = 0;
   for (const e of ext) count += e.count;
   const of = new Uint32Array(count);
@@ -376,7 +377,11 @@ class DestinationSession {
           if (!f) break;
           s.frame = f;
           if (f.type === 'PAGES') s.cur = pagesEntries(f);
-          else if (f.type === 'RUN') s.cur = runEntries(f);
+          else if (f.type === 'RUN') {
+            const rest = this.installInPlace(s, f);
+            if (rest.count < f.extents.length) progressed = true;
+            s.cur = runEntries(f, rest);
+          }
           else {
             if (!s.decoder) throw new ProtocolError('ERR_PROTOCOL_UNKNOWN_ENCODING', 'BATCH frame, but no codec was agreed');
             s.cur = batchEntries(f.seq, s.decoder.unpack(f.blobCodec, f.data, f.pages));
@@ -469,6 +474,32 @@ class DestinationSession {
   /** With a fault thread, exactly one of it and this thread installs each page. */
   private claimed(page: number): boolean {
     return !this.threaded || this.vm!.claim!(page);
+  }
+
+  /**
+   * Before the start, a RUN extent read straight into guest memory (see runTarget) needs no page
+   * to be applied, only bookkeeping: each such extent is taken in one step here instead of page
+   * by page. Returns which extents are left for the page-by-page path (1 = left) and how many.
+   */
+  private installInPlace(s: RxStream, f: RunFrame): { count: number; extents: Uint8Array } {
+    const left = new Uint8Array(f.extents.length);
+    let count = 0;
+    const bulk = !this.started && s.decoder === null;
+    for (let i = 0; i < f.extents.length; i++) {
+      const e = f.extents[i];
+      if (!bulk || e.inPlace !== true) {
+        left[i] = 1;
+        count++;
+        continue;
+      }
+      // runTarget checked the extent against the VM's pages and ensured them.
+      this.received.setRange(e.first, e.first + e.count);
+      this.pagesReceived += e.count;
+      if (this.hashQueue) this.hashQueue.addRange(e.first, e.count);
+      else for (let k = 0; k < e.count; k++) this.preHashes[e.first + k] = this.deps.hashPage(e.data, k * PAGE_SIZE);
+      this.applied.set(f.seq, (this.applied.get(f.seq) ?? 0) + e.count);
+    }
+    return { count, extents: left };
   }
 
   private scratch = new Uint8Array(PAGE_SIZE);
@@ -611,6 +642,7 @@ class DestinationSession {
       throw e;
     } finally {
       this.ending = true;
+      this.hashQueue?.close();
       for (const s of this.rx) s.unblock();
       await this.faultLink?.close();
       this.acceptor.unregister(this.token, this, this.gang);
@@ -724,6 +756,7 @@ class DestinationSession {
     await this.allRoundsApplied();
     if (this.pageError) throw this.pageError;
     await this.hashQueue?.settled();
+    this.hashQueue?.close(); // pages installed from here on are hashed here (see apply)
     const swAt = this.deps.clock.now();
     const soft = fromWireBitmap(state.soft, pages);
     const stale = fromWireBitmap(sw.stale, pages);

@@ -17,7 +17,7 @@ import { MAX_STREAMS, PROTOCOL_VERSION, type CodecOffer, type PageRequestFrame }
 import { encodeBatchFrame, encodeRunHead, encodeZeroPages } from '../protocol/encode.js';
 import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
-import { StreamEncoder, codecOffer, streamOf, usesCodecs, vmIndexBytes, type CodecName } from './codecs.js';
+import { StreamEncoder, codecOffer, pagesOnStream, streamOf, usesCodecs, vmIndexBytes, type CodecName } from './codecs.js';
 import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, demandAnswer, toWireBitmap } from './common.js';
 import type { EngineDeps, MigrationOptions, MigrationPhase, MigrationProgress, MigrationResult, SourceFaultLink, SourceVm, VmWireState } from './types.js';
 
@@ -77,6 +77,21 @@ class SendStream {
       return;
     }
     this.pending[this.pendingCount++] = p;
+  }
+
+  /** Adds pages [first, first + count) — no more than the batch has room for. */
+  addRun(first: number, count: number): void {
+    if (this.buf) {
+      for (let k = 0; k < count; k++) this.add(first + k);
+      return;
+    }
+    for (let k = 0; k < count; k++) this.pending[this.pendingCount + k] = first + k;
+    this.pendingCount += count;
+  }
+
+  /** Pages the batch still has room for. */
+  get room(): number {
+    return this.batchPages - this.count;
   }
 
   /**
@@ -226,9 +241,24 @@ class SourceSession {
    * frames with each page copied once straight into its frame when no codec runs, BATCH frames
    * from the stream's encoder otherwise. Returns once every page is queued on its stream.
    */
-  private async sendPages(pages: Iterable<number>, seq: number): Promise<number> {
+  private async sendPages(pages: Iterable<number> | Bitmap, seq: number): Promise<number> {
     const n = this.streams.length;
     let sent = 0;
+    if (pages instanceof Bitmap) {
+      // A round's pages, a run of consecutive pages at a time (a stream's share of it at a time).
+      for (const [first, count] of pages.runs()) {
+        for (let p = first, end = first + count; p < end;) {
+          this.checkAbort();
+          const s = this.streams[streamOf(p, n)];
+          const k = Math.min(end - p, pagesOnStream(p, n), s.room);
+          s.addRun(p, k);
+          p += k;
+          if (s.full) sent += await this.flush(s, seq);
+        }
+      }
+      for (const s of this.streams) sent += await this.flush(s, seq);
+      return sent;
+    }
     for (const p of pages) {
       this.checkAbort();
       const s = this.streams[streamOf(p, n)];

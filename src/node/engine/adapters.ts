@@ -195,9 +195,16 @@ export class DestinationVmAdapter implements DestinationVm {
   }
 
   ensurePages(pages: number): void {
+    // Called for every page installed: memory never shrinks, so what was ensured once stays so
+    // (reading the memory's size makes a new SharedArrayBuffer object each time).
+    if (pages <= this.ensuredPages) return;
     const bytes = Math.ceil((pages * PAGE_SIZE) / WASM_PAGE_SIZE) * WASM_PAGE_SIZE;
     if (bytes > this.vm.guestBytes) this.vm.growTo(bytes);
+    this.ensuredPages = bytes / PAGE_SIZE;
   }
+
+  /** Guest pages known to be in memory (see ensurePages). */
+  private ensuredPages = 0;
 
   writePage(page: number, data: Uint8Array, offset: number): void {
     this.beforeInstall();

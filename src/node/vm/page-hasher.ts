@@ -12,7 +12,8 @@
  * calling thread, so a migration never fails for want of a hashing thread.
  */
 import { availableParallelism } from 'node:os';
-import { Worker, parentPort, workerData } from 'node:worker_threads';
+import { Worker, parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
+import { BugIndicatingError } from '../../core/errors.js';
 import { PAGE_SIZE } from '../../core/pages.js';
 import { hashPage } from './page-hash.js';
 
@@ -25,6 +26,36 @@ interface Job {
   to: number;
   out: SharedArrayBuffer;
 }
+
+/** Serve a PageHashQueue's ring (see RING) until it is closed. */
+interface QueueJob {
+  id: number;
+  /** The memory itself, not its buffer: the thread sees it grow. */
+  memory: WebAssembly.Memory;
+  base: number;
+  out: SharedArrayBuffer;
+  ring: SharedArrayBuffer;
+}
+
+/**
+ * A queue's ring, shared with its thread: ranges go in without a message each (a postMessage per
+ * range, its SharedArrayBuffers cloned every time, cost the receiving engine 25-30 ms of its
+ * thread per 256 MiB migration). Int32 slots: WRITE (ranges put in), DONE (ranges hashed),
+ * CLOSED (no more ranges), ABANDONED (stop now: the pool is closing), CALLER_WAITS (the caller
+ * waits for DONE, so the thread wakes it); then CAPACITY entries of (first page, page count).
+ */
+const RING = { WRITE: 0, DONE: 1, CLOSED: 2, ABANDONED: 3, CALLER_WAITS: 4, HEADER: 8, CAPACITY: 4096 } as const;
+/**
+ * Each thread's doorbell: SEQ is bumped to wake it, WAITS says it is about to sleep on SEQ. A
+ * thread serving rings sleeps in Atomics.wait (a futex: waking it costs the caller a few µs,
+ * where waking an Atomics.waitAsync in another thread cost ~80 µs measured here).
+ */
+const BELL = { SEQ: 0, WAITS: 1, SLOTS: 2 } as const;
+/**
+ * Pages put in the ring before a sleeping thread is woken for them (settled and close wake it at
+ * once): pages arrive in smaller runs than this.
+ */
+const WAKE_PAGES = 2048;
 
 interface Done {
   id: number;
@@ -42,6 +73,8 @@ const ROLE = 'ferry-page-hasher';
 
 export class PageHasher {
   private readonly workers: Worker[] = [];
+  /** Each thread's doorbell (see BELL). */
+  private readonly bells = new Map<Worker, Int32Array>();
   private readonly pending = new Map<number, { worker: Worker; resolve(ok: boolean): void }>();
   private nextId = 1;
 
@@ -88,27 +121,43 @@ export class PageHasher {
     return new PageHashQueue(this, memory, base, pages);
   }
 
-  /** Hashes pages [from, to) into `out` on thread `slot` (0 = first); false when it could not. */
-  hashOn(slot: number, memory: ArrayBufferLike, base: number, from: number, to: number, out: SharedArrayBuffer): Promise<boolean> {
+  /**
+   * Has thread `slot` serve a queue's ring until the ring is closed; resolves true once it has
+   * stopped serving it, false if the thread could not (or went away meanwhile).
+   */
+  serveOn(slot: number, job: Omit<QueueJob, 'id'>): { serving: Promise<boolean>; bell: Int32Array | null } {
     this.warm();
     const w = this.workers[slot % Math.max(1, this.workers.length)];
-    return w ? this.run(w, { memory: memory as SharedArrayBuffer, base, from, to, out }) : Promise.resolve(false);
+    if (!w) return { serving: Promise.resolve(false), bell: null };
+    const ctl = new Int32Array(job.ring, 0, RING.HEADER);
+    const bell = this.bells.get(w)!;
+    const serving = this.run(w, job).finally(() => this.rings.delete(ctl));
+    this.rings.set(ctl, { serving, bell });
+    return { serving, bell };
   }
 
-  private run(worker: Worker, job: Omit<Job, 'id'>): Promise<boolean> {
+  /** The rings threads serve now, each until its job ends (see close). */
+  private readonly rings = new Map<Int32Array, { serving: Promise<boolean>; bell: Int32Array }>();
+
+  private run(worker: Worker, job: Omit<Job, 'id'> | Omit<QueueJob, 'id'>): Promise<boolean> {
     const id = this.nextId++;
     // Held while it works for someone; idle, it keeps no process alive.
     worker.ref();
     return new Promise<boolean>((resolve) => {
       this.pending.set(id, { worker, resolve });
-      worker.postMessage({ ...job, id } satisfies Job);
+      worker.postMessage({ ...job, id } satisfies Job | QueueJob);
+      // A thread serving rings reads its messages between ranges, and must wake for this one.
+      const bell = this.bells.get(worker);
+      if (bell) ring(bell);
     }).finally(() => {
       if (![...this.pending.values()].some((p) => p.worker === worker)) worker.unref();
     });
   }
 
   private spawn(): Worker {
-    const worker = new Worker(HERE, { workerData: { role: ROLE } });
+    const bell = new Int32Array(new SharedArrayBuffer(BELL.SLOTS * 4));
+    const worker = new Worker(HERE, { workerData: { role: ROLE, bell: bell.buffer } });
+    this.bells.set(worker, bell);
     worker.on('message', (m: Done) => {
       const p = this.pending.get(m.id);
       if (!p) return;
@@ -116,6 +165,7 @@ export class PageHasher {
       p.resolve(m.error === undefined);
     });
     const gone = () => {
+      this.bells.delete(worker);
       const i = this.workers.indexOf(worker);
       if (i >= 0) this.workers.splice(i, 1);
       for (const [id, p] of this.pending) {
@@ -133,20 +183,110 @@ export class PageHasher {
 
   /** Stops the threads (a later hash() starts new ones). */
   async close(): Promise<void> {
+    // A thread serving a queue is told to stop first (its queue hashes what is left on its own
+    // thread), so no thread goes while it sleeps on a ring.
+    if (this.rings.size > 0) {
+      const rings = [...this.rings];
+      for (const [ctl, r] of rings) {
+        Atomics.store(ctl, RING.ABANDONED, 1);
+        ring(r.bell);
+      }
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([Promise.all(rings.map(([, r]) => r.serving)), new Promise((r) => { timer = setTimeout(r, 2000); })]);
+      clearTimeout(timer);
+    }
     const ws = this.workers.splice(0);
     await Promise.all(ws.map((w) => w.terminate()));
   }
 }
 
+/** Wakes the thread whose doorbell this is (if it sleeps). */
+function ring(bell: Int32Array): void {
+  Atomics.add(bell, BELL.SEQ, 1);
+  Atomics.notify(bell, BELL.SEQ);
+}
+
+/** A ring a thread serves, with its views. */
+interface Served {
+  job: QueueJob;
+  ctl: Int32Array;
+  entries: Int32Array;
+  out: BigUint64Array;
+  buf: ArrayBufferLike;
+}
+
+/** Hashes every range in `r` now; true if there was any. Throws once the ring is abandoned. */
+function serveSome(r: Served): boolean {
+  const { ctl, entries } = r;
+  let did = false;
+  for (let d = Atomics.load(ctl, RING.DONE); d < Atomics.load(ctl, RING.WRITE); d++) {
+    if (Atomics.load(ctl, RING.ABANDONED) !== 0) throw new Error('abandoned: the pool is closing');
+    const i = (d % RING.CAPACITY) * 2;
+    const [from, to] = [entries[i], entries[i] + entries[i + 1]];
+    if (r.job.base + to * PAGE_SIZE > r.buf.byteLength) r.buf = r.job.memory.buffer; // it grew
+    hashPageRange(r.buf, r.job.base, from, to, r.out);
+    Atomics.store(ctl, RING.DONE, d + 1);
+    if (Atomics.load(ctl, RING.CALLER_WAITS) !== 0) Atomics.notify(ctl, RING.DONE);
+    did = true;
+  }
+  if (Atomics.load(ctl, RING.ABANDONED) !== 0) throw new Error('abandoned: the pool is closing');
+  return did;
+}
+
+/**
+ * A hashing thread with rings to serve: it hashes their ranges as they come, takes its other
+ * messages (hash jobs, more rings) between them, and sleeps on its doorbell when there is nothing
+ * to do. It goes back to its event loop once every ring is closed and drained.
+ */
+function serveRings(first: QueueJob, port: MessagePort, bell: Int32Array, hashJob: (j: Job) => void, done: (id: number, e?: unknown) => void): void {
+  const open = (j: QueueJob): Served => ({
+    job: j, ctl: new Int32Array(j.ring, 0, RING.HEADER), entries: new Int32Array(j.ring, RING.HEADER * 4, RING.CAPACITY * 2),
+    out: new BigUint64Array(j.out), buf: j.memory.buffer,
+  });
+  const rings = [open(first)];
+  while (rings.length > 0) {
+    const seen = Atomics.load(bell, BELL.SEQ);
+    for (let m = receiveMessageOnPort(port); m; m = receiveMessageOnPort(port)) {
+      const j = m.message as Job | QueueJob;
+      if ('ring' in j) rings.push(open(j));
+      else hashJob(j);
+    }
+    let worked = false;
+    for (let k = rings.length - 1; k >= 0; k--) {
+      const r = rings[k];
+      try {
+        if (serveSome(r)) worked = true;
+        if (Atomics.load(r.ctl, RING.CLOSED) === 0 || Atomics.load(r.ctl, RING.DONE) < Atomics.load(r.ctl, RING.WRITE)) continue;
+        done(r.job.id);
+      } catch (e) {
+        done(r.job.id, e);
+      }
+      rings.splice(k, 1);
+    }
+    if (worked || rings.length === 0) continue;
+    // Say so, then look once more: a caller that put work in after the look above sees WAITS and rings.
+    Atomics.store(bell, BELL.WAITS, 1);
+    const idle = rings.every((r) => Atomics.load(r.ctl, RING.DONE) === Atomics.load(r.ctl, RING.WRITE) && Atomics.load(r.ctl, RING.CLOSED) === 0 && Atomics.load(r.ctl, RING.ABANDONED) === 0);
+    if (idle) Atomics.wait(bell, BELL.SEQ, seen);
+    Atomics.store(bell, BELL.WAITS, 0);
+  }
+}
+
 if (parentPort && (workerData as { role?: unknown } | null)?.role === ROLE) {
   const port = parentPort;
-  port.on('message', (j: Job) => {
+  const bell = new Int32Array((workerData as { bell: SharedArrayBuffer }).bell);
+  const done = (id: number, e?: unknown) => port.postMessage(e === undefined ? { id } satisfies Done : { id, error: e instanceof Error ? e.message : String(e) } satisfies Done);
+  const hashJob = (j: Job) => {
     try {
       hashPageRange(j.memory, j.base, j.from, j.to, new BigUint64Array(j.out));
-      port.postMessage({ id: j.id } satisfies Done);
+      done(j.id);
     } catch (e) {
-      port.postMessage({ id: j.id, error: e instanceof Error ? e.message : String(e) } satisfies Done);
+      done(j.id, e);
     }
+  };
+  port.on('message', (j: Job | QueueJob) => {
+    if ('ring' in j) serveRings(j, port, bell, hashJob, done);
+    else hashJob(j);
   });
 }
 
@@ -154,24 +294,51 @@ if (parentPort && (workerData as { role?: unknown } | null)?.role === ROLE) {
 export class PageHashQueue {
   /** Hashes, index = page (shared with the hashing thread). */
   readonly out: BigUint64Array;
+  /** The run of consecutive pages being gathered (first, end), not in the ring yet. */
   private runFirst = -1;
   private runEnd = -1;
   private flushing = false;
-  private tail: Promise<void> = Promise.resolve();
+  /** The ring shared with the thread (see RING), or null when this thread hashes (memory not shared, or the thread failed). */
+  private ctl: Int32Array | null = null;
+  private entries: Int32Array | null = null;
+  /** Ranges put in (the ring's WRITE, kept here too), and ranges waiting for room in the ring. */
+  private written = 0;
+  private readonly overflow: number[] = [];
+  /** Resolves true once the thread stopped serving the ring, false if it failed. */
+  private serving: Promise<boolean> = Promise.resolve(true);
+  /** The serving thread's doorbell. */
+  private bell: Int32Array | null = null;
+  private closed = false;
 
-  constructor(private readonly hasher: PageHasher, private readonly memory: WebAssembly.Memory, private readonly base: number, pages: number) {
+  constructor(hasher: PageHasher, private readonly memory: WebAssembly.Memory, private readonly base: number, pages: number) {
     this.out = new BigUint64Array(new SharedArrayBuffer(pages * 8));
+    const buf = memory.buffer as ArrayBufferLike;
+    if (!(buf instanceof SharedArrayBuffer)) return;
+    const ring = new SharedArrayBuffer((RING.HEADER + RING.CAPACITY * 2) * 4);
+    this.ctl = new Int32Array(ring, 0, RING.HEADER);
+    this.entries = new Int32Array(ring, RING.HEADER * 4, RING.CAPACITY * 2);
+    // One thread, so ranges are hashed in the order queued.
+    const { serving, bell } = hasher.serveOn(0, { memory, base, out: this.out.buffer as SharedArrayBuffer, ring });
+    this.serving = serving;
+    this.bell = bell;
+    void this.serving.then((ok) => { if (!ok) this.takeOver(); });
   }
 
   /** Queues `page` (it was just installed). Consecutive pages go as one range, at the end of this turn. */
   add(page: number): void {
-    if (page === this.runEnd) {
-      this.runEnd++;
+    this.addRange(page, 1);
+  }
+
+  /** Queues pages [first, first + count). */
+  addRange(first: number, count: number): void {
+    if (this.closed) throw new BugIndicatingError('pages queued after the queue was closed');
+    if (first === this.runEnd) {
+      this.runEnd += count;
       return;
     }
     this.flush();
-    this.runFirst = page;
-    this.runEnd = page + 1;
+    this.runFirst = first;
+    this.runEnd = first + count;
     if (!this.flushing) {
       this.flushing = true;
       queueMicrotask(() => {
@@ -182,26 +349,92 @@ export class PageHashQueue {
   }
 
   /** Resolves once every page queued so far is hashed. */
-  settled(): Promise<void> {
+  async settled(): Promise<void> {
     this.flush();
-    return this.tail;
+    for (;;) {
+      const ctl = this.ctl;
+      if (!ctl) return; // hashed here, in order, as they came
+      this.refill(true);
+      Atomics.store(ctl, RING.CALLER_WAITS, 1);
+      const done = Atomics.load(ctl, RING.DONE);
+      if (done >= this.written && this.overflow.length === 0) {
+        Atomics.store(ctl, RING.CALLER_WAITS, 0);
+        return;
+      }
+      // Woken by the thread's progress, or by its failure (then hashed here: takeOver).
+      const r = Atomics.waitAsync(ctl, RING.DONE, done, 50);
+      if (r.async) await Promise.race([r.value, this.serving]);
+      Atomics.store(ctl, RING.CALLER_WAITS, 0);
+    }
+  }
+
+  /** No more pages: the thread stops serving the ring once it has hashed what is in it. */
+  close(): void {
+    if (this.closed) return;
+    this.flush();
+    this.closed = true;
+    const ctl = this.ctl;
+    if (!ctl) return;
+    this.refill(true);
+    Atomics.store(ctl, RING.CLOSED, 1);
+    if (this.bell) ring(this.bell);
   }
 
   private flush(): void {
     if (this.runFirst < 0) return;
     const [from, to] = [this.runFirst, this.runEnd];
     this.runFirst = this.runEnd = -1;
-    const buf = this.memory.buffer as ArrayBufferLike;
-    const out = this.out.buffer as SharedArrayBuffer;
-    if (!(buf instanceof SharedArrayBuffer)) {
-      hashPageRange(buf, this.base, from, to, this.out);
+    if (!this.ctl) {
+      hashPageRange(this.memory.buffer, this.base, from, to, this.out);
       return;
     }
-    // One thread, so ranges are hashed in the order queued; a range it could not hash is hashed
-    // here once every range before it has settled, so the order holds.
-    const done = this.hasher.hashOn(0, buf, this.base, from, to, out);
-    this.tail = Promise.all([this.tail, done]).then(([, ok]) => {
-      if (!ok) hashPageRange(this.memory.buffer, this.base, from, to, this.out);
-    });
+    this.overflow.push(from, to - from);
+    this.refill();
+  }
+
+  /**
+   * Moves waiting ranges into the ring while it has room, in order, and wakes the thread if it
+   * waits and WAKE_PAGES have gathered (or `wake`).
+   */
+  private refill(wake = false): void {
+    const ctl = this.ctl;
+    if (!ctl) return;
+    const room = RING.CAPACITY - (this.written - Atomics.load(ctl, RING.DONE));
+    const n = Math.min(room, this.overflow.length / 2);
+    if (n > 0) {
+      for (let k = 0; k < n; k++) {
+        const i = (this.written % RING.CAPACITY) * 2;
+        this.entries![i] = this.overflow[2 * k];
+        this.entries![i + 1] = this.overflow[2 * k + 1];
+        this.unsignalled += this.overflow[2 * k + 1];
+        this.written++;
+      }
+      this.overflow.splice(0, 2 * n);
+      Atomics.store(ctl, RING.WRITE, this.written);
+    }
+    const bell = this.bell;
+    if (bell && this.unsignalled > 0 && (wake || this.unsignalled >= WAKE_PAGES) && Atomics.load(bell, BELL.WAITS) !== 0) {
+      ring(bell);
+      this.unsignalled = 0;
+    }
+  }
+
+  /** Pages put in the ring since the thread was last woken. */
+  private unsignalled = 0;
+
+  /** The thread failed: what it had not hashed is hashed here, in order, and so is everything after. */
+  private takeOver(): void {
+    const ctl = this.ctl;
+    if (!ctl) return;
+    this.ctl = null;
+    const buf = this.memory.buffer;
+    for (let d = Atomics.load(ctl, RING.DONE); d < this.written; d++) {
+      const i = (d % RING.CAPACITY) * 2;
+      hashPageRange(buf, this.base, this.entries![i], this.entries![i] + this.entries![i + 1], this.out);
+    }
+    for (let k = 0; k < this.overflow.length; k += 2) hashPageRange(buf, this.base, this.overflow[k], this.overflow[k] + this.overflow[k + 1], this.out);
+    this.overflow.length = 0;
+    // Wake a settled() waiting on the ring.
+    Atomics.notify(ctl, RING.DONE);
   }
 }
