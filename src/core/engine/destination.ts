@@ -744,6 +744,8 @@ class DestinationSession {
     });
 
     const state = await this.inbox.next('STATE');
+    // The source is paused: the pages still to come are its last, and the downtime waits for their hashes.
+    this.hashQueue?.hurry();
     const pages = Math.ceil(state.guestBytes / PAGE_SIZE);
     if (pages > this.maxPages) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `state claims ${pages} pages, more than the VM's ${this.maxPages}`);
     vm.ensurePages(pages);

@@ -100,9 +100,17 @@ export interface DestinationVm {
    * the start. The engine queues each page once installed and reads `out` (index = page) once
    * `settled()` has resolved; pages are hashed in the order queued, each from memory as it is
    * then, so a page queued after each install ends with its last content's hash. The engine
-   * closes the queue once it needs no more (settled, or the migration failed).
+   * calls `hurry()` once the source is paused (its last pages are coming: hash each soon rather
+   * than cheaply) and closes the queue once it needs no more (settled, or the migration failed).
    */
-  pageHashes?(pages: number): { readonly out: BigUint64Array; add(page: number): void; addRange(first: number, count: number): void; settled(): Promise<void>; close(): void };
+  pageHashes?(pages: number): {
+    readonly out: BigUint64Array;
+    add(page: number): void;
+    addRange(first: number, count: number): void;
+    hurry(): void;
+    settled(): Promise<void>;
+    close(): void;
+  };
   /** Post-copy: a page arrived; wake a vCPU waiting for it. */
   markPresent(page: number): void;
   /** Post-copy: every page is present; run without presence checks from now on. */

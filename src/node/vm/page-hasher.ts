@@ -368,6 +368,17 @@ export class PageHashQueue {
     }
   }
 
+  /**
+   * From now on the thread is woken for every range, not every WAKE_PAGES: for the last pages of a
+   * migration (the source is paused), where what counts is how soon the last is hashed.
+   */
+  hurry(): void {
+    this.wakePages = 1;
+    this.refill(true);
+  }
+
+  private wakePages: number = WAKE_PAGES;
+
   /** No more pages: the thread stops serving the ring once it has hashed what is in it. */
   close(): void {
     if (this.closed) return;
@@ -413,7 +424,7 @@ export class PageHashQueue {
       Atomics.store(ctl, RING.WRITE, this.written);
     }
     const bell = this.bell;
-    if (bell && this.unsignalled > 0 && (wake || this.unsignalled >= WAKE_PAGES) && Atomics.load(bell, BELL.WAITS) !== 0) {
+    if (bell && this.unsignalled > 0 && (wake || this.unsignalled >= this.wakePages) && Atomics.load(bell, BELL.WAITS) !== 0) {
       ring(bell);
       this.unsignalled = 0;
     }
