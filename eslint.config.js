@@ -5,7 +5,7 @@ import tseslint from 'typescript-eslint';
 const nodeBuiltins = ['fs', 'net', 'tls', 'os', 'path', 'url', 'crypto', 'worker_threads', 'child_process', 'http', 'https', 'stream', 'events', 'buffer', 'util', 'zlib', 'dgram', 'dns', 'perf_hooks', 'timers', 'readline', 'process'];
 
 export default tseslint.config(
-  { ignores: ['dist/**', 'node_modules/**', 'build/**', 'guests/**'] },
+  { ignores: ['dist/**', 'node_modules/**', 'build/**', 'guests/**', 'scratch/**'] },
   ...tseslint.configs.recommended,
   {
     rules: {

@@ -642,6 +642,7 @@ class DestinationSession {
       throw e;
     } finally {
       this.ending = true;
+      // Not at the switchover: waking the hashing thread to let it go took the core the start needed.
       this.hashQueue?.close();
       for (const s of this.rx) s.unblock();
       await this.faultLink?.close();
@@ -758,7 +759,6 @@ class DestinationSession {
     await this.allRoundsApplied();
     if (this.pageError) throw this.pageError;
     await this.hashQueue?.settled();
-    this.hashQueue?.close(); // pages installed from here on are hashed here (see apply)
     const swAt = this.deps.clock.now();
     const soft = fromWireBitmap(state.soft, pages);
     const stale = fromWireBitmap(sw.stale, pages);

@@ -467,11 +467,12 @@ class SourceSession {
 
   private async pause(): Promise<void> {
     this.event({ type: 'progress', t: this.now(), work: this.vm.progress() });
-    await this.vm.pause();
-    // Stamped once the vCPU has stopped: until then the guest still runs its quantum (0.3-8 ms
-    // measured here), so it is not down yet. Clients' input is held from the pause request on
+    const before = (await this.vm.pause()) ?? 0;
+    // Stamped when the vCPU stopped: until then the guest still runs its quantum (0.3-8 ms
+    // measured here), so it is not down yet; time it spent stopped before it could say so counts
+    // (the node VM exports its state first). Clients' input is held from the pause request on
     // (the client-observed downtime counts that).
-    this.event({ type: 'paused', t: this.now() });
+    this.event({ type: 'paused', t: this.now() - Math.max(0, before) });
     this.paused = true;
     this.vm.throttle(0);
   }
@@ -734,6 +735,11 @@ class SourceSession {
           const b0 = this.bytesSent;
           const stateSent = softNow.then((s) => this.sendState(after.state, s));
           stateSent.catch(() => undefined); // awaited by switchover
+          // The node VM's state and soft pages come with the pause (Vm.pauseWithState): one turn
+          // of the event loop lets their message in, and STATE then leads the final round — the
+          // destination loads it and hashes the last pages promptly while they arrive. Once the
+          // pages flow, the writes keep the event loop from taking it in (measured 3-20 ms late).
+          if (await Promise.race([softNow.then(() => true, () => true), this.deps.yieldToIo().then(() => false)])) await stateSent.catch(() => undefined);
           let n = await this.sendPages(Bitmap.fromWords(this.maxPages, pages, (i) => (lw[i] ?? 0) & ew[i]), this.round);
           soft = await softNow;
           const sw = soft.words;

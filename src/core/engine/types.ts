@@ -53,8 +53,12 @@ export interface SourceVm {
   /** Pages written since the last harvest; pages read after this resolves are current. */
   harvestDirty(): Promise<Bitmap>;
   stopDirtyLog(): Promise<void>;
-  /** Stops the guest between quanta; from now on nothing changes memory. */
-  pause(): Promise<void>;
+  /**
+   * Stops the guest between quanta; from now on nothing changes memory. May resolve with how long
+   * (ms) the guest had already been stopped when it could say so (work it did while stopped, such
+   * as exporting the state): the pause is stamped that much earlier.
+   */
+  pause(): Promise<number | void>;
   resume(): Promise<void>;
   /** vCPU throttle, 0 … 0.99 (auto-converge). */
   throttle(fraction: number): void;

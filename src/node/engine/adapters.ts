@@ -98,7 +98,7 @@ export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
       hooks.onPause?.();
       const p = vm.pauseWithState();
       atPause = p;
-      await p.paused;
+      return await p.paused;
     },
     resume: async () => {
       atPause = null;

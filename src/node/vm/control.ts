@@ -51,6 +51,11 @@ export const enum Stat {
   LAST_QUANTUM_NS = 4,
   FAULTS = 5,
   FAULT_WAIT_NS = 6,
+  /**
+   * At the last pause: how long the guest had been stopped before the vCPU thread said PAUSED
+   * (it exports the state first when asked to: Vm.pauseWithState), ns.
+   */
+  STOPPED_BEFORE_PAUSED_NS = 7,
   WORDS = 8,
 }
 

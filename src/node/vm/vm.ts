@@ -328,10 +328,11 @@ export class Vm extends EventEmitter {
    * that has gone to sleep (3-9 ms measured inside a migration's downtime while both cores moved
    * pages). `state` rejects if the VM traps or halts instead.
    */
-  pauseWithState(): { paused: Promise<void>; state: Promise<VmState>; soft: Promise<Bitmap> } {
+  pauseWithState(): { paused: Promise<number>; state: Promise<VmState>; soft: Promise<Bitmap> } {
     this.requireWorker();
     const v = this.request<{ globals: string[]; devices: unknown; soft: Uint32Array }>({ t: 'export-at-pause', id: this.nextId++ });
-    const paused = this.pause();
+    // Resolves with how long (ms) the guest had been stopped before it said PAUSED: it exported the state first.
+    const paused = this.pause().then(() => this.stats[Stat.STOPPED_BEFORE_PAUSED_NS] / 1e6);
     const state = v.then((x) => this.stateOf(x));
     const soft = v.then((x) => this.softOf(x.soft));
     for (const p of [state, soft]) p.catch(() => undefined);
