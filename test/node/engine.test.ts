@@ -546,3 +546,20 @@ test('post-copy with fault threads on a shaped link: their connections are shape
     await main.close();
   }
 });
+
+test('the pause is stamped when the guest stopped: time a VM says it spent stopped before it could say so counts as downtime', async (t) => {
+  const src = await source('mem=8MiB pattern=uniform rate=1000000');
+  const made: Vm[] = [];
+  t.after(() => stopAll(src, made));
+  const [a, b, close] = await tcpPair();
+  const vm = sourceVmOf(src);
+  const pause = vm.pause;
+  // As a VM that spent 60 ms stopped (exporting its state, say) before it said PAUSED reports it.
+  const wrapped = { ...vm, pause: async () => { await pause(); await new Promise((r) => setTimeout(r, 60)); return 60; } };
+  const dest = serveDestination(b, factory(made), deps);
+  const result = await migrateSource(a, wrapped, deps, { mode: 'precopy', baselineMs: 0 });
+  await dest;
+  await close();
+  assert.equal(result.report.verified, true);
+  assert.ok(result.report.downtimeMs! >= 60, `downtime ${result.report.downtimeMs} ms counts the 60 ms the guest was stopped before it said so`);
+});

@@ -197,8 +197,12 @@ test('pauseWithState: the state and soft pages come with the pause, as exportSta
   await vm.bootCold();
   await new Promise((r) => setTimeout(r, 30));
   const p = vm.pauseWithState();
-  await p.paused;
+  const stoppedMs = await p.paused;
   assert.equal(vm.state, 'paused');
+  // The thread exports before it says PAUSED, and says how long the guest had been stopped by then.
+  assert.ok(stoppedMs > 0 && stoppedMs < 1000, `stopped ${stoppedMs} ms before PAUSED`);
+  const first = await Promise.race([p.state.then(() => 'state'), new Promise((r) => setImmediate(() => r('a turn later')))]);
+  assert.equal(first, 'state', 'the state was on its way before the pause was told');
   const [state, soft] = await Promise.all([p.state, p.soft]);
   assert.deepEqual(state, await vm.exportState());
   const again = await vm.softPages();
