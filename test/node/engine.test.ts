@@ -342,7 +342,7 @@ test('destination VM: start may follow load before it settles (one round trip); 
   const made: Vm[] = [];
   t.after(() => stopAll(src, made));
   const mk = () => {
-    const vm = Vm.create({ name: `loaded-${made.length}`, module: memstress, memoryBytes: 64 << 20, config: src.config, cache });
+    const vm = Vm.create({ name: `loaded-${made.length}`, module: memstress, memoryBytes: 64 << 20, config: src.config, cache, variants: ['plain', 'presence'] });
     made.push(vm);
     vm.guestView().set(src.guestView().subarray(0, vm.guestView().length));
     return new DestinationVmAdapter(vm, { guestBytes: state.guestBytes });
@@ -358,6 +358,15 @@ test('destination VM: start may follow load before it settles (one round trip); 
   await assert.rejects(bad.start(null), (e: Error & { code?: string }) => e.code === 'ERR_DEVICE_STATE');
   await assert.rejects(broken, (e: Error & { code?: string }) => e.code === 'ERR_DEVICE_STATE');
   assert.notEqual(bad.vm.state, 'running');
+  // Readied for post-copy (pages missing) but started with every page here: it runs without presence checks.
+  const hinted = mk();
+  await hinted.load(state, { pagesMissing: true });
+  assert.equal(hinted.vm.variant, 'presence', 'the load readied the presence-checking variant');
+  await hinted.start(null);
+  assert.equal(hinted.vm.state, 'running');
+  const q0 = hinted.vm.stat().quanta;
+  while (hinted.vm.stat().quanta === q0) await new Promise((r) => setTimeout(r, 2));
+  assert.equal(hinted.vm.variant, 'plain', 'its guest code runs without presence checks');
 });
 
 test('a destination VM that never gets ready fails the pre-copy with ERR_MIGRATION_TIMEOUT; the VM runs on at the source', async (t) => {

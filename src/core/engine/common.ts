@@ -170,6 +170,11 @@ export class MemoryDigest {
     if (page < this.hashes.length) this.hashes[page] = 0n;
   }
 
+  /** Pages [first, first + count) count as 0, as clear() each. */
+  clearRange(first: number, count: number): void {
+    this.hashes.fill(0n, Math.min(first, this.hashes.length), Math.min(first + count, this.hashes.length));
+  }
+
   hex(sha256Hex: (b: Uint8Array) => string): string {
     return sha256Hex(new Uint8Array(this.hashes.buffer, this.hashes.byteOffset, this.hashes.byteLength));
   }

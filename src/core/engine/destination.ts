@@ -753,7 +753,8 @@ class DestinationSession {
     // The state is loaded at once: ferry's source sends STATE as soon as the paused VM exported
     // it, while the last pages are still on their way, and loading (a round trip to the vCPU
     // thread, which restores devices and globals) then stays out of the downtime.
-    const loaded = vm.load({ guestBytes: state.guestBytes, globals: state.globals, devices: state.devices });
+    // Post-copy starts with pages absent (hybrid only if it did not converge, unknown yet).
+    const loaded = vm.load({ guestBytes: state.guestBytes, globals: state.globals, devices: state.devices }, { pagesMissing: mode === 'postcopy' });
     loaded.catch(() => undefined); // start() waits for it, and fails with it
     const sw = await this.inbox.next('SWITCHOVER');
     await this.allRoundsApplied();
@@ -773,7 +774,7 @@ class DestinationSession {
     // The hashes of the pages installed so far, as they are; soft and absent pages count 0 for now.
     const digest = MemoryDigest.adopt(this.preHashes.subarray(0, pages));
     const aw = absent.words;
-    for (const p of Bitmap.fromWords(this.maxPages, pages, (i) => aw[i] | so[i])) digest.clear(p);
+    for (const [first, count] of Bitmap.fromWords(this.maxPages, pages, (i) => aw[i] | so[i]).runs()) digest.clearRange(first, count);
     this.preHashes = new BigUint64Array(0);
     this.digest = digest;
     const want = sw.digest?.hex ?? null;

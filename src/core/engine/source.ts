@@ -502,7 +502,7 @@ class SourceSession {
     if (this.vm.hashAllPages) {
       const hashes = await this.vm.hashAllPages();
       if (hashes.length !== pages) throw new MigrationError('ERR_MIGRATION_VERIFY', `the VM hashed ${hashes.length} pages, it has ${pages}`);
-      for (const p of soft) if (p < pages) hashes[p] = 0n;
+      for (const [first, count] of soft.runs()) hashes.fill(0n, Math.min(first, pages), Math.min(first + count, pages));
       return MemoryDigest.adopt(hashes).hex((b) => this.deps.sha256Hex(b));
     }
     const digest = new MemoryDigest(pages);

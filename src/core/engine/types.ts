@@ -90,8 +90,10 @@ export interface DestinationVm {
   /**
    * Loads the CPU and device state into the VM without running it: no guest code runs and no
    * device touches guest memory until start(), so pages may still be installed meanwhile. Once.
+   * `pagesMissing`: start() will most likely have absent pages (post-copy), so the VM may be
+   * readied for that now, inside the load, rather than at the start.
    */
-  load(state: VmWireState): Promise<void>;
+  load(state: VmWireState, hint?: { pagesMissing?: boolean }): Promise<void>;
   /**
    * Runs the VM once load() is done (it may be called before load() has resolved, never before
    * load() was called); resolves once its vCPU runs, rejects with the load's error. With

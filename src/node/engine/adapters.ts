@@ -229,15 +229,17 @@ export class DestinationVmAdapter implements DestinationVm {
     this.faultHandler = handler;
   }
 
-  load(state: VmWireState): Promise<void> {
+  load(state: VmWireState, hint: { pagesMissing?: boolean } = {}): Promise<void> {
     const vm = this.vm;
     const full: VmState = {
       version: 1, name: vm.name, moduleHash: vm.info.hash, memoryBytes: vm.memoryBytes, guestBytes: state.guestBytes,
       config: vm.config, globals: fromWire(state.globals), devices: state.devices,
     };
     // Booted paused: the vCPU thread restores globals and devices and runs nothing. The boot
-    // message is on its way when this returns, so start() may follow before it resolves.
-    this.loading = vm.bootFromState(full, { paused: true });
+    // message is on its way when this returns, so start() may follow before it resolves. For
+    // post-copy it boots in the presence-checking variant: one instance, not one plain and then
+    // one with presence checks inside the downtime.
+    this.loading = vm.bootFromState(full, { paused: true, ...(hint.pagesMissing ? { variant: 'presence' as const } : {}) });
     return this.loading;
   }
 
@@ -250,7 +252,7 @@ export class DestinationVmAdapter implements DestinationVm {
     if (!loading) throw new VmStateError(`VM ${vm.name} was started before its state was loaded`);
     // Resumed before the load has settled (post-copy's STATE comes just before SWITCHOVER): the
     // vCPU thread takes the boot, then the resume, in order — one round trip instead of two.
-    const run = async (opts: { variant?: 'presence' }) => {
+    const run = async (opts: { variant: 'plain' | 'presence' }) => {
       try {
         vm.resume(opts);
       } catch (e) {
@@ -261,13 +263,14 @@ export class DestinationVmAdapter implements DestinationVm {
       await vm.whenRunning();
     };
     if (!absent) {
-      await run({});
+      await run({ variant: 'plain' }); // whatever the load was readied for
       return;
     }
     // The map lies in the memory's reserved first 2 MiB: growth never moves it, one view serves.
     const presence = (this.presence = vm.presenceView());
     presence.fill(1);
-    for (const p of absent) presence[p] = 0;
+    // A run at a time: in post-copy nearly every page is absent (a step per page took ms of the downtime).
+    for (const [first, count] of absent.runs()) presence.fill(0, first, first + count);
     if (this.thread) {
       // The fault thread takes the vCPU's fault notifications from here on.
       const { link, events, claims } = this.thread;

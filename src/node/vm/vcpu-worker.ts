@@ -106,7 +106,9 @@ function warmRestorePath(memory: WebAssembly.Memory): void {
     const noop = () => undefined;
     const hooks = { console: noop, netTx: noop, halt: noop, abort: noop };
     const mem = new SharedGuestMemory(memory, noop);
-    Devices.fromState(new Devices({ config: '' }, mem, hooks).exportState(), { config: '' }, mem, hooks).close();
+    const restored = Devices.fromState(new Devices({ config: '' }, mem, hooks).exportState(), { config: '' }, mem, hooks);
+    void restored.softPages(); // and the rest of what a pause exports, should this VM leave again
+    restored.close();
   } catch {
     // not needed for correctness
   }
@@ -208,13 +210,11 @@ let run = current.exports.run as (budget: number) => number;
 let progress = data.hasProgress ? (current.exports.progress as () => bigint) : null;
 
 /**
- * The export a migration's pause runs (exportState), once on throwaway devices when dirty logging
- * starts (a pre-copy begins): run cold in this thread it took 1-4 ms, and it runs inside the
- * downtime. Nothing of it touches the VM's devices or memory.
+ * The export a migration's pause runs (exportState), once on throwaway devices after a cold boot
+ * (a thread that booted from state ran the same when it stood by: warmRestorePath): run cold it
+ * took 1-4 ms, inside the downtime. Nothing of it touches the VM's devices or memory.
  */
-let exportWarm = false;
 function warmExport(): void {
-  exportWarm = true;
   try {
     const noop = () => undefined;
     const scratch = new SharedGuestMemory(new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true }), noop);
@@ -227,7 +227,6 @@ function warmExport(): void {
 }
 
 function activate(v: VariantName): void {
-  if (v === 'dirty' && !exportWarm) warmExport();
   if (v !== variant) {
     const next = instanceOf(v);
     writeGlobals(next, readGlobals(current));
@@ -350,6 +349,7 @@ function main(): void {
     return waitForStop();
   }
   post({ t: 'ready' });
+  if (data.boot.kind === 'cold') warmExport();
   let budget = Atomics.load(ctl, Ctl.FIXED_BUDGET) || 1024;
   let idle = false;
   // Device work between quanta is for guest code that ran. A VM continued from state and kept

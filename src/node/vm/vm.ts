@@ -11,7 +11,7 @@ import { Bitmap } from '../../core/bitmap.js';
 import { FerryError, GuestModuleError, GuestTrapError, InvalidArgumentError, VmStateError } from '../../core/errors.js';
 import { PAGE_SIZE, WASM_PAGE_SIZE, pageBytes } from '../../core/pages.js';
 import type { NetRecordData } from '../../core/net-ring.js';
-import { Cmd, Ctl, Stat, VmRunState, stateName, variantId, type VariantName } from './control.js';
+import { Cmd, Ctl, Stat, VARIANTS, VmRunState, stateName, variantId, type VariantName } from './control.js';
 import type { GuestModuleInfo, InstrumentCache } from './instrument.js';
 import type { DevicesInit } from './devices/index.js';
 import { parseDeviceState } from './devices/state-schema.js';
@@ -545,6 +545,8 @@ export class Vm extends EventEmitter {
   }
 
   get dirtyLogging(): boolean { return Atomics.load(this.ctl, Ctl.VARIANT_CUR) === variantId('dirty'); }
+  /** The instrumentation variant the vCPU runs now (or was last readied with). */
+  get variant(): VariantName { return VARIANTS[Atomics.load(this.ctl, Ctl.VARIANT_CUR)] ?? 'plain'; }
 
   /**
    * Get-and-clear of the dirty log: returns the guest pages written since the last harvest.
