@@ -900,3 +900,32 @@ test('InstrumentCache without a dir, and refusals are not cached as successes', 
 function sha256(b: Uint8Array): string {
   return createHash('sha256').update(b).digest('hex');
 }
+
+test('InstrumentCache.prepare: rewrites on the instrumenting thread, after which get is a hit with the same output; refusals are named alike', async () => {
+  const { InstrumentThread } = await import('../../src/node/vm/instrument-thread.js');
+  const thread = new InstrumentThread();
+  try {
+    const bytes = wat(`(module ${MEM} ${RUN} (global $g (mut i32) (i32.const 5)) (func (export "bump") (global.set $g (i32.add (global.get $g) (i32.const 1)))))`);
+    const cache = new InstrumentCache();
+    let ran = 0;
+    const counting = { run: (b: Uint8Array, v: Variant) => { ran++; return thread.run(b, v); } } as unknown as typeof thread;
+    await cache.prepare(bytes, ['plain', 'dirty', 'presence'], counting);
+    assert.equal(ran, 3, 'each missing variant went to the thread');
+    for (const v of ['plain', 'dirty', 'presence'] as const) {
+      const hit = cache.get(bytes, v);
+      assert.deepEqual(hit.bytes, instrument(bytes, v).bytes, `${v}: the thread's rewrite is the caller's`);
+      assert.ok(hit.module instanceof WebAssembly.Module);
+    }
+    await cache.prepare(bytes, ['plain'], counting);
+    assert.equal(ran, 3, 'a hit goes nowhere');
+    // A refusal is the same named error get would throw.
+    const bad = wat(`(module ${RUN})`);
+    await assert.rejects(cache.prepare(bad, ['plain'], thread), (e: unknown) => e instanceof GuestModuleError && e.code === 'ERR_MODULE_NO_MEMORY');
+    // A thread that cannot help leaves the rewrite to get.
+    const fresh = new InstrumentCache();
+    await fresh.prepare(bytes, ['plain'], { run: async () => null } as unknown as typeof thread);
+    assert.deepEqual(fresh.get(bytes, 'plain').bytes, instrument(bytes, 'plain').bytes);
+  } finally {
+    await thread.close();
+  }
+});

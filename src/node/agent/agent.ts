@@ -313,6 +313,7 @@ export class HostAgent extends EventEmitter {
     this.checkCapacity(memoryBytes);
     const exposeAt = spec.expose ? parseHostPort(spec.expose) : null;
     const { bytes, label } = await this.loadGuest(spec.guest);
+    await this.cache.prepare(bytes, ['plain', 'dirty']);
     let block: { path: string; sizeBytes: number } | undefined;
     if (spec.disk || spec.diskSize) {
       const sizeBytes = spec.diskSize === undefined ? 64 << 20 : typeof spec.diskSize === 'number' ? spec.diskSize : parseSize(spec.diskSize, 'disk size');
@@ -585,6 +586,9 @@ export class HostAgent extends EventEmitter {
         reservedName = name;
         return {
           create: async (module: Uint8Array): Promise<DestinationVm> => {
+            // A module this host has not rewritten yet is rewritten off this thread (its sockets
+            // and other VMs' relays go on meanwhile); Vm.create then finds it in the cache.
+            await this.cache.prepare(module, ['plain', 'dirty', 'presence']);
             // Created at the source's size, so that memory the pool holds for it fits (a pool memory
             // serves only its exact shape); the adapter's growTo is then a no-op.
             const vm = Vm.create({

@@ -26,6 +26,7 @@ import { analyze } from './instrument/inspect.js';
 import type { GuestModuleInfo } from './instrument/inspect.js';
 import { rewrite } from './instrument/rewrite.js';
 import type { Variant } from './instrument/rewrite.js';
+import { instrumentThread, type InstrumentThread } from './instrument-thread.js';
 
 export type { GuestModuleInfo } from './instrument/inspect.js';
 export type { Variant } from './instrument/rewrite.js';
@@ -115,6 +116,27 @@ export class InstrumentCache {
       this.memory.set(key, hit);
     }
     return hit;
+  }
+
+  /**
+   * Makes `get` of these variants a hit, rewriting what is missing on the instrumenting thread
+   * (instrument-thread.ts) instead of this one: call it before Vm.create where this thread must
+   * stay responsive (a host's). Rejects with GuestModuleError as `get` would throw it; what the
+   * thread cannot do is left to `get`.
+   */
+  async prepare(bytes: Uint8Array, variants: readonly Variant[], thread: InstrumentThread = instrumentThread()): Promise<void> {
+    const hash = createHash('sha256').update(bytes).digest('hex');
+    await Promise.all(variants.map(async (variant) => {
+      const key = `${hash}-${variant}-v${REWRITER_VERSION}`;
+      if (this.memory.has(key)) return;
+      const disk = this.fromDisk(key, hash, variant);
+      if (disk) {
+        this.memory.set(key, disk);
+        return;
+      }
+      const m = await thread.run(bytes, variant);
+      if (m && !this.memory.has(key)) this.memory.set(key, this.toDisk(key, m));
+    }));
   }
 
   private fromDisk(key: string, hash: string, variant: Variant): InstrumentedModule | null {
