@@ -26,6 +26,7 @@ import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../engine/adap
 import { tcp, parseTcpAddress } from '../transport/tcp.js';
 import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../engine/fault-thread.js';
 import { InstrumentCache } from '../vm/instrument.js';
+import { instrumentThread } from '../vm/instrument-thread.js';
 import { Vm, type VmStats } from '../vm/vm.js';
 import { GuestMemoryPool, type MemoryPoolStats } from '../vm/memory-pool.js';
 import { VcpuThreadPool } from '../vm/vcpu-threads.js';
@@ -524,6 +525,8 @@ export class HostAgent extends EventEmitter {
   /** Opens the migration listener (migrations and client relays share it). */
   async listenMigrations(address = '127.0.0.1:0'): Promise<string> {
     if (this.migrationListener) return this.migrationListener.address;
+    // Arriving VMs' modules are rewritten on the instrumenting thread: it loads while we wait for them.
+    instrumentThread().warm();
     this.migrationListener = await this.transport.listen({ address, onConnection: (c) => void this.onMigrationConnection(c) });
     // The fault thread listens on the host migrations come in to.
     if (this.faultListener) this.faultListener.host = parseTcpAddress(this.migrationListener.address).host;
