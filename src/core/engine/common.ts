@@ -165,12 +165,7 @@ export class MemoryDigest {
     this.hashes[page] = hash;
   }
 
-  /** Page `page` counts as 0 (soft, or not yet here). Beyond the digest's pages: ignored. */
-  clear(page: number): void {
-    if (page < this.hashes.length) this.hashes[page] = 0n;
-  }
-
-  /** Pages [first, first + count) count as 0, as clear() each. */
+  /** Pages [first, first + count) count as 0 (soft, or not yet here). Beyond the digest's pages: ignored. */
   clearRange(first: number, count: number): void {
     this.hashes.fill(0n, Math.min(first, this.hashes.length), Math.min(first + count, this.hashes.length));
   }
