@@ -72,7 +72,10 @@ export interface SourceVm {
   release(): Promise<void>;
 }
 
-/** The destination VM as the engine sees it. */
+/**
+ * The destination VM as the engine sees it. Its guest memory is all zero until the engine installs
+ * pages (a zero page for a page never installed is not written).
+ */
 export interface DestinationVm {
   /** Makes sure memory holds at least `pages` guest pages. */
   ensurePages(pages: number): void;
