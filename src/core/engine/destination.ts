@@ -17,7 +17,7 @@ import { Histogram, type HistogramSummary } from '../metrics.js';
 import { PAGE_SIZE } from '../pages.js';
 import {
   Encoding, MAX_STREAMS, PROTOCOL_VERSION, SESSION_TOKEN_BYTES,
-  type BatchFrame, type CodecOffer, type HelloFrame, type JoinFrame, type MigrationMode, type PagesFrame, type RunFrame,
+  type BatchFrame, type CodecOffer, type HelloFrame, type JoinFrame, type MigrationMode, type PagesFrame, type RunExtent, type RunFrame,
 } from '../protocol/frames.js';
 import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
@@ -164,10 +164,9 @@ interface Entries {
 
 const notInPlace = () => false;
 
-/** The entries of `f`'s extents that `keep` says still need applying (all of them by default). */
-function runEntries(f: RunFrame, keep?: { count: number; extents: Uint8Array }): Entries {
+/** The entries of a RUN frame's extents `ext` (its round `seq`). */
+function runEntries(seq: number, ext: readonly RunExtent[]): Entries {
   // Entry k is page `at[k]` of extent `of[k]` (a batch of pages at most, so one pass is cheap).
-  const ext = keep ? f.extents.filter((_, i) => keep.extents[i] === 1) : f.extents;
   let count = 0;
   for (const e of ext) count += e.count;
   const of = new Uint32Array(count);
@@ -179,7 +178,7 @@ function runEntries(f: RunFrame, keep?: { count: number; extents: Uint8Array }):
     }
   }
   return {
-    seq: f.seq, count, codec: () => Encoding.RAW,
+    seq, count, codec: () => Encoding.RAW,
     index: (k) => ext[of[k]].first + at[k],
     data: (k) => ext[of[k]].data.subarray(at[k] * PAGE_SIZE, (at[k] + 1) * PAGE_SIZE),
     inPlace: (k) => ext[of[k]].inPlace === true,
@@ -385,8 +384,8 @@ class DestinationSession {
           if (f.type === 'PAGES') s.cur = pagesEntries(f);
           else if (f.type === 'RUN') {
             const rest = this.installInPlace(s, f);
-            if (rest.count < f.extents.length) progressed = true;
-            s.cur = runEntries(f, rest);
+            if (rest.length < f.extents.length) progressed = true;
+            s.cur = runEntries(f.seq, rest);
           }
           else {
             if (!s.decoder) throw new ProtocolError('ERR_PROTOCOL_UNKNOWN_ENCODING', 'BATCH frame, but no codec was agreed');
@@ -485,17 +484,14 @@ class DestinationSession {
   /**
    * Before the start, a RUN extent read straight into guest memory (see runTarget) needs no page
    * to be applied, only bookkeeping: each such extent is taken in one step here instead of page
-   * by page. Returns which extents are left for the page-by-page path (1 = left) and how many.
+   * by page. Returns the extents left for the page-by-page path.
    */
-  private installInPlace(s: RxStream, f: RunFrame): { count: number; extents: Uint8Array } {
-    const left = new Uint8Array(f.extents.length);
-    let count = 0;
-    const bulk = !this.started && s.decoder === null;
-    for (let i = 0; i < f.extents.length; i++) {
-      const e = f.extents[i];
-      if (!bulk || e.inPlace !== true) {
-        left[i] = 1;
-        count++;
+  private installInPlace(s: RxStream, f: RunFrame): readonly RunExtent[] {
+    if (this.started || s.decoder !== null) return f.extents;
+    const left: RunExtent[] = [];
+    for (const e of f.extents) {
+      if (e.inPlace !== true) {
+        left.push(e);
         continue;
       }
       // runTarget checked the extent against the VM's pages and ensured them.
@@ -505,7 +501,7 @@ class DestinationSession {
       else for (let k = 0; k < e.count; k++) this.preHashes[e.first + k] = this.deps.hashPage(e.data, k * PAGE_SIZE);
       this.applied.set(f.seq, (this.applied.get(f.seq) ?? 0) + e.count);
     }
-    return { count, extents: left };
+    return left;
   }
 
   private scratch = new Uint8Array(PAGE_SIZE);
