@@ -19,7 +19,7 @@ import type { DestinationFactory, MigrationOptions, MigrationResult } from '../s
 import { shaped, type ShapedConnectionInit } from '../src/core/transport/shaped.js';
 import { realClock } from '../src/node/clock.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../src/node/engine/adapters.js';
-import { FaultThreadListener, SourceFaultThreads, faultLinkShape, sourceFaultThread } from '../src/node/engine/fault-thread.js';
+import { FaultThreadListener, SourceFaultThreads, faultLinkShape, sourceFaultThread, type FaultThreadPriority } from '../src/node/engine/fault-thread.js';
 import { InstrumentCache } from '../src/node/vm/instrument.js';
 import { GuestMemoryPool } from '../src/node/vm/memory-pool.js';
 import { VcpuThreadPool } from '../src/node/vm/vcpu-threads.js';
@@ -39,8 +39,8 @@ export type Outcome = DestinationOutcome & { readyMs: number | null; cpuMs: numb
 export const deps = nodeEngineDeps();
 /** The bench process's fault thread (the source side of every post-copy migration it runs). */
 const sourceFaultThreads = new SourceFaultThreads();
-/** Whether the fault threads run at raised priority (FAULT_THREAD_NICE): the source's says for this machine. */
-export const faultThreadsRaised = (): boolean => sourceFaultThreads.priorityRaised;
+/** How the fault threads are scheduled (see FaultThreadPriority): the source's says for this machine. */
+export const faultThreadPriority = (): FaultThreadPriority => sourceFaultThreads.priority;
 
 const MiB = 1 << 20;
 const sourceCache = new InstrumentCache();

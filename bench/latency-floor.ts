@@ -3,6 +3,7 @@
  * processes over loopback TCP, each end a thread that does nothing else (it sleeps between
  * exchanges, so the scheduler favours it on wake-up), measured while nothing else runs and while
  * the two processes' main threads move a bulk stream between them — the shape of a post-copy push:
+ * each exchanging thread scheduled as the fault threads are (`priority`, see FaultThreadPriority);
  * the sender copies each 1 MiB frame out of shared memory, the receiver copies each chunk into
  * shared memory. No engine code is involved; whatever tail these exchanges have, any user-space
  * design of the fault path on this machine has too (the engine serves faults on its main threads,
@@ -15,6 +16,7 @@ import { fork } from 'node:child_process';
 import net from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
+import { raisePriority, type FaultThreadPriority } from '../src/node/engine/thread-priority.js';
 
 const PAGE = 4096;
 const MiB = 1 << 20;
@@ -28,7 +30,7 @@ export interface ExchangeFloor {
   bulkBytesPerSec: number;
 }
 
-type Role = { role: 'responder' } | { role: 'requester'; port: number; exchanges: number; gapMs: number };
+type Role = ({ role: 'responder' } | { role: 'requester'; port: number; exchanges: number; gapMs: number }) & { priority: FaultThreadPriority };
 
 /** One exchange: an 8-byte request, answered with a page and a 16-byte head. */
 const REPLY = PAGE + 16;
@@ -73,11 +75,12 @@ function responder(): Promise<number> {
 
 if (!isMainThread && (workerData as Role | undefined)?.role) {
   const w = workerData as Role;
+  raisePriority(w.priority);
   if (w.role === 'responder') parentPort!.postMessage(await responder());
   else parentPort!.postMessage(await requester(w.port, w.exchanges, w.gapMs));
 } else if (isMainThread && process.env.FERRY_BENCH_FLOOR === '1' && process.send) {
   // The far end: the responding thread, and a bulk sink that copies every chunk into shared memory.
-  const worker = new Worker(fileURLToPath(import.meta.url), { workerData: { role: 'responder' } satisfies Role });
+  const worker = new Worker(fileURLToPath(import.meta.url), { workerData: { role: 'responder', priority: (process.env.FERRY_BENCH_FLOOR_PRIORITY ?? 'default') as FaultThreadPriority } satisfies Role });
   const port = await new Promise<number>((r) => worker.once('message', r));
   const memory = new Uint8Array(new SharedArrayBuffer(64 * MiB));
   const sink = net.createServer((s) => {
@@ -98,15 +101,15 @@ if (!isMainThread && (workerData as Role | undefined)?.role) {
  * Measures the exchange floor: `exchanges` round trips quiet, then as many under the bulk stream,
  * paced at `bulkBytesPerSec` (as fast as it goes when omitted).
  */
-export async function exchangeFloor(exchanges: number, bulkBytesPerSec?: number, gapMs = 1): Promise<ExchangeFloor> {
-  const child = fork(fileURLToPath(import.meta.url), [], { env: { ...process.env, FERRY_BENCH_FLOOR: '1' }, stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+export async function exchangeFloor(exchanges: number, bulkBytesPerSec?: number, gapMs = 1, priority: FaultThreadPriority = 'default'): Promise<ExchangeFloor> {
+  const child = fork(fileURLToPath(import.meta.url), [], { env: { ...process.env, FERRY_BENCH_FLOOR: '1', FERRY_BENCH_FLOOR_PRIORITY: priority }, stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
   try {
     const far = await new Promise<{ port: number; sink: number }>((resolve, reject) => {
       child.once('message', (m) => resolve(m as { port: number; sink: number }));
       child.once('exit', (code) => reject(new Error(`latency-floor process exited (${code})`)));
     });
     const exchange = async () => {
-      const w = new Worker(fileURLToPath(import.meta.url), { workerData: { role: 'requester', port: far.port, exchanges, gapMs } satisfies Role });
+      const w = new Worker(fileURLToPath(import.meta.url), { workerData: { role: 'requester', port: far.port, exchanges, gapMs, priority } satisfies Role });
       const rtts = await new Promise<number[]>((resolve, reject) => { w.once('message', resolve); w.once('error', reject); });
       await w.terminate();
       return rtts;

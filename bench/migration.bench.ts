@@ -27,7 +27,8 @@ import { median, percentile, section, type BenchContext, type BenchSuite } from 
 import { rawTcp, rawTcpIntoFreshMemory } from './transport.bench.js';
 import { burstFloor } from './burst-floor.js';
 import { exchangeFloor } from './latency-floor.js';
-import { DestinationProcess, faultThreadsRaised, memstressVm, cpuMs, type LinkInit, type Outcome } from './destination-host.js';
+import { DestinationProcess, faultThreadPriority, memstressVm, cpuMs, type LinkInit, type Outcome } from './destination-host.js';
+import { FAULT_THREAD_NICE, FAULT_THREAD_RT_PRIORITY } from '../src/node/engine/fault-thread.js';
 import type { MigrationOptions, MigrationResult } from '../src/core/engine/types.js';
 import type { MigrationReport } from '../src/core/metrics.js';
 import type { MigrationMode } from '../src/core/protocol/frames.js';
@@ -231,7 +232,7 @@ async function postcopyFaults(ctx: BenchContext, mem: number): Promise<void> {
   const run = await migrate(src, { mode: 'postcopy' });
   const d = run.outcome.faultLatencyMs;
   const s = run.report.postcopy.faultLatencyMs;
-  const threads = run.report.transfer?.faultChannel ? `fault threads at ${faultThreadsRaised() ? 'nice -10' : 'default priority (raising it was not permitted)'}` : 'no fault threads';
+  const threads = run.report.transfer?.faultChannel ? `fault threads ${{ realtime: `SCHED_FIFO ${FAULT_THREAD_RT_PRIORITY}`, nice: `at nice ${FAULT_THREAD_NICE}`, default: 'at the default priority (raising it was not permitted)' }[faultThreadPriority()]}` : 'no fault threads';
   const note = `${run.outcome.faults} faults, ${fmtMiB(mem)} uniform random writes, ${threads}; TMT ${run.report.totalMigrationTimeMs!.toFixed(0)} ms, verified ${run.report.verified}`;
   ctx.report({ metric: 'postcopy.fault-latency.p50', value: d.p50 ?? NaN, unit: 'ms', target: '<= 0.2', note: `vCPU wait, measured on the destination; ${note}` });
   ctx.report({ metric: 'postcopy.fault-latency.p99', value: d.p99 ?? NaN, unit: 'ms', target: '<= 1', note: `max ${d.max?.toFixed(2)} ms` });
@@ -240,11 +241,11 @@ async function postcopyFaults(ctx: BenchContext, mem: number): Promise<void> {
   // The same machine's floor for a fault's round trip, measured right after (see latency-floor.ts).
   // Its load: a stream at the rate this run pushed (pushed bytes over the whole migration time).
   const pushRate = run.report.bytes.pushed / (run.report.totalMigrationTimeMs! / 1000);
-  const f = await exchangeFloor(Math.max(200, d.count ?? 0), pushRate);
+  const f = await exchangeFloor(Math.max(200, d.count ?? 0), pushRate, 1, faultThreadPriority());
   const fmt = (xs: number[]) => `p50 ${percentile(xs, 50).toFixed(3)} ms, p99 ${percentile(xs, 99).toFixed(2)} ms`;
   ctx.report({
     metric: 'postcopy.fault-latency.floor.p99', value: percentile(f.loaded, 99), unit: 'ms',
-    note: `4 KiB request/response between two processes' otherwise idle threads while their main threads stream ${(f.bulkBytesPerSec / 1e9).toFixed(2)} GB/s, this run's push rate (${fmt(f.loaded)}); quiet machine: ${fmt(f.idle)}`,
+    note: `4 KiB request/response between two processes' otherwise idle threads (scheduled as the fault threads: ${faultThreadPriority()}) while their main threads stream ${(f.bulkBytesPerSec / 1e9).toFixed(2)} GB/s, this run's push rate (${fmt(f.loaded)}); quiet machine: ${fmt(f.idle)}`,
   });
   ctx.report({ metric: 'postcopy.fault-latency.p99.vs-floor', value: (d.p99 ?? NaN) / percentile(f.loaded, 99), unit: '×' });
 }

@@ -304,8 +304,9 @@ test('precopy with codecs xbzrle, dedup, zstd over 3 streams: the kv VM moves, i
 
 test('postcopy between hosts: page requests go between the hosts\' fault threads, and GET /v1/host says where and at which priority', async () => {
   await withHosts(async (a, b) => {
-    const before = (await http(`${b.url}/v1/host`, 'GET')).json.faultThreads as { port: number | null; priorityRaised: boolean };
-    assert.deepEqual(before, { port: null, priorityRaised: false }, 'no thread before the first post-copy arrival');
+    type Info = { port: number | null; priority: { asked: string; destination: string; source: string } };
+    const before = (await http(`${b.url}/v1/host`, 'GET')).json.faultThreads as Info;
+    assert.deepEqual(before, { port: null, priority: { asked: 'realtime', destination: 'default', source: 'default' } }, 'no thread before the first post-copy arrival');
     await a.agent.createVm({ name: 'ms', guest: 'memstress', memory: '16MiB', config: 'mem=12MiB wss=12MiB pattern=uniform rate=20000000' });
     const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'ms', to: b.agent.migrationAddress, mode: 'postcopy' });
     assert.equal(r.status, 202, JSON.stringify(r.json));
@@ -313,9 +314,14 @@ test('postcopy between hosts: page requests go between the hosts\' fault threads
     assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
     assert.equal(done.report.verified, true);
     assert.equal(done.report.transfer.faultChannel, true);
-    const info = (await http(`${b.url}/v1/host`, 'GET')).json.faultThreads as { port: number | null; priorityRaised: boolean };
+    const info = (await http(`${b.url}/v1/host`, 'GET')).json.faultThreads as Info;
     assert.ok(typeof info.port === 'number' && info.port > 0, JSON.stringify(info));
-    assert.equal(typeof info.priorityRaised, 'boolean');
+    // b's thread that answers requests started; b sent no post-copy migration, a did.
+    assert.ok(['realtime', 'nice', 'default'].includes(info.priority.destination), JSON.stringify(info));
+    assert.equal(info.priority.source, 'default');
+    const sent = (await http(`${a.url}/v1/host`, 'GET')).json.faultThreads as Info;
+    assert.equal(sent.priority.source, info.priority.destination, 'both hosts run on this machine: both threads got the same');
+    assert.equal(sent.priority.destination, 'default');
     await listed(b, ['ms']);
     assert.equal(b.agent.summary('ms').stats.state, 'running');
   });

@@ -24,7 +24,7 @@ import { TokenBucket } from '../../core/rate.js';
 import type { Connection, Listener, Transport } from '../../core/transport/transport.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../engine/adapters.js';
 import { tcp, parseTcpAddress } from '../transport/tcp.js';
-import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../engine/fault-thread.js';
+import { FaultThreadListener, SourceFaultThreads, sourceFaultThread, type FaultThreadPriority } from '../engine/fault-thread.js';
 import { InstrumentCache } from '../vm/instrument.js';
 import { instrumentThread } from '../vm/instrument-thread.js';
 import { Vm, type VmStats } from '../vm/vm.js';
@@ -71,6 +71,11 @@ export interface HostAgentInit {
    * starting one during the first round (see VcpuThreadPool).
    */
   spareVcpuThreads?: number;
+  /**
+   * How this host's post-copy fault threads ask to be scheduled (default 'realtime', SCHED_FIFO;
+   * each falls back to what it is allowed; see FaultThreadPriority).
+   */
+  faultThreadPriority?: FaultThreadPriority;
 }
 
 /**
@@ -244,8 +249,9 @@ export class HostAgent extends EventEmitter {
     this.transport = init.transport ?? tcp();
     this.deps = init.engineDeps ?? nodeEngineDeps();
     this.migrationBind = init.migrationAddress;
-    this.faultListener = init.transport ? null : new FaultThreadListener('127.0.0.1');
-    this.sourceFaults = init.transport ? null : new SourceFaultThreads();
+    const faultPriority = init.faultThreadPriority ?? 'realtime';
+    this.faultListener = init.transport ? null : new FaultThreadListener('127.0.0.1', faultPriority);
+    this.sourceFaults = init.transport ? null : new SourceFaultThreads(faultPriority);
     this.acceptor = new MigrationAcceptor(this.deps, {
       ...(init.maxIncomingStreams !== undefined ? { maxStreams: init.maxIncomingStreams } : {}),
       ...(this.faultListener ? { faultThreads: this.faultListener } : {}),
@@ -471,19 +477,23 @@ export class HostAgent extends EventEmitter {
     await m.vm.dispose().catch(() => undefined);
   }
 
-  /**
-   * Post-copy fault threads (null: this host has none, its transport is not its own TCP). The
-   * port is null until a post-copy migration first arrived; `priorityRaised` says whether the
-   * threads started so far run at FAULT_THREAD_NICE (it needs CAP_SYS_NICE).
-   */
   /** The spare vCPU threads: how many this host keeps, how many it started and how many VMs took one. */
   vcpuThreads(): { spares: number; started: number; taken: number } {
     return { spares: this.threads.spares, started: this.threads.started, taken: this.threads.taken };
   }
 
-  faultThreads(): { port: number | null; priorityRaised: boolean } | null {
+  /**
+   * Post-copy fault threads (null: this host has none, its transport is not its own TCP). The
+   * port is null until a post-copy migration first arrived. How each thread is scheduled is
+   * 'default' until it started (the destination's with the first post-copy migration in, the
+   * source's with the first one out), then what it was allowed of what the host asked for.
+   */
+  faultThreads(): { port: number | null; priority: { asked: FaultThreadPriority; destination: FaultThreadPriority; source: FaultThreadPriority } } | null {
     if (!this.faultListener || !this.sourceFaults) return null;
-    return { port: this.faultListener.listeningPort, priorityRaised: this.faultListener.priorityRaised || this.sourceFaults.priorityRaised };
+    return {
+      port: this.faultListener.listeningPort,
+      priority: { asked: this.faultListener.ask, destination: this.faultListener.priority, source: this.sourceFaults.priority },
+    };
   }
 
   /** The memory pool: its capacity and what it holds and has handed out. */

@@ -18,7 +18,6 @@
  * This file is both the main-thread side (FaultThreadListener, SourceFaultThreads) and the worker
  * (run when loaded as one).
  */
-import { setPriority } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { PRESENCE_MAP_OFFSET, RESERVED_BYTES, RESERVED_PAGES } from '../../core/abi.js';
@@ -36,6 +35,9 @@ import { Ctl } from '../vm/control.js';
 import { hashPage } from '../vm/page-hash.js';
 import type { Vm } from '../vm/vm.js';
 import { tcp } from '../transport/tcp.js';
+import { raisePriority, type FaultThreadPriority } from './thread-priority.js';
+
+export { FAULT_THREAD_NICE, FAULT_THREAD_PRIORITIES, FAULT_THREAD_RT_PRIORITY, raisePriority, type FaultThreadPriority } from './thread-priority.js';
 
 // ------------------------------------------------------------------ messages
 
@@ -74,7 +76,7 @@ type ToListener =
   | ({ t: 'start'; token: string } & FaultThreadVm)
   | { t: 'close'; token: string };
 type FromListener =
-  | { t: 'port'; port: number; raised: boolean }
+  | { t: 'port'; port: number; priority: FaultThreadPriority }
   | { t: 'listen-failed'; message: string }
   | { t: 'joined'; token: string }
   | { t: 'installed'; token: string; page: number; hash: bigint; waitedMs: number | null }
@@ -91,27 +93,9 @@ type FromSource =
   | { t: 'served'; id: number; pages: number[]; bytes: number; latencyMs: number }
   | { t: 'failed'; id: number; code: string; message: string }
   | { t: 'closed'; id: number }
-  | { t: 'priority'; raised: boolean };
+  | { t: 'priority'; priority: FaultThreadPriority };
 
-type Role = { role: 'listen'; host: string } | { role: 'source' };
-
-/**
- * The nice value a fault thread asks for. A waiting vCPU is the most urgent work on either host:
- * measured here, with both hosts' main threads busy pushing and applying background pages, fault
- * p99 was 2.7-4.6 ms on fault threads at the default priority and 0.4-0.5 ms at this one. Raising
- * priority needs CAP_SYS_NICE (root has it); without it the threads run at the default.
- */
-export const FAULT_THREAD_NICE = -10;
-
-/** Raises the calling thread's priority (Linux: setpriority on a thread id is per thread). */
-function raisePriority(): boolean {
-  try {
-    setPriority(0, FAULT_THREAD_NICE);
-    return true;
-  } catch {
-    return false;
-  }
-}
+type Role = ({ role: 'listen'; host: string } | { role: 'source' }) & { ask: FaultThreadPriority };
 
 const HERE = fileURLToPath(import.meta.url);
 
@@ -133,19 +117,22 @@ export class FaultThreadListener implements FaultThreads {
   private worker: Worker | null = null;
   private portP: Promise<number> | null = null;
   private readonly links = new Map<string, NodeDestinationFaultLink>();
-  /** The thread runs at FAULT_THREAD_NICE (false: not permitted, or not started yet). */
-  priorityRaised = false;
+  /** How the thread is scheduled ('default' until it started). */
+  priority: FaultThreadPriority = 'default';
   /** Where the thread listens, once it does. */
   listeningPort: number | null = null;
   /** Shapes the thread's direction of the fault connections of sessions expected from now on. */
   shape: FaultLinkShape | null = null;
 
-  /** @param host where the thread listens (the host migrations come in to; may be set until first use). */
-  constructor(public host: string) {}
+  /**
+   * @param host where the thread listens (the host migrations come in to; may be set until first use).
+   * @param ask how the thread asks to be scheduled (see FaultThreadPriority).
+   */
+  constructor(public host: string, readonly ask: FaultThreadPriority = 'realtime') {}
 
   port(): Promise<number> {
     if (this.portP) return this.portP;
-    const worker = new Worker(HERE, { workerData: { role: 'listen', host: this.host } satisfies Role });
+    const worker = new Worker(HERE, { workerData: { role: 'listen', host: this.host, ask: this.ask } satisfies Role });
     worker.unref(); // it never keeps a host process alive by itself
     this.worker = worker;
     worker.once('exit', () => {
@@ -159,7 +146,7 @@ export class FaultThreadListener implements FaultThreads {
       worker.once('error', reject);
       worker.on('message', (m: FromListener) => {
         if (m.t === 'port') {
-          this.priorityRaised = m.raised;
+          this.priority = m.priority;
           this.listeningPort = m.port;
           resolve(m.port);
         }
@@ -242,12 +229,15 @@ export class SourceFaultThreads {
   private nextId = 1;
   private readonly pending = new Map<number, { resolve: () => void; reject: (e: Error) => void }>();
   private readonly links = new Map<number, NodeSourceFaultLink>();
-  /** The thread runs at FAULT_THREAD_NICE (false: not permitted, or not started yet). */
-  priorityRaised = false;
+  /** How the thread is scheduled ('default' until it started). */
+  priority: FaultThreadPriority = 'default';
+
+  /** @param ask how the thread asks to be scheduled (see FaultThreadPriority). */
+  constructor(private readonly ask: FaultThreadPriority = 'realtime') {}
 
   private thread(): Worker {
     if (this.worker) return this.worker;
-    const worker = new Worker(HERE, { workerData: { role: 'source' } satisfies Role });
+    const worker = new Worker(HERE, { workerData: { role: 'source', ask: this.ask } satisfies Role });
     worker.unref();
     worker.on('message', (m: FromSource) => this.route(m));
     // A thread that dies fails what it served (and lets their close() return).
@@ -297,7 +287,7 @@ export class SourceFaultThreads {
 
   private route(m: FromSource): void {
     if (m.t === 'priority') {
-      this.priorityRaised = m.raised;
+      this.priority = m.priority;
       return;
     }
     if (m.t === 'dialed' || m.t === 'dial-failed') {
@@ -371,7 +361,7 @@ interface ListenSession {
   active: boolean;
 }
 
-function listenThread(host: string, raised: boolean): void {
+function listenThread(host: string, priority: FaultThreadPriority): void {
   const post = (m: FromListener) => parentPort!.postMessage(m);
   const sessions = new Map<string, ListenSession>();
   const zeroHash = hashPage(new Uint8Array(PAGE_SIZE));
@@ -519,7 +509,7 @@ function listenThread(host: string, raised: boolean): void {
   });
 
   void tcp().listen({ address: `${host}:0`, onConnection: (c) => void accept(c) }).then(
-    (l) => post({ t: 'port', port: Number(l.address.slice(l.address.lastIndexOf(':') + 1)), raised }),
+    (l) => post({ t: 'port', port: Number(l.address.slice(l.address.lastIndexOf(':') + 1)), priority }),
     (e: unknown) => post({ t: 'listen-failed', message: (e as Error).message }),
   );
 }
@@ -536,9 +526,9 @@ interface SourceSession {
   closing: boolean;
 }
 
-function sourceThread(raised: boolean): void {
+function sourceThread(priority: FaultThreadPriority): void {
   const post = (m: FromSource) => parentPort!.postMessage(m);
-  post({ t: 'priority', raised });
+  post({ t: 'priority', priority });
   const sessions = new Map<number, SourceSession>();
 
   const isZero = (words: Uint32Array, page: number) => {
@@ -627,9 +617,9 @@ function sourceThread(raised: boolean): void {
   });
 }
 
-if (!isMainThread && (workerData as Role | undefined)?.role) {
-  const role = workerData as Role;
-  const raised = raisePriority();
-  if (role.role === 'listen') listenThread(role.host, raised);
-  else sourceThread(raised);
+const role = isMainThread ? undefined : (workerData as Role | undefined);
+if (role?.role === 'listen' || role?.role === 'source') {
+  const priority = raisePriority(role.ask);
+  if (role.role === 'listen') listenThread(role.host, priority);
+  else sourceThread(priority);
 }

@@ -1,0 +1,97 @@
+/**
+ * How post-copy fault threads are scheduled: what a thread reports it got is what the kernel says
+ * of that thread (/proc/self/task/<tid>/stat), each policy falls back to the next one down, and the
+ * host CLI passes the choice on and refuses a bad one by name.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { readFileSync, readdirSync } from 'node:fs';
+import { FAULT_THREAD_NICE, FAULT_THREAD_RT_PRIORITY, FaultThreadListener, SourceFaultThreads, type FaultThreadPriority } from '../../src/node/engine/fault-thread.js';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { http } from '../helpers/agents.js';
+import { ferry, ferryStarted } from '../helpers/ferry-cli.js';
+
+const SCHED_FIFO = 1;
+
+/** This process's threads as the kernel schedules them. */
+function threads(): { tid: string; nice: number; policy: number; rtPriority: number }[] {
+  const out = [];
+  for (const tid of readdirSync('/proc/self/task')) {
+    let stat: string;
+    try {
+      stat = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8');
+    } catch {
+      continue; // exited meanwhile
+    }
+    // Fields after the command name (which may hold spaces), numbered from 3 (proc(5)).
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    out.push({ tid, nice: Number(f[19 - 3]), policy: Number(f[41 - 3]), rtPriority: Number(f[40 - 3]) });
+  }
+  return out;
+}
+
+/** What a thread asking for `ask` should get here: root can raise both, and chrt is util-linux's. */
+function expected(ask: FaultThreadPriority): FaultThreadPriority {
+  const root = process.getuid?.() === 0;
+  let chrt = false;
+  try {
+    execFileSync('chrt', ['--version'], { stdio: 'ignore' });
+    chrt = true;
+  } catch {
+    // not installed
+  }
+  if (ask === 'realtime' && root && chrt) return 'realtime';
+  if (ask !== 'default' && root) return 'nice';
+  return 'default';
+}
+
+for (const ask of ['realtime', 'nice', 'default'] as const) {
+  test(`fault threads asked for '${ask}' report what they got, and the kernel agrees`, async (t) => {
+    const before = threads();
+    const fifo0 = before.filter((x) => x.policy === SCHED_FIFO).length;
+    const nice0 = before.filter((x) => x.nice === FAULT_THREAD_NICE).length;
+    const listener = new FaultThreadListener('127.0.0.1', ask);
+    const source = new SourceFaultThreads(ask);
+    t.after(() => Promise.all([listener.close(), source.close()]));
+    assert.equal(listener.priority, 'default', 'not started yet');
+    await listener.port();
+    // The source's thread starts with its first connection; a refused dial starts it all the same
+    // (and it says how it is scheduled before it answers anything).
+    await assert.rejects(source.open('127.0.0.1', 1, 'ab'.repeat(16), () => ({ buffer: new SharedArrayBuffer(8), pages: 0 })), { code: 'ERR_TRANSPORT_REFUSED' });
+
+    const want = expected(ask);
+    assert.equal(listener.priority, want);
+    assert.equal(source.priority, want);
+    const after = threads();
+    const fifo = after.filter((x) => x.policy === SCHED_FIFO);
+    assert.equal(fifo.length - fifo0, want === 'realtime' ? 2 : 0, JSON.stringify(after));
+    for (const x of fifo.slice(fifo0)) assert.equal(x.rtPriority, FAULT_THREAD_RT_PRIORITY);
+    // Only the two threads changed: the process itself, and every other thread, kept its policy.
+    assert.equal(after.find((x) => x.tid === String(process.pid))?.policy, 0);
+    assert.equal(after.filter((x) => x.nice === FAULT_THREAD_NICE).length - nice0, want === 'nice' ? 2 : 0);
+  });
+}
+
+test('ferry host start --fault-thread-priority: the policy reaches the agent (GET /v1/host); a bad one is refused by name with exit 2', async () => {
+  const r = await ferry(['host', 'start', '--name', 'a', '--fault-thread-priority', 'fast']);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(r.stderr, /'fast' is not one of realtime, nice, default/);
+  const help = await ferry(['host', 'start', '--help']);
+  assert.match(help.stdout, /--fault-thread-priority <policy>[\s\S]*default:\s+realtime/);
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-fault-priority-'));
+  try {
+    const h = await ferryStarted<{ control: string }>(['host', 'start', '--json', '--name', 'p', '--fault-thread-priority', 'nice', '--data-dir', join(dir, 'p'), '--state-dir', join(dir, 'state')]);
+    try {
+      const info = (await http(`${h.started.control}/v1/host`, 'GET')).json;
+      assert.deepEqual(info.faultThreads, { port: null, priority: { asked: 'nice', destination: 'default', source: 'default' } });
+    } finally {
+      h.proc.kill('SIGTERM');
+      assert.equal(await h.exit, 0);
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
