@@ -234,8 +234,11 @@ async function postcopyFaults(ctx: BenchContext, mem: number): Promise<void> {
   const s = run.report.postcopy.faultLatencyMs;
   const threads = run.report.transfer?.faultChannel ? `fault threads ${{ realtime: `SCHED_FIFO ${FAULT_THREAD_RT_PRIORITY}`, nice: `at nice ${FAULT_THREAD_NICE}`, default: 'at the default priority (raising it was not permitted)' }[faultThreadPriority()]}` : 'no fault threads';
   const note = `${run.outcome.faults} faults, ${fmtMiB(mem)} uniform random writes, ${threads}; TMT ${run.report.totalMigrationTimeMs!.toFixed(0)} ms, verified ${run.report.verified}`;
-  ctx.report({ metric: 'postcopy.fault-latency.p50', value: d.p50 ?? NaN, unit: 'ms', target: '<= 0.2', note: `vCPU wait, measured on the destination; ${note}` });
-  ctx.report({ metric: 'postcopy.fault-latency.p99', value: d.p99 ?? NaN, unit: 'ms', target: '<= 1', note: `max ${d.max?.toFixed(2)} ms` });
+  const w = run.outcome.faultServiceMs;
+  ctx.report({ metric: 'postcopy.fault-latency.p50', value: d.p50 ?? NaN, unit: 'ms', target: '<= 0.2', note: `the vCPU's wait for each fault, measured in its thread (stopped → running on); ${note}` });
+  ctx.report({ metric: 'postcopy.fault-latency.p99', value: d.p99 ?? NaN, unit: 'ms', target: '<= 1', note: `mean ${d.mean?.toFixed(3)} ms, max ${d.max?.toFixed(2)} ms` });
+  ctx.report({ metric: 'postcopy.fault-service.p50', value: w.p50 ?? NaN, unit: 'ms', note: `the destination fault thread's part: request sent → page installed, ${w.count} requests (the rest of the vCPU's wait is its two hand-overs with that thread)` });
+  ctx.report({ metric: 'postcopy.fault-service.p99', value: w.p99 ?? NaN, unit: 'ms', note: `mean ${w.mean?.toFixed(3)} ms` });
   ctx.report({ metric: 'postcopy.report-fault-latency.p50', value: s.p50 ?? NaN, unit: 'ms', target: '<= 0.2', note: `source report histogram (request in → page sent), ${s.count} faults` });
   ctx.report({ metric: 'postcopy.report-fault-latency.p99', value: s.p99 ?? NaN, unit: 'ms', target: '<= 1' });
   // The same machine's floor for a fault's round trip, measured right after (see latency-floor.ts).
@@ -247,7 +250,7 @@ async function postcopyFaults(ctx: BenchContext, mem: number): Promise<void> {
     metric: 'postcopy.fault-latency.floor.p99', value: percentile(f.loaded, 99), unit: 'ms',
     note: `4 KiB request/response between two processes' otherwise idle threads (scheduled as the fault threads: ${faultThreadPriority()}) while their main threads stream ${(f.bulkBytesPerSec / 1e9).toFixed(2)} GB/s, this run's push rate (${fmt(f.loaded)}); quiet machine: ${fmt(f.idle)}`,
   });
-  ctx.report({ metric: 'postcopy.fault-latency.p99.vs-floor', value: (d.p99 ?? NaN) / percentile(f.loaded, 99), unit: '×' });
+  ctx.report({ metric: 'postcopy.fault-service.p99.vs-floor', value: (w.p99 ?? NaN) / percentile(f.loaded, 99), unit: '×', note: 'like for like: a round trip between two threads' });
 }
 
 /**

@@ -48,9 +48,14 @@ export class Histogram {
     this.logG = Math.log(this.growth);
   }
 
+  /** The bucket `value` falls in. */
+  private bucket(value: number): number {
+    return value <= this.min ? 0 : Math.max(1, Math.ceil(Math.log(value / this.min) / this.logG - 1e-12));
+  }
+
   record(value: number, times = 1): void {
     if (!(value >= 0) || !Number.isFinite(value)) throw new InvalidArgumentError(`histogram value ${value} must be a finite number ≥ 0`);
-    const k = value <= this.min ? 0 : Math.max(1, Math.ceil(Math.log(value / this.min) / this.logG - 1e-12));
+    const k = this.bucket(value);
     while (this.counts.length <= k) {
       this.counts.push(0);
       this.highs.push(Number.NEGATIVE_INFINITY);
@@ -104,11 +109,52 @@ export class Histogram {
     this.maxValue = Math.max(this.maxValue, other.maxValue);
   }
 
+  /**
+   * A histogram another thread records into: `view` (SHARED_HISTOGRAM_WORDS Float64 words of a
+   * SharedArrayBuffer, zeroed) holds count, sum, min and max, then each bucket's count and largest
+   * value. One thread records ({@link recordShared}); any may read a copy ({@link fromShared}).
+   * Buckets past the last one fold into it (with the default options: values above ~10⁷).
+   */
+  static recordShared(view: Float64Array, value: number, options: HistogramOptions = {}): void {
+    if (!(value >= 0) || !Number.isFinite(value)) return;
+    const h = new Histogram(options);
+    const k = Math.min(h.bucket(value), SHARED_HISTOGRAM_BUCKETS - 1);
+    if (view[0] === 0 || value < view[2]) view[2] = value;
+    if (value > view[3]) view[3] = value;
+    view[4 + k]++;
+    if (value > view[4 + SHARED_HISTOGRAM_BUCKETS + k]) view[4 + SHARED_HISTOGRAM_BUCKETS + k] = value;
+    view[1] += value;
+    view[0]++;
+  }
+
+  /** A copy of what {@link recordShared} recorded into `view` (with the same options). */
+  static fromShared(view: Float64Array, options: HistogramOptions = {}): Histogram {
+    const h = new Histogram(options);
+    const n = view[0];
+    if (n === 0) return h;
+    let last = 0;
+    for (let k = 0; k < SHARED_HISTOGRAM_BUCKETS; k++) if (view[4 + k] > 0) last = k;
+    for (let k = 0; k <= last; k++) {
+      h.counts.push(view[4 + k]);
+      h.highs.push(view[4 + k] > 0 ? view[4 + SHARED_HISTOGRAM_BUCKETS + k] : Number.NEGATIVE_INFINITY);
+    }
+    h.count = h.counts.reduce((a, b) => a + b, 0); // the buckets, not view[0]: a copy taken mid-record stays consistent
+    h.sum = view[1];
+    h.minValue = view[2];
+    h.maxValue = view[3];
+    return h;
+  }
+
   summary(): HistogramSummary {
     const e = this.count === 0;
     return { count: this.count, mean: e ? null : this.mean, p50: e ? null : this.p50, p99: e ? null : this.p99, max: e ? null : this.maxValue };
   }
 }
+
+/** Buckets of a shared histogram: with the default options, values up to ~10⁷ (ms: hours) have their own. */
+export const SHARED_HISTOGRAM_BUCKETS = 480;
+/** Float64 words of a shared histogram (see Histogram.recordShared). */
+export const SHARED_HISTOGRAM_WORDS = 4 + 2 * SHARED_HISTOGRAM_BUCKETS;
 
 export interface HistogramSummary {
   count: number;

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Histogram, MigrationReportBuilder, formatReportTable, reportToJson } from '../../src/core/metrics.js';
+import { Histogram, MigrationReportBuilder, SHARED_HISTOGRAM_WORDS, formatReportTable, reportToJson } from '../../src/core/metrics.js';
 import { InvalidArgumentError } from '../../src/core/errors.js';
 
 test('histogram percentiles of 1..1000 are within the bucket growth of the true values', () => {
@@ -32,6 +32,31 @@ test('histogram: skewed latencies, exact single values, zeros, merge', () => {
   assert.ok(Number.isNaN(new Histogram().p50));
   assert.throws(() => h.record(-1), InvalidArgumentError);
   assert.throws(() => a.merge(new Histogram({ growth: 2 })), InvalidArgumentError);
+});
+
+test('shared histogram: what one thread records into shared memory reads back as the same histogram; a bad value is skipped; huge ones fold into the last bucket', () => {
+  const view = new Float64Array(new SharedArrayBuffer(SHARED_HISTOGRAM_WORDS * 8));
+  assert.equal(Histogram.fromShared(view).count, 0);
+  assert.ok(Number.isNaN(Histogram.fromShared(view).p50));
+  const plain = new Histogram();
+  const values = [0, 0.0004, 0.2, 0.21, 0.25, 0.25, 0.3, 1.7, 3.9, 12, 250];
+  for (const v of values) {
+    Histogram.recordShared(view, v);
+    plain.record(v);
+  }
+  Histogram.recordShared(view, -1);
+  Histogram.recordShared(view, Number.NaN);
+  const copy = Histogram.fromShared(view);
+  assert.deepEqual(copy.summary(), plain.summary());
+  for (const q of [0, 0.1, 0.5, 0.9, 0.99, 1]) assert.equal(copy.quantile(q), plain.quantile(q), `q ${q}`);
+  assert.equal(copy.minValue, 0);
+  // The copy is a copy: recording on goes to the shared one only.
+  Histogram.recordShared(view, 1e12);
+  assert.equal(copy.count, values.length);
+  const after = Histogram.fromShared(view);
+  assert.equal(after.count, values.length + 1);
+  assert.equal(after.maxValue, 1e12);
+  assert.equal(after.quantile(1), 1e12);
 });
 
 test('pre-copy report: phases, rounds, pages by kind, dirty rate, degradation, client gap', () => {

@@ -34,9 +34,15 @@ export interface DestinationOutcome {
    */
   verified: boolean | null;
   pagesReceived: number;
-  /** Post-copy: faults the vCPU took, and how long it waited for each (measured here, where the vCPU blocks). */
+  /**
+   * Post-copy: faults the vCPU took, and how long it waited for each, measured where it blocks:
+   * by the VM when it can (DestinationVm.faultWaits: stopped → running on), else the fault
+   * service's measure (`faultServiceMs`).
+   */
   faults: number;
   faultLatencyMs: HistogramSummary;
+  /** Post-copy: the fault service's side of each fault: request sent → page installed, both network legs included. */
+  faultServiceMs: HistogramSummary;
   /** Destination clock: switchover frame received → VM running. */
   startMs: number;
   /** Connections that carried pages, and whether page requests had their own. */
@@ -848,9 +854,17 @@ class DestinationSession {
     await Promise.all([this.framed, ...this.connections()].map((f) => f.close().catch(() => undefined)));
   }
 
+  /** Faults and their waits as the vCPU saw them where the VM measures that, and the fault service's side of them. */
+  private faultCounts(): Pick<DestinationOutcome, 'faults' | 'faultLatencyMs' | 'faultServiceMs'> {
+    const service = this.latency.summary();
+    const waits = this.vm?.faultWaits?.();
+    if (!waits || waits.count === 0) return { faults: this.faults, faultLatencyMs: service, faultServiceMs: service };
+    return { faults: waits.count, faultLatencyMs: waits.summary(), faultServiceMs: service };
+  }
+
   private outcome(vmName: string, mode: MigrationMode, verified: boolean | null, startMs: number): DestinationOutcome {
     return {
-      vmName, mode, verified, pagesReceived: this.pagesReceived, faults: this.faults, faultLatencyMs: this.latency.summary(), startMs,
+      vmName, mode, verified, pagesReceived: this.pagesReceived, ...this.faultCounts(), startMs,
       streams: 1 + this.joined.size, faultChannel: this.fault !== null || this.threaded, acknowledged: this.acknowledged,
     };
   }

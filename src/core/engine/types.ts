@@ -6,7 +6,7 @@
  */
 import type { Bitmap } from '../bitmap.js';
 import type { Clock } from '../clock.js';
-import type { MigrationReport } from '../metrics.js';
+import type { Histogram, MigrationReport } from '../metrics.js';
 import type { HelloFrame, MigrationMode, WireGlobal } from '../protocol/frames.js';
 import type { Connection } from '../transport/transport.js';
 import type { BlobCodecFactory, CodecName, Gang } from './codecs.js';
@@ -126,6 +126,12 @@ export interface DestinationVm {
   allPresent(): Promise<void>;
   /** Post-copy fault notifications (guest page numbers), registered before start. */
   onFault(handler: (page: number) => void): void;
+  /**
+   * Post-copy: each fault's wait as the vCPU saw it, ms, from the moment it stopped to the moment
+   * it ran on (optional: a VM that cannot measure it leaves the engine its fault service's
+   * measure, request sent → page installed, which leaves out both hand-overs with the vCPU).
+   */
+  faultWaits?(): Histogram;
   /** Resolves once the VM can start without further set-up (its vCPU thread is loaded). */
   warm(): Promise<void>;
   /**

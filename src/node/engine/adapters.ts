@@ -11,6 +11,7 @@ import type { DestinationFaultLink, DestinationVm, EngineDeps, FaultThreadEvents
 import { NodeDestinationFaultLink } from './fault-thread.js';
 import { PAGE_SIZE, WASM_PAGE_SIZE, pageBytes } from '../../core/pages.js';
 import type { WireGlobal } from '../../core/protocol/frames.js';
+import type { Histogram } from '../../core/metrics.js';
 import { realClock } from '../clock.js';
 import { Ctl } from '../vm/control.js';
 import type { GlobalDesc } from '../vm/globals.js';
@@ -223,6 +224,10 @@ export class DestinationVmAdapter implements DestinationVm {
   pagesView(first: number, count: number): Uint8Array {
     this.beforeInstall();
     return this.vm.pagesView(first, count);
+  }
+
+  faultWaits(): Histogram {
+    return this.vm.faultWaits();
   }
 
   onFault(handler: (page: number) => void): void {

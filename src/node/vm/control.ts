@@ -56,7 +56,12 @@ export const enum Stat {
    * (it exports the state first when asked to: Vm.pauseWithState), ns.
    */
   STOPPED_BEFORE_PAUSED_NS = 7,
-  WORDS = 8,
+  /**
+   * From here, SHARED_HISTOGRAM_WORDS words: each post-copy fault's wait as the vCPU saw it, ms
+   * (from its notice to the fault service to running on; see Histogram.recordShared).
+   */
+  FAULT_WAITS = 8,
+  WORDS = 8 + 964,
 }
 
 export function stateName(s: number): string {

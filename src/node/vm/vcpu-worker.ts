@@ -12,6 +12,7 @@ import { Cmd, Ctl, Stat, VARIANTS, VmRunState, type VariantName } from './contro
 import { SharedGuestMemory } from './memory-access.js';
 import { Devices, type DeviceState, type DevicesInit } from './devices/index.js';
 import type { NetRecordData } from '../../core/net-ring.js';
+import { Histogram, SHARED_HISTOGRAM_WORDS } from '../../core/metrics.js';
 import { decodeGlobals, encodeGlobals, type GlobalDesc, type GlobalValue } from './globals.js';
 import { SPARE_ROLE, type SpareThreadData } from './vcpu-threads.js';
 
@@ -126,6 +127,7 @@ if (!bootInfo) {
 }
 const data: VcpuWorkerData = { ...initial, boot: bootInfo! };
 const stats = new Float64Array(data.stats);
+const faultWaits = stats.subarray(Stat.FAULT_WAITS, Stat.FAULT_WAITS + SHARED_HISTOGRAM_WORDS);
 const post = (m: FromWorker, transfer?: ArrayBuffer[]) => parentPort!.postMessage(m, transfer);
 
 class HaltSignal extends Error {
@@ -155,7 +157,9 @@ function fault(page: number): void {
     if (Atomics.load(ctl, Ctl.CMD) === Cmd.STOP) throw new Error('stopped while waiting for a post-copy page');
     Atomics.wait(ctl, Ctl.FAULT_DONE, seen, 100);
   }
-  stats[Stat.FAULT_WAIT_NS] += Number(process.hrtime.bigint() - t0);
+  const waited = Number(process.hrtime.bigint() - t0);
+  stats[Stat.FAULT_WAIT_NS] += waited;
+  Histogram.recordShared(faultWaits, waited / 1e6);
 }
 
 const mem = new SharedGuestMemory(data.memory, fault);

@@ -11,6 +11,7 @@ import { Bitmap } from '../../core/bitmap.js';
 import { FerryError, GuestModuleError, GuestTrapError, InvalidArgumentError, VmStateError } from '../../core/errors.js';
 import { PAGE_SIZE, WASM_PAGE_SIZE, pageBytes } from '../../core/pages.js';
 import type { NetRecordData } from '../../core/net-ring.js';
+import { Histogram, SHARED_HISTOGRAM_WORDS } from '../../core/metrics.js';
 import { Cmd, Ctl, Stat, VARIANTS, VmRunState, stateName, variantId, type VariantName } from './control.js';
 import type { GuestModuleInfo, InstrumentCache } from './instrument.js';
 import type { DevicesInit } from './devices/index.js';
@@ -639,4 +640,12 @@ export class Vm extends EventEmitter {
       faultWaitMs: this.stats[Stat.FAULT_WAIT_NS] / 1e6,
     };
   }
+
+  /** Each post-copy fault's wait as the vCPU saw it, ms (a copy). */
+  faultWaits(): Histogram {
+    return Histogram.fromShared(this.stats.subarray(Stat.FAULT_WAITS, Stat.FAULT_WAITS + SHARED_HISTOGRAM_WORDS));
+  }
 }
+
+// The stats layout leaves room for the fault-wait histogram (Stat is a const enum: its size is a literal).
+if (Stat.WORDS - Stat.FAULT_WAITS !== SHARED_HISTOGRAM_WORDS) throw new Error(`Stat.WORDS leaves ${Stat.WORDS - Stat.FAULT_WAITS} words for a ${SHARED_HISTOGRAM_WORDS}-word histogram`);
