@@ -20,6 +20,7 @@ import { shaped, type ShapedConnectionInit } from '../src/core/transport/shaped.
 import { realClock } from '../src/node/clock.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../src/node/engine/adapters.js';
 import { FaultThreadListener, SourceFaultThreads, faultLinkShape, sourceFaultThread, type FaultThreadPriority } from '../src/node/engine/fault-thread.js';
+import { POSTCOPY_VCPU_NICE } from '../src/node/engine/thread-priority.js';
 import { InstrumentCache } from '../src/node/vm/instrument.js';
 import { GuestMemoryPool } from '../src/node/vm/memory-pool.js';
 import { VcpuThreadPool } from '../src/node/vm/vcpu-threads.js';
@@ -105,7 +106,7 @@ async function destinationHost(): Promise<void> {
           return {
             async create(module) {
               const t0 = performance.now();
-              const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'], pool, threads }, hello.guestBytes);
+              const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'], pool, threads, faultNice: POSTCOPY_VCPU_NICE }, hello.guestBytes);
               made.push(vm);
               ready.pooled = vm.memoryBacked;
               const adapter = new DestinationVmAdapter(vm, { guestBytes: hello.guestBytes });

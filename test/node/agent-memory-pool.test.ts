@@ -290,7 +290,7 @@ test('ferry host start --spare-vcpu-threads: a count reaches the agent (GET /v1/
       const h = await ferryStarted<{ control: string }>(['host', 'start', '--json', '--name', `s${n}`, '--spare-vcpu-threads', String(n), '--data-dir', join(dir, String(n)), '--state-dir', join(dir, 'state')]);
       try {
         const info = (await http(`${h.started.control}/v1/host`, 'GET')).json;
-        assert.deepEqual(info.vcpuThreads, { spares: n, started: n, taken: 0 });
+        assert.deepEqual(info.vcpuThreads, { spares: n, started: n, taken: 0, postcopyNice: -10 });
       } finally {
         h.proc.kill('SIGTERM');
         assert.equal(await h.exit, 0);

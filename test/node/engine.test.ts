@@ -554,8 +554,9 @@ test('post-copy with fault threads on a shaped link: their connections are shape
     assert.equal(result.report.verified, true);
     assert.equal(main.accepted(), 1, 'the fault channel went between the threads');
     assert.ok(o.faults > 0);
-    // 4 ms each way through the threads' shapers: no fault can be answered sooner.
-    assert.ok(o.faultLatencyMs.p50! >= 8 * 0.9, `faults were answered in ${o.faultLatencyMs.p50} ms (median), faster than the shaped round trip`);
+    // 4 ms each way through the threads' shapers: no request can be answered sooner. (The vCPU's
+    // own waits may be shorter: a page the push brings while the vCPU waits ends its wait.)
+    assert.ok(o.faultServiceMs.p50! >= 8 * 0.9, `requests were answered in ${o.faultServiceMs.p50} ms (median), faster than the shaped round trip`);
   } finally {
     await main.close();
   }

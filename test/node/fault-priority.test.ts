@@ -1,7 +1,8 @@
 /**
- * How post-copy fault threads are scheduled: what a thread reports it got is what the kernel says
- * of that thread (/proc/self/task/<tid>/stat), each policy falls back to the next one down, and the
- * host CLI passes the choice on and refuses a bad one by name.
+ * How the threads a post-copy fault waits on are scheduled: the fault threads (what a thread
+ * reports it got is what the kernel says of it in /proc/self/task/<tid>/stat, and each policy falls
+ * back to the next one down) and the waiting vCPU (its nice value while pages are missing); the
+ * host CLI passes both choices on and refuses bad ones by name.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -13,6 +14,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { http } from '../helpers/agents.js';
 import { ferry, ferryStarted } from '../helpers/ferry-cli.js';
+import { Vm } from '../../src/node/vm/vm.js';
+import { InstrumentCache } from '../../src/node/vm/instrument.js';
+import { hammerGuest } from '../helpers/wat.js';
 
 const SCHED_FIFO = 1;
 
@@ -74,6 +78,47 @@ for (const ask of ['realtime', 'nice', 'default'] as const) {
     assert.equal(after.filter((x) => x.nice === FAULT_THREAD_NICE).length - nice0, want === 'nice' ? 2 : 0);
   });
 }
+
+test('a VM with faultNice runs its vCPU thread at that nice value in the presence variant only, and the kernel agrees', async (t) => {
+  const vm = Vm.create({ name: 'nice', module: hammerGuest(16), memoryBytes: 4 << 20, cache: new InstrumentCache(), variants: ['plain', 'dirty', 'presence'], faultNice: -7 });
+  t.after(() => vm.dispose());
+  await vm.bootCold();
+  const own = vm.stat().vcpuNice;
+  const at = (nice: number) => threads().filter((x) => x.nice === nice).length;
+  const before = at(-7);
+  vm.presenceView().fill(1); // every page is there: the guest runs on in the presence variant
+  await vm.switchVariant('presence');
+  const want = process.getuid?.() === 0 ? -7 : own; // lowering a nice value needs CAP_SYS_NICE
+  assert.equal(vm.stat().vcpuNice, want);
+  if (want === -7) assert.equal(at(-7) - before, 1, 'exactly one thread, the vCPU, runs at the VM\'s faultNice');
+  const p0 = vm.stat().progress;
+  for (let i = 0; i < 200 && vm.stat().progress === p0; i++) await new Promise((r) => setTimeout(r, 5));
+  assert.ok(vm.stat().progress > p0, 'the guest runs on');
+  await vm.switchVariant('plain');
+  assert.equal(vm.stat().vcpuNice, own);
+  assert.equal(at(-7), before, 'back to its own nice value once every page is there');
+});
+
+test('ferry host start --postcopy-vcpu-nice: the value reaches the agent (GET /v1/host); a bad one is refused by name with exit 2', async () => {
+  for (const bad of ['-21', '20', 'x', '1.5']) {
+    const r = await ferry(['host', 'start', '--name', 'a', '--postcopy-vcpu-nice', bad]);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /a nice value must be an integer from -20 to 19/);
+  }
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-vcpu-nice-'));
+  try {
+    const h = await ferryStarted<{ control: string }>(['host', 'start', '--json', '--name', 'n', '--postcopy-vcpu-nice', '-5', '--data-dir', join(dir, 'n'), '--state-dir', join(dir, 'state')]);
+    try {
+      const info = (await http(`${h.started.control}/v1/host`, 'GET')).json;
+      assert.equal(info.vcpuThreads.postcopyNice, -5);
+    } finally {
+      h.proc.kill('SIGTERM');
+      assert.equal(await h.exit, 0);
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
 
 test('ferry host start --fault-thread-priority: the policy reaches the agent (GET /v1/host); a bad one is refused by name with exit 2', async () => {
   const r = await ferry(['host', 'start', '--name', 'a', '--fault-thread-priority', 'fast']);

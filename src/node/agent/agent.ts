@@ -25,6 +25,7 @@ import type { Connection, Listener, Transport } from '../../core/transport/trans
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../engine/adapters.js';
 import { tcp, parseTcpAddress } from '../transport/tcp.js';
 import { FaultThreadListener, SourceFaultThreads, sourceFaultThread, type FaultThreadPriority } from '../engine/fault-thread.js';
+import { POSTCOPY_VCPU_NICE } from '../engine/thread-priority.js';
 import { InstrumentCache } from '../vm/instrument.js';
 import { instrumentThread } from '../vm/instrument-thread.js';
 import { Vm, type VmStats } from '../vm/vm.js';
@@ -76,6 +77,11 @@ export interface HostAgentInit {
    * each falls back to what it is allowed; see FaultThreadPriority).
    */
   faultThreadPriority?: FaultThreadPriority;
+  /**
+   * The nice value an arriving VM's vCPU thread takes while pages are still missing (post-copy),
+   * -20 to 19 (default {@link POSTCOPY_VCPU_NICE}; 0 leaves it as it is; see VmInit.faultNice).
+   */
+  postcopyVcpuNice?: number;
 }
 
 /**
@@ -201,6 +207,7 @@ export class HostAgent extends EventEmitter {
   readonly capacityBytes: number;
   private readonly guests: string;
   private readonly quantumMs: number | undefined;
+  private readonly postcopyVcpuNice: number;
   /** Ready guest memories: VMs leaving this host give theirs back, VMs created or arriving take them. */
   private readonly pool: GuestMemoryPool;
   private readonly threads: VcpuThreadPool;
@@ -235,6 +242,10 @@ export class HostAgent extends EventEmitter {
 
   constructor(init: HostAgentInit) {
     super();
+    // Checked before anything starts (a spare vCPU thread, a pool).
+    const nice = init.postcopyVcpuNice ?? POSTCOPY_VCPU_NICE;
+    if (!Number.isInteger(nice) || nice < -20 || nice > 19) throw new InvalidArgumentError(`post-copy vCPU nice value ${nice} is not an integer from -20 to 19`);
+    this.postcopyVcpuNice = nice;
     this.name = init.name;
     this.dataDir = init.dataDir;
     this.guests = init.guestsDir ?? guestsDir();
@@ -478,8 +489,8 @@ export class HostAgent extends EventEmitter {
   }
 
   /** The spare vCPU threads: how many this host keeps, how many it started and how many VMs took one. */
-  vcpuThreads(): { spares: number; started: number; taken: number } {
-    return { spares: this.threads.spares, started: this.threads.started, taken: this.threads.taken };
+  vcpuThreads(): { spares: number; started: number; taken: number; postcopyNice: number } {
+    return { spares: this.threads.spares, started: this.threads.started, taken: this.threads.taken, postcopyNice: this.postcopyVcpuNice };
   }
 
   /**
@@ -608,6 +619,7 @@ export class HostAgent extends EventEmitter {
               name, module, memoryBytes: hello.memoryBytes, config: hello.config, cache: this.cache, pool: this.pool, threads: this.threads,
               variants: ['plain', 'dirty', 'presence'],
               ...(this.quantumMs ? { quantumMs: this.quantumMs } : {}),
+              ...(this.postcopyVcpuNice !== 0 ? { faultNice: this.postcopyVcpuNice } : {}),
             }, hello.guestBytes);
             this.fitPool(); // the arrival is reserved (incoming) and has its memory now
             const home = this.away.get(name) ?? null;

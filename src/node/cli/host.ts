@@ -8,7 +8,7 @@ import { join, resolve } from 'node:path';
 import { FerryError } from '../../core/errors.js';
 import { formatBytes } from '../../core/units.js';
 import { DEFAULT_MEMORY_POOL_BYTES, HostAgent, parseHostPort } from '../agent/agent.js';
-import { FAULT_THREAD_PRIORITIES, type FaultThreadPriority } from '../engine/fault-thread.js';
+import { FAULT_THREAD_PRIORITIES, POSTCOPY_VCPU_NICE, type FaultThreadPriority } from '../engine/thread-priority.js';
 import { ferryHome } from '../paths.js';
 import { addressText, sizeBytes, sizeText } from './args.js';
 import { readRegistration, register, registeredNames, registryDir } from './registry.js';
@@ -49,6 +49,10 @@ const priorityArg = (v: string): FaultThreadPriority => {
   if (!(FAULT_THREAD_PRIORITIES as readonly string[]).includes(v)) throw new CommanderArgError(`'${v}' is not one of ${FAULT_THREAD_PRIORITIES.join(', ')}`);
   return v as FaultThreadPriority;
 };
+const niceArg = (v: string) => {
+  if (!/^-?\d{1,2}$/.test(v) || Number(v) < -20 || Number(v) > 19) throw new CommanderArgError(`a nice value must be an integer from -20 to 19, got '${v}'`);
+  return Number(v);
+};
 const sparesArg = (v: string) => {
   if (!/^\d{1,2}$/.test(v) || Number(v) > 16) throw new CommanderArgError(`spare vCPU threads must be an integer from 0 to 16, got '${v}'`);
   return Number(v);
@@ -67,9 +71,10 @@ export function registerHostCommands(program: Command): void {
     .option('--memory-pool <size>', `guest memory kept ready for later VMs, e.g. 1GiB: a VM that leaves this host gives its memory back, and a VM created or arriving later with the same memory size and ceiling takes it, zeroed and already backed (no page faults as it fills); 0 turns it off (default: ${formatBytes(DEFAULT_MEMORY_POOL_BYTES)})`, poolArg)
     .option('--spare-vcpu-threads <n>', 'vCPU threads kept started ahead of the VMs that will run on them, 0–16: an arriving VM takes a loaded one instead of starting its own during the migration (default: 1)', sparesArg)
     .option('--fault-thread-priority <policy>', 'how the post-copy fault threads are scheduled: realtime (SCHED_FIFO), nice (nice -10) or default; each takes the next one down where it is not permitted (both raised policies need root or CAP_SYS_NICE) and GET /v1/host says what they got (default: realtime)', priorityArg)
+    .option('--postcopy-vcpu-nice <n>', `the nice value an arriving VM's vCPU thread runs at while post-copy pages are still missing, -20 to 19: each fault blocks it, and it should run on as soon as its page is in; 0 leaves it as it is; needs root or CAP_SYS_NICE to go below 0 (default: ${POSTCOPY_VCPU_NICE})`, niceArg)
     .option('--state-dir <dir>', 'where hosts and VMs register (default $FERRY_HOME or ~/.ferry)')
     .option('--json', 'print events as JSON lines')
-    .action(async (o: { name: string; listen: string; migration?: string; dataDir?: string; capacity?: number; memoryPool?: number; spareVcpuThreads?: number; faultThreadPriority?: FaultThreadPriority; stateDir?: string; json?: boolean }) => {
+    .action(async (o: { name: string; listen: string; migration?: string; dataDir?: string; capacity?: number; memoryPool?: number; spareVcpuThreads?: number; faultThreadPriority?: FaultThreadPriority; postcopyVcpuNice?: number; stateDir?: string; json?: boolean }) => {
       const home = stateHome(o.stateDir);
       if (await findHost(home, o.name)) throw new FerryError('ERR_HOST_EXISTS', `a host named '${o.name}' is already running (see ${join(hostsDir(home), `${o.name}.json`)})`);
       const at = parseHostPort(o.listen);
@@ -81,6 +86,7 @@ export function registerHostCommands(program: Command): void {
         ...(o.memoryPool !== undefined ? { memoryPoolBytes: o.memoryPool } : {}),
         ...(o.spareVcpuThreads !== undefined ? { spareVcpuThreads: o.spareVcpuThreads } : {}),
         ...(o.faultThreadPriority !== undefined ? { faultThreadPriority: o.faultThreadPriority } : {}),
+        ...(o.postcopyVcpuNice !== undefined ? { postcopyVcpuNice: o.postcopyVcpuNice } : {}),
         ...(o.migration ? { migrationAddress: o.migration } : {}),
       });
       const log = (event: string, fields: Record<string, unknown>, text: string) => {

@@ -30,6 +30,9 @@ export const FAULT_THREAD_RT_PRIORITY = 10;
 /** The nice value of a `nice` fault thread. */
 export const FAULT_THREAD_NICE = -10;
 
+/** The nice value an arriving VM's vCPU thread takes while it runs with pages missing, unless the host says otherwise (see VmInit.faultNice). */
+export const POSTCOPY_VCPU_NICE = -10;
+
 /** Sets the calling thread's scheduling to `ask`, or the next policy down that it is allowed; returns what it got. */
 export function raisePriority(ask: FaultThreadPriority): FaultThreadPriority {
   if (ask === 'realtime') {

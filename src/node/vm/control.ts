@@ -61,7 +61,9 @@ export const enum Stat {
    * (from its notice to the fault service to running on; see Histogram.recordShared).
    */
   FAULT_WAITS = 8,
-  WORDS = 8 + 964,
+  /** The nice value the vCPU thread runs at now (see VmInit.faultNice). */
+  VCPU_NICE = 8 + 964,
+  WORDS = 8 + 964 + 1,
 }
 
 export function stateName(s: number): string {

@@ -6,6 +6,7 @@
  * blocks in Atomics.wait on the doorbell. It never yields to its own event loop, so a quantum
  * boundary is a point the host can reason about (see dirty-log.ts).
  */
+import { getPriority, setPriority } from 'node:os';
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { PRESENCE_MAP_OFFSET, REWRITE, RunStatus } from '../../core/abi.js';
 import { Cmd, Ctl, Stat, VARIANTS, VmRunState, type VariantName } from './control.js';
@@ -31,6 +32,8 @@ export interface VcpuWorkerData {
   boot: { kind: 'cold' } | { kind: 'state'; globals: GlobalValue[]; devices: unknown };
   quantumMs: number;
   idleWaitMs: number;
+  /** The nice value to run at in the presence variant (VmInit.faultNice); null: unchanged. */
+  faultNice: number | null;
 }
 
 export type ToWorker =
@@ -228,7 +231,22 @@ function warmExport(): void {
   }
 }
 
+/** The thread's own nice value, and the one it runs at in the presence variant (see VmInit.faultNice). */
+const ownNice = getPriority(0);
+stats[Stat.VCPU_NICE] = ownNice;
+function niceFor(v: VariantName): void {
+  const want = v === 'presence' && data.faultNice !== null ? data.faultNice : ownNice;
+  if (stats[Stat.VCPU_NICE] === want) return;
+  try {
+    setPriority(0, want); // this thread only (Linux: a thread's own setpriority)
+    stats[Stat.VCPU_NICE] = want;
+  } catch {
+    // Not permitted (CAP_SYS_NICE): the thread keeps what it has.
+  }
+}
+
 function activate(v: VariantName): void {
+  niceFor(v);
   if (v !== variant) {
     const next = instanceOf(v);
     writeGlobals(next, readGlobals(current));
