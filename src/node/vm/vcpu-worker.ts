@@ -307,10 +307,20 @@ function answerExportAtPause(): void {
   exportAtPause = null;
 }
 
+/**
+ * The soft-page words up to the last one with a bit set: the bitmap spans the largest memory any
+ * guest may have (128 KiB of words), and the host takes what its VM's ceiling covers (Vm.softOf).
+ */
+function withoutTrailingZeros(words: Uint32Array): Uint32Array {
+  let n = words.length;
+  while (n > 0 && words[n - 1] === 0) n--;
+  return words.slice(0, n);
+}
+
 function exportState(id: number, soft: boolean): void {
   try {
     const globals = encodeGlobals(data.globals, readGlobals(current));
-    post({ t: 'reply', id, ok: true, value: { globals, devices: devices.exportState(), ...(soft ? { soft: devices.softPages().words } : {}) } });
+    post({ t: 'reply', id, ok: true, value: { globals, devices: devices.exportState(), ...(soft ? { soft: withoutTrailingZeros(devices.softPages().words) } : {}) } });
   } catch (e) {
     post({ t: 'reply', id, ok: false, error: errorOf(e) });
   }
@@ -331,7 +341,7 @@ function handle(msg: ToWorker): void {
       return;
     case 'soft-pages':
       // Typed arrays: one copy when cloned (a number[] of 32 Ki words took ~2 ms per request).
-      post({ t: 'reply', id: msg.id, ok: true, value: devices.softPages().words });
+      post({ t: 'reply', id: msg.id, ok: true, value: withoutTrailingZeros(devices.softPages().words) });
       return;
     case 'block-bitmap': {
       const bm = devices.blockWriteBitmap();
