@@ -5,7 +5,6 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DEFAULT_MEMORY_POOL_BYTES, HostAgent, type HostMemoryPoolJson } from '../../src/node/agent/agent.js';
@@ -15,7 +14,7 @@ import { leaveWhenDone } from '../helpers/leave-when-done.js';
 import { restoreSnapshot } from '../../src/node/vm/snapshot.js';
 import { InstrumentCache } from '../../src/node/vm/instrument.js';
 import { clientOf, finished, gatedTcp, http, withHosts, type Host, type Reply } from '../helpers/agents.js';
-import { ferry, ferryStarted } from '../helpers/ferry-cli.js';
+import { ferry, withHostStarted } from '../helpers/ferry-cli.js';
 
 leaveWhenDone();
 
@@ -258,21 +257,11 @@ test('ferry host start --memory-pool: a size (0: off) reaches the agent; a bad o
   const help = await ferry(['host', 'start', '--help']);
   assert.match(help.stdout, /--memory-pool <size>[\s\S]*0 turns it off[\s\S]*default: 512 MiB/);
 
-  const dir = await mkdtemp(join(tmpdir(), 'ferry-pool-cli-'));
-  try {
-    for (const [flag, bytes] of [['64MiB', 64 << 20], ['0', 0]] as const) {
-      const h = await ferryStarted<{ control: string; memoryPoolBytes: number }>(['host', 'start', '--json', '--name', `p${bytes}`, '--memory-pool', flag, '--data-dir', join(dir, flag), '--state-dir', join(dir, 'state')]);
-      try {
-        assert.equal(h.started.memoryPoolBytes, bytes);
-        const info = (await http(`${h.started.control}/v1/host`, 'GET')).json;
-        assert.deepEqual(info.memoryPool, { capacityBytes: bytes, hits: 0, misses: 0, memories: 0, bytes: 0 });
-      } finally {
-        h.proc.kill('SIGTERM');
-        assert.equal(await h.exit, 0);
-      }
-    }
-  } finally {
-    await rm(dir, { recursive: true, force: true });
+  for (const [flag, bytes] of [['64MiB', 64 << 20], ['0', 0]] as const) {
+    await withHostStarted<{ control: string; memoryPoolBytes: number }>(`p${bytes}`, ['--memory-pool', flag], (host, started) => {
+      assert.equal(started.memoryPoolBytes, bytes);
+      assert.deepEqual(host.memoryPool, { capacityBytes: bytes, hits: 0, misses: 0, memories: 0, bytes: 0 });
+    });
   }
 });
 
@@ -284,20 +273,10 @@ test('ferry host start --spare-vcpu-threads: a count reaches the agent (GET /v1/
   }
   const help = await ferry(['host', 'start', '--help']);
   assert.match(help.stdout, /--spare-vcpu-threads <n>[\s\S]*default: 1/);
-  const dir = await mkdtemp(join(tmpdir(), 'ferry-spares-cli-'));
-  try {
-    for (const n of [0, 2]) {
-      const h = await ferryStarted<{ control: string }>(['host', 'start', '--json', '--name', `s${n}`, '--spare-vcpu-threads', String(n), '--data-dir', join(dir, String(n)), '--state-dir', join(dir, 'state')]);
-      try {
-        const info = (await http(`${h.started.control}/v1/host`, 'GET')).json;
-        assert.deepEqual(info.vcpuThreads, { spares: n, started: n, taken: 0, postcopyNice: -10 });
-      } finally {
-        h.proc.kill('SIGTERM');
-        assert.equal(await h.exit, 0);
-      }
-    }
-  } finally {
-    await rm(dir, { recursive: true, force: true });
+  for (const n of [0, 2]) {
+    await withHostStarted(`s${n}`, ['--spare-vcpu-threads', String(n)], (host) => {
+      assert.deepEqual(host.vcpuThreads, { spares: n, started: n, taken: 0, postcopyNice: -10 });
+    });
   }
 });
 

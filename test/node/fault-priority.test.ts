@@ -9,11 +9,7 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { readFileSync, readdirSync } from 'node:fs';
 import { FAULT_THREAD_NICE, FAULT_THREAD_RT_PRIORITY, FaultThreadListener, SourceFaultThreads, type FaultThreadPriority } from '../../src/node/engine/fault-thread.js';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { http } from '../helpers/agents.js';
-import { ferry, ferryStarted } from '../helpers/ferry-cli.js';
+import { ferry, withHostStarted } from '../helpers/ferry-cli.js';
 import { Vm } from '../../src/node/vm/vm.js';
 import { InstrumentCache } from '../../src/node/vm/instrument.js';
 import { hammerGuest } from '../helpers/wat.js';
@@ -105,19 +101,7 @@ test('ferry host start --postcopy-vcpu-nice: the value reaches the agent (GET /v
     assert.equal(r.code, 2, r.stderr);
     assert.match(r.stderr, /a nice value must be an integer from -20 to 19/);
   }
-  const dir = await mkdtemp(join(tmpdir(), 'ferry-vcpu-nice-'));
-  try {
-    const h = await ferryStarted<{ control: string }>(['host', 'start', '--json', '--name', 'n', '--postcopy-vcpu-nice', '-5', '--data-dir', join(dir, 'n'), '--state-dir', join(dir, 'state')]);
-    try {
-      const info = (await http(`${h.started.control}/v1/host`, 'GET')).json;
-      assert.equal(info.vcpuThreads.postcopyNice, -5);
-    } finally {
-      h.proc.kill('SIGTERM');
-      assert.equal(await h.exit, 0);
-    }
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
+  await withHostStarted('n', ['--postcopy-vcpu-nice', '-5'], (host) => assert.equal(host.vcpuThreads.postcopyNice, -5));
 });
 
 test('ferry host start --fault-thread-priority: the policy reaches the agent (GET /v1/host); a bad one is refused by name with exit 2', async () => {
@@ -126,17 +110,7 @@ test('ferry host start --fault-thread-priority: the policy reaches the agent (GE
   assert.match(r.stderr, /'fast' is not one of realtime, nice, default/);
   const help = await ferry(['host', 'start', '--help']);
   assert.match(help.stdout, /--fault-thread-priority <policy>[\s\S]*default:\s+realtime/);
-  const dir = await mkdtemp(join(tmpdir(), 'ferry-fault-priority-'));
-  try {
-    const h = await ferryStarted<{ control: string }>(['host', 'start', '--json', '--name', 'p', '--fault-thread-priority', 'nice', '--data-dir', join(dir, 'p'), '--state-dir', join(dir, 'state')]);
-    try {
-      const info = (await http(`${h.started.control}/v1/host`, 'GET')).json;
-      assert.deepEqual(info.faultThreads, { port: null, priority: { asked: 'nice', destination: 'default', source: 'default' } });
-    } finally {
-      h.proc.kill('SIGTERM');
-      assert.equal(await h.exit, 0);
-    }
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
+  await withHostStarted('p', ['--fault-thread-priority', 'nice'], (host) => {
+    assert.deepEqual(host.faultThreads, { port: null, priority: { asked: 'nice', destination: 'default', source: 'default' } });
+  });
 });
