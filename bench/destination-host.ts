@@ -38,10 +38,15 @@ export type LinkInit = Omit<ShapedConnectionInit, 'clock'>;
 export type Outcome = DestinationOutcome & { readyMs: number | null; cpuMs: number; pooled: boolean };
 
 export const deps = nodeEngineDeps();
-/** The bench process's fault thread (the source side of every post-copy migration it runs). */
-const sourceFaultThreads = new SourceFaultThreads();
-/** How the fault threads are scheduled (see FaultThreadPriority): the source's says for this machine. */
-export const faultThreadPriority = (): FaultThreadPriority => sourceFaultThreads.priority;
+/** The bench process's fault threads (the source side of every post-copy migration it runs), one per scheduling policy asked for. */
+const sourceFaultThreads = new Map<FaultThreadPriority, SourceFaultThreads>();
+function sourceThreadsFor(ask: FaultThreadPriority): SourceFaultThreads {
+  let t = sourceFaultThreads.get(ask);
+  if (!t) sourceFaultThreads.set(ask, (t = new SourceFaultThreads(ask)));
+  return t;
+}
+/** How fault threads asking for `ask` are scheduled here (see FaultThreadPriority): the source's say for this machine. */
+export const faultThreadPriority = (ask: FaultThreadPriority = 'nice'): FaultThreadPriority => sourceThreadsFor(ask).priority;
 
 const MiB = 1 << 20;
 const sourceCache = new InstrumentCache();
@@ -86,7 +91,7 @@ async function destinationHost(): Promise<void> {
   let link: LinkInit | null = null;
   const send = (m: FromDestination) => process.send!(m);
   // Post-copy faults on threads of their own, as a host serves them (shaped like every connection).
-  const faultThreads = new FaultThreadListener('127.0.0.1');
+  const faultThreads = new FaultThreadListener('127.0.0.1', (process.env.FERRY_BENCH_FAULT_PRIORITY ?? 'nice') as FaultThreadPriority);
   const acceptor = new MigrationAcceptor(deps, { faultThreads });
   // As a host would: a VM that is done gives its memory back, and the next VM of its shape takes it.
   const pool = new GuestMemoryPool(1 << 30);
@@ -106,7 +111,7 @@ async function destinationHost(): Promise<void> {
           return {
             async create(module) {
               const t0 = performance.now();
-              const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'], pool, threads, faultNice: POSTCOPY_VCPU_NICE }, hello.guestBytes);
+              const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'], pool, threads, faultNice: Number(process.env.FERRY_BENCH_VCPU_NICE ?? POSTCOPY_VCPU_NICE) }, hello.guestBytes);
               made.push(vm);
               ready.pooled = vm.memoryBacked;
               const adapter = new DestinationVmAdapter(vm, { guestBytes: hello.guestBytes });
@@ -157,24 +162,28 @@ export class DestinationProcess {
   private readonly outcomes = new Map<string, Deferred<Outcome>>();
   private ack: Deferred<void> | null = null;
 
-  private constructor(private readonly child: ChildProcess, readonly address: string) {
+  private constructor(private readonly child: ChildProcess, readonly address: string, readonly faultPriority: FaultThreadPriority, readonly vcpuNice: number) {
     child.on('message', (m: FromDestination) => this.onMessage(m));
     child.once('exit', (code) => this.failAll(new Error(`destination process exited (${code})`)));
   }
 
-  static async start(): Promise<DestinationProcess> {
+  /**
+   * @param faultPriority how both ends' post-copy fault threads ask to be scheduled (a host's default: 'nice').
+   * @param vcpuNice the arriving VMs' vCPU nice value while pages are missing (a host's default: POSTCOPY_VCPU_NICE).
+   */
+  static async start(faultPriority: FaultThreadPriority = 'nice', vcpuNice = POSTCOPY_VCPU_NICE): Promise<DestinationProcess> {
     // FERRY_BENCH_DESTINATION_ARGS: node options for the destination alone (e.g. `--cpu-prof
     // --cpu-prof-dir=/tmp/prof` to profile the receiving side, which NODE_OPTIONS does not allow).
     const args = process.env.FERRY_BENCH_DESTINATION_ARGS?.split(' ').filter((a) => a !== '');
     // A destination host runs with a host's heap settings, as `ferry host start` does.
     const own = args ?? process.execArgv;
     const execArgv = hasHostFlags(own) ? own : [...HOST_NODE_FLAGS, ...own];
-    const child = fork(fileURLToPath(import.meta.url), [], { execArgv, env: { ...process.env, FERRY_BENCH_DESTINATION: '1' }, stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+    const child = fork(fileURLToPath(import.meta.url), [], { execArgv, env: { ...process.env, FERRY_BENCH_DESTINATION: '1', FERRY_BENCH_FAULT_PRIORITY: faultPriority, FERRY_BENCH_VCPU_NICE: String(vcpuNice) }, stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
     const address = await new Promise<string>((resolve, reject) => {
       child.once('exit', (code) => reject(new Error(`destination process exited (${code})`)));
       child.once('message', (m: FromDestination) => (m.type === 'ready' ? resolve(m.address) : reject(new Error(`destination process said ${m.type}`))));
     });
-    return new DestinationProcess(child, address);
+    return new DestinationProcess(child, address, faultPriority, vcpuNice);
   }
 
   private onMessage(m: FromDestination): void {
@@ -227,7 +236,7 @@ export class DestinationProcess {
       return await Promise.all(srcs.map(async (src) => {
         // A shaped link shapes every connection, the fault threads' too.
         const shape = link ? faultLinkShape(link) : null;
-        const faultThread = link && !shape ? {} : { faultThread: sourceFaultThread(sourceFaultThreads, src, '127.0.0.1', shape) };
+        const faultThread = link && !shape ? {} : { faultThread: sourceFaultThread(sourceThreadsFor(this.faultPriority), src, '127.0.0.1', shape) };
         const result = await migrateSource(await dial(), sourceVmOf(src), deps, { connect: dial, ...faultThread, ...opts });
         return { result, outcome: await outcomes.get(src.name)! };
       }));

@@ -275,7 +275,7 @@ test('ferry host start --spare-vcpu-threads: a count reaches the agent (GET /v1/
   assert.match(help.stdout, /--spare-vcpu-threads <n>[\s\S]*default: 1/);
   for (const n of [0, 2]) {
     await withHostStarted(`s${n}`, ['--spare-vcpu-threads', String(n)], (host) => {
-      assert.deepEqual(host.vcpuThreads, { spares: n, started: n, taken: 0, postcopyNice: -10 });
+      assert.deepEqual(host.vcpuThreads, { spares: n, started: n, taken: 0, postcopyNice: 0 });
     });
   }
 });

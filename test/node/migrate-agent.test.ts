@@ -306,7 +306,7 @@ test('postcopy between hosts: page requests go between the hosts\' fault threads
   await withHosts(async (a, b) => {
     type Info = { port: number | null; priority: { asked: string; destination: string; source: string } };
     const before = (await http(`${b.url}/v1/host`, 'GET')).json.faultThreads as Info;
-    assert.deepEqual(before, { port: null, priority: { asked: 'realtime', destination: 'default', source: 'default' } }, 'no thread before the first post-copy arrival');
+    assert.deepEqual(before, { port: null, priority: { asked: 'nice', destination: 'default', source: 'default' } }, 'no thread before the first post-copy arrival');
     await a.agent.createVm({ name: 'ms', guest: 'memstress', memory: '16MiB', config: 'mem=12MiB wss=12MiB pattern=uniform rate=20000000' });
     const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'ms', to: b.agent.migrationAddress, mode: 'postcopy' });
     assert.equal(r.status, 202, JSON.stringify(r.json));

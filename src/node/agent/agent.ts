@@ -73,13 +73,13 @@ export interface HostAgentInit {
    */
   spareVcpuThreads?: number;
   /**
-   * How this host's post-copy fault threads ask to be scheduled (default 'realtime', SCHED_FIFO;
-   * each falls back to what it is allowed; see FaultThreadPriority).
+   * How this host's post-copy fault threads ask to be scheduled (default 'nice'; each falls back
+   * to what it is allowed; see FaultThreadPriority for what 'realtime' gives and costs).
    */
   faultThreadPriority?: FaultThreadPriority;
   /**
    * The nice value an arriving VM's vCPU thread takes while pages are still missing (post-copy),
-   * -20 to 19 (default {@link POSTCOPY_VCPU_NICE}; 0 leaves it as it is; see VmInit.faultNice).
+   * -20 to 19 (default {@link POSTCOPY_VCPU_NICE}, 0: left as it is; see VmInit.faultNice).
    */
   postcopyVcpuNice?: number;
 }
@@ -260,7 +260,7 @@ export class HostAgent extends EventEmitter {
     this.transport = init.transport ?? tcp();
     this.deps = init.engineDeps ?? nodeEngineDeps();
     this.migrationBind = init.migrationAddress;
-    const faultPriority = init.faultThreadPriority ?? 'realtime';
+    const faultPriority = init.faultThreadPriority ?? 'nice';
     this.faultListener = init.transport ? null : new FaultThreadListener('127.0.0.1', faultPriority);
     this.sourceFaults = init.transport ? null : new SourceFaultThreads(faultPriority);
     this.acceptor = new MigrationAcceptor(this.deps, {

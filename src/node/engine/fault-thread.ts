@@ -128,7 +128,7 @@ export class FaultThreadListener implements FaultThreads {
    * @param host where the thread listens (the host migrations come in to; may be set until first use).
    * @param ask how the thread asks to be scheduled (see FaultThreadPriority).
    */
-  constructor(public host: string, readonly ask: FaultThreadPriority = 'realtime') {}
+  constructor(public host: string, readonly ask: FaultThreadPriority = 'nice') {}
 
   port(): Promise<number> {
     if (this.portP) return this.portP;
@@ -233,7 +233,7 @@ export class SourceFaultThreads {
   priority: FaultThreadPriority = 'default';
 
   /** @param ask how the thread asks to be scheduled (see FaultThreadPriority). */
-  constructor(private readonly ask: FaultThreadPriority = 'realtime') {}
+  constructor(private readonly ask: FaultThreadPriority = 'nice') {}
 
   private thread(): Worker {
     if (this.worker) return this.worker;

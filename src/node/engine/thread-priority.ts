@@ -9,12 +9,20 @@ import { setPriority } from 'node:os';
 /**
  * How a fault thread is scheduled. A waiting vCPU is the most urgent work on either host, and a
  * fault thread mostly sleeps, so what matters is how soon it runs when a request or a page comes.
- * - `realtime`: SCHED_FIFO at {@link FAULT_THREAD_RT_PRIORITY}: it runs as soon as it wakes,
- *   ahead of every ordinary thread. Measured here with both hosts' main threads busy pushing and
- *   applying pages (Linux 6.18, EEVDF), fault p99 was 0.44-0.92 ms in six runs, against
- *   1.1-3.2 ms at nice -10. The kernel's real-time throttling (95 % of each second by default)
- *   still bounds a thread that would not sleep.
- * - `nice`: nice {@link FAULT_THREAD_NICE}, which only weighs the thread's share of the CPU.
+ * - `nice` (hosts' default): nice {@link FAULT_THREAD_NICE}, which weighs the thread's share of
+ *   the CPU; the scheduler still places it where it was woken from.
+ * - `realtime`: SCHED_FIFO at {@link FAULT_THREAD_RT_PRIORITY}: it runs as soon as it wakes, ahead
+ *   of every ordinary thread. Measured here (Linux 6.18, EEVDF, two cores), it is what an
+ *   experiment on fault latency wants and not what a service wants:
+ *   - with both hosts' main threads busy pushing and applying pages, the fault threads' round-trip
+ *     p99 was 0.5-0.7 ms against 1.3-2.1 ms at nice -10, and the vCPU's p99 wait 2.4 against
+ *     3.5-4.9 ms (the bench's post-copy part measures both);
+ *   - but a woken real-time thread is not placed beside its waker: it preempts the threads that
+ *     push pages, on its own core, so the push ran slower, a kv guest took twice the faults, and
+ *     its client's longest stall in post-copy was ~30 % longer (mean 198 against 148 ms over
+ *     nine migrations, hosts in two processes; 181-230 against 129-176 ms in `ferry demo`).
+ *   The kernel's real-time throttling (95 % of each second by default) still bounds a thread that
+ *   would not sleep.
  * - `default`: as any thread.
  * A thread asks for what the host was told, and takes the next one down where it is refused
  * (both raised policies need CAP_SYS_NICE, which root has; `realtime` also needs Linux and
@@ -30,8 +38,17 @@ export const FAULT_THREAD_RT_PRIORITY = 10;
 /** The nice value of a `nice` fault thread. */
 export const FAULT_THREAD_NICE = -10;
 
-/** The nice value an arriving VM's vCPU thread takes while it runs with pages missing, unless the host says otherwise (see VmInit.faultNice). */
-export const POSTCOPY_VCPU_NICE = -10;
+/**
+ * The nice value an arriving VM's vCPU thread takes while it runs with pages missing, unless the
+ * host says otherwise (see VmInit.faultNice): 0, its own. Measured here, nice -10 paid off only
+ * with real-time fault threads (the vCPU's p99 wait 1.5-2.9 ms against 3.8-5.1 ms); with the
+ * default ones their own round trip's tail dominates (p99 3.4-5.6 ms either way) and the guest's
+ * extra CPU made post-copy up to 50 % longer.
+ */
+export const POSTCOPY_VCPU_NICE = 0;
+
+/** The vCPU's nice value that goes with real-time fault threads (see POSTCOPY_VCPU_NICE). */
+export const REALTIME_VCPU_NICE = -10;
 
 /** Sets the calling thread's scheduling to `ask`, or the next policy down that it is allowed; returns what it got. */
 export function raisePriority(ask: FaultThreadPriority): FaultThreadPriority {

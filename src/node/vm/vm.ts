@@ -50,10 +50,8 @@ export interface VmInit {
   /**
    * The nice value the vCPU thread takes while it runs with pages missing (the presence variant:
    * a post-copy destination), back to its own once every page is there. Each fault blocks the
-   * vCPU, and how soon it runs on once the page is in is part of the fault's latency: measured
-   * here with both cores busy pushing and applying pages, the vCPU's p99 wait was 1.5-1.9 ms at
-   * nice -10 against 3.8-5.1 ms at 0, and the guest got twice the work done meanwhile (the push
-   * got less CPU: post-copy took 20-40 % longer). Lowering a nice value needs CAP_SYS_NICE;
+   * vCPU, and how soon it runs on once the page is in is part of the fault's latency (see
+   * POSTCOPY_VCPU_NICE for what it bought here). Lowering a nice value needs CAP_SYS_NICE;
    * without it the thread keeps its own. Default: unchanged.
    */
   faultNice?: number;
