@@ -77,3 +77,19 @@ test('every command has --help, and bad input gets a clear error and exit code',
   assert.equal(r.code, 1);
   assert.match(r.stderr, /ERR_SNAPSHOT_OPEN/);
 });
+
+test('ferry host start --json whose reader went away keeps running, and stops cleanly when told (exit 0, its registration gone)', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-epipe-'));
+  try {
+    const h = await ferryStarted<{ control: string }>(['host', 'start', '--json', '--name', 'e', '--data-dir', join(dir, 'e'), '--state-dir', join(dir, 'state')]);
+    h.proc.stdout!.destroy(); // `| head -1`: the next event it prints meets a closed pipe
+    const r = await fetch(`${h.started.control}/v1/host`);
+    assert.equal(r.status, 200, 'the host serves on');
+    h.proc.kill('SIGTERM'); // it prints 'stopped' on the way out
+    assert.equal(await h.exit, 0);
+    const list = await ferry(['host', 'list', '--state-dir', join(dir, 'state')]);
+    assert.doesNotMatch(list.stdout, /\be\b/, list.stdout);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});

@@ -195,7 +195,20 @@ export function buildProgram(): Command {
   return program;
 }
 
+/**
+ * Output whose reader went away (`ferry host start --json | head -1`, a closed terminal) ends
+ * the output, not the command: a host keeps its VMs and shuts down cleanly when told to.
+ */
+function outputMayClose(): void {
+  for (const stream of [process.stdout, process.stderr]) {
+    stream.on('error', (e: NodeJS.ErrnoException) => {
+      if (e.code !== 'EPIPE' && e.code !== 'ERR_STREAM_DESTROYED') throw e;
+    });
+  }
+}
+
 export async function main(argv: string[]): Promise<void> {
+  outputMayClose();
   const program = buildProgram();
   try {
     await program.parseAsync(argv);
