@@ -389,9 +389,14 @@ export class Devices {
    */
   softPages(): Bitmap {
     const inMemory = Math.floor(this.mem.byteLength / PAGE_SIZE);
-    for (const p of this.soft) {
-      if (p >= inMemory) break;
-      if (!isZeroJs(this.mem.view(p * PAGE_SIZE, PAGE_SIZE))) this.soft.clear(p);
+    // Only the words over memory as it is now (2048 of the bitmap's 32768 for 256 MiB): this runs
+    // inside a migration's downtime, once, in cold code.
+    const words = this.soft.words;
+    for (let wi = 0, end = Math.min(words.length, Math.ceil(inMemory / 32)); wi < end; wi++) {
+      for (let w = words[wi]; w !== 0; w &= w - 1) {
+        const p = (wi << 5) + 31 - Math.clz32(w & -w);
+        if (p < inMemory && !isZeroJs(this.mem.view(p * PAGE_SIZE, PAGE_SIZE))) this.soft.clear(p);
+      }
     }
     return this.soft.clone();
   }
