@@ -479,6 +479,25 @@ test('rx ring writes reclaim soft pages', () => {
   assert.equal(dev.softPages().get(12), true);
 });
 
+test('soft pages: what a pause exports stops at the last page ever reported free, and a restore keeps every bit', () => {
+  const a = setup();
+  assert.equal(a.dev.softPageWords().length, 0, 'nothing reported, nothing to export');
+  a.f('soft_pages')(4096 * 10, 4096 * 3, 1); // pages 10..12, in memory
+  const beyond = MEM / 4096 + 1000; // beyond memory as it is now: stays as reported
+  a.f('soft_pages')(4096 * beyond, 4096, 1);
+  const words = a.dev.softPageWords();
+  assert.equal(words.length, Math.ceil((beyond + 1) / 32));
+  const expect = [10, 11, 12, beyond];
+  assert.deepEqual([...new Bitmap(words.length * 32, words)], expect);
+  a.mem.bytes[11 * 4096 + 7] = 1; // the guest wrote page 11 again: in use
+  expect.splice(1, 1);
+  assert.deepEqual([...a.dev.softPages()], expect);
+  a.dev.pause();
+  const restored = Devices.fromState(parseDeviceState(JSON.parse(JSON.stringify(a.dev.exportState()))), a.init, new FakeMemory(MEM, a.mem.bytes), new RecordingHooks());
+  assert.deepEqual([...restored.softPages()], expect);
+  assert.ok(restored.softPageWords().length >= Math.ceil((beyond + 1) / 32), 'the bound survives the restore');
+});
+
 test('state: export → JSON → fromState continues identically', () => {
   const { dir, path } = tmpDisk();
   try {

@@ -111,7 +111,7 @@ function warmRestorePath(memory: WebAssembly.Memory): void {
     const hooks = { console: noop, netTx: noop, halt: noop, abort: noop };
     const mem = new SharedGuestMemory(memory, noop);
     const restored = Devices.fromState(new Devices({ config: '' }, mem, hooks).exportState(), { config: '' }, mem, hooks);
-    void restored.softPages(); // and the rest of what a pause exports, should this VM leave again
+    void restored.softPageWords(); // and the rest of what a pause exports, should this VM leave again
     restored.close();
   } catch {
     // not needed for correctness
@@ -307,20 +307,10 @@ function answerExportAtPause(): void {
   exportAtPause = null;
 }
 
-/**
- * The soft-page words up to the last one with a bit set: the bitmap spans the largest memory any
- * guest may have (128 KiB of words), and the host takes what its VM's ceiling covers (Vm.softOf).
- */
-function withoutTrailingZeros(words: Uint32Array): Uint32Array {
-  let n = words.length;
-  while (n > 0 && words[n - 1] === 0) n--;
-  return words.slice(0, n);
-}
-
 function exportState(id: number, soft: boolean): void {
   try {
     const globals = encodeGlobals(data.globals, readGlobals(current));
-    post({ t: 'reply', id, ok: true, value: { globals, devices: devices.exportState(), ...(soft ? { soft: withoutTrailingZeros(devices.softPages().words) } : {}) } });
+    post({ t: 'reply', id, ok: true, value: { globals, devices: devices.exportState(), ...(soft ? { soft: devices.softPageWords() } : {}) } });
   } catch (e) {
     post({ t: 'reply', id, ok: false, error: errorOf(e) });
   }
@@ -341,7 +331,7 @@ function handle(msg: ToWorker): void {
       return;
     case 'soft-pages':
       // Typed arrays: one copy when cloned (a number[] of 32 Ki words took ~2 ms per request).
-      post({ t: 'reply', id: msg.id, ok: true, value: withoutTrailingZeros(devices.softPages().words) });
+      post({ t: 'reply', id: msg.id, ok: true, value: devices.softPageWords() });
       return;
     case 'block-bitmap': {
       const bm = devices.blockWriteBitmap();

@@ -110,6 +110,8 @@ export class Devices {
   private readonly net: NetDevice;
   private readonly block: BlockDevice | null;
   private readonly soft: Bitmap;
+  /** One past the highest page ever reported free (a bound: clears do not lower it). */
+  private softEnd = 0;
   private readonly now: () => bigint;
   private readonly realtimeBaseNs: bigint;
   /** Guest clock at the last pause (or at boot/restore). */
@@ -135,6 +137,8 @@ export class Devices {
     }, options.rxQueueLimit ?? DEFAULT_RX_QUEUE_LIMIT);
     if (restore) {
       this.soft = decodeBitmap(restore.soft, SOFT_PAGE_COUNT, 'soft-page');
+      // The encoding stops at its last word with a bit set: base64 length × 3/4 bytes bounds it.
+      this.softEnd = Math.min(SOFT_PAGE_COUNT, Math.ceil((restore.soft.words.length * 3) / 16) * 32);
       this.realtimeBaseNs = BigInt(restore.clock.realtimeBaseNs);
       this.clockBase = BigInt(restore.clock.ns);
       this.lastClock = this.clockBase;
@@ -376,7 +380,7 @@ export class Devices {
         rx: this.net.pending().map((r) => ({ conn: r.conn, type: r.type, payload: toBase64(r.payload) })),
       },
       block: this.block ? { path: this.block.path, sizeBytes: this.block.sizeBytes, written: encodeBitmap(this.block.written) } : null,
-      soft: encodeBitmap(this.soft),
+      soft: encodeBitmap(this.soft, this.softWords()),
       console: { partial: toBase64(this.console.pending()) },
     };
   }
@@ -388,17 +392,32 @@ export class Devices {
    * Pages beyond the current memory stay as reported (memory grows zeroed).
    */
   softPages(): Bitmap {
+    const bm = new Bitmap(SOFT_PAGE_COUNT);
+    bm.words.set(this.softPageWords());
+    return bm;
+  }
+
+  /**
+   * softPages() as its words, up to the last that may hold a set bit (fewer than the bitmap's
+   * 32768 words, often none): what a pause exports, inside a migration's downtime, once per VM,
+   * in code that is not hot yet, where a loop over every word cost 1-2 ms.
+   */
+  softPageWords(): Uint32Array {
     const inMemory = Math.floor(this.mem.byteLength / PAGE_SIZE);
-    // Only the words over memory as it is now (2048 of the bitmap's 32768 for 256 MiB): this runs
-    // inside a migration's downtime, once, in cold code.
     const words = this.soft.words;
-    for (let wi = 0, end = Math.min(words.length, Math.ceil(inMemory / 32)); wi < end; wi++) {
+    const used = this.softWords();
+    for (let wi = 0, end = Math.min(used, Math.ceil(inMemory / 32)); wi < end; wi++) {
       for (let w = words[wi]; w !== 0; w &= w - 1) {
         const p = (wi << 5) + 31 - Math.clz32(w & -w);
         if (p < inMemory && !isZeroJs(this.mem.view(p * PAGE_SIZE, PAGE_SIZE))) this.soft.clear(p);
       }
     }
-    return this.soft.clone();
+    return words.slice(0, used);
+  }
+
+  /** Words of the soft-page bitmap that may hold a set bit (past them, all are clear). */
+  private softWords(): number {
+    return Math.ceil(this.softEnd / 32);
   }
 
   /** Clears soft-page bits of pages known to be in use again (e.g. the dirty pages of a harvest, as guest page numbers). */
@@ -460,6 +479,7 @@ export class Devices {
       this.mem.view(at, n).fill(0);
       this.mem.touched(at, n);
     }
+    if (free) this.softEnd = Math.max(this.softEnd, end);
     for (let p = first; p < end; p++) {
       if ((p & 31) === 0 && p + 32 <= end) {
         this.soft.words[p >>> 5] = free ? 0xffffffff : 0;

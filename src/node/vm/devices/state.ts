@@ -29,8 +29,9 @@ export function fromBase64(text: string): Uint8Array {
   return new Uint8Array(Buffer.from(text, 'base64'));
 }
 
-export function encodeBitmap(bm: Bitmap): EncodedBitmap {
-  let n = bm.words.length;
+/** `bm` as state; `words`: how many of its words may hold a set bit (a bound the caller knows; default all). */
+export function encodeBitmap(bm: Bitmap, words = bm.words.length): EncodedBitmap {
+  let n = Math.min(words, bm.words.length);
   while (n > 0 && bm.words[n - 1] === 0) n--;
   const bytes = new Uint8Array(n * 4);
   const dv = new DataView(bytes.buffer);
