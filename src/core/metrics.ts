@@ -115,9 +115,9 @@ export class Histogram {
    * value. One thread records ({@link recordShared}); any may read a copy ({@link fromShared}).
    * Buckets past the last one fold into it (with the default options: values above ~10⁷).
    */
-  static recordShared(view: Float64Array, value: number, options: HistogramOptions = {}): void {
+  static recordShared(view: Float64Array, value: number, options?: HistogramOptions): void {
     if (!(value >= 0) || !Number.isFinite(value)) return;
-    const h = new Histogram(options);
+    const h = options ? new Histogram(options) : Histogram.defaultBuckets; // no allocation per value with the default options
     const k = Math.min(h.bucket(value), SHARED_HISTOGRAM_BUCKETS - 1);
     if (view[0] === 0 || value < view[2]) view[2] = value;
     if (value > view[3]) view[3] = value;
@@ -126,6 +126,8 @@ export class Histogram {
     view[1] += value;
     view[0]++;
   }
+
+  private static readonly defaultBuckets = new Histogram();
 
   /** A copy of what {@link recordShared} recorded into `view` (with the same options). */
   static fromShared(view: Float64Array, options: HistogramOptions = {}): Histogram {

@@ -9,7 +9,10 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { readFileSync, readdirSync } from 'node:fs';
 import { FAULT_THREAD_NICE, FAULT_THREAD_RT_PRIORITY, FaultThreadListener, SourceFaultThreads, type FaultThreadPriority } from '../../src/node/engine/fault-thread.js';
+import { tmpdir } from 'node:os';
 import { ferry, withHostStarted } from '../helpers/ferry-cli.js';
+import { HostAgent } from '../../src/node/agent/agent.js';
+import { InvalidArgumentError } from '../../src/core/errors.js';
 import { Vm } from '../../src/node/vm/vm.js';
 import { InstrumentCache } from '../../src/node/vm/instrument.js';
 import { hammerGuest } from '../helpers/wat.js';
@@ -102,6 +105,10 @@ test('ferry host start --postcopy-vcpu-nice: the value reaches the agent (GET /v
     assert.match(r.stderr, /a nice value must be an integer from -20 to 19/);
   }
   await withHostStarted('n', ['--postcopy-vcpu-nice', '-5'], (host) => assert.equal(host.vcpuThreads.postcopyNice, -5));
+  // The agent itself refuses one by name, before it starts anything.
+  for (const bad of [-21, 20, 1.5, Number.NaN]) {
+    assert.throws(() => new HostAgent({ name: 'bad', dataDir: tmpdir(), postcopyVcpuNice: bad }), (e: unknown) => e instanceof InvalidArgumentError && /post-copy vCPU nice value/.test(e.message));
+  }
 });
 
 test('ferry host start --fault-thread-priority: the policy reaches the agent (GET /v1/host); a bad one is refused by name with exit 2', async () => {

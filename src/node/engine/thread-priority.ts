@@ -15,8 +15,9 @@ import { setPriority } from 'node:os';
  *   of every ordinary thread. Measured here (Linux 6.18, EEVDF, two cores), it is what an
  *   experiment on fault latency wants and not what a service wants:
  *   - with both hosts' main threads busy pushing and applying pages, the fault threads' round-trip
- *     p99 was 0.5-0.7 ms against 1.3-2.1 ms at nice -10, and the vCPU's p99 wait 2.4 against
- *     3.5-4.9 ms (the bench's post-copy part measures both);
+ *     p99 was 0.5-0.9 ms against 1.0-3.5 ms at nice -10; the vCPU's own p99 wait was 2.4 against
+ *     3.5-4.9 ms in three interleaved runs, and no better in two later ones (3.1-4.1 against
+ *     2.4-4.1 ms): the bench's post-copy part measures both settings side by side;
  *   - but a woken real-time thread is not placed beside its waker: it preempts the threads that
  *     push pages, on its own core, so the push ran slower, a kv guest took twice the faults, and
  *     its client's longest stall in post-copy was ~30 % longer (mean 198 against 148 ms over
