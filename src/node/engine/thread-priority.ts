@@ -42,9 +42,10 @@ export const FAULT_THREAD_NICE = -10;
 /**
  * The nice value an arriving VM's vCPU thread takes while it runs with pages missing, unless the
  * host says otherwise (see VmInit.faultNice): 0, its own. Measured here, nice -10 paid off only
- * with real-time fault threads (the vCPU's p99 wait 1.5-2.9 ms against 3.8-5.1 ms); with the
- * default ones their own round trip's tail dominates (p99 3.4-5.6 ms either way) and the guest's
- * extra CPU made post-copy up to 50 % longer.
+ * with real-time fault threads, and not in every run (the vCPU's p99 wait 1.5-2.9 ms against
+ * 3.8-5.1 ms in interleaved runs, 3.1-4.1 ms in later ones); with the default threads their own
+ * round trip's tail dominates (p99 3.4-5.6 ms either way) and the guest's extra CPU made
+ * post-copy up to 50 % longer.
  */
 export const POSTCOPY_VCPU_NICE = 0;
 
