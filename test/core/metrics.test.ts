@@ -129,6 +129,12 @@ test('post-copy report: fault count and latency percentiles; missing events give
   assert.equal(r.verified, null);
   assert.equal(r.dirtyRate, null);
   assert.match(formatReportTable(r), /post-copy faults\s+100 \(p50 1\.00 ms, p99 1\.00 ms\)/);
+  assert.equal(r.postcopy.vcpuWaitMs, null);
+  // The engine adds the vCPU's own waits (from the destination's COMPLETE): the table shows both sides.
+  b.add({ type: 'fault-waits', t: 1003, waits: { count: 104, mean: 0.4, p50: 0.33, p99: 2.5, max: 41 } });
+  const w = b.build();
+  assert.deepEqual(w.postcopy.vcpuWaitMs, { count: 104, mean: 0.4, p50: 0.33, p99: 2.5, max: 41 });
+  assert.match(formatReportTable(w), /post-copy faults\s+104 \(the vCPU waited p50 330 µs, p99 2\.50 ms; the source answered in p50 1\.00 ms, p99 1\.00 ms\)/);
 });
 
 test('a failed verification wins over a passed one', () => {

@@ -20,7 +20,7 @@ const state: Frame = { type: 'STATE', guestBytes: 1 << 16, globals: [], devices:
 const switchover = (pagesRemaining: number): Frame => ({ type: 'SWITCHOVER', pagesRemaining, digest: null, stale: EMPTY });
 const resumed: Frame = { type: 'RESUMED', pagesMissing: 0 };
 const request = (id: number): Frame => ({ type: 'PAGE_REQUEST', id, pages: [1] });
-const complete: Frame = { type: 'COMPLETE', digest: null };
+const complete: Frame = { type: 'COMPLETE', digest: null, faultWaits: null };
 const ackComplete: Frame = { type: 'ACK', acked: 'COMPLETE', value: 0 };
 const ping: Frame = { type: 'PING', seq: 1, time: 0 };
 const pong: Frame = { type: 'PONG', seq: 1, time: 0 };

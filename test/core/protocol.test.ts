@@ -18,7 +18,7 @@ const SHA = 'ab'.repeat(32);
 const hello: HelloFrame = {
   type: 'HELLO',
   minVersion: 1,
-  maxVersion: 4,
+  maxVersion: PROTOCOL_VERSION,
   vmName: 'web-1 ✓',
   memoryBytes: 4 * 2 ** 30,
   guestBytes: 2 ** 20,
@@ -61,8 +61,9 @@ const SAMPLE_FRAMES: Frame[] = [
   { type: 'ACK', acked: 'ROUND_END', value: 5 },
   { type: 'PAGE_REQUEST', id: 99, pages: [5, 0, 0xffffffff] },
   { type: 'PUSH_DONE', pagesSent: 4096 },
-  { type: 'COMPLETE', digest: { algorithm: 'xxh64', hex: '0123456789abcdef' } },
-  { type: 'COMPLETE', digest: null },
+  { type: 'COMPLETE', digest: { algorithm: 'xxh64', hex: '0123456789abcdef' }, faultWaits: null },
+  { type: 'COMPLETE', digest: null, faultWaits: null },
+  { type: 'COMPLETE', digest: { algorithm: 'sha256', hex: 'ab'.repeat(32) }, faultWaits: { count: 2260, meanMs: 0.398, p50Ms: 0.332, p99Ms: 2.43, maxMs: 16.54 } },
   { type: 'ERROR', code: 'ERR_DIGEST_MISMATCH', message: 'memory differs after migration — ünïcode' },
   { type: 'CANCEL', reason: 'operator asked' },
   { type: 'PING', seq: 1, time: 1234.5678 },
@@ -269,8 +270,27 @@ test('payload errors are named', () => {
   // Non-finite PING time.
   expectCode(() => decodeFrame(patched({ type: 'PING', seq: 0, time: 0 }, 4, [0, 0, 0, 0, 0, 0, 0xf8, 0x7f])), ProtocolErrorCode.MALFORMED);
   // Digest with wrong length / unknown algorithm.
-  expectCode(() => decodeFrame(patched({ type: 'COMPLETE', digest: { algorithm: 'xxh64', hex: '00'.repeat(8) } }, 1, [9])), ProtocolErrorCode.MALFORMED);
-  expectCode(() => decodeFrame(patched({ type: 'COMPLETE', digest: { algorithm: 'xxh64', hex: '00'.repeat(8) } }, 0, [7])), ProtocolErrorCode.MALFORMED);
+  expectCode(() => decodeFrame(patched({ type: 'COMPLETE', digest: { algorithm: 'xxh64', hex: '00'.repeat(8) }, faultWaits: null }, 1, [9])), ProtocolErrorCode.MALFORMED);
+  expectCode(() => decodeFrame(patched({ type: 'COMPLETE', digest: { algorithm: 'xxh64', hex: '00'.repeat(8) }, faultWaits: null }, 0, [7])), ProtocolErrorCode.MALFORMED);
+  // COMPLETE's fault-wait summary (version 5): after a 10-byte xxh64 digest, a presence byte, u32
+  // count, then mean, p50, p99 and max as f64.
+  const waits = { type: 'COMPLETE' as const, digest: { algorithm: 'xxh64' as const, hex: '00'.repeat(8) }, faultWaits: { count: 3, meanMs: 0.3, p50Ms: 0.25, p99Ms: 0.9, maxMs: 1 } };
+  assert.deepEqual(decodeFrame(encodeFrame(waits)), waits);
+  expectCode(() => decodeFrame(patched({ ...waits, faultWaits: null }, 10, [2])), ProtocolErrorCode.MALFORMED); // presence neither 0 nor 1
+  expectCode(() => decodeFrame(patched(waits, 11, [0, 0, 0, 0])), ProtocolErrorCode.MALFORMED); // no faults
+  expectCode(() => decodeFrame(patched(waits, 15, [0, 0, 0, 0, 0, 0, 0xf8, 0x7f])), ProtocolErrorCode.MALFORMED); // NaN mean
+  expectCode(() => decodeFrame(patched(waits, 23, [0, 0, 0, 0, 0, 0, 0x24, 0x40])), ProtocolErrorCode.MALFORMED); // p50 10 > p99
+  expectCode(() => decodeFrame(patched(waits, 39, [0, 0, 0, 0, 0, 0, 0xf0, 0xbf])), ProtocolErrorCode.MALFORMED); // max -1
+  // A summary cut short: the presence byte says one follows.
+  const cut = encodeFrame({ ...waits, faultWaits: null }).slice();
+  const longer = new Uint8Array(cut.length + 8);
+  longer.set(cut);
+  longer[HEADER_BYTES + 10] = 1;
+  new DataView(longer.buffer).setUint32(0, 10 + 1 + 8, true);
+  expectCode(() => decodeFrame(longer), ProtocolErrorCode.TRUNCATED);
+  // The encoder refuses what the decoder would.
+  assert.throws(() => encodeFrame({ ...waits, faultWaits: { ...waits.faultWaits, p99Ms: 0.1 } }), InvalidArgumentError);
+  assert.throws(() => encodeFrame({ ...waits, faultWaits: { ...waits.faultWaits, count: 0 } }), InvalidArgumentError);
 });
 
 test('PAGES: counts, encodings and page lengths are bounded', () => {

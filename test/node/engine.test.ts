@@ -17,6 +17,7 @@ import { shaped } from '../../src/core/transport/shaped.js';
 import { tcp } from '../../src/node/transport/tcp.js';
 import type { Connection } from '../../src/core/transport/transport.js';
 import { FerryError } from '../../src/core/errors.js';
+import { formatReportTable } from '../../src/core/metrics.js';
 import { vmFactory } from '../helpers/destination.js';
 
 const cache = new InstrumentCache();
@@ -108,6 +109,8 @@ for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
       const r = result.report;
       assert.equal(r.verified, true);
       assert.notEqual(outcome.verified, false);
+      // The vCPU's own fault waits come back in COMPLETE: none without post-copy.
+      if (mode === 'precopy') assert.equal(r.postcopy.vcpuWaitMs, null);
       assert.equal(src.state, 'stopped', 'the source released the VM');
       assert.ok(r.downtimeMs !== null && r.downtimeMs >= 0);
       assert.ok(r.totalMigrationTimeMs! >= r.downtimeMs!);
@@ -151,6 +154,9 @@ test('postcopy demand faults are served and counted; pre-paging pages follow', a
   assert.equal(outcome.faults, stat.faults);
   assert.ok(Math.abs(outcome.faultLatencyMs.mean! * outcome.faults - stat.faultWaitMs) < 1e-6 * stat.faultWaitMs + 1e-9, `${outcome.faultLatencyMs.mean} × ${outcome.faults} ≠ ${stat.faultWaitMs} ms`);
   assert.ok(outcome.faultServiceMs.count > 0 && outcome.faultServiceMs.count <= outcome.faults, JSON.stringify(outcome.faultServiceMs));
+  // The source's report has them too (COMPLETE carries them), beside its own side of each fault.
+  assert.deepEqual(result.report.postcopy.vcpuWaitMs, outcome.faultLatencyMs);
+  assert.match(formatReportTable(result.report), new RegExp(`post-copy faults\\s+${outcome.faults} \\(the vCPU waited p50 .+, p99 .+; the source answered in p50 .+, p99 .+\\)`));
   await made[0].stop();
 });
 

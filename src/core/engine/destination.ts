@@ -17,7 +17,7 @@ import { Histogram, type HistogramSummary } from '../metrics.js';
 import { PAGE_SIZE } from '../pages.js';
 import {
   Encoding, MAX_STREAMS, PROTOCOL_VERSION, SESSION_TOKEN_BYTES,
-  type BatchFrame, type CodecOffer, type HelloFrame, type JoinFrame, type MigrationMode, type PagesFrame, type RunExtent, type RunFrame,
+  type BatchFrame, type CodecOffer, type FaultWaits, type HelloFrame, type JoinFrame, type MigrationMode, type PagesFrame, type RunExtent, type RunFrame,
 } from '../protocol/frames.js';
 import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
@@ -841,7 +841,7 @@ class DestinationSession {
    */
   private async complete(hex: string): Promise<void> {
     this.ending = true;
-    await this.framed.send({ type: 'COMPLETE', digest: { algorithm: 'sha256', hex } }).catch(() => undefined);
+    await this.framed.send({ type: 'COMPLETE', digest: { algorithm: 'sha256', hex }, faultWaits: this.faultWaitSummary() }).catch(() => undefined);
     this.acknowledged = await this.inbox.ack('COMPLETE', 0).then(() => true, () => false);
     await this.close();
   }
@@ -852,6 +852,13 @@ class DestinationSession {
   private async close(): Promise<void> {
     this.ending = true;
     await Promise.all([this.framed, ...this.connections()].map((f) => f.close().catch(() => undefined)));
+  }
+
+  /** The vCPU's own fault waits for COMPLETE (null: none, or the VM does not measure them). */
+  private faultWaitSummary(): FaultWaits | null {
+    const w = this.vm?.faultWaits?.();
+    if (!w || w.count === 0) return null;
+    return { count: w.count, meanMs: w.mean, p50Ms: w.p50, p99Ms: w.p99, maxMs: w.maxValue };
   }
 
   /** Faults and their waits as the vCPU saw them where the VM measures that, and the fault service's side of them. */

@@ -632,6 +632,8 @@ class SourceSession {
     await this.drainStreams();
     const complete = await this.inbox.next('COMPLETE');
     this.ending = true;
+    const w = complete.faultWaits;
+    if (w) this.event({ type: 'fault-waits', t: this.now(), waits: { count: w.count, mean: w.meanMs, p50: w.p50Ms, p99: w.p99Ms, max: w.maxMs } });
     this.event({ type: 'complete', t: this.now() });
     const sourceDigest = await this.digestOfPausedMemory(soft);
     const ok = complete.digest?.hex === sourceDigest;

@@ -13,11 +13,11 @@ import { BugIndicatingError, ProtocolError } from '../errors.js';
 import { PAGE_SIZE } from '../pages.js';
 import { CODEC_NAME_RE, ERROR_CODE_RE, isValidPageSize } from './encode.js';
 import {
-  DEFAULT_LIMITS, DIGEST_ALGORITHMS, Encoding, FIRST_CODEC_ID, FLAG_PAGES_DEMAND, FRAME_TYPE_NAMES,
+  DEFAULT_LIMITS, DIGEST_ALGORITHMS, Encoding, FAULT_WAITS_BYTES, FIRST_CODEC_ID, FLAG_PAGES_DEMAND, FRAME_TYPE_NAMES,
   GLOBAL_TYPE_IDS, HEADER_BYTES, HELLO_MAGIC, MAX_CODEC_NAME_BYTES, MAX_CODECS, MAX_CONFIG_BYTES,
   MAX_ERROR_CODE_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_STREAMS, MIGRATION_MODES, MODE_BITS,
   PAGE_HEAD_BYTES, PROTOCOL_VERSION, PageTable, ProtocolErrorCode, SESSION_TOKEN_BYTES, STREAM_ROLES, pagePadding, pagesFrameOf, runHeadBytes,
-  type CodecOffer, type StreamRole, type Digest, type DigestAlgorithm, type Frame, type FrameType, type MigrationMode, type WireBitmap,
+  type CodecOffer, type StreamRole, type Digest, type DigestAlgorithm, type FaultWaits, type Frame, type FrameType, type MigrationMode, type WireBitmap,
   type WireGlobal,
 } from './frames.js';
 
@@ -247,7 +247,7 @@ export class FrameDecoder {
       ACK: 5,
       PAGE_REQUEST: 8 + 4 * l.maxPagesPerRequest,
       PUSH_DONE: 4,
-      COMPLETE: DIGEST_MAX,
+      COMPLETE: DIGEST_MAX + 1 + FAULT_WAITS_BYTES,
       ERROR: 2 + MAX_ERROR_CODE_BYTES + 2 + MAX_MESSAGE_BYTES,
       CANCEL: 2 + MAX_MESSAGE_BYTES,
       PING: 12,
@@ -617,7 +617,7 @@ export class FrameDecoder {
         frame = { type: 'BATCH', seq, demand: (this.flags & FLAG_PAGES_DEMAND) !== 0, blobCodec, pages, data: r.bytes(r.remaining, 'batch data') };
         break;
       }
-      case 'COMPLETE': frame = { type: 'COMPLETE', digest: this.digest(r) }; break;
+      case 'COMPLETE': frame = { type: 'COMPLETE', digest: this.digest(r), faultWaits: this.faultWaits(r) }; break;
       case 'RUN': throw new BugIndicatingError('RUN frames are decoded as they stream (runStep)');
       case 'ERROR': {
         const code = r.str16(MAX_ERROR_CODE_BYTES, 'error code');
@@ -807,6 +807,20 @@ export class FrameDecoder {
     const tail = size & 31;
     if (tail && (words[n - 1] >>> tail) !== 0) fail(ProtocolErrorCode.MALFORMED, 'bitmap has bits set past its size');
     return { size, words };
+  }
+
+  /** COMPLETE's fault-wait summary: a presence byte (0 or 1), then count and four times. */
+  private faultWaits(r: Reader): FaultWaits | null {
+    const present = r.u8('fault-wait presence');
+    if (present === 0) return null;
+    if (present !== 1) fail(ProtocolErrorCode.MALFORMED, `COMPLETE fault-wait presence byte ${present} is neither 0 nor 1`);
+    if (r.remaining < FAULT_WAITS_BYTES) fail(ProtocolErrorCode.TRUNCATED, `COMPLETE fault-wait summary needs ${FAULT_WAITS_BYTES} bytes, ${r.remaining} left`);
+    const count = r.u32('fault count');
+    const [meanMs, p50Ms, p99Ms, maxMs] = [r.f64('mean'), r.f64('p50'), r.f64('p99'), r.f64('max')];
+    if (count < 1) fail(ProtocolErrorCode.MALFORMED, 'COMPLETE fault-wait summary counts no faults');
+    if (![meanMs, p50Ms, p99Ms, maxMs].every((t) => Number.isFinite(t) && t >= 0)) fail(ProtocolErrorCode.MALFORMED, 'COMPLETE fault-wait times must be finite and ≥ 0');
+    if (!(p50Ms <= p99Ms && p99Ms <= maxMs)) fail(ProtocolErrorCode.MALFORMED, 'COMPLETE fault-wait percentiles must rise (p50 ≤ p99 ≤ max)');
+    return { count, meanMs, p50Ms, p99Ms, maxMs };
   }
 
   private digest(r: Reader): Digest | null {

@@ -7,7 +7,7 @@
  */
 import { InvalidArgumentError } from '../errors.js';
 import {
-  DIGEST_ALGORITHMS, FIRST_CODEC_ID, FLAG_PAGES_DEMAND, FrameTypeId, GLOBAL_TYPE_IDS, HEADER_BYTES, HELLO_MAGIC,
+  DIGEST_ALGORITHMS, FAULT_WAITS_BYTES, FIRST_CODEC_ID, FLAG_PAGES_DEMAND, FrameTypeId, GLOBAL_TYPE_IDS, HEADER_BYTES, HELLO_MAGIC,
   MAX_CODECS, MAX_CONFIG_BYTES, MAX_ERROR_CODE_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES,
   MAX_PAGE_SIZE, MAX_STREAMS, MIN_PAGE_SIZE, MIGRATION_MODES, MODE_BITS, Encoding, PAGE_HEAD_BYTES, SESSION_TOKEN_BYTES, STREAM_ROLES, pagePadding, runHeadBytes,
   type AckFrame, type BatchFrame, type JoinFrame, type CancelFrame, type CodecOffer, type CompleteFrame, type Digest, type ErrorFrame, type Frame,
@@ -414,8 +414,19 @@ export function encodePushDone(f: Omit<PushDoneFrame, 'type'>): Uint8Array {
 }
 
 export function encodeComplete(f: Omit<CompleteFrame, 'type'>): Uint8Array {
-  const w = new Writer(HEADER_BYTES + 40);
+  const w = new Writer(HEADER_BYTES + 40 + 1 + FAULT_WAITS_BYTES);
   writeDigest(w, f.digest);
+  const s = f.faultWaits;
+  w.u8(s ? 1 : 0);
+  if (s) {
+    checkU32(s.count, 'fault count');
+    if (s.count < 1) bad('a fault-wait summary counts at least one fault');
+    const times = [s.meanMs, s.p50Ms, s.p99Ms, s.maxMs];
+    if (!times.every((t) => Number.isFinite(t) && t >= 0)) bad(`fault-wait times must be finite and ≥ 0, got ${times.join(', ')}`);
+    if (!(s.p50Ms <= s.p99Ms && s.p99Ms <= s.maxMs)) bad(`fault-wait percentiles must rise: p50 ${s.p50Ms}, p99 ${s.p99Ms}, max ${s.maxMs}`);
+    w.u32(s.count);
+    for (const t of times) w.f64(t);
+  }
   return w.finish('COMPLETE');
 }
 

@@ -18,7 +18,7 @@ export const HEADER_BYTES = 8;
 /** Magic at the start of a HELLO payload: "FRRY". */
 export const HELLO_MAGIC = new Uint8Array([0x46, 0x52, 0x52, 0x59]);
 /** The protocol version this implementation speaks (the only one, so far). */
-export const PROTOCOL_VERSION = 4;
+export const PROTOCOL_VERSION = 5;
 
 /**
  * Bytes in front of each page's data in a PAGES frame: `u32 index`, `u8 encoding`, 3 zero bytes,
@@ -417,7 +417,25 @@ export interface CompleteFrame {
   type: 'COMPLETE';
   /** Digest of the destination's memory once it holds every page (null: not computed). */
   digest: Digest | null;
+  /**
+   * Post-copy: how long the vCPU waited for its faults, as the destination measured it where the
+   * vCPU blocks (version 5; null: no faults, or not measured there). The source has only its
+   * own side of each fault (request in → answer sent): this is what the guest felt.
+   */
+  faultWaits: FaultWaits | null;
 }
+
+/** A summary of the vCPU's fault waits (COMPLETE, version 5): count ≥ 1, times in ms, finite and ≥ 0, p50 ≤ p99 ≤ max. */
+export interface FaultWaits {
+  count: number;
+  meanMs: number;
+  p50Ms: number;
+  p99Ms: number;
+  maxMs: number;
+}
+
+/** Bytes of COMPLETE's fault-wait summary after its presence byte. */
+export const FAULT_WAITS_BYTES = 4 + 4 * 8;
 
 export interface ErrorFrame {
   type: 'ERROR';
