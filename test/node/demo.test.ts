@@ -8,7 +8,7 @@ test('ferry demo --json: both migrations verified, the client saw every reply ri
   assert.equal(r.code, 0, r.stderr);
   const out = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as {
     verified: boolean; wrongReplies: number; keysWrongAtEnd: number; requests: number;
-    migrations: { mode: string; verified: boolean; transfer: string | null }[];
+    migrations: { mode: string; verified: boolean; transfer: string | null; postcopyFaults: number | null; faultWaitMs: { count: number; p50: number | null } | null }[];
   };
   assert.equal(out.verified, true);
   assert.equal(out.wrongReplies, 0);
@@ -16,4 +16,8 @@ test('ferry demo --json: both migrations verified, the client saw every reply ri
   assert.ok(out.requests > 1000, `the client kept working (${out.requests} requests)`);
   assert.deepEqual(out.migrations.map((m) => [m.mode, m.verified]), [['precopy', true], ['postcopy', true]]);
   assert.match(out.migrations[1].transfer ?? '', /2 streams \+ fault channel, xbzrle\+dedup\+zstd: .* \(\d+\.\d\d×\)/);
+  // The way back is post-copy: the kv guest faults, and the report has the vCPU's own waits for them.
+  assert.equal(out.migrations[0].faultWaitMs, null);
+  const back = out.migrations[1];
+  assert.ok(back.faultWaitMs && back.faultWaitMs.count > 0 && back.faultWaitMs.p50! > 0, JSON.stringify(back.faultWaitMs));
 });

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { FerryError } from '../../core/errors.js';
 import type { MigrationMode } from '../../core/protocol/frames.js';
 import type { CodecName } from '../../core/engine/codecs.js';
-import type { TransferReport } from '../../core/metrics.js';
+import type { HistogramSummary, TransferReport } from '../../core/metrics.js';
 import { formatBytes, formatDuration } from '../../core/units.js';
 import { HostAgent } from '../agent/agent.js';
 import { KvClient } from '../kv-client.js';
@@ -29,6 +29,8 @@ interface MigrationSummary {
   wireBytes: number | null;
   rounds: number | null;
   postcopyFaults: number | null;
+  /** How long the vCPU waited for those faults, as the destination measured it (null without faults). */
+  faultWaitMs: HistogramSummary | null;
   /** How the pages travelled (streams, codecs, what they saved). */
   transfer: string | null;
   stopReason: string | null;
@@ -158,7 +160,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
       results.push({
         from, to, mode, status: j.status, error: j.error,
         totalMigrationTimeMs: r?.totalMigrationTimeMs ?? null, downtimeMs: r?.downtimeMs ?? null, clientStallMs: stall,
-        wireBytes: r?.bytes.wire ?? null, rounds: r?.rounds.length ?? null, postcopyFaults: r?.postcopy.faults ?? null,
+        wireBytes: r?.bytes.wire ?? null, rounds: r?.rounds.length ?? null, postcopyFaults: r?.postcopy.faults ?? null, faultWaitMs: r?.postcopy.vcpuWaitMs ?? null,
         transfer: r?.transfer ? describeTransfer(r.transfer) : null,
         stopReason: j.stopReason, verified: j.status === 'succeeded' && r?.verified === true,
       });
@@ -187,7 +189,8 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
         console.log(`    downtime (VM paused)     ${ms(m.downtimeMs)}`);
         console.log(`    client-observed stall    ${formatDuration(m.clientStallMs)}`);
         console.log(`    bytes on the wire        ${m.wireBytes === null ? '—' : formatBytes(m.wireBytes)}`);
-        console.log(`    pre-copy rounds          ${m.rounds ?? '—'}${m.postcopyFaults ? `; post-copy faults ${m.postcopyFaults}` : ''}`);
+        const waits = m.faultWaitMs ? `, the vCPU waited p50 ${formatDuration(m.faultWaitMs.p50 ?? 0)}, p99 ${formatDuration(m.faultWaitMs.p99 ?? 0)}` : '';
+        console.log(`    pre-copy rounds          ${m.rounds ?? '—'}${m.postcopyFaults ? `; post-copy faults ${m.postcopyFaults}${waits}` : ''}`);
         if (m.transfer) console.log(`    pages travelled          ${m.transfer}`);
         console.log(`    verified                 ${m.verified ? 'yes' : `NO${m.error ? ` (${m.error.code}: ${m.error.message})` : ''}`}`);
       }
