@@ -439,18 +439,19 @@ export function reportToJson(report: MigrationReport): string {
   return JSON.stringify(report, (_k, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? null : v), 2);
 }
 
-/** A two-column human table of the headline metrics, then one line per round. */
+/** A duration for the report table, '—' when there is none. */
+const ms = (v: number | null) => (v === null ? '—' : formatDuration(v));
+
 /** The report table's fault line: with the vCPU's own waits when the destination measured them, the source's side beside them. */
 function postcopyFaults(p: MigrationReport['postcopy']): string {
   if (!p.faults && !p.vcpuWaitMs?.count) return '0';
-  const ms = (v: number | null) => (v === null ? '—' : formatDuration(v));
   const pct = (h: HistogramSummary) => `p50 ${ms(h.p50)}, p99 ${ms(h.p99)}`;
   if (!p.vcpuWaitMs) return `${p.faults} (${pct(p.faultLatencyMs)})`;
   return `${p.vcpuWaitMs.count} (the vCPU waited ${pct(p.vcpuWaitMs)}; the source answered in ${pct(p.faultLatencyMs)})`;
 }
 
+/** A two-column human table of the headline metrics, then one line per round. */
 export function formatReportTable(r: MigrationReport): string {
-  const ms = (v: number | null) => (v === null ? '—' : formatDuration(v));
   const rows: [string, string][] = [
     ['technique', r.technique],
     ['memory', formatBytes(r.memoryBytes)],

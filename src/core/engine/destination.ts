@@ -854,19 +854,23 @@ class DestinationSession {
     await Promise.all([this.framed, ...this.connections()].map((f) => f.close().catch(() => undefined)));
   }
 
-  /** The vCPU's own fault waits for COMPLETE (null: none, or the VM does not measure them). */
-  private faultWaitSummary(): FaultWaits | null {
+  /** The vCPU's own fault waits (null: none, or the VM does not measure them). */
+  private vcpuWaits(): Histogram | null {
     const w = this.vm?.faultWaits?.();
-    if (!w || w.count === 0) return null;
-    return { count: w.count, meanMs: w.mean, p50Ms: w.p50, p99Ms: w.p99, maxMs: w.maxValue };
+    return w && w.count > 0 ? w : null;
+  }
+
+  /** The vCPU's own fault waits, for COMPLETE. */
+  private faultWaitSummary(): FaultWaits | null {
+    const w = this.vcpuWaits();
+    return w && { count: w.count, meanMs: w.mean, p50Ms: w.p50, p99Ms: w.p99, maxMs: w.maxValue };
   }
 
   /** Faults and their waits as the vCPU saw them where the VM measures that, and the fault service's side of them. */
   private faultCounts(): Pick<DestinationOutcome, 'faults' | 'faultLatencyMs' | 'faultServiceMs'> {
     const service = this.latency.summary();
-    const waits = this.vm?.faultWaits?.();
-    if (!waits || waits.count === 0) return { faults: this.faults, faultLatencyMs: service, faultServiceMs: service };
-    return { faults: waits.count, faultLatencyMs: waits.summary(), faultServiceMs: service };
+    const w = this.vcpuWaits();
+    return w ? { faults: w.count, faultLatencyMs: w.summary(), faultServiceMs: service } : { faults: this.faults, faultLatencyMs: service, faultServiceMs: service };
   }
 
   private outcome(vmName: string, mode: MigrationMode, verified: boolean | null, startMs: number): DestinationOutcome {

@@ -502,8 +502,9 @@ class SourceSession {
     if (this.vm.hashAllPages) {
       const hashes = await this.vm.hashAllPages();
       if (hashes.length !== pages) throw new MigrationError('ERR_MIGRATION_VERIFY', `the VM hashed ${hashes.length} pages, it has ${pages}`);
-      for (const [first, count] of soft.runs()) hashes.fill(0n, Math.min(first, pages), Math.min(first + count, pages));
-      return MemoryDigest.adopt(hashes).hex((b) => this.deps.sha256Hex(b));
+      const digest = MemoryDigest.adopt(hashes);
+      for (const [first, count] of soft.runs()) digest.clearRange(first, count);
+      return digest.hex((b) => this.deps.sha256Hex(b));
     }
     const digest = new MemoryDigest(pages);
     const scratch = new Uint8Array(PAGE_SIZE);
