@@ -5,6 +5,8 @@
  * uses Atomics, which also orders the guest's plain stores before them (the dirty-log harvester
  * relies on that: see dirty-log.ts).
  */
+import { SHARED_HISTOGRAM_WORDS } from '../../core/metrics.js';
+
 export const enum Ctl {
   /** Host's wish: CmdRun / CmdPause / CmdStop. */
   CMD = 0,
@@ -49,21 +51,28 @@ export const enum Stat {
   PROGRESS = 2,
   BUDGET = 3,
   LAST_QUANTUM_NS = 4,
-  FAULTS = 5,
-  FAULT_WAIT_NS = 6,
   /**
    * At the last pause: how long the guest had been stopped before the vCPU thread said PAUSED
    * (it exports the state first when asked to: Vm.pauseWithState), ns.
    */
-  STOPPED_BEFORE_PAUSED_NS = 7,
+  STOPPED_BEFORE_PAUSED_NS = 5,
   /**
    * From here, SHARED_HISTOGRAM_WORDS words: each post-copy fault's wait as the vCPU saw it, ms
-   * (from its notice to the fault service to running on; see Histogram.recordShared).
+   * (from its notice to the fault service to running on; see Histogram.recordShared). Its count
+   * and sum are the faults and their total wait.
    */
-  FAULT_WAITS = 8,
+  FAULT_WAITS = 6,
   /** The nice value the vCPU thread runs at now (see VmInit.faultNice). */
-  VCPU_NICE = 8 + 964,
-  WORDS = 8 + 964 + 1,
+  VCPU_NICE = 6 + 964,
+  WORDS = 6 + 964 + 1,
+}
+
+// The layout leaves room for the fault-wait histogram (Stat is a const enum: its sizes are literals).
+if (Stat.VCPU_NICE - Stat.FAULT_WAITS !== SHARED_HISTOGRAM_WORDS) throw new Error(`Stat leaves ${Stat.VCPU_NICE - Stat.FAULT_WAITS} words for a ${SHARED_HISTOGRAM_WORDS}-word histogram`);
+
+/** The fault-wait histogram inside a VM's statistics (see Stat.FAULT_WAITS). */
+export function faultWaitsOf(stats: Float64Array): Float64Array {
+  return stats.subarray(Stat.FAULT_WAITS, Stat.FAULT_WAITS + SHARED_HISTOGRAM_WORDS);
 }
 
 export function stateName(s: number): string {

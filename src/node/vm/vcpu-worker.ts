@@ -9,11 +9,11 @@
 import { getPriority, setPriority } from 'node:os';
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { PRESENCE_MAP_OFFSET, REWRITE, RunStatus } from '../../core/abi.js';
-import { Cmd, Ctl, Stat, VARIANTS, VmRunState, type VariantName } from './control.js';
+import { Cmd, Ctl, Stat, VARIANTS, VmRunState, faultWaitsOf, type VariantName } from './control.js';
 import { SharedGuestMemory } from './memory-access.js';
 import { Devices, type DeviceState, type DevicesInit } from './devices/index.js';
 import type { NetRecordData } from '../../core/net-ring.js';
-import { Histogram, SHARED_HISTOGRAM_WORDS } from '../../core/metrics.js';
+import { Histogram } from '../../core/metrics.js';
 import { decodeGlobals, encodeGlobals, type GlobalDesc, type GlobalValue } from './globals.js';
 import { SPARE_ROLE, type SpareThreadData } from './vcpu-threads.js';
 
@@ -130,7 +130,7 @@ if (!bootInfo) {
 }
 const data: VcpuWorkerData = { ...initial, boot: bootInfo! };
 const stats = new Float64Array(data.stats);
-const faultWaits = stats.subarray(Stat.FAULT_WAITS, Stat.FAULT_WAITS + SHARED_HISTOGRAM_WORDS);
+const faultWaits = faultWaitsOf(stats);
 const post = (m: FromWorker, transfer?: ArrayBuffer[]) => parentPort!.postMessage(m, transfer);
 
 class HaltSignal extends Error {
@@ -150,7 +150,6 @@ function isPresent(page: number): boolean {
 function fault(page: number): void {
   if (isPresent(page)) return;
   const t0 = process.hrtime.bigint();
-  stats[Stat.FAULTS]++;
   Atomics.store(ctl, Ctl.FAULT_PAGE, page);
   Atomics.add(ctl, Ctl.FAULT_REQ, 1);
   Atomics.notify(ctl, Ctl.FAULT_REQ);
@@ -160,9 +159,7 @@ function fault(page: number): void {
     if (Atomics.load(ctl, Ctl.CMD) === Cmd.STOP) throw new Error('stopped while waiting for a post-copy page');
     Atomics.wait(ctl, Ctl.FAULT_DONE, seen, 100);
   }
-  const waited = Number(process.hrtime.bigint() - t0);
-  stats[Stat.FAULT_WAIT_NS] += waited;
-  Histogram.recordShared(faultWaits, waited / 1e6);
+  Histogram.recordShared(faultWaits, Number(process.hrtime.bigint() - t0) / 1e6);
 }
 
 const mem = new SharedGuestMemory(data.memory, fault);
