@@ -19,8 +19,8 @@ import type { DestinationFactory, MigrationOptions, MigrationResult } from '../s
 import { shaped, type ShapedConnectionInit } from '../src/core/transport/shaped.js';
 import { realClock } from '../src/node/clock.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../src/node/engine/adapters.js';
-import { FaultThreadListener, SourceFaultThreads, faultLinkShape, sourceFaultThread, type FaultThreadPriority } from '../src/node/engine/fault-thread.js';
-import { POSTCOPY_VCPU_NICE } from '../src/node/engine/thread-priority.js';
+import { FaultThreadListener, SourceFaultThreads, faultLinkShape, sourceFaultThread } from '../src/node/engine/fault-thread.js';
+import { POSTCOPY_VCPU_NICE, type FaultThreadPriority } from '../src/node/engine/thread-priority.js';
 import { InstrumentCache } from '../src/node/vm/instrument.js';
 import { GuestMemoryPool } from '../src/node/vm/memory-pool.js';
 import { VcpuThreadPool } from '../src/node/vm/vcpu-threads.js';

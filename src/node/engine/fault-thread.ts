@@ -37,8 +37,6 @@ import type { Vm } from '../vm/vm.js';
 import { tcp } from '../transport/tcp.js';
 import { raisePriority, type FaultThreadPriority } from './thread-priority.js';
 
-export { FAULT_THREAD_NICE, FAULT_THREAD_PRIORITIES, FAULT_THREAD_RT_PRIORITY, raisePriority, type FaultThreadPriority } from './thread-priority.js';
-
 // ------------------------------------------------------------------ messages
 
 /** What a destination VM hands its fault thread (all shared with the vCPU and the session). */
