@@ -61,10 +61,13 @@ for (const ask of ['realtime', 'nice', 'default'] as const) {
     const source = new SourceFaultThreads(ask);
     t.after(() => Promise.all([listener.close(), source.close()]));
     assert.equal(listener.priority, 'default', 'not started yet');
-    await listener.port();
-    // The source's thread starts with its first connection; a refused dial starts it all the same
-    // (and it says how it is scheduled before it answers anything).
-    await assert.rejects(source.open('127.0.0.1', 1, 'ab'.repeat(16), () => ({ buffer: new SharedArrayBuffer(8), pages: 0 })), { code: 'ERR_TRANSPORT_REFUSED' });
+    const port = await listener.port();
+    // A source's thread lives as long as its session's fault connection: one is open while the
+    // kernel is asked (and it says how it is scheduled before it dials).
+    const token = 'ab'.repeat(16);
+    const session = listener.expect(token);
+    const link = await source.open('127.0.0.1', port, token, () => ({ buffer: new SharedArrayBuffer(8), pages: 0 }));
+    t.after(() => Promise.all([link.close(), session.close()]));
 
     const want = expected(ask);
     assert.equal(listener.priority, want);

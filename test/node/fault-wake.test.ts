@@ -16,6 +16,7 @@ import { Bitmap } from '../../src/core/bitmap.js';
 import { DestinationVmAdapter } from '../../src/node/engine/adapters.js';
 import { Ctl } from '../../src/node/vm/control.js';
 import type { Vm } from '../../src/node/vm/vm.js';
+import { FaultChannelBlock } from '../../src/node/vm/fault-channel.js';
 
 function standIn(pages: number): { vm: Vm; ctl: Int32Array; presence: Uint8Array } {
   const ctl = new Int32Array(new SharedArrayBuffer(64 * 4));
@@ -58,8 +59,9 @@ test('post-copy: markPresent wakes the vCPU for the page it waits on, and only f
   await adapter.discard();
 });
 
-test('destination fault thread: installs an absent demand page, never a present one, and refuses a page beyond the VM by name', async (t) => {
+test('destination fault thread (a shaped link: the thread serves faults): installs an absent demand page, never a present one, and refuses a page beyond the VM by name', async (t) => {
   const listener = new FaultThreadListener('127.0.0.1');
+  listener.shape = { latencyMs: 1 }; // a shaped fault connection stays on the thread, which applies the shaper
   t.after(() => listener.close());
   const port = await listener.port();
   const token = '5a'.repeat(16);
@@ -79,7 +81,8 @@ test('destination fault thread: installs an absent demand page, never a present 
   const installed: [number, bigint, number | null][] = [];
   const failures: Error[] = [];
   const ctl = new Int32Array(new SharedArrayBuffer(64 * 4));
-  link.start({ memory, ctl: ctl.buffer, claims: new SharedArrayBuffer(4), pages }, {
+  assert.equal(link.fd, null, 'a shaped connection is not detached');
+  link.start({ memory, ctl: ctl.buffer, channel: FaultChannelBlock.create(pages).buffer, pages }, {
     installed: (page, hash, waited) => installed.push([page, hash, waited]),
     failed: (e) => failures.push(e),
   });

@@ -16,6 +16,7 @@ import { realClock } from '../clock.js';
 import { Ctl } from '../vm/control.js';
 import type { GlobalDesc } from '../vm/globals.js';
 import { hashPage } from '../vm/page-hash.js';
+import { FaultChannelBlock } from '../vm/fault-channel.js';
 import { PageHasher, type PageHashQueue } from '../vm/page-hasher.js';
 import type { Vm, VmState } from '../vm/vm.js';
 
@@ -149,8 +150,8 @@ export class DestinationVmAdapter implements DestinationVm {
   private readonly ctl: Int32Array;
   /** The presence map (one byte per guest page), set up by start() for post-copy. */
   private presence: Uint8Array | null = null;
-  /** Post-copy on a fault thread: its link, what it tells, and the install claims shared with it. */
-  private thread: { link: NodeDestinationFaultLink; events: FaultThreadEvents; claims: Int32Array<SharedArrayBuffer> } | null = null;
+  /** Post-copy on a fault thread: its link, what it tells, and the block shared with it and the vCPU (install claims, the detached channel). */
+  private thread: { link: NodeDestinationFaultLink; events: FaultThreadEvents; block: FaultChannelBlock } | null = null;
   private readonly warming: Promise<void>;
   private readonly memory: Promise<void>;
   private readonly stopPrefault = new AbortController();
@@ -277,9 +278,15 @@ export class DestinationVmAdapter implements DestinationVm {
     // A run at a time: in post-copy nearly every page is absent (a step per page took ms of the downtime).
     for (const [first, count] of absent.runs()) presence.fill(0, first, first + count);
     if (this.thread) {
-      // The fault thread takes the vCPU's fault notifications from here on.
-      const { link, events, claims } = this.thread;
-      link.start({ memory: vm.memory.buffer as unknown as SharedArrayBuffer, ctl: this.vm.controlBuffer, claims: claims.buffer, pages: presence.length }, events);
+      // With the connection detached, the vCPU fetches its missing pages itself (told before it
+      // runs); else the fault thread takes its fault notifications. Either way the thread tells
+      // the session what was installed.
+      const { link, events, block } = this.thread;
+      if (link.fd !== null) {
+        block.setSocket(link.fd);
+        vm.useFaultChannel(block.buffer, presence.length, link.waitNice);
+      }
+      link.start({ memory: vm.memory.buffer as unknown as SharedArrayBuffer, ctl: this.vm.controlBuffer, channel: block.buffer, pages: presence.length }, events);
     } else {
       this.serving = true;
       void this.serveFaults();
@@ -318,15 +325,12 @@ export class DestinationVmAdapter implements DestinationVm {
 
   serveFaultsOn(link: DestinationFaultLink, events: FaultThreadEvents): boolean {
     if (!(link instanceof NodeDestinationFaultLink)) return false;
-    this.thread = { link, events, claims: new Int32Array(new SharedArrayBuffer(Math.ceil(this.vm.presenceView().length / 32) * 4)) };
+    this.thread = { link, events, block: FaultChannelBlock.create(this.vm.presenceView().length) };
     return true;
   }
 
   claim(page: number): boolean {
-    const claims = this.thread?.claims;
-    if (!claims) return true;
-    const bit = 1 << (page & 31);
-    return (Atomics.or(claims, page >> 5, bit) & bit) === 0;
+    return this.thread?.block.claim(page) ?? true;
   }
 
   markPresent(page: number): void {

@@ -30,12 +30,16 @@ import { Encoding, type Frame } from '../../core/protocol/frames.js';
 import { FramedConnection } from '../../core/transport/framed.js';
 import { shaped, type ShapedConnectionInit } from '../../core/transport/shaped.js';
 import { realClock } from '../clock.js';
-import type { Connection } from '../../core/transport/transport.js';
+import { TransportError, type Connection } from '../../core/transport/transport.js';
 import { Ctl } from '../vm/control.js';
 import { hashPage } from '../vm/page-hash.js';
 import type { Vm } from '../vm/vm.js';
-import { tcp } from '../transport/tcp.js';
-import { raisePriority, type FaultThreadPriority } from './thread-priority.js';
+import { detachTcp, tcp } from '../transport/tcp.js';
+import { BlockingSocket, BlockingSocketError, blockingSocketsAvailable } from '../net/blocking-socket.js';
+import { FrameDecoder } from '../../core/protocol/decoder.js';
+import { encodeFrame } from '../../core/protocol/encode.js';
+import { FaultChannelBlock } from '../vm/fault-channel.js';
+import { FAULT_THREAD_NICE, raisePriority, type FaultThreadPriority } from './thread-priority.js';
 
 // ------------------------------------------------------------------ messages
 
@@ -45,8 +49,11 @@ export interface FaultThreadVm {
   memory: SharedArrayBuffer;
   /** The VM's control words (FAULT_PAGE, FAULT_REQ, FAULT_DONE). */
   ctl: SharedArrayBuffer;
-  /** One bit per guest page: set by whoever installs it (Atomics.or), first one wins. */
-  claims: SharedArrayBuffer;
+  /**
+   * The FaultChannelBlock shared with the vCPU (vm/fault-channel.ts): the install claims (first
+   * one wins) and, on a detached channel, the socket the vCPU fetches pages on and its install log.
+   */
+  channel: SharedArrayBuffer;
   /** Guest pages. */
   pages: number;
 }
@@ -76,24 +83,35 @@ type ToListener =
 type FromListener =
   | { t: 'port'; port: number; priority: FaultThreadPriority }
   | { t: 'listen-failed'; message: string }
-  | { t: 'joined'; token: string }
+  /** `fd`: the connection, detached for the vCPU to fetch pages on itself (null: this thread serves). */
+  | { t: 'joined'; token: string; fd: number | null }
   | { t: 'installed'; token: string; page: number; hash: bigint; waitedMs: number | null }
   | { t: 'failed'; token: string; code: string; message: string }
   | { t: 'closed'; token: string };
 
 type ToSource =
-  | { t: 'dial'; id: number; host: string; port: number; token: string; shape: FaultLinkShape | null }
-  | { t: 'serve'; id: number; memory: SharedArrayBuffer; pages: number; soft: Uint32Array; softBits: number }
-  | { t: 'close'; id: number };
+  | { t: 'serve'; memory: SharedArrayBuffer; pages: number; soft: Uint32Array; softBits: number }
+  | { t: 'close' };
 type FromSource =
-  | { t: 'dialed'; id: number }
-  | { t: 'dial-failed'; id: number; code: string; message: string }
-  | { t: 'served'; id: number; pages: number[]; bytes: number; latencyMs: number }
-  | { t: 'failed'; id: number; code: string; message: string }
-  | { t: 'closed'; id: number }
-  | { t: 'priority'; priority: FaultThreadPriority };
+  | { t: 'priority'; priority: FaultThreadPriority }
+  | { t: 'dialed' }
+  | { t: 'dial-failed'; code: string; message: string }
+  | { t: 'served'; pages: number[]; bytes: number; latencyMs: number }
+  | { t: 'failed'; code: string; message: string }
+  | { t: 'closed' };
 
-type Role = ({ role: 'listen'; host: string } | { role: 'source' }) & { ask: FaultThreadPriority };
+/** A source session's thread: where it dials, with what, and the word its blocking loop watches for close. */
+interface SourceRole {
+  role: 'source';
+  host: string;
+  port: number;
+  token: string;
+  shape: FaultLinkShape | null;
+  /** Int32 word 0: set to 1 when the session closes (a thread blocked on its socket looks between waits). */
+  closing: SharedArrayBuffer;
+}
+
+type Role = ({ role: 'listen'; host: string } | SourceRole) & { ask: FaultThreadPriority };
 
 const HERE = fileURLToPath(import.meta.url);
 
@@ -160,6 +178,7 @@ export class FaultThreadListener implements FaultThreads {
   expect(token: string): DestinationFaultLink {
     // Without a thread (it died) nothing can touch memory: close() returns at once then.
     const link = new NodeDestinationFaultLink(token, (m) => { if (this.worker) this.worker.postMessage(m); else link.closedNow(); }, () => this.links.delete(token));
+    link.waitNice = this.priority === 'default' ? null : FAULT_THREAD_NICE;
     this.links.set(token, link);
     this.worker?.postMessage({ t: 'expect', token, shape: this.shape } satisfies ToListener);
     return link;
@@ -178,7 +197,10 @@ export class FaultThreadListener implements FaultThreads {
     const link = this.links.get(m.token);
     if (!link) return;
     if (m.t === 'closed') link.closedNow();
-    else if (m.t === 'joined') link.joined = true;
+    else if (m.t === 'joined') {
+      link.joined = true;
+      link.fd = m.fd;
+    }
     else if (m.t === 'installed') link.events?.installed(m.page, m.hash, m.waitedMs);
     else link.events?.failed(errorOf(m.code, m.message));
   }
@@ -187,6 +209,17 @@ export class FaultThreadListener implements FaultThreads {
 /** One session's link to the destination's fault thread. */
 export class NodeDestinationFaultLink implements DestinationFaultLink {
   joined = false;
+  /**
+   * The fault connection's descriptor, when the thread detached it for the vCPU to fetch pages on
+   * itself (vm/fault-channel.ts); null when the thread serves faults (a shaped link).
+   */
+  fd: number | null = null;
+  /**
+   * The nice value the vCPU waits for its pages at when it fetches them itself: it is the fault
+   * thread then, so it waits as the host's fault threads run (FAULT_THREAD_NICE when they are
+   * raised; a vCPU cannot switch to SCHED_FIFO for each wait, so 'realtime' waits at it too).
+   */
+  waitNice: number | null = null;
   events: FaultThreadEvents | null = null;
   private closing: Promise<void> | null = null;
   private done: (() => void) | null = null;
@@ -219,87 +252,37 @@ export class NodeDestinationFaultLink implements DestinationFaultLink {
 // ------------------------------------------------------------------ source, main thread
 
 /**
- * A source host's fault thread (one per host, started on first use): opens the fault connections
- * of its outgoing post-copy migrations and answers their page requests.
+ * A source host's fault threads: one per outgoing post-copy migration, started when it opens its
+ * fault connection (before the pause) and ended with it. Each answers its session's page requests
+ * from the paused VM's memory, blocked on its socket (see serveBlocking), so that no other work of
+ * this host's stands between a request and its answer.
  */
 export class SourceFaultThreads {
-  private worker: Worker | null = null;
-  private nextId = 1;
-  private readonly pending = new Map<number, { resolve: () => void; reject: (e: Error) => void }>();
-  private readonly links = new Map<number, NodeSourceFaultLink>();
-  /** How the thread is scheduled ('default' until it started). */
+  private readonly links = new Set<NodeSourceFaultLink>();
+  /** How the threads are scheduled ('default' until one started). */
   priority: FaultThreadPriority = 'default';
 
-  /** @param ask how the thread asks to be scheduled (see FaultThreadPriority). */
+  /** @param ask how the threads ask to be scheduled (see FaultThreadPriority). */
   constructor(private readonly ask: FaultThreadPriority = 'nice') {}
 
-  private thread(): Worker {
-    if (this.worker) return this.worker;
-    const worker = new Worker(HERE, { workerData: { role: 'source', ask: this.ask } satisfies Role });
-    worker.unref();
-    worker.on('message', (m: FromSource) => this.route(m));
-    // A thread that dies fails what it served (and lets their close() return).
-    const died = (e: Error) => {
-      if (this.worker !== worker) return;
-      this.worker = null;
-      for (const p of this.pending.values()) p.reject(e);
-      this.pending.clear();
-      for (const l of [...this.links.values()]) {
-        l.fail(e);
-        l.closedNow();
-      }
-    };
-    worker.on('error', died);
-    worker.on('exit', (code) => died(errorOf('ERR_MIGRATION_FAULT_THREAD', `the fault thread exited (${code})`)));
-    this.worker = worker;
-    return worker;
-  }
-
   /**
-   * Opens the fault connection of session `token` to `host:port` from the thread; resolves once
-   * the destination's fault thread acknowledged the JOIN. `memory` gives the VM's pages to serve
-   * once serve() is called (after the pause).
+   * Opens the fault connection of session `token` to `host:port` from a thread of its own;
+   * resolves once the destination's fault thread acknowledged the JOIN. `memory` gives the VM's
+   * pages to serve once serve() is called (after the pause).
    */
   async open(host: string, port: number, token: string, memory: () => { buffer: SharedArrayBuffer; pages: number }, shape: FaultLinkShape | null = null): Promise<SourceFaultLink> {
-    const id = this.nextId++;
-    const worker = this.thread();
-    const link = new NodeSourceFaultLink(id, (m) => worker.postMessage(m), memory, () => this.links.delete(id));
-    this.links.set(id, link);
-    try {
-      await new Promise<void>((resolve, reject) => {
-        this.pending.set(id, { resolve, reject });
-        worker.postMessage({ t: 'dial', id, host, port, token, shape } satisfies ToSource);
-      });
-    } catch (e) {
-      this.links.delete(id);
-      throw e;
-    }
+    const closing = new SharedArrayBuffer(4);
+    const worker = new Worker(HERE, { workerData: { role: 'source', ask: this.ask, host, port, token, shape, closing } satisfies Role });
+    worker.unref();
+    const link = new NodeSourceFaultLink(worker, new Int32Array(closing), memory, (p) => (this.priority = p), () => this.links.delete(link));
+    this.links.add(link);
+    await link.dialed;
     return link;
   }
 
+  /** Ends every session's thread (a host shutting down). */
   async close(): Promise<void> {
-    const w = this.worker;
-    this.worker = null;
-    await w?.terminate();
-  }
-
-  private route(m: FromSource): void {
-    if (m.t === 'priority') {
-      this.priority = m.priority;
-      return;
-    }
-    if (m.t === 'dialed' || m.t === 'dial-failed') {
-      const p = this.pending.get(m.id);
-      this.pending.delete(m.id);
-      if (m.t === 'dialed') p?.resolve();
-      else p?.reject(errorOf(m.code, m.message));
-      return;
-    }
-    const link = this.links.get(m.id);
-    if (!link) return;
-    if (m.t === 'served') link.served?.(m.pages, m.bytes, m.latencyMs);
-    else if (m.t === 'failed') link.fail(errorOf(m.code, m.message));
-    else link.closedNow();
+    await Promise.all([...this.links].map((l) => l.terminate()));
   }
 }
 
@@ -312,25 +295,50 @@ export function sourceFaultThread(threads: SourceFaultThreads, vm: Vm, host: str
 }
 
 class NodeSourceFaultLink implements SourceFaultLink {
-  served: ((pages: number[], bytes: number, latencyMs: number) => void) | null = null;
+  private served: ((pages: number[], bytes: number, latencyMs: number) => void) | null = null;
   private failed: ((e: Error) => void) | null = null;
   private done: (() => void) | null = null;
   private closing: Promise<void> | null = null;
+  private exited = false;
+  /** Resolves once the JOIN was acknowledged; rejects if the thread could not get there. */
+  readonly dialed: Promise<void>;
 
-  constructor(readonly id: number, private readonly post: (m: ToSource) => void, private readonly memory: () => { buffer: SharedArrayBuffer; pages: number }, private readonly forget: () => void) {}
+  constructor(
+    private readonly worker: Worker, private readonly closingWord: Int32Array,
+    private readonly memory: () => { buffer: SharedArrayBuffer; pages: number },
+    priority: (p: FaultThreadPriority) => void, private readonly forget: () => void,
+  ) {
+    this.dialed = new Promise<void>((resolve, reject) => {
+      worker.on('message', (m: FromSource) => {
+        if (m.t === 'priority') priority(m.priority);
+        else if (m.t === 'dialed') resolve();
+        else if (m.t === 'dial-failed') reject(errorOf(m.code, m.message));
+        else if (m.t === 'served') this.served?.(m.pages, m.bytes, m.latencyMs);
+        else if (m.t === 'failed') this.failed?.(errorOf(m.code, m.message));
+        else this.closedNow();
+      });
+      // A thread that dies fails what it served (and lets close() return).
+      const died = (e: Error) => {
+        if (this.exited) return;
+        this.exited = true;
+        reject(e);
+        this.failed?.(e);
+        this.closedNow();
+      };
+      worker.on('error', died);
+      worker.on('exit', (code) => died(errorOf('ERR_MIGRATION_FAULT_THREAD', `the fault thread exited (${code})`)));
+    });
+    this.dialed.catch(() => this.forget());
+  }
 
   serve(soft: Bitmap, served: (pages: number[], bytes: number, latencyMs: number) => void, failed: (e: Error) => void): void {
     this.served = served;
     this.failed = failed;
     const { buffer, pages } = this.memory();
-    this.post({ t: 'serve', id: this.id, memory: buffer, pages, soft: soft.words.slice(), softBits: soft.size });
+    this.worker.postMessage({ t: 'serve', memory: buffer, pages, soft: soft.words.slice(), softBits: soft.size } satisfies ToSource);
   }
 
-  fail(e: Error): void {
-    this.failed?.(e);
-  }
-
-  closedNow(): void {
+  private closedNow(): void {
     this.done?.();
     this.forget();
   }
@@ -340,9 +348,17 @@ class NodeSourceFaultLink implements SourceFaultLink {
       this.served = null;
       this.failed = null;
       this.done = resolve;
-      this.post({ t: 'close', id: this.id });
+      if (this.exited) return this.closedNow();
+      Atomics.store(this.closingWord, 0, 1);
+      this.worker.postMessage({ t: 'close' } satisfies ToSource);
     });
     return this.closing;
+  }
+
+  async terminate(): Promise<void> {
+    this.served = null;
+    this.failed = null;
+    await this.worker.terminate();
   }
 }
 
@@ -353,10 +369,14 @@ interface ListenSession {
   /** Where requests are written (through the session's shaper, if it has one). */
   conn: FramedConnection | null;
   shape: FaultLinkShape | null;
-  vm: (FaultThreadVm & { mem: Uint8Array; presence: Uint8Array; ctl32: Int32Array; claims32: Int32Array }) | null;
+  /** The connection detached for the vCPU (see NodeDestinationFaultLink.fd); this thread closes it. */
+  socket: BlockingSocket | null;
+  vm: (FaultThreadVm & { mem: Uint8Array; presence: Uint8Array; ctl32: Int32Array; block: FaultChannelBlock }) | null;
   requested: Map<number, number>;
   nextId: number;
   active: boolean;
+  /** Its fault connection joined (a second JOIN is refused). */
+  joined: boolean;
 }
 
 function listenThread(host: string, priority: FaultThreadPriority): void {
@@ -384,10 +404,9 @@ function listenThread(host: string, priority: FaultThreadPriority): void {
     if (!s.active) return;
     if (!vm) throw errorOf('ERR_PROTOCOL_SEQUENCE', `demand page ${page} before any page was asked for`);
     if (page >= vm.pages) throw errorOf('ERR_PROTOCOL_MALFORMED', `demand page ${page} is beyond the VM's ${vm.pages} pages`);
-    const bit = 1 << (page & 31);
     const t0 = s.requested.get(page);
     s.requested.delete(page);
-    if (Atomics.load(vm.presence, page) || Atomics.or(vm.claims32, page >> 5, bit) & bit) {
+    if (Atomics.load(vm.presence, page) || !vm.block.claim(page)) {
       // A push installed it first (and woke the vCPU): only the wait is news, an upper bound of it.
       if (t0 !== undefined) post({ t: 'installed', token, page, hash: 0n, waitedMs: performance.now() - t0 });
       return;
@@ -459,20 +478,45 @@ function listenThread(host: string, priority: FaultThreadPriority): void {
     }
   };
 
+  /** What the vCPU installed on a detached channel, told as this thread's own installs are. */
+  const readLog = async (token: string, s: ListenSession) => {
+    const block = s.vm!.block;
+    let seen = 0;
+    while (s.active) {
+      seen = await block.logged(seen);
+      if (!s.active) return; // the close reads what is left
+      block.drain((page, hash, ms) => post({ t: 'installed', token, page, hash, waitedMs: ms }));
+      const f = block.failure();
+      if (f) {
+        failed(token, errorOf(f.code, f.message));
+        return;
+      }
+    }
+  };
+
   const accept = async (conn: Connection) => {
     const framed = new FramedConnection(conn);
     try {
       const first = await framed.next();
       const s = first?.type === 'JOIN' && first.role === 'fault' ? sessions.get(first.token) : undefined;
-      if (!first || first.type !== 'JOIN' || !s || s.conn) {
+      if (!first || first.type !== 'JOIN' || !s || s.joined) {
         const message = first?.type === 'JOIN' ? 'JOIN names no session expecting a fault channel here' : 'a fault connection starts with JOIN';
         await framed.send({ type: 'ERROR', code: 'ERR_MIGRATION_UNKNOWN_SESSION', message }).catch(() => undefined);
         await framed.close().catch(() => undefined);
         return;
       }
+      s.joined = true;
+      if (!s.shape && blockingSocketsAvailable()) {
+        // The vCPU fetches its pages itself (vm/fault-channel.ts): the connection leaves this
+        // thread's event loop. The source sends nothing before it is asked, so nothing is lost.
+        await framed.send({ type: 'ACK', acked: 'JOIN', value: 0 });
+        s.socket = new BlockingSocket(await detachTcp(conn));
+        post({ t: 'joined', token: first.token, fd: s.socket.fd });
+        return;
+      }
       // Requests go through the session's shaper; frames are still read from the connection itself.
       s.conn = s.shape ? new FramedConnection(shaped(conn, { ...s.shape, clock: realClock() })) : framed;
-      post({ t: 'joined', token: first.token });
+      post({ t: 'joined', token: first.token, fd: null });
       await s.conn.send({ type: 'ACK', acked: 'JOIN', value: 0 });
       void readFrames(first.token, s, framed);
     } catch {
@@ -482,7 +526,7 @@ function listenThread(host: string, priority: FaultThreadPriority): void {
 
   parentPort!.on('message', (m: ToListener) => {
     if (m.t === 'expect') {
-      sessions.set(m.token, { conn: null, shape: m.shape, vm: null, requested: new Map(), nextId: 0, active: true });
+      sessions.set(m.token, { conn: null, shape: m.shape, socket: null, vm: null, requested: new Map(), nextId: 0, active: true, joined: false });
     } else if (m.t === 'start') {
       const s = sessions.get(m.token);
       if (!s || s.vm) return;
@@ -491,18 +535,34 @@ function listenThread(host: string, priority: FaultThreadPriority): void {
         mem: new Uint8Array(m.memory),
         presence: new Uint8Array(m.memory, PRESENCE_MAP_OFFSET + RESERVED_PAGES, m.pages),
         ctl32: new Int32Array(m.ctl),
-        claims32: new Int32Array(m.claims),
+        block: new FaultChannelBlock(m.channel),
       };
       void serveFaults(m.token, s);
+      if (s.socket) void readLog(m.token, s);
     } else {
       const s = sessions.get(m.token);
       sessions.delete(m.token);
-      if (s) {
-        s.active = false;
-        s.vm = null; // no install after this: the memory may go back to a pool
-        void s.conn?.close().catch(() => undefined);
+      if (!s) {
+        post({ t: 'closed', token: m.token });
+        return;
       }
-      post({ t: 'closed', token: m.token });
+      s.active = false;
+      const block = s.vm?.block;
+      s.vm = null; // no install after this: the memory may go back to a pool
+      void s.conn?.close().catch(() => undefined);
+      const socket = s.socket;
+      if (!socket) {
+        post({ t: 'closed', token: m.token });
+        return;
+      }
+      // The vCPU lets go of the socket first (woken if it waits on it), then it closes: its
+      // number cannot be reused under a vCPU still blocked on it.
+      void (block ? block.takeSocket(() => socket.shutdown()) : Promise.resolve(null)).then(() => {
+        socket.shutdown();
+        socket.discardPending(); // an answer nobody waits for any more, so that the close is not a reset
+        socket.close();
+        post({ t: 'closed', token: m.token });
+      });
     }
   });
 
@@ -512,22 +572,44 @@ function listenThread(host: string, priority: FaultThreadPriority): void {
   );
 }
 
-/** An outgoing fault connection as the source's thread knows it. */
-interface SourceSession {
-  framed: FramedConnection;
-  mem: Uint8Array | null;
-  words: Uint32Array | null;
+/** What a source session's thread answers from, once the VM paused (its memory is final then). */
+interface Served {
+  mem: Uint8Array;
+  words: Uint32Array;
   pages: number;
-  soft: Bitmap | null;
-  /** Requests that came before serve(): answered once it does. */
-  early: { id: number; pages: number[]; t: number }[];
-  closing: boolean;
+  soft: Bitmap;
 }
 
-function sourceThread(priority: FaultThreadPriority): void {
+/** Transport trouble on the fault connection is no failure of the source's (see read below). */
+function transportTrouble(e: unknown): boolean {
+  return e instanceof TransportError || e instanceof BlockingSocketError;
+}
+
+/**
+ * One outgoing post-copy migration's fault thread. It dials the destination's fault thread and
+ * joins the session; then, unless the link is shaped, it takes the connection off its event loop
+ * and, from the pause on, answers requests blocked on the socket (serveBlocking): a request wakes
+ * this thread in the kernel and its answer leaves before the thread sleeps again. A shaped link
+ * stays on the event loop, which applies the shaper.
+ */
+function sourceThread(r: SourceRole, priority: FaultThreadPriority): void {
   const post = (m: FromSource) => parentPort!.postMessage(m);
   post({ t: 'priority', priority });
-  const sessions = new Map<number, SourceSession>();
+  const closing = new Int32Array(r.closing);
+  let served: Served | null = null;
+  /** The connection: on the event loop (shaped), or detached. */
+  let framed: FramedConnection | null = null;
+  let socket: BlockingSocket | null = null;
+  /** Requests that came before serve() (event loop only: a detached socket is not read before). */
+  const early: { id: number; pages: number[]; t: number }[] = [];
+
+  const failed = (e: unknown) => {
+    // The end of the fault channel, or a reset, is no failure: the destination closes it once
+    // every page is there (resetting it if an answer it no longer needed, a push having brought
+    // the page first, was still unread), and a destination that lost it fails on its own side;
+    // one that died fails the control connection too.
+    if (Atomics.load(closing, 0) === 0 && !transportTrouble(e)) post({ t: 'failed', code: codeOf(e), message: (e as Error).message });
+  };
 
   const isZero = (words: Uint32Array, page: number) => {
     const from = (RESERVED_BYTES + page * PAGE_SIZE) >>> 2;
@@ -535,89 +617,112 @@ function sourceThread(priority: FaultThreadPriority): void {
     return true;
   };
 
-  const answer = (id: number, s: SourceSession, reqId: number, wanted: number[], t0: number) => {
-    const mem = s.mem!;
-    const a = demandAnswer(reqId, wanted, s.pages, s.soft!, (p) => isZero(s.words!, p), (p, into) => {
-      const at = RESERVED_BYTES + p * PAGE_SIZE;
-      into.set(mem.subarray(at, at + PAGE_SIZE));
-    });
-    if (!a) return;
-    const { want, frame: bytes } = a;
-    s.framed.sendEncoded(bytes).then(
-      () => post({ t: 'served', id, pages: want, bytes: bytes.length, latencyMs: performance.now() - t0 }),
-      (e: unknown) => { if (!s.closing) post({ t: 'failed', id, code: codeOf(e), message: (e as Error).message }); },
-    );
+  const answerOf = (sv: Served, reqId: number, wanted: number[]) => demandAnswer(reqId, wanted, sv.pages, sv.soft, (p) => isZero(sv.words, p), (p, into) => {
+    const at = RESERVED_BYTES + p * PAGE_SIZE;
+    into.set(sv.mem.subarray(at, at + PAGE_SIZE));
+  });
+
+  /** Frames other than requests, on either path. */
+  const other = (f: Frame): Frame => {
+    if (f.type === 'ERROR') throw errorOf(f.code, `destination reported: ${f.message}`);
+    if (f.type !== 'PING') throw errorOf('ERR_PROTOCOL_SEQUENCE', `${f.type} on the fault channel`);
+    return { type: 'PONG', seq: f.seq, time: f.time };
   };
 
-  const read = async (id: number, s: SourceSession) => {
+  /** Blocked on the detached socket until the destination ends the channel or the session closes. */
+  const serveBlocking = (sv: Served, sock: BlockingSocket) => {
+    const decoder = new FrameDecoder();
+    const into = new Uint8Array(64 * 1024);
     try {
-      for (;;) {
-        const f = await s.framed.next();
-        if (!f) break;
-        if (f.type === 'PAGE_REQUEST') {
+      while (Atomics.load(closing, 0) === 0) {
+        const n = sock.recvSome(into, 100);
+        if (n < 0) continue;
+        if (n === 0) return;
+        for (const f of decoder.push(into.subarray(0, n))) {
+          if (f.type !== 'PAGE_REQUEST') {
+            sock.sendAll(encodeFrame(other(f)));
+            continue;
+          }
           const t0 = performance.now();
-          if (s.mem) answer(id, s, f.id, f.pages, t0);
-          else s.early.push({ id: f.id, pages: f.pages, t: t0 });
-        } else if (f.type === 'PING') {
-          await s.framed.send({ type: 'PONG', seq: f.seq, time: f.time });
-        } else if (f.type === 'ERROR') {
-          throw errorOf(f.code, `destination reported: ${f.message}`);
-        } else {
-          throw errorOf('ERR_PROTOCOL_SEQUENCE', `${f.type} on the fault channel`);
+          const a = answerOf(sv, f.id, f.pages);
+          if (!a) continue;
+          sock.sendAll(a.frame);
+          post({ t: 'served', pages: a.want, bytes: a.frame.length, latencyMs: performance.now() - t0 });
         }
       }
-      // The end of the fault channel alone is no failure: the destination closes it once every
-      // page is there, and a destination that died fails the control connection too.
     } catch (e) {
-      if (!s.closing) post({ t: 'failed', id, code: codeOf(e), message: (e as Error).message });
-      s.framed.abort();
+      failed(e);
     }
+  };
+
+  const answer = (sv: Served, f: FramedConnection, reqId: number, wanted: number[], t0: number) => {
+    const a = answerOf(sv, reqId, wanted);
+    if (!a) return;
+    f.sendEncoded(a.frame).then(() => post({ t: 'served', pages: a.want, bytes: a.frame.length, latencyMs: performance.now() - t0 }), failed);
+  };
+
+  const read = async (f: FramedConnection) => {
+    try {
+      for (let m = await f.next(); m; m = await f.next()) {
+        if (m.type !== 'PAGE_REQUEST') await f.send(other(m));
+        else if (served) answer(served, f, m.id, m.pages, performance.now());
+        else early.push({ id: m.id, pages: m.pages, t: performance.now() });
+      }
+    } catch (e) {
+      failed(e);
+      f.abort();
+    }
+  };
+
+  const end = () => {
+    post({ t: 'closed' });
+    parentPort!.unref(); // nothing else holds the thread: it ends
   };
 
   parentPort!.on('message', (m: ToSource) => {
-    if (m.t === 'dial') {
-      void (async () => {
-        let framed: FramedConnection | null = null;
-        try {
-          const conn = await tcp().dial(`${m.host.includes(':') ? `[${m.host}]` : m.host}:${m.port}`);
-          framed = new FramedConnection(m.shape ? shaped(conn, { ...m.shape, clock: realClock() }) : conn);
-          await framed.send({ type: 'JOIN', token: m.token, stream: 0, role: 'fault' });
-          const ack = await framed.next();
-          if (ack?.type === 'ERROR') throw errorOf(ack.code, ack.message);
-          if (ack?.type !== 'ACK' || ack.acked !== 'JOIN') throw errorOf('ERR_PROTOCOL_SEQUENCE', `expected ACK of JOIN, got ${ack?.type ?? 'end of stream'}`);
-          const s: SourceSession = { framed, mem: null, words: null, pages: 0, soft: null, early: [], closing: false };
-          sessions.set(m.id, s);
-          void read(m.id, s);
-          post({ t: 'dialed', id: m.id });
-        } catch (e) {
-          framed?.abort();
-          post({ t: 'dial-failed', id: m.id, code: codeOf(e), message: (e as Error).message });
-        }
-      })();
-    } else if (m.t === 'serve') {
-      const s = sessions.get(m.id);
-      if (!s) return;
-      s.mem = new Uint8Array(m.memory);
-      s.words = new Uint32Array(m.memory, 0, m.memory.byteLength >>> 2);
-      s.pages = m.pages;
-      s.soft = new Bitmap(m.softBits, m.soft);
-      for (const r of s.early.splice(0)) answer(m.id, s, r.id, r.pages, r.t);
+    if (m.t === 'serve') {
+      if (served) return;
+      served = { mem: new Uint8Array(m.memory), words: new Uint32Array(m.memory, 0, m.memory.byteLength >>> 2), pages: m.pages, soft: new Bitmap(m.softBits, m.soft) };
+      if (socket) serveBlocking(served, socket);
+      else if (framed) for (const q of early.splice(0)) answer(served, framed, q.id, q.pages, q.t);
     } else {
-      const s = sessions.get(m.id);
-      sessions.delete(m.id);
-      if (!s) {
-        post({ t: 'closed', id: m.id });
-        return;
-      }
-      s.closing = true;
-      void s.framed.close().catch(() => undefined).finally(() => post({ t: 'closed', id: m.id }));
+      Atomics.store(closing, 0, 1);
+      if (socket) {
+        socket.shutdown();
+        socket.close();
+        end();
+      } else if (framed) void framed.close().catch(() => undefined).finally(end);
+      else end();
     }
   });
+
+  void (async () => {
+    let f: FramedConnection | null = null;
+    try {
+      const conn = await tcp().dial(`${r.host.includes(':') ? `[${r.host}]` : r.host}:${r.port}`);
+      f = new FramedConnection(r.shape ? shaped(conn, { ...r.shape, clock: realClock() }) : conn);
+      await f.send({ type: 'JOIN', token: r.token, stream: 0, role: 'fault' });
+      const ack = await f.next();
+      if (ack?.type === 'ERROR') throw errorOf(ack.code, ack.message);
+      if (ack?.type !== 'ACK' || ack.acked !== 'JOIN') throw errorOf('ERR_PROTOCOL_SEQUENCE', `expected ACK of JOIN, got ${ack?.type ?? 'end of stream'}`);
+      // The destination sends nothing before it is asked, so nothing read is lost by detaching.
+      if (!r.shape && blockingSocketsAvailable()) socket = new BlockingSocket(await detachTcp(conn));
+      else {
+        framed = f;
+        void read(f);
+      }
+      post({ t: 'dialed' });
+    } catch (e) {
+      f?.abort();
+      post({ t: 'dial-failed', code: codeOf(e), message: (e as Error).message });
+      end();
+    }
+  })();
 }
 
 const role = isMainThread ? undefined : (workerData as Role | undefined);
 if (role?.role === 'listen' || role?.role === 'source') {
   const priority = raisePriority(role.ask);
   if (role.role === 'listen') listenThread(role.host, priority);
-  else sourceThread(priority);
+  else sourceThread(role, priority);
 }

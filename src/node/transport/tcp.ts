@@ -13,6 +13,7 @@
 import net from 'node:net';
 import { AbortError, BugIndicatingError, InvalidArgumentError } from '../../core/errors.js';
 import { ChunkQueue } from '../../core/transport/chunk-queue.js';
+import { dupBlocking } from '../net/blocking-socket.js';
 import {
   TransportError, TransportErrorCode,
   type ByobControl, type ByobReader, type Connection, type DialOptions, type Listener, type ListenOptions, type Transport,
@@ -236,6 +237,34 @@ class TcpConnection implements Connection {
   [Symbol.asyncIterator](): AsyncIterator<Uint8Array> {
     return this.inbound[Symbol.asyncIterator]();
   }
+
+  /** See detachTcp. */
+  async detach(): Promise<number> {
+    if (this.done || this.writeEnded) throw new TransportError(TransportErrorCode.CLOSED, `connection ${this.localAddress} is closed: nothing to detach`);
+    if (this.inbound.bytes > 0) throw new BugIndicatingError(`connection ${this.localAddress} has ${this.inbound.bytes} bytes read and not consumed: they would be lost`);
+    // What was written goes to the kernel first (node:net may still hold it).
+    while (this.socket.writableLength > 0 && !this.done) await new Promise<void>((r) => this.socket.once('drain', r));
+    const fd = (this.socket as net.Socket & { _handle?: { fd?: number } | null })._handle?.fd;
+    if (this.done || typeof fd !== 'number' || fd < 0) throw new TransportError(TransportErrorCode.IO, `connection ${this.localAddress} has no descriptor to detach`);
+    const own = dupBlocking(fd);
+    // The socket closes its descriptor; the duplicate keeps the connection (no FIN, no RST).
+    this.done = true;
+    this.socket.destroy();
+    this.resolveClosed(undefined);
+    return own;
+  }
+}
+
+/**
+ * Takes a TCP connection off its event loop: returns a blocking duplicate of its socket's file
+ * descriptor, for a BlockingSocket (net/blocking-socket.ts) in any thread of this process, and
+ * lets the node:net socket go. The connection stays open; this Connection is done. Bytes the peer
+ * sent that were read already and not consumed would be lost, so a protocol detaches only when the
+ * peer waits for it to speak (refused otherwise).
+ */
+export function detachTcp(conn: Connection): Promise<number> {
+  if (!(conn instanceof TcpConnection)) return Promise.reject(new InvalidArgumentError(`a ${conn.constructor.name} is not a TCP connection: only TCP sockets detach`));
+  return conn.detach();
 }
 
 /** The TCP transport factory. */

@@ -16,6 +16,8 @@ import type { NetRecordData } from '../../core/net-ring.js';
 import { Histogram } from '../../core/metrics.js';
 import { decodeGlobals, encodeGlobals, type GlobalDesc, type GlobalValue } from './globals.js';
 import { SPARE_ROLE, type SpareThreadData } from './vcpu-threads.js';
+import { FaultChannelBlock, FaultFetcher } from './fault-channel.js';
+import { preloadBlockingSockets } from '../net/blocking-socket.js';
 
 export interface VcpuWorkerData {
   name: string;
@@ -43,7 +45,9 @@ export type ToWorker =
   | { t: 'soft-pages'; id: number }
   | { t: 'block-bitmap'; id: number; clear: boolean }
   /** Answer once paused (at once if paused now) with the state and the soft pages: see Vm.pauseWithState. */
-  | { t: 'export-at-pause'; id: number };
+  | { t: 'export-at-pause'; id: number }
+  /** Post-copy: fetch missing pages on this fault channel (see fault-channel.ts); `pages`: the presence map's. */
+  | { t: 'fault-channel'; block: SharedArrayBuffer; pages: number; waitNice: number | null };
 
 export type FromWorker =
   | { t: 'standby' }
@@ -119,6 +123,9 @@ function warmRestorePath(memory: WebAssembly.Memory): void {
 }
 if (!initial.boot) {
   if (!adopted) warmRestorePath(initial.memory);
+  // A destination that may take post-copy faults fetches pages itself (fault-channel.ts): its
+  // socket calls load now (~30 ms), while the source still runs, not at the first fault.
+  if (initial.modules.presence) preloadBlockingSockets();
   parentPort!.postMessage({ t: 'standby' } satisfies FromWorker);
 }
 const bootInfo = initial.boot ?? awaitBoot();
@@ -146,10 +153,20 @@ function isPresent(page: number): boolean {
   return Atomics.load(presence, PRESENCE_MAP_OFFSET + page) !== 0;
 }
 
-/** Blocks the vCPU until `page` is present. Served by the destination's fault service. */
+/** Post-copy with a fault channel: this thread fetches its missing pages itself. */
+let fetcher: FaultFetcher | null = null;
+
+/**
+ * Blocks the vCPU until `page` is present: fetched on the fault channel by this thread, or else
+ * served by the destination's fault service.
+ */
 function fault(page: number): void {
   if (isPresent(page)) return;
   const t0 = process.hrtime.bigint();
+  if (fetcher?.fetch(page)) {
+    Histogram.recordShared(faultWaits, Number(process.hrtime.bigint() - t0) / 1e6);
+    return;
+  }
   Atomics.store(ctl, Ctl.FAULT_PAGE, page);
   Atomics.add(ctl, Ctl.FAULT_REQ, 1);
   Atomics.notify(ctl, Ctl.FAULT_REQ);
@@ -329,6 +346,12 @@ function handle(msg: ToWorker): void {
     case 'soft-pages':
       // Typed arrays: one copy when cloned (a number[] of 32 Ki words took ~2 ms per request).
       post({ t: 'reply', id: msg.id, ok: true, value: devices.softPageWords() });
+      return;
+    case 'fault-channel':
+      fetcher = new FaultFetcher({
+        block: new FaultChannelBlock(msg.block), pages: msg.pages, waitNice: msg.waitNice,
+        memory: () => data.memory.buffer, stopping: () => Atomics.load(ctl, Ctl.CMD) === Cmd.STOP,
+      });
       return;
     case 'block-bitmap': {
       const bm = devices.blockWriteBitmap();

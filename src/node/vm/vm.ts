@@ -655,6 +655,15 @@ export class Vm extends EventEmitter {
     };
   }
 
+  /**
+   * Post-copy: the vCPU fetches its missing pages itself on the fault channel `block` shares
+   * (see fault-channel.ts), waiting for each at nice `waitNice` (null: its own). Before
+   * resume(): the thread takes it before it runs again.
+   */
+  useFaultChannel(block: SharedArrayBuffer, pages: number, waitNice: number | null): void {
+    this.send({ t: 'fault-channel', block, pages, waitNice });
+  }
+
   /** Each post-copy fault's wait as the vCPU saw it, ms (a copy). */
   faultWaits(): Histogram {
     return Histogram.fromShared(faultWaitsOf(this.stats));

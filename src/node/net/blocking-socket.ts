@@ -1,0 +1,177 @@
+/**
+ * A TCP socket a thread blocks on: for threads that wait on the network without an event loop (a
+ * post-copy vCPU fetching its own missing page, the source's thread answering it). Each wait is a
+ * poll(2) in the thread itself, woken by the kernel when bytes arrive: no event loop between the
+ * socket and the code that needs the bytes, and no second thread to hand them over (each hand-over
+ * between threads cost ~35-50 µs at p50 on the machines measured, more under load; see
+ * docs/metrics.md, "post-copy fault latency").
+ *
+ * Node has no blocking sockets, so the calls go to libc through koffi (a well-kept FFI library with
+ * prebuilt binaries). A connection is set up the ordinary way (node:net, the handshake in frames)
+ * and then detached from its event loop (detachTcp in transport/tcp.ts): its descriptor is
+ * duplicated, made blocking, and the node:net socket let go. File descriptors belong to the
+ * process, so the number can be handed to any thread.
+ */
+import { createRequire } from 'node:module';
+import { FerryError } from '../../core/errors.js';
+
+/** A blocking socket's system call failed, or its peer closed it. */
+export class BlockingSocketError extends FerryError {
+  constructor(message: string, readonly errno = 0) {
+    super('ERR_BLOCKING_SOCKET', message);
+  }
+}
+
+const POLLIN = 0x1;
+const F_GETFL = 3;
+const F_SETFL = 4;
+const O_NONBLOCK = 0o4000;
+const MSG_NOSIGNAL = 0x4000;
+const MSG_DONTWAIT = 0x40;
+const SHUT_RDWR = 2;
+const EINTR = 4;
+const EAGAIN = 11;
+
+interface Libc {
+  dup(fd: number): number;
+  fcntl(fd: number, cmd: number, ...rest: unknown[]): number;
+  poll(fds: Uint8Array, n: number, timeoutMs: number): number;
+  recv(fd: number, into: Uint8Array, n: number, flags: number): number;
+  send(fd: number, from: Uint8Array, n: number, flags: number): number;
+  shutdown(fd: number, how: number): number;
+  close(fd: number): number;
+  errno(): number;
+}
+
+let libc: Libc | null = null;
+
+/**
+ * libc's socket calls, loaded on first use (~30 ms the first time in a thread: a thread that will
+ * need them soon loads them early, see preloadBlockingSockets).
+ */
+function c(): Libc {
+  if (libc) return libc;
+  if (process.platform !== 'linux') throw new BlockingSocketError(`blocking sockets are built for Linux, not ${process.platform}`);
+  const koffi = createRequire(import.meta.url)('koffi') as {
+    load(name: string): { func(decl: string): (...args: unknown[]) => number };
+    errno(): number;
+  };
+  const lib = koffi.load('libc.so.6');
+  const f = (decl: string) => lib.func(decl);
+  const fcntl = f('int fcntl(int fd, int cmd, ...)');
+  libc = {
+    dup: f('int dup(int fd)') as Libc['dup'],
+    fcntl: (fd, cmd, ...rest) => fcntl(fd, cmd, ...rest),
+    poll: f('int poll(void *fds, uint64_t n, int timeout)') as Libc['poll'],
+    recv: f('intptr_t recv(int fd, void *buf, uintptr_t n, int flags)') as Libc['recv'],
+    send: f('intptr_t send(int fd, void *buf, uintptr_t n, int flags)') as Libc['send'],
+    shutdown: f('int shutdown(int fd, int how)') as Libc['shutdown'],
+    close: f('int close(int fd)') as Libc['close'],
+    errno: () => koffi.errno(),
+  };
+  return libc;
+}
+
+/** Loads libc's calls now, so that the first blocking call does not pay for it. */
+export function preloadBlockingSockets(): boolean {
+  try {
+    c();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Whether this machine has blocking sockets (Linux, with koffi's binary for it). */
+export function blockingSocketsAvailable(): boolean {
+  return preloadBlockingSockets();
+}
+
+/**
+ * A duplicate of `fd` in blocking mode, for a socket about to be let go by its event loop (the
+ * duplicate keeps the connection open when the original is closed).
+ */
+export function dupBlocking(fd: number): number {
+  const l = c();
+  const own = l.dup(fd);
+  if (own < 0) throw new BlockingSocketError(`dup(${fd}) failed (errno ${l.errno()})`, l.errno());
+  const flags = l.fcntl(own, F_GETFL, 'int', 0);
+  if (flags < 0 || l.fcntl(own, F_SETFL, 'int', flags & ~O_NONBLOCK) < 0) {
+    const e = l.errno();
+    l.close(own);
+    throw new BlockingSocketError(`cannot make descriptor ${own} blocking (errno ${e})`, e);
+  }
+  return own;
+}
+
+/** A connected TCP socket in blocking mode, owned by one thread at a time. */
+export class BlockingSocket {
+  private readonly pollfd = new Uint8Array(8);
+  private closed = false;
+
+  constructor(readonly fd: number) {
+    if (!Number.isSafeInteger(fd) || fd < 0) throw new BlockingSocketError(`${fd} is not a file descriptor`);
+    new DataView(this.pollfd.buffer).setInt32(0, fd, true);
+    new DataView(this.pollfd.buffer).setInt16(4, POLLIN, true);
+    c();
+  }
+
+  /** Sends all of `bytes`, blocking while the kernel's buffer is full. */
+  sendAll(bytes: Uint8Array): void {
+    const l = c();
+    let at = 0;
+    while (at < bytes.length) {
+      const part = at === 0 ? bytes : bytes.subarray(at);
+      const n = l.send(this.fd, part, part.length, MSG_NOSIGNAL);
+      if (n < 0) {
+        const e = l.errno();
+        if (e === EINTR || e === EAGAIN) continue;
+        throw new BlockingSocketError(`send on descriptor ${this.fd} failed (errno ${e})`, e);
+      }
+      at += n;
+    }
+  }
+
+  /**
+   * Waits up to `timeoutMs` for bytes, then reads what is there into `into`: their count, 0 when
+   * the peer closed its side, or -1 when the time passed with nothing to read.
+   */
+  recvSome(into: Uint8Array, timeoutMs: number): number {
+    const l = c();
+    for (;;) {
+      const ready = l.poll(this.pollfd, 1, timeoutMs);
+      if (ready < 0) {
+        const e = l.errno();
+        if (e === EINTR) continue;
+        throw new BlockingSocketError(`poll on descriptor ${this.fd} failed (errno ${e})`, e);
+      }
+      if (ready === 0) return -1;
+      const n = l.recv(this.fd, into, into.length, 0);
+      if (n >= 0) return n;
+      const e = l.errno();
+      if (e === EINTR || e === EAGAIN) continue;
+      throw new BlockingSocketError(`recv on descriptor ${this.fd} failed (errno ${e})`, e);
+    }
+  }
+
+  /** Reads and drops what has arrived, without waiting. */
+  discardPending(): void {
+    const l = c();
+    const sink = new Uint8Array(16 * 1024);
+    while (l.recv(this.fd, sink, sink.length, MSG_DONTWAIT) > 0);
+  }
+
+  /**
+   * Ends both directions (the peer sees the end; a thread blocked reading here wakes and reads
+   * it). The descriptor stays open until close(), so its number cannot be reused meanwhile.
+   */
+  shutdown(): void {
+    if (!this.closed) c().shutdown(this.fd, SHUT_RDWR);
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    c().close(this.fd);
+  }
+}

@@ -1,0 +1,190 @@
+/**
+ * Post-copy faults fetched by the vCPU's own thread (vm/fault-channel.ts) over a connection taken
+ * off its event loop (transport/tcp.ts detachTcp, net/blocking-socket.ts). Real sockets, real
+ * threads at the source; this test's thread plays the vCPU, which blocks while it fetches.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { xxh64 } from '@node-rs/xxhash';
+import { PRESENCE_MAP_OFFSET, RESERVED_BYTES, RESERVED_PAGES } from '../../src/core/abi.js';
+import { Bitmap } from '../../src/core/bitmap.js';
+import { FrameDecoder } from '../../src/core/protocol/decoder.js';
+import { encodeFrame } from '../../src/core/protocol/encode.js';
+import { FramedConnection } from '../../src/core/transport/framed.js';
+import type { Connection } from '../../src/core/transport/transport.js';
+import { FaultThreadListener, SourceFaultThreads, type NodeDestinationFaultLink } from '../../src/node/engine/fault-thread.js';
+import { BlockingSocket, BlockingSocketError } from '../../src/node/net/blocking-socket.js';
+import { detachTcp, tcp } from '../../src/node/transport/tcp.js';
+import { FaultChannelBlock, FaultFetcher, LOG_READ_MS } from '../../src/node/vm/fault-channel.js';
+
+const PAGE = 4096;
+
+/** A VM's memory as both ends see it: `pages` guest pages after the reserved area. */
+function memory(pages: number): { buffer: SharedArrayBuffer; bytes: Uint8Array; presence: Uint8Array; page: (p: number) => Uint8Array } {
+  const buffer = new SharedArrayBuffer(RESERVED_BYTES + pages * PAGE);
+  const bytes = new Uint8Array(buffer);
+  return {
+    buffer, bytes,
+    presence: new Uint8Array(buffer, PRESENCE_MAP_OFFSET + RESERVED_PAGES, pages),
+    page: (p) => bytes.subarray(RESERVED_BYTES + p * PAGE, RESERVED_BYTES + (p + 1) * PAGE),
+  };
+}
+
+const until = async (ok: () => boolean, what: string) => {
+  for (let i = 0; i < 400 && !ok(); i++) await new Promise((r) => setTimeout(r, 5));
+  assert.ok(ok(), what);
+};
+
+test('detachTcp: the connection outlives its node:net socket, and a blocking socket carries both directions', async (t) => {
+  let peer: Connection | null = null;
+  const listener = await tcp().listen({ onConnection: (c) => { peer = c; } });
+  t.after(() => listener.close());
+  const conn = await tcp().dial(listener.address);
+  await until(() => peer !== null, 'accepted');
+  const fd = await detachTcp(conn);
+  const socket = new BlockingSocket(fd);
+  t.after(() => socket.close());
+  assert.equal(await conn.closed, undefined, 'the Connection is done, without an error');
+  await assert.rejects(conn.write(new Uint8Array(1)), { code: 'ERR_TRANSPORT_CLOSED' });
+
+  const framed = new FramedConnection(peer!);
+  socket.sendAll(encodeFrame({ type: 'PING', seq: 7, time: 1.5 }));
+  assert.deepEqual(await framed.next(), { type: 'PING', seq: 7, time: 1.5 });
+  await framed.send({ type: 'PONG', seq: 7, time: 1.5 });
+  const into = new Uint8Array(256);
+  const decoder = new FrameDecoder();
+  const got = [];
+  while (got.length === 0) {
+    const n = socket.recvSome(into, 1000);
+    assert.ok(n > 0, 'bytes arrive');
+    got.push(...decoder.push(into.subarray(0, n)));
+  }
+  assert.deepEqual(got, [{ type: 'PONG', seq: 7, time: 1.5 }]);
+  assert.equal(socket.recvSome(into, 10), -1, 'nothing more: the wait times out');
+  await framed.close();
+  assert.equal(socket.recvSome(into, 1000), 0, 'the peer’s end is read as 0 bytes');
+});
+
+test('detachTcp refuses what is not a TCP connection, and a connection already closed, by name', async (t) => {
+  await assert.rejects(detachTcp({ constructor: { name: 'MemoryConnection' } } as unknown as Connection), { code: 'ERR_INVALID_ARGUMENT' });
+  const listener = await tcp().listen({ onConnection: () => undefined });
+  t.after(() => listener.close());
+  const conn = await tcp().dial(listener.address);
+  conn.abort();
+  await assert.rejects(detachTcp(conn), { code: 'ERR_TRANSPORT_CLOSED' });
+  assert.throws(() => new BlockingSocket(-1), BlockingSocketError);
+});
+
+test('post-copy, vCPU-fetched faults: the page comes from the source thread into guest memory, present pages are never overwritten, the fault thread reports each install', async (t) => {
+  const pages = 64;
+  const listener = new FaultThreadListener('127.0.0.1');
+  const threads = new SourceFaultThreads();
+  t.after(async () => {
+    await listener.close();
+    await threads.close();
+  });
+  const port = await listener.port();
+  const token = '3c'.repeat(16);
+  const link = listener.expect(token) as NodeDestinationFaultLink;
+
+  // The source: every page filled with its own number; page 9 zero, page 11 reported free.
+  const src = memory(pages);
+  for (let p = 0; p < pages; p++) src.page(p).fill(p === 9 ? 0 : p + 1);
+  const sourceLink = await threads.open('127.0.0.1', port, token, () => ({ buffer: src.buffer, pages }));
+  await until(() => link.joined, 'the fault connection joined');
+  assert.ok(link.fd !== null && link.fd >= 0, 'an unshaped connection is detached for the vCPU');
+  const soft = new Bitmap(pages);
+  soft.set(11);
+  const served: number[] = [];
+  sourceLink.serve(soft, (p) => served.push(...p), (e) => assert.fail(e));
+
+  // The destination: pages 3, 9 and 20 absent; page 4 present with the guest's own content.
+  const dst = memory(pages);
+  dst.presence.fill(1);
+  for (const p of [3, 9, 20]) dst.presence[p] = 0;
+  dst.page(4).fill(0xee);
+  const block = FaultChannelBlock.create(pages);
+  block.setSocket(link.fd!);
+  const installed: [number, bigint, number | null][] = [];
+  const failures: Error[] = [];
+  link.start({ memory: dst.buffer, ctl: new SharedArrayBuffer(64), channel: block.buffer, pages }, {
+    installed: (page, hash, waited) => installed.push([page, hash, waited]),
+    failed: (e) => failures.push(e),
+  });
+  // The session's own thread may install a page while the vCPU waits for it: `push` plays that
+  // when the vCPU next looks whether it should stop (it looks before each wait).
+  let push: (() => void) | null = null;
+  const stopping = () => {
+    push?.();
+    return false;
+  };
+  const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping, waitNice: null });
+
+  assert.equal(fetcher.fetch(3 + RESERVED_PAGES), true);
+  assert.ok(dst.page(3).every((b) => b === 4), 'page 3 holds the source’s content');
+  assert.equal(dst.presence[3], 1);
+  assert.equal(fetcher.fetch(9 + RESERVED_PAGES), true);
+  assert.ok(dst.page(9).every((b) => b === 0) && dst.presence[9] === 1, 'a zero page arrives as zero');
+  assert.equal(fetcher.fetch(pages + RESERVED_PAGES), false, 'a page beyond the VM is not asked for (the access traps)');
+  assert.equal(fetcher.fetch(2), false, 'nor is one in the reserved area');
+  // Page 20 claimed by the session's own thread (a push under way) before the answer comes: the
+  // answer is not installed, and the vCPU runs on once the push marked the page present.
+  assert.equal(block.claim(20), true);
+  let looks = 0;
+  push = () => {
+    if (++looks !== 2) return;
+    dst.page(20).fill(0xaa);
+    dst.presence[20] = 1;
+  };
+  assert.equal(fetcher.fetch(20 + RESERVED_PAGES), true);
+  push = null;
+  assert.ok(dst.page(20).every((b) => b === 0xaa), 'the pushed content stays: the answer lost the claim');
+  assert.ok(dst.page(4).every((b) => b === 0xee), 'a present page keeps what the guest wrote');
+
+  await until(() => installed.length >= 3, 'the fault thread reported the installs');
+  assert.deepEqual(installed.map(([p]) => p), [3, 9, 20]);
+  assert.equal(installed[0][1], xxh64(src.page(3)), 'the hash is the digest hash of what was installed');
+  assert.equal(installed[2][1], 0n, 'page 20: only the wait is news (the push reports its hash)');
+  assert.ok(installed.every(([, , ms]) => ms !== null && ms >= 0), 'each was a fault, with its service time');
+  await until(() => served.length >= 3, 'the source counted what it served');
+  assert.deepEqual(served, [3, 9, 20]);
+  assert.deepEqual(failures, []);
+
+  // The session ends: the thread takes the socket back; the vCPU no longer fetches on it.
+  await link.close();
+  await sourceLink.close();
+  dst.presence[30] = 0;
+  assert.equal(fetcher.fetch(30 + RESERVED_PAGES), false, 'no socket any more: the vCPU waits as without a channel');
+  assert.ok(LOG_READ_MS > 0);
+});
+
+test('post-copy, vCPU-fetched faults: a source that answers with a frame the fault channel does not carry fails the session by name', async (t) => {
+  const pages = 8;
+  const listener = new FaultThreadListener('127.0.0.1');
+  t.after(() => listener.close());
+  const port = await listener.port();
+  const token = '4d'.repeat(16);
+  const link = listener.expect(token) as NodeDestinationFaultLink;
+  // A source of the test's own, on a real socket: it answers the first request with a COMPLETE.
+  const source = new FramedConnection(await tcp().dial(`127.0.0.1:${port}`));
+  t.after(() => source.abort());
+  await source.send({ type: 'JOIN', token, stream: 0, role: 'fault' });
+  assert.equal((await source.next())?.type, 'ACK');
+  await until(() => link.fd !== null, 'detached');
+  const dst = memory(pages);
+  dst.presence.fill(1);
+  dst.presence[5] = 0;
+  const block = FaultChannelBlock.create(pages);
+  block.setSocket(link.fd!);
+  const failures: Error[] = [];
+  link.start({ memory: dst.buffer, ctl: new SharedArrayBuffer(64), channel: block.buffer, pages }, { installed: () => undefined, failed: (e) => failures.push(e) });
+  // The answer is on its way before the vCPU asks (this thread blocks while it fetches).
+  await source.send({ type: 'RESUMED', pagesMissing: 0 });
+  const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping: () => false, waitNice: null });
+  assert.equal(fetcher.fetch(5 + RESERVED_PAGES), false, 'the channel failed: the vCPU waits as without one');
+  assert.equal(dst.presence[5], 0, 'nothing was installed');
+  await until(() => failures.length > 0, 'the failure reached the session');
+  assert.equal((failures[0] as { code?: string }).code, 'ERR_PROTOCOL_SEQUENCE');
+  assert.match(failures[0].message, /RESUMED on the fault channel/);
+  await link.close();
+});
