@@ -227,8 +227,8 @@ async function downtimeFloor(ctx: BenchContext, mem: number, bandwidth: number, 
 
 async function postcopyFaults(ctx: BenchContext, mem: number): Promise<void> {
   // The hosts' default scheduling carries the targets; the one an experiment on fault latency may
-  // choose (real-time fault threads, the vCPU at nice -10) is measured beside it (see
-  // FaultThreadPriority and POSTCOPY_VCPU_NICE).
+  // choose (real-time fault threads, the vCPU at nice -10 for all of post-copy, not only while it
+  // waits for a page) is measured beside it (see FaultThreadPriority and POSTCOPY_VCPU_NICE).
   await postcopyFaultsWith(ctx, mem, destination!, 'postcopy', true);
   await settle();
   const rt = await DestinationProcess.start('realtime', REALTIME_VCPU_NICE);
@@ -254,7 +254,7 @@ async function postcopyFaultsWith(ctx: BenchContext, mem: number, dest: Destinat
   const target = (t: string) => (targets ? { target: t } : {});
   ctx.report({ metric: `${label}.fault-latency.p50`, value: d.p50 ?? NaN, unit: 'ms', ...target('<= 0.2'), note: `the vCPU's wait for each fault, measured in its thread (stopped → running on); ${note}` });
   ctx.report({ metric: `${label}.fault-latency.p99`, value: d.p99 ?? NaN, unit: 'ms', ...target('<= 1'), note: `mean ${d.mean?.toFixed(3)} ms, max ${d.max?.toFixed(2)} ms` });
-  ctx.report({ metric: `${label}.fault-service.p50`, value: w.p50 ?? NaN, unit: 'ms', note: `the destination fault thread's part: request sent → page installed, ${w.count} requests (the rest of the vCPU's wait is its two hand-overs with that thread)` });
+  ctx.report({ metric: `${label}.fault-service.p50`, value: w.p50 ?? NaN, unit: 'ms', note: `request sent → page installed, ${w.count} requests: the network round trip and the source's thread (the vCPU sends and installs itself; the rest of its wait is noting the fault and running on)` });
   ctx.report({ metric: `${label}.fault-service.p99`, value: w.p99 ?? NaN, unit: 'ms', note: `mean ${w.mean?.toFixed(3)} ms` });
   ctx.report({ metric: `${label}.report-fault-latency.p50`, value: s.p50 ?? NaN, unit: 'ms', ...target('<= 0.2'), note: `source report histogram (request in → page sent), ${s.count} faults` });
   ctx.report({ metric: `${label}.report-fault-latency.p99`, value: s.p99 ?? NaN, unit: 'ms', ...target('<= 1') });
@@ -267,7 +267,7 @@ async function postcopyFaultsWith(ctx: BenchContext, mem: number, dest: Destinat
     metric: `${label}.fault-latency.floor.p99`, value: percentile(f.loaded, 99), unit: 'ms',
     note: `4 KiB request/response between two processes' otherwise idle threads (scheduled as the fault threads: ${got}) while their main threads stream ${(f.bulkBytesPerSec / 1e9).toFixed(2)} GB/s, this run's push rate (${fmt(f.loaded)}); quiet machine: ${fmt(f.idle)}`,
   });
-  ctx.report({ metric: `${label}.fault-service.p99.vs-floor`, value: (w.p99 ?? NaN) / percentile(f.loaded, 99), unit: '×', note: 'like for like: a round trip between two threads' });
+  ctx.report({ metric: `${label}.fault-service.p99.vs-floor`, value: (w.p99 ?? NaN) / percentile(f.loaded, 99), unit: '×', note: 'the floor is two event-loop threads exchanging 4 KiB; a fault goes between two threads blocked on their sockets, which can beat it' });
 }
 
 /**

@@ -3,8 +3,8 @@
  * post-copy vCPU fetching its own missing page, the source's thread answering it). Each wait is a
  * poll(2) in the thread itself, woken by the kernel when bytes arrive: no event loop between the
  * socket and the code that needs the bytes, and no second thread to hand them over (each hand-over
- * between threads cost ~35-50 µs at p50 on the machines measured, more under load; see
- * docs/metrics.md, "post-copy fault latency").
+ * between threads cost ~35-50 µs at p50 on the machines measured, more under load; see the
+ * post-copy faults row of docs/metrics.md).
  *
  * Node has no blocking sockets, so the calls go to libc through koffi (a well-kept FFI library with
  * prebuilt binaries). A connection is set up the ordinary way (node:net, the handshake in frames)
