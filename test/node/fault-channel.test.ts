@@ -15,6 +15,7 @@ import type { Connection } from '../../src/core/transport/transport.js';
 import { FaultThreadListener, SourceFaultThreads, type NodeDestinationFaultLink } from '../../src/node/engine/fault-thread.js';
 import { BlockingSocket, BlockingSocketError } from '../../src/node/net/blocking-socket.js';
 import { detachTcp, tcp } from '../../src/node/transport/tcp.js';
+import { joinedFaultThread } from '../helpers/fault-listener.js';
 import { FaultChannelBlock, FaultFetcher, LOG_READ_MS } from '../../src/node/vm/fault-channel.js';
 
 const PAGE = 4096;
@@ -160,16 +161,8 @@ test('post-copy, vCPU-fetched faults: the page comes from the source thread into
 
 test('post-copy, vCPU-fetched faults: a source that answers with a frame the fault channel does not carry fails the session by name', async (t) => {
   const pages = 8;
-  const listener = new FaultThreadListener('127.0.0.1');
-  t.after(() => listener.close());
-  const port = await listener.port();
-  const token = '4d'.repeat(16);
-  const link = listener.expect(token) as NodeDestinationFaultLink;
-  // A source of the test's own, on a real socket: it answers the first request with a COMPLETE.
-  const source = new FramedConnection(await tcp().dial(`127.0.0.1:${port}`));
-  t.after(() => source.abort());
-  await source.send({ type: 'JOIN', token, stream: 0, role: 'fault' });
-  assert.equal((await source.next())?.type, 'ACK');
+  // A source of the test's own: it answers the first request with a RESUMED.
+  const { link, source } = await joinedFaultThread(t, '4d'.repeat(16));
   await until(() => link.fd !== null, 'detached');
   const dst = memory(pages);
   dst.presence.fill(1);

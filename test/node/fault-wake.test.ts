@@ -9,13 +9,11 @@ import assert from 'node:assert/strict';
 import { PRESENCE_MAP_OFFSET, RESERVED_BYTES, RESERVED_PAGES } from '../../src/core/abi.js';
 import { xxh64 } from '@node-rs/xxhash';
 import { Encoding } from '../../src/core/protocol/frames.js';
-import { FramedConnection } from '../../src/core/transport/framed.js';
-import { FaultThreadListener, type NodeDestinationFaultLink } from '../../src/node/engine/fault-thread.js';
-import { tcp } from '../../src/node/transport/tcp.js';
 import { Bitmap } from '../../src/core/bitmap.js';
 import { DestinationVmAdapter } from '../../src/node/engine/adapters.js';
 import { Ctl } from '../../src/node/vm/control.js';
 import type { Vm } from '../../src/node/vm/vm.js';
+import { joinedFaultThread } from '../helpers/fault-listener.js';
 import { FaultChannelBlock } from '../../src/node/vm/fault-channel.js';
 
 function standIn(pages: number): { vm: Vm; ctl: Int32Array; presence: Uint8Array } {
@@ -60,16 +58,8 @@ test('post-copy: markPresent wakes the vCPU for the page it waits on, and only f
 });
 
 test('destination fault thread (a shaped link: the thread serves faults): installs an absent demand page, never a present one, and refuses a page beyond the VM by name', async (t) => {
-  const listener = new FaultThreadListener('127.0.0.1');
-  listener.shape = { latencyMs: 1 }; // a shaped fault connection stays on the thread, which applies the shaper
-  t.after(() => listener.close());
-  const port = await listener.port();
-  const token = '5a'.repeat(16);
-  const link = listener.expect(token) as NodeDestinationFaultLink;
-  const source = new FramedConnection(await tcp().dial(`127.0.0.1:${port}`));
-  t.after(() => source.abort());
-  await source.send({ type: 'JOIN', token, stream: 0, role: 'fault' });
-  assert.equal((await source.next())?.type, 'ACK');
+  // A shaped fault connection stays on the thread, which applies the shaper.
+  const { link, source } = await joinedFaultThread(t, '5a'.repeat(16), { latencyMs: 1 });
 
   const pages = 16;
   const memory = new SharedArrayBuffer(RESERVED_BYTES + pages * 4096);
