@@ -3,6 +3,7 @@
  * off its event loop (transport/tcp.ts detachTcp, net/blocking-socket.ts). Real sockets, real
  * threads at the source; this test's thread plays the vCPU, which blocks while it fetches.
  */
+import { getPriority, setPriority } from 'node:os';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { xxh64 } from '@node-rs/xxhash';
@@ -115,13 +116,30 @@ test('post-copy, vCPU-fetched faults: the page comes from the source thread into
   // The session's own thread may install a page while the vCPU waits for it: `push` plays that
   // when the vCPU next looks whether it should stop (it looks before each wait).
   let push: (() => void) | null = null;
+  const niceWhileWaiting: number[] = [];
   const stopping = () => {
+    niceWhileWaiting.push(getPriority(0));
     push?.();
     return false;
   };
-  const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping, waitNice: null });
+  // While it waits for a page the vCPU runs at the fault threads' nice value (one below its own
+  // here), where it may raise itself (root or CAP_SYS_NICE); back at its own once the page is in.
+  const own = getPriority(0);
+  const raised = own - 1;
+  const mayRaise = (() => {
+    try {
+      setPriority(0, raised);
+      setPriority(0, own);
+      return true;
+    } catch {
+      return false;
+    }
+  })();
+  const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping, waitNice: raised });
 
   assert.equal(fetcher.fetch(3 + RESERVED_PAGES), true);
+  assert.ok(niceWhileWaiting.length > 0 && niceWhileWaiting.every((n) => n === (mayRaise ? raised : own)), `waited at nice ${niceWhileWaiting.join(', ')}`);
+  assert.equal(getPriority(0), own, 'back at its own nice value');
   assert.ok(dst.page(3).every((b) => b === 4), 'page 3 holds the source’s content');
   assert.equal(dst.presence[3], 1);
   assert.equal(fetcher.fetch(9 + RESERVED_PAGES), true);
