@@ -473,6 +473,39 @@ test('post-copy with fault threads: page requests and answers go between threads
   }
 });
 
+test('post-copy with fault threads: the source lost while pages are missing fails the destination by name, and its VM stops when its owner discards it (a vCPU blocked on its fault socket included)', async (t) => {
+  const src = await source('mem=24MiB wss=24MiB pattern=uniform rate=100000000');
+  const made: Vm[] = [];
+  const { listener, threads } = faultThreadsFor(t, src, made);
+  const acceptor = new MigrationAcceptor(deps, { faultThreads: listener });
+  const ended: Promise<unknown>[] = [];
+  const migrations = await tcp().listen({ onConnection: (c) => { ended.push(acceptor.accept(c, factory(made)).then(() => null, (e: unknown) => e)); } });
+  t.after(() => migrations.close());
+  const conn = await tcp().dial(migrations.address);
+  let cut = false;
+  const p = migrateSource(conn, sourceVmOf(src), deps, {
+    mode: 'postcopy', baselineMs: 0, connect: () => tcp().dial(migrations.address),
+    faultThread: sourceFaultThread(threads, src, '127.0.0.1'),
+    onProgress: (pr) => {
+      if (!cut && pr.phase === 'postcopy' && pr.pagesSent > 600) {
+        cut = true;
+        conn.abort(); // the source is gone, as far as the destination can tell
+      }
+    },
+  });
+  await assert.rejects(p, FerryError);
+  assert.equal(cut, true, 'the connection was cut in post-copy');
+  const err = await ended[0];
+  assert.ok(err instanceof FerryError, `the destination failed by name: ${String(err)}`);
+  assert.equal(made.length, 1);
+  const vm = made[0];
+  assert.ok(vm.faultWaits().count > 0, 'its vCPU had faulted on the fault channel');
+  // The VM ran here and depends on the source: its owner discards it (the host agent does).
+  const stopped = vm.stop().then(() => 'stopped');
+  assert.equal(await Promise.race([stopped, new Promise((r) => setTimeout(() => r('still stopping after 2 s'), 2000))]), 'stopped');
+  assert.equal(vm.state, 'stopped');
+});
+
 test('post-copy: a fault thread that cannot be reached, opens too late, or a source without one: the fault channel joins as usual; verified', async (t) => {
   const listener = new FaultThreadListener('127.0.0.1');
   t.after(() => listener.close());

@@ -227,7 +227,7 @@ export class FaultFetcher {
       const own = this.boost();
       try {
         while (!this.present(page)) {
-          if (this.init.stopping()) throw new StopWhileFaulting();
+          if (this.init.stopping()) throw new StoppedWhileFaulting();
           const n = socket.recvSome(this.into, POLL_MS);
           if (n < 0) continue;
           if (n === 0) throw new MigrationError('ERR_MIGRATION_PEER_CLOSED', 'the source closed the fault channel');
@@ -240,7 +240,7 @@ export class FaultFetcher {
       if (!this.answered) block.logInstall(page, 0n, performance.now() - sent);
       return true;
     } catch (e) {
-      if (e instanceof StopWhileFaulting) throw new Error('stopped while waiting for a post-copy page');
+      if (e instanceof StoppedWhileFaulting) throw e;
       // Taken back (all pages are in, or the session ended): no failure of the channel's.
       if (Atomics.load(block.words, W.FD) < 0) return this.present(page);
       block.fail(e instanceof FerryError ? e.code : 'ERR_MIGRATION_FAULT_CHANNEL', (e as Error).message);
@@ -333,4 +333,9 @@ export class FaultFetcher {
   }
 }
 
-class StopWhileFaulting extends Error {}
+/** The vCPU was told to stop while it waited for a page: it stops (the guest's quantum unwinds). */
+export class StoppedWhileFaulting extends Error {
+  constructor() {
+    super('stopped while waiting for a post-copy page');
+  }
+}

@@ -16,7 +16,7 @@ import type { NetRecordData } from '../../core/net-ring.js';
 import { Histogram } from '../../core/metrics.js';
 import { decodeGlobals, encodeGlobals, type GlobalDesc, type GlobalValue } from './globals.js';
 import { SPARE_ROLE, type SpareThreadData } from './vcpu-threads.js';
-import { FaultChannelBlock, FaultFetcher } from './fault-channel.js';
+import { FaultChannelBlock, FaultFetcher, StoppedWhileFaulting } from './fault-channel.js';
 import { preloadBlockingSockets } from '../net/blocking-socket.js';
 
 export interface VcpuWorkerData {
@@ -173,7 +173,7 @@ function fault(page: number): void {
   while (!isPresent(page)) {
     const seen = Atomics.load(ctl, Ctl.FAULT_DONE);
     if (isPresent(page)) break;
-    if (Atomics.load(ctl, Ctl.CMD) === Cmd.STOP) throw new Error('stopped while waiting for a post-copy page');
+    if (Atomics.load(ctl, Ctl.CMD) === Cmd.STOP) throw new StoppedWhileFaulting();
     Atomics.wait(ctl, Ctl.FAULT_DONE, seen, 100);
   }
   Histogram.recordShared(faultWaits, Number(process.hrtime.bigint() - t0) / 1e6);
@@ -453,6 +453,9 @@ function main(): void {
     } catch (e) {
       if (e instanceof HaltSignal) {
         status = RunStatus.HALTED;
+      } else if (e instanceof StoppedWhileFaulting) {
+        bumpEpoch();
+        break; // a stop, not a trap: the VM is discarded while pages are missing
       } else {
         bumpEpoch();
         setState(VmRunState.TRAPPED);
