@@ -26,19 +26,18 @@ import { MigrationError, demandAnswer } from '../../core/engine/common.js';
 import type { DestinationFaultLink, FaultThreadEvents, FaultThreads, SourceFaultLink } from '../../core/engine/types.js';
 import { FerryError } from '../../core/errors.js';
 import { PAGE_SIZE } from '../../core/pages.js';
-import { Encoding, type Frame } from '../../core/protocol/frames.js';
+import { type Frame, type WirePage } from '../../core/protocol/frames.js';
 import { FramedConnection } from '../../core/transport/framed.js';
 import { shaped, type ShapedConnectionInit } from '../../core/transport/shaped.js';
 import { realClock } from '../clock.js';
 import { TransportError, type Connection } from '../../core/transport/transport.js';
 import { Ctl } from '../vm/control.js';
-import { hashPage } from '../vm/page-hash.js';
 import type { Vm } from '../vm/vm.js';
 import { detachTcp, tcp } from '../transport/tcp.js';
 import { BlockingSocket, BlockingSocketError, blockingSocketsAvailable } from '../net/blocking-socket.js';
 import { FrameDecoder } from '../../core/protocol/decoder.js';
 import { encodeFrame } from '../../core/protocol/encode.js';
-import { FaultChannelBlock } from '../vm/fault-channel.js';
+import { FaultChannelBlock, installDemandPage, takeFaultFrame } from '../vm/fault-channel.js';
 import { FAULT_THREAD_NICE, raisePriority, type FaultThreadPriority } from './thread-priority.js';
 
 // ------------------------------------------------------------------ messages
@@ -382,7 +381,6 @@ interface ListenSession {
 function listenThread(host: string, priority: FaultThreadPriority): void {
   const post = (m: FromListener) => parentPort!.postMessage(m);
   const sessions = new Map<string, ListenSession>();
-  const zeroHash = hashPage(new Uint8Array(PAGE_SIZE));
 
   const failed = (token: string, e: unknown) => {
     const s = sessions.get(token);
@@ -399,30 +397,17 @@ function listenThread(host: string, priority: FaultThreadPriority): void {
    * Installs a demand page unless it is present already (it was at the start, or the session's own
    * thread installed it: a page the guest may have written since is never overwritten).
    */
-  const install = (token: string, s: ListenSession, page: number, encoding: number, data: Uint8Array) => {
+  const install = (token: string, s: ListenSession, p: WirePage) => {
     const vm = s.vm;
     if (!s.active) return;
-    if (!vm) throw errorOf('ERR_PROTOCOL_SEQUENCE', `demand page ${page} before any page was asked for`);
-    if (page >= vm.pages) throw errorOf('ERR_PROTOCOL_MALFORMED', `demand page ${page} is beyond the VM's ${vm.pages} pages`);
-    const t0 = s.requested.get(page);
-    s.requested.delete(page);
-    if (Atomics.load(vm.presence, page) || !vm.block.claim(page)) {
-      // A push installed it first (and woke the vCPU): only the wait is news, an upper bound of it.
-      if (t0 !== undefined) post({ t: 'installed', token, page, hash: 0n, waitedMs: performance.now() - t0 });
-      return;
-    }
-    const at = RESERVED_BYTES + page * PAGE_SIZE;
-    let hash: bigint;
-    if (encoding === Encoding.ZERO) {
-      vm.mem.fill(0, at, at + PAGE_SIZE);
-      hash = zeroHash;
-    } else {
-      vm.mem.set(data, at);
-      hash = hashPage(data);
-    }
-    Atomics.store(vm.presence, page, 1);
-    wake(vm.ctl32);
-    post({ t: 'installed', token, page, hash, waitedMs: t0 === undefined ? null : performance.now() - t0 });
+    if (!vm) throw errorOf('ERR_PROTOCOL_SEQUENCE', `demand page ${p.index} before any page was asked for`);
+    const t0 = s.requested.get(p.index);
+    s.requested.delete(p.index);
+    const hash = installDemandPage(vm.mem, vm.block, p);
+    if (hash !== null) wake(vm.ctl32);
+    // Not installed: a push installed it first (and woke the vCPU): only the wait is news, an upper bound of it.
+    else if (t0 === undefined) return;
+    post({ t: 'installed', token, page: p.index, hash: hash ?? 0n, waitedMs: t0 === undefined ? null : performance.now() - t0 });
   };
 
   const readFrames = async (token: string, s: ListenSession, framed: FramedConnection) => {
@@ -430,19 +415,9 @@ function listenThread(host: string, priority: FaultThreadPriority): void {
       for (;;) {
         const f: Frame | undefined = await framed.next();
         if (!f) return;
-        if (f.type === 'PAGES' && f.demand) {
-          for (const p of f.pages) {
-            if (p.encoding !== Encoding.RAW && p.encoding !== Encoding.ZERO) throw errorOf('ERR_PROTOCOL_MALFORMED', `demand page ${p.index} in encoding ${p.encoding}: the fault channel carries raw or zero pages`);
-            if (p.encoding === Encoding.RAW && p.data.length !== PAGE_SIZE) throw errorOf('ERR_PROTOCOL_MALFORMED', `raw page ${p.index} is ${p.data.length} bytes`);
-            install(token, s, p.index, p.encoding, p.data);
-          }
-        } else if (f.type === 'PING') {
-          await framed.send({ type: 'PONG', seq: f.seq, time: f.time });
-        } else if (f.type === 'ERROR') {
-          throw errorOf(f.code, `source reported: ${f.message}`);
-        } else {
-          throw errorOf('ERR_PROTOCOL_SEQUENCE', `${f.type} on the fault channel`);
-        }
+        const t = takeFaultFrame(f, s.vm?.pages ?? Infinity);
+        if ('reply' in t) await framed.send(t.reply);
+        else for (const p of t.pages) install(token, s, p);
       }
     } catch (e) {
       failed(token, e);

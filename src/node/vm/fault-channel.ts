@@ -22,8 +22,8 @@ import { MigrationError } from '../../core/engine/common.js';
 import { FerryError } from '../../core/errors.js';
 import { PAGE_SIZE } from '../../core/pages.js';
 import { FrameDecoder } from '../../core/protocol/decoder.js';
-import { encodePageRequest, encodePong } from '../../core/protocol/encode.js';
-import { Encoding, type Frame } from '../../core/protocol/frames.js';
+import { encodeFrame, encodePageRequest } from '../../core/protocol/encode.js';
+import { Encoding, type Frame, type WirePage } from '../../core/protocol/frames.js';
 import { BlockingSocket } from '../net/blocking-socket.js';
 import { hashPage } from './page-hash.js';
 
@@ -180,6 +180,51 @@ export class FaultChannelBlock {
   }
 }
 
+/** The digest hash of a zero page. */
+const ZERO_PAGE_HASH = hashPage(new Uint8Array(PAGE_SIZE));
+
+/**
+ * What a destination takes from a frame on a fault channel (whoever reads it: the vCPU, or the
+ * fault thread on a shaped link): the demand pages of a DEMAND PAGES frame, each checked (raw or
+ * zero, a whole page, within the VM's `pages`), or the reply a PING asks for. An ERROR from the
+ * source, or any other frame, fails the channel by name.
+ */
+export function takeFaultFrame(f: Frame, pages: number): { pages: readonly WirePage[] } | { reply: Frame } {
+  if (f.type === 'PAGES' && f.demand) {
+    for (const p of f.pages) {
+      if (p.encoding !== Encoding.RAW && p.encoding !== Encoding.ZERO) throw new MigrationError('ERR_PROTOCOL_MALFORMED', `demand page ${p.index} in encoding ${p.encoding}: the fault channel carries raw or zero pages`);
+      if (p.encoding === Encoding.RAW && p.data.length !== PAGE_SIZE) throw new MigrationError('ERR_PROTOCOL_MALFORMED', `raw page ${p.index} is ${p.data.length} bytes`);
+      if (p.index >= pages) throw new MigrationError('ERR_PROTOCOL_MALFORMED', `demand page ${p.index} is beyond the VM's ${pages} pages`);
+    }
+    return { pages: f.pages };
+  }
+  if (f.type === 'PING') return { reply: { type: 'PONG', seq: f.seq, time: f.time } };
+  if (f.type === 'ERROR') throw new MigrationError(f.code, `source reported: ${f.message}`);
+  throw new MigrationError('ERR_PROTOCOL_SEQUENCE', `${f.type} on the fault channel`);
+}
+
+/**
+ * Installs demand page `page` (a raw page; zero for a ZERO one) into guest memory `bytes`, unless
+ * it is present already or the session's own thread claimed it (it installs pushed pages): a page
+ * the guest may have written since is never overwritten. Returns its digest hash, or null when it
+ * was not installed. Data first, then the presence flag.
+ */
+export function installDemandPage(bytes: Uint8Array, block: FaultChannelBlock, p: WirePage): bigint | null {
+  const flag = PRESENCE_MAP_OFFSET + RESERVED_PAGES + p.index;
+  if (Atomics.load(bytes, flag) !== 0 || !block.claim(p.index)) return null;
+  const at = RESERVED_BYTES + p.index * PAGE_SIZE;
+  let hash: bigint;
+  if (p.encoding === Encoding.ZERO) {
+    bytes.fill(0, at, at + PAGE_SIZE);
+    hash = ZERO_PAGE_HASH;
+  } else {
+    bytes.set(p.data, at);
+    hash = hashPage(p.data);
+  }
+  Atomics.store(bytes, flag, 1);
+  return hash;
+}
+
 /** What a vCPU thread needs to fetch its missing pages itself. */
 export interface FaultFetcherInit {
   block: FaultChannelBlock;
@@ -202,7 +247,6 @@ export class FaultFetcher {
   private readonly decoder = new FrameDecoder();
   private readonly into = new Uint8Array(64 * 1024);
   private nextId = 0;
-  private readonly zeroHash = hashPage(new Uint8Array(PAGE_SIZE));
 
   constructor(private readonly init: FaultFetcherInit) {}
 
@@ -288,48 +332,18 @@ export class FaultFetcher {
   }
 
   private take(f: Frame, waiting: number, sent: number, socket: BlockingSocket): void {
-    if (f.type === 'PAGES' && f.demand) {
-      for (const p of f.pages) {
-        if (p.encoding !== Encoding.RAW && p.encoding !== Encoding.ZERO) throw new MigrationError('ERR_PROTOCOL_MALFORMED', `demand page ${p.index} in encoding ${p.encoding}: the fault channel carries raw or zero pages`);
-        if (p.encoding === Encoding.RAW && p.data.length !== PAGE_SIZE) throw new MigrationError('ERR_PROTOCOL_MALFORMED', `raw page ${p.index} is ${p.data.length} bytes`);
-        if (p.index >= this.init.pages) throw new MigrationError('ERR_PROTOCOL_MALFORMED', `demand page ${p.index} is beyond the VM's ${this.init.pages} pages`);
-        const mine = p.index === waiting;
-        if (mine) this.answered = true;
-        this.install(p.index, p.encoding === Encoding.ZERO ? null : p.data, mine ? performance.now() - sent : null);
-      }
-    } else if (f.type === 'PING') {
-      socket.sendAll(encodePong({ seq: f.seq, time: f.time }));
-    } else if (f.type === 'ERROR') {
-      throw new MigrationError(f.code, `source reported: ${f.message}`);
-    } else {
-      throw new MigrationError('ERR_PROTOCOL_SEQUENCE', `${f.type} on the fault channel`);
-    }
-  }
-
-  /**
-   * Installs a demand page unless it is present already or the session's own thread claimed it
-   * (it installs pushed pages): a page the guest may have written since is never overwritten.
-   */
-  private install(page: number, data: Uint8Array | null, serviceMs: number | null): void {
-    const { block } = this.init;
-    const bytes = this.view();
-    const flag = PRESENCE_MAP_OFFSET + RESERVED_PAGES + page;
-    if (Atomics.load(bytes, flag) !== 0 || !block.claim(page)) {
-      // A push installed it first: only the wait is news.
-      if (serviceMs !== null) block.logInstall(page, 0n, serviceMs);
+    const t = takeFaultFrame(f, this.init.pages);
+    if ('reply' in t) {
+      socket.sendAll(encodeFrame(t.reply));
       return;
     }
-    const at = RESERVED_BYTES + page * PAGE_SIZE;
-    let hash: bigint;
-    if (data === null) {
-      bytes.fill(0, at, at + PAGE_SIZE);
-      hash = this.zeroHash;
-    } else {
-      bytes.set(data, at);
-      hash = hashPage(data);
+    for (const p of t.pages) {
+      const serviceMs = p.index === waiting ? performance.now() - sent : null;
+      if (serviceMs !== null) this.answered = true;
+      const hash = installDemandPage(this.view(), this.init.block, p);
+      // Not installed (a push won): only the wait is news.
+      if (hash !== null || serviceMs !== null) this.init.block.logInstall(p.index, hash ?? 0n, serviceMs);
     }
-    Atomics.store(bytes, flag, 1);
-    block.logInstall(page, hash, serviceMs);
   }
 }
 
