@@ -357,6 +357,7 @@ class NodeSourceFaultLink implements SourceFaultLink {
   async terminate(): Promise<void> {
     this.served = null;
     this.failed = null;
+    Atomics.store(this.closingWord, 0, 1); // a thread blocked on its socket returns to JavaScript within its poll
     await this.worker.terminate();
   }
 }
