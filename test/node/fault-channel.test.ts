@@ -199,3 +199,9 @@ test('post-copy, vCPU-fetched faults: a source that answers with a frame the fau
   assert.match(failures[0].message, /RESUMED on the fault channel/);
   await link.close();
 });
+
+test('a fault link shape that shapes nothing (no bandwidth, latency 0) is no shape: the connection is detached for the vCPU', async (t) => {
+  const { link } = await joinedFaultThread(t, '6e'.repeat(16), { latencyMs: 0 });
+  await until(() => link.fd !== null, 'detached');
+  assert.ok(link.fd !== null && link.fd >= 0);
+});

@@ -75,6 +75,15 @@ export function faultLinkShape(init: Omit<ShapedConnectionInit, 'clock'>): Fault
   return shape;
 }
 
+/**
+ * `shape`, if it shapes anything (a bandwidth, or a latency above 0), else null: shaped() hands
+ * back the connection itself for a shape that does nothing, and a second FramedConnection on it
+ * broke the session (it read the connection twice).
+ */
+function shaping(shape: FaultLinkShape | null): FaultLinkShape | null {
+  return shape && (shape.bandwidthBytesPerSec !== undefined || (shape.latencyMs ?? 0) > 0) ? shape : null;
+}
+
 type ToListener =
   | { t: 'expect'; token: string; shape: FaultLinkShape | null }
   | ({ t: 'start'; token: string } & FaultThreadVm)
@@ -502,7 +511,7 @@ function listenThread(host: string, priority: FaultThreadPriority): void {
 
   parentPort!.on('message', (m: ToListener) => {
     if (m.t === 'expect') {
-      sessions.set(m.token, { conn: null, shape: m.shape, socket: null, vm: null, requested: new Map(), nextId: 0, active: true, joined: false });
+      sessions.set(m.token, { conn: null, shape: shaping(m.shape), socket: null, vm: null, requested: new Map(), nextId: 0, active: true, joined: false });
     } else if (m.t === 'start') {
       const s = sessions.get(m.token);
       if (!s || s.vm) return;
@@ -572,6 +581,7 @@ function sourceThread(r: SourceRole, priority: FaultThreadPriority): void {
   const post = (m: FromSource) => parentPort!.postMessage(m);
   post({ t: 'priority', priority });
   const closing = new Int32Array(r.closing);
+  const shape = shaping(r.shape);
   let served: Served | null = null;
   /** The connection: on the event loop (shaped), or detached. */
   let framed: FramedConnection | null = null;
@@ -676,13 +686,13 @@ function sourceThread(r: SourceRole, priority: FaultThreadPriority): void {
     let f: FramedConnection | null = null;
     try {
       const conn = await tcp().dial(`${r.host.includes(':') ? `[${r.host}]` : r.host}:${r.port}`);
-      f = new FramedConnection(r.shape ? shaped(conn, { ...r.shape, clock: realClock() }) : conn);
+      f = new FramedConnection(shape ? shaped(conn, { ...shape, clock: realClock() }) : conn);
       await f.send({ type: 'JOIN', token: r.token, stream: 0, role: 'fault' });
       const ack = await f.next();
       if (ack?.type === 'ERROR') throw errorOf(ack.code, ack.message);
       if (ack?.type !== 'ACK' || ack.acked !== 'JOIN') throw errorOf('ERR_PROTOCOL_SEQUENCE', `expected ACK of JOIN, got ${ack?.type ?? 'end of stream'}`);
       // The destination sends nothing before it is asked, so nothing read is lost by detaching.
-      if (!r.shape && blockingSocketsAvailable()) socket = new BlockingSocket(await detachTcp(conn));
+      if (!shape && blockingSocketsAvailable()) socket = new BlockingSocket(await detachTcp(conn));
       else {
         framed = f;
         void read(f);
