@@ -205,3 +205,31 @@ test('a fault link shape that shapes nothing (no bandwidth, latency 0) is no sha
   await until(() => link.fd !== null, 'detached');
   assert.ok(link.fd !== null && link.fd >= 0);
 });
+
+test('source fault threads: each session has a thread of its own; one that ends starts the next session’s, which the next open takes; close ends them all', async (t) => {
+  const listener = new FaultThreadListener('127.0.0.1');
+  const threads = new SourceFaultThreads();
+  t.after(async () => {
+    await listener.close();
+    await threads.close();
+  });
+  const port = await listener.port();
+  const open = async (token: string) => {
+    const expected = listener.expect(token);
+    const link = await threads.open('127.0.0.1', port, token, () => ({ buffer: new SharedArrayBuffer(8), pages: 0 }));
+    return { link, expected };
+  };
+  const first = await open('7a'.repeat(16));
+  await until(() => threads.threads === 1, 'one thread: the session’s');
+  await first.link.close();
+  await first.expected.close();
+  // The second session takes the spare the first one's end started: one thread, once the first
+  // session's has gone (a second thread started for it would stay beside the spare).
+  const second = await open('7b'.repeat(16));
+  await until(() => threads.threads === 1, 'the second session took the spare');
+  await second.link.close();
+  await second.expected.close();
+  await threads.close();
+  await until(() => threads.threads === 0, 'close ended the spare too');
+  await assert.rejects(threads.open('127.0.0.1', port, '7c'.repeat(16), () => ({ buffer: new SharedArrayBuffer(8), pages: 0 })), { code: 'ERR_MIGRATION_FAULT_THREAD' });
+});

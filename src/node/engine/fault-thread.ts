@@ -98,6 +98,7 @@ type FromListener =
   | { t: 'closed'; token: string };
 
 type ToSource =
+  | ({ t: 'dial' } & SourceDial)
   | { t: 'serve'; memory: SharedArrayBuffer; pages: number; soft: Uint32Array; softBits: number }
   | { t: 'close' };
 type FromSource =
@@ -108,9 +109,8 @@ type FromSource =
   | { t: 'failed'; code: string; message: string }
   | { t: 'closed' };
 
-/** A source session's thread: where it dials, with what, and the word its blocking loop watches for close. */
-interface SourceRole {
-  role: 'source';
+/** What a source session's thread is told to do: where it dials, with what, and the word its blocking loop watches for close. */
+interface SourceDial {
   host: string;
   port: number;
   token: string;
@@ -119,7 +119,7 @@ interface SourceRole {
   closing: SharedArrayBuffer;
 }
 
-type Role = ({ role: 'listen'; host: string } | SourceRole) & { ask: FaultThreadPriority };
+type Role = ({ role: 'listen'; host: string } | { role: 'source' }) & { ask: FaultThreadPriority };
 
 const HERE = fileURLToPath(import.meta.url);
 
@@ -267,11 +267,43 @@ export class NodeDestinationFaultLink implements DestinationFaultLink {
  */
 export class SourceFaultThreads {
   private readonly links = new Set<NodeSourceFaultLink>();
+  /**
+   * A thread started and waiting for the next migration. A thread takes ~100 ms to start here
+   * (its isolate, libc's socket calls, its priority), all of it inside the migration's set-up,
+   * which waits for the fault connection: the first migration pays it, and each one that ends
+   * starts the next one's thread.
+   */
+  private spare: Worker | null = null;
+  /** Threads alive that said how they are scheduled (sessions' and the spare). */
+  private readonly started = new Set<Worker>();
+  private closed = false;
   /** How the threads are scheduled ('default' until one started). */
   priority: FaultThreadPriority = 'default';
 
   /** @param ask how the threads ask to be scheduled (see FaultThreadPriority). */
   constructor(private readonly ask: FaultThreadPriority = 'nice') {}
+
+  /** Threads alive that have started (the sessions' and the spare). */
+  get threads(): number {
+    return this.started.size;
+  }
+
+  private spawn(): Worker {
+    const worker = new Worker(HERE, { workerData: { role: 'source', ask: this.ask } satisfies Role });
+    worker.unref(); // it never keeps a host process alive by itself
+    worker.on('message', (m: FromSource) => {
+      if (m.t !== 'priority') return;
+      this.priority = m.priority;
+      this.started.add(worker);
+    });
+    const gone = () => {
+      this.started.delete(worker);
+      if (this.spare === worker) this.spare = null;
+    };
+    worker.on('error', gone);
+    worker.on('exit', gone);
+    return worker;
+  }
 
   /**
    * Opens the fault connection of session `token` to `host:port` from a thread of its own;
@@ -279,18 +311,26 @@ export class SourceFaultThreads {
    * pages to serve once serve() is called (after the pause).
    */
   async open(host: string, port: number, token: string, memory: () => { buffer: SharedArrayBuffer; pages: number }, shape: FaultLinkShape | null = null): Promise<SourceFaultLink> {
+    if (this.closed) throw errorOf('ERR_MIGRATION_FAULT_THREAD', 'the host\'s fault threads are closed');
     const closing = new SharedArrayBuffer(4);
-    const worker = new Worker(HERE, { workerData: { role: 'source', ask: this.ask, host, port, token, shape, closing } satisfies Role });
-    worker.unref();
-    const link = new NodeSourceFaultLink(worker, new Int32Array(closing), memory, (p) => (this.priority = p), () => this.links.delete(link));
+    const worker = this.spare ?? this.spawn();
+    this.spare = null;
+    const link = new NodeSourceFaultLink(worker, new Int32Array(closing), memory, () => {
+      this.links.delete(link);
+      if (!this.spare && !this.closed) this.spare = this.spawn();
+    });
     this.links.add(link);
+    worker.postMessage({ t: 'dial', host, port, token, shape, closing } satisfies ToSource);
     await link.dialed;
     return link;
   }
 
-  /** Ends every session's thread (a host shutting down). */
+  /** Ends every session's thread and the spare (a host shutting down). */
   async close(): Promise<void> {
-    await Promise.all([...this.links].map((l) => l.terminate()));
+    this.closed = true;
+    const spare = this.spare;
+    this.spare = null;
+    await Promise.all([...[...this.links].map((l) => l.terminate()), spare?.terminate()]);
   }
 }
 
@@ -314,12 +354,12 @@ class NodeSourceFaultLink implements SourceFaultLink {
   constructor(
     private readonly worker: Worker, private readonly closingWord: Int32Array,
     private readonly memory: () => { buffer: SharedArrayBuffer; pages: number },
-    priority: (p: FaultThreadPriority) => void, private readonly forget: () => void,
+    private readonly forget: () => void,
   ) {
     this.dialed = new Promise<void>((resolve, reject) => {
       worker.on('message', (m: FromSource) => {
-        if (m.t === 'priority') priority(m.priority);
-        else if (m.t === 'dialed') resolve();
+        if (m.t === 'priority') return; // SourceFaultThreads hears it
+        if (m.t === 'dialed') resolve();
         else if (m.t === 'dial-failed') reject(errorOf(m.code, m.message));
         else if (m.t === 'served') this.served?.(m.pages, m.bytes, m.latencyMs);
         else if (m.t === 'failed') this.failed?.(errorOf(m.code, m.message));
@@ -348,8 +388,12 @@ class NodeSourceFaultLink implements SourceFaultLink {
 
   private closedNow(): void {
     this.done?.();
+    if (this.forgotten) return;
+    this.forgotten = true; // once: its end starts the next session's thread (the exit that follows is no second end)
     this.forget();
   }
+
+  private forgotten = false;
 
   close(): Promise<void> {
     this.closing ??= new Promise<void>((resolve) => {
@@ -577,9 +621,8 @@ function transportTrouble(e: unknown): boolean {
  * this thread in the kernel and its answer leaves before the thread sleeps again. A shaped link
  * stays on the event loop, which applies the shaper.
  */
-function sourceThread(r: SourceRole, priority: FaultThreadPriority): void {
+function sourceThread(r: SourceDial): void {
   const post = (m: FromSource) => parentPort!.postMessage(m);
-  post({ t: 'priority', priority });
   const closing = new Int32Array(r.closing);
   const shape = shaping(r.shape);
   let served: Served | null = null;
@@ -710,5 +753,12 @@ const role = isMainThread ? undefined : (workerData as Role | undefined);
 if (role?.role === 'listen' || role?.role === 'source') {
   const priority = raisePriority(role.ask);
   if (role.role === 'listen') listenThread(role.host, priority);
-  else sourceThread(role, priority);
+  else {
+    // Started ahead of its migration: all it can ready before it is told where to dial.
+    parentPort!.postMessage({ t: 'priority', priority } satisfies FromSource);
+    blockingSocketsAvailable();
+    parentPort!.once('message', (m: ToSource) => {
+      if (m.t === 'dial') sourceThread(m);
+    });
+  }
 }
