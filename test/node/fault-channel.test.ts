@@ -4,7 +4,7 @@
  * threads at the source; this test's thread plays the vCPU, which blocks while it fetches.
  */
 import { getPriority, setPriority } from 'node:os';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { xxh64 } from '@node-rs/xxhash';
 import { PRESENCE_MAP_OFFSET, RESERVED_BYTES, RESERVED_PAGES } from '../../src/core/abi.js';
@@ -30,6 +30,17 @@ function memory(pages: number): { buffer: SharedArrayBuffer; bytes: Uint8Array; 
     presence: new Uint8Array(buffer, PRESENCE_MAP_OFFSET + RESERVED_PAGES, pages),
     page: (p) => bytes.subarray(RESERVED_BYTES + p * PAGE, RESERVED_BYTES + (p + 1) * PAGE),
   };
+}
+
+/** A destination's fault thread and a source's fault threads, both ended with the test. */
+async function bothEnds(t: TestContext): Promise<{ listener: FaultThreadListener; threads: SourceFaultThreads; port: number }> {
+  const listener = new FaultThreadListener('127.0.0.1');
+  const threads = new SourceFaultThreads();
+  t.after(async () => {
+    await listener.close();
+    await threads.close();
+  });
+  return { listener, threads, port: await listener.port() };
 }
 
 const until = async (ok: () => boolean, what: string) => {
@@ -79,13 +90,7 @@ test('detachTcp refuses what is not a TCP connection, and a connection already c
 
 test('post-copy, vCPU-fetched faults: the page comes from the source thread into guest memory, present pages are never overwritten, the fault thread reports each install', async (t) => {
   const pages = 64;
-  const listener = new FaultThreadListener('127.0.0.1');
-  const threads = new SourceFaultThreads();
-  t.after(async () => {
-    await listener.close();
-    await threads.close();
-  });
-  const port = await listener.port();
+  const { listener, threads, port } = await bothEnds(t);
   const token = '3c'.repeat(16);
   const link = listener.expect(token) as NodeDestinationFaultLink;
 
@@ -207,13 +212,7 @@ test('a fault link shape that shapes nothing (no bandwidth, latency 0) is no sha
 });
 
 test('source fault threads: each session has a thread of its own; one that ends starts the next session’s, which the next open takes; close ends them all', async (t) => {
-  const listener = new FaultThreadListener('127.0.0.1');
-  const threads = new SourceFaultThreads();
-  t.after(async () => {
-    await listener.close();
-    await threads.close();
-  });
-  const port = await listener.port();
+  const { listener, threads, port } = await bothEnds(t);
   const open = async (token: string) => {
     const expected = listener.expect(token);
     const link = await threads.open('127.0.0.1', port, token, () => ({ buffer: new SharedArrayBuffer(8), pages: 0 }));
