@@ -586,7 +586,7 @@ function listenThread(host: string, priority: FaultThreadPriority): void {
       }
       // The vCPU lets go of the socket first (woken if it waits on it), then it closes: its
       // number cannot be reused under a vCPU still blocked on it.
-      void (block ? block.takeSocket(() => socket.shutdown()) : Promise.resolve(null)).then(() => {
+      void (block ? block.takeSocket(() => socket.shutdown()) : Promise.resolve()).then(() => {
         socket.shutdown();
         socket.discardPending(); // an answer nobody waits for any more, so that the close is not a reset
         socket.close();

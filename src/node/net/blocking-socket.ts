@@ -47,7 +47,7 @@ let libc: Libc | null = null;
 
 /**
  * libc's socket calls, loaded on first use (~30 ms the first time in a thread: a thread that will
- * need them soon loads them early, see preloadBlockingSockets).
+ * need them soon loads them early, see blockingSocketsAvailable).
  */
 function c(): Libc {
   if (libc) return libc;
@@ -72,19 +72,17 @@ function c(): Libc {
   return libc;
 }
 
-/** Loads libc's calls now, so that the first blocking call does not pay for it. */
-export function preloadBlockingSockets(): boolean {
+/**
+ * Whether this machine has blocking sockets (Linux, with koffi's binary for it). The first call in
+ * a thread loads libc's calls, so a thread that will need them soon calls it early.
+ */
+export function blockingSocketsAvailable(): boolean {
   try {
     c();
     return true;
   } catch {
     return false;
   }
-}
-
-/** Whether this machine has blocking sockets (Linux, with koffi's binary for it). */
-export function blockingSocketsAvailable(): boolean {
-  return preloadBlockingSockets();
 }
 
 /**

@@ -91,20 +91,16 @@ export class FaultChannelBlock {
 
   /**
    * Takes the socket back from the vCPU: from now on it does not use it, and one blocked on it
-   * is woken (`wake`: ends the connection). Resolves with the descriptor once the vCPU let go of
-   * it (to be closed), or null if it had none.
+   * is woken (`wake`: ends the connection). Resolves once the vCPU let go of it (it may be closed).
    */
-  async takeSocket(wake: (fd: number) => void): Promise<number | null> {
-    const fd = Atomics.exchange(this.words, W.FD, -1);
-    if (fd < 0) return null;
-    if (Atomics.load(this.words, W.BUSY) !== 0) {
-      wake(fd);
-      while (Atomics.load(this.words, W.BUSY) !== 0) {
-        const r = Atomics.waitAsync(this.words, W.BUSY, 1, POLL_MS);
-        if (r.async) await r.value;
-      }
+  async takeSocket(wake: () => void): Promise<void> {
+    if (Atomics.exchange(this.words, W.FD, -1) < 0) return;
+    if (Atomics.load(this.words, W.BUSY) === 0) return;
+    wake();
+    while (Atomics.load(this.words, W.BUSY) !== 0) {
+      const r = Atomics.waitAsync(this.words, W.BUSY, 1, POLL_MS);
+      if (r.async) await r.value;
     }
-    return fd;
   }
 
   /** The vCPU starts using the socket: its descriptor, or -1 if it has none (then it must not). */

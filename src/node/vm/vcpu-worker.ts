@@ -17,7 +17,7 @@ import { Histogram } from '../../core/metrics.js';
 import { decodeGlobals, encodeGlobals, type GlobalDesc, type GlobalValue } from './globals.js';
 import { SPARE_ROLE, type SpareThreadData } from './vcpu-threads.js';
 import { FaultChannelBlock, FaultFetcher, StoppedWhileFaulting } from './fault-channel.js';
-import { preloadBlockingSockets } from '../net/blocking-socket.js';
+import { blockingSocketsAvailable } from '../net/blocking-socket.js';
 
 export interface VcpuWorkerData {
   name: string;
@@ -125,7 +125,7 @@ if (!initial.boot) {
   if (!adopted) warmRestorePath(initial.memory);
   // A destination that may take post-copy faults fetches pages itself (fault-channel.ts): its
   // socket calls load now (~30 ms), while the source still runs, not at the first fault.
-  if (initial.modules.presence) preloadBlockingSockets();
+  if (initial.modules.presence) blockingSocketsAvailable();
   parentPort!.postMessage({ t: 'standby' } satisfies FromWorker);
 }
 const bootInfo = initial.boot ?? awaitBoot();
@@ -163,18 +163,16 @@ let fetcher: FaultFetcher | null = null;
 function fault(page: number): void {
   if (isPresent(page)) return;
   const t0 = process.hrtime.bigint();
-  if (fetcher?.fetch(page)) {
-    Histogram.recordShared(faultWaits, Number(process.hrtime.bigint() - t0) / 1e6);
-    return;
-  }
-  Atomics.store(ctl, Ctl.FAULT_PAGE, page);
-  Atomics.add(ctl, Ctl.FAULT_REQ, 1);
-  Atomics.notify(ctl, Ctl.FAULT_REQ);
-  while (!isPresent(page)) {
-    const seen = Atomics.load(ctl, Ctl.FAULT_DONE);
-    if (isPresent(page)) break;
-    if (Atomics.load(ctl, Ctl.CMD) === Cmd.STOP) throw new StoppedWhileFaulting();
-    Atomics.wait(ctl, Ctl.FAULT_DONE, seen, 100);
+  if (!fetcher?.fetch(page)) {
+    Atomics.store(ctl, Ctl.FAULT_PAGE, page);
+    Atomics.add(ctl, Ctl.FAULT_REQ, 1);
+    Atomics.notify(ctl, Ctl.FAULT_REQ);
+    while (!isPresent(page)) {
+      const seen = Atomics.load(ctl, Ctl.FAULT_DONE);
+      if (isPresent(page)) break;
+      if (Atomics.load(ctl, Ctl.CMD) === Cmd.STOP) throw new StoppedWhileFaulting();
+      Atomics.wait(ctl, Ctl.FAULT_DONE, seen, 100);
+    }
   }
   Histogram.recordShared(faultWaits, Number(process.hrtime.bigint() - t0) / 1e6);
 }
