@@ -4,13 +4,15 @@
  */
 import { execFileSync } from 'node:child_process';
 import { readlinkSync } from 'node:fs';
-import { setPriority } from 'node:os';
+import { LATENCY_SLICE_US, setFairScheduling } from '../fair-scheduling.js';
 
 /**
  * How a fault thread is scheduled. A waiting vCPU is the most urgent work on either host, and a
  * fault thread mostly sleeps, so what matters is how soon it runs when a request or a page comes.
  * - `nice` (hosts' default): nice {@link FAULT_THREAD_NICE}, which weighs the thread's share of
- *   the CPU; the scheduler still places it where it was woken from.
+ *   the CPU, and the kernel's shortest time slice where it has slices of its own (Linux ≥ 6.12),
+ *   so that a woken fault thread preempts the thread on its core (src/node/fair-scheduling.ts);
+ *   the scheduler still places it where it was woken from.
  * - `realtime`: SCHED_FIFO at {@link FAULT_THREAD_RT_PRIORITY}: it runs as soon as it wakes, ahead
  *   of every ordinary thread. Measured here (Linux 6.18, EEVDF, two cores), it is what an
  *   experiment on fault latency wants and not what a service wants:
@@ -67,7 +69,7 @@ export function raisePriority(ask: FaultThreadPriority): FaultThreadPriority {
   }
   if (ask !== 'default') {
     try {
-      setPriority(0, FAULT_THREAD_NICE);
+      setFairScheduling(FAULT_THREAD_NICE, LATENCY_SLICE_US);
       return 'nice';
     } catch {
       // Not permitted.

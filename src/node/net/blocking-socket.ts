@@ -6,14 +6,14 @@
  * between threads cost ~35-50 µs at p50 on the machines measured, more under load; see the
  * post-copy faults row of docs/metrics.md).
  *
- * Node has no blocking sockets, so the calls go to libc through koffi (a well-kept FFI library with
- * prebuilt binaries). A connection is set up the ordinary way (node:net, the handshake in frames)
- * and then detached from its event loop (detachTcp in transport/tcp.ts): its descriptor is
- * duplicated, made blocking, and the node:net socket let go. File descriptors belong to the
+ * Node has no blocking sockets, so the calls go to libc (../libc.ts). A connection is set up the
+ * ordinary way (node:net, the handshake in frames) and then detached from its event loop
+ * (detachTcp in transport/tcp.ts): its descriptor is duplicated, made blocking, and the node:net
+ * socket let go. File descriptors belong to the
  * process, so the number can be handed to any thread.
  */
-import { createRequire } from 'node:module';
 import { FerryError } from '../../core/errors.js';
+import { libc, type Libc } from '../libc.js';
 
 /** A blocking socket's system call failed, or its peer closed it. */
 export class BlockingSocketError extends FerryError {
@@ -32,44 +32,13 @@ const SHUT_RDWR = 2;
 const EINTR = 4;
 const EAGAIN = 11;
 
-interface Libc {
-  dup(fd: number): number;
-  fcntl(fd: number, cmd: number, ...rest: unknown[]): number;
-  poll(fds: Uint8Array, n: number, timeoutMs: number): number;
-  recv(fd: number, into: Uint8Array, n: number, flags: number): number;
-  send(fd: number, from: Uint8Array, n: number, flags: number): number;
-  shutdown(fd: number, how: number): number;
-  close(fd: number): number;
-  errno(): number;
-}
-
-let libc: Libc | null = null;
-
-/**
- * libc's socket calls, loaded on first use (~30 ms the first time in a thread: a thread that will
- * need them soon loads them early, see blockingSocketsAvailable).
- */
+/** libc's calls, as a BlockingSocketError where they cannot be loaded. */
 function c(): Libc {
-  if (libc) return libc;
-  if (process.platform !== 'linux') throw new BlockingSocketError(`blocking sockets are built for Linux, not ${process.platform}`);
-  const koffi = createRequire(import.meta.url)('koffi') as {
-    load(name: string): { func(decl: string): (...args: unknown[]) => number };
-    errno(): number;
-  };
-  const lib = koffi.load('libc.so.6');
-  const f = (decl: string) => lib.func(decl);
-  const fcntl = f('int fcntl(int fd, int cmd, ...)');
-  libc = {
-    dup: f('int dup(int fd)') as Libc['dup'],
-    fcntl: (fd, cmd, ...rest) => fcntl(fd, cmd, ...rest),
-    poll: f('int poll(void *fds, uint64_t n, int timeout)') as Libc['poll'],
-    recv: f('intptr_t recv(int fd, void *buf, uintptr_t n, int flags)') as Libc['recv'],
-    send: f('intptr_t send(int fd, void *buf, uintptr_t n, int flags)') as Libc['send'],
-    shutdown: f('int shutdown(int fd, int how)') as Libc['shutdown'],
-    close: f('int close(int fd)') as Libc['close'],
-    errno: () => koffi.errno(),
-  };
-  return libc;
+  try {
+    return libc();
+  } catch (e) {
+    throw new BlockingSocketError(`blocking sockets are not available here: ${(e as Error).message}`);
+  }
 }
 
 /**
