@@ -15,6 +15,7 @@ import { FramedConnection } from '../../src/core/transport/framed.js';
 import type { Connection } from '../../src/core/transport/transport.js';
 import { FaultThreadListener, SourceFaultThreads, type NodeDestinationFaultLink } from '../../src/node/engine/fault-thread.js';
 import { BlockingSocket, BlockingSocketError } from '../../src/node/net/blocking-socket.js';
+import { LATENCY_SLICE_US, fairScheduling } from '../../src/node/fair-scheduling.js';
 import { detachTcp, tcp } from '../../src/node/transport/tcp.js';
 import { joinedFaultThread } from '../helpers/fault-listener.js';
 import { FaultChannelBlock, FaultFetcher, LOG_READ_MS } from '../../src/node/vm/fault-channel.js';
@@ -121,11 +122,17 @@ test('post-copy, vCPU-fetched faults: the page comes from the source thread into
   // The session's own thread may install a page while the vCPU waits for it: `push` plays that
   // when the vCPU next looks whether it should stop (it looks before each wait).
   let push: (() => void) | null = null;
-  const niceWhileWaiting: number[] = [];
+  const whileWaiting: { nice: number; sliceUs: number }[] = [];
   const stopping = () => {
-    niceWhileWaiting.push(getPriority(0));
+    whileWaiting.push(fairScheduling());
     push?.();
     return false;
+  };
+  // An answer that lost the claim to the session's thread waits for that thread's install.
+  const awaited: number[] = [];
+  const awaitInstall = (physical: number) => {
+    awaited.push(physical);
+    push?.();
   };
   // While it waits for a page the vCPU runs at the fault threads' nice value (one below its own
   // here), where it may raise itself (root or CAP_SYS_NICE); back at its own once the page is in.
@@ -140,30 +147,39 @@ test('post-copy, vCPU-fetched faults: the page comes from the source thread into
       return false;
     }
   })();
-  const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping, waitNice: raised });
+  // And with the kernel's shortest slice, where the kernel keeps slices of its own (Linux ≥ 6.12).
+  const ownSlice = fairScheduling().sliceUs;
+  const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping, waitNice: raised, awaitInstall });
 
   assert.equal(fetcher.fetch(3 + RESERVED_PAGES), true);
-  assert.ok(niceWhileWaiting.length > 0 && niceWhileWaiting.every((n) => n === (mayRaise ? raised : own)), `waited at nice ${niceWhileWaiting.join(', ')}`);
-  assert.equal(getPriority(0), own, 'back at its own nice value');
+  assert.ok(whileWaiting.length > 0 && whileWaiting.every((x) => x.nice === (mayRaise ? raised : own)), `waited at nice ${whileWaiting.map((x) => x.nice).join(', ')}`);
+  if (ownSlice > 0) assert.ok(whileWaiting.every((x) => x.sliceUs === LATENCY_SLICE_US), `waited with slices of ${whileWaiting.map((x) => x.sliceUs).join(', ')} µs`);
+  // Raised until the quantum ends (the vCPU loop calls relax there): the guest runs on with its page first.
+  if (mayRaise) assert.equal(getPriority(0), raised, 'still raised after the wait');
+  fetcher.relax();
+  assert.deepEqual(fairScheduling(), { nice: own, sliceUs: ownSlice }, 'back at its own nice value and slice at the quantum’s end');
   assert.ok(dst.page(3).every((b) => b === 4), 'page 3 holds the source’s content');
   assert.equal(dst.presence[3], 1);
   assert.equal(fetcher.fetch(9 + RESERVED_PAGES), true);
   assert.ok(dst.page(9).every((b) => b === 0) && dst.presence[9] === 1, 'a zero page arrives as zero');
   assert.equal(fetcher.fetch(pages + RESERVED_PAGES), false, 'a page beyond the VM is not asked for (the access traps)');
   assert.equal(fetcher.fetch(2), false, 'nor is one in the reserved area');
+  assert.deepEqual(awaited, [], 'answers that were installed need no other wait');
   // Page 20 claimed by the session's own thread (a push under way) before the answer comes: the
-  // answer is not installed, and the vCPU runs on once the push marked the page present.
+  // answer is not installed, and the vCPU waits for the push's install (nothing more comes on
+  // its socket), then runs on.
   assert.equal(block.claim(20), true);
-  let looks = 0;
   push = () => {
-    if (++looks !== 2) return;
+    if (awaited.length === 0) return;
     dst.page(20).fill(0xaa);
     dst.presence[20] = 1;
   };
   assert.equal(fetcher.fetch(20 + RESERVED_PAGES), true);
   push = null;
+  assert.deepEqual(awaited, [20 + RESERVED_PAGES], 'the vCPU waited for the install of page 20');
   assert.ok(dst.page(20).every((b) => b === 0xaa), 'the pushed content stays: the answer lost the claim');
   assert.ok(dst.page(4).every((b) => b === 0xee), 'a present page keeps what the guest wrote');
+  fetcher.relax();
 
   await until(() => installed.length >= 3, 'the fault thread reported the installs');
   assert.deepEqual(installed.map(([p]) => p), [3, 9, 20]);
@@ -196,7 +212,7 @@ test('post-copy, vCPU-fetched faults: a source that answers with a frame the fau
   link.start({ memory: dst.buffer, ctl: new SharedArrayBuffer(64), channel: block.buffer, pages }, { installed: () => undefined, failed: (e) => failures.push(e) });
   // The answer is on its way before the vCPU asks (this thread blocks while it fetches).
   await source.send({ type: 'RESUMED', pagesMissing: 0 });
-  const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping: () => false, waitNice: null });
+  const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping: () => false, waitNice: null, awaitInstall: () => assert.fail('nothing was answered') });
   assert.equal(fetcher.fetch(5 + RESERVED_PAGES), false, 'the channel failed: the vCPU waits as without one');
   assert.equal(dst.presence[5], 0, 'nothing was installed');
   await until(() => failures.length > 0, 'the failure reached the session');

@@ -167,14 +167,24 @@ function fault(page: number): void {
     Atomics.store(ctl, Ctl.FAULT_PAGE, page);
     Atomics.add(ctl, Ctl.FAULT_REQ, 1);
     Atomics.notify(ctl, Ctl.FAULT_REQ);
-    while (!isPresent(page)) {
-      const seen = Atomics.load(ctl, Ctl.FAULT_DONE);
-      if (isPresent(page)) break;
-      if (Atomics.load(ctl, Ctl.CMD) === Cmd.STOP) throw new StoppedWhileFaulting();
-      Atomics.wait(ctl, Ctl.FAULT_DONE, seen, 100);
-    }
+    awaitInstall(page);
   }
   Histogram.recordShared(faultWaits, Number(process.hrtime.bigint() - t0) / 1e6);
+}
+
+/**
+ * Blocks until physical page `page` is present, woken by whichever thread installs it (it wakes
+ * the vCPU when FAULT_PAGE names the page: DestinationVmAdapter.markPresent, the fault thread).
+ * FAULT_PAGE is published before presence is looked at again, so no wake-up is lost.
+ */
+function awaitInstall(page: number): void {
+  Atomics.store(ctl, Ctl.FAULT_PAGE, page);
+  while (!isPresent(page)) {
+    const seen = Atomics.load(ctl, Ctl.FAULT_DONE);
+    if (isPresent(page)) break;
+    if (Atomics.load(ctl, Ctl.CMD) === Cmd.STOP) throw new StoppedWhileFaulting();
+    Atomics.wait(ctl, Ctl.FAULT_DONE, seen, 100);
+  }
 }
 
 const mem = new SharedGuestMemory(data.memory, fault);
@@ -348,7 +358,7 @@ function handle(msg: ToWorker): void {
     case 'fault-channel':
       fetcher = new FaultFetcher({
         block: new FaultChannelBlock(msg.block), pages: msg.pages, waitNice: msg.waitNice,
-        memory: () => data.memory.buffer, stopping: () => Atomics.load(ctl, Ctl.CMD) === Cmd.STOP,
+        memory: () => data.memory.buffer, stopping: () => Atomics.load(ctl, Ctl.CMD) === Cmd.STOP, awaitInstall,
       });
       return;
     case 'block-bitmap': {
@@ -461,6 +471,7 @@ function main(): void {
         return waitForStop();
       }
     }
+    fetcher?.relax();
     const dt = Number(process.hrtime.bigint() - t0);
     stats[Stat.QUANTA]++;
     stats[Stat.RUN_NS] += dt;
