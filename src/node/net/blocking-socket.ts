@@ -9,8 +9,7 @@
  * Node has no blocking sockets, so the calls go to libc (../libc.ts). A connection is set up the
  * ordinary way (node:net, the handshake in frames) and then detached from its event loop
  * (detachTcp in transport/tcp.ts): its descriptor is duplicated, made blocking, and the node:net
- * socket let go. File descriptors belong to the
- * process, so the number can be handed to any thread.
+ * socket let go. File descriptors belong to the process, so the number can be handed to any thread.
  */
 import { FerryError } from '../../core/errors.js';
 import { libc, type Libc } from '../libc.js';

@@ -272,19 +272,17 @@ export class FaultFetcher {
       socket.sendAll(encodePageRequest({ id: ++this.nextId >>> 0, pages: [page] }));
       this.answered = false;
       this.boostedFrom ??= this.boost();
-      {
-        while (!this.present(page)) {
-          if (this.init.stopping()) throw new StoppedWhileFaulting();
-          if (this.answered) {
-            // The answer came, and a push of the page is being installed by the session's thread.
-            this.init.awaitInstall(physical);
-            break;
-          }
-          const n = socket.recvSome(this.into, POLL_MS);
-          if (n < 0) continue;
-          if (n === 0) throw new MigrationError('ERR_MIGRATION_PEER_CLOSED', 'the source closed the fault channel');
-          for (const f of this.decoder.push(this.into.subarray(0, n))) this.take(f, page, sent, socket);
+      while (!this.present(page)) {
+        if (this.init.stopping()) throw new StoppedWhileFaulting();
+        if (this.answered) {
+          // The answer came, and a push of the page is being installed by the session's thread.
+          this.init.awaitInstall(physical);
+          break;
         }
+        const n = socket.recvSome(this.into, POLL_MS);
+        if (n < 0) continue;
+        if (n === 0) throw new MigrationError('ERR_MIGRATION_PEER_CLOSED', 'the source closed the fault channel');
+        for (const f of this.decoder.push(this.into.subarray(0, n))) this.take(f, page, sent, socket);
       }
       // A push brought it before the answer (which will be read, and dropped, at the next fault).
       if (!this.answered) block.logInstall(page, 0n, performance.now() - sent);
