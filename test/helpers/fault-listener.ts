@@ -8,9 +8,10 @@ import { FramedConnection } from '../../src/core/transport/framed.js';
 import { FaultThreadListener, type FaultLinkShape, type NodeDestinationFaultLink } from '../../src/node/engine/fault-thread.js';
 import { tcp } from '../../src/node/transport/tcp.js';
 
-export async function joinedFaultThread(t: TestContext, token: string, shape: FaultLinkShape | null = null): Promise<{ link: NodeDestinationFaultLink; source: FramedConnection }> {
+export async function joinedFaultThread(t: TestContext, token: string, shape: FaultLinkShape | null = null, detach = true): Promise<{ link: NodeDestinationFaultLink; source: FramedConnection }> {
   const listener = new FaultThreadListener('127.0.0.1');
   listener.shape = shape;
+  listener.detach = detach;
   t.after(() => listener.close());
   const port = await listener.port();
   const link = listener.expect(token) as NodeDestinationFaultLink;

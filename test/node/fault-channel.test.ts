@@ -14,7 +14,7 @@ import { encodeFrame } from '../../src/core/protocol/encode.js';
 import { FramedConnection } from '../../src/core/transport/framed.js';
 import type { Connection } from '../../src/core/transport/transport.js';
 import { FaultThreadListener, SourceFaultThreads, type NodeDestinationFaultLink } from '../../src/node/engine/fault-thread.js';
-import { BlockingSocket, BlockingSocketError } from '../../src/node/net/blocking-socket.js';
+import { BlockingSocket, BlockingSocketError, SendPacer } from '../../src/node/net/blocking-socket.js';
 import { LATENCY_SLICE_US, fairScheduling } from '../../src/node/fair-scheduling.js';
 import { detachTcp, tcp } from '../../src/node/transport/tcp.js';
 import { joinedFaultThread } from '../helpers/fault-listener.js';
@@ -149,7 +149,7 @@ test('post-copy, vCPU-fetched faults: the page comes from the source thread into
   })();
   // And with the kernel's shortest slice, where the kernel keeps slices of its own (Linux ≥ 6.12).
   const ownSlice = fairScheduling().sliceUs;
-  const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping, waitNice: raised, awaitInstall });
+  const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping, waitNice: raised, shape: null, awaitInstall });
 
   assert.equal(fetcher.fetch(3 + RESERVED_PAGES), true);
   assert.ok(whileWaiting.length > 0 && whileWaiting.every((x) => x.nice === (mayRaise ? raised : own)), `waited at nice ${whileWaiting.map((x) => x.nice).join(', ')}`);
@@ -212,7 +212,7 @@ test('post-copy, vCPU-fetched faults: a source that answers with a frame the fau
   link.start({ memory: dst.buffer, ctl: new SharedArrayBuffer(64), channel: block.buffer, pages }, { installed: () => undefined, failed: (e) => failures.push(e) });
   // The answer is on its way before the vCPU asks (this thread blocks while it fetches).
   await source.send({ type: 'RESUMED', pagesMissing: 0 });
-  const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping: () => false, waitNice: null, awaitInstall: () => assert.fail('nothing was answered') });
+  const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping: () => false, waitNice: null, shape: null, awaitInstall: () => assert.fail('nothing was answered') });
   assert.equal(fetcher.fetch(5 + RESERVED_PAGES), false, 'the channel failed: the vCPU waits as without one');
   assert.equal(dst.presence[5], 0, 'nothing was installed');
   await until(() => failures.length > 0, 'the failure reached the session');
@@ -225,6 +225,52 @@ test('a fault link shape that shapes nothing (no bandwidth, latency 0) is no sha
   const { link } = await joinedFaultThread(t, '6e'.repeat(16), { latencyMs: 0 });
   await until(() => link.fd !== null, 'detached');
   assert.ok(link.fd !== null && link.fd >= 0);
+});
+
+test('a shaped fault link (a one-way latency each way) is detached too: the vCPU and the source thread pace their own sends, and a fault takes the link’s round trip', async (t) => {
+  const pages = 16;
+  const latencyMs = 15;
+  const { listener, threads, port } = await bothEnds(t);
+  listener.shape = { latencyMs };
+  const token = '5d'.repeat(16);
+  const link = listener.expect(token) as NodeDestinationFaultLink;
+  assert.deepEqual(link.shape, { latencyMs }, 'the vCPU is told the shape of its requests');
+  const src = memory(pages);
+  for (let p = 0; p < pages; p++) src.page(p).fill(p + 1);
+  const sourceLink = await threads.open('127.0.0.1', port, token, () => ({ buffer: src.buffer, pages }), { latencyMs });
+  await until(() => link.joined, 'the fault connection joined');
+  assert.ok(link.fd !== null && link.fd >= 0, 'a shaped connection is detached for the vCPU as well');
+  sourceLink.serve(new Bitmap(pages), () => undefined, (e) => assert.fail(e));
+  const dst = memory(pages);
+  dst.presence.fill(1);
+  dst.presence[6] = 0;
+  const block = FaultChannelBlock.create(pages);
+  block.setSocket(link.fd!);
+  const waits: number[] = [];
+  link.start({ memory: dst.buffer, ctl: new SharedArrayBuffer(64), channel: block.buffer, pages }, { installed: (_p, _h, ms) => waits.push(ms ?? NaN), failed: (e) => assert.fail(e) });
+  const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping: () => false, waitNice: null, shape: link.shape, awaitInstall: () => assert.fail('no push here') });
+  const t0 = performance.now();
+  assert.equal(fetcher.fetch(6 + RESERVED_PAGES), true);
+  const took = performance.now() - t0;
+  assert.ok(dst.page(6).every((b) => b === 7), 'page 6 holds the source’s content');
+  // The request waits one latency before it leaves, the answer another: the round trip of the link.
+  assert.ok(took >= 2 * latencyMs, `the fault took ${took.toFixed(1)} ms, under the link's round trip of ${2 * latencyMs} ms`);
+  await until(() => waits.length === 1, 'the fault thread reported the install');
+  assert.ok(waits[0] >= 2 * latencyMs, `service time ${waits[0]} ms`);
+  await link.close();
+  await sourceLink.close();
+});
+
+test('SendPacer: a blocking sender waits out the latency before each send and keeps to the cap over many', () => {
+  const latency = new SendPacer({ latencyMs: 8 });
+  let t0 = performance.now();
+  latency.before(100);
+  assert.ok(performance.now() - t0 >= 8, 'one latency before the send');
+  // 1 MB/s with a 64 KiB bucket: 64 KiB go at once, the next 192 KiB take 192 ms.
+  const capped = new SendPacer({ bandwidthBytesPerSec: 1e6, burstBytes: 65536 });
+  t0 = performance.now();
+  for (let i = 0; i < 4; i++) capped.before(65536);
+  assert.ok(performance.now() - t0 >= 196, `4 × 64 KiB at 1 MB/s with 64 KiB of bucket took ${(performance.now() - t0).toFixed(0)} ms`);
 });
 
 test('source fault threads: each session has a thread of its own; one that ends starts the next session’s, which the next open takes; close ends them all', async (t) => {

@@ -284,7 +284,7 @@ export class DestinationVmAdapter implements DestinationVm {
       const { link, events, block } = this.thread;
       if (link.fd !== null) {
         block.setSocket(link.fd);
-        vm.useFaultChannel(block.buffer, presence.length, link.waitNice);
+        vm.useFaultChannel({ block: block.buffer, pages: presence.length, waitNice: link.waitNice, shape: link.shape });
       }
       link.start({ memory: vm.memory.buffer as unknown as SharedArrayBuffer, ctl: this.vm.controlBuffer, channel: block.buffer, pages: presence.length }, events);
     } else {

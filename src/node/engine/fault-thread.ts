@@ -34,7 +34,7 @@ import { TransportError, type Connection } from '../../core/transport/transport.
 import { Ctl } from '../vm/control.js';
 import type { Vm } from '../vm/vm.js';
 import { detachTcp, tcp } from '../transport/tcp.js';
-import { BlockingSocket, BlockingSocketError, blockingSocketsAvailable } from '../net/blocking-socket.js';
+import { BlockingSocket, BlockingSocketError, SendPacer, blockingSocketsAvailable } from '../net/blocking-socket.js';
 import { FrameDecoder } from '../../core/protocol/decoder.js';
 import { encodeFrame } from '../../core/protocol/encode.js';
 import { FaultChannelBlock, installDemandPage, takeFaultFrame } from '../vm/fault-channel.js';
@@ -85,7 +85,7 @@ function shaping(shape: FaultLinkShape | null): FaultLinkShape | null {
 }
 
 type ToListener =
-  | { t: 'expect'; token: string; shape: FaultLinkShape | null }
+  | { t: 'expect'; token: string; shape: FaultLinkShape | null; detach: boolean }
   | ({ t: 'start'; token: string } & FaultThreadVm)
   | { t: 'close'; token: string };
 type FromListener =
@@ -147,6 +147,12 @@ export class FaultThreadListener implements FaultThreads {
   listeningPort: number | null = null;
   /** Shapes the thread's direction of the fault connections of sessions expected from now on. */
   shape: FaultLinkShape | null = null;
+  /**
+   * Whether the fault connections of sessions expected from now on are detached for their vCPUs
+   * to fetch pages on (where this machine has blocking sockets). False keeps this thread serving
+   * the faults, as on a machine without them.
+   */
+  detach = true;
 
   /**
    * @param host where the thread listens (the host migrations come in to; may be set until first use).
@@ -187,8 +193,9 @@ export class FaultThreadListener implements FaultThreads {
     // Without a thread (it died) nothing can touch memory: close() returns at once then.
     const link = new NodeDestinationFaultLink(token, (m) => { if (this.worker) this.worker.postMessage(m); else link.closedNow(); }, () => this.links.delete(token));
     link.waitNice = this.priority === 'default' ? null : FAULT_THREAD_NICE;
+    link.shape = shaping(this.shape);
     this.links.set(token, link);
-    this.worker?.postMessage({ t: 'expect', token, shape: this.shape } satisfies ToListener);
+    this.worker?.postMessage({ t: 'expect', token, shape: this.shape, detach: this.detach } satisfies ToListener);
     return link;
   }
 
@@ -219,7 +226,8 @@ export class NodeDestinationFaultLink implements DestinationFaultLink {
   joined = false;
   /**
    * The fault connection's descriptor, when the thread detached it for the vCPU to fetch pages on
-   * itself (vm/fault-channel.ts); null when the thread serves faults (a shaped link).
+   * itself (vm/fault-channel.ts); null when the thread serves faults (no blocking sockets here, or
+   * FaultThreadListener.detach off).
    */
   fd: number | null = null;
   /**
@@ -228,6 +236,8 @@ export class NodeDestinationFaultLink implements DestinationFaultLink {
    * raised; a vCPU cannot switch to SCHED_FIFO for each wait, so 'realtime' waits at it too).
    */
   waitNice: number | null = null;
+  /** The link shape of the vCPU's requests when it fetches its pages itself (null: none). */
+  shape: FaultLinkShape | null = null;
   events: FaultThreadEvents | null = null;
   private closing: Promise<void> | null = null;
   private done: (() => void) | null = null;
@@ -422,6 +432,8 @@ interface ListenSession {
   /** Where requests are written (through the session's shaper, if it has one). */
   conn: FramedConnection | null;
   shape: FaultLinkShape | null;
+  /** Whether to detach the connection for the vCPU (FaultThreadListener.detach). */
+  detach: boolean;
   /** The connection detached for the vCPU (see NodeDestinationFaultLink.fd); this thread closes it. */
   socket: BlockingSocket | null;
   vm: (FaultThreadVm & { mem: Uint8Array; presence: Uint8Array; ctl32: Int32Array; block: FaultChannelBlock }) | null;
@@ -535,15 +547,17 @@ function listenThread(host: string, priority: FaultThreadPriority): void {
         return;
       }
       s.joined = true;
-      if (!s.shape && blockingSocketsAvailable()) {
-        // The vCPU fetches its pages itself (vm/fault-channel.ts): the connection leaves this
-        // thread's event loop. The source sends nothing before it is asked, so nothing is lost.
+      if (s.detach && blockingSocketsAvailable()) {
+        // The vCPU fetches its pages itself (vm/fault-channel.ts), pacing its requests by the
+        // link's shape: the connection leaves this thread's event loop. The source sends nothing
+        // before it is asked, so nothing is lost.
         await framed.send({ type: 'ACK', acked: 'JOIN', value: 0 });
         s.socket = new BlockingSocket(await detachTcp(conn));
         post({ t: 'joined', token: first.token, fd: s.socket.fd });
         return;
       }
-      // Requests go through the session's shaper; frames are still read from the connection itself.
+      // This thread serves the faults: requests go through the session's shaper; frames are still
+      // read from the connection itself.
       s.conn = s.shape ? new FramedConnection(shaped(conn, { ...s.shape, clock: realClock() })) : framed;
       post({ t: 'joined', token: first.token, fd: null });
       await s.conn.send({ type: 'ACK', acked: 'JOIN', value: 0 });
@@ -555,7 +569,7 @@ function listenThread(host: string, priority: FaultThreadPriority): void {
 
   parentPort!.on('message', (m: ToListener) => {
     if (m.t === 'expect') {
-      sessions.set(m.token, { conn: null, shape: shaping(m.shape), socket: null, vm: null, requested: new Map(), nextId: 0, active: true, joined: false });
+      sessions.set(m.token, { conn: null, shape: shaping(m.shape), detach: m.detach, socket: null, vm: null, requested: new Map(), nextId: 0, active: true, joined: false });
     } else if (m.t === 'start') {
       const s = sessions.get(m.token);
       if (!s || s.vm) return;
@@ -618,8 +632,9 @@ function transportTrouble(e: unknown): boolean {
  * One outgoing post-copy migration's fault thread. It dials the destination's fault thread and
  * joins the session; then, unless the link is shaped, it takes the connection off its event loop
  * and, from the pause on, answers requests blocked on the socket (serveBlocking): a request wakes
- * this thread in the kernel and its answer leaves before the thread sleeps again. A shaped link
- * stays on the event loop, which applies the shaper.
+ * this thread in the kernel and its answer leaves before the thread sleeps again, paced by the
+ * link's shape if it has one (SendPacer). Without blocking sockets it stays on the event loop,
+ * which applies the shaper.
  */
 function sourceThread(r: SourceDial): void {
   const post = (m: FromSource) => parentPort!.postMessage(m);
@@ -729,13 +744,15 @@ function sourceThread(r: SourceDial): void {
     let f: FramedConnection | null = null;
     try {
       const conn = await tcp().dial(`${r.host.includes(':') ? `[${r.host}]` : r.host}:${r.port}`);
-      f = new FramedConnection(shape ? shaped(conn, { ...shape, clock: realClock() }) : conn);
+      // Detached, the answers are paced by the link's shape on the socket itself.
+      const detach = blockingSocketsAvailable();
+      f = new FramedConnection(shape && !detach ? shaped(conn, { ...shape, clock: realClock() }) : conn);
       await f.send({ type: 'JOIN', token: r.token, stream: 0, role: 'fault' });
       const ack = await f.next();
       if (ack?.type === 'ERROR') throw errorOf(ack.code, ack.message);
       if (ack?.type !== 'ACK' || ack.acked !== 'JOIN') throw errorOf('ERR_PROTOCOL_SEQUENCE', `expected ACK of JOIN, got ${ack?.type ?? 'end of stream'}`);
       // The destination sends nothing before it is asked, so nothing read is lost by detaching.
-      if (!shape && blockingSocketsAvailable()) socket = new BlockingSocket(await detachTcp(conn));
+      if (detach) socket = new BlockingSocket(await detachTcp(conn), shape ? new SendPacer(shape) : null);
       else {
         framed = f;
         void read(f);

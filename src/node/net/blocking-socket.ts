@@ -12,6 +12,7 @@
  * socket let go. File descriptors belong to the process, so the number can be handed to any thread.
  */
 import { FerryError } from '../../core/errors.js';
+import { TokenBucket } from '../../core/rate.js';
 import { libc, type Libc } from '../libc.js';
 
 /** A blocking socket's system call failed, or its peer closed it. */
@@ -70,20 +71,59 @@ export function dupBlocking(fd: number): number {
   return own;
 }
 
+/** A link shape for a blocking socket's sending side (as core/transport/shaped.ts shapes a connection's). */
+export interface SendShape {
+  /** Cap, bytes per second (omitted: none). */
+  bandwidthBytesPerSec?: number;
+  /** Token bucket depth, bytes (default: the bucket's own). */
+  burstBytes?: number;
+  /** One-way delay, ms (default 0). */
+  latencyMs?: number;
+}
+
+/**
+ * Shapes what a thread sends on a blocking socket: before each send the thread sleeps for what
+ * the token bucket asks and for the one-way latency, so the bytes reach the peer when they would
+ * have on the shaped link. A link shaper (core/transport/shaped.ts) pipelines latency instead, so
+ * that a stream keeps its throughput; the threads that send on blocking sockets (a vCPU's page
+ * request, the source's answer to it) send one message and wait for the next, which the delay
+ * before sending models exactly.
+ */
+export class SendPacer {
+  private readonly bucket: TokenBucket | null;
+  private readonly latencyMs: number;
+  private readonly sleeper = new Int32Array(new SharedArrayBuffer(4));
+
+  constructor(shape: SendShape) {
+    this.bucket = shape.bandwidthBytesPerSec === undefined ? null : new TokenBucket({ rateBytesPerSec: shape.bandwidthBytesPerSec, ...(shape.burstBytes === undefined ? {} : { burstBytes: shape.burstBytes }) });
+    this.latencyMs = shape.latencyMs ?? 0;
+  }
+
+  /** Blocks this thread until `bytes` may be sent. */
+  before(bytes: number): void {
+    const wait = (this.bucket?.reserve(bytes, performance.now()) ?? 0) + this.latencyMs;
+    const until = performance.now() + wait;
+    // Atomics.wait may return early (a spurious wake-up): sleep out what is left.
+    for (let left = wait; left > 0; left = until - performance.now()) Atomics.wait(this.sleeper, 0, 0, left);
+  }
+}
+
 /** A connected TCP socket in blocking mode, owned by one thread at a time. */
 export class BlockingSocket {
   private readonly pollfd = new Uint8Array(8);
   private closed = false;
 
-  constructor(readonly fd: number) {
+  /** @param pacer shapes what is sent (null: sent at once). */
+  constructor(readonly fd: number, private readonly pacer: SendPacer | null = null) {
     if (!Number.isSafeInteger(fd) || fd < 0) throw new BlockingSocketError(`${fd} is not a file descriptor`);
     new DataView(this.pollfd.buffer).setInt32(0, fd, true);
     new DataView(this.pollfd.buffer).setInt16(4, POLLIN, true);
     c();
   }
 
-  /** Sends all of `bytes`, blocking while the kernel's buffer is full. */
+  /** Sends all of `bytes` (after the pacer's delay, if the socket has one), blocking while the kernel's buffer is full. */
   sendAll(bytes: Uint8Array): void {
+    this.pacer?.before(bytes.length);
     const l = c();
     let at = 0;
     while (at < bytes.length) {

@@ -24,7 +24,7 @@ import { PAGE_SIZE } from '../../core/pages.js';
 import { FrameDecoder } from '../../core/protocol/decoder.js';
 import { encodeFrame, encodePageRequest } from '../../core/protocol/encode.js';
 import { Encoding, type Frame, type WirePage } from '../../core/protocol/frames.js';
-import { BlockingSocket } from '../net/blocking-socket.js';
+import { BlockingSocket, SendPacer, type SendShape } from '../net/blocking-socket.js';
 import { LATENCY_SLICE_US, setFairScheduling } from '../fair-scheduling.js';
 import { hashPage } from './page-hash.js';
 
@@ -182,7 +182,7 @@ const ZERO_PAGE_HASH = hashPage(new Uint8Array(PAGE_SIZE));
 
 /**
  * What a destination takes from a frame on a fault channel (whoever reads it: the vCPU, or the
- * fault thread on a shaped link): the demand pages of a DEMAND PAGES frame, each checked (raw or
+ * fault thread where the connection is not detached): the demand pages of a DEMAND PAGES frame, each checked (raw or
  * zero, a whole page, within the VM's `pages`), or the reply a PING asks for. An ERROR from the
  * source, or any other frame, fails the channel by name.
  */
@@ -222,6 +222,19 @@ export function installDemandPage(bytes: Uint8Array, block: FaultChannelBlock, p
   return hash;
 }
 
+/**
+ * What a VM's vCPU thread is told to fetch its missing pages itself (Vm.useFaultChannel): the
+ * channel's shared block, the guest's pages, the nice value it waits at (the destination's
+ * fault-thread nice value, FAULT_THREAD_NICE, when its host asks for raised fault threads and may
+ * raise them; null: its own) and the link shape of its requests (null: none).
+ */
+export interface FaultChannelUse {
+  block: SharedArrayBuffer;
+  pages: number;
+  waitNice: number | null;
+  shape: SendShape | null;
+}
+
 /** What a vCPU thread needs to fetch its missing pages itself. */
 export interface FaultFetcherInit {
   block: FaultChannelBlock;
@@ -237,11 +250,10 @@ export interface FaultFetcherInit {
    * is under way (nothing more comes on the socket to wake a poll).
    */
   awaitInstall: (physical: number) => void;
-  /**
-   * The nice value the vCPU waits for a page at (the destination's fault-thread nice value,
-   * FAULT_THREAD_NICE, when its host asks for raised fault threads and may raise them); null: its own.
-   */
+  /** See FaultChannelUse. */
   waitNice: number | null;
+  /** See FaultChannelUse. */
+  shape: SendShape | null;
 }
 
 /** The vCPU thread's side of a FaultChannelBlock. */
@@ -266,7 +278,7 @@ export class FaultFetcher {
     const fd = block.enter();
     if (fd < 0) return false;
     try {
-      if (this.socket?.fd !== fd) this.socket = new BlockingSocket(fd);
+      if (this.socket?.fd !== fd) this.socket = new BlockingSocket(fd, this.init.shape ? new SendPacer(this.init.shape) : null);
       const socket = this.socket;
       const sent = performance.now();
       socket.sendAll(encodePageRequest({ id: ++this.nextId >>> 0, pages: [page] }));

@@ -16,7 +16,7 @@ import type { NetRecordData } from '../../core/net-ring.js';
 import { Histogram } from '../../core/metrics.js';
 import { decodeGlobals, encodeGlobals, type GlobalDesc, type GlobalValue } from './globals.js';
 import { SPARE_ROLE, type SpareThreadData } from './vcpu-threads.js';
-import { FaultChannelBlock, FaultFetcher, StoppedWhileFaulting } from './fault-channel.js';
+import { FaultChannelBlock, FaultFetcher, StoppedWhileFaulting, type FaultChannelUse } from './fault-channel.js';
 import { blockingSocketsAvailable } from '../net/blocking-socket.js';
 
 export interface VcpuWorkerData {
@@ -47,7 +47,7 @@ export type ToWorker =
   /** Answer once paused (at once if paused now) with the state and the soft pages: see Vm.pauseWithState. */
   | { t: 'export-at-pause'; id: number }
   /** Post-copy: fetch missing pages on this fault channel (see fault-channel.ts); `pages`: the presence map's. */
-  | { t: 'fault-channel'; block: SharedArrayBuffer; pages: number; waitNice: number | null };
+  | ({ t: 'fault-channel' } & FaultChannelUse);
 
 export type FromWorker =
   | { t: 'standby' }
@@ -357,7 +357,7 @@ function handle(msg: ToWorker): void {
       return;
     case 'fault-channel':
       fetcher = new FaultFetcher({
-        block: new FaultChannelBlock(msg.block), pages: msg.pages, waitNice: msg.waitNice,
+        block: new FaultChannelBlock(msg.block), pages: msg.pages, waitNice: msg.waitNice, shape: msg.shape,
         memory: () => data.memory.buffer, stopping: () => Atomics.load(ctl, Ctl.CMD) === Cmd.STOP, awaitInstall,
       });
       return;

@@ -21,6 +21,7 @@ import type { GlobalDesc } from './globals.js';
 import { copyBytes, prefaultFreshMemory } from './memory-access.js';
 import type { GuestMemoryPool } from './memory-pool.js';
 import type { VcpuThreadPool } from './vcpu-threads.js';
+import type { FaultChannelUse } from './fault-channel.js';
 
 export interface VmInit {
   name: string;
@@ -656,12 +657,11 @@ export class Vm extends EventEmitter {
   }
 
   /**
-   * Post-copy: the vCPU fetches its missing pages itself on the fault channel `block` shares
-   * (see fault-channel.ts), waiting for each at nice `waitNice` (null: its own). Before
-   * resume(): the thread takes it before it runs again.
+   * Post-copy: the vCPU fetches its missing pages itself on the fault channel `use.block` shares
+   * (see fault-channel.ts). Before resume(): the thread takes it before it runs again.
    */
-  useFaultChannel(block: SharedArrayBuffer, pages: number, waitNice: number | null): void {
-    this.send({ t: 'fault-channel', block, pages, waitNice });
+  useFaultChannel(use: FaultChannelUse): void {
+    this.send({ t: 'fault-channel', ...use });
   }
 
   /** Each post-copy fault's wait as the vCPU saw it, ms (a copy). */
