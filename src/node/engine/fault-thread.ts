@@ -630,11 +630,11 @@ function transportTrouble(e: unknown): boolean {
 
 /**
  * One outgoing post-copy migration's fault thread. It dials the destination's fault thread and
- * joins the session; then, unless the link is shaped, it takes the connection off its event loop
- * and, from the pause on, answers requests blocked on the socket (serveBlocking): a request wakes
- * this thread in the kernel and its answer leaves before the thread sleeps again, paced by the
- * link's shape if it has one (SendPacer). Without blocking sockets it stays on the event loop,
- * which applies the shaper.
+ * joins the session; then, where this machine has blocking sockets, it takes the connection off
+ * its event loop and, from the pause on, answers requests blocked on the socket (serveBlocking):
+ * a request wakes this thread in the kernel and its answer leaves before the thread sleeps again,
+ * paced by the link's shape if it has one (SendPacer). Without blocking sockets it stays on the
+ * event loop, which applies the shaper.
  */
 function sourceThread(r: SourceDial): void {
   const post = (m: FromSource) => parentPort!.postMessage(m);
