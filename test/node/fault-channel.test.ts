@@ -13,6 +13,7 @@ import { FrameDecoder } from '../../src/core/protocol/decoder.js';
 import { encodeFrame } from '../../src/core/protocol/encode.js';
 import { FramedConnection } from '../../src/core/transport/framed.js';
 import type { Connection } from '../../src/core/transport/transport.js';
+import type { FaultThreadEvents } from '../../src/core/engine/types.js';
 import { FaultThreadListener, SourceFaultThreads, type NodeDestinationFaultLink } from '../../src/node/engine/fault-thread.js';
 import { BlockingSocket, BlockingSocketError, SendPacer } from '../../src/node/net/blocking-socket.js';
 import { LATENCY_SLICE_US, fairScheduling } from '../../src/node/fair-scheduling.js';
@@ -48,6 +49,20 @@ const until = async (ok: () => boolean, what: string) => {
   for (let i = 0; i < 400 && !ok(); i++) await new Promise((r) => setTimeout(r, 5));
   assert.ok(ok(), what);
 };
+
+/**
+ * The destination's side of a joined, detached link: guest memory with the `absent` pages missing,
+ * the vCPU's channel block holding the detached socket, and the fault thread started on them.
+ */
+function destinationSide(link: NodeDestinationFaultLink, pages: number, absent: number[], events: FaultThreadEvents): { dst: ReturnType<typeof memory>; block: FaultChannelBlock } {
+  const dst = memory(pages);
+  dst.presence.fill(1);
+  for (const p of absent) dst.presence[p] = 0;
+  const block = FaultChannelBlock.create(pages);
+  block.setSocket(link.fd!);
+  link.start({ memory: dst.buffer, ctl: new SharedArrayBuffer(64), channel: block.buffer, pages }, events);
+  return { dst, block };
+}
 
 test('detachTcp: the connection outlives its node:net socket, and a blocking socket carries both directions', async (t) => {
   let peer: Connection | null = null;
@@ -107,18 +122,13 @@ test('post-copy, vCPU-fetched faults: the page comes from the source thread into
   sourceLink.serve(soft, (p) => served.push(...p), (e) => assert.fail(e));
 
   // The destination: pages 3, 9 and 20 absent; page 4 present with the guest's own content.
-  const dst = memory(pages);
-  dst.presence.fill(1);
-  for (const p of [3, 9, 20]) dst.presence[p] = 0;
-  dst.page(4).fill(0xee);
-  const block = FaultChannelBlock.create(pages);
-  block.setSocket(link.fd!);
   const installed: [number, bigint, number | null][] = [];
   const failures: Error[] = [];
-  link.start({ memory: dst.buffer, ctl: new SharedArrayBuffer(64), channel: block.buffer, pages }, {
+  const { dst, block } = destinationSide(link, pages, [3, 9, 20], {
     installed: (page, hash, waited) => installed.push([page, hash, waited]),
     failed: (e) => failures.push(e),
   });
+  dst.page(4).fill(0xee);
   // The session's own thread may install a page while the vCPU waits for it: `push` plays that
   // when the vCPU next looks whether it should stop (it looks before each wait).
   let push: (() => void) | null = null;
@@ -203,13 +213,8 @@ test('post-copy, vCPU-fetched faults: a source that answers with a frame the fau
   // A source of the test's own: it answers the first request with a RESUMED.
   const { link, source } = await joinedFaultThread(t, '4d'.repeat(16));
   await until(() => link.fd !== null, 'detached');
-  const dst = memory(pages);
-  dst.presence.fill(1);
-  dst.presence[5] = 0;
-  const block = FaultChannelBlock.create(pages);
-  block.setSocket(link.fd!);
   const failures: Error[] = [];
-  link.start({ memory: dst.buffer, ctl: new SharedArrayBuffer(64), channel: block.buffer, pages }, { installed: () => undefined, failed: (e) => failures.push(e) });
+  const { dst, block } = destinationSide(link, pages, [5], { installed: () => undefined, failed: (e) => failures.push(e) });
   // The answer is on its way before the vCPU asks (this thread blocks while it fetches).
   await source.send({ type: 'RESUMED', pagesMissing: 0 });
   const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping: () => false, waitNice: null, shape: null, awaitInstall: () => assert.fail('nothing was answered') });
@@ -241,13 +246,8 @@ test('a shaped fault link (a one-way latency each way) is detached too: the vCPU
   await until(() => link.joined, 'the fault connection joined');
   assert.ok(link.fd !== null && link.fd >= 0, 'a shaped connection is detached for the vCPU as well');
   sourceLink.serve(new Bitmap(pages), () => undefined, (e) => assert.fail(e));
-  const dst = memory(pages);
-  dst.presence.fill(1);
-  dst.presence[6] = 0;
-  const block = FaultChannelBlock.create(pages);
-  block.setSocket(link.fd!);
   const waits: number[] = [];
-  link.start({ memory: dst.buffer, ctl: new SharedArrayBuffer(64), channel: block.buffer, pages }, { installed: (_p, _h, ms) => waits.push(ms ?? NaN), failed: (e) => assert.fail(e) });
+  const { dst, block } = destinationSide(link, pages, [6], { installed: (_p, _h, ms) => waits.push(ms ?? NaN), failed: (e) => assert.fail(e) });
   const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping: () => false, waitNice: null, shape: link.shape, awaitInstall: () => assert.fail('no push here') });
   const t0 = performance.now();
   assert.equal(fetcher.fetch(6 + RESERVED_PAGES), true);
