@@ -23,7 +23,7 @@ export const LATENCY_SLICE_US = 100;
 
 /** The kernel refused a thread's scheduling change (raising priority needs CAP_SYS_NICE). */
 export class SchedulingError extends FerryError {
-  constructor(message: string, readonly errno = 0) {
+  constructor(message: string) {
     super('ERR_SCHEDULING', message);
   }
 }
@@ -35,8 +35,6 @@ const SYS: Partial<Record<string, { setattr: number; getattr: number }>> = {
 /** sched_attr, version 0: size, policy, flags, nice, priority, runtime, deadline, period. */
 const ATTR_BYTES = 48;
 const SCHED_OTHER = 0;
-const EPERM = 1;
-const EACCES = 13;
 
 /** sched_setattr/sched_getattr here, or null (not Linux, an architecture not listed, no libc calls). */
 function calls(): { setattr: number; getattr: number } | null {
@@ -51,8 +49,9 @@ function calls(): { setattr: number; getattr: number } | null {
 }
 
 /**
- * Sets the calling thread's nice value and slice (µs; 0: the kernel's default). Without
- * sched_setattr only the nice value is set. Throws SchedulingError when refused.
+ * Sets the calling thread's nice value and slice (µs; 0: the kernel's default). Where
+ * sched_setattr is missing or refuses, only the nice value is set. Throws SchedulingError when the
+ * nice value is refused.
  */
 export function setFairScheduling(nice: number, sliceUs: number): void {
   const sys = calls();
@@ -63,11 +62,10 @@ export function setFairScheduling(nice: number, sliceUs: number): void {
     v.setUint32(4, SCHED_OTHER, true);
     v.setInt32(16, nice, true);
     v.setBigUint64(24, BigInt(Math.round(sliceUs * 1000)), true);
-    const l = libc();
-    if (l.syscallPtr(sys.setattr, 0, attr, 0, 0) === 0) return;
-    const errno = l.errno();
-    if (errno === EPERM || errno === EACCES) throw new SchedulingError(`not permitted to set nice ${nice}, slice ${sliceUs} µs (errno ${errno})`, errno);
-    // Any other refusal (an older kernel's view of the attributes): the nice value alone.
+    if (libc().syscallPtr(sys.setattr, 0, attr, 0, 0) === 0) return;
+    // Refused (an older kernel's view of the attributes, a seccomp filter that allows setpriority
+    // but not sched_setattr, or a nice value not permitted): the nice value alone, which fails in
+    // turn where it is the nice value that is not permitted.
   }
   try {
     setPriority(0, nice);
