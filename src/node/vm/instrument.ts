@@ -32,7 +32,7 @@ export type { GuestModuleInfo } from './instrument/inspect.js';
 export type { Variant } from './instrument/rewrite.js';
 
 /** Part of every cache key: bump it whenever the rewritten output changes. */
-export const REWRITER_VERSION = 3;
+export const REWRITER_VERSION = 4;
 
 export const VARIANTS: readonly Variant[] = ['plain', 'dirty', 'presence'];
 

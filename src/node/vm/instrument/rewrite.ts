@@ -3,7 +3,7 @@
  * presence checks of one variant. See docs/guest-abi.md ("Rewriting") and src/core/abi.ts.
  */
 import binaryen from 'binaryen';
-import { DIRTY_MAP_OFFSET, PRESENCE_MAP_OFFSET, RESERVED_BYTES, RESERVED_WASM_PAGES, REWRITE } from '../../../core/abi.js';
+import { DIRTY_MAP_OFFSET, PRESENCE_MAP_OFFSET, RESERVED_BYTES, RESERVED_PAGES, RESERVED_WASM_PAGES, REWRITE } from '../../../core/abi.js';
 import { BugIndicatingError } from '../../../core/errors.js';
 import type { Analysis } from './inspect.js';
 import { textOffset } from './inspect.js';
@@ -50,7 +50,16 @@ export function rewrite(a: Analysis, variant: Variant): Uint8Array {
   const get32 = (l: number): Ref => m.local.get(l, i32);
   /** Page index of physical address `local + k` (i32 arithmetic). */
   const pageOf = (l: number, k: number): Ref => m.i32.shr_u(m.i32.add(get32(l), c32(k)), c32(PAGE_SHIFT));
-  const mark = (l: number, k: number): Ref => m.i32.store8(DIRTY_MAP_OFFSET, 1, pageOf(l, k), c32(1), mem);
+  /**
+   * Dirty mark of the page holding physical `local + k`, after a write there succeeded (so the sum
+   * is below 4 GiB). RESERVED_BYTES is whole pages: (p + g + RESERVED_BYTES) >> 12 is
+   * ((p + g) >> 12) + RESERVED_PAGES, and the constant goes into the store's offset (one add less
+   * per write; for the common g = 0, none at all).
+   */
+  const mark = (l: number, k: number): Ref => {
+    const g = k - RESERVED_BYTES;
+    return m.i32.store8(DIRTY_MAP_OFFSET + RESERVED_PAGES, 1, m.i32.shr_u(g === 0 ? get32(l) : m.i32.add(get32(l), c32(g)), c32(PAGE_SHIFT)), c32(1), mem);
+  };
   const present = (l: number, k: number): Ref => m.i32.load8_u(PRESENCE_MAP_OFFSET, 1, pageOf(l, k), mem);
   const used = new Set<string>();
   const use = (name: string): string => { used.add(name); return name; };
@@ -58,7 +67,10 @@ export function rewrite(a: Analysis, variant: Variant): Uint8Array {
   /** Dirty marks for a `bytes`-wide write at physical `local + k`, which has just succeeded. */
   // The second mark is needed only when the write straddles into the next page: a well-predicted
   // branch is cheaper than a second store on every write.
-  const straddles = (l: number, k: number, bytes: number): Ref => m.i32.gt_u(m.i32.and(m.i32.add(get32(l), c32(k)), c32(4095)), c32(4096 - bytes));
+  const straddles = (l: number, k: number, bytes: number): Ref => {
+    const g = (k - RESERVED_BYTES) & 4095; // whole pages change nothing within a page
+    return m.i32.gt_u(m.i32.and(g === 0 ? get32(l) : m.i32.add(get32(l), c32(g)), c32(4095)), c32(4096 - bytes));
+  };
   const marks = (l: number, k: number, bytes: number): Ref[] => (bytes === 1 ? [mark(l, k)] : [mark(l, k), m.if(straddles(l, k, bytes), mark(l, k + bytes - 1))]);
   /** Presence check before a `bytes`-wide access at physical `local + k`. */
   const check = (l: number, k: number, bytes: number): Ref => {
