@@ -176,6 +176,56 @@ export class MemoryDigest {
 }
 
 /**
+ * What a destination lacks at the switchover, and its digest so far, in one pass over the words:
+ * page i is absent when it was not received (or is stale: received, then dirtied) and is not
+ * soft; the hash of every absent or soft page is cleared in `hashes` (it counts 0 until the page
+ * arrives). Returns the absent pages (a bitmap of `size` bits) and their count.
+ *
+ * It runs once per migration, inside the downtime, in code V8 has not optimized: written as three
+ * passes with a closure per word (Bitmap.fromWords, count, runs) it took 2.3-3.5 ms for 64 Ki
+ * pages. Hence plain loops, whole words at a time, and one fill per run of words.
+ */
+export function absentAtSwitchover(
+  size: number, pages: number, received: Uint32Array, stale: Uint32Array, soft: Uint32Array, hashes: BigUint64Array,
+): { absent: Bitmap; missing: number } {
+  const absent = new Bitmap(size);
+  const aw = absent.words;
+  const words = Math.ceil(Math.min(pages, size) / 32);
+  const tail = Math.min(pages, size) & 31;
+  let missing = 0;
+  /** First page of a run of whole words whose hashes are cleared, or -1. */
+  let run = -1;
+  for (let i = 0; i < words; i++) {
+    const mask = i === words - 1 && tail !== 0 ? (1 << tail) - 1 : -1;
+    const sw = soft[i] ?? 0;
+    const a = ~(received[i] ?? 0) | (stale[i] ?? 0);
+    const w = (a & ~sw & mask) >>> 0;
+    aw[i] = w;
+    if (w === 0xffffffff) missing += 32;
+    else if (w !== 0) {
+      let x = w - ((w >>> 1) & 0x55555555);
+      x = (x & 0x33333333) + ((x >>> 2) & 0x33333333);
+      missing += (((x + (x >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
+    }
+    const gone = ((w | sw) & mask) >>> 0;
+    if (gone === 0xffffffff) {
+      if (run < 0) run = i << 5;
+      continue;
+    }
+    if (run >= 0) {
+      hashes.fill(0n, run, Math.min(i << 5, hashes.length));
+      run = -1;
+    }
+    for (let g = gone; g !== 0; g &= g - 1) {
+      const p = (i << 5) + 31 - Math.clz32(g & -g);
+      if (p < hashes.length) hashes[p] = 0n;
+    }
+  }
+  if (run >= 0) hashes.fill(0n, run, Math.min(words << 5, hashes.length));
+  return { absent, missing };
+}
+
+/**
  * The answer to a page request `id`: one DEMAND PAGES frame with the pages asked for that are in
  * the guest's `guestPages` and not soft (zero pages as ZERO, the rest read by `read`), or null
  * when none is left. The source's session and its fault thread answer alike.

@@ -22,7 +22,7 @@ import {
 import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
 import { GANG_INDEX_BYTES, StreamDecoder, acceptCodecs, isMissingDefinition, storeBytesFor, usesCodecs, vmIndexBytes } from './codecs.js';
-import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, fromWireBitmap } from './common.js';
+import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, absentAtSwitchover, fromWireBitmap } from './common.js';
 import type { DestinationFactory, DestinationFaultLink, DestinationVm, EngineDeps, FaultThreadEvents, FaultThreads } from './types.js';
 
 export interface DestinationOutcome {
@@ -772,18 +772,14 @@ class DestinationSession {
     const swAt = this.deps.clock.now();
     const soft = fromWireBitmap(state.soft, pages);
     const stale = fromWireBitmap(sw.stale, pages);
-    // absent = (not received, or stale) and not soft. This and the digest below run inside the
-    // downtime, once per migration (so in cold code): 32 pages a step.
-    const [rw, stw, so] = [this.received.words, stale.words, soft.words];
-    const absent = Bitmap.fromWords(this.maxPages, pages, (i) => (~rw[i] | stw[i]) & ~so[i]);
-    const missing = absent.count();
+    // absent = (not received, or stale) and not soft; the hashes of the pages installed so far, as
+    // they are, with soft and absent pages counting 0 for now. Inside the downtime, in one pass.
+    const hashes = this.preHashes.subarray(0, pages);
+    const { absent, missing } = absentAtSwitchover(this.maxPages, pages, this.received.words, stale.words, soft.words, hashes);
     if (missing !== sw.pagesRemaining) {
       throw new MigrationError('ERR_MIGRATION_MISSING_PAGES', `the source says ${sw.pagesRemaining} pages remain, but ${missing} are missing here`);
     }
-    // The hashes of the pages installed so far, as they are; soft and absent pages count 0 for now.
-    const digest = MemoryDigest.adopt(this.preHashes.subarray(0, pages));
-    const aw = absent.words;
-    for (const [first, count] of Bitmap.fromWords(this.maxPages, pages, (i) => aw[i] | so[i]).runs()) digest.clearRange(first, count);
+    const digest = MemoryDigest.adopt(hashes);
     this.preHashes = new BigUint64Array(0);
     this.digest = digest;
     const want = sw.digest?.hex ?? null;
