@@ -109,6 +109,9 @@ function finalRoundBytes(r: MigrationReport): number {
 
 // ---------------------------------------------------------------------------------------------
 
+/** What raw TCP sends in the baselines: 1 MiB that does not compress, written again and again. */
+const block = new Uint8Array(MiB).map((_, i) => (i * 2654435761) >>> 24);
+
 async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promise<void> {
   const ratios: number[] = [];
   const evictRatios: number[] = [];
@@ -117,7 +120,6 @@ async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promis
   const freshRates: number[] = [];
   const setups: number[] = [];
   let last: Run | undefined;
-  const block = new Uint8Array(MiB).map((_, i) => (i * 2654435761) >>> 24);
   await rawTcp(32 * MiB, block); // warm-up
   await rawTcpIntoFreshMemory(32 * MiB, block);
   let cold: { tmt: number; ratio: number; run: Run } | null = null;
@@ -207,7 +209,6 @@ async function downtimeFloor(ctx: BenchContext, mem: number, reps: number): Prom
   // A hot 16 MiB written at 4 MB/s (≈ 500 k random writes/s): a full final round at every pause.
   const wss = Math.min(16 * MiB, mem / 4);
   const rawBytes = 4 * wss;
-  const block = new Uint8Array(MiB).map((_, i) => (i * 2654435761) >>> 24);
   // The median of `reps` migrations: one run on this machine swings by 2× either way.
   const runs: { run: Run; fin: number; floor: number; bandwidth: number }[] = [];
   for (let i = 0; i < reps; i++) {

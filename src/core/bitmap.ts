@@ -1,5 +1,12 @@
 import { InvalidArgumentError } from './errors.js';
 
+/** Set bits in a 32-bit word. */
+export function popcount32(w: number): number {
+  w = w - ((w >>> 1) & 0x55555555);
+  w = (w & 0x33333333) + ((w >>> 2) & 0x33333333);
+  return (((w + (w >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
+}
+
 /** A fixed-size bitmap over page numbers (one bit per page). */
 export class Bitmap {
   readonly size: number;
@@ -41,11 +48,7 @@ export class Bitmap {
 
   count(): number {
     let c = 0;
-    for (let w of this.words) {
-      w = w - ((w >>> 1) & 0x55555555);
-      w = (w & 0x33333333) + ((w >>> 2) & 0x33333333);
-      c += (((w + (w >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
-    }
+    for (const w of this.words) c += popcount32(w);
     return c;
   }
 

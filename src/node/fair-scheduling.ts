@@ -35,6 +35,9 @@ const SYS: Partial<Record<string, { setattr: number; getattr: number }>> = {
 /** sched_attr, version 0: size, policy, flags, nice, priority, runtime, deadline, period. */
 const ATTR_BYTES = 48;
 const SCHED_OTHER = 0;
+/** This thread's sched_attr (module state is per thread): a vCPU sets it twice per quantum with faults. */
+const attr = new Uint8Array(ATTR_BYTES);
+const view = new DataView(attr.buffer);
 
 /** sched_setattr/sched_getattr here, or null (not Linux, an architecture not listed, no libc calls). */
 function calls(): { setattr: number; getattr: number } | null {
@@ -56,12 +59,11 @@ function calls(): { setattr: number; getattr: number } | null {
 export function setFairScheduling(nice: number, sliceUs: number): void {
   const sys = calls();
   if (sys) {
-    const attr = new Uint8Array(ATTR_BYTES);
-    const v = new DataView(attr.buffer);
-    v.setUint32(0, ATTR_BYTES, true);
-    v.setUint32(4, SCHED_OTHER, true);
-    v.setInt32(16, nice, true);
-    v.setBigUint64(24, BigInt(Math.round(sliceUs * 1000)), true);
+    attr.fill(0);
+    view.setUint32(0, ATTR_BYTES, true);
+    view.setUint32(4, SCHED_OTHER, true);
+    view.setInt32(16, nice, true);
+    view.setBigUint64(24, BigInt(Math.round(sliceUs * 1000)), true);
     if (libc().syscallPtr(sys.setattr, 0, attr, 0, 0) === 0) return;
     // Refused (an older kernel's view of the attributes, a seccomp filter that allows setpriority
     // but not sched_setattr, or a nice value not permitted): the nice value alone, which fails in
@@ -78,10 +80,8 @@ export function setFairScheduling(nice: number, sliceUs: number): void {
 export function fairScheduling(): { nice: number; sliceUs: number } {
   const sys = calls();
   if (sys) {
-    const attr = new Uint8Array(ATTR_BYTES);
     if (libc().syscallPtr(sys.getattr, 0, attr, ATTR_BYTES, 0) === 0) {
-      const v = new DataView(attr.buffer);
-      return { nice: v.getInt32(16, true), sliceUs: Number(v.getBigUint64(24, true)) / 1000 };
+      return { nice: view.getInt32(16, true), sliceUs: Number(view.getBigUint64(24, true)) / 1000 };
     }
   }
   return { nice: getPriority(0), sliceUs: 0 };

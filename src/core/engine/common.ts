@@ -1,7 +1,7 @@
 /**
  * Pieces both migration sessions use: the frame inbox, the memory digest, bitmap conversions.
  */
-import { Bitmap } from '../bitmap.js';
+import { Bitmap, popcount32 } from '../bitmap.js';
 import { FerryError, ProtocolError } from '../errors.js';
 import { PAGE_SIZE } from '../pages.js';
 import { PagesFrameBuilder } from '../protocol/encode.js';
@@ -202,11 +202,7 @@ export function absentAtSwitchover(
     const w = (a & ~sw & mask) >>> 0;
     aw[i] = w;
     if (w === 0xffffffff) missing += 32;
-    else if (w !== 0) {
-      let x = w - ((w >>> 1) & 0x55555555);
-      x = (x & 0x33333333) + ((x >>> 2) & 0x33333333);
-      missing += (((x + (x >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
-    }
+    else if (w !== 0) missing += popcount32(w);
     const gone = ((w | sw) & mask) >>> 0;
     if (gone === 0xffffffff) {
       if (run < 0) run = i << 5;

@@ -85,6 +85,7 @@ function shaping(shape: FaultLinkShape | null): FaultLinkShape | null {
 }
 
 type ToListener =
+  /** `shape`: normalized (see shaping). */
   | { t: 'expect'; token: string; shape: FaultLinkShape | null; detach: boolean }
   | ({ t: 'start'; token: string } & FaultThreadVm)
   | { t: 'close'; token: string };
@@ -195,7 +196,7 @@ export class FaultThreadListener implements FaultThreads {
     link.waitNice = this.priority === 'default' ? null : FAULT_THREAD_NICE;
     link.shape = shaping(this.shape);
     this.links.set(token, link);
-    this.worker?.postMessage({ t: 'expect', token, shape: this.shape, detach: this.detach } satisfies ToListener);
+    this.worker?.postMessage({ t: 'expect', token, shape: link.shape, detach: this.detach } satisfies ToListener);
     return link;
   }
 
@@ -569,7 +570,7 @@ function listenThread(host: string, priority: FaultThreadPriority): void {
 
   parentPort!.on('message', (m: ToListener) => {
     if (m.t === 'expect') {
-      sessions.set(m.token, { conn: null, shape: shaping(m.shape), detach: m.detach, socket: null, vm: null, requested: new Map(), nextId: 0, active: true, joined: false });
+      sessions.set(m.token, { conn: null, shape: m.shape, detach: m.detach, socket: null, vm: null, requested: new Map(), nextId: 0, active: true, joined: false });
     } else if (m.t === 'start') {
       const s = sessions.get(m.token);
       if (!s || s.vm) return;
