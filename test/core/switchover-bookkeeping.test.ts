@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Bitmap } from '../../src/core/bitmap.js';
-import { absentAtSwitchover } from '../../src/core/engine/common.js';
+import { absentAtSwitchover, warmSwitchover } from '../../src/core/engine/common.js';
 
 /** A small deterministic PRNG (xorshift32), so a failure names its seed. */
 function prng(seed: number): () => number {
@@ -64,4 +64,11 @@ test('absentAtSwitchover: stale and soft bitmaps shorter than the pages (empty o
   assert.deepEqual([...absent], [64, 65, 66, 67, 68, 69]);
   assert.equal(missing, 6);
   assert.deepEqual([...hashes.subarray(60)], [5n, 5n, 5n, 5n, 0n, 0n, 0n, 0n, 0n, 0n]);
+});
+
+test('warmSwitchover: the sample STATE and SWITCHOVER survive their round trip (it lacks all but its last page, up to 64 Ki pages)', () => {
+  for (const pages of [1, 2, 31, 32, 33, 1000, 65535, 65536]) assert.equal(warmSwitchover(pages), pages - 1, `${pages} pages`);
+  // Larger VMs warm on a 64 Ki-page sample: enough for the loops, without a VM-sized scratch array.
+  for (const pages of [65537, 1 << 20]) assert.equal(warmSwitchover(pages), 65535, `${pages} pages`);
+  assert.equal(warmSwitchover(0), 0, 'an empty VM warms on one page');
 });

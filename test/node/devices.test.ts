@@ -8,7 +8,7 @@ import { FERRY_IMPORTS, NetRecord, WASI_IMPORTS } from '../../src/core/abi.js';
 import { Bitmap } from '../../src/core/bitmap.js';
 import { NetRing, ringLayout, type NetRecordData } from '../../src/core/net-ring.js';
 import { CONSOLE_MAX_LINE, DeviceStateError, Devices, Errno, GuestExitError, SOFT_PAGE_COUNT, type DeviceHooks, type DevicesInit } from '../../src/node/vm/devices/index.js';
-import { parseDeviceState } from '../../src/node/vm/devices/state-schema.js';
+import { SAMPLE_DEVICE_STATE, parseDeviceState } from '../../src/node/vm/devices/state-schema.js';
 import { FerryError } from '../../src/core/errors.js';
 import type { GuestMemoryAccess } from '../../src/node/vm/guest-memory.js';
 
@@ -747,4 +747,12 @@ test('a real Wasm guest calls the imports (i64 offsets and clock as BigInt)', ()
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test('the sample that warms device-state validation is a valid state, every optional part present', () => {
+  // A sample the schema rejected would fail every destination at its creation (warmDeviceStateValidation).
+  assert.deepEqual(parseDeviceState(structuredClone(SAMPLE_DEVICE_STATE)), SAMPLE_DEVICE_STATE);
+  assert.notEqual(SAMPLE_DEVICE_STATE.net.ring, null);
+  assert.notEqual(SAMPLE_DEVICE_STATE.block, null);
+  assert.ok(SAMPLE_DEVICE_STATE.net.rx.length > 0);
 });

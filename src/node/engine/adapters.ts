@@ -14,6 +14,7 @@ import type { WireGlobal } from '../../core/protocol/frames.js';
 import type { Histogram } from '../../core/metrics.js';
 import { realClock } from '../clock.js';
 import { Ctl } from '../vm/control.js';
+import { warmDeviceStateValidation } from '../vm/devices/state-schema.js';
 import type { GlobalDesc } from '../vm/globals.js';
 import { hashPage } from '../vm/page-hash.js';
 import { FaultChannelBlock } from '../vm/fault-channel.js';
@@ -164,6 +165,8 @@ export class DestinationVmAdapter implements DestinationVm {
     // thread while that one loads (touching from the vCPU thread had to wait for it to load first:
     // measured slower).
     const thread = vm.prewarm();
+    // The state that arrives is validated on this thread inside the downtime (Vm.bootFromState).
+    warmDeviceStateValidation();
     this.prefaulting = init.prefault !== false;
     const memory = this.prefaulting ? vm.prefaultFresh(this.stopPrefault.signal).finally(() => (this.prefaulting = false)) : Promise.resolve(0);
     this.memory = memory.then(() => undefined);
