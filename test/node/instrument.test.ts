@@ -929,3 +929,24 @@ test('InstrumentCache.prepare: rewrites on the instrumenting thread, after which
     await thread.close();
   }
 });
+
+test('InstrumentThread.warm({ rewrite }): the thread rewrites its sample guest in every variant, once per thread, and still serves rewrites', async () => {
+  const { InstrumentThread } = await import('../../src/node/vm/instrument-thread.js');
+  const thread = new InstrumentThread();
+  try {
+    // The sample is a guest the rewriter accepts in every variant (a refused one would resolve false).
+    const warming = thread.warm({ rewrite: true });
+    assert.equal(thread.warm({ rewrite: true }), warming, 'asked again while warming: the same warm-up');
+    assert.equal(await warming, true);
+    assert.equal(await thread.warm({ rewrite: true }), true);
+    const bytes = wat(`(module ${MEM} ${RUN})`);
+    assert.deepEqual((await thread.run(bytes, 'dirty'))?.bytes, instrument(bytes, 'dirty').bytes);
+    // A new thread (after close) warms again.
+    await thread.close();
+    const again = thread.warm({ rewrite: true });
+    assert.notEqual(again, warming);
+    assert.equal(await again, true);
+  } finally {
+    await thread.close();
+  }
+});

@@ -82,6 +82,13 @@ export interface HostAgentInit {
    * -20 to 19 (default {@link POSTCOPY_VCPU_NICE}, 0: left as it is; see VmInit.faultNice).
    */
   postcopyVcpuNice?: number;
+  /**
+   * Warm the module rewriter when the migration listener opens: it rewrites a small sample guest
+   * once, so the first arriving VM's rewrite does not run in (and compile) a cold rewriter while
+   * that migration is under way (see InstrumentThread.warm). About a second of CPU on its own
+   * thread. Default false; `ferry host start` sets it.
+   */
+  warmRewriter?: boolean;
 }
 
 /**
@@ -233,6 +240,7 @@ export class HostAgent extends EventEmitter {
    * given in the init (tests, relays) carries every connection itself.
    */
   private readonly faultListener: FaultThreadListener | null;
+  private readonly warmRewriter: boolean;
   private readonly sourceFaults: SourceFaultThreads | null;
   /** Gangs with a migration in flight, by destination address and gang name. */
   private readonly gangs = new Map<string, { gang: Gang; members: number }>();
@@ -262,6 +270,7 @@ export class HostAgent extends EventEmitter {
     this.migrationBind = init.migrationAddress;
     const faultPriority = init.faultThreadPriority ?? 'nice';
     this.faultListener = init.transport ? null : new FaultThreadListener('127.0.0.1', faultPriority);
+    this.warmRewriter = init.warmRewriter ?? false;
     this.sourceFaults = init.transport ? null : new SourceFaultThreads(faultPriority);
     this.acceptor = new MigrationAcceptor(this.deps, {
       ...(init.maxIncomingStreams !== undefined ? { maxStreams: init.maxIncomingStreams } : {}),
@@ -547,7 +556,7 @@ export class HostAgent extends EventEmitter {
   async listenMigrations(address = '127.0.0.1:0'): Promise<string> {
     if (this.migrationListener) return this.migrationListener.address;
     // Arriving VMs' modules are rewritten on the instrumenting thread: it loads while we wait for them.
-    instrumentThread().warm();
+    void instrumentThread().warm({ rewrite: this.warmRewriter });
     this.migrationListener = await this.transport.listen({ address, onConnection: (c) => void this.onMigrationConnection(c) });
     // The fault thread listens on the host migrations come in to.
     if (this.faultListener) this.faultListener.host = parseTcpAddress(this.migrationListener.address).host;

@@ -81,7 +81,8 @@ export function registerHostCommands(program: Command): void {
       const dataDir = o.dataDir ? resolve(o.dataDir) : join(hostsDir(home), `${o.name}.d`);
       await mkdir(dataDir, { recursive: true });
       const agent = new HostAgent({
-        name: o.name, dataDir,
+        // A host of its own: its first arriving VM should not meet a cold module rewriter.
+        name: o.name, dataDir, warmRewriter: true,
         ...(o.capacity !== undefined ? { capacityBytes: o.capacity } : {}),
         ...(o.memoryPool !== undefined ? { memoryPoolBytes: o.memoryPool } : {}),
         ...(o.spareVcpuThreads !== undefined ? { spareVcpuThreads: o.spareVcpuThreads } : {}),

@@ -10,9 +10,10 @@
  * as a worker it rewrites what it is sent. A thread that cannot be started or fails leaves the
  * rewrite to the caller (InstrumentCache.get), so nothing fails for want of it.
  */
+import binaryen from 'binaryen';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { BugIndicatingError, GuestModuleError } from '../../core/errors.js';
-import { instrument, type InstrumentedModule, type Variant } from './instrument.js';
+import { VARIANTS, instrument, type InstrumentedModule, type Variant } from './instrument.js';
 
 const ROLE = 'ferry-instrument';
 
@@ -22,7 +23,55 @@ interface Job {
   variant: Variant;
 }
 
+/** Asks the thread to rewrite SAMPLE_GUEST in every variant once (see InstrumentThread.warm). */
+interface WarmJob {
+  id: number;
+  warm: true;
+}
+
+/**
+ * A small guest with what the rewriter handles (stores of every width and with offsets, bulk
+ * memory, a loop, mutable globals, a data segment), for warming the rewriter.
+ */
+const SAMPLE_GUEST = `(module
+  (memory (export "memory") 2 2)
+  (data (i32.const 64) "ferry")
+  (global $n (mut i64) (i64.const 0))
+  (global $x (mut i32) (i32.const 7))
+  (func (export "progress") (result i64) (global.get $n))
+  (func (export "run") (param $budget i32) (result i32)
+    (local $a i32)
+    (block $done
+      (loop $l
+        (br_if $done (i32.eqz (local.get $budget)))
+        (local.set $budget (i32.sub (local.get $budget) (i32.const 1)))
+        (global.set $x (i32.xor (global.get $x) (i32.shl (global.get $x) (i32.const 13))))
+        (local.set $a (i32.and (global.get $x) (i32.const 0x1fff0)))
+        (i64.store offset=8 (local.get $a) (global.get $n))
+        (i32.store (local.get $a) (global.get $x))
+        (i32.store16 offset=2 (local.get $a) (local.get $budget))
+        (i32.store8 (local.get $a) (local.get $budget))
+        (f64.store (local.get $a) (f64.load (i32.const 64)))
+        (memory.fill (i32.const 4096) (local.get $budget) (i32.const 64))
+        (memory.copy (i32.const 8192) (local.get $a) (i32.const 16))
+        (global.set $n (i64.add (global.get $n) (i64.const 1)))
+        (br $l)))
+    (i32.const 0)))`;
+
+/** Rewrites SAMPLE_GUEST in every variant (its result is thrown away). */
+function warmRewriter(): void {
+  const m = binaryen.parseText(SAMPLE_GUEST);
+  try {
+    m.setFeatures(binaryen.Features.All);
+    const bytes = m.emitBinary();
+    for (const v of VARIANTS) instrument(bytes, v);
+  } finally {
+    m.dispose();
+  }
+}
+
 type Answer =
+  | { id: number; warmed: boolean }
   | { id: number; ok: true; bytes: Uint8Array; module: WebAssembly.Module; info: InstrumentedModule['info'] }
   | { id: number; ok: false; guest: boolean; code?: string; message: string };
 
@@ -51,10 +100,31 @@ export class InstrumentThread {
   /**
    * Starts the thread now: loading the rewriter takes it 100-200 ms, which a host that starts it
    * when it starts keeps out of its first arriving migration's set-up.
+   *
+   * `rewrite`: the thread also rewrites a small sample guest in every variant. The rewriter
+   * (binaryen, itself WebAssembly) runs slowly until V8 has compiled its hot code, and that
+   * compiling then takes the cores: the kv guest's first rewrite in a process took 600-860 ms of
+   * CPU and 230-300 ms more after it, where after one sample it took 310-440 ms and 50-100 ms
+   * (measured here). Doing that at a host's start keeps most of it out of the first arriving
+   * migration, whose VM is readied while its source keeps serving and whose downtime and
+   * post-copy share the cores with it. It costs the host about a second of CPU, on a thread that
+   * nothing waits for.
    */
-  warm(): void {
-    this.thread();
+  warm(opts: { rewrite?: boolean } = {}): Promise<boolean> {
+    const w = this.thread();
+    if (!w) return Promise.resolve(false);
+    if (!opts.rewrite) return Promise.resolve(true);
+    if (!this.rewriterWarmed) {
+      const id = this.nextId++;
+      this.rewriterWarmed = new Promise<boolean>((resolve) => this.warming.set(id, resolve));
+      w.postMessage({ id, warm: true } satisfies WarmJob);
+    }
+    return this.rewriterWarmed;
   }
+
+  /** Resolves true once the sample was rewritten in every variant (false: the thread could not). */
+  private rewriterWarmed: Promise<boolean> | null = null;
+  private readonly warming = new Map<number, (ok: boolean) => void>();
 
   /** Stops the thread (a later run starts a new one). */
   async close(): Promise<void> {
@@ -72,6 +142,11 @@ export class InstrumentThread {
       return null;
     }
     w.on('message', (a: Answer) => {
+      if ('warmed' in a) {
+        this.warming.get(a.id)?.(a.warmed);
+        this.warming.delete(a.id);
+        return;
+      }
       const p = this.pending.get(a.id);
       if (!p) return;
       this.pending.delete(a.id);
@@ -81,6 +156,10 @@ export class InstrumentThread {
     });
     const gone = () => {
       if (this.worker === w) this.worker = null;
+      for (const [id, done] of this.warming) {
+        this.warming.delete(id);
+        done(false);
+      }
       for (const [id, p] of this.pending) {
         this.pending.delete(id);
         p.resolve(null);
@@ -90,6 +169,7 @@ export class InstrumentThread {
     w.on('exit', gone);
     w.unref();
     this.worker = w;
+    this.rewriterWarmed = null;
     return w;
   }
 }
@@ -102,7 +182,17 @@ export function instrumentThread(): InstrumentThread {
 
 if (!isMainThread && parentPort && (workerData as { role?: unknown } | null)?.role === ROLE) {
   const port = parentPort;
-  port.on('message', (j: Job) => {
+  port.on('message', (j: Job | WarmJob) => {
+    if ('warm' in j) {
+      let warmed = true;
+      try {
+        warmRewriter();
+      } catch {
+        warmed = false; // only the warm-up is lost: a real rewrite reports its own trouble
+      }
+      port.postMessage({ id: j.id, warmed } satisfies Answer);
+      return;
+    }
     try {
       const m = instrument(j.bytes, j.variant);
       port.postMessage({ id: j.id, ok: true, bytes: m.bytes, module: m.module, info: m.info } satisfies Answer);
