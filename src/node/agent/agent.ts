@@ -22,7 +22,7 @@ import { MIGRATION_MODES, type HelloFrame, type MigrationMode } from '../../core
 import { shaped } from '../../core/transport/shaped.js';
 import { TokenBucket } from '../../core/rate.js';
 import type { Connection, Listener, Transport } from '../../core/transport/transport.js';
-import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../engine/adapters.js';
+import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf, startPageHashers } from '../engine/adapters.js';
 import { tcp, parseTcpAddress } from '../transport/tcp.js';
 import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../engine/fault-thread.js';
 import { POSTCOPY_VCPU_NICE, type FaultThreadPriority } from '../engine/thread-priority.js';
@@ -557,6 +557,8 @@ export class HostAgent extends EventEmitter {
     if (this.migrationListener) return this.migrationListener.address;
     // Arriving VMs' modules are rewritten on the instrumenting thread: it loads while we wait for them.
     void instrumentThread().warm({ rewrite: this.warmRewriter });
+    // So are the threads that hash its pages as they are installed.
+    startPageHashers();
     this.migrationListener = await this.transport.listen({ address, onConnection: (c) => void this.onMigrationConnection(c) });
     // The fault thread listens on the host migrations come in to.
     if (this.faultListener) this.faultListener.host = parseTcpAddress(this.migrationListener.address).host;

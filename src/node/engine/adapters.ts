@@ -74,6 +74,16 @@ function pageHasher(): PageHasher {
   return (hasher ??= new PageHasher());
 }
 
+/**
+ * Starts this process's page-hashing threads now (a host that takes migrations, when it starts).
+ * Started on first use instead, they loaded (a few tens of ms of CPU each) while the first
+ * arriving VM was readied, and in post-copy, which pauses the source as soon as that VM is
+ * ready, inside its downtime.
+ */
+export function startPageHashers(): void {
+  pageHasher().warm();
+}
+
 /** The engine's view of a VM that is leaving this host. */
 export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
   let zero: ZeroScanner | null = null;
