@@ -92,9 +92,7 @@ export class InstrumentThread {
     return new Promise<InstrumentedModule | null>((resolve, reject) => {
       this.pending.set(id, { resolve, reject, variant });
       w.postMessage({ id, bytes, variant } satisfies Job);
-    }).finally(() => {
-      if (this.pending.size === 0) this.worker?.unref();
-    });
+    }).finally(() => this.idle());
   }
 
   /**
@@ -116,10 +114,16 @@ export class InstrumentThread {
     if (!opts.rewrite) return Promise.resolve(true);
     if (!this.rewriterWarmed) {
       const id = this.nextId++;
-      this.rewriterWarmed = new Promise<boolean>((resolve) => this.warming.set(id, resolve));
+      w.ref(); // as for a rewrite: the process waits for the answer
+      this.rewriterWarmed = new Promise<boolean>((resolve) => this.warming.set(id, resolve)).finally(() => this.idle());
       w.postMessage({ id, warm: true } satisfies WarmJob);
     }
     return this.rewriterWarmed;
+  }
+
+  /** With nothing asked of it, the thread does not keep the process alive. */
+  private idle(): void {
+    if (this.pending.size === 0 && this.warming.size === 0) this.worker?.unref();
   }
 
   /** Resolves true once the sample was rewritten in every variant (false: the thread could not). */
