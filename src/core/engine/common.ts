@@ -228,8 +228,8 @@ const WARM_PAGES = 1 << 16;
 /**
  * Runs the switchover's once-per-migration code on a sample, before the pause: a STATE and a
  * SWITCHOVER (bitmaps of the VM's size, up to WARM_PAGES) encoded, decoded and turned back into
- * bitmaps, and absentAtSwitchover over them. Both sessions call it while they prepare; nothing
- * of it touches the session.
+ * bitmaps, and absentAtSwitchover over them. Both sessions call it (warmSwitchoverOnce) while
+ * they prepare; nothing of it touches the session.
  *
  * Why: this code runs inside the downtime, once per migration, so in a process that had not run
  * it yet (every host's first migration in or out, which is all `ferry demo` shows) it ran cold.
@@ -254,6 +254,18 @@ export function warmSwitchover(pages: number): number {
   const soft = fromWireBitmap(state[0].soft, n);
   const stale = fromWireBitmap(sw[0].stale, n);
   return absentAtSwitchover(n, n, sample.words, stale.words, soft.words, new BigUint64Array(n)).missing;
+}
+
+let switchoverWarm = false;
+
+/**
+ * warmSwitchover on the largest sample, once per process (what the sessions call): a process warms
+ * at its first migration, in or out, whatever that VM's size; later ones find the code warm.
+ */
+export function warmSwitchoverOnce(): void {
+  if (switchoverWarm) return;
+  switchoverWarm = true;
+  warmSwitchover(WARM_PAGES);
 }
 
 /**

@@ -22,7 +22,7 @@ import {
 import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
 import { GANG_INDEX_BYTES, StreamDecoder, acceptCodecs, isMissingDefinition, storeBytesFor, usesCodecs, vmIndexBytes } from './codecs.js';
-import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, absentAtSwitchover, fromWireBitmap, warmSwitchover } from './common.js';
+import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, absentAtSwitchover, fromWireBitmap, warmSwitchoverOnce } from './common.js';
 import type { DestinationFactory, DestinationFaultLink, DestinationVm, EngineDeps, FaultThreadEvents, FaultThreads } from './types.js';
 
 export interface DestinationOutcome {
@@ -696,8 +696,8 @@ class DestinationSession {
     }
     await this.framed.send({ type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode, streams: this.streamsAgreed, codecs: this.agreed, token, ...(faultPort !== undefined ? { faultPort } : {}) });
 
-    // While the module comes: the switchover's code, warmed (it runs inside the downtime).
-    warmSwitchover(Math.ceil(hello.guestBytes / PAGE_SIZE));
+    // While the module comes: the switchover's code, warmed once per process (it runs inside the downtime).
+    warmSwitchoverOnce();
     const module = new Uint8Array(hello.moduleBytes);
     for (let got = 0; got < hello.moduleBytes;) {
       const m = await this.inbox.next('MODULE');

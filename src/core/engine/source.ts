@@ -18,7 +18,7 @@ import { encodeBatchFrame, encodeRunHead, encodeZeroPages } from '../protocol/en
 import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
 import { StreamEncoder, codecOffer, pagesOnStream, streamOf, usesCodecs, vmIndexBytes, type CodecName } from './codecs.js';
-import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, demandAnswer, toWireBitmap, warmSwitchover } from './common.js';
+import { Inbox, MemoryDigest, MigrationError, RemoteMigrationError, demandAnswer, toWireBitmap, warmSwitchoverOnce } from './common.js';
 import type { EngineDeps, MigrationOptions, MigrationPhase, MigrationProgress, MigrationResult, SourceFaultLink, SourceVm, VmWireState } from './types.js';
 
 const MODULE_CHUNK = 1 << 20;
@@ -296,8 +296,8 @@ class SourceSession {
       moduleSha256: this.vm.moduleSha256, moduleBytes: this.vm.module.length, config: this.vm.config, offer,
       ...(this.opts.gang ? { gang: this.opts.gang.id } : {}),
     });
-    // While the destination answers: the switchover's code, warmed (it runs inside the downtime).
-    warmSwitchover(this.vm.guestPages());
+    // While the destination answers: the switchover's code, warmed once per process (it runs inside the downtime).
+    warmSwitchoverOnce();
     const ack = await this.within(this.inbox.next('HELLO_ACK'), this.opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS, 'HELLO_ACK');
     if (!ack.accepted) throw new RemoteMigrationError(ack.code, `destination refused the migration: ${ack.message}`);
     if (ack.mode !== this.opts.mode) throw new MigrationError('ERR_MIGRATION_MODE', `destination chose ${ack.mode}, ${this.opts.mode} was asked for`);
