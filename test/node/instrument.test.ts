@@ -950,3 +950,18 @@ test('InstrumentThread.warm({ rewrite }): the thread rewrites its sample guest i
     await thread.close();
   }
 });
+
+test('InstrumentThread: a thread that ends settles only its own jobs, not those of the thread started after close()', async () => {
+  const { InstrumentThread } = await import('../../src/node/vm/instrument-thread.js');
+  const thread = new InstrumentThread();
+  try {
+    const bytes = wat(`(module ${MEM} ${RUN})`);
+    assert.ok(await thread.run(bytes, 'plain'), 'the first thread rewrites');
+    const closing = thread.close(); // not awaited: the old thread's end comes while the new one works
+    const later = thread.run(bytes, 'dirty');
+    await closing;
+    assert.deepEqual((await later)?.bytes, instrument(bytes, 'dirty').bytes, 'the new thread answered (the old one\'s end did not turn it into "rewrite it yourself")');
+  } finally {
+    await thread.close();
+  }
+});

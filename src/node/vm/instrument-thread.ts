@@ -75,9 +75,17 @@ type Answer =
   | { id: number; ok: true; bytes: Uint8Array; module: WebAssembly.Module; info: InstrumentedModule['info'] }
   | { id: number; ok: false; guest: boolean; code?: string; message: string };
 
+/** One instrumenting thread and the jobs it has not answered yet. */
+interface Thread {
+  worker: Worker;
+  /** By job id: what to do with the thread's answer, or with its end (null). */
+  waiting: Map<number, (a: Answer | null) => void>;
+  /** The warm-up asked of this thread (see warm), once asked. */
+  warmed: Promise<boolean> | null;
+}
+
 export class InstrumentThread {
-  private worker: Worker | null = null;
-  private readonly pending = new Map<number, { resolve(m: InstrumentedModule | null): void; reject(e: Error): void; variant: Variant }>();
+  private current: Thread | null = null;
   private nextId = 1;
 
   /**
@@ -85,96 +93,89 @@ export class InstrumentThread {
    * rewriter refuses; resolves null when the thread could not do it (the caller rewrites then).
    */
   run(bytes: Uint8Array, variant: Variant): Promise<InstrumentedModule | null> {
-    const w = this.thread();
-    if (!w) return Promise.resolve(null);
-    const id = this.nextId++;
-    w.ref();
-    return new Promise<InstrumentedModule | null>((resolve, reject) => {
-      this.pending.set(id, { resolve, reject, variant });
-      w.postMessage({ id, bytes, variant } satisfies Job);
-    }).finally(() => this.idle());
+    const t = this.thread();
+    if (!t) return Promise.resolve(null);
+    return this.ask(t, { bytes, variant }, (a) => {
+      if (!a || 'warmed' in a) return null; // the thread ended: the caller rewrites on its thread
+      if (a.ok) return { variant, bytes: a.bytes, module: a.module, info: a.info };
+      if (a.guest) throw new GuestModuleError(a.code ?? 'ERR_MODULE_INVALID', a.message);
+      return null; // the thread's own trouble: the caller rewrites on its thread
+    });
   }
 
   /**
    * Starts the thread now: loading the rewriter takes it 100-200 ms, which a host that starts it
    * when it starts keeps out of its first arriving migration's set-up.
    *
-   * `rewrite`: the thread also rewrites a small sample guest in every variant. The rewriter
+   * `rewrite`: the thread also rewrites a small sample guest in every variant, once. The rewriter
    * (binaryen, itself WebAssembly) runs slowly until V8 has compiled its hot code, and that
    * compiling then takes the cores: the kv guest's first rewrite in a process took 600-860 ms of
    * CPU and 230-300 ms more after it, where after one sample it took 310-440 ms and 50-100 ms
    * (measured here). Doing that at a host's start keeps most of it out of the first arriving
    * migration, whose VM is readied while its source keeps serving and whose downtime and
    * post-copy share the cores with it. It costs the host about a second of CPU, on a thread that
-   * nothing waits for.
+   * nothing waits for. Resolves whether the sample was rewritten.
    */
   warm(opts: { rewrite?: boolean } = {}): Promise<boolean> {
-    const w = this.thread();
-    if (!w) return Promise.resolve(false);
+    const t = this.thread();
+    if (!t) return Promise.resolve(false);
     if (!opts.rewrite) return Promise.resolve(true);
-    if (!this.rewriterWarmed) {
-      const id = this.nextId++;
-      w.ref(); // as for a rewrite: the process waits for the answer
-      this.rewriterWarmed = new Promise<boolean>((resolve) => this.warming.set(id, resolve)).finally(() => this.idle());
-      w.postMessage({ id, warm: true } satisfies WarmJob);
-    }
-    return this.rewriterWarmed;
+    return (t.warmed ??= this.ask(t, { warm: true }, (a) => a !== null && 'warmed' in a && a.warmed));
   }
-
-  /** With nothing asked of it, the thread does not keep the process alive. */
-  private idle(): void {
-    if (this.pending.size === 0 && this.warming.size === 0) this.worker?.unref();
-  }
-
-  /** Resolves true once the sample was rewritten in every variant (false: the thread could not). */
-  private rewriterWarmed: Promise<boolean> | null = null;
-  private readonly warming = new Map<number, (ok: boolean) => void>();
 
   /** Stops the thread (a later run starts a new one). */
   async close(): Promise<void> {
-    const w = this.worker;
-    this.worker = null;
-    if (w) await w.terminate();
+    const t = this.current;
+    this.current = null;
+    if (t) await t.worker.terminate();
   }
 
-  private thread(): Worker | null {
-    if (this.worker) return this.worker;
+  /** Posts a job to `t` and settles with what `settle` makes of its answer; the process waits meanwhile. */
+  private ask<T>(t: Thread, job: Omit<Job, 'id'> | Omit<WarmJob, 'id'>, settle: (a: Answer | null) => T): Promise<T> {
+    const id = this.nextId++;
+    t.worker.ref();
+    return new Promise<T>((resolve, reject) => {
+      t.waiting.set(id, (a) => {
+        try {
+          resolve(settle(a));
+        } catch (e) {
+          reject(e as Error);
+        }
+      });
+      t.worker.postMessage({ ...job, id } satisfies Job | WarmJob);
+    }).finally(() => {
+      // With nothing asked of it, the thread does not keep the process alive.
+      if (t.waiting.size === 0) t.worker.unref();
+    });
+  }
+
+  private thread(): Thread | null {
+    if (this.current) return this.current;
     let w: Worker;
     try {
       w = new Worker(new URL(import.meta.url), { workerData: { role: ROLE } });
     } catch {
       return null;
     }
+    const t: Thread = { worker: w, waiting: new Map(), warmed: null };
     w.on('message', (a: Answer) => {
-      if ('warmed' in a) {
-        this.warming.get(a.id)?.(a.warmed);
-        this.warming.delete(a.id);
-        return;
-      }
-      const p = this.pending.get(a.id);
-      if (!p) return;
-      this.pending.delete(a.id);
-      if (a.ok) p.resolve({ variant: p.variant, bytes: a.bytes, module: a.module, info: a.info });
-      else if (a.guest) p.reject(new GuestModuleError(a.code ?? 'ERR_MODULE_INVALID', a.message));
-      else p.resolve(null); // the thread's own trouble: the caller rewrites on its thread
+      const settle = t.waiting.get(a.id);
+      t.waiting.delete(a.id);
+      settle?.(a);
     });
+    // Its end settles only its own jobs (a thread started after close() keeps its own).
     const gone = () => {
-      if (this.worker === w) this.worker = null;
-      for (const [id, done] of this.warming) {
-        this.warming.delete(id);
-        done(false);
-      }
-      for (const [id, p] of this.pending) {
-        this.pending.delete(id);
-        p.resolve(null);
+      if (this.current === t) this.current = null;
+      for (const [id, settle] of t.waiting) {
+        t.waiting.delete(id);
+        settle(null);
       }
     };
     w.on('error', gone);
     w.on('exit', gone);
     w.unref();
-    this.worker = w;
-    this.rewriterWarmed = null;
-    return w;
+    this.current = t;
+    return t;
   }
 }
 
