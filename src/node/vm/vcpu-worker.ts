@@ -17,6 +17,7 @@ import { Histogram } from '../../core/metrics.js';
 import { decodeGlobals, encodeGlobals, type GlobalDesc, type GlobalValue } from './globals.js';
 import { SPARE_ROLE, type SpareThreadData } from './vcpu-threads.js';
 import { FaultChannelBlock, FaultFetcher, StoppedWhileFaulting, type FaultChannelUse } from './fault-channel.js';
+import { ForwardingImports } from './forwarding-imports.js';
 import { blockingSocketsAvailable } from '../net/blocking-socket.js';
 
 export interface VcpuWorkerData {
@@ -121,22 +122,7 @@ function warmRestorePath(memory: WebAssembly.Memory): void {
     // not needed for correctness
   }
 }
-if (!initial.boot) {
-  if (!adopted) warmRestorePath(initial.memory);
-  // A destination that may take post-copy faults fetches pages itself (fault-channel.ts): its
-  // socket calls load now (~30 ms), while the source still runs, not at the first fault.
-  if (initial.modules.presence) blockingSocketsAvailable();
-  parentPort!.postMessage({ t: 'standby' } satisfies FromWorker);
-}
-const bootInfo = initial.boot ?? awaitBoot();
-if (!bootInfo) {
-  Atomics.store(ctl, Ctl.STATE, VmRunState.STOPPED);
-  Atomics.notify(ctl, Ctl.STATE);
-  parentPort!.postMessage({ t: 'stopped' });
-  process.exit(0);
-}
-const data: VcpuWorkerData = { ...initial, boot: bootInfo! };
-const stats = new Float64Array(data.stats);
+const stats = new Float64Array(initial.stats);
 const faultWaits = faultWaitsOf(stats);
 const post = (m: FromWorker, transfer?: ArrayBuffer[]) => parentPort!.postMessage(m, transfer);
 
@@ -146,9 +132,9 @@ class HaltSignal extends Error {
   }
 }
 
-let presence = new Uint8Array(data.memory.buffer);
+let presence = new Uint8Array(initial.memory.buffer);
 function isPresent(page: number): boolean {
-  if (presence.byteLength !== data.memory.buffer.byteLength) presence = new Uint8Array(data.memory.buffer);
+  if (presence.byteLength !== initial.memory.buffer.byteLength) presence = new Uint8Array(initial.memory.buffer);
   // Sequentially consistent: pairs with the fault service's store (see DestinationVmAdapter.markPresent).
   return Atomics.load(presence, PRESENCE_MAP_OFFSET + page) !== 0;
 }
@@ -187,7 +173,7 @@ function awaitInstall(page: number): void {
   }
 }
 
-const mem = new SharedGuestMemory(data.memory, fault);
+const mem = new SharedGuestMemory(initial.memory, fault);
 let halted: number | null = null;
 const hooks = {
   console: (line: string) => post({ t: 'console', line }),
@@ -204,19 +190,29 @@ const hooks = {
   },
 };
 let credit = 0;
-const devices = data.boot.kind === 'state'
-  ? Devices.fromState(data.boot.devices as DeviceState, data.devices, mem, hooks) // validated by the host thread (Vm.bootFromState)
-  : new Devices(data.devices, mem, hooks);
+/**
+ * The guest's instances call its devices through forwarders (forwarding-imports.ts), bound when
+ * the VM boots: a thread standing by makes its instances before the state arrives (see below).
+ * The shape comes from a throwaway device set: every device set has the same imports.
+ */
+function importShape(): WebAssembly.Imports {
+  const noop = () => undefined;
+  const throwaway = new Devices({ config: '' }, new SharedGuestMemory(new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true }), noop), { console: noop, netTx: noop, halt: noop, abort: noop });
+  const shape = throwaway.imports();
+  throwaway.close();
+  return shape;
+}
+const deviceImports = new ForwardingImports(importShape());
 const imports: WebAssembly.Imports = {
-  ...devices.imports(),
-  [REWRITE.memoryModule]: { [REWRITE.memoryName]: data.memory, [REWRITE.faultName]: fault },
+  ...deviceImports.imports,
+  [REWRITE.memoryModule]: { [REWRITE.memoryName]: initial.memory, [REWRITE.faultName]: fault },
 };
 
 const instances = new Map<VariantName, WebAssembly.Instance>();
 function instanceOf(v: VariantName): WebAssembly.Instance {
   let inst = instances.get(v);
   if (!inst) {
-    const mod = data.modules[v];
+    const mod = initial.modules[v];
     if (!mod) throw new Error(`variant ${v} was not loaded`);
     inst = new WebAssembly.Instance(mod, imports);
     instances.set(v, inst);
@@ -225,13 +221,63 @@ function instanceOf(v: VariantName): WebAssembly.Instance {
 }
 
 function readGlobals(inst: WebAssembly.Instance): GlobalValue[] {
-  return data.globals.map((g) => (inst.exports[g.export] as WebAssembly.Global).value as GlobalValue);
+  return initial.globals.map((g) => (inst.exports[g.export] as WebAssembly.Global).value as GlobalValue);
 }
 function writeGlobals(inst: WebAssembly.Instance, values: GlobalValue[]): void {
-  data.globals.forEach((g, i) => {
+  initial.globals.forEach((g, i) => {
     (inst.exports[g.export] as WebAssembly.Global).value = values[i];
   });
 }
+
+/** The thread's own nice value, and the one it runs at in the presence variant (see VmInit.faultNice). */
+const ownNice = getPriority(0);
+stats[Stat.VCPU_NICE] = ownNice;
+
+/**
+ * What the boot of a VM continued from state runs, done once while the thread stands by: every
+ * loaded variant instantiated (instantiating touches no guest memory: the rewritten modules have
+ * no start function and only passive data segments, applied by a cold boot alone), the globals'
+ * encoding and decoding round-tripped on one instance (its globals are its own, written again at
+ * the boot), and for post-copy a fault fetcher built on a throwaway block. Cold, this code ran
+ * between the state's arrival and the guest's first instruction (measured 1.5-2.5 ms of a
+ * post-copy destination's 3-4 ms there). A failure only loses the warm-up.
+ */
+function rehearseBoot(): void {
+  try {
+    for (const v of VARIANTS) if (initial.modules[v]) instanceOf(v);
+    const inst = instances.values().next().value;
+    if (inst) writeGlobals(inst, decodeGlobals(initial.globals, encodeGlobals(initial.globals, readGlobals(inst))));
+    if (initial.modules.presence) {
+      void new FaultFetcher({
+        block: FaultChannelBlock.create(32), pages: 0, waitNice: null, shape: null,
+        memory: () => initial.memory.buffer, stopping: () => true, awaitInstall,
+      });
+    }
+  } catch {
+    // not needed for correctness
+  }
+}
+
+if (!initial.boot) {
+  if (!adopted) warmRestorePath(initial.memory);
+  // A destination that may take post-copy faults fetches pages itself (fault-channel.ts): its
+  // socket calls load now (~30 ms), while the source still runs, not at the first fault.
+  if (initial.modules.presence) blockingSocketsAvailable();
+  rehearseBoot();
+  parentPort!.postMessage({ t: 'standby' } satisfies FromWorker);
+}
+const bootInfo = initial.boot ?? awaitBoot();
+if (!bootInfo) {
+  Atomics.store(ctl, Ctl.STATE, VmRunState.STOPPED);
+  Atomics.notify(ctl, Ctl.STATE);
+  parentPort!.postMessage({ t: 'stopped' });
+  process.exit(0);
+}
+const data: VcpuWorkerData = { ...initial, boot: bootInfo! };
+const devices = data.boot.kind === 'state'
+  ? Devices.fromState(data.boot.devices as DeviceState, data.devices, mem, hooks) // validated by the host thread (Vm.bootFromState)
+  : new Devices(data.devices, mem, hooks);
+deviceImports.bind(devices.imports());
 
 let variant: VariantName = VARIANTS[Atomics.load(ctl, Ctl.VARIANT_REQ)] ?? 'plain';
 let current = instanceOf(variant);
@@ -253,9 +299,6 @@ function warmExport(): void {
   }
 }
 
-/** The thread's own nice value, and the one it runs at in the presence variant (see VmInit.faultNice). */
-const ownNice = getPriority(0);
-stats[Stat.VCPU_NICE] = ownNice;
 function niceFor(v: VariantName): void {
   const want = v === 'presence' && data.faultNice !== null ? data.faultNice : ownNice;
   if (stats[Stat.VCPU_NICE] === want) return;
