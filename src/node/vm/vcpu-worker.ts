@@ -238,7 +238,8 @@ stats[Stat.VCPU_NICE] = ownNice;
  * loaded variant instantiated (instantiating touches no guest memory: the rewritten modules have
  * no start function and only passive data segments, applied by a cold boot alone), the globals'
  * encoding and decoding round-tripped on one instance (its globals are its own, written again at
- * the boot), and for post-copy a fault fetcher built on a throwaway block. Cold, this code ran
+ * the boot), Node's performance timing loaded, and for post-copy a fault fetcher built on a
+ * throwaway block. Cold, this code ran
  * between the state's arrival and the guest's first instruction (measured 1.5-2.5 ms of a
  * post-copy destination's 3-4 ms there). A failure only loses the warm-up.
  */
@@ -246,7 +247,12 @@ function rehearseBoot(): void {
   try {
     for (const v of VARIANTS) if (initial.modules[v]) instanceOf(v);
     const inst = instances.values().next().value;
-    if (inst) writeGlobals(inst, decodeGlobals(initial.globals, encodeGlobals(initial.globals, readGlobals(inst))));
+    // More than once: V8 compiles a regular expression to machine code on its second use, and
+    // the decoding's are used once per global.
+    for (let i = 0; inst && i < 3; i++) writeGlobals(inst, decodeGlobals(initial.globals, encodeGlobals(initial.globals, readGlobals(inst))));
+    // A worker loads Node's performance timing on its first performance.now() (~1 ms), which the
+    // fault fetcher's first fetch made inside the downtime.
+    performance.now();
     if (initial.modules.presence) {
       void new FaultFetcher({
         block: FaultChannelBlock.create(32), pages: 0, waitNice: null, shape: null,
