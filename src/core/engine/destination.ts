@@ -713,6 +713,10 @@ class DestinationSession {
     this.vm = vm;
     this.hashQueue = vm.pageHashes?.(this.maxPages) ?? null;
     this.preHashes = this.hashQueue?.out ?? new BigUint64Array(this.maxPages);
+    // Written through once now, so its pages are faulted in here: the switchover's pass clears the
+    // entry of every absent page, which in post-copy is nearly all of them (perf inside post-copy
+    // downtimes: 0.3-0.7 ms of page faults in that pass for 256 MiB, up to 5 ms under load).
+    this.preHashes.fill(0n);
     // VM set-up is never part of the downtime. Post-copy starts the VM right after this ACK, so
     // the ACK waits for the vCPU thread. Pre-copy and hybrid pause the source only once a round is
     // acknowledged, so pages may flow as soon as memory is set up while the thread still loads:
