@@ -10,7 +10,7 @@ import { MigrationAcceptor, serveDestination, type DestinationOutcome } from '..
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
 import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../../src/node/engine/fault-thread.js';
 import type { MigrationMode } from '../../src/core/protocol/frames.js';
-import type { DestinationFactory, SourceFaultLink } from '../../src/core/engine/types.js';
+import type { DestinationFactory, DestinationVm, SourceFaultLink } from '../../src/core/engine/types.js';
 import { memoryPair } from '../../src/core/transport/memory.js';
 import { FramedConnection } from '../../src/core/transport/framed.js';
 import { shaped } from '../../src/core/transport/shaped.js';
@@ -268,6 +268,52 @@ for (const mode of ['precopy', 'hybrid', 'postcopy'] as MigrationMode[]) {
     await made[0].stop();
   });
 }
+
+test('precopy: a round is acknowledged only once its pages are hashed, so a hashing backlog never lands in the downtime', async (t) => {
+  const src = await source('mem=8MiB wss=1MiB rate=100000');
+  const [a, b] = memoryPair();
+  const made: Vm[] = [];
+  t.after(() => stopAll(src, made));
+  let release!: () => void;
+  const gate = new Promise<void>((r) => (release = r));
+  let queued = 0;
+  // The real adapter, with a hashing queue that settles only once the gate opens.
+  class SlowHashes extends DestinationVmAdapter {
+    override pageHashes(pages: number): ReturnType<DestinationVmAdapter['pageHashes']> {
+      const q = super.pageHashes(pages);
+      const slow: NonNullable<DestinationVm['pageHashes']> extends (p: number) => infer Q ? Q : never = {
+        out: q.out,
+        add: (page) => { queued++; q.add(page); },
+        addRange: (first, count) => { queued += count; q.addRange(first, count); },
+        hurry: () => q.hurry(),
+        settled: async () => { await gate; await q.settled(); },
+        close: () => q.close(),
+      };
+      return slow as ReturnType<DestinationVmAdapter['pageHashes']>;
+    }
+  }
+  let paused = false;
+  const dest = serveDestination(b, vmFactory(made, cache, { adapter: (vm) => new SlowHashes(vm) }), deps);
+  const moving = migrateSource(a, sourceVmOf(src, { onPause: () => (paused = true) }), deps, { mode: 'precopy', baselineMs: 0 });
+  try {
+    // Until pages are queued (the VM is set up first), then until nothing changes for a while.
+    for (let i = 0; i < 400 && queued === 0; i++) await new Promise((r) => setTimeout(r, 25));
+    let last = -1;
+    for (let i = 0; i < 200 && queued !== last; i++) {
+      last = queued;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.ok(queued >= (8 << 20) / 4096 / 2, `the first pass arrived and was queued for hashing (${queued} pages)`);
+    assert.equal(paused, false, 'the source did not pause while the round\'s hashes were outstanding');
+  } finally {
+    release();
+  }
+  const result = await moving;
+  await dest;
+  assert.equal(result.report.verified, true);
+  assert.equal(paused, true);
+  await made[0].stop();
+});
 
 for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
   test(`${mode}: pages the guest reported free are never sent, and the migration still verifies`, async (t) => {

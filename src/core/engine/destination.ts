@@ -612,9 +612,26 @@ class DestinationSession {
       const r = this.roundEnds[0];
       if ((this.applied.get(r.round) ?? 0) < r.pages) return;
       this.roundEnds.shift();
-      void this.framed.send({ type: 'ACK', acked: 'ROUND_END', value: r.round }).catch(() => undefined);
+      // Acknowledged once the round's pages are hashed too: the source pauses only after an
+      // acknowledged round, so a hashing backlog is worked off while the VM still runs there
+      // rather than inside the downtime, where it held the start back (idle pre-copy of 256 MiB:
+      // 4-20 ms of a downtime with nothing left to send).
+      const round = r.round;
+      void this.hashesSettled().then(() => this.framed.send({ type: 'ACK', acked: 'ROUND_END', value: round })).catch(() => undefined);
     }
     this.roundsSettled?.();
+  }
+
+  /** The hash queue's waits, one at a time (it serves one waiter). */
+  private hashSettling: Promise<void> = Promise.resolve();
+
+  /** Resolves once every page queued for hashing so far is hashed (at once without a queue). */
+  private hashesSettled(): Promise<void> {
+    const q = this.hashQueue;
+    if (!q) return Promise.resolve();
+    const p = this.hashSettling.then(() => q.settled());
+    this.hashSettling = p.catch(() => undefined);
+    return p;
   }
 
   /** Resolves once every announced round's pages are applied (the switchover needs them all). */
@@ -774,7 +791,7 @@ class DestinationSession {
     const sw = await this.inbox.next('SWITCHOVER');
     await this.allRoundsApplied();
     if (this.pageError) throw this.pageError;
-    await this.hashQueue?.settled();
+    await this.hashesSettled();
     const swAt = this.deps.clock.now();
     const soft = fromWireBitmap(state.soft, pages);
     const stale = fromWireBitmap(sw.stale, pages);
