@@ -10,7 +10,7 @@ import { MigrationAcceptor, serveDestination, type DestinationOutcome } from '..
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
 import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../../src/node/engine/fault-thread.js';
 import type { MigrationMode } from '../../src/core/protocol/frames.js';
-import type { DestinationFactory, DestinationVm, SourceFaultLink } from '../../src/core/engine/types.js';
+import type { DestinationFactory, DestinationVm, MigrationResult, SourceFaultLink } from '../../src/core/engine/types.js';
 import { memoryPair } from '../../src/core/transport/memory.js';
 import { FramedConnection } from '../../src/core/transport/framed.js';
 import { shaped } from '../../src/core/transport/shaped.js';
@@ -215,6 +215,29 @@ test('cancel through the AbortSignal before switchover leaves the VM on the sour
   await src.stop();
 });
 
+/**
+ * Waits until a migration held back by a gate is stuck on it: `count()` has reached `atLeast` (the
+ * VM is set up first) and then not changed for a while. Returns the count.
+ */
+async function untilStuck(count: () => number, atLeast: number): Promise<number> {
+  for (let i = 0; i < 400 && count() < atLeast; i++) await new Promise((r) => setTimeout(r, 25));
+  let last = -1;
+  for (let i = 0; i < 200 && count() !== last; i++) {
+    last = count();
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return count();
+}
+
+/** Once the gate is open: the migration ends verified, the source having paused on the way. */
+async function endsVerifiedAfterPause(moving: Promise<MigrationResult>, dest: Promise<unknown>, paused: () => boolean, made: Vm[]): Promise<void> {
+  const result = await moving;
+  await dest;
+  assert.equal(result.report.verified, true);
+  assert.equal(paused(), true, 'the source paused once the gate opened');
+  await made[0].stop();
+}
+
 for (const mode of ['precopy', 'hybrid', 'postcopy'] as MigrationMode[]) {
   test(`${mode}: pages may arrive while the destination's vCPU thread loads, but the source pauses only once the VM can start`, async (t) => {
     const src = await source('mem=8MiB wss=2MiB rate=4000000');
@@ -247,13 +270,7 @@ for (const mode of ['precopy', 'hybrid', 'postcopy'] as MigrationMode[]) {
     const dest = serveDestination(b, slow, deps);
     const moving = migrateSource(a, sourceVm, deps, { mode, baselineMs: 0 });
     try {
-      // Wait until the migration is stuck on the gate: nothing changes for a while.
-      let last = -1;
-      for (let i = 0; i < 200 && written !== last; i++) {
-        last = written;
-        await new Promise((r) => setTimeout(r, 50));
-      }
-      pagesBeforeReady = written;
+      pagesBeforeReady = await untilStuck(() => written, mode === 'postcopy' ? 0 : 1);
       assert.equal(paused, false, 'the source did not pause while the destination VM could not start');
       assert.equal(src.state, 'running');
       if (mode === 'postcopy') assert.equal(pagesBeforeReady, 0, 'post-copy starts the VM right after the module ACK: it waits for the thread');
@@ -261,11 +278,7 @@ for (const mode of ['precopy', 'hybrid', 'postcopy'] as MigrationMode[]) {
     } finally {
       release();
     }
-    const result = await moving;
-    await dest;
-    assert.equal(result.report.verified, true);
-    assert.equal(paused, true);
-    await made[0].stop();
+    await endsVerifiedAfterPause(moving, dest, () => paused, made);
   });
 }
 
@@ -296,23 +309,13 @@ test('precopy: a round is acknowledged only once its pages are hashed, so a hash
   const dest = serveDestination(b, vmFactory(made, cache, { adapter: (vm) => new SlowHashes(vm) }), deps);
   const moving = migrateSource(a, sourceVmOf(src, { onPause: () => (paused = true) }), deps, { mode: 'precopy', baselineMs: 0 });
   try {
-    // Until pages are queued (the VM is set up first), then until nothing changes for a while.
-    for (let i = 0; i < 400 && queued === 0; i++) await new Promise((r) => setTimeout(r, 25));
-    let last = -1;
-    for (let i = 0; i < 200 && queued !== last; i++) {
-      last = queued;
-      await new Promise((r) => setTimeout(r, 100));
-    }
+    await untilStuck(() => queued, 1);
     assert.ok(queued >= (8 << 20) / 4096 / 2, `the first pass arrived and was queued for hashing (${queued} pages)`);
     assert.equal(paused, false, 'the source did not pause while the round\'s hashes were outstanding');
   } finally {
     release();
   }
-  const result = await moving;
-  await dest;
-  assert.equal(result.report.verified, true);
-  assert.equal(paused, true);
-  await made[0].stop();
+  await endsVerifiedAfterPause(moving, dest, () => paused, made);
 });
 
 for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
