@@ -11,7 +11,7 @@ import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from '
 import { PRESENCE_MAP_OFFSET, REWRITE, RunStatus } from '../../core/abi.js';
 import { Cmd, Ctl, Stat, VARIANTS, VmRunState, faultWaitsOf, type VariantName } from './control.js';
 import { SharedGuestMemory } from './memory-access.js';
-import { Devices, type DeviceState, type DevicesInit } from './devices/index.js';
+import { Devices, type DeviceHooks, type DeviceState, type DevicesInit } from './devices/index.js';
 import type { NetRecordData } from '../../core/net-ring.js';
 import { Histogram } from '../../core/metrics.js';
 import { decodeGlobals, encodeGlobals, type GlobalDesc, type GlobalValue } from './globals.js';
@@ -70,6 +70,18 @@ export type FromWorker =
 type InitialData = Omit<VcpuWorkerData, 'boot'> & { boot?: VcpuWorkerData['boot'] };
 
 /**
+ * Devices that serve no VM: on a memory of their own (one 64 KiB page unless given), with hooks
+ * that do nothing. For running code paths ahead of need (warmRestorePath) and for the shape of the
+ * imports (importShape). Declared before anything at the top level runs it.
+ */
+function throwawayDevices(memory = new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true })): { devices: Devices; mem: SharedGuestMemory; hooks: DeviceHooks } {
+  const noop = () => undefined;
+  const hooks = { console: noop, netTx: noop, halt: noop, abort: noop };
+  const mem = new SharedGuestMemory(memory, noop);
+  return { devices: new Devices({ config: '' }, mem, hooks), mem, hooks };
+}
+
+/**
  * A spare thread (vcpu-threads.ts) starts before its VM exists: it warms what it can, then waits
  * for the VM's thread data on its port. Any other thread has that data as workerData.
  */
@@ -112,10 +124,9 @@ function awaitBoot(): VcpuWorkerData['boot'] | null {
  */
 function warmRestorePath(memory: WebAssembly.Memory): void {
   try {
-    const noop = () => undefined;
-    const hooks = { console: noop, netTx: noop, halt: noop, abort: noop };
-    const mem = new SharedGuestMemory(memory, noop);
-    const restored = Devices.fromState(new Devices({ config: '' }, mem, hooks).exportState(), { config: '' }, mem, hooks);
+    const { devices, mem, hooks } = throwawayDevices(memory);
+    const restored = Devices.fromState(devices.exportState(), { config: '' }, mem, hooks);
+    devices.close();
     void restored.softPageWords(); // and the rest of what a pause exports, should this VM leave again
     restored.close();
   } catch {
@@ -196,10 +207,9 @@ let credit = 0;
  * The shape comes from a throwaway device set: every device set has the same imports.
  */
 function importShape(): WebAssembly.Imports {
-  const noop = () => undefined;
-  const throwaway = new Devices({ config: '' }, new SharedGuestMemory(new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true }), noop), { console: noop, netTx: noop, halt: noop, abort: noop });
-  const shape = throwaway.imports();
-  throwaway.close();
+  const { devices } = throwawayDevices();
+  const shape = devices.imports();
+  devices.close();
   return shape;
 }
 const deviceImports = new ForwardingImports(importShape());
@@ -239,9 +249,9 @@ stats[Stat.VCPU_NICE] = ownNice;
  * no start function and only passive data segments, applied by a cold boot alone), the globals'
  * encoding and decoding round-tripped on one instance (its globals are its own, written again at
  * the boot), Node's performance timing loaded, and for post-copy a fault fetcher built on a
- * throwaway block. Cold, this code ran
- * between the state's arrival and the guest's first instruction (measured 1.5-2.5 ms of a
- * post-copy destination's 3-4 ms there). A failure only loses the warm-up.
+ * throwaway block. Cold, this code ran between the state's arrival and the guest's first
+ * instruction (measured 1.5-2.5 ms of a post-copy destination's 3-4 ms there). A failure only
+ * loses the warm-up.
  */
 function rehearseBoot(): void {
   try {
