@@ -88,7 +88,7 @@ export function startPageHashers(): void {
 export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
   let zero: ZeroScanner | null = null;
   let atPause: ReturnType<Vm['pauseWithState']> | null = null;
-  pageHasher().warm(); // its threads load while the rounds run
+  startPageHashers(); // their threads load while the rounds run
 
   return {
     name: vm.name,

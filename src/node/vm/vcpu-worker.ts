@@ -88,7 +88,7 @@ function throwawayDevices(memory = new WebAssembly.Memory({ initial: 1, maximum:
 function adopt(): InitialData {
   const spare = workerData as SpareThreadData | InitialData;
   if (!('role' in spare) || spare.role !== SPARE_ROLE) return spare as InitialData;
-  warmRestorePath(new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true }));
+  warmRestorePath();
   const wake = new Int32Array(spare.wake);
   for (;;) {
     const rung = Atomics.load(wake, 0);
@@ -120,9 +120,10 @@ function awaitBoot(): VcpuWorkerData['boot'] | null {
  * A thread standing by will continue a VM from state (migration destination, restore): run that
  * path once on a throwaway device set first, so that validating the real state (schema
  * compilation, cold code) is not paid during the downtime — measured 6–11 ms in a fresh thread,
- * 0.1–0.4 ms after this. Nothing of it touches guest memory; a failure only loses the warm-up.
+ * 0.1–0.4 ms after this. On `memory` (default: a page of its own); nothing of it touches guest
+ * memory. A failure only loses the warm-up.
  */
-function warmRestorePath(memory: WebAssembly.Memory): void {
+function warmRestorePath(memory?: WebAssembly.Memory): void {
   try {
     const { devices, mem, hooks } = throwawayDevices(memory);
     const restored = Devices.fromState(devices.exportState(), { config: '' }, mem, hooks);
@@ -307,7 +308,7 @@ let progress = data.hasProgress ? (current.exports.progress as () => bigint) : n
  * the VM's devices or memory.
  */
 function warmExport(): void {
-  warmRestorePath(new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true }));
+  warmRestorePath();
   try {
     encodeGlobals(data.globals, readGlobals(current));
   } catch {
