@@ -27,7 +27,8 @@ import { VcpuThreadPool } from '../src/node/vm/vcpu-threads.js';
 import { Vm } from '../src/node/vm/vm.js';
 import { guestsDir } from '../src/node/paths.js';
 import { HOST_NODE_FLAGS, hasHostFlags } from '../src/node/host-runtime.js';
-import { tcp } from '../src/node/transport/tcp.js';
+import { sendFromThread, tcp } from '../src/node/transport/tcp.js';
+import { SendThreads } from '../src/node/transport/send-threads.js';
 
 export type LinkInit = Omit<ShapedConnectionInit, 'clock'>;
 
@@ -158,6 +159,12 @@ export interface Run {
   outcome: Outcome;
 }
 
+let threads: SendThreads | null = null;
+/** The source side's sender threads (one pool for the bench process, as a host agent has one). */
+function sendThreads(): SendThreads {
+  return (threads ??= new SendThreads());
+}
+
 export class DestinationProcess {
   private readonly outcomes = new Map<string, Deferred<Outcome>>();
   private ack: Deferred<void> | null = null;
@@ -183,6 +190,7 @@ export class DestinationProcess {
       child.once('exit', (code) => reject(new Error(`destination process exited (${code})`)));
       child.once('message', (m: FromDestination) => (m.type === 'ready' ? resolve(m.address) : reject(new Error(`destination process said ${m.type}`))));
     });
+    sendThreads(); // the source's sender thread starts now, not inside the first migration
     return new DestinationProcess(child, address, faultPriority, vcpuNice);
   }
 
@@ -229,8 +237,10 @@ export class DestinationProcess {
   async migrate(srcs: Vm[], opts: MigrationOptions, link?: LinkInit): Promise<Run[]> {
     try {
       const outcomes = await this.expect(link ?? null, srcs.map((s) => s.name));
-      const dial = async () => {
+      const dial = async (purpose?: 'data' | 'fault') => {
         const c = await tcp().dial(this.address);
+        // As a host agent does: a parallel data stream sends from a thread of its own.
+        if (purpose === 'data') sendFromThread(c, sendThreads());
         return link ? shaped(c, { ...link, clock: realClock() }) : c;
       };
       return await Promise.all(srcs.map(async (src) => {

@@ -17,8 +17,10 @@
  *   link rate (1 Gbit/s through the shaper) in all three modes: TMT, downtime, bytes, verified.
  *
  * The destination runs in a child process (bench/destination-host.ts), so the two engines have an
- * event loop each, as on two hosts; both share this machine's 2 cores. Post-copy page requests
- * travel on their own connection (the fault channel), as `ferry migrate` does by default.
+ * event loop each, as on two hosts; both share this machine's 2 cores. As `ferry migrate` does by
+ * default, pages travel on one data stream per core (each past the first sent from a thread of its
+ * own; FERRY_BENCH_STREAMS=1 for one) and post-copy page requests on a connection of their own
+ * (the fault channel).
  *
  * For profiling one part: FERRY_BENCH_MIGRATION_PARTS=precopy-idle[,downtime,…] runs only those
  * parts, FERRY_BENCH_REPS=n repeats the idle pre-copy n times and the downtime migration
@@ -35,6 +37,7 @@ import type { MigrationOptions, MigrationResult } from '../src/core/engine/types
 import type { MigrationReport } from '../src/core/metrics.js';
 import type { MigrationMode } from '../src/core/protocol/frames.js';
 import { Vm } from '../src/node/vm/vm.js';
+import { defaultStreams } from '../src/node/agent/agent.js';
 
 const MiB = 1 << 20;
 const PAGE = 4096;
@@ -52,12 +55,19 @@ interface Run {
 let destination: DestinationProcess | undefined;
 
 /**
+ * Data streams per migration: what `ferry migrate` opens by default here (defaultStreams: one per
+ * core where each stream past the first sends from a thread of its own). FERRY_BENCH_STREAMS=n
+ * sets another count, e.g. 1 to compare.
+ */
+const STREAMS = Number(process.env.FERRY_BENCH_STREAMS ?? defaultStreams());
+
+/**
  * Migrates `src` to a fresh VM in the destination process (bench/destination-host.ts) over
  * loopback TCP (both directions shaped when `link` is given), then stops the source.
  */
 async function migrate(src: Vm, opts: MigrationOptions, link?: LinkInit, to: DestinationProcess = destination!): Promise<Run> {
   const cpu0 = process.cpuUsage();
-  const [r] = await to.migrate([src], opts, link);
+  const [r] = await to.migrate([src], { streams: STREAMS, ...opts }, link);
   return { ...r, report: r.result.report, cpuMs: cpuMs(cpu0) };
 }
 

@@ -43,6 +43,12 @@ for (const mode of ['precopy', 'postcopy', 'hybrid'] as const) {
       const done = await finished(a, r.json.id);
       assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
       assert.equal(done.report.verified, true);
+      // The default data streams, each past the first sent from a thread of a's.
+      const senders = (await http(`${a.url}/v1/host`, 'GET')).json.sendThreads as { defaultStreams: number; streamsSent: number } | null;
+      if (senders) {
+        assert.equal(done.report.transfer.streams, senders.defaultStreams);
+        assert.equal(senders.streamsSent, senders.defaultStreams - 1);
+      }
       const more = (await load.stop()) * 50 + 2000;
       await Promise.all(Array.from({ length: more }, (_, i) => check.get(`k${i}`, `v${i}`)));
       assert.equal(await client.request('COUNT'), `COUNT ${more}`);
@@ -374,7 +380,7 @@ test('post-copy: the arriving VM is listed on the destination as soon as it runs
 test('postcopy with faultChannel false: page requests share the control connection', async () => {
   await withHosts(async (a, b) => {
     await a.agent.createVm({ name: 'ms', guest: 'memstress', memory: '16MiB', config: 'mem=4MiB rate=4000000' });
-    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'ms', to: b.url, mode: 'postcopy', faultChannel: false });
+    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'ms', to: b.url, mode: 'postcopy', faultChannel: false, streams: 1 });
     assert.equal(r.status, 202, JSON.stringify(r.json));
     const done = await finished(a, r.json.id);
     assert.equal(done.status, 'succeeded', JSON.stringify(done.error));

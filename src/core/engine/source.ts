@@ -382,7 +382,7 @@ class SourceSession {
 
   /** Opens an extra connection of this session and presents the token; resolves once the destination acknowledged it. */
   private async join(token: string, stream: number, role: 'data' | 'fault'): Promise<{ framed: FramedConnection; inbox: Inbox }> {
-    const conn = await this.opts.connect!();
+    const conn = await this.opts.connect!(role);
     const framed = new FramedConnection(conn);
     this.extra.push(framed);
     if (this.ending || this.inbox.error) {

@@ -254,8 +254,12 @@ export interface MigrationOptions {
   compression?: 'auto' | 'always';
   /** Data streams (connections carrying pages; the control connection is the first). Default 1; more need `connect`. */
   streams?: number;
-  /** Opens another connection to the same destination (parallel data streams, the post-copy fault channel). */
-  connect?: () => Promise<Connection>;
+  /**
+   * Opens another connection to the same destination: a parallel data stream (`data`) or the
+   * post-copy fault channel (`fault`). The edge may set them up differently (the node edge sends a
+   * data stream's bytes from a thread of its own).
+   */
+  connect?: (purpose: 'data' | 'fault') => Promise<Connection>;
   /** Post-copy / hybrid: page requests and their answers on a connection of their own (default true when `connect` is given). */
   faultChannel?: boolean;
   /**

@@ -14,6 +14,8 @@ import net from 'node:net';
 import { AbortError, BugIndicatingError, InvalidArgumentError } from '../../core/errors.js';
 import { ChunkQueue } from '../../core/transport/chunk-queue.js';
 import { dupBlocking } from '../net/blocking-socket.js';
+import { libc } from '../libc.js';
+import { SendThreads, type ThreadSender } from './send-threads.js';
 import {
   TransportError, TransportErrorCode,
   type ByobControl, type ByobReader, type Connection, type DialOptions, type Listener, type ListenOptions, type Transport,
@@ -110,7 +112,9 @@ class TcpConnection implements Connection {
   private closing: Promise<void> | undefined;
   private closeWaiter: { resolve(): void; reject(e: Error): void } | undefined;
   private readonly readHwm: number;
-  private readonly writeHwm: number;
+  private writeHwm: number;
+  /** Set once sendFromThread() handed the writing to a thread: writes go to it. */
+  private sender: ThreadSender | null = null;
 
   constructor(private readonly socket: net.Socket, init: TcpTransportInit, router?: ReadRouter) {
     this.readHwm = init.readHighWaterMark ?? DEFAULT_HWM;
@@ -176,8 +180,13 @@ class TcpConnection implements Connection {
     };
   }
 
+  /** Bytes written and not yet taken by the kernel. */
+  private get unsent(): number {
+    return this.sender ? this.sender.pending : this.socket.writableLength;
+  }
+
   private wakeWriters(): void {
-    if (this.socket.writableLength > this.writeHwm) return;
+    if (this.unsent > this.writeHwm) return;
     const w = this.writers;
     this.writers = [];
     for (const x of w) x.resolve();
@@ -186,8 +195,9 @@ class TcpConnection implements Connection {
   write(bytes: Uint8Array): Promise<void> {
     if (this.error) return Promise.reject(this.error);
     if (this.writeEnded || this.done) return Promise.reject(new TransportError(TransportErrorCode.CLOSED, `write after close on ${this.localAddress}`));
-    this.socket.write(bytes);
-    if (this.socket.writableLength <= this.writeHwm) return Promise.resolve();
+    if (this.sender) this.sender.write(bytes);
+    else this.socket.write(bytes);
+    if (this.unsent <= this.writeHwm) return Promise.resolve();
     return new Promise((resolve, reject) => this.writers.push({ resolve, reject }));
   }
 
@@ -199,7 +209,9 @@ class TcpConnection implements Connection {
         ? Promise.resolve()
         : new Promise<void>((resolve, reject) => {
           this.closeWaiter = { resolve, reject };
-          this.socket.end();
+          // A sender thread's bytes go first: the end (FIN) follows what it still has to send.
+          if (this.sender) this.sender.whenFlushed(() => { if (!this.done) this.socket.end(); });
+          else this.socket.end();
         });
     }
     return this.closing;
@@ -222,6 +234,9 @@ class TcpConnection implements Connection {
     const c = this.closeWaiter;
     this.closeWaiter = undefined;
     c?.reject(e);
+    // The thread drops what it holds and closes its duplicate of the descriptor: the connection
+    // ends when the last descriptor closes, with the RST the reset below asks for.
+    this.sender?.abort();
     // RST, not FIN: the peer must see a reset, not a clean end.
     if (!this.socket.destroyed) this.socket.resetAndDestroy();
     this.resolveClosed(e);
@@ -230,6 +245,7 @@ class TcpConnection implements Connection {
   private maybeDone(): void {
     if (this.done || !this.readEnded || !this.writeFinished) return;
     this.done = true;
+    this.sender?.end();
     this.socket.destroy();
     this.resolveClosed(undefined);
   }
@@ -238,8 +254,37 @@ class TcpConnection implements Connection {
     return this.inbound[Symbol.asyncIterator]();
   }
 
+  /** See sendFromThread. */
+  sendFromThread(threads: SendThreads, writeHighWaterMark: number): boolean {
+    if (this.sender) return true;
+    if (this.done || this.writeEnded || this.socket.writableLength > 0) return false;
+    const fd = (this.socket as net.Socket & { _handle?: { fd?: number } | null })._handle?.fd;
+    if (typeof fd !== 'number' || fd < 0 || !SendThreads.available()) return false;
+    const own = libc().dup(fd);
+    if (own < 0) return false;
+    const sender = threads.take(own, {
+      written: () => this.wakeWriters(),
+      failed: (e) => {
+        const reset = e.errno === EPIPE || e.errno === ECONNRESET;
+        this.fail(new TransportError(
+          reset ? TransportErrorCode.RESET : TransportErrorCode.IO,
+          reset ? `connection reset by peer ${this.remoteAddress}` : `connection ${this.localAddress} → ${this.remoteAddress} failed: ${e.message}`,
+          { cause: e },
+        ));
+      },
+    });
+    if (!sender) {
+      libc().close(own);
+      return false;
+    }
+    this.sender = sender;
+    this.writeHwm = Math.max(this.writeHwm, writeHighWaterMark);
+    return true;
+  }
+
   /** See detachTcp. */
   async detach(): Promise<number> {
+    if (this.sender) throw new BugIndicatingError(`connection ${this.localAddress} sends from a thread: it cannot be detached`);
     if (this.done || this.writeEnded) throw new TransportError(TransportErrorCode.CLOSED, `connection ${this.localAddress} is closed: nothing to detach`);
     if (this.inbound.bytes > 0) throw new BugIndicatingError(`connection ${this.localAddress} has ${this.inbound.bytes} bytes read and not consumed: they would be lost`);
     // What was written goes to the kernel first (node:net may still hold it).
@@ -265,6 +310,26 @@ class TcpConnection implements Connection {
 export function detachTcp(conn: Connection): Promise<number> {
   if (!(conn instanceof TcpConnection)) return Promise.reject(new InvalidArgumentError(`a ${conn.constructor.name} is not a TCP connection: only TCP sockets detach`));
   return conn.detach();
+}
+
+/**
+ * Bytes a connection sending from a thread may have queued for it before `write` waits (views of
+ * guest memory cost nothing to queue; the thread should never wait for the writer).
+ */
+const THREAD_WRITE_HWM = 4 << 20;
+const EPIPE = 32;
+const ECONNRESET = 104;
+
+/**
+ * Hands the writing of a TCP connection to a sender thread from `threads` (send-threads.ts), so
+ * that it runs beside the event loop's own sending; reading, closing and resets stay where they
+ * were. Returns whether it did: false for a connection that is
+ * not plain TCP (a TLS or shaped one writes from its own event loop; a shaped TCP connection can
+ * be handed over before it is shaped), for one closed for writing or with bytes node:net has not
+ * handed to the kernel yet, or where this machine has no sender threads.
+ */
+export function sendFromThread(conn: Connection, threads: SendThreads): boolean {
+  return conn instanceof TcpConnection && conn.sendFromThread(threads, THREAD_WRITE_HWM);
 }
 
 /** The TCP transport factory. */

@@ -1,0 +1,264 @@
+/**
+ * Sender threads: a TCP connection's writes made by a thread of its own, so that parallel data
+ * streams put their bytes through the kernel on several cores at once (QEMU's multifd: a thread
+ * per channel). More sockets on one event loop were slower than one (FINDINGS: parallel streams
+ * need parallel threads): on loopback the sender's `send` does most of the kernel's work, the
+ * receiver's only the last copy, so one thread sending is what bounds a stream.
+ *
+ * Only the writing moves. The connection stays a node:net socket on its event loop, which reads,
+ * half-closes and resets it as before (transport/tcp.ts); the thread sends on a duplicate of its
+ * descriptor with send(2), waiting in poll(2) while the kernel's buffer is full. The descriptor
+ * stays non-blocking (the flag belongs to the socket, which the event loop still reads). Bytes to
+ * send reach the thread by postMessage: views of shared memory (guest pages) as they are, anything
+ * else copied, so a writer may reuse its buffers as with any connection.
+ *
+ * A host keeps one pool ({@link SendThreads}): threads are started ahead of the migrations that
+ * need them (a thread takes tens of milliseconds to start) and return to the pool when their
+ * connection ends.
+ */
+import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
+import { fileURLToPath } from 'node:url';
+import { BugIndicatingError } from '../../core/errors.js';
+import { libc } from '../libc.js';
+import { BlockingSocketError, blockingSocketsAvailable } from '../net/blocking-socket.js';
+
+type ToThread =
+  | { t: 'open'; fd: number; session: number }
+  | { t: 'write'; bytes: Uint8Array }
+  | { t: 'end' };
+
+type FromThread =
+  | { t: 'wrote'; session: number; bytes: number }
+  | { t: 'failed'; session: number; errno: number; message: string }
+  | { t: 'ended'; session: number };
+
+interface ThreadInit {
+  role: 'ferry-send-thread';
+  /** Holds the session the owner aborted: the thread stops sending for it. */
+  abort: SharedArrayBuffer;
+}
+
+const HERE = fileURLToPath(import.meta.url);
+const MSG_NOSIGNAL = 0x4000;
+const POLLOUT = 0x4;
+const EINTR = 4;
+const EAGAIN = 11;
+/** errno for a send the owner aborted (ECANCELED). */
+const ECANCELED = 125;
+/** How long a thread waits for room in the kernel's buffer before it looks whether it was aborted, ms. */
+const ABORT_CHECK_MS = 20;
+/** Idle threads a pool keeps (more are ended as their connections end). */
+const MAX_IDLE = 4;
+
+/** What a {@link ThreadSender} tells its connection. */
+export interface SendSink {
+  /** Some written bytes reached the kernel: `pending` went down. */
+  written(): void;
+  /** A send failed (the peer reset the connection, …); nothing more is sent. */
+  failed(e: BlockingSocketError): void;
+}
+
+interface PoolThread {
+  worker: Worker;
+  abort: Int32Array;
+  /** The sender using the thread now. */
+  sender: ThreadSender | null;
+}
+
+/**
+ * The main thread's end of one connection's sender thread: `write` queues bytes for the thread,
+ * `pending` counts those the kernel has not taken yet.
+ */
+export class ThreadSender {
+  /** Bytes written and not yet in the kernel's buffer. */
+  pending = 0;
+  private failure: BlockingSocketError | null = null;
+  private ended = false;
+  private flushWaiters: (() => void)[] = [];
+
+  constructor(private readonly thread: PoolThread, readonly session: number, private readonly sink: SendSink, private readonly release: () => void) {}
+
+  /** Queues `bytes` (a view of shared memory goes as it is, read when sent; other bytes are copied now). */
+  write(bytes: Uint8Array): void {
+    if (this.ended) throw new BugIndicatingError('write on a sender thread that was let go');
+    if (this.failure || bytes.length === 0) return;
+    this.pending += bytes.length;
+    const shared = bytes.buffer instanceof SharedArrayBuffer;
+    this.thread.worker.postMessage({ t: 'write', bytes: shared ? bytes : bytes.slice() } satisfies ToThread);
+  }
+
+  /** Calls `then` once everything written is in the kernel's buffer (at once if it is; never if a send fails). */
+  whenFlushed(then: () => void): void {
+    if (this.pending === 0) then();
+    else this.flushWaiters.push(then);
+  }
+
+  /** Stops sending: what is queued is dropped (the thread notices within {@link ABORT_CHECK_MS}), then lets the thread go. */
+  abort(): void {
+    if (this.ended) return;
+    Atomics.store(this.thread.abort, 0, this.session);
+    this.end();
+  }
+
+  /** Lets the thread go once it has sent what was written: it closes its descriptor and returns to the pool. */
+  end(): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.flushWaiters = [];
+    this.thread.worker.postMessage({ t: 'end' } satisfies ToThread);
+  }
+
+  /** @internal a message from the thread for this session. */
+  handle(m: FromThread): void {
+    if (m.t === 'wrote') {
+      this.pending -= m.bytes;
+      if (this.pending === 0) {
+        const w = this.flushWaiters;
+        this.flushWaiters = [];
+        for (const f of w) f();
+      }
+      if (!this.ended) this.sink.written();
+    } else if (m.t === 'failed') {
+      this.failure = new BlockingSocketError(m.message, m.errno);
+      this.flushWaiters = [];
+      if (!this.ended) this.sink.failed(this.failure);
+    } else this.release();
+  }
+}
+
+/**
+ * A host's sender threads. `take` gives a connection's descriptor to a thread (an idle one, or a
+ * new one); one is started at once, so the first migration does not wait for it.
+ */
+export class SendThreads {
+  private readonly idle: PoolThread[] = [];
+  private readonly all = new Set<PoolThread>();
+  private nextSession = 1;
+  private closed = false;
+  /** Connections handed to a thread so far. */
+  taken = 0;
+
+  /** Whether this machine has sender threads (Linux, with koffi's binary for it). */
+  static available(): boolean {
+    return blockingSocketsAvailable();
+  }
+
+  /** @param spares threads started now, ready for the first connections. */
+  constructor(spares = 1) {
+    if (!SendThreads.available()) return;
+    for (let i = 0; i < spares; i++) this.idle.push(this.spawn());
+  }
+
+  /** Threads alive (idle and sending). */
+  get threads(): number {
+    return this.all.size;
+  }
+
+  private spawn(): PoolThread {
+    const abort = new SharedArrayBuffer(4);
+    const worker = new Worker(HERE, { workerData: { role: 'ferry-send-thread', abort } satisfies ThreadInit });
+    worker.unref(); // it never keeps a process alive by itself
+    const thread: PoolThread = { worker, abort: new Int32Array(abort), sender: null };
+    this.all.add(thread);
+    worker.on('message', (m: FromThread) => {
+      const s = thread.sender;
+      if (s && m.session === s.session) s.handle(m);
+    });
+    const gone = (e?: unknown) => {
+      this.all.delete(thread);
+      const i = this.idle.indexOf(thread);
+      if (i >= 0) this.idle.splice(i, 1);
+      const s = thread.sender;
+      thread.sender = null;
+      s?.handle({ t: 'failed', session: s.session, errno: 0, message: `the sender thread stopped${e instanceof Error ? `: ${e.message}` : ''}` });
+    };
+    worker.on('error', gone);
+    worker.on('exit', () => gone());
+    return thread;
+  }
+
+  /**
+   * Hands `fd` (a duplicate the thread will own and close) to a thread: from now on the returned
+   * sender's writes go out on it. Null if this machine has no sender threads or the pool is closed
+   * (the caller keeps writing itself; `fd` is then still the caller's).
+   */
+  take(fd: number, sink: SendSink): ThreadSender | null {
+    if (this.closed || !SendThreads.available()) return null;
+    const thread = this.idle.pop() ?? this.spawn();
+    const session = this.nextSession++;
+    const sender = new ThreadSender(thread, session, sink, () => {
+      thread.sender = null;
+      if (this.closed || this.idle.length >= MAX_IDLE) void thread.worker.terminate();
+      else this.idle.push(thread);
+    });
+    thread.sender = sender;
+    this.taken++;
+    thread.worker.postMessage({ t: 'open', fd, session } satisfies ToThread);
+    return sender;
+  }
+
+  /** Ends the idle threads now and the others as their connections end (a host shutting down). */
+  async close(): Promise<void> {
+    this.closed = true;
+    const idle = this.idle.splice(0);
+    await Promise.all(idle.map((t) => t.worker.terminate()));
+  }
+}
+
+// ------------------------------------------------------------------ the thread
+
+function senderThread(init: ThreadInit): void {
+  const l = libc();
+  const aborted = new Int32Array(init.abort);
+  const pollfd = new Uint8Array(8);
+  const pv = new DataView(pollfd.buffer);
+  let fd = -1;
+  let session = 0;
+  let failed = false;
+  const post = (m: FromThread) => parentPort!.postMessage(m);
+
+  /** Sends all of `bytes`: 0, or the errno that stopped it. */
+  const sendAll = (bytes: Uint8Array): number => {
+    for (let at = 0; at < bytes.length;) {
+      const part = at === 0 ? bytes : bytes.subarray(at);
+      const n = l.send(fd, part, part.length, MSG_NOSIGNAL);
+      if (n >= 0) {
+        at += n;
+        continue;
+      }
+      const e = l.errno();
+      if (e === EINTR) continue;
+      if (e !== EAGAIN) return e;
+      if (Atomics.load(aborted, 0) === session) return ECANCELED;
+      if (l.poll(pollfd, 1, ABORT_CHECK_MS) < 0 && l.errno() !== EINTR) return l.errno();
+    }
+    return 0;
+  };
+
+  parentPort!.on('message', (m: ToThread) => {
+    if (m.t === 'open') {
+      fd = m.fd;
+      session = m.session;
+      failed = false;
+      pv.setInt32(0, fd, true);
+      pv.setInt16(4, POLLOUT, true);
+      return;
+    }
+    if (m.t === 'end') {
+      if (fd >= 0) l.close(fd);
+      fd = -1;
+      post({ t: 'ended', session });
+      return;
+    }
+    if (failed) return;
+    const e = Atomics.load(aborted, 0) === session ? ECANCELED : sendAll(m.bytes);
+    if (e === 0) post({ t: 'wrote', session, bytes: m.bytes.length });
+    else {
+      failed = true;
+      post({ t: 'failed', session, errno: e, message: e === ECANCELED ? 'sending was aborted' : `send on descriptor ${fd} failed (errno ${e})` });
+    }
+  });
+}
+
+const init = isMainThread ? undefined : (workerData as ThreadInit | undefined);
+if (init?.role === 'ferry-send-thread') senderThread(init);
