@@ -14,9 +14,10 @@
  *   one after another with `dedup` vs together with one Gang into one MigrationAcceptor: wire
  *   bytes together ÷ separately (issue target ≤ 0.4) and the ideal ratio for that content;
  * - parallel data streams: an idle random VM moved with 1, 2 and 4 streams, without codecs and with
- *   zstd, interleaved, medians of five: TMT, first-pass throughput and TMT(1) ÷ TMT(N). Every
- *   stream shares one event loop per side (and the machine's 2 cores), so more sockets need not be
- *   faster.
+ *   zstd, interleaved, medians of five: TMT, first-pass throughput and TMT(1) ÷ TMT(N). As from a
+ *   host agent, every stream past the first is written by a sender thread of its own (the control
+ *   stream and the codecs stay on the source's event loop); the destination reads them all on its
+ *   event loop, and both share the machine's 2 cores, so more streams need not be faster.
  *
  * Every migration is verified (the destination's digest of memory as at the pause equals the
  * source's); the closing `verified` line counts those that were, and a migration that failed or did
