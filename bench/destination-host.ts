@@ -17,6 +17,8 @@ import { migrateSource } from '../src/core/engine/source.js';
 import { MigrationAcceptor, type DestinationOutcome } from '../src/core/engine/destination.js';
 import type { DestinationFactory, MigrationOptions, MigrationResult } from '../src/core/engine/types.js';
 import { shaped, type ShapedConnectionInit } from '../src/core/transport/shaped.js';
+import { TokenBucket } from '../src/core/rate.js';
+import type { Connection } from '../src/core/transport/transport.js';
 import { realClock } from '../src/node/clock.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../src/node/engine/adapters.js';
 import { FaultThreadListener, SourceFaultThreads, faultLinkShape, sourceFaultThread } from '../src/node/engine/fault-thread.js';
@@ -30,7 +32,17 @@ import { HOST_NODE_FLAGS, hasHostFlags } from '../src/node/host-runtime.js';
 import { sendFromThread, tcp } from '../src/node/transport/tcp.js';
 import { SendThreads } from '../src/node/transport/send-threads.js';
 
-export type LinkInit = Omit<ShapedConnectionInit, 'clock'>;
+export type LinkInit = Omit<ShapedConnectionInit, 'clock' | 'bucket'>;
+
+/**
+ * Shapes every connection `shape` is given like `link`, their caps drawing on one token bucket:
+ * a migration's parallel streams and its fault channel share one link, as a host agent's do.
+ */
+function linkShaper(link: LinkInit): (c: Connection) => Connection {
+  const rate = link.bandwidthBytesPerSec;
+  const bucket = rate === undefined ? undefined : new TokenBucket({ rateBytesPerSec: rate, ...(link.burstBytes === undefined ? {} : { burstBytes: link.burstBytes }) });
+  return (c) => shaped(c, { ...link, clock: realClock(), ...(bucket ? { bucket } : {}) });
+}
 
 /**
  * The destination's outcome, with how long its VM took to get ready, the CPU it spent, and whether
@@ -89,7 +101,7 @@ async function destinationHost(): Promise<void> {
   const cache = new InstrumentCache();
   const memstress = new Uint8Array(readFileSync(join(guestsDir(), 'memstress.wasm')));
   for (const v of ['plain', 'dirty', 'presence'] as const) cache.get(memstress, v); // instrument before any migration
-  let link: LinkInit | null = null;
+  let link: ((c: Connection) => Connection) | null = null;
   const send = (m: FromDestination) => process.send!(m);
   // Post-copy faults on threads of their own, as a host serves them (shaped like every connection).
   const faultThreads = new FaultThreadListener('127.0.0.1', (process.env.FERRY_BENCH_FAULT_PRIORITY ?? 'nice') as FaultThreadPriority);
@@ -101,7 +113,7 @@ async function destinationHost(): Promise<void> {
   const threads = new VcpuThreadPool(1, { busy: () => accepting > 0 });
   const l = await tcp().listen({
     onConnection: (c) => {
-      const conn = link ? shaped(c, { ...link, clock: realClock() }) : c;
+      const conn = link ? link(c) : c;
       const made: Vm[] = [];
       const ready: { ms: number | null; pooled: boolean } = { ms: null, pooled: false };
       let vmName: string | null = null;
@@ -131,8 +143,8 @@ async function destinationHost(): Promise<void> {
   });
   process.on('message', (m: ToDestination) => {
     if (m.type === 'expect') {
-      link = m.link;
-      faultThreads.shape = link ? faultLinkShape(link) : null;
+      link = m.link && linkShaper(m.link);
+      faultThreads.shape = m.link ? faultLinkShape(m.link) : null;
       send({ type: 'expecting' });
     }
   });
@@ -237,16 +249,18 @@ export class DestinationProcess {
   async migrate(srcs: Vm[], opts: MigrationOptions, link?: LinkInit): Promise<Run[]> {
     try {
       const outcomes = await this.expect(link ?? null, srcs.map((s) => s.name));
-      const dial = async (purpose?: 'data' | 'fault') => {
-        const c = await tcp().dial(this.address);
-        // As a host agent does: a parallel data stream sends from a thread of its own.
-        if (purpose === 'data') sendFromThread(c, sendThreads());
-        return link ? shaped(c, { ...link, clock: realClock() }) : c;
-      };
       return await Promise.all(srcs.map(async (src) => {
+        // Each VM's migration has its link (one cap over all its connections, as from a host agent).
+        const shape = link ? linkShaper(link) : (c: Connection) => c;
+        const dial = async (purpose?: 'data' | 'fault') => {
+          const c = await tcp().dial(this.address);
+          // As a host agent does: a parallel data stream sends from a thread of its own.
+          if (purpose === 'data') sendFromThread(c, sendThreads());
+          return shape(c);
+        };
         // A shaped link shapes every connection, the fault threads' too.
-        const shape = link ? faultLinkShape(link) : null;
-        const faultThread = link && !shape ? {} : { faultThread: sourceFaultThread(sourceThreadsFor(this.faultPriority), src, '127.0.0.1', shape) };
+        const faultShape = link ? faultLinkShape(link) : null;
+        const faultThread = link && !faultShape ? {} : { faultThread: sourceFaultThread(sourceThreadsFor(this.faultPriority), src, '127.0.0.1', faultShape) };
         const result = await migrateSource(await dial(), sourceVmOf(src), deps, { connect: dial, ...faultThread, ...opts });
         return { result, outcome: await outcomes.get(src.name)! };
       }));

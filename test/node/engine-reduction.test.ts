@@ -184,7 +184,14 @@ test('post-copy page requests travel on their own channel, never on the control 
     r.catch(() => undefined);
     void r.then((o) => { if (o) outcome = Promise.resolve(o); });
   });
-  const result = await migrateSource(await tcp().dial(dest.address), sourceVmOf(src), deps, { mode: 'postcopy', streams: 2, connect: () => tcp().dial(dest.address), baselineMs: 0 });
+  // The engine says what each extra connection is for (the node edge sends a data stream from a thread).
+  const purposes: string[] = [];
+  const connect = (purpose: 'data' | 'fault') => {
+    purposes.push(purpose);
+    return tcp().dial(dest.address);
+  };
+  const result = await migrateSource(await tcp().dial(dest.address), sourceVmOf(src), deps, { mode: 'postcopy', streams: 2, connect, baselineMs: 0 });
+  assert.deepEqual(purposes.sort(), ['data', 'fault']);
   for (let i = 0; i < 100 && !outcome; i++) await new Promise((r) => setTimeout(r, 10));
   const o = await outcome!;
   await dest.close();

@@ -83,8 +83,12 @@ export class ThreadSender {
     if (this.ended) throw new BugIndicatingError('write on a sender thread that was let go');
     if (this.failure || bytes.length === 0) return;
     this.pending += bytes.length;
-    const shared = bytes.buffer instanceof SharedArrayBuffer;
-    this.thread.worker.postMessage({ t: 'write', bytes: shared ? bytes : bytes.slice() } satisfies ToThread);
+    if (bytes.buffer instanceof SharedArrayBuffer) this.thread.worker.postMessage({ t: 'write', bytes } satisfies ToThread);
+    else {
+      // A copy of just these bytes (a view's whole buffer would go otherwise), moved, not copied again.
+      const copy = bytes.slice();
+      this.thread.worker.postMessage({ t: 'write', bytes: copy } satisfies ToThread, [copy.buffer]);
+    }
   }
 
   /** Calls `then` once everything written is in the kernel's buffer (at once if it is; never if a send fails). */
