@@ -18,9 +18,9 @@
  *
  * The destination runs in a child process (bench/destination-host.ts), so the two engines have an
  * event loop each, as on two hosts; both share this machine's 2 cores. As `ferry migrate` does by
- * default, pages travel on one data stream per core (each past the first sent from a thread of its
- * own; FERRY_BENCH_STREAMS=1 for one) and post-copy page requests on a connection of their own
- * (the fault channel).
+ * default, pre-copy and hybrid send pages on one data stream per core (each past the first from a
+ * thread of its own; FERRY_BENCH_STREAMS=1 for one), post-copy on one here, and post-copy page
+ * requests travel on a connection of their own (the fault channel).
  *
  * For profiling one part: FERRY_BENCH_MIGRATION_PARTS=precopy-idle[,downtime,…] runs only those
  * parts, FERRY_BENCH_REPS=n repeats the idle pre-copy n times and the downtime migration
@@ -55,11 +55,11 @@ interface Run {
 let destination: DestinationProcess | undefined;
 
 /**
- * Data streams per migration: what `ferry migrate` opens by default here (defaultStreams: one per
- * core where each stream past the first sends from a thread of its own). FERRY_BENCH_STREAMS=n
- * sets another count, e.g. 1 to compare.
+ * Data streams per migration: what `ferry migrate` opens by default here (defaultStreams: for
+ * pre-copy and hybrid one per core, each past the first sent from a thread of its own; for
+ * post-copy one here). FERRY_BENCH_STREAMS=n sets another count, e.g. 1 to compare.
  */
-const STREAMS = Number(process.env.FERRY_BENCH_STREAMS ?? defaultStreams());
+const streamsFor = (mode: MigrationMode) => Number(process.env.FERRY_BENCH_STREAMS ?? defaultStreams(mode));
 
 /**
  * Migrates `src` to a fresh VM in the destination process (bench/destination-host.ts) over
@@ -67,7 +67,7 @@ const STREAMS = Number(process.env.FERRY_BENCH_STREAMS ?? defaultStreams());
  */
 async function migrate(src: Vm, opts: MigrationOptions, link?: LinkInit, to: DestinationProcess = destination!): Promise<Run> {
   const cpu0 = process.cpuUsage();
-  const [r] = await to.migrate([src], { streams: STREAMS, ...opts }, link);
+  const [r] = await to.migrate([src], { streams: streamsFor(opts.mode), ...opts }, link);
   return { ...r, report: r.result.report, cpuMs: cpuMs(cpu0) };
 }
 

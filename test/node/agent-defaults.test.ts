@@ -2,7 +2,13 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { defaultStreams } from '../../src/node/agent/agent.js';
 
-test('default parallel streams come from the core count: one per core where streams send from threads, else one per four cores; at least 1, at most 4', () => {
-  assert.deepEqual([1, 2, 3, 4, 7, 8, 12, 16, 64].map((c) => defaultStreams(c, true)), [1, 2, 3, 4, 4, 4, 4, 4, 4]);
-  assert.deepEqual([1, 2, 3, 4, 7, 8, 12, 16, 64].map((c) => defaultStreams(c, false)), [1, 1, 1, 1, 1, 2, 3, 4, 4]);
+test('default parallel streams come from the mode and core count: one per core for pre-copy and hybrid where streams send from threads, else one per four cores; at least 1, at most 4', () => {
+  const cores = [1, 2, 3, 4, 7, 8, 12, 16, 64];
+  const perFour = [1, 1, 1, 1, 1, 2, 3, 4, 4];
+  for (const mode of ['precopy', 'hybrid'] as const) {
+    assert.deepEqual(cores.map((c) => defaultStreams(mode, c, true)), [1, 2, 3, 4, 4, 4, 4, 4, 4], mode);
+    assert.deepEqual(cores.map((c) => defaultStreams(mode, c, false)), perFour, mode);
+  }
+  assert.deepEqual(cores.map((c) => defaultStreams('postcopy', c, true)), perFour, 'post-copy, with threads');
+  assert.deepEqual(cores.map((c) => defaultStreams('postcopy', c, false)), perFour, 'post-copy, without');
 });

@@ -44,10 +44,10 @@ for (const mode of ['precopy', 'postcopy', 'hybrid'] as const) {
       assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
       assert.equal(done.report.verified, true);
       // The default data streams, each past the first sent from a thread of a's.
-      const senders = (await http(`${a.url}/v1/host`, 'GET')).json.sendThreads as { defaultStreams: number; streamsSent: number } | null;
+      const senders = (await http(`${a.url}/v1/host`, 'GET')).json.sendThreads as { defaultStreams: Record<string, number>; streamsSent: number } | null;
       if (senders) {
-        assert.equal(done.report.transfer.streams, senders.defaultStreams);
-        assert.equal(senders.streamsSent, senders.defaultStreams - 1);
+        assert.equal(done.report.transfer.streams, senders.defaultStreams[mode]);
+        assert.equal(senders.streamsSent, senders.defaultStreams[mode] - 1);
       }
       const more = (await load.stop()) * 50 + 2000;
       await Promise.all(Array.from({ length: more }, (_, i) => check.get(`k${i}`, `v${i}`)));

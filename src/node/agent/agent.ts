@@ -162,17 +162,19 @@ export interface MigrationRequest {
 }
 
 /**
- * Parallel data streams when a request does not say, from the core count. Where each stream past
- * the first sends from a thread of its own (`threaded`: this host's own TCP on a machine with
- * sender threads, transport/send-threads.ts), one stream per core, at most 4: the kernel's send
- * path, which bounds a loopback stream, then runs on every core (on 2 cores, 2 streams took
- * 10–17 % less time than 1 for an idle 256 MiB VM, medians of interleaved runs). Otherwise every
- * stream is written from the one event loop, and extra sockets only pay where spare cores take the
- * kernel's socket work: one per four cores (on 2 cores `bench/reduction.bench.ts` measured 2 and 4
- * such streams at 0.89–1.12× one).
+ * Parallel data streams when a request does not say, from the mode and the core count. Where each
+ * stream past the first sends from a thread of its own (`threaded`: this host's own TCP on a
+ * machine with sender threads, transport/send-threads.ts), pre-copy and hybrid get one stream per
+ * core, at most 4: the kernel's send path, which bounds a loopback stream, then runs on every core
+ * (on 2 cores, 2 streams took 10–17 % less time than 1 for an idle 256 MiB VM, and
+ * `bench/reduction.bench.ts` measured 1.20×; medians of interleaved runs). Otherwise every stream
+ * is written from the one event loop, and extra sockets only pay where spare cores take the
+ * kernel's socket work: one per four cores (on 2 cores such streams measured 0.89–1.12× one).
+ * Post-copy keeps that rule even with threads: its push runs beside the running guest, and on 2
+ * cores a second stream's thread made it 5–17 % slower (three interleaved runs of ten).
  */
-export function defaultStreams(cores = availableParallelism(), threaded = SendThreads.available()): number {
-  return Math.max(1, Math.min(4, threaded ? cores : Math.floor(cores / 4)));
+export function defaultStreams(mode: MigrationMode, cores = availableParallelism(), threaded = SendThreads.available()): number {
+  return Math.max(1, Math.min(4, threaded && mode !== 'postcopy' ? cores : Math.floor(cores / 4)));
 }
 
 /** Most parallel data streams one migration request may ask for. */
@@ -530,9 +532,10 @@ export class HostAgent extends EventEmitter {
    * data streams a migration from here opens unless told otherwise, the threads alive, and how many
    * data streams they have sent so far.
    */
-  sendThreads(): { defaultStreams: number; threads: number; streamsSent: number } | null {
+  sendThreads(): { defaultStreams: Record<MigrationMode, number>; threads: number; streamsSent: number } | null {
     const t = this.senders;
-    return t && { defaultStreams: defaultStreams(undefined, true), threads: t.threads, streamsSent: t.taken };
+    const streams = Object.fromEntries(MIGRATION_MODES.map((m) => [m, defaultStreams(m, undefined, true)])) as Record<MigrationMode, number>;
+    return t && { defaultStreams: streams, threads: t.threads, streamsSent: t.taken };
   }
 
   /** The memory pool: its capacity and what it holds and has handed out. */
@@ -722,7 +725,7 @@ export class HostAgent extends EventEmitter {
   /** Checks the transfer options of a request before anything starts (InvalidArgumentError); `threaded`: data streams send from threads here. */
   private static transferOptions(req: MigrationRequest, threaded: boolean): { codecs: CodecName[]; streams: number; faultChannel: boolean; xbzrleCacheBytes?: number } {
     const codecs = parseCodecNames(req.codecs ?? []);
-    const streams = req.streams ?? defaultStreams(undefined, threaded);
+    const streams = req.streams ?? defaultStreams(req.mode, undefined, threaded);
     if (!Number.isInteger(streams) || streams < 1 || streams > MAX_MIGRATION_STREAMS) {
       throw new InvalidArgumentError(`streams ${streams} must be an integer from 1 to ${MAX_MIGRATION_STREAMS}`);
     }

@@ -287,7 +287,7 @@ export function registerMigrateCommand(program: Command): void {
     }))
     .option('--bandwidth <rate>', "cap on each VM's migration (all its streams together), e.g. 1Gbit, 100Mbit, 50MB/s", bandwidthText)
     .option('--codecs <list>', `page codecs to offer beyond zero pages, comma-separated (${CODEC_NAMES.join(', ')}), or none (default)`, codecList)
-    .option('--streams <n>', `parallel data streams per VM, 1–${MAX_MIGRATION_STREAMS} (default set by the source host: one per core, at most 4, where each sends from a thread of its own (TCP on Linux), else one per four cores; the destination may grant fewer)`, intInRange('--streams', 1, MAX_MIGRATION_STREAMS))
+    .option('--streams <n>', `parallel data streams per VM, 1–${MAX_MIGRATION_STREAMS} (default set by the source host: for pre-copy and hybrid one per core, at most 4, where each sends from a thread of its own (TCP on Linux), else one per four cores, as for post-copy; the destination may grant fewer)`, intInRange('--streams', 1, MAX_MIGRATION_STREAMS))
     .option('--xbzrle-cache <size>', 'XBZRLE page cache per VM, e.g. 128MiB (default 64MiB)', sizeText('--xbzrle-cache'))
     .addOption(new Option('--compression <when>', 'lz4/zstd: auto turns compression off when it slows the link (default); always never does').choices(['auto', 'always']))
     .option('--no-fault-channel', 'post-copy/hybrid: send page requests on the main connection instead of one of their own')
