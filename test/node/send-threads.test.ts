@@ -47,6 +47,20 @@ async function pair(t: Transport): Promise<{ ours: Connection; theirs: Connectio
   return { ours, theirs, close: () => listener.close() };
 }
 
+/** A TCP pair on a fresh listener and a pool of sender threads (`spares` started), for `fn`; all closed after. */
+async function withPair(spares: number, fn: (p: { ours: Connection; theirs: Connection; threads: SendThreads }) => Promise<void>): Promise<void> {
+  const threads = new SendThreads(spares);
+  const { ours, theirs, close } = await pair(tcp());
+  try {
+    await fn({ ours, theirs, threads });
+  } finally {
+    ours.abort();
+    theirs.abort();
+    await close();
+    await threads.close();
+  }
+}
+
 async function readAll(c: Connection): Promise<Uint8Array> {
   const parts: Uint8Array[] = [];
   let n = 0;
@@ -63,32 +77,25 @@ async function readAll(c: Connection): Promise<Uint8Array> {
   return out;
 }
 
-test('a connection sending from a thread sends views of shared memory as they are when sent, other bytes as they were when written', { skip: !available && 'no sender threads on this machine' }, async () => {
-  const threads = new SendThreads();
-  const { ours, theirs, close } = await pair(tcp());
-  try {
-    assert.equal(sendFromThread(ours, threads), true);
-    const shared = new Uint8Array(new SharedArrayBuffer(3 << 20));
-    for (let i = 0; i < shared.length; i++) shared[i] = (i * 7 + (i >>> 12)) & 0xff;
-    const own = new Uint8Array(1000).fill(9);
-    const reading = readAll(theirs);
-    await ours.write(shared.subarray(4096, 2 << 20));
-    await ours.write(own);
-    own.fill(1); // a writer may reuse a buffer it wrote: the copy went
-    await ours.write(shared.subarray(2 << 20));
-    await ours.close();
-    const got = await reading;
-    const want = new Uint8Array([...shared.subarray(4096, 2 << 20), ...new Uint8Array(1000).fill(9), ...shared.subarray(2 << 20)]);
-    assert.equal(got.length, want.length);
-    assert.ok(Buffer.from(got).equals(Buffer.from(want)), 'the bytes arrived in order and intact');
-    await theirs.close();
-    assert.equal(await ours.closed, undefined);
-    assert.equal(threads.threads, 1, 'the pool\'s one thread served the connection');
-  } finally {
-    await close();
-    await threads.close();
-  }
-});
+test('a connection sending from a thread sends views of shared memory as they are when sent, other bytes as they were when written', { skip: !available && 'no sender threads on this machine' }, () => withPair(1, async ({ ours, theirs, threads }) => {
+  assert.equal(sendFromThread(ours, threads), true);
+  const shared = new Uint8Array(new SharedArrayBuffer(3 << 20));
+  for (let i = 0; i < shared.length; i++) shared[i] = (i * 7 + (i >>> 12)) & 0xff;
+  const own = new Uint8Array(1000).fill(9);
+  const reading = readAll(theirs);
+  await ours.write(shared.subarray(4096, 2 << 20));
+  await ours.write(own);
+  own.fill(1); // a writer may reuse a buffer it wrote: the copy went
+  await ours.write(shared.subarray(2 << 20));
+  await ours.close();
+  const got = await reading;
+  const want = new Uint8Array([...shared.subarray(4096, 2 << 20), ...new Uint8Array(1000).fill(9), ...shared.subarray(2 << 20)]);
+  assert.equal(got.length, want.length);
+  assert.ok(Buffer.from(got).equals(Buffer.from(want)), 'the bytes arrived in order and intact');
+  await theirs.close();
+  assert.equal(await ours.closed, undefined);
+  assert.equal(threads.threads, 1, 'the pool\'s one thread served the connection');
+}));
 
 test('a thread goes back to its pool when its connection ends, and serves the next one', { skip: !available && 'no sender threads on this machine' }, async () => {
   const threads = new SendThreads(0);
@@ -115,38 +122,23 @@ test('a thread goes back to its pool when its connection ends, and serves the ne
   }
 });
 
-test('a peer that resets the connection fails a write the thread is blocked on with ERR_TRANSPORT_RESET', { skip: !available && 'no sender threads on this machine' }, async () => {
-  const threads = new SendThreads();
-  const { ours, theirs, close } = await pair(tcp());
-  try {
-    assert.equal(sendFromThread(ours, threads), true);
-    const big = new Uint8Array(new SharedArrayBuffer(64 << 20));
-    // Nobody reads: the thread fills the kernel's buffers and waits in poll.
-    const writing = ours.write(big);
-    await new Promise((r) => setTimeout(r, 50));
-    theirs.abort();
-    await assert.rejects(writing, (e) => e instanceof TransportError && e.code === TransportErrorCode.RESET);
-    assert.equal((await ours.closed)?.code, TransportErrorCode.RESET);
-  } finally {
-    await close();
-    await threads.close();
-  }
-});
+test('a peer that resets the connection fails a write the thread is blocked on with ERR_TRANSPORT_RESET', { skip: !available && 'no sender threads on this machine' }, () => withPair(1, async ({ ours, theirs, threads }) => {
+  assert.equal(sendFromThread(ours, threads), true);
+  const big = new Uint8Array(new SharedArrayBuffer(64 << 20));
+  // Nobody reads: the thread fills the kernel's buffers and waits in poll.
+  const writing = ours.write(big);
+  await new Promise((r) => setTimeout(r, 50));
+  theirs.abort();
+  await assert.rejects(writing, (e) => e instanceof TransportError && e.code === TransportErrorCode.RESET);
+  assert.equal((await ours.closed)?.code, TransportErrorCode.RESET);
+}));
 
-test('only plain TCP connections open for writing send from a thread', { skip: !available && 'no sender threads on this machine' }, async () => {
-  const threads = new SendThreads(0);
+test('only plain TCP connections open for writing send from a thread', { skip: !available && 'no sender threads on this machine' }, () => withPair(0, async ({ ours, threads }) => {
   const [a, b] = memoryPair();
   assert.equal(sendFromThread(a, threads), false);
   a.abort();
   b.abort();
-  const { ours, theirs, close } = await pair(tcp());
-  try {
-    await ours.close();
-    assert.equal(sendFromThread(ours, threads), false, 'closed for writing');
-    assert.equal(threads.threads, 0, 'no thread was started for it');
-    theirs.abort();
-  } finally {
-    await close();
-    await threads.close();
-  }
-});
+  await ours.close();
+  assert.equal(sendFromThread(ours, threads), false, 'closed for writing');
+  assert.equal(threads.threads, 0, 'no thread was started for it');
+}));

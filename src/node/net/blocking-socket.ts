@@ -20,9 +20,15 @@ export class BlockingSocketError extends FerryError {
   constructor(message: string, readonly errno = 0) {
     super('ERR_BLOCKING_SOCKET', message);
   }
+
+  /** The peer reset the connection, or it is closed for sending (EPIPE, ECONNRESET). */
+  get reset(): boolean {
+    return this.errno === EPIPE || this.errno === ECONNRESET;
+  }
 }
 
 const POLLIN = 0x1;
+const POLLOUT = 0x4;
 const F_GETFL = 3;
 const F_SETFL = 4;
 const O_NONBLOCK = 0o4000;
@@ -31,6 +37,11 @@ const MSG_DONTWAIT = 0x40;
 const SHUT_RDWR = 2;
 const EINTR = 4;
 const EAGAIN = 11;
+const EPIPE = 32;
+const ECONNRESET = 104;
+const ECANCELED = 125;
+/** How long a send waiting for room in the kernel's buffer waits before it asks its `stop` again, ms. */
+const STOP_CHECK_MS = 20;
 
 /** libc's calls, as a BlockingSocketError where they cannot be loaded. */
 function c(): Libc {
@@ -111,18 +122,28 @@ export class SendPacer {
 /** A connected TCP socket in blocking mode, owned by one thread at a time. */
 export class BlockingSocket {
   private readonly pollfd = new Uint8Array(8);
+  private readonly pollOut = new Uint8Array(8);
   private closed = false;
 
   /** @param pacer shapes what is sent (null: sent at once). */
   constructor(readonly fd: number, private readonly pacer: SendPacer | null = null) {
     if (!Number.isSafeInteger(fd) || fd < 0) throw new BlockingSocketError(`${fd} is not a file descriptor`);
-    new DataView(this.pollfd.buffer).setInt32(0, fd, true);
-    new DataView(this.pollfd.buffer).setInt16(4, POLLIN, true);
+    for (const [p, events] of [[this.pollfd, POLLIN], [this.pollOut, POLLOUT]] as const) {
+      new DataView(p.buffer).setInt32(0, fd, true);
+      new DataView(p.buffer).setInt16(4, events, true);
+    }
     c();
   }
 
-  /** Sends all of `bytes` (after the pacer's delay, if the socket has one), blocking while the kernel's buffer is full. */
-  sendAll(bytes: Uint8Array): void {
+  /**
+   * Sends all of `bytes` (after the pacer's delay, if the socket has one), blocking while the
+   * kernel's buffer is full. The descriptor may be non-blocking (one an event loop still reads,
+   * transport/send-threads.ts): the thread then waits for room in poll(2). `stop` is asked before
+   * the first byte and every {@link STOP_CHECK_MS} of waiting whether to give up, which throws an
+   * error (errno ECANCELED).
+   */
+  sendAll(bytes: Uint8Array, stop: (() => boolean) | null = null): void {
+    if (stop?.()) throw new BlockingSocketError(`send on descriptor ${this.fd} was stopped`, ECANCELED);
     this.pacer?.before(bytes.length);
     const l = c();
     let at = 0;
@@ -131,8 +152,11 @@ export class BlockingSocket {
       const n = l.send(this.fd, part, part.length, MSG_NOSIGNAL);
       if (n < 0) {
         const e = l.errno();
-        if (e === EINTR || e === EAGAIN) continue;
-        throw new BlockingSocketError(`send on descriptor ${this.fd} failed (errno ${e})`, e);
+        if (e === EINTR) continue;
+        if (e !== EAGAIN) throw new BlockingSocketError(`send on descriptor ${this.fd} failed (errno ${e})`, e);
+        if (stop?.()) throw new BlockingSocketError(`send on descriptor ${this.fd} was stopped`, ECANCELED);
+        if (l.poll(this.pollOut, 1, STOP_CHECK_MS) < 0 && l.errno() !== EINTR) throw new BlockingSocketError(`poll on descriptor ${this.fd} failed (errno ${l.errno()})`, l.errno());
+        continue;
       }
       at += n;
     }

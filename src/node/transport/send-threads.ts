@@ -19,8 +19,7 @@
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { fileURLToPath } from 'node:url';
 import { BugIndicatingError } from '../../core/errors.js';
-import { libc } from '../libc.js';
-import { BlockingSocketError, blockingSocketsAvailable } from '../net/blocking-socket.js';
+import { BlockingSocket, BlockingSocketError, blockingSocketsAvailable } from '../net/blocking-socket.js';
 
 type ToThread =
   | { t: 'open'; fd: number; session: number }
@@ -39,14 +38,6 @@ interface ThreadInit {
 }
 
 const HERE = fileURLToPath(import.meta.url);
-const MSG_NOSIGNAL = 0x4000;
-const POLLOUT = 0x4;
-const EINTR = 4;
-const EAGAIN = 11;
-/** errno for a send the owner aborted (ECANCELED). */
-const ECANCELED = 125;
-/** How long a thread waits for room in the kernel's buffer before it looks whether it was aborted, ms. */
-const ABORT_CHECK_MS = 20;
 /** Idle threads a pool keeps (more are ended as their connections end). */
 const MAX_IDLE = 4;
 
@@ -97,7 +88,7 @@ export class ThreadSender {
     else this.flushWaiters.push(then);
   }
 
-  /** Stops sending: what is queued is dropped (the thread notices within {@link ABORT_CHECK_MS}), then lets the thread go. */
+  /** Stops sending: what is queued is dropped (a thread waiting for room in the kernel's buffer notices within 20 ms), then lets the thread go. */
   abort(): void {
     if (this.ended) return;
     Atomics.store(this.thread.abort, 0, this.session);
@@ -212,54 +203,34 @@ export class SendThreads {
 // ------------------------------------------------------------------ the thread
 
 function senderThread(init: ThreadInit): void {
-  const l = libc();
   const aborted = new Int32Array(init.abort);
-  const pollfd = new Uint8Array(8);
-  const pv = new DataView(pollfd.buffer);
-  let fd = -1;
+  let sock: BlockingSocket | null = null;
   let session = 0;
   let failed = false;
+  const stop = () => Atomics.load(aborted, 0) === session;
   const post = (m: FromThread) => parentPort!.postMessage(m);
-
-  /** Sends all of `bytes`: 0, or the errno that stopped it. */
-  const sendAll = (bytes: Uint8Array): number => {
-    for (let at = 0; at < bytes.length;) {
-      const part = at === 0 ? bytes : bytes.subarray(at);
-      const n = l.send(fd, part, part.length, MSG_NOSIGNAL);
-      if (n >= 0) {
-        at += n;
-        continue;
-      }
-      const e = l.errno();
-      if (e === EINTR) continue;
-      if (e !== EAGAIN) return e;
-      if (Atomics.load(aborted, 0) === session) return ECANCELED;
-      if (l.poll(pollfd, 1, ABORT_CHECK_MS) < 0 && l.errno() !== EINTR) return l.errno();
-    }
-    return 0;
-  };
 
   parentPort!.on('message', (m: ToThread) => {
     if (m.t === 'open') {
-      fd = m.fd;
+      sock = new BlockingSocket(m.fd);
       session = m.session;
       failed = false;
-      pv.setInt32(0, fd, true);
-      pv.setInt16(4, POLLOUT, true);
       return;
     }
     if (m.t === 'end') {
-      if (fd >= 0) l.close(fd);
-      fd = -1;
+      sock?.close();
+      sock = null;
       post({ t: 'ended', session });
       return;
     }
-    if (failed) return;
-    const e = Atomics.load(aborted, 0) === session ? ECANCELED : sendAll(m.bytes);
-    if (e === 0) post({ t: 'wrote', session, bytes: m.bytes.length });
-    else {
+    if (failed || !sock) return;
+    try {
+      sock.sendAll(m.bytes, stop);
+      post({ t: 'wrote', session, bytes: m.bytes.length });
+    } catch (e) {
       failed = true;
-      post({ t: 'failed', session, errno: e, message: e === ECANCELED ? 'sending was aborted' : `send on descriptor ${fd} failed (errno ${e})` });
+      const err = e instanceof BlockingSocketError ? e : new BlockingSocketError(String(e));
+      post({ t: 'failed', session, errno: err.errno, message: err.message });
     }
   });
 }

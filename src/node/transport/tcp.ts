@@ -264,14 +264,11 @@ class TcpConnection implements Connection {
     if (own < 0) return false;
     const sender = threads.take(own, {
       written: () => this.wakeWriters(),
-      failed: (e) => {
-        const reset = e.errno === EPIPE || e.errno === ECONNRESET;
-        this.fail(new TransportError(
-          reset ? TransportErrorCode.RESET : TransportErrorCode.IO,
-          reset ? `connection reset by peer ${this.remoteAddress}` : `connection ${this.localAddress} → ${this.remoteAddress} failed: ${e.message}`,
-          { cause: e },
-        ));
-      },
+      failed: (e) => this.fail(new TransportError(
+        e.reset ? TransportErrorCode.RESET : TransportErrorCode.IO,
+        e.reset ? `connection reset by peer ${this.remoteAddress}` : `connection ${this.localAddress} → ${this.remoteAddress} failed: ${e.message}`,
+        { cause: e },
+      )),
     });
     if (!sender) {
       libc().close(own);
@@ -317,8 +314,6 @@ export function detachTcp(conn: Connection): Promise<number> {
  * guest memory cost nothing to queue; the thread should never wait for the writer).
  */
 const THREAD_WRITE_HWM = 4 << 20;
-const EPIPE = 32;
-const ECONNRESET = 104;
 
 /**
  * Hands the writing of a TCP connection to a sender thread from `threads` (send-threads.ts), so
