@@ -11,7 +11,7 @@
  *   bandwidth, with bandwidth and round trip measured on the same loopback, the bandwidth just
  *   before and just after each run;
  * - post-copy fault latency under random writes, as the vCPU waited for it (destination) and as
- *   the source's report histogram has it (request in → page out): the median of 3 migrations'
+ *   the source's report histogram has it (request in → page out): the median of 5 migrations'
  *   percentiles;
  * - memstress with writable working sets of 1/8, 1/4, 1/2 of memory dirtying below and above the
  *   link rate (1 Gbit/s through the shaper) in all three modes: TMT, downtime, bytes, verified.
@@ -23,8 +23,9 @@
  * requests travel on a connection of their own (the fault channel).
  *
  * For profiling one part: FERRY_BENCH_MIGRATION_PARTS=precopy-idle[,downtime,…] runs only those
- * parts, FERRY_BENCH_REPS=n repeats the idle pre-copy n times and the downtime migration
- * max(n, 7) times (each run is logged: the pre-copy's with where its time went and the CPU time of both processes).
+ * parts, FERRY_BENCH_REPS=n repeats the idle pre-copy and the downtime migration n times (default
+ * 7: single runs here swing by 2× either way, and the idle pre-copy's median of 3 read 0.82–0.91
+ * in six runs of one day; each run is logged: the pre-copy's with where its time went and the CPU time of both processes).
  */
 import net from 'node:net';
 import { median, percentile, section, type BenchContext, type BenchSuite } from './harness.js';
@@ -265,8 +266,8 @@ async function postcopyFaults(ctx: BenchContext, mem: number, reps: number): Pro
   }
 }
 
-/** Post-copy runs per setting: one migration's p99 (some 8000 faults) swings by 2-3× between runs here. */
-const POSTCOPY_REPS = 3;
+/** Post-copy runs per setting: one migration's p99 (some 8000 faults) swings by 2-5× between runs here. */
+const POSTCOPY_REPS = 5;
 
 async function postcopyFaultsWith(ctx: BenchContext, mem: number, dest: DestinationProcess, label: string, targets: boolean, reps: number): Promise<void> {
   const runs: Run[] = [];
@@ -377,10 +378,10 @@ const only = process.env.FERRY_BENCH_MIGRATION_PARTS?.split(',').filter(Boolean)
 const wanted = (name: string) => !only || only.includes(name);
 
 async function parts(ctx: BenchContext, q: boolean, big: number): Promise<void> {
-  const reps = Number(process.env.FERRY_BENCH_REPS ?? (q ? 1 : 3));
+  const reps = Number(process.env.FERRY_BENCH_REPS ?? (q ? 1 : 7));
   if (wanted('precopy-idle')) await section(ctx, 'precopy-idle', () => precopyIdle(ctx, big, reps));
   if (wanted('precopy-idle-1gbit')) await section(ctx, 'precopy-idle-1gbit', () => precopyIdleOnLink(ctx, big));
-  if (wanted('downtime')) await section(ctx, 'downtime', () => downtimeFloor(ctx, big, q ? 1 : Math.max(reps, 7)));
+  if (wanted('downtime')) await section(ctx, 'downtime', () => downtimeFloor(ctx, big, reps));
   if (wanted('postcopy')) await section(ctx, 'postcopy', () => postcopyFaults(ctx, big, q ? 1 : POSTCOPY_REPS));
   if (wanted('wss')) await section(ctx, 'wss', () => workingSets(ctx, q ? 32 * MiB : 128 * MiB));
 }
