@@ -534,8 +534,9 @@ export class HostAgent extends EventEmitter {
    */
   sendThreads(): { defaultStreams: Record<MigrationMode, number>; threads: number; streamsSent: number } | null {
     const t = this.senders;
+    if (!t) return null;
     const streams = Object.fromEntries(MIGRATION_MODES.map((m) => [m, defaultStreams(m, undefined, true)])) as Record<MigrationMode, number>;
-    return t && { defaultStreams: streams, threads: t.threads, streamsSent: t.taken };
+    return { defaultStreams: streams, threads: t.threads, streamsSent: t.taken };
   }
 
   /** The memory pool: its capacity and what it holds and has handed out. */

@@ -12,9 +12,9 @@
  * send reach the thread by postMessage: views of shared memory (guest pages) as they are, anything
  * else copied, so a writer may reuse its buffers as with any connection.
  *
- * A host keeps one pool ({@link SendThreads}): threads are started ahead of the migrations that
- * need them (a thread takes tens of milliseconds to start) and return to the pool when their
- * connection ends.
+ * A host keeps one pool ({@link SendThreads}): a thread takes tens of milliseconds to start, so
+ * threads return to the pool when their connection ends and serve the next one (a pool may also
+ * start some ahead of the first).
  */
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { fileURLToPath } from 'node:url';
@@ -123,7 +123,7 @@ export class ThreadSender {
 
 /**
  * A host's sender threads. `take` gives a connection's descriptor to a thread (an idle one, or a
- * new one); one is started at once, so the first migration does not wait for it.
+ * new one); `spares` are started at once, so the first connections do not wait for theirs.
  */
 export class SendThreads {
   private readonly idle: PoolThread[] = [];

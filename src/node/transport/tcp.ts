@@ -146,12 +146,7 @@ class TcpConnection implements Connection {
     });
     socket.on('error', (e) => {
       const code = errno(e);
-      const reset = code === 'ECONNRESET' || code === 'EPIPE';
-      this.fail(new TransportError(
-        reset ? TransportErrorCode.RESET : TransportErrorCode.IO,
-        reset ? `connection reset by peer ${this.remoteAddress}` : `connection ${this.localAddress} → ${this.remoteAddress} failed: ${e.message}`,
-        { cause: e },
-      ));
+      this.failed(code === 'ECONNRESET' || code === 'EPIPE', e);
     });
     socket.on('close', () => {
       if (this.done) return;
@@ -222,6 +217,15 @@ class TcpConnection implements Connection {
     this.fail(new TransportError(TransportErrorCode.ABORTED, `connection ${this.localAddress} aborted${err ? `: ${err.message}` : ''}`, { cause: err }));
   }
 
+  /** The socket (or its sender thread) failed: reset by the peer, or another I/O error. */
+  private failed(reset: boolean, cause: Error): void {
+    this.fail(new TransportError(
+      reset ? TransportErrorCode.RESET : TransportErrorCode.IO,
+      reset ? `connection reset by peer ${this.remoteAddress}` : `connection ${this.localAddress} → ${this.remoteAddress} failed: ${cause.message}`,
+      { cause },
+    ));
+  }
+
   private fail(e: TransportError): void {
     if (this.done) return;
     this.done = true;
@@ -262,14 +266,7 @@ class TcpConnection implements Connection {
     if (typeof fd !== 'number' || fd < 0 || !SendThreads.available()) return false;
     const own = libc().dup(fd);
     if (own < 0) return false;
-    const sender = threads.take(own, {
-      written: () => this.wakeWriters(),
-      failed: (e) => this.fail(new TransportError(
-        e.reset ? TransportErrorCode.RESET : TransportErrorCode.IO,
-        e.reset ? `connection reset by peer ${this.remoteAddress}` : `connection ${this.localAddress} → ${this.remoteAddress} failed: ${e.message}`,
-        { cause: e },
-      )),
-    });
+    const sender = threads.take(own, { written: () => this.wakeWriters(), failed: (e) => this.failed(e.reset, e) });
     if (!sender) {
       libc().close(own);
       return false;
