@@ -171,7 +171,7 @@ export interface MigrationRequest {
  * is written from the one event loop, and extra sockets only pay where spare cores take the
  * kernel's socket work: one per four cores (on 2 cores such streams measured 0.89–1.12× one).
  * Post-copy keeps that rule even with threads: its push runs beside the running guest, and on 2
- * cores a second stream's thread made it 5–17 % slower (three interleaved runs of ten).
+ * cores a second stream's thread made it 5–17 % slower (three interleaved runs of 8–10 each).
  */
 export function defaultStreams(mode: MigrationMode, cores = availableParallelism(), threaded = SendThreads.available()): number {
   return Math.max(1, Math.min(4, threaded && mode !== 'postcopy' ? cores : Math.floor(cores / 4)));
