@@ -459,6 +459,44 @@ test('cancel a migration over 3 streams before switchover: every connection ends
   }, { a: { transport: gated.transport } });
 });
 
+test('the destination goes away in the middle of pre-copy over the default streams (sent from threads): the migration fails by name, the VM runs on on a', async () => {
+  await withHosts(async (a, b) => {
+    // 24 MiB of random memory through 100 Mbit/s: the first pass takes some 2 s.
+    await a.agent.createVm({ name: 'ms', guest: 'memstress', memory: '32MiB', config: 'mem=24MiB rate=100000' });
+    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'ms', to: b.url, mode: 'precopy', bandwidth: '100Mbit' });
+    assert.equal(r.status, 202, JSON.stringify(r.json));
+    for (let i = 0; i < 1000; i++) {
+      const j = (await http(`${a.url}/v1/migrations/${r.json.id}`, 'GET')).json;
+      if ((j.progress?.bytesSent ?? 0) > 2 << 20) break;
+      await new Promise((res) => setTimeout(res, 10));
+    }
+    const senders = (await http(`${a.url}/v1/host`, 'GET')).json.sendThreads as { defaultStreams: Record<string, number>; threads: number; streamsSent: number } | null;
+    await b.agent.close();
+    const done = await finished(a, r.json.id);
+    assert.equal(done.status, 'failed');
+    assert.match(done.error.code, /^ERR_/, JSON.stringify(done.error));
+    assert.equal(done.report, null);
+    assert.deepEqual(a.agent.list().map((v) => [v.name, v.stats.state]), [['ms', 'running']]);
+    const before = a.agent.summary('ms').stats.progress;
+    for (let i = 0; i < 200 && a.agent.summary('ms').stats.progress === before; i++) await new Promise((res) => setTimeout(res, 10));
+    assert.ok(a.agent.summary('ms').stats.progress > before, 'the guest runs on on a');
+    if (senders && senders.defaultStreams.precopy > 1) {
+      assert.equal(senders.streamsSent, senders.defaultStreams.precopy - 1, 'the data streams were sent from threads');
+      // Their threads went back to a's pool; none was lost with the connection.
+      let threads = -1;
+      for (let i = 0; i < 200 && threads !== senders.defaultStreams.precopy - 1; i++) {
+        threads = (await http(`${a.url}/v1/host`, 'GET')).json.sendThreads.threads;
+        if (threads !== senders.defaultStreams.precopy - 1) await new Promise((res) => setTimeout(res, 10));
+      }
+      assert.equal(threads, senders.defaultStreams.precopy - 1);
+    }
+    // eslint-disable-next-line @typescript-eslint/no-explicit-any -- the agent's connection set, read to check nothing leaks
+    const open = () => (a.agent as any).openConns.size as number;
+    for (let i = 0; i < 500 && open() > 0; i++) await new Promise((res) => setTimeout(res, 10));
+    assert.equal(open(), 0, 'every connection of the failed migration ended');
+  });
+});
+
 test('a JOIN naming no migration is refused by name and adds nothing to the destination', async () => {
   await withHosts(async (_a, b) => {
     const incoming = watchIncoming(b.agent);
