@@ -21,15 +21,20 @@ import { fileURLToPath } from 'node:url';
 import { BugIndicatingError } from '../../core/errors.js';
 import { BlockingSocket, BlockingSocketError, blockingSocketsAvailable } from '../net/blocking-socket.js';
 
+/**
+ * What a thread is told, in order: a session's `open`, its `write`s, its `end` (close the
+ * descriptor), then the next session's `open` — or `exit`. Messages are handled in the order sent,
+ * so a thread is free for the next session as soon as `end` is posted.
+ */
 type ToThread =
   | { t: 'open'; fd: number; session: number }
   | { t: 'write'; bytes: Uint8Array }
-  | { t: 'end' };
+  | { t: 'end' }
+  | { t: 'exit' };
 
 type FromThread =
   | { t: 'wrote'; session: number; bytes: number }
-  | { t: 'failed'; session: number; errno: number; message: string }
-  | { t: 'ended'; session: number };
+  | { t: 'failed'; session: number; errno: number; message: string };
 
 interface ThreadInit {
   role: 'ferry-send-thread';
@@ -95,12 +100,13 @@ export class ThreadSender {
     this.end();
   }
 
-  /** Lets the thread go once it has sent what was written: it closes its descriptor and returns to the pool. */
+  /** Lets the thread go: it sends what was written, closes its descriptor, and is the pool's again. */
   end(): void {
     if (this.ended) return;
     this.ended = true;
     this.flushWaiters = [];
     this.thread.worker.postMessage({ t: 'end' } satisfies ToThread);
+    this.release();
   }
 
   /** @internal a message from the thread for this session. */
@@ -117,7 +123,7 @@ export class ThreadSender {
       this.failure = new BlockingSocketError(m.message, m.errno);
       this.flushWaiters = [];
       if (!this.ended) this.sink.failed(this.failure);
-    } else this.release();
+    }
   }
 }
 
@@ -183,7 +189,8 @@ export class SendThreads {
     const session = this.nextSession++;
     const sender = new ThreadSender(thread, session, sink, () => {
       thread.sender = null;
-      if (this.closed || this.idle.length >= MAX_IDLE) void thread.worker.terminate();
+      // After the `end` just posted: the descriptor is closed before the thread exits.
+      if (this.closed || this.idle.length >= MAX_IDLE) thread.worker.postMessage({ t: 'exit' } satisfies ToThread);
       else this.idle.push(thread);
     });
     thread.sender = sender;
@@ -196,7 +203,11 @@ export class SendThreads {
   async close(): Promise<void> {
     this.closed = true;
     const idle = this.idle.splice(0);
-    await Promise.all(idle.map((t) => t.worker.terminate()));
+    await Promise.all(idle.map((t) => new Promise<void>((done) => {
+      t.worker.ref(); // waited for now
+      t.worker.once('exit', () => done());
+      t.worker.postMessage({ t: 'exit' } satisfies ToThread);
+    })));
   }
 }
 
@@ -220,8 +231,11 @@ function senderThread(init: ThreadInit): void {
     if (m.t === 'end') {
       sock?.close();
       sock = null;
-      post({ t: 'ended', session });
       return;
+    }
+    if (m.t === 'exit') {
+      sock?.close();
+      process.exit(0); // in a worker, ends this thread only
     }
     if (failed || !sock) return;
     try {
