@@ -109,7 +109,7 @@ export class ThreadSender {
     this.release();
   }
 
-  /** @internal a message from the thread for this session. */
+  /** @internal a message from the thread for this session (only while it has the thread: none come after end()). */
   handle(m: FromThread): void {
     if (m.t === 'wrote') {
       this.pending -= m.bytes;
@@ -118,11 +118,11 @@ export class ThreadSender {
         this.flushWaiters = [];
         for (const f of w) f();
       }
-      if (!this.ended) this.sink.written();
-    } else if (m.t === 'failed') {
+      this.sink.written();
+    } else {
       this.failure = new BlockingSocketError(m.message, m.errno);
       this.flushWaiters = [];
-      if (!this.ended) this.sink.failed(this.failure);
+      this.sink.failed(this.failure);
     }
   }
 }

@@ -34,6 +34,11 @@ export interface TcpTransportInit {
 }
 
 const DEFAULT_HWM = 1 << 20;
+/**
+ * Bytes a connection sending from a thread may have queued for it before `write` waits (views of
+ * guest memory cost nothing to queue; the thread should never wait for the writer).
+ */
+const THREAD_WRITE_HWM = 4 << 20;
 /** The connection's own read buffer, for reads no ByobReader target takes. */
 const READ_BUFFER_BYTES = 64 * 1024;
 /** Iteration hands out reads this big or bigger as they are (in a buffer of their own), smaller ones as exact copies. */
@@ -259,7 +264,7 @@ class TcpConnection implements Connection {
   }
 
   /** See sendFromThread. */
-  sendFromThread(threads: SendThreads, writeHighWaterMark: number): boolean {
+  sendFromThread(threads: SendThreads): boolean {
     if (this.sender) return true;
     if (this.done || this.writeEnded || this.socket.writableLength > 0) return false;
     const fd = (this.socket as net.Socket & { _handle?: { fd?: number } | null })._handle?.fd;
@@ -272,7 +277,7 @@ class TcpConnection implements Connection {
       return false;
     }
     this.sender = sender;
-    this.writeHwm = Math.max(this.writeHwm, writeHighWaterMark);
+    this.writeHwm = Math.max(this.writeHwm, THREAD_WRITE_HWM);
     return true;
   }
 
@@ -307,21 +312,15 @@ export function detachTcp(conn: Connection): Promise<number> {
 }
 
 /**
- * Bytes a connection sending from a thread may have queued for it before `write` waits (views of
- * guest memory cost nothing to queue; the thread should never wait for the writer).
- */
-const THREAD_WRITE_HWM = 4 << 20;
-
-/**
  * Hands the writing of a TCP connection to a sender thread from `threads` (send-threads.ts), so
  * that it runs beside the event loop's own sending; reading, closing and resets stay where they
- * were. Returns whether it did: false for a connection that is
- * not plain TCP (a TLS or shaped one writes from its own event loop; a shaped TCP connection can
- * be handed over before it is shaped), for one closed for writing or with bytes node:net has not
- * handed to the kernel yet, or where this machine has no sender threads.
+ * were. Returns whether it did: false for a connection that is not plain TCP (a TLS or shaped one
+ * writes from its own event loop; a shaped TCP connection can be handed over before it is shaped),
+ * for one closed for writing or with bytes node:net has not handed to the kernel yet, or where
+ * this machine has no sender threads.
  */
 export function sendFromThread(conn: Connection, threads: SendThreads): boolean {
-  return conn instanceof TcpConnection && conn.sendFromThread(threads, THREAD_WRITE_HWM);
+  return conn instanceof TcpConnection && conn.sendFromThread(threads);
 }
 
 /** The TCP transport factory. */
