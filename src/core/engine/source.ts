@@ -185,7 +185,8 @@ class SourceSession {
   private dirtyRate = 0;
   private bandwidth = 0;
   private paused = false;
-  private logging = false;
+  /** Dirty logging's start, once asked for (fail() waits for it before it stops logging). */
+  private logging: Promise<void> | null = null;
   private owner: Ownership = 'source';
   private readonly batchPages: number;
   private readonly maxPages: number;
@@ -319,12 +320,23 @@ class SourceSession {
     if (ack.streams > 1 && ack.token === undefined) {
       throw new MigrationError('ERR_MIGRATION_STREAMS', 'destination agreed to several streams but gave no session token');
     }
-    // Extra connections join the session before any page moves.
+    // Extra connections join the session while the module goes and the destination readies its
+    // VM, and before any page moves.
     const joins: Promise<void>[] = [];
     const dataConns: { framed: FramedConnection; inbox: Inbox }[] = [];
     for (let i = 1; i < ack.streams; i++) joins.push(this.join(ack.token!, i, 'data').then((c) => { dataConns[i - 1] = c; }));
     if (wantFault && !this.faultLink && this.opts.connect && ack.token !== undefined) joins.push(this.join(ack.token, 0, 'fault').then((c) => { this.fault = c; }));
-    await Promise.all(joins);
+    const joined = Promise.all(joins);
+    joined.catch(() => undefined); // awaited after the module's ACK
+    for (let off = 0; off < this.vm.module.length; off += MODULE_CHUNK) {
+      const chunk = this.vm.module.subarray(off, Math.min(this.vm.module.length, off + MODULE_CHUNK));
+      await this.framed.send({ type: 'MODULE', totalBytes: this.vm.module.length, offset: off, chunk });
+      this.bytesSent += chunk.length + 16;
+    }
+    // The destination acknowledges once its VM is ready to start (thread loaded): only then may
+    // we pause, so the destination's set-up is not part of the downtime.
+    await this.within(this.inbox.ack('MODULE', this.vm.module.length), (this.opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS) * 4, 'the destination VM to be ready (ACK of MODULE)');
+    await joined;
 
     const index = this.opts.gang?.index ?? (this.agreed.some((c) => c.name === 'dedup') ? new DedupIndex({ capacityBytes: vmIndexBytes(this.vm.memoryBytes) }) : undefined);
     const conns = [{ framed: this.framed, inbox: this.inbox }, ...dataConns];
@@ -337,15 +349,6 @@ class SourceSession {
         ...(this.opts.compression ? { compression: this.opts.compression } : {}),
       })
       : null, this.vm, this.batchPages, now));
-
-    for (let off = 0; off < this.vm.module.length; off += MODULE_CHUNK) {
-      const chunk = this.vm.module.subarray(off, Math.min(this.vm.module.length, off + MODULE_CHUNK));
-      await this.framed.send({ type: 'MODULE', totalBytes: this.vm.module.length, offset: off, chunk });
-      this.bytesSent += chunk.length + 16;
-    }
-    // The destination acknowledges once its VM is ready to start (thread loaded): only then may
-    // we pause, so the destination's set-up is not part of the downtime.
-    await this.within(this.inbox.ack('MODULE', this.vm.module.length), (this.opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS) * 4, 'the destination VM to be ready (ACK of MODULE)');
   }
 
   /**
@@ -398,8 +401,28 @@ class SourceSession {
     return { framed, inbox };
   }
 
-  /** Pre-copy rounds. Returns the pages still to send and whether to finish by post-copy. */
-  private async precopy(): Promise<{ dirty: Bitmap; sentEver: Bitmap; postcopy: boolean }> {
+  /** Every page of the VM but `soft`, 32 a step (cold code: once per migration, in post-copy inside the downtime). */
+  private allBut(soft: Bitmap): Bitmap {
+    const sw = soft.words;
+    return Bitmap.fromWords(this.maxPages, this.vm.guestPages(), (i) => ~(sw[i] ?? 0));
+  }
+
+  /**
+   * Dirty logging on, then the soft pages (in that order: a page written after the soft pages were
+   * read is logged). Resolves with the soft pages.
+   */
+  private startLogging(): Promise<Bitmap> {
+    this.logging = this.vm.startDirtyLog();
+    const soft = this.logging.then(() => this.vm.softPages());
+    soft.catch(() => undefined); // awaited by precopy(), or the migration failed before it
+    return soft;
+  }
+
+  /**
+   * Pre-copy rounds, from the soft pages read once dirty logging was on (startLogging). Returns
+   * the pages still to send and whether to finish by post-copy.
+   */
+  private async precopy(softAtStart: Promise<Bitmap>): Promise<{ dirty: Bitmap; sentEver: Bitmap; postcopy: boolean }> {
     this.phase = 'precopy';
     // Unset options keep the policies' own defaults (PRECOPY_DEFAULTS, the hybrid policy's).
     const stopOpts = { downtimeBudgetMs: this.opts.downtimeMs, maxRounds: this.opts.maxRounds, maxSentRatio: this.opts.maxSentRatio };
@@ -407,12 +430,7 @@ class SourceSession {
     const hybrid = this.opts.mode === 'hybrid' ? new HybridSwitchPolicy({ ...stopOpts, maxPrecopyRounds: this.opts.hybridRounds }) : null;
     const converge = this.opts.autoConverge ? new AutoConverge() : null;
 
-    await this.vm.startDirtyLog();
-    this.logging = true;
-    const soft = await this.vm.softPages();
-    let toSend = new Bitmap(this.maxPages);
-    const pages = this.vm.guestPages();
-    for (let p = 0; p < pages; p++) if (!soft.get(p)) toSend.set(p);
+    let toSend = this.allBut(await softAtStart);
     const sentEver = new Bitmap(this.maxPages);
 
     for (this.round = 0; ; this.round++) {
@@ -701,6 +719,9 @@ class SourceSession {
     this.opts.signal?.addEventListener('abort', onAbort, { once: true });
     try {
       this.checkAbort();
+      // Pre-copy and hybrid: dirty logging (a variant switch on the vCPU thread) and the soft
+      // pages, asked for now, come while the destination answers instead of after it.
+      const atStart = this.opts.mode === 'postcopy' ? null : this.startLogging();
       await this.handshake();
       let soft: Bitmap;
       if (this.opts.mode === 'postcopy') {
@@ -708,14 +729,12 @@ class SourceSession {
         await this.pause();
         const after = this.afterPause();
         soft = await after.soft;
-        // Every page but the soft ones, 32 a step (cold code, inside the downtime).
-        const sw = soft.words;
-        const remaining = Bitmap.fromWords(this.maxPages, this.vm.guestPages(), (i) => ~(sw[i] ?? 0));
+        const remaining = this.allBut(soft);
         this.pagesRemaining = remaining.count();
         await this.switchover(remaining, new Bitmap(this.maxPages), this.sendState(after.state, soft));
         await this.postcopyPush(remaining, soft);
       } else {
-        const { dirty, sentEver, postcopy } = await this.precopy();
+        const { dirty, sentEver, postcopy } = await this.precopy(atStart!);
         this.phase = 'stop-and-copy';
         await this.pause();
         const after = this.afterPause();
@@ -790,7 +809,7 @@ class SourceSession {
         : { type: 'ERROR' as const, code: e instanceof FerryError && /^ERR_[A-Z0-9_]+$/.test(e.code) && !(e instanceof RemoteMigrationError) ? e.code : 'ERR_MIGRATION_ABORTED', message: msg.slice(0, 1000) };
       await this.framed.send(frame).catch(() => undefined);
       this.vm.throttle(0);
-      if (this.logging) await this.vm.stopDirtyLog().catch(() => undefined);
+      if (this.logging) await this.logging.then(() => this.vm.stopDirtyLog()).catch(() => undefined);
       if (this.paused) await this.vm.resume();
     }
     this.ending = true;
