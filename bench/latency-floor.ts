@@ -144,3 +144,43 @@ export async function exchangeFloor(exchanges: number, bulkBytesPerSec?: number,
     child.kill();
   }
 }
+
+/**
+ * How long this machine takes to wake a thread: a worker blocked in Atomics.wait (a futex) after
+ * 5–25 ms asleep, woken by this thread, which then spins on its own core until the worker says it
+ * runs. Samples in ms, sorted. The floors above move bytes on one thread (raw TCP) or between two
+ * threads that each wait once; a migration's downtime crosses threads and processes several times
+ * in a row (pause, sender thread, hasher, vCPU boot and run, the answers back), each a wake like
+ * this one. On a virtual machine whose idle vCPUs halt, the tail of this is the hypervisor's.
+ */
+export async function threadWake(samples: number): Promise<number[]> {
+  const sab = new SharedArrayBuffer(32);
+  const flag = new Int32Array(sab, 0, 2);
+  const woke = new Float64Array(sab, 8, 1);
+  const worker = new Worker(`
+    const { workerData } = require('node:worker_threads');
+    const flag = new Int32Array(workerData, 0, 2), woke = new Float64Array(workerData, 8, 1);
+    for (let seen = 0; seen >= 0;) {
+      Atomics.wait(flag, 0, seen);
+      seen = Atomics.load(flag, 0);
+      woke[0] = performance.timeOrigin + performance.now();
+      Atomics.store(flag, 1, seen);
+    }`, { eval: true, workerData: sab });
+  try {
+    const out: number[] = [];
+    for (let k = 1; k <= samples; k++) {
+      await new Promise((r) => setTimeout(r, 5 + Math.random() * 20));
+      const t = performance.timeOrigin + performance.now();
+      Atomics.store(flag, 0, k);
+      Atomics.notify(flag, 0);
+      const deadline = performance.now() + 1000;
+      while (Atomics.load(flag, 1) !== k && performance.now() < deadline) { /* spin: this core stays busy */ }
+      if (Atomics.load(flag, 1) === k) out.push(woke[0] - t);
+    }
+    return out.sort((a, b) => a - b);
+  } finally {
+    Atomics.store(flag, 0, -1);
+    Atomics.notify(flag, 0);
+    await worker.terminate();
+  }
+}

@@ -9,7 +9,8 @@
  *   migration must do (fresh memory costs a page fault per 4 KiB page on first write);
  * - downtime vs its physical floor: final dirty bytes ÷ bandwidth + one round trip + state bytes ÷
  *   bandwidth, with bandwidth and round trip measured on the same loopback, the bandwidth just
- *   before and just after each run;
+ *   before and just after each run; beside it (informational) what waking a sleeping thread costs
+ *   on this machine, which the floor never pays and a downtime pays at every hand-off;
  * - post-copy fault latency under random writes, as the vCPU waited for it (destination) and as
  *   the source's report histogram has it (request in → page out): the median of 5 migrations'
  *   percentiles;
@@ -31,7 +32,7 @@ import net from 'node:net';
 import { median, percentile, section, type BenchContext, type BenchSuite } from './harness.js';
 import { rawTcp, rawTcpIntoFreshMemory } from './transport.bench.js';
 import { burstFloor } from './burst-floor.js';
-import { exchangeFloor } from './latency-floor.js';
+import { exchangeFloor, threadWake } from './latency-floor.js';
 import { DestinationProcess, faultThreadPriority, memstressVm, cpuMs, type LinkInit, type Outcome } from './destination-host.js';
 import { FAULT_THREAD_NICE, FAULT_THREAD_RT_PRIORITY, REALTIME_VCPU_NICE } from '../src/node/engine/thread-priority.js';
 import type { MigrationOptions, MigrationResult } from '../src/core/engine/types.js';
@@ -250,6 +251,11 @@ async function downtimeFloor(ctx: BenchContext, mem: number, reps: number): Prom
   const burst = median(bursts) + (r.bytes.state / bandwidth) * 1000;
   ctx.report({ metric: 'downtime.burst-floor', value: burst, unit: 'ms', note: `${fmtMiB(fin)} written by one process, read straight into shared memory by another, answered with one byte (median of ${bursts.length}: ${bursts[0].toFixed(1)}–${bursts[bursts.length - 1].toFixed(1)} ms) + state ÷ bandwidth` });
   ctx.report({ metric: 'downtime.vs-burst-floor', value: r.downtimeMs! / burst, unit: '×', note: 'informational: the target above is against the bulk floor' });
+  // What each hand-off between threads costs on this machine (see threadWake): the floors cross none.
+  await settle();
+  const wakes = await threadWake(200);
+  ctx.report({ metric: 'machine.thread-wake.p50', value: percentile(wakes, 50), unit: 'ms', note: `a thread asleep in Atomics.wait 5–25 ms, woken by one that keeps its own core (${wakes.length} wakes; p90 ${percentile(wakes, 90).toFixed(3)} ms); informational` });
+  ctx.report({ metric: 'machine.thread-wake.p99', value: percentile(wakes, 99), unit: 'ms', note: `max ${wakes[wakes.length - 1].toFixed(2)} ms; a downtime waits on several such wakes in a row, the floors above on none` });
 }
 
 async function postcopyFaults(ctx: BenchContext, mem: number, reps: number): Promise<void> {
