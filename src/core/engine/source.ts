@@ -254,7 +254,10 @@ class SourceSession {
           const k = Math.min(end - p, pagesOnStream(p, n), s.room);
           s.addRun(p, k);
           p += k;
-          if (s.full) sent += await this.flush(s, seq);
+          if (s.full) {
+            sent += await this.flush(s, seq);
+            if (this.yieldWhile?.()) await this.deps.yieldToIo();
+          }
         }
       }
       for (const s of this.streams) sent += await this.flush(s, seq);
@@ -269,6 +272,13 @@ class SourceSession {
     for (const s of this.streams) sent += await this.flush(s, seq);
     return sent;
   }
+
+  /**
+   * While this says so, sendPages lets the event loop turn after each batch it writes: the
+   * stop-and-copy's pages wait for nothing, so without it a message the round waits for (the
+   * paused VM's state) stayed unread until the last page was written.
+   */
+  private yieldWhile: (() => boolean) | null = null;
 
   private async flush(s: SendStream, seq: number): Promise<number> {
     const { pages, bytes } = await s.flush(seq);
@@ -762,12 +772,18 @@ class SourceSession {
           // The node VM's state and soft pages come with the pause (Vm.pauseWithState): one turn
           // of the event loop lets their message in, and STATE then leads the final round — the
           // destination loads it and hashes the last pages promptly while they arrive. Once the
-          // pages flow, the writes keep the event loop from taking it in (measured 3-20 ms late).
+          // pages flow, writes that never wait keep the event loop from taking it in.
           if (await Promise.race([softNow.then(() => true, () => true), this.deps.yieldToIo().then(() => false)])) await stateSent.catch(() => undefined);
+          // Else the pages make way for it: a turn of the event loop after each batch until STATE
+          // has gone (measured: it went after the last page in half the runs, 1-3 ms of downtime).
+          let stateGone = false;
+          stateSent.then(() => (stateGone = true), () => (stateGone = true));
+          this.yieldWhile = () => !stateGone;
           let n = await this.sendPages(Bitmap.fromWords(this.maxPages, pages, (i) => (lw[i] ?? 0) & ew[i]), this.round);
           soft = await softNow;
           const sw = soft.words;
           n += await this.sendPages(Bitmap.fromWords(this.maxPages, pages, (i) => ~ew[i] & ~sw[i]), this.round);
+          this.yieldWhile = null;
           this.event({ type: 'pages', t: this.now(), kind: 'resent', pages: n, bytes: this.bytesSent - b0 });
           // No waiting for this round's ACK: the stream is ordered, STATE and SWITCHOVER follow.
           await this.framed.send({ type: 'ROUND_END', round: this.round, pages: n, dirty: 0 });
