@@ -254,10 +254,7 @@ class SourceSession {
           const k = Math.min(end - p, pagesOnStream(p, n), s.room);
           s.addRun(p, k);
           p += k;
-          if (s.full) {
-            sent += await this.flush(s, seq);
-            if (this.yieldWhile?.()) await this.deps.yieldToIo();
-          }
+          if (s.full) sent += await this.flush(s, seq);
         }
       }
       for (const s of this.streams) sent += await this.flush(s, seq);
@@ -274,7 +271,7 @@ class SourceSession {
   }
 
   /**
-   * While this says so, sendPages lets the event loop turn after each batch it writes: the
+   * While this says so, the event loop turns after each batch written (flush): the
    * stop-and-copy's pages wait for nothing, so without it a message the round waits for (the
    * paused VM's state) stayed unread until the last page was written.
    */
@@ -286,6 +283,7 @@ class SourceSession {
     this.bytesSent += bytes;
     this.pagesSent += pages;
     this.report();
+    if (this.yieldWhile?.()) await this.deps.yieldToIo();
     return pages;
   }
 
