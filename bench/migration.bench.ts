@@ -6,7 +6,9 @@
  *   node:net moving the same bytes (the faster of a raw run just before and one just after each
  *   migration) — the engine's cost over the wire it runs on — and vs raw
  *   node:net whose receiver copies the bytes into fresh shared Wasm memory, the least any
- *   migration must do (fresh memory costs a page fault per 4 KiB page on first write);
+ *   migration must do (fresh memory costs a page fault per 4 KiB page on first write); beside
+ *   them (informational) raw TCP between two processes, and the CPU time the migration took
+ *   against raw's;
  * - downtime vs its physical floor: final dirty bytes ÷ bandwidth + one round trip + state bytes ÷
  *   bandwidth, with bandwidth and round trip measured on the same loopback, the bandwidth just
  *   before and just after each run; beside it (informational) what waking a sleeping thread costs
@@ -29,6 +31,7 @@
  * in six runs of one day; each run is logged: the pre-copy's with where its time went and the CPU time of both processes).
  */
 import net from 'node:net';
+import { availableParallelism } from 'node:os';
 import { median, percentile, section, type BenchContext, type BenchSuite } from './harness.js';
 import { rawTcp, rawTcpIntoFreshMemory } from './transport.bench.js';
 import { burstFloor } from './burst-floor.js';
@@ -131,6 +134,8 @@ async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promis
   const rates: number[] = [];
   const freshRates: number[] = [];
   const setups: number[] = [];
+  const tmts: number[] = [];
+  const cpuRatios: number[] = [];
   let last: Run | undefined;
   await rawTcp(32 * MiB, block); // warm-up
   await rawTcpIntoFreshMemory(32 * MiB, block);
@@ -154,7 +159,9 @@ async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promis
     const wire = run.report.bytes.wire;
     const total = Math.ceil(wire / MiB) * MiB;
     await settle();
+    const rawCpu0 = process.cpuUsage();
     const rawAfter = await rawTcp(total, block);
+    const rawAfterCpu = cpuMs(rawCpu0);
     const rawMs = Math.min(rawAfter, rawBefore * (total / beforeBytes));
     await settle();
     const freshMs = await rawTcpIntoFreshMemory(total, block);
@@ -165,6 +172,8 @@ async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promis
       continue;
     }
     ratios.push(rawMs / tmt);
+    tmts.push(tmt);
+    cpuRatios.push((run.cpuMs + run.outcome.cpuMs) / (rawAfterCpu * (wire / total)));
     evictRatios.push(rawMs / run.report.evictionTimeMs!);
     freshRatios.push(freshMs / tmt);
     rates.push(wire / 1e6 / rawMs);
@@ -192,6 +201,19 @@ async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promis
       note: `the same, to a destination host with no memory of this shape in its pool (fresh memory faulted in while the VM is readied: ${cold.run.outcome.readyMs?.toFixed(0) ?? '?'} ms); TMT ${cold.tmt.toFixed(0)} ms; one run`,
     });
   }
+  // The target's raw baseline is one process, its sender and receiver on one thread. Between two
+  // processes, as between two hosts, the same bytes took 102-146 ms against 120-204 in one process
+  // on the day this line was added: the one-process baseline flatters nothing.
+  await settle();
+  const twoProcesses = median(await burstFloor(r.bytes.wire, 3));
+  ctx.report({
+    metric: 'precopy-idle.vs-raw-tcp-two-processes', value: twoProcesses / median(tmts), unit: '×',
+    note: `informational: ${fmtMiB(r.bytes.wire)} written by one process, read straight into shared memory by another (median of 3: ${twoProcesses.toFixed(0)} ms) ÷ the median TMT (${median(tmts).toFixed(0)} ms)`,
+  });
+  ctx.report({
+    metric: 'precopy-idle.cpu-vs-raw-tcp', value: median(cpuRatios), unit: '×',
+    note: `informational: CPU time (all threads) of both processes over the migration ÷ raw TCP's for the same bytes (one process, one busy thread: its CPU time is about its time). Raw needs one core; the migration needs this many times its CPU, the source's digest of its paused memory after TMT included, on ${availableParallelism()} cores; median of ${reps}`,
+  });
   ctx.report({ metric: 'precopy-idle.tmt', value: r.totalMigrationTimeMs!, unit: 'ms', note: `${phases(last!)}; destination start ${last!.outcome.startMs.toFixed(1)} ms with nothing left to send, verified ${r.verified}` });
   ctx.report({ metric: 'precopy-idle.set-up', value: median(setups), unit: 'ms', note: `start → first round (handshake, module, destination memory ready); the destination's vCPU thread loads during the first round (VM ready to start after ${last!.outcome.readyMs?.toFixed(0) ?? '?'} ms in the last run); median of ${reps}` });
 }
