@@ -540,3 +540,41 @@ test('migrations API: bad codecs, streams, compression, gang or faultChannel get
     await assert.rejects(a.agent.startMigration({ vm: 'kv', to: b.url, mode: 'precopy', gang: 'a b' }), { code: 'ERR_INVALID_ARGUMENT' });
   });
 });
+
+test('a destination URL that is no agent: the migration is refused by name, the VM keeps running and nothing is left started', async () => {
+  // One server, three wrong answers: not JSON, JSON without a migration address, a 404 with one.
+  const { createServer } = await import('node:http');
+  const server = createServer((req, res) => {
+    if (req.url === '/text/v1/host') res.end('<html>hello</html>');
+    else if (req.url === '/json/v1/host') res.end(JSON.stringify({ name: 'x' }));
+    else res.writeHead(404).end(JSON.stringify({ migration: '127.0.0.1:1' }));
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  const port = (server.address() as import('node:net').AddressInfo).port;
+  // A port nobody listens on: what the server had, closed again.
+  const closed = await new Promise<number>((r) => {
+    const s = createServer().listen(0, '127.0.0.1', () => {
+      const p = (s.address() as import('node:net').AddressInfo).port;
+      s.close(() => r(p));
+    });
+  });
+  try {
+    await withHosts(async (a) => {
+      await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '16MiB' });
+      for (const [to, why] of [
+        [`http://127.0.0.1:${port}/text`, /did not report a migration address \(HTTP 200\)/],
+        [`http://127.0.0.1:${port}/json/`, /did not report a migration address \(HTTP 200\)/],
+        [`http://127.0.0.1:${port}/missing`, /did not report a migration address \(HTTP 404\)/],
+        [`http://127.0.0.1:${closed}`, /cannot reach destination agent at http:\/\/127\.0\.0\.1:\d+: .*ECONNREFUSED/],
+      ] as const) {
+        await assert.rejects(a.agent.startMigration({ vm: 'kv', to, mode: 'precopy' }), (e: unknown) => e instanceof FerryError && e.code === 'ERR_DESTINATION_UNREACHABLE' && why.test(e.message), to);
+      }
+      const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'kv', to: `http://127.0.0.1:${port}/text`, mode: 'precopy' });
+      assert.equal(r.json.error.code, 'ERR_DESTINATION_UNREACHABLE');
+      assert.deepEqual((await http(`${a.url}/v1/migrations`, 'GET')).json, []);
+      assert.deepEqual(a.agent.list().map((v) => [v.name, v.stats.state, v.migration]), [['kv', 'running', null]]);
+    });
+  } finally {
+    server.close();
+  }
+});

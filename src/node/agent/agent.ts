@@ -39,6 +39,7 @@ import { guestsDir } from '../paths.js';
 import type { NetRecordData } from '../../core/net-ring.js';
 import { HomeLink, RemoteLink, type NetLink } from './links.js';
 import { MigrationJob, type MigrationJobJson } from './migrations.js';
+import { getJson, type JsonReply } from './get-json.js';
 
 export interface HostAgentInit {
   name: string;
@@ -707,14 +708,14 @@ export class HostAgent extends EventEmitter {
   private async resolveDestination(to: string): Promise<{ address: string; label: string }> {
     if (/^https?:\/\//i.test(to)) {
       const url = to.replace(/\/+$/, '');
-      let res: Response;
+      let res: JsonReply;
       try {
-        res = await fetch(`${url}/v1/host`, { signal: AbortSignal.timeout(10_000) });
+        res = await getJson(`${url}/v1/host`, 10_000);
       } catch (e) {
         throw new FerryError('ERR_DESTINATION_UNREACHABLE', `cannot reach destination agent at ${url}: ${(e as Error).message}`, { cause: e });
       }
-      const body = (await res.json().catch(() => null)) as { name?: unknown; migration?: unknown } | null;
-      if (!res.ok || !body || typeof body.migration !== 'string') {
+      const body = res.body as { name?: unknown; migration?: unknown } | null;
+      if (res.status !== 200 || !body || typeof body !== 'object' || typeof body.migration !== 'string') {
         throw new FerryError('ERR_DESTINATION_UNREACHABLE', `${url}/v1/host did not report a migration address (HTTP ${res.status})`);
       }
       return { address: body.migration, label: typeof body.name === 'string' ? body.name : url };
