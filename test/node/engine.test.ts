@@ -739,3 +739,28 @@ test('a page sent with content and zeroed before the last round arrives zero (on
   assert.equal(result.report.verified, true, 'the digests match: the destination zeroed the page it had with content');
   assert.ok(made[0].pageView(x).every((b) => b === 0));
 });
+
+test('pre-copy lets the event loop turn between batches as time passes, even when every write completes at once', async (t) => {
+  // An idle VM over the in-memory pair (writes never wait) with zstd: batch after batch would
+  // follow as promise continuations and the loop would never reach its I/O (a host's endpoints,
+  // relays, API). The source's clock here moves 1 ms at every reading, so time passes between any
+  // two batches: each is followed by a turn.
+  const src = await source('mem=16MiB rate=1');
+  const [a, b] = memoryPair();
+  const made: Vm[] = [];
+  t.after(() => stopAll(src, made));
+  const dest = serveDestination(b, factory(made), deps);
+  let ms = 0;
+  let turns = 0;
+  const flying = {
+    ...deps,
+    clock: { now: () => ++ms, sleep: deps.clock.sleep },
+    yieldToIo: () => { turns++; return deps.yieldToIo(); },
+  };
+  const result = await migrateSource(a, sourceVmOf(src), flying, { mode: 'precopy', baselineMs: 0, codecs: ['zstd'], maxRounds: 1 });
+  await dest;
+  assert.equal(result.report.verified, true);
+  const batches = Math.ceil(result.report.rounds[0].pagesSent / 256);
+  assert.ok(batches >= 16, `the first pass went in ${batches} batches`);
+  assert.ok(turns >= batches, `${turns} turns of the event loop for ${batches} batches`);
+});

@@ -28,6 +28,7 @@ import { SendThreads } from '../transport/send-threads.js';
 import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../engine/fault-thread.js';
 import { POSTCOPY_VCPU_NICE, type FaultThreadPriority } from '../engine/thread-priority.js';
 import { InstrumentCache } from '../vm/instrument.js';
+import { warmDeviceStateValidation } from '../vm/devices/state-schema.js';
 import { instrumentThread } from '../vm/instrument-thread.js';
 import { Vm, type VmStats } from '../vm/vm.js';
 import { GuestMemoryPool, type MemoryPoolStats } from '../vm/memory-pool.js';
@@ -583,6 +584,10 @@ export class HostAgent extends EventEmitter {
     void instrumentThread().warm({ rewrite: this.warmRewriter });
     // So are the threads that hash its pages as they are installed.
     startPageHashers();
+    // An arriving VM's device state is validated inside its downtime; the first validation in a
+    // process is a cold one (DestinationVmAdapter warms it too, but then on this event loop in the
+    // middle of a migration's set-up, where every endpoint here waited for it).
+    warmDeviceStateValidation();
     this.migrationListener = await this.transport.listen({ address, onConnection: (c) => void this.onMigrationConnection(c) });
     // The fault thread listens on the host migrations come in to.
     if (this.faultListener) this.faultListener.host = parseTcpAddress(this.migrationListener.address).host;
