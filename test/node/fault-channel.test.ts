@@ -20,6 +20,7 @@ import { LATENCY_SLICE_US, fairScheduling } from '../../src/node/fair-scheduling
 import { detachTcp, tcp } from '../../src/node/transport/tcp.js';
 import { joinedFaultThread } from '../helpers/fault-listener.js';
 import { FaultChannelBlock, FaultFetcher, LOG_READ_MS } from '../../src/node/vm/fault-channel.js';
+import { SharedGuestMemory } from '../../src/node/vm/memory-access.js';
 
 const PAGE = 4096;
 
@@ -293,4 +294,66 @@ test('source fault threads: each session has a thread of its own; one that ends 
   await threads.close();
   await until(() => threads.threads === 0, 'close ended the spare too');
   await assert.rejects(threads.open('127.0.0.1', port, '7c'.repeat(16), () => ({ buffer: new SharedArrayBuffer(8), pages: 0 })), { code: 'ERR_MIGRATION_FAULT_THREAD' });
+});
+
+test('post-copy, vCPU-fetched faults: several absent pages come with one request, each installed once, the first reported as the wait', async (t) => {
+  const pages = 32;
+  const { listener, threads, port } = await bothEnds(t);
+  const token = '5e'.repeat(16);
+  const link = listener.expect(token) as NodeDestinationFaultLink;
+  const src = memory(pages);
+  for (let p = 0; p < pages; p++) src.page(p).fill(p + 1);
+  const sourceLink = await threads.open('127.0.0.1', port, token, () => ({ buffer: src.buffer, pages }));
+  await until(() => link.joined, 'the fault connection joined');
+  const requests: number[][] = [];
+  sourceLink.serve(new Bitmap(pages), (p) => requests.push([...p]), (e) => assert.fail(e));
+  const installed: [number, number | null][] = [];
+  const { dst, block } = destinationSide(link, pages, [3, 5, 7, 9], { installed: (page, _hash, waited) => installed.push([page, waited]), failed: (e) => assert.fail(e) });
+  const fetcher = new FaultFetcher({ block, memory: () => dst.buffer, pages, stopping: () => false, waitNice: null, shape: null, awaitInstall: () => undefined });
+
+  assert.equal(fetcher.fetchAll([5, 3, 7].map((p) => p + RESERVED_PAGES)), true);
+  for (const p of [3, 5, 7]) {
+    assert.equal(dst.presence[p], 1, `page ${p} present`);
+    assert.ok(dst.page(p).every((b) => b === p + 1), `page ${p} holds the source's content`);
+  }
+  assert.equal(dst.presence[9], 0, 'a page not asked for stays absent');
+  await until(() => requests.length >= 1 && installed.length >= 3, 'the source served it and the fault thread reported the installs');
+  assert.deepEqual(requests, [[5, 3, 7]], 'one request for the three pages');
+  assert.deepEqual(installed.map(([p]) => p).sort((a, b) => a - b), [3, 5, 7]);
+  assert.deepEqual(installed.filter(([, w]) => w !== null).map(([p]) => p), [5], 'one wait, the first page’s: the vCPU stopped once');
+  assert.equal(fetcher.fetchAll([]), false, 'nothing to ask for');
+  assert.equal(fetcher.fetchAll([9 + RESERVED_PAGES, pages + RESERVED_PAGES]), false, 'a page beyond the VM: nothing is asked for');
+  assert.equal(dst.presence[9], 0);
+  fetcher.relax();
+  await link.close();
+  await sourceLink.close();
+});
+
+test('host code on the vCPU thread (devices) waits once for a range of absent pages, and per page without a way to ask for several', () => {
+  const pages = 16;
+  const memory = new WebAssembly.Memory({ initial: RESERVED_BYTES / 65536 + 1, maximum: RESERVED_BYTES / 65536 + 1, shared: true });
+  const presence = new Uint8Array(memory.buffer, PRESENCE_MAP_OFFSET, RESERVED_PAGES + pages);
+  const absent = [2, 3, 4, 6, 12];
+  const reset = () => {
+    presence.fill(1);
+    for (const p of absent) presence[RESERVED_PAGES + p] = 0;
+  };
+  const calls: string[] = [];
+  const fault = (phys: number) => { calls.push(`one ${phys - RESERVED_PAGES}`); presence[phys] = 1; };
+  const faultAll = (phys: number[]) => { calls.push(`all ${phys.map((p) => p - RESERVED_PAGES).join(',')}`); for (const p of phys) presence[p] = 1; };
+
+  reset();
+  const mem = new SharedGuestMemory(memory, fault, faultAll);
+  mem.checkPresence = true;
+  assert.equal(mem.view(1 * PAGE + 100, 7 * PAGE).length, 7 * PAGE); // pages 1-8
+  assert.equal(mem.readU32(12 * PAGE), 0);
+  mem.view(3 * PAGE, 2 * PAGE); // present by now: no wait
+  assert.deepEqual(calls, ['all 2,3,4,6', 'one 12']);
+
+  calls.length = 0;
+  reset();
+  const perPage = new SharedGuestMemory(memory, fault);
+  perPage.checkPresence = true;
+  perPage.view(1 * PAGE + 100, 7 * PAGE);
+  assert.deepEqual(calls, ['one 2', 'one 3', 'one 4', 'one 6']);
 });

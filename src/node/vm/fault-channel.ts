@@ -256,6 +256,9 @@ export interface FaultFetcherInit {
   shape: SendShape | null;
 }
 
+/** Most pages one {@link FaultFetcher.fetchAll} asks for (a 1 MiB answer). */
+export const MAX_FETCH_PAGES = 256;
+
 /** The vCPU thread's side of a FaultChannelBlock. */
 export class FaultFetcher {
   private socket: BlockingSocket | null = null;
@@ -272,23 +275,36 @@ export class FaultFetcher {
    * page as it would without a channel.
    */
   fetch(physical: number): boolean {
-    const page = physical - RESERVED_PAGES;
+    return this.fetchAll([physical]);
+  }
+
+  /**
+   * Fetches physical pages `physicals` (at most {@link MAX_FETCH_PAGES}, the first the one the
+   * vCPU stopped at) with one request and installs them, blocking until every one is present:
+   * one round trip where a device's access to a range of absent pages (a net ring, 256 pages)
+   * took one each, 20 ms in all, right after a post-copy resume. False as for {@link fetch}.
+   */
+  fetchAll(physicals: readonly number[]): boolean {
+    const pages = physicals.map((x) => x - RESERVED_PAGES);
     const { block } = this.init;
-    if (page < 0 || page >= this.init.pages) return false;
+    if (pages.length === 0 || pages.length > MAX_FETCH_PAGES || pages.some((p) => p < 0 || p >= this.init.pages)) return false;
+    const page = pages[0];
     const fd = block.enter();
     if (fd < 0) return false;
+    const allPresent = () => pages.every((p) => this.present(p));
     try {
       if (this.socket?.fd !== fd) this.socket = new BlockingSocket(fd, this.init.shape ? new SendPacer(this.init.shape) : null);
       const socket = this.socket;
       const sent = performance.now();
-      socket.sendAll(encodePageRequest({ id: ++this.nextId >>> 0, pages: [page] }));
+      socket.sendAll(encodePageRequest({ id: ++this.nextId >>> 0, pages }));
       this.answered = false;
       this.boostedFrom ??= this.boost();
-      while (!this.present(page)) {
+      while (!allPresent()) {
         if (this.init.stopping()) throw new StoppedWhileFaulting();
         if (this.answered) {
-          // The answer came, and a push of the page is being installed by the session's thread.
-          this.init.awaitInstall(physical);
+          // The answer came (all of it: one frame), and a push of a page it brought is being
+          // installed by the session's thread.
+          for (const p of pages) if (!this.present(p)) this.init.awaitInstall(p + RESERVED_PAGES);
           break;
         }
         const n = socket.recvSome(this.into, POLL_MS);
@@ -302,7 +318,7 @@ export class FaultFetcher {
     } catch (e) {
       if (e instanceof StoppedWhileFaulting) throw e;
       // Taken back (all pages are in, or the session ended): no failure of the channel's.
-      if (Atomics.load(block.words, W.FD) < 0) return this.present(page);
+      if (Atomics.load(block.words, W.FD) < 0) return allPresent();
       block.fail(e instanceof FerryError ? e.code : 'ERR_MIGRATION_FAULT_CHANNEL', (e as Error).message);
       return false;
     } finally {

@@ -23,7 +23,12 @@ export class SharedGuestMemory implements GuestMemoryAccess {
   /** Set by the worker while pages may be absent (presence variant active). */
   checkPresence = false;
 
-  constructor(private readonly memory: WebAssembly.Memory, private readonly fault: (physPage: number) => void) {
+  /**
+   * @param fault blocks until physical page `physPage` is present.
+   * @param faultAll the same for several absent pages at once (a range host code is about to
+   *   touch), in one wait where it can; without it, each page is faulted in turn.
+   */
+  constructor(private readonly memory: WebAssembly.Memory, private readonly fault: (physPage: number) => void, private readonly faultAll?: (physPages: number[]) => void) {
     this.u8 = new Uint8Array(memory.buffer);
     this.dv = new DataView(memory.buffer);
   }
@@ -51,7 +56,14 @@ export class SharedGuestMemory implements GuestMemoryAccess {
     if (!this.checkPresence || len === 0) return;
     const first = (addr + RESERVED_BYTES) >>> PAGE_SHIFT;
     const last = (addr + RESERVED_BYTES + len - 1) >>> PAGE_SHIFT;
-    for (let p = first; p <= last; p++) if (this.u8[PRESENCE_MAP_OFFSET + p] === 0) this.fault(p);
+    if (first === last || !this.faultAll) {
+      for (let p = first; p <= last; p++) if (this.u8[PRESENCE_MAP_OFFSET + p] === 0) this.fault(p);
+      return;
+    }
+    const absent: number[] = [];
+    for (let p = first; p <= last; p++) if (this.u8[PRESENCE_MAP_OFFSET + p] === 0) absent.push(p);
+    if (absent.length === 1) this.fault(absent[0]);
+    else if (absent.length > 1) this.faultAll(absent);
   }
 
   touched(addr: number, len: number): void {
