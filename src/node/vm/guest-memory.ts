@@ -18,9 +18,12 @@ export interface GuestMemoryAccess {
   /**
    * A live view of guest memory `[addr, addr+len)` for code that reads and writes in place (the
    * net rings). Call `touched(addr, len)` after writing through it so the pages are marked dirty.
-   * The range is made present before the view is returned.
+   * The range is made present before the view is returned, unless `present` is false: then the
+   * caller makes present (`ensure`) exactly the bytes it will touch through the view.
    */
-  view(addr: number, len: number): Uint8Array;
+  view(addr: number, len: number, present?: boolean): Uint8Array;
+  /** Makes `[addr, addr+len)` present (post-copy: absent pages are fetched, all in one wait where the VM can). */
+  ensure(addr: number, len: number): void;
   touched(addr: number, len: number): void;
   readU32(addr: number): number;
   writeU32(addr: number, value: number): void;

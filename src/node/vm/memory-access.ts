@@ -86,10 +86,15 @@ export class SharedGuestMemory implements GuestMemoryAccess {
     this.touched(addr, data.length);
   }
 
-  view(addr: number, len: number): Uint8Array {
+  view(addr: number, len: number, present = true): Uint8Array {
+    this.checkRange(addr, len);
+    if (present) this.present(addr, len);
+    return this.u8.subarray(RESERVED_BYTES + addr, RESERVED_BYTES + addr + len);
+  }
+
+  ensure(addr: number, len: number): void {
     this.checkRange(addr, len);
     this.present(addr, len);
-    return this.u8.subarray(RESERVED_BYTES + addr, RESERVED_BYTES + addr + len);
   }
 
   readU32(addr: number): number {

@@ -3,9 +3,12 @@
  * touched only between quanta. Host→guest records wait in a bounded queue until the rx ring has
  * room; guest→host records are drained from the tx ring at every `betweenQuanta`.
  *
- * All ring access goes through GuestMemoryAccess: the ring is viewed (which makes it present on a
- * post-copy destination) only when there is work, and exactly the bytes the host wrote (rx data and
- * tail, tx head) are reported with `touched` so they reach the dirty log.
+ * All ring access goes through GuestMemoryAccess: the ring is viewed only when there is work, and
+ * on a post-copy destination only the bytes the device will touch are made present first (the
+ * header, the tx records queued, the rx space the records that fit will take): viewing a whole
+ * 1 MiB ring faulted its 256 pages in right after the resume, one round trip each, while the
+ * guest's clients waited. Exactly the bytes the host wrote (rx data and tail, tx head) are
+ * reported with `touched` so they reach the dirty log.
  *
  * A guest that corrupts a ring (impossible head/tail, a record longer than what is queued or than
  * NET_MAX_PAYLOAD, an unknown record type on tx) makes the device *fail*: it stops touching the
@@ -138,15 +141,21 @@ export class NetDevice {
     return this.mem.readU32(rx) !== this.mem.readU32(rx + 4);
   }
 
-  private ringAt(header: number): { ring: NetRing; view: Uint8Array } {
+  /** The ring at `header`, with its header and the `len` data bytes from position `pos` (wrapping) present. */
+  private ringAt(header: number, pos: number, len: number): NetRing {
     const size = this.ring!.size;
-    const view = this.mem.view(header, NET_RING_HEADER + size);
-    return { ring: new NetRing(view, 0, size), view };
+    const view = this.mem.view(header, NET_RING_HEADER + size, false);
+    this.mem.ensure(header, NET_RING_HEADER);
+    this.forSegments(header + NET_RING_HEADER, size, pos, Math.min(len, size), (a, l) => this.mem.ensure(a, l));
+    return new NetRing(view, 0, size);
   }
 
   private drainTx(tx: number, out: NetRecordData[]): void {
-    if (this.mem.readU32(tx) === this.mem.readU32(tx + 4)) return;
-    const { ring } = this.ringAt(tx);
+    const head = this.mem.readU32(tx);
+    const tail = this.mem.readU32(tx + 4);
+    if (head === tail) return;
+    // The records queued (a corrupt count is refused by the ring's first pop).
+    const ring = this.ringAt(tx, head, (tail - head) >>> 0);
     const head0 = ring.head;
     for (let rec = ring.pop(); rec; rec = ring.pop()) {
       if (rec.type !== NetRecord.DATA && rec.type !== NetRecord.CLOSE) {
@@ -158,9 +167,17 @@ export class NetDevice {
   }
 
   private fillRx(rx: number): void {
-    const { ring } = this.ringAt(rx);
     const size = this.ring!.size;
-    if (ring.used > size) throw new NetRingError(`rx ring corrupt: ${ring.used} bytes queued in a ${size}-byte ring`);
+    const used = (this.mem.readU32(rx + 4) - this.mem.readU32(rx)) >>> 0;
+    if (used > size) throw new NetRingError(`rx ring corrupt: ${used} bytes queued in a ${size}-byte ring`);
+    // The space the records that fit will take, in order (as push takes them).
+    let need = 0;
+    for (let i = this.rxHead; i < this.rxQueue.length; i++) {
+      const space = recordSpace(this.rxQueue[i]!.payload.length);
+      if (need + space > size - used) break;
+      need += space;
+    }
+    const ring = this.ringAt(rx, this.mem.readU32(rx + 4), need);
     const tail0 = ring.tail;
     const data = rx + NET_RING_HEADER;
     let moved = 0;
