@@ -287,6 +287,16 @@ class DestinationSession {
   private received = new Bitmap(0);
   private pagesReceived = 0;
   private absent: Bitmap | null = null;
+
+  /**
+   * Pages now arrive for a VM that runs (or is starting): only absent pages are installed, each
+   * counted as it arrives. From the moment the absent pages are known at a post-copy switchover,
+   * not from the start's end: the source may answer the vCPU's first fault before the start has
+   * returned here.
+   */
+  private get postStart(): boolean {
+    return this.started || this.absent !== null;
+  }
   private missing = 0;
   private digest: MemoryDigest | null = null;
   private readonly faultAt = new Map<number, number>();
@@ -361,7 +371,7 @@ class DestinationSession {
    */
   private runTarget(s: RxStream, first: number, count: number): Uint8Array | null {
     const vm = this.vm;
-    if (!vm?.pagesView || !s.live || !this.memoryUp || this.started || this.pageError) return null;
+    if (!vm?.pagesView || !s.live || !this.memoryUp || this.postStart || this.pageError) return null;
     if (first + count > this.maxPages) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `pages ${first}…${first + count - 1} are beyond the VM's ${this.maxPages} pages`);
     if (s.queue.length > 0 || s.cur !== null || s.blockedAt !== null || s.resuming || s.framed.queuedFrames > 0) return null;
     vm.ensurePages(first + count);
@@ -493,7 +503,7 @@ class DestinationSession {
    * by page. Returns the extents left for the page-by-page path.
    */
   private installInPlace(s: RxStream, f: RunFrame): readonly RunExtent[] {
-    if (this.started || s.decoder !== null) return f.extents;
+    if (this.postStart || s.decoder !== null) return f.extents;
     const left: RunExtent[] = [];
     for (const e of f.extents) {
       if (e.inPlace !== true) {
@@ -528,8 +538,8 @@ class DestinationSession {
   private apply(s: RxStream, page: number, codec: number, data: Uint8Array, inPlace: boolean): boolean {
     const vm = this.vm!;
     if (page >= this.maxPages) throw new ProtocolError('ERR_PROTOCOL_MALFORMED', `page ${page} is beyond the VM's ${this.maxPages} pages`);
-    const wanted = !this.started || this.absent!.get(page);
-    if (!this.started) vm.ensurePages(page + 1);
+    const wanted = !this.postStart || this.absent!.get(page);
+    if (!this.postStart) vm.ensurePages(page + 1);
     // The bytes installed, to hash (null: a zero page).
     let content: Uint8Array | null;
     if (codec === Encoding.ZERO) {
@@ -559,7 +569,7 @@ class DestinationSession {
       vm.writePage(page, this.scratch, 0);
       content = this.scratch;
     }
-    if (!this.started) {
+    if (!this.postStart) {
       this.pagesReceived++;
       this.received.set(page);
       // Before the start, hashing may wait: off this thread when the VM offers it (see pageHashes).

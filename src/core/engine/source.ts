@@ -595,26 +595,27 @@ class SourceSession {
   }
 
   /**
-   * Post-copy tail: push every remaining page over the data streams, while page requests are
-   * answered at once, each on the channel it came in on (the fault channel when there is one), so
-   * a demand page never waits behind pushed ones.
+   * Post-copy tail: page requests are answered at once from now on, each on the channel it came
+   * in on (the fault channel when there is one), so a demand page never waits behind pushed ones;
+   * the function returned pushes every remaining page over the data streams.
    */
-  private async postcopyPush(remaining: Bitmap, soft: Bitmap): Promise<void> {
-    this.phase = 'postcopy';
+  private postcopy(remaining: Bitmap, soft: Bitmap): () => Promise<void> {
     const pages = this.vm.guestPages();
-    const sched = new PostcopyScheduler(pages, { prepaging: this.opts.prepaging === false ? 'none' : 'bubbling' });
-    for (let p = 0; p < pages; p++) {
-      if (soft.get(p)) sched.markSoft(p);
-      else if (!remaining.get(p)) sched.markPresent(p);
-    }
+    // The scheduler is built once SWITCHOVER has gone (a pass over every page, outside the
+    // downtime); pages demanded before that wait here for it.
+    let sched: PostcopyScheduler | null = null;
+    const early: number[] = [];
     let demandPages = 0;
     let demandBytes = 0;
     // Demand pages, served here or by the fault thread: the push skips them, each is the
     // scheduler's newest pivot, and each counts for the report.
     const demanded = (want: number[], bytes: number) => {
       for (const p of want) {
-        sched.onFault(p);
-        sched.markPresent(p);
+        if (!sched) early.push(p);
+        else {
+          sched.onFault(p);
+          sched.markPresent(p);
+        }
       }
       demandPages += want.length;
       demandBytes += bytes;
@@ -635,6 +636,8 @@ class SourceSession {
       demanded(answer.want, answer.frame.length);
       framed.sendEncoded(answer.frame).then(() => faulted(answer.want, this.now() - t), () => undefined);
     };
+    // Served from now on, before SWITCHOVER goes: the destination's vCPU may ask for its first
+    // page before RESUMED is back here (served from RESUMED on, that page waited 10-15 ms).
     this.inbox.on('PAGE_REQUEST', (f) => serve(f, this.framed));
     this.faultLink?.serve(soft, (want, bytes, latencyMs) => {
       demanded(want, bytes);
@@ -642,24 +645,37 @@ class SourceSession {
     }, (e) => this.inbox.fail(e));
     const fault = this.fault;
     if (fault) fault.inbox.on('PAGE_REQUEST', (f) => serve(f, fault.framed));
-    let pushedPages = 0;
-    let pushedBytes = 0;
-    while (!sched.complete) {
-      if (this.inbox.error) throw this.inbox.error;
-      const batch = sched.next(this.batchPages);
-      if (batch.length === 0) break;
-      const b0 = this.bytesSent;
-      pushedPages += await this.sendPages(batch.sort((a, b) => a - b), 0);
-      pushedBytes += this.bytesSent - b0;
-      for (const p of batch) sched.onSent(p);
-      this.pagesRemaining = sched.remaining;
-      // Writes that do not block never reach the event loop; give incoming page requests a turn.
-      await this.deps.yieldToIo();
-    }
-    await this.drainStreams();
-    this.event({ type: 'pages', t: this.now(), kind: 'pushed', pages: pushedPages, bytes: pushedBytes });
-    this.event({ type: 'pages', t: this.now(), kind: 'faulted', pages: demandPages, bytes: demandBytes });
-    await this.framed.send({ type: 'PUSH_DONE', pagesSent: pushedPages + demandPages });
+    // The push, once the destination runs.
+    return async () => {
+      this.phase = 'postcopy';
+      sched = new PostcopyScheduler(pages, { prepaging: this.opts.prepaging === false ? 'none' : 'bubbling' });
+      for (let p = 0; p < pages; p++) {
+        if (soft.get(p)) sched.markSoft(p);
+        else if (!remaining.get(p)) sched.markPresent(p);
+      }
+      for (const p of early.splice(0)) {
+        sched.onFault(p);
+        sched.markPresent(p);
+      }
+      let pushedPages = 0;
+      let pushedBytes = 0;
+      while (!sched.complete) {
+        if (this.inbox.error) throw this.inbox.error;
+        const batch = sched.next(this.batchPages);
+        if (batch.length === 0) break;
+        const b0 = this.bytesSent;
+        pushedPages += await this.sendPages(batch.sort((a, b) => a - b), 0);
+        pushedBytes += this.bytesSent - b0;
+        for (const p of batch) sched.onSent(p);
+        this.pagesRemaining = sched.remaining;
+        // Writes that do not block never reach the event loop; give incoming page requests a turn.
+        await this.deps.yieldToIo();
+      }
+      await this.drainStreams();
+      this.event({ type: 'pages', t: this.now(), kind: 'pushed', pages: pushedPages, bytes: pushedBytes });
+      this.event({ type: 'pages', t: this.now(), kind: 'faulted', pages: demandPages, bytes: demandBytes });
+      await this.framed.send({ type: 'PUSH_DONE', pagesSent: pushedPages + demandPages });
+    };
   }
 
   /**
@@ -752,8 +768,9 @@ class SourceSession {
         soft = await after.soft;
         const remaining = this.allBut(soft);
         this.pagesRemaining = remaining.count();
+        const push = this.postcopy(remaining, soft);
         await this.switchover(remaining, new Bitmap(this.maxPages), this.sendState(after.state, soft));
-        await this.postcopyPush(remaining, soft);
+        await push();
       } else {
         const { dirty, sentEver, postcopy } = await this.precopy(atStart!);
         this.phase = 'stop-and-copy';
@@ -808,8 +825,9 @@ class SourceSession {
           const stale = Bitmap.fromWords(this.maxPages, pages, (i) => (lw[i] ?? 0) & ew[i] & ~sw[i]);
           const remaining = Bitmap.fromWords(this.maxPages, pages, unsent);
           this.pagesRemaining = remaining.count();
+          const push = this.postcopy(remaining, soft);
           await this.switchover(remaining, stale, this.sendState(after.state, soft));
-          await this.postcopyPush(remaining, soft);
+          await push();
         }
       }
       await this.finish(soft);
