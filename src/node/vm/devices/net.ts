@@ -168,7 +168,8 @@ export class NetDevice {
 
   private fillRx(rx: number): void {
     const size = this.ring!.size;
-    const used = (this.mem.readU32(rx + 4) - this.mem.readU32(rx)) >>> 0;
+    const tail = this.mem.readU32(rx + 4);
+    const used = (tail - this.mem.readU32(rx)) >>> 0;
     if (used > size) throw new NetRingError(`rx ring corrupt: ${used} bytes queued in a ${size}-byte ring`);
     // The space the records that fit will take, in order (as push takes them).
     let need = 0;
@@ -177,7 +178,7 @@ export class NetDevice {
       if (need + space > size - used) break;
       need += space;
     }
-    const ring = this.ringAt(rx, this.mem.readU32(rx + 4), need);
+    const ring = this.ringAt(rx, tail, need);
     const tail0 = ring.tail;
     const data = rx + NET_RING_HEADER;
     let moved = 0;
