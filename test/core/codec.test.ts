@@ -10,6 +10,7 @@ import {
 } from '../../src/core/codec/index.js';
 import { FerryError } from '../../src/core/errors.js';
 import { PAGE_SIZE } from '../../src/core/pages.js';
+import { PageSlab } from '../../src/core/codec/page-slab.js';
 import { codecSuite } from '../helpers/codec-suite.js';
 import { concat, corpus, gangCorpus, mutate, randomPage, rng, textPage } from '../helpers/page-corpus.js';
 
@@ -327,6 +328,52 @@ describe('dedup', () => {
     const seen = new Set<number>();
     for (let k = 0; k < 5000; k++) seen.add(pageHash(k % 2 ? textPage(r) : randomPage(r)));
     assert.equal(seen.size, 5000);
+  });
+});
+
+describe('page slab (codec caches)', () => {
+  test('slots across chunks read back what was written; memory is taken only for chunks written', () => {
+    const slab = new PageSlab(600); // chunks of 256 pages: 256 + 256 + 88
+    assert.equal(slab.allocatedBytes, 0);
+    const r = rng(12);
+    const pages = new Map([0, 255, 256, 599].map((s) => [s, textPage(r)]));
+    slab.set(0, pages.get(0)!);
+    assert.equal(slab.allocatedBytes, 256 * PAGE_SIZE, 'one chunk for slot 0');
+    slab.set(599, pages.get(599)!);
+    assert.equal(slab.allocatedBytes, (256 + 88) * PAGE_SIZE, 'the last chunk holds only the slots that remain');
+    slab.set(255, pages.get(255)!);
+    slab.set(256, pages.get(256)!);
+    assert.equal(slab.allocatedBytes, 600 * PAGE_SIZE);
+    for (const [s, p] of pages) {
+      assert.deepEqual(slab.bytes(s), p, `slot ${s}`);
+      assert.deepEqual(new Uint8Array(slab.words(s).slice().buffer), p, `slot ${s} as words`);
+    }
+    assert.deepEqual(slab.bytes(1), new Uint8Array(PAGE_SIZE), 'a slot never written reads zero');
+    assert.throws(() => slab.set(600, pages.get(0)!), RangeError);
+    assert.throws(() => slab.bytes(-1), RangeError);
+    assert.throws(() => new PageSlab(0), RangeError);
+  });
+
+  test('an xbzrle cache and a dedup ring larger than a chunk: pages in every chunk hit, and a big cache costs only what it holds', () => {
+    const r = rng(13);
+    const pages = Array.from({ length: 600 }, () => textPage(r));
+    const l = link(xbzrle({ cacheBytes: 600 * PAGE_SIZE }));
+    pages.forEach((p, i) => assert.equal(l.send(i, p), null));
+    const next = pages.map((p) => mutate(p, 0.01, r));
+    next.forEach((p, i) => {
+      assert.notEqual(l.send(i, p), null, `page ${i} is a hit`);
+      assert.deepEqual(l.dest.get(i), p);
+    });
+    assert.equal(l.enc.stats().hits, 600);
+    const index = new DedupIndex({ capacityBytes: 1 << 30 });
+    const store = new DedupStore({ capacityBytes: 1 << 30 });
+    const d = link(dedup({ index, store }));
+    pages.forEach((p, i) => d.send(i, p));
+    pages.forEach((p, i) => {
+      assert.equal(d.send(1000 + i, p)!.bytes.length, 5, `content ${i} is a reference`);
+      assert.deepEqual(d.dest.get(1000 + i), p);
+    });
+    assert.ok(index.allocatedBytes <= 1024 * PAGE_SIZE && store.allocatedBytes <= 1024 * PAGE_SIZE, `1 GiB rings holding 600 pages took ${index.allocatedBytes} and ${store.allocatedBytes} bytes`);
   });
 });
 

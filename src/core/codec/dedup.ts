@@ -26,6 +26,7 @@
  * `ERR_CODEC_STATE`); `store.has(id)` lets a receiver hold a batch back until its definition lands.
  */
 import { PAGE_SIZE } from '../pages.js';
+import { PageSlab } from './page-slab.js';
 import { CodecErrorCode, DEFAULT_CODEC_IDS, codecFail, type PageCodec, type PageDecoder, type PageEncoder } from './codec.js';
 
 const TAG_DEF = 0x44;
@@ -76,8 +77,7 @@ export interface DedupIndexInit {
 /** Sender-side index: content hash → id, plus a copy of each defined content (for the compare). */
 export class DedupIndex {
   readonly slots: number;
-  private readonly slab: Uint8Array;
-  private readonly words: Int32Array;
+  private readonly slab: PageSlab;
   private readonly slotHash: Float64Array;
   private readonly slotId: Float64Array;
   private readonly byHash = new Map<number, number>();
@@ -90,8 +90,7 @@ export class DedupIndex {
 
   constructor(init: DedupIndexInit = {}) {
     this.slots = slotCount(init.capacityBytes ?? 64 << 20);
-    this.slab = new Uint8Array(this.slots * PAGE_SIZE);
-    this.words = new Int32Array(this.slab.buffer);
+    this.slab = new PageSlab(this.slots);
     this.slotHash = new Float64Array(this.slots);
     this.slotId = new Float64Array(this.slots).fill(-1);
     this.hash = init.hash ?? pageHash;
@@ -100,6 +99,9 @@ export class DedupIndex {
   /** Ids of contents currently referable. */
   get size(): number { return this.byHash.size; }
 
+  /** Bytes of page copies held so far (memory is taken as the ring fills: PageSlab). */
+  get allocatedBytes(): number { return this.slab.allocatedBytes; }
+
   /** Returns the id of `page`'s content if it was defined and is still in the ring, else defines it: `[id, isNew]`. */
   lookupOrDefine(page: Uint8Array): [id: number, isNew: boolean] {
     const h = this.hash(page);
@@ -107,7 +109,7 @@ export class DedupIndex {
     const known = this.byHash.get(h);
     if (known !== undefined) {
       const s = known % this.slots;
-      if (this.slotId[s] === known && samePage(this.words.subarray(s * (PAGE_SIZE >> 2), (s + 1) * (PAGE_SIZE >> 2)), pageW)) return [known, false];
+      if (this.slotId[s] === known && samePage(this.slab.words(s), pageW)) return [known, false];
       this.collisions++;
     }
     const id = this.nextId;
@@ -118,7 +120,7 @@ export class DedupIndex {
       this.evictions++;
       if (this.byHash.get(this.slotHash[s]) === old) this.byHash.delete(this.slotHash[s]);
     }
-    this.slab.set(page, s * PAGE_SIZE);
+    this.slab.set(s, page);
     this.slotId[s] = id;
     this.slotHash[s] = h;
     this.byHash.set(h, id);
@@ -134,12 +136,12 @@ export interface DedupStoreInit {
 /** Destination-side store: id → content, in a ring of `slots` pages. Shareable by several decoders. */
 export class DedupStore {
   readonly slots: number;
-  private readonly slab: Uint8Array;
+  private readonly slab: PageSlab;
   private readonly slotId: Float64Array;
 
   constructor(init: DedupStoreInit = {}) {
     this.slots = slotCount(init.capacityBytes ?? 64 << 20);
-    this.slab = new Uint8Array(this.slots * PAGE_SIZE);
+    this.slab = new PageSlab(this.slots);
     this.slotId = new Float64Array(this.slots).fill(-1);
   }
 
@@ -147,13 +149,16 @@ export class DedupStore {
     return this.slotId[id % this.slots] === id;
   }
 
+  /** Bytes of content held so far (memory is taken as the ring fills: PageSlab). */
+  get allocatedBytes(): number { return this.slab.allocatedBytes; }
+
   put(id: number, content: Uint8Array): void {
     const s = id % this.slots;
     const old = this.slotId[s];
     // Definitions can arrive out of order across parallel streams (or gang members): a late, older
     // definition never overwrites a newer one in its slot (ids wrap at 2^32, hence the modular test).
     if (old >= 0 && old !== id && (id - old + 2 ** 32) % 2 ** 32 >= 2 ** 31) return;
-    this.slab.set(content, s * PAGE_SIZE);
+    this.slab.set(s, content);
     this.slotId[s] = id;
   }
 
@@ -161,7 +166,7 @@ export class DedupStore {
   copyTo(id: number, page: Uint8Array): boolean {
     const s = id % this.slots;
     if (this.slotId[s] !== id) return false;
-    page.set(this.slab.subarray(s * PAGE_SIZE, (s + 1) * PAGE_SIZE));
+    page.set(this.slab.bytes(s));
     return true;
   }
 }

@@ -15,6 +15,7 @@
  * The scan compares Int32 words and narrows to bytes only at the edges of a changed run.
  */
 import { PAGE_SIZE } from '../pages.js';
+import { PageSlab } from './page-slab.js';
 import {
   CodecErrorCode, DEFAULT_CODEC_IDS, codecFail, writeVarint,
   type PageCodec, type PageDecoder, type PageEncoder,
@@ -165,8 +166,7 @@ export interface XbzrleStats {
  * linked recency list in typed arrays (no per-entry objects).
  */
 class PageCache {
-  readonly slab: Uint8Array;
-  readonly words: Int32Array;
+  readonly slab: PageSlab;
   private readonly map = new Map<number, number>();
   private readonly owner: Float64Array;
   private readonly prev: Int32Array;
@@ -177,8 +177,7 @@ class PageCache {
   evictions = 0;
 
   constructor(readonly slots: number) {
-    this.slab = new Uint8Array(slots * PAGE_SIZE);
-    this.words = new Int32Array(this.slab.buffer);
+    this.slab = new PageSlab(slots);
     this.owner = new Float64Array(slots);
     this.prev = new Int32Array(slots);
     this.next = new Int32Array(slots);
@@ -246,7 +245,7 @@ export function xbzrle(init: XbzrleInit = {}): PageCodec {
       const aligned = new Uint8Array(PAGE_SIZE);
       const alignedW = new Int32Array(aligned.buffer);
       let pages = 0, hits = 0, misses = 0, overflows = 0, bytesIn = 0, bytesOut = 0;
-      const store = (slot: number, page: Uint8Array) => cache.slab.set(page, slot * PAGE_SIZE);
+      const store = (slot: number, page: Uint8Array) => cache.slab.set(slot, page);
       return {
         name,
         encode(pageIndex, page) {
@@ -267,7 +266,7 @@ export function xbzrle(init: XbzrleInit = {}): PageCodec {
             newB = aligned;
             newW = alignedW;
           }
-          const oldW = cache.words.subarray(slot * WORDS, (slot + 1) * WORDS);
+          const oldW = cache.slab.words(slot);
           const len = xbzrleEncodePage(oldW, newW, newB, out, limit);
           store(slot, newB);
           if (len < 0) {
