@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import binaryen from 'binaryen';
 import {
-  CodecError, CodecErrorCode, CompressionController, ThroughputController, DedupIndex, DedupStore, MAX_ENCODED_PAGE_BYTES, RAW_CODEC_ID,
+  CodecError, CodecErrorCode, CompressionController, DEFAULT_CODEC_IDS, ThroughputController, DedupIndex, DedupStore, MAX_ENCODED_PAGE_BYTES, RAW_CODEC_ID,
   ZERO_CODEC_ID, ZERO_SCAN_WASM, decodeBatch, encodeBatch, packBatch, unpackBatch, ZERO_SCAN_WASM_SHARED, adaptiveDecoder, adaptiveEncoder, chain, classifyPage, codecFail,
   dedup, isZeroJs, pageHash, readVarint, sampleEntropy, writeVarint, xbzrle, xbzrleDecodePage, zero, zeroScanner,
   type BlobCodec, type PageCodec,
@@ -235,6 +235,50 @@ describe('xbzrle', () => {
     const dest = other.slice();
     xbzrleDecodePage(e.bytes, dest);
     assert.deepEqual(dest, next);
+  });
+
+  test('a page delivered as zero keeps no copy; its next version is a small delta against zero', () => {
+    const codec = xbzrle({ cacheBytes: 8 * PAGE_SIZE });
+    const enc = codec.createEncoder() as ReturnType<typeof codec.createEncoder> & { stats(): { cachedPages: number; hits: number } };
+    const r = rng(14);
+    const p = textPage(r);
+    enc.encode(3, p);
+    assert.equal(enc.stats().cachedPages, 1);
+    enc.deliveredZero!(3); // e.g. the zero codec sent it: the destination holds zeros now
+    for (let i = 10; i < 20; i++) enc.deliveredZero!(i);
+    assert.equal(enc.stats().cachedPages, 0, 'zero pages take no slot, and page 3 gave its slot back');
+    const sparse = new Uint8Array(PAGE_SIZE);
+    sparse.set(textPage(r).subarray(0, 40), 100);
+    for (const i of [3, 15]) {
+      const e = enc.encode(i, sparse)!;
+      assert.ok(e !== null && e.bytes.length < 60, `page ${i}: a delta against zero, ${e?.bytes.length} bytes`);
+      const dest = new Uint8Array(PAGE_SIZE);
+      xbzrleDecodePage(e.bytes, dest);
+      assert.deepEqual(dest, sparse);
+    }
+    assert.equal(enc.stats().hits, 2);
+    assert.equal(enc.stats().cachedPages, 2, 'each is cached once it holds data');
+    assert.equal(enc.encode(30, sparse), null, 'a page never seen is still a miss');
+  });
+
+  test('in a chain, zero pages never fill the XBZRLE cache, and a page that went zero is a delta against zero', () => {
+    const l = link(chain([zero(), xbzrle({ cacheBytes: 4 * PAGE_SIZE })]));
+    const r = rng(15);
+    const empty = new Uint8Array(PAGE_SIZE);
+    for (let i = 0; i < 100; i++) l.send(i, empty);
+    const p = textPage(r);
+    l.send(200, p);
+    assert.equal(l.enc.stats()['xbzrle.cachedPages'], 1, 'only the page with data is cached');
+    l.send(200, empty);
+    assert.equal(l.enc.stats()['xbzrle.cachedPages'], 0);
+    const sparse = new Uint8Array(PAGE_SIZE);
+    sparse[7] = 1;
+    for (const i of [5, 200]) {
+      const e = l.send(i, sparse)!;
+      assert.equal(e.codecId, DEFAULT_CODEC_IDS.xbzrle, `page ${i} went as an XBZRLE delta`);
+      assert.ok(e.bytes.length < 16);
+      assert.deepEqual(l.dest.get(i), sparse);
+    }
   });
 
   test('property: random mutations round trip against the previous version', () => {

@@ -3,7 +3,10 @@
  * page wins, and every other stateful part hears what the destination will hold (`delivered`), so
  * their states stay in step. The decoder dispatches on the codec id.
  */
-import { CodecErrorCode, codecFail, type PageCodec, type PageDecoder, type PageEncoder } from './codec.js';
+import { PAGE_SIZE } from '../pages.js';
+import { CodecErrorCode, ZERO_CODEC_ID, codecFail, type PageCodec, type PageDecoder, type PageEncoder } from './codec.js';
+
+const ZERO_PAGE = new Uint8Array(PAGE_SIZE);
 
 export interface ChainInit {
   /** Name in the HELLO offer (default: the parts' names joined with '+'). */
@@ -33,7 +36,12 @@ export function chain(codecs: readonly PageCodec[], init: ChainInit = {}): PageC
             if (r !== null) {
               wins[k]++;
               // Parts before k already assumed `page` (they returned null); parts after k never saw it.
-              for (let j = k + 1; j < parts.length; j++) parts[j].delivered(pageIndex, page);
+              const isZero = r.codecId === ZERO_CODEC_ID && r.bytes.length === 0;
+              for (let j = k + 1; j < parts.length; j++) {
+                const p = parts[j];
+                if (isZero && p.deliveredZero) p.deliveredZero(pageIndex);
+                else p.delivered(pageIndex, page);
+              }
               return r;
             }
           }
@@ -42,6 +50,12 @@ export function chain(codecs: readonly PageCodec[], init: ChainInit = {}): PageC
         },
         delivered(pageIndex, page) {
           for (const p of parts) p.delivered(pageIndex, page);
+        },
+        deliveredZero(pageIndex) {
+          for (const p of parts) {
+            if (p.deliveredZero) p.deliveredZero(pageIndex);
+            else p.delivered(pageIndex, ZERO_PAGE);
+          }
         },
         stats() {
           const s: Record<string, number> = { raw };

@@ -129,6 +129,12 @@ export interface PageEncoder {
   encode(pageIndex: number, page: Uint8Array): EncodedPage | null;
   /** Page `pageIndex` reached the destination another way with content `page`. */
   delivered(pageIndex: number, page: Uint8Array): void;
+  /**
+   * {@link delivered} with an all-zero page, for encoders that can do better than keep a copy of
+   * it (a VM's memory is mostly zero pages: an XBZRLE cache that copied each filled with zeros).
+   * Absent: callers use delivered() with a zero page.
+   */
+  deliveredZero?(pageIndex: number): void;
   stats(): CodecStats;
 }
 

@@ -176,6 +176,9 @@ class PageCache {
   private used = 0;
   evictions = 0;
 
+  /** Slots given back by {@link forget}, taken before a new or an evicted one. */
+  private readonly free: number[] = [];
+
   constructor(readonly slots: number) {
     this.slab = new PageSlab(slots);
     this.owner = new Float64Array(slots);
@@ -211,10 +214,21 @@ class PageCache {
     return s;
   }
 
-  /** A slot for `page` (new or evicted LRU), marked most recent; the caller fills it. */
+  /** Drops `page` from the cache, if there, and gives its slot back. */
+  forget(page: number): void {
+    const s = this.map.get(page);
+    if (s === undefined) return;
+    this.unlink(s);
+    this.map.delete(page);
+    this.free.push(s);
+  }
+
+  /** A slot for `page` (free, new or evicted LRU), marked most recent; the caller fills it. */
   insert(page: number): number {
     let s: number;
-    if (this.used < this.slots) s = this.used++;
+    const f = this.free.pop();
+    if (f !== undefined) s = f;
+    else if (this.used < this.slots) s = this.used++;
     else {
       s = this.tail;
       this.unlink(s);
@@ -225,6 +239,33 @@ class PageCache {
     this.map.set(page, s);
     this.pushFront(s);
     return s;
+  }
+}
+
+const ZERO_WORDS = new Int32Array(WORDS);
+
+/** A set of page indices, one bit each, grown as indices come. */
+class PageBits {
+  private words = new Uint32Array(64);
+
+  has(page: number): boolean {
+    const i = page >>> 5;
+    return i < this.words.length && ((this.words[i] >>> (page & 31)) & 1) === 1;
+  }
+
+  add(page: number): void {
+    const i = page >>> 5;
+    if (i >= this.words.length) {
+      const grown = new Uint32Array(Math.max(this.words.length * 2, i + 1));
+      grown.set(this.words);
+      this.words = grown;
+    }
+    this.words[i] |= 1 << (page & 31);
+  }
+
+  delete(page: number): void {
+    const i = page >>> 5;
+    if (i < this.words.length) this.words[i] &= ~(1 << (page & 31));
   }
 }
 
@@ -241,6 +282,7 @@ export function xbzrle(init: XbzrleInit = {}): PageCodec {
     id,
     createEncoder(): PageEncoder & { stats(): XbzrleStats } {
       const cache = new PageCache(slots);
+      const zeros = new PageBits();
       const out = new Uint8Array(PAGE_SIZE);
       const aligned = new Uint8Array(PAGE_SIZE);
       const alignedW = new Int32Array(aligned.buffer);
@@ -253,7 +295,9 @@ export function xbzrle(init: XbzrleInit = {}): PageCodec {
           pages++;
           bytesIn += PAGE_SIZE;
           const slot = cache.lookup(pageIndex);
-          if (slot < 0) {
+          // The destination's copy: cached, or known to be a zero page (see deliveredZero).
+          const zeroBase = slot < 0 && zeros.has(pageIndex);
+          if (slot < 0 && !zeroBase) {
             misses++;
             store(cache.insert(pageIndex), page);
             return null;
@@ -266,9 +310,12 @@ export function xbzrle(init: XbzrleInit = {}): PageCodec {
             newB = aligned;
             newW = alignedW;
           }
-          const oldW = cache.slab.words(slot);
+          const oldW = zeroBase ? ZERO_WORDS : cache.slab.words(slot);
           const len = xbzrleEncodePage(oldW, newW, newB, out, limit);
-          store(slot, newB);
+          if (zeroBase) {
+            zeros.delete(pageIndex);
+            store(cache.insert(pageIndex), newB);
+          } else store(slot, newB);
           if (len < 0) {
             overflows++;
             return null;
@@ -279,9 +326,15 @@ export function xbzrle(init: XbzrleInit = {}): PageCodec {
         },
         delivered(pageIndex, page) {
           // The destination now holds `page`: the next delta must be against it.
+          zeros.delete(pageIndex);
           let slot = cache.lookup(pageIndex);
           if (slot < 0) slot = cache.insert(pageIndex);
           store(slot, page);
+        },
+        deliveredZero(pageIndex) {
+          // A zero page is remembered by a bit, not a copy: the next delta is against zero.
+          cache.forget(pageIndex);
+          zeros.add(pageIndex);
         },
         stats: () => ({ pages, hits, misses, overflows, evictions: cache.evictions, bytesIn, bytesOut, cachedPages: cache.size }),
       };
