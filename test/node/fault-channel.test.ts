@@ -19,7 +19,7 @@ import { BlockingSocket, BlockingSocketError, SendPacer } from '../../src/node/n
 import { LATENCY_SLICE_US, fairScheduling } from '../../src/node/fair-scheduling.js';
 import { detachTcp, tcp } from '../../src/node/transport/tcp.js';
 import { joinedFaultThread } from '../helpers/fault-listener.js';
-import { FaultChannelBlock, FaultFetcher, LOG_READ_MS } from '../../src/node/vm/fault-channel.js';
+import { FaultChannelBlock, FaultFetcher, LOG_READ_MS, rehearseFaultPath } from '../../src/node/vm/fault-channel.js';
 import { SharedGuestMemory } from '../../src/node/vm/memory-access.js';
 
 const PAGE = 4096;
@@ -356,4 +356,11 @@ test('host code on the vCPU thread (devices) waits once for a range of absent pa
   perPage.checkPresence = true;
   perPage.view(1 * PAGE + 100, 7 * PAGE);
   assert.deepEqual(calls, ['one 2', 'one 3', 'one 4', 'one 6']);
+});
+
+test('rehearseFaultPath runs a request and its answer through the code a fault takes, installing into scratch memory', () => {
+  // A raw page and a zero page, each installed once (the threads that serve and take faults run
+  // it while they stand by, so a real fault after a resume finds that code warm).
+  assert.equal(rehearseFaultPath(), 2);
+  assert.equal(rehearseFaultPath(), 2, 'each rehearsal has scratch memory of its own');
 });

@@ -37,7 +37,7 @@ import { detachTcp, tcp } from '../transport/tcp.js';
 import { BlockingSocket, BlockingSocketError, SendPacer, blockingSocketsAvailable } from '../net/blocking-socket.js';
 import { FrameDecoder } from '../../core/protocol/decoder.js';
 import { encodeFrame } from '../../core/protocol/encode.js';
-import { FaultChannelBlock, installDemandPage, takeFaultFrame } from '../vm/fault-channel.js';
+import { FaultChannelBlock, installDemandPage, rehearseFaultPath, takeFaultFrame } from '../vm/fault-channel.js';
 import { FAULT_THREAD_NICE, raisePriority, type FaultThreadPriority } from './thread-priority.js';
 
 // ------------------------------------------------------------------ messages
@@ -770,11 +770,15 @@ function sourceThread(r: SourceDial): void {
 const role = isMainThread ? undefined : (workerData as Role | undefined);
 if (role?.role === 'listen' || role?.role === 'source') {
   const priority = raisePriority(role.ask);
-  if (role.role === 'listen') listenThread(role.host, priority);
+  if (role.role === 'listen') {
+    rehearseFaultPath(); // it installs demand pages where the vCPU does not fetch them itself
+    listenThread(role.host, priority);
+  }
   else {
     // Started ahead of its migration: all it can ready before it is told where to dial.
     parentPort!.postMessage({ t: 'priority', priority } satisfies FromSource);
     blockingSocketsAvailable();
+    rehearseFaultPath();
     parentPort!.once('message', (m: ToSource) => {
       if (m.t === 'dial') sourceThread(m);
     });

@@ -18,7 +18,8 @@
  */
 import { getPriority } from 'node:os';
 import { PRESENCE_MAP_OFFSET, RESERVED_BYTES, RESERVED_PAGES } from '../../core/abi.js';
-import { MigrationError } from '../../core/engine/common.js';
+import { Bitmap } from '../../core/bitmap.js';
+import { MigrationError, demandAnswer } from '../../core/engine/common.js';
 import { FerryError } from '../../core/errors.js';
 import { PAGE_SIZE } from '../../core/pages.js';
 import { FrameDecoder } from '../../core/protocol/decoder.js';
@@ -220,6 +221,33 @@ export function installDemandPage(bytes: Uint8Array, block: FaultChannelBlock, p
   }
   Atomics.store(bytes, flag, 1);
   return hash;
+}
+
+/**
+ * A fault's round trip once, on scratch memory, on the calling thread: a request encoded and
+ * decoded, its answer (a raw page and a zero page) built as the source's threads build it,
+ * encoded, decoded and installed as the vCPU installs it. In a fresh thread all of that is cold
+ * code, and the first fault after a post-copy resume paid for it inside the vCPU's wait (traced
+ * between two hosts: the source's thread took 0.7 ms to build its first answer, the vCPU 1.2-2.2
+ * ms to install it, against 0.1-0.3 ms warm). Threads that will serve or take faults run it while
+ * they stand by. Returns the pages it installed (2).
+ */
+export function rehearseFaultPath(): number {
+  const pages = 2;
+  const memory = new Uint8Array(RESERVED_BYTES + pages * PAGE_SIZE);
+  const block = FaultChannelBlock.create(pages);
+  const content = new Uint8Array(PAGE_SIZE).fill(7);
+  let installed = 0;
+  for (const request of new FrameDecoder().push(encodePageRequest({ id: 1, pages: [0, 1] }))) {
+    if (request.type !== 'PAGE_REQUEST') continue;
+    const answer = demandAnswer(request.id, request.pages, pages, new Bitmap(pages), (p) => p === 1, (_p, into) => into.set(content));
+    if (!answer) continue;
+    for (const f of new FrameDecoder().push(answer.frame)) {
+      const t = takeFaultFrame(f, pages);
+      if ('pages' in t) for (const p of t.pages) if (installDemandPage(memory, block, p) !== null) installed++;
+    }
+  }
+  return installed;
 }
 
 /**

@@ -16,7 +16,7 @@ import type { NetRecordData } from '../../core/net-ring.js';
 import { Histogram } from '../../core/metrics.js';
 import { decodeGlobals, encodeGlobals, type GlobalDesc, type GlobalValue } from './globals.js';
 import { SPARE_ROLE, type SpareThreadData } from './vcpu-threads.js';
-import { FaultChannelBlock, FaultFetcher, MAX_FETCH_PAGES, StoppedWhileFaulting, type FaultChannelUse } from './fault-channel.js';
+import { FaultChannelBlock, FaultFetcher, MAX_FETCH_PAGES, StoppedWhileFaulting, rehearseFaultPath, type FaultChannelUse } from './fault-channel.js';
 import { ForwardingImports } from './forwarding-imports.js';
 import { blockingSocketsAvailable } from '../net/blocking-socket.js';
 
@@ -293,8 +293,12 @@ function rehearseBoot(): void {
 if (!initial.boot) {
   if (!adopted) warmRestorePath(initial.memory);
   // A destination that may take post-copy faults fetches pages itself (fault-channel.ts): its
-  // socket calls load now (~30 ms), while the source still runs, not at the first fault.
-  if (initial.modules.presence) blockingSocketsAvailable();
+  // socket calls load and its fault path runs once (rehearseFaultPath) now, while the source
+  // still runs, not at the first fault.
+  if (initial.modules.presence) {
+    blockingSocketsAvailable();
+    rehearseFaultPath();
+  }
   rehearseBoot();
   parentPort!.postMessage({ t: 'standby' } satisfies FromWorker);
 }
