@@ -155,6 +155,22 @@ for (const codecs of SETS) {
   });
 }
 
+test('post-copy with XBZRLE agreed: every page crosses once, so the source encodes without it (no cache); dedup and zstd still work', async () => {
+  const src = await sourceVm('postcopy-codecs', 'mem=16MiB wss=1MiB pattern=hotcold rate=20000000', mixed(9));
+  const [a, b] = memoryPair();
+  const made: Vm[] = [];
+  const dest = serveDestination(b, factory(made), deps);
+  const result = await migrateSource(a, sourceVmOf(src), deps, { mode: 'postcopy', codecs: ['xbzrle', 'dedup', 'zstd'], compression: 'always', baselineMs: 0 });
+  await dest;
+  const t = result.report.transfer!;
+  assert.equal(result.report.verified, true);
+  assert.deepEqual(t.codecs, ['xbzrle', 'dedup', 'zstd'], 'the report names what was agreed');
+  assert.equal(Object.keys(t.codecStats).filter((k) => k.includes('xbzrle')).length, 0, `no XBZRLE encoder ran: ${JSON.stringify(t.codecStats)}`);
+  assert.ok(t.codecStats['page.dedup.refs'] > 1000, 'duplicate pages went as references');
+  assert.ok(t.codecStats.compressedBatches > 0);
+  await made[0].stop();
+});
+
 test('parallel streams over TCP: pages spread over every stream, dedup definitions cross streams, verified', async () => {
   const src = await sourceVm('spread', 'mem=16MiB wss=1MiB pattern=uniform rate=10000000', mixed(11));
   const { result, outcome, made } = await migrateOverTcp(src, { mode: 'precopy', streams: 3, codecs: ['xbzrle', 'dedup'], downtimeMs: 1, maxRounds: 3 });
