@@ -7,40 +7,14 @@
  * first quanta on the destination with pages still missing) beside the downtime the engine
  * measured (VM paused → running), median of the runs.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import { median, type BenchContext, type BenchSuite } from './harness.js';
 import { KvClient } from '../src/node/kv-client.js';
+import { migrateVia, startHostProcess, type HostProcess } from '../src/node/host-process.js';
 
-const FERRY = fileURLToPath(new URL('../../bin/ferry.js', import.meta.url));
 const KEYS = 20000;
-
-interface Host { child: ChildProcess; url: string }
-
-/** `ferry host start` in a process of its own; resolves with its control URL once it listens. */
-function startHost(name: string, stateDir: string): Promise<Host> {
-  const child = spawn(process.execPath, [FERRY, 'host', 'start', '--name', name, '--json', '--state-dir', stateDir], { stdio: ['ignore', 'pipe', 'inherit'] });
-  return new Promise((resolve, reject) => {
-    child.once('exit', (code) => reject(new Error(`host ${name} exited (${code})`)));
-    createInterface({ input: child.stdout! }).on('line', (line) => {
-      const e = JSON.parse(line) as { event?: string; control?: string };
-      if (e.event === 'started' && e.control) resolve({ child, url: e.control });
-    });
-  });
-}
-
-async function api<T>(url: string, method: 'GET' | 'POST', body?: unknown): Promise<T> {
-  const res = await fetch(url, { method, ...(body === undefined ? {} : { headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) }) });
-  const json = (await res.json()) as T & { error?: { message: string } };
-  if (!res.ok) throw new Error(`${method} ${url}: HTTP ${res.status} ${json.error?.message ?? ''}`);
-  return json;
-}
-
-interface Job { id: string; status: string; error?: { message: string }; report?: { downtimeMs: number | null; totalMigrationTimeMs: number | null } }
 
 /** Overwrites and reads keys continuously, 192 requests in flight, until stopped. */
 function keepLoading(client: KvClient): { stop: () => Promise<void> } {
@@ -67,12 +41,14 @@ const suite: BenchSuite = {
   async run(ctx: BenchContext) {
     const reps = ctx.quick ? 1 : 5;
     const dir = await mkdtemp(join(tmpdir(), 'ferry-bench-clients-'));
-    const hosts: Host[] = [];
+    const hosts: HostProcess[] = [];
     let client: KvClient | null = null;
     try {
-      hosts.push(...(await Promise.all([startHost('a', dir), startHost('b', dir)])));
+      const started = await Promise.allSettled([startHostProcess('a', dir), startHostProcess('b', dir)]);
+      for (const h of started) if (h.status === 'fulfilled') hosts.push(h.value);
+      for (const h of started) if (h.status === 'rejected') throw h.reason;
       const [a, b] = hosts;
-      const vm = await api<{ endpoint: string }>(`${a.url}/v1/vms`, 'POST', { name: 'kv', guest: 'kv', memory: '256MiB', expose: '127.0.0.1:0' });
+      const vm = await a.api<{ endpoint: string }>('POST', '/v1/vms', { name: 'kv', guest: 'kv', memory: '256MiB', expose: '127.0.0.1:0' });
       const at = vm.endpoint.lastIndexOf(':');
       client = new KvClient(vm.endpoint.slice(0, at), Number(vm.endpoint.slice(at + 1)));
       await client.connect();
@@ -80,19 +56,14 @@ const suite: BenchSuite = {
       const load = keepLoading(client);
       const plan = [
         { label: 'precopy', from: a, to: b, body: { mode: 'precopy' } },
-        { label: 'postcopy', from: b, to: a, body: { mode: 'postcopy', codecs: ['xbzrle', 'dedup', 'zstd'], streams: 2 } },
+        { label: 'postcopy', from: b, to: a, body: { mode: 'postcopy', codecs: ['dedup', 'zstd'], streams: 2 } },
       ];
       const seen = new Map(plan.map((p) => [p.label, { stalls: [] as number[], downtimes: [] as number[] }]));
       for (let r = 0; r < reps; r++) {
         for (const p of plan) {
           await new Promise((res) => setTimeout(res, 300));
           client.maxStallMs = 0;
-          const { id } = await api<{ id: string }>(`${p.from.url}/v1/migrations`, 'POST', { vm: 'kv', to: p.to.url, ...p.body });
-          let job: Job;
-          do {
-            await new Promise((res) => setTimeout(res, 20));
-            job = await api<Job>(`${p.from.url}/v1/migrations/${id}`, 'GET');
-          } while (job.status === 'running');
+          const job = await migrateVia(p.from, { vm: 'kv', to: p.to.url, ...p.body });
           if (job.status !== 'succeeded') throw new Error(`${p.label} migration ${job.status}: ${job.error?.message ?? ''}`);
           await new Promise((res) => setTimeout(res, 200)); // the client catches up
           const s = seen.get(p.label)!;
@@ -104,13 +75,13 @@ const suite: BenchSuite = {
       await load.stop();
       for (const p of plan) {
         const s = seen.get(p.label)!;
-        const how = p.label === 'precopy' ? 'a → b, pre-copy' : 'b → a (home), post-copy with xbzrle, dedup, zstd over 2 streams';
+        const how = p.label === 'precopy' ? 'a → b, pre-copy' : 'b → a (home), post-copy with dedup and zstd over 2 streams';
         ctx.report({ metric: `kv-256MiB.${p.label}.client-stall`, value: median(s.stalls), unit: 'ms', note: `${how}; ${KEYS} keys, 192 requests in flight on one connection; runs ${s.stalls.map((x) => x.toFixed(0)).join(', ')} ms` });
         ctx.report({ metric: `kv-256MiB.${p.label}.downtime`, value: median(s.downtimes), unit: 'ms', note: `the same migrations' downtime (VM paused → running): ${s.downtimes.map((x) => x.toFixed(1)).join(', ')} ms` });
       }
     } finally {
       await client?.close().catch(() => undefined);
-      for (const h of hosts) h.child.kill();
+      await Promise.all(hosts.map((h) => h.stop()));
       await rm(dir, { recursive: true, force: true });
     }
   },

@@ -15,7 +15,7 @@ test('ferry demo --json: both migrations verified, the client saw every reply ri
   assert.equal(out.keysWrongAtEnd, 0);
   assert.ok(out.requests > 1000, `the client kept working (${out.requests} requests)`);
   assert.deepEqual(out.migrations.map((m) => [m.mode, m.verified]), [['precopy', true], ['postcopy', true]]);
-  assert.match(out.migrations[1].transfer ?? '', /2 streams \+ fault channel, xbzrle\+dedup\+zstd: .* \(\d+\.\d\d×\)/);
+  assert.match(out.migrations[1].transfer ?? '', /2 streams \+ fault channel, dedup\+zstd: .* \(\d+\.\d\d×\)/);
   // The way back is post-copy: the kv guest faults, and the report has the vCPU's own waits for them.
   assert.equal(out.migrations[0].faultWaitMs, null);
   const back = out.migrations[1];

@@ -1,5 +1,6 @@
 /**
- * `ferry demo`: two host agents in this process, the kv guest on host a with a client endpoint, a
+ * `ferry demo`: two host agents, each a process of its own (`ferry host start`, driven through
+ * its control API, as two hosts would be), the kv guest on host a with a client endpoint, a
  * client driving load through it (pipelined SET/GET, every reply checked), a live pre-copy
  * migration a → b and a post-copy migration back b → a while the client keeps its one TCP
  * connection, and a report per migration (including the longest stall the client saw).
@@ -12,7 +13,7 @@ import type { MigrationMode } from '../../core/protocol/frames.js';
 import type { CodecName } from '../../core/engine/codecs.js';
 import type { HistogramSummary, TransferReport } from '../../core/metrics.js';
 import { formatBytes, formatDuration } from '../../core/units.js';
-import { HostAgent } from '../agent/agent.js';
+import { migrateVia, startHostProcess } from '../host-process.js';
 import { KvClient } from '../kv-client.js';
 
 export interface DemoOptions { json: boolean; keys?: number }
@@ -43,8 +44,7 @@ function describeTransfer(t: TransferReport): string {
   return `${how}, ${t.codecs.join('+')}: ${formatBytes(t.pageBytes)} of pages in ${formatBytes(t.encodedBytes)} (${t.reduction.toFixed(2)}×)`;
 }
 
-function endpointOf(agent: HostAgent, vm: string): { host: string; port: number } {
-  const ep = agent.summary(vm).endpoint;
+function parseEndpoint(vm: string, ep: string | null | undefined): { host: string; port: number } {
   if (!ep) throw new FerryError('ERR_DEMO', `VM ${vm} has no endpoint`);
   const i = ep.lastIndexOf(':');
   return { host: ep.slice(0, i), port: Number(ep.slice(i + 1)) };
@@ -122,15 +122,17 @@ class Load {
 export async function runDemo(opts: DemoOptions): Promise<number> {
   const keys = opts.keys ?? 20000;
   const dir = await mkdtemp(join(tmpdir(), 'ferry-demo-'));
-  const hosts = { a: new HostAgent({ name: 'a', dataDir: join(dir, 'a') }), b: new HostAgent({ name: 'b', dataDir: join(dir, 'b') }) };
   const say = (m: string) => { if (!opts.json) console.log(m); };
+  const started = await Promise.allSettled([startHostProcess('a', dir), startHostProcess('b', dir)]);
+  const up = started.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
   let client: KvClient | null = null;
   try {
-    const urls = { a: await hosts.a.listen(), b: await hosts.b.listen() };
-    say('ferry demo: two hosts (a, b) in this process; the kv guest on a; a client on one TCP connection; live migration there and back');
+    for (const r of started) if (r.status === 'rejected') throw r.reason;
+    const hosts = { a: up[0], b: up[1] };
+    say('ferry demo: two hosts (a, b), each a process of its own; the kv guest on a; a client on one TCP connection; live migration there and back');
     const t0 = performance.now();
-    await hosts.a.createVm({ name: 'kv', guest: 'kv', memory: '256MiB', expose: '127.0.0.1:0' });
-    const ep = endpointOf(hosts.a, 'kv');
+    const created = await hosts.a.api<{ endpoint?: string | null }>('POST', '/v1/vms', { name: 'kv', guest: 'kv', memory: '256MiB', expose: '127.0.0.1:0' });
+    const ep = parseEndpoint('kv', created.endpoint);
     say(`  booted kv on host a in ${formatDuration(performance.now() - t0)}; endpoint ${ep.host}:${ep.port} (it stays on a)`);
 
     client = new KvClient(ep.host, ep.port);
@@ -142,20 +144,18 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     load.start();
     await new Promise((r) => setTimeout(r, 300));
 
-    // There plainly; back with data reduction (XBZRLE, de-duplication, zstd) over two streams,
-    // page requests on a channel of their own.
-    const plan: [keyof typeof hosts, keyof typeof hosts, MigrationMode, CodecName[], number][] = [
+    // There plainly; back with data reduction (de-duplication, zstd) over two streams, page
+    // requests on a channel of their own. (XBZRLE would add nothing: post-copy sends each page once.)
+    const plan: ['a' | 'b', 'a' | 'b', MigrationMode, CodecName[], number][] = [
       ['a', 'b', 'precopy', [], 1],
-      ['b', 'a', 'postcopy', ['xbzrle', 'dedup', 'zstd'], 2],
+      ['b', 'a', 'postcopy', ['dedup', 'zstd'], 2],
     ];
     const results: MigrationSummary[] = [];
     for (const [from, to, mode, codecs, streams] of plan) {
       say(`  migrating kv ${from} → ${to} (${mode}${codecs.length ? `, codecs ${codecs.join('+')}` : ''}, ${streams} stream${streams > 1 ? 's' : ''}) under load…`);
       client.maxStallMs = 0;
-      const job = await hosts[from].startMigration({ vm: 'kv', to: urls[to], mode, codecs, streams });
-      await job.done;
+      const j = await migrateVia(hosts[from], { vm: 'kv', to: hosts[to].url, mode, codecs, streams });
       const stall = client.maxStallMs;
-      const j = job.json();
       const r = j.report;
       results.push({
         from, to, mode, status: j.status, error: j.error,
@@ -202,8 +202,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     return ok ? 0 : 1;
   } finally {
     await client?.close().catch(() => undefined);
-    await hosts.a.close();
-    await hosts.b.close();
+    await Promise.all(up.map((h) => h.stop()));
     await rm(dir, { recursive: true, force: true });
   }
 }
