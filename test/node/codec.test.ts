@@ -27,6 +27,18 @@ describe('blob codecs', () => {
     assert.throws(() => c.decompress(noFrame), CodecError);
   });
 
+  test('each zstd blob is its own: compressing the next batch (in the same scratch) leaves earlier blobs intact', () => {
+    const c = zstd();
+    const a = concat(corpus('text', 8, 21).pages);
+    const b = concat(corpus('text', 200, 22).pages); // larger than the first: the scratch is reused, not outgrown
+    const blobA = c.compress(a)!;
+    const copyA = blobA.slice();
+    const blobB = c.compress(b)!;
+    assert.deepEqual(blobA, copyA, 'the first blob was not overwritten');
+    assert.deepEqual(c.decompress(blobA), a);
+    assert.deepEqual(c.decompress(blobB), b);
+  });
+
   test('lz4 refuses a size prefix that disagrees with the data', () => {
     const c = lz4();
     const blob = c.compress(concat(corpus('text', 4, 3).pages))!.slice();

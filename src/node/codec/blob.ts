@@ -89,6 +89,9 @@ export function zstd(init: ZstdInit = {}): BlobCodec {
   const level = init.level ?? 1;
   let cctx: InstanceType<ZstdBinding['CCtx']> | undefined;
   let dctx: InstanceType<ZstdBinding['DCtx']> | undefined;
+  // Where each batch is compressed, allocated once: a fresh, zeroed 1 MiB output per batch was
+  // external memory that kept V8 collecting garbage during a post-copy push.
+  let scratch: Uint8Array | undefined;
   return {
     name,
     id: init.id ?? DEFAULT_CODEC_IDS.zstd,
@@ -97,10 +100,11 @@ export function zstd(init: ZstdInit = {}): BlobCodec {
       checkInput(raw, name, max);
       const z = zstdNative();
       cctx ??= new z.CCtx();
-      const out = new Uint8Array(4 + z.compressBound(raw.length));
-      new DataView(out.buffer).setUint32(0, raw.length, true);
-      const n = cctx.compress(out.subarray(4), raw, level);
-      return 4 + n < raw.length ? out.slice(0, 4 + n) : null;
+      const need = 4 + z.compressBound(raw.length);
+      if (!scratch || scratch.length < need) scratch = new Uint8Array(Math.max(need, 4 + z.compressBound(max)));
+      new DataView(scratch.buffer).setUint32(0, raw.length, true);
+      const n = cctx.compress(scratch.subarray(4, need), raw, level);
+      return 4 + n < raw.length ? scratch.slice(0, 4 + n) : null;
     },
     decompress(blob) {
       const n = rawLength(blob, name, max);
