@@ -110,6 +110,29 @@ describe('packed batches', () => {
     const enc = zero().createEncoder();
     assert.throws(() => encodeBatch(enc, [1, 2], new Uint8Array(PAGE_SIZE)), RangeError);
     assert.throws(() => encodeBatch(enc, [1, 2], new Uint8Array(2 * PAGE_SIZE), { maxPages: 1 }), RangeError);
+    assert.throws(() => encodeBatch(enc, [1, 2], new Uint8Array(2 * PAGE_SIZE), { out: new Uint8Array(2 * MAX_ENCODED_PAGE_BYTES - 1) }), RangeError);
+  });
+
+  test('a batch encoded into a reused buffer, packed whole or a chosen subset at a time, unpacks to the same entries', () => {
+    const codec = chain([zero(), dedup()]);
+    const enc = codec.createEncoder();
+    const out = new Uint8Array(20 * MAX_ENCODED_PAGE_BYTES);
+    const pages = corpus('mixed', 20, 5).pages;
+    const batch = encodeBatch(enc, pages.map((_, i) => 100 + i), concat(pages), { out });
+    assert.equal(batch.bytes.buffer, out.buffer, 'the entries went into the buffer given');
+    const keep = [17, 3, 9];
+    const some = unpackBatch(packBatch(batch, keep));
+    const all = unpackBatch(packBatch(batch));
+    assert.deepEqual([...some.indices], [117, 103, 109], 'the chosen entries, in the order chosen');
+    keep.forEach((k, j) => {
+      assert.equal(some.codecIds[j], all.codecIds[k]);
+      assert.deepEqual(some.bytes.subarray(some.offsets[j], some.offsets[j + 1]), all.bytes.subarray(all.offsets[k], all.offsets[k + 1]));
+    });
+    // Packed, the entries are copies: encoding the next batch into the same buffer leaves them alone.
+    const packed = packBatch(batch, keep);
+    const before = packed.slice();
+    encodeBatch(enc, pages.map((_, i) => 200 + i), concat(corpus('random', 20, 6).pages), { out });
+    assert.deepEqual(packed, before);
   });
 });
 

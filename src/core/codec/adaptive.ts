@@ -16,8 +16,8 @@
  */
 import { PAGE_SIZE } from '../pages.js';
 import {
-  CodecErrorCode, RAW_CODEC_ID, codecFail, decodeOne, encodeBatch, packBatch, unpackBatch,
-  type BlobCodec, type EncodedBatch, type PageCodec, type PageDecoder, type PageEncoder,
+  CodecErrorCode, MAX_ENCODED_PAGE_BYTES, RAW_CODEC_ID, codecFail, decodeOne, encodeBatch, packBatch, unpackBatch,
+  type BlobCodec, type PageCodec, type PageDecoder, type PageEncoder,
 } from './codec.js';
 
 export type PageClass = 'zero' | 'low' | 'high';
@@ -297,24 +297,9 @@ export interface AdaptiveDecoder {
   stats(): Record<string, number>;
 }
 
-function subset(b: EncodedBatch, keep: number[]): EncodedBatch {
-  const indices = new Uint32Array(keep.length);
-  const codecIds = new Uint8Array(keep.length);
-  const offsets = new Uint32Array(keep.length + 1);
-  let total = 0;
-  for (const k of keep) total += b.offsets[k + 1] - b.offsets[k];
-  const bytes = new Uint8Array(total);
-  keep.forEach((k, j) => {
-    indices[j] = b.indices[k];
-    codecIds[j] = b.codecIds[k];
-    bytes.set(b.bytes.subarray(b.offsets[k], b.offsets[k + 1]), offsets[j]);
-    offsets[j + 1] = offsets[j] + b.offsets[k + 1] - b.offsets[k];
-  });
-  return { count: keep.length, indices, codecIds, offsets, bytes };
-}
-
 export function adaptiveEncoder(init: AdaptiveInit): AdaptiveEncoder {
   const enc: PageEncoder = init.pageCodec.createEncoder();
+  let scratch = new Uint8Array(0);
   const now = init.now ?? (() => performance.now());
   const counts = { zero: 0, low: 0, high: 0, encoded: 0, compressedBatches: 0, plainBatches: 0, rawBytesIn: 0, compressedBytesOut: 0 };
   return {
@@ -324,7 +309,10 @@ export function adaptiveEncoder(init: AdaptiveInit): AdaptiveEncoder {
         if (seen.has(indices[k])) throw new RangeError(`page ${indices[k]} appears twice in one batch`);
         seen.add(indices[k]);
       }
-      const batch = encodeBatch(enc, indices, pages);
+      // Encoded into one buffer, batch after batch: its parts are packed (copied) below.
+      const need = indices.length * MAX_ENCODED_PAGE_BYTES;
+      if (scratch.length < need) scratch = new Uint8Array(need);
+      const batch = encodeBatch(enc, indices, pages, { out: scratch });
       const compressNow = init.compressor !== undefined && (init.controller?.shouldCompress(now()) ?? true);
       const low: number[] = [];
       const rest: number[] = [];
@@ -341,7 +329,7 @@ export function adaptiveEncoder(init: AdaptiveInit): AdaptiveEncoder {
       }
       const parts: AdaptivePart[] = [];
       if (low.length > 0) {
-        const packed = packBatch(subset(batch, low));
+        const packed = packBatch(batch, low);
         const t0 = now();
         const blob = init.compressor!.compress(packed);
         init.controller?.recordCompress(packed.length, blob ? blob.length : packed.length, now() - t0);
@@ -354,7 +342,7 @@ export function adaptiveEncoder(init: AdaptiveInit): AdaptiveEncoder {
       }
       if (rest.length > 0) {
         counts.plainBatches++;
-        parts.push({ blobCodecId: RAW_CODEC_ID, pages: rest.length, bytes: packBatch(subset(batch, rest)) });
+        parts.push({ blobCodecId: RAW_CODEC_ID, pages: rest.length, bytes: packBatch(batch, rest) });
       }
       return parts;
     },

@@ -181,6 +181,12 @@ export interface BlobCodec {
 export interface BatchInit {
   /** Refuse batches with more pages than this (default MAX_BATCH_PAGES). */
   maxPages?: number;
+  /**
+   * Where {@link encodeBatch} writes the entries (at least count × MAX_ENCODED_PAGE_BYTES bytes),
+   * reused batch after batch; the batch's `bytes` is then a view into it, valid until the next
+   * batch is encoded into it. Default: a new buffer per batch.
+   */
+  out?: Uint8Array;
 }
 
 /** A page encoder's output for a batch: one buffer, per-page ids and offsets. */
@@ -208,7 +214,9 @@ export function encodeBatch(encoder: PageEncoder, indices: ArrayLike<number>, pa
   const maxPages = init.maxPages ?? MAX_BATCH_PAGES;
   if (count > maxPages) throw new RangeError(`batch of ${count} pages (limit ${maxPages})`);
   if (pages.length !== count * PAGE_SIZE) throw new RangeError(`batch of ${count} pages needs ${count * PAGE_SIZE} bytes, got ${pages.length}`);
-  const out = new Uint8Array(count * MAX_ENCODED_PAGE_BYTES);
+  const need = count * MAX_ENCODED_PAGE_BYTES;
+  if (init.out && init.out.length < need) throw new RangeError(`batch of ${count} pages needs ${need} bytes to encode into, got ${init.out.length}`);
+  const out = init.out ?? new Uint8Array(need);
   const codecIds = new Uint8Array(count);
   const offsets = new Uint32Array(count + 1);
   const idx = new Uint32Array(count);
@@ -271,20 +279,32 @@ const PACK_VERSION = 1;
 const PACK_HEADER = 5;
 const PACK_ENTRY = 9;
 
-/** Serialises a batch into one buffer (the unit a {@link BlobCodec} compresses). */
-export function packBatch(batch: EncodedBatch): Uint8Array {
-  const out = new Uint8Array(PACK_HEADER + batch.count * PACK_ENTRY + batch.bytes.length);
+/**
+ * Serialises a batch into one buffer (the unit a {@link BlobCodec} compresses): all its entries,
+ * or those at positions `keep`, in that order.
+ */
+export function packBatch(batch: EncodedBatch, keep?: readonly number[]): Uint8Array {
+  const count = keep ? keep.length : batch.count;
+  const entry = keep ? (j: number) => keep[j] : (j: number) => j;
+  let payload = 0;
+  if (keep) for (const k of keep) payload += batch.offsets[k + 1] - batch.offsets[k];
+  else payload = batch.offsets[batch.count] - batch.offsets[0];
+  const out = new Uint8Array(PACK_HEADER + count * PACK_ENTRY + payload);
   const v = new DataView(out.buffer);
   v.setUint8(0, PACK_VERSION);
-  v.setUint32(1, batch.count, true);
+  v.setUint32(1, count, true);
   let at = PACK_HEADER;
-  for (let k = 0; k < batch.count; k++) {
+  let data = PACK_HEADER + count * PACK_ENTRY;
+  for (let j = 0; j < count; j++) {
+    const k = entry(j);
+    const [from, to] = [batch.offsets[k], batch.offsets[k + 1]];
     v.setUint32(at, batch.indices[k], true);
     v.setUint8(at + 4, batch.codecIds[k]);
-    v.setUint32(at + 5, batch.offsets[k + 1] - batch.offsets[k], true);
+    v.setUint32(at + 5, to - from, true);
     at += PACK_ENTRY;
+    out.set(batch.bytes.subarray(from, to), data);
+    data += to - from;
   }
-  out.set(batch.bytes, at);
   return out;
 }
 
