@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { median, type BenchContext, type BenchSuite } from './harness.js';
 import { KvClient } from '../src/node/kv-client.js';
-import { migrateVia, startHostProcess, type HostProcess } from '../src/node/host-process.js';
+import { migrateVia, startHostProcesses, type HostProcess } from '../src/node/host-process.js';
 
 const KEYS = 20000;
 
@@ -41,12 +41,10 @@ const suite: BenchSuite = {
   async run(ctx: BenchContext) {
     const reps = ctx.quick ? 1 : 5;
     const dir = await mkdtemp(join(tmpdir(), 'ferry-bench-clients-'));
-    const hosts: HostProcess[] = [];
+    let hosts: HostProcess[] = [];
     let client: KvClient | null = null;
     try {
-      const started = await Promise.allSettled([startHostProcess('a', dir), startHostProcess('b', dir)]);
-      for (const h of started) if (h.status === 'fulfilled') hosts.push(h.value);
-      for (const h of started) if (h.status === 'rejected') throw h.reason;
+      hosts = await startHostProcesses(['a', 'b'], dir);
       const [a, b] = hosts;
       const vm = await a.api<{ endpoint: string }>('POST', '/v1/vms', { name: 'kv', guest: 'kv', memory: '256MiB', expose: '127.0.0.1:0' });
       const at = vm.endpoint.lastIndexOf(':');

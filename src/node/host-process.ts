@@ -113,6 +113,19 @@ export function startHostProcess(name: string, stateDir: string): Promise<HostPr
   });
 }
 
+/**
+ * Starts one host process per name (in parallel); resolves with them in that order. If any fails
+ * to start, the others are stopped and the first failure is thrown.
+ */
+export async function startHostProcesses(names: readonly string[], stateDir: string): Promise<HostProcess[]> {
+  const started = await Promise.allSettled(names.map((n) => startHostProcess(n, stateDir)));
+  const failed = started.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  const up = started.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+  if (!failed) return up;
+  await Promise.all(up.map((h) => h.stop()));
+  throw failed.reason;
+}
+
 /** Starts a migration on `from` (POST /v1/migrations with `body`) and polls it until it no longer runs. */
 export async function migrateVia(from: HostProcess, body: Record<string, unknown>, pollMs = 20): Promise<MigrationJobJson> {
   const { id } = await from.api<{ id: string }>('POST', '/v1/migrations', body);

@@ -13,7 +13,7 @@ import type { MigrationMode } from '../../core/protocol/frames.js';
 import type { CodecName } from '../../core/engine/codecs.js';
 import type { HistogramSummary, TransferReport } from '../../core/metrics.js';
 import { formatBytes, formatDuration } from '../../core/units.js';
-import { migrateVia, startHostProcess } from '../host-process.js';
+import { migrateVia, startHostProcesses, type HostProcess } from '../host-process.js';
 import { KvClient } from '../kv-client.js';
 
 export interface DemoOptions { json: boolean; keys?: number }
@@ -123,11 +123,10 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
   const keys = opts.keys ?? 20000;
   const dir = await mkdtemp(join(tmpdir(), 'ferry-demo-'));
   const say = (m: string) => { if (!opts.json) console.log(m); };
-  const started = await Promise.allSettled([startHostProcess('a', dir), startHostProcess('b', dir)]);
-  const up = started.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+  let up: HostProcess[] = [];
   let client: KvClient | null = null;
   try {
-    for (const r of started) if (r.status === 'rejected') throw r.reason;
+    up = await startHostProcesses(['a', 'b'], dir);
     const hosts = { a: up[0], b: up[1] };
     say('ferry demo: two hosts (a, b), each a process of its own; the kv guest on a; a client on one TCP connection; live migration there and back');
     const t0 = performance.now();
