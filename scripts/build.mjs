@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// Builds everything the CLI, the tests and the benchmarks need: the TypeScript, then the guests.
+// Builds everything the CLI, the tests and the benchmarks need: the TypeScript, the native page
+// hashing, then the guests.
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 
@@ -9,4 +10,5 @@ function run(cmd, args) {
 }
 
 run(process.execPath, ['node_modules/typescript/bin/tsc', '-p', 'tsconfig.json']);
+run(process.execPath, ['scripts/build-native.mjs']);
 if (existsSync('scripts/build-guests.mjs')) run(process.execPath, ['scripts/build-guests.mjs']);

@@ -12,6 +12,11 @@ export function guestsDir(): string {
   return join(packageRoot(), 'build', 'guests');
 }
 
+/** Where `npm run build` puts native libraries (scripts/build-native.mjs). */
+export function nativeDir(): string {
+  return join(packageRoot(), 'build', 'native');
+}
+
 /** ferry's per-user state (VM registrations, caches): $FERRY_HOME or ~/.ferry. */
 export function ferryHome(): string {
   return process.env.FERRY_HOME || join(homedir(), '.ferry');

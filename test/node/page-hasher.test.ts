@@ -1,6 +1,6 @@
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { xxh64 } from '@node-rs/xxhash';
+import { xxh3 } from '@node-rs/xxhash';
 import { PAGE_SIZE } from '../../src/core/pages.js';
 import { PageHasher } from '../../src/node/vm/page-hasher.js';
 
@@ -23,11 +23,11 @@ function hasherFor(t: TestContext, threads: number): PageHasher {
 
 function expected(memory: WebAssembly.Memory, pages: number): bigint[] {
   const out: bigint[] = [];
-  for (let p = 0; p < pages; p++) out.push(xxh64(new Uint8Array(memory.buffer, BASE + p * PAGE_SIZE, PAGE_SIZE)));
+  for (let p = 0; p < pages; p++) out.push(xxh3.xxh64(new Uint8Array(memory.buffer, BASE + p * PAGE_SIZE, PAGE_SIZE)));
   return out;
 }
 
-test('PageHasher: threads hash every page of shared memory as xxh64 of the page, index = page', async (t) => {
+test('PageHasher: threads hash every page of shared memory as XXH3-64 of the page, index = page', async (t) => {
   const hasher = hasherFor(t, 3);
   const pages = 1000; // not a multiple of the threads: the last range is shorter
   const memory = memoryWithPages(pages, true);

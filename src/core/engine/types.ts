@@ -217,7 +217,7 @@ export interface DestinationFactory {
 export interface EngineDeps {
   clock: Clock;
   sha256Hex(bytes: Uint8Array): string;
-  /** A fast 64-bit hash of one page (the memory digest is built from these). */
+  /** A fast 64-bit hash of one page, the same on every host (the memory digest is built from these; ferry: XXH3-64, seed 0). */
   hashPage(bytes: Uint8Array, offset: number): bigint;
   /** Lets pending I/O (incoming frames) run; as cheap as possible (Node: setImmediate). */
   yieldToIo(): Promise<void>;

@@ -18,7 +18,7 @@ export const HEADER_BYTES = 8;
 /** Magic at the start of a HELLO payload: "FRRY". */
 export const HELLO_MAGIC = new Uint8Array([0x46, 0x52, 0x52, 0x59]);
 /** The protocol version this implementation speaks (the only one, so far). */
-export const PROTOCOL_VERSION = 5;
+export const PROTOCOL_VERSION = 6;
 
 /**
  * Bytes in front of each page's data in a PAGES frame: `u32 index`, `u8 encoding`, 3 zero bytes,

@@ -16,13 +16,14 @@ import { realClock } from '../clock.js';
 import { Ctl } from '../vm/control.js';
 import { warmDeviceStateValidation } from '../vm/devices/state-schema.js';
 import type { GlobalDesc } from '../vm/globals.js';
-import { hashPage } from '../vm/page-hash.js';
+import { hashPage, pageHashBackend } from '../vm/page-hash.js';
 import { FaultChannelBlock } from '../vm/fault-channel.js';
 import { PageHasher, type PageHashQueue } from '../vm/page-hasher.js';
 import type { Vm, VmState } from '../vm/vm.js';
 
 
 export function nodeEngineDeps(): EngineDeps {
+  pageHashBackend(); // the hashing library loads with the engine, not inside its first migration
   return {
     clock: realClock(),
     sha256Hex: (b) => createHash('sha256').update(b).digest('hex'),

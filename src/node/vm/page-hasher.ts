@@ -1,6 +1,6 @@
 /**
  * Hashes every page of a guest memory on worker threads, reading the shared memory in place: the
- * page hashes of the memory digest (xxh64 per page, as EngineDeps.hashPage) of a paused VM.
+ * page hashes of the memory digest (XXH3-64 per page, as EngineDeps.hashPage) of a paused VM.
  *
  * Why: the source hashes its paused memory once every page has reached the destination, and the
  * migration is not over until it has. On one thread that took 35-75 ms per 256 MiB on this
@@ -15,7 +15,7 @@ import { availableParallelism } from 'node:os';
 import { Worker, parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { BugIndicatingError } from '../../core/errors.js';
 import { PAGE_SIZE } from '../../core/pages.js';
-import { hashPage } from './page-hash.js';
+import { hashPage, hashPages } from './page-hash.js';
 
 interface Job {
   id: number;
@@ -64,7 +64,7 @@ interface Done {
 
 /** out[p] = hashPage of page p, for p in [from, to). */
 export function hashPageRange(memory: ArrayBufferLike, base: number, from: number, to: number, out: BigUint64Array): void {
-  for (let p = from; p < to; p++) out[p] = hashPage(new Uint8Array(memory, base + p * PAGE_SIZE, PAGE_SIZE));
+  if (to > from) hashPages(new Uint8Array(memory, base + from * PAGE_SIZE, (to - from) * PAGE_SIZE), out.subarray(from, to));
 }
 
 const HERE = new URL(import.meta.url);
@@ -275,6 +275,7 @@ function serveRings(first: QueueJob, port: MessagePort, bell: Int32Array, hashJo
 if (parentPort && (workerData as { role?: unknown } | null)?.role === ROLE) {
   const port = parentPort;
   const bell = new Int32Array((workerData as { bell: SharedArrayBuffer }).bell);
+  hashPage(new Uint8Array(PAGE_SIZE)); // loads the hashing library now, not in a migration's first range
   const done = (id: number, e?: unknown) => port.postMessage(e === undefined ? { id } satisfies Done : { id, error: e instanceof Error ? e.message : String(e) } satisfies Done);
   const hashJob = (j: Job) => {
     try {

@@ -1,0 +1,66 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { Worker } from 'node:worker_threads';
+import { xxh3 } from '@node-rs/xxhash';
+import { BugIndicatingError } from '../../src/core/errors.js';
+import { PAGE_SIZE } from '../../src/core/pages.js';
+import { nativeDir } from '../../src/node/paths.js';
+import { hashPage, hashPages, pageHashBackend } from '../../src/node/vm/page-hash.js';
+
+/** `n` pages of shared memory, every byte set (each page differs). */
+function pages(n: number): Uint8Array {
+  const u8 = new Uint8Array(new SharedArrayBuffer(n * PAGE_SIZE));
+  for (let i = 0; i < u8.length; i++) u8[i] = (i * 2654435761) >>> 24;
+  return u8;
+}
+const reference = (u8: Uint8Array, p: number) => xxh3.xxh64(u8.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE));
+
+test('page hash: the native library is what hashes wherever the build made it', () => {
+  const built = existsSync(join(nativeDir(), 'page-hash.so'));
+  assert.equal(pageHashBackend(), built ? 'native' : 'node-rs');
+  // The test suite runs after `npm run build` on a machine set up by scripts/setup.sh: built there.
+  if (process.env.CI) assert.ok(built, 'npm run build made build/native/page-hash.so');
+});
+
+test('page hash: hashPage and hashPages give XXH3-64 (seed 0) of each page, as @node-rs/xxhash computes it', () => {
+  const u8 = pages(300);
+  const out = new BigUint64Array(300);
+  hashPages(u8, out);
+  for (let p = 0; p < 300; p++) assert.equal(out[p], reference(u8, p), `page ${p}`);
+  assert.equal(hashPage(u8.subarray(7 * PAGE_SIZE, 8 * PAGE_SIZE)), reference(u8, 7));
+  assert.equal(hashPage(new Uint8Array(PAGE_SIZE)), xxh3.xxh64(new Uint8Array(PAGE_SIZE)), 'a zero page');
+  assert.notEqual(out[0], out[1]);
+  // Into part of a larger array: only that part is written.
+  const wide = new BigUint64Array(10).fill(5n);
+  hashPages(u8.subarray(PAGE_SIZE, 4 * PAGE_SIZE), wide.subarray(2, 5));
+  assert.deepEqual([...wide], [5n, 5n, reference(u8, 1), reference(u8, 2), reference(u8, 3), 5n, 5n, 5n, 5n, 5n]);
+});
+
+test('page hash: bytes that are not whole pages for the hashes asked are a bug, and nothing is written', () => {
+  const out = new BigUint64Array(2).fill(9n);
+  assert.throws(() => hashPages(pages(3), out), BugIndicatingError);
+  assert.throws(() => hashPages(new Uint8Array(PAGE_SIZE + 1), new BigUint64Array(1)), BugIndicatingError);
+  assert.deepEqual([...out], [9n, 9n]);
+  hashPages(new Uint8Array(0), new BigUint64Array(0)); // nothing to hash
+});
+
+test('page hash: the fallback (FERRY_PAGE_HASH=node-rs) hashes alike on its own thread', async () => {
+  const u8 = pages(5);
+  const url = new URL('../../src/node/vm/page-hash.js', import.meta.url).href;
+  const w = new Worker(`
+    const { workerData, parentPort } = require('node:worker_threads');
+    import(${JSON.stringify(url)}).then(({ hashPages, pageHashBackend }) => {
+      const out = new BigUint64Array(5);
+      hashPages(workerData, out);
+      parentPort.postMessage({ backend: pageHashBackend(), out });
+    });`, { eval: true, workerData: u8, env: { ...process.env, FERRY_PAGE_HASH: 'node-rs' } });
+  const got = await new Promise<{ backend: string; out: BigUint64Array }>((resolve, reject) => { w.once('message', resolve); w.once('error', reject); });
+  await w.terminate();
+  assert.equal(got.backend, 'node-rs');
+  assert.deepEqual([...got.out], [0, 1, 2, 3, 4].map((p) => reference(u8, p)));
+  const native = new BigUint64Array(5);
+  hashPages(u8, native);
+  assert.deepEqual([...native], [...got.out], 'this thread\'s hashes are the same');
+});
