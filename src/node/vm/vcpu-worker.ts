@@ -82,13 +82,27 @@ function throwawayDevices(memory = new WebAssembly.Memory({ initial: 1, maximum:
 }
 
 /**
+ * The post-copy fault path once, before any fault: its socket calls load and a fault's round trip
+ * runs on scratch memory (rehearseFaultPath), while the source still runs, not at the first fault.
+ */
+function warmFaultPath(): void {
+  blockingSocketsAvailable();
+  rehearseFaultPath();
+}
+
+/**
  * A spare thread (vcpu-threads.ts) starts before its VM exists: it warms what it can, then waits
- * for the VM's thread data on its port. Any other thread has that data as workerData.
+ * for the VM's thread data on its port. Any other thread has that data as workerData. What it
+ * warms needs no VM: the restore path, and the post-copy fault path (the socket calls loaded, a
+ * fault's round trip run on scratch memory) — after adoption these took 5-15 ms of the thread,
+ * inside the first round of the migration bringing its VM, where the destination's cores are busy
+ * taking pages.
  */
 function adopt(): InitialData {
   const spare = workerData as SpareThreadData | InitialData;
   if (!('role' in spare) || spare.role !== SPARE_ROLE) return spare as InitialData;
   warmRestorePath();
+  warmFaultPath();
   const wake = new Int32Array(spare.wake);
   for (;;) {
     const rung = Atomics.load(wake, 0);
@@ -291,13 +305,11 @@ function rehearseBoot(): void {
 }
 
 if (!initial.boot) {
-  if (!adopted) warmRestorePath(initial.memory);
-  // A destination that may take post-copy faults fetches pages itself (fault-channel.ts): its
-  // socket calls load and its fault path runs once (rehearseFaultPath) now, while the source
-  // still runs, not at the first fault.
-  if (initial.modules.presence) {
-    blockingSocketsAvailable();
-    rehearseFaultPath();
+  // A spare warmed both paths while it stood by (adopt).
+  if (!adopted) {
+    warmRestorePath(initial.memory);
+    // A destination that may take post-copy faults fetches pages itself (fault-channel.ts).
+    if (initial.modules.presence) warmFaultPath();
   }
   rehearseBoot();
   parentPort!.postMessage({ t: 'standby' } satisfies FromWorker);
