@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { xxh3 } from '@node-rs/xxhash';
 import { PAGE_SIZE } from '../../src/core/pages.js';
 import { PageHasher } from '../../src/node/vm/page-hasher.js';
+import { collectNow } from '../../src/node/thread-gc.js';
 
 const BASE = 3 * PAGE_SIZE;
 
@@ -158,4 +159,38 @@ test('PageHashQueue: while a thread serves a queue, the same threads still answe
   await q.settled();
   q.close();
   assert.deepEqual([...q.out], expected(memory, 64));
+});
+
+test('PageHasher: its threads let go of the guest memories they hashed (a host whose VMs come and go stays its size)', async (t) => {
+  const hasher = hasherFor(t, 2);
+  const MiB = 1 << 20;
+  const rss = () => process.memoryUsage().rss;
+  const pages = (64 * MiB) / PAGE_SIZE;
+  const settle = async () => {
+    collectNow(); // this thread's references
+    await new Promise((r) => setTimeout(r, 400)); // the threads collect once they have been quiet for 100 ms
+    collectNow();
+  };
+  // One memory first: threads started, code loaded, so that what follows measures only the memories.
+  for (let k = 0; k < 2; k++) {
+    const m = new WebAssembly.Memory({ initial: 1024, maximum: 1024, shared: true });
+    new Uint8Array(m.buffer).fill(1);
+    await hasher.hash(m, 0, pages);
+  }
+  await settle();
+  const before = rss();
+  for (let k = 0; k < 24; k++) {
+    // 64 MiB each, every byte written (so the memory is resident), hashed both ways a migration does.
+    const m = new WebAssembly.Memory({ initial: 1024, maximum: 1024, shared: true });
+    new Uint8Array(m.buffer).fill(k + 1);
+    await hasher.hash(m, 0, pages);
+    const q = hasher.queue(m, 0, pages);
+    q.addRange(0, pages);
+    await q.settled();
+    q.close();
+  }
+  await settle();
+  const grown = (rss() - before) / MiB;
+  // Kept, the 24 memories would be 1536 MiB (measured before the fix: 64 MiB more per memory).
+  assert.ok(grown < 384, `resident memory grew by ${grown.toFixed(0)} MiB after 24 memories of 64 MiB were hashed and dropped`);
 });

@@ -16,6 +16,7 @@ import { Worker, parentPort, receiveMessageOnPort, workerData, type MessagePort 
 import { BugIndicatingError } from '../../core/errors.js';
 import { PAGE_SIZE } from '../../core/pages.js';
 import { hashPage, hashPages } from './page-hash.js';
+import { collectSoon } from '../thread-gc.js';
 
 interface Job {
   id: number;
@@ -288,6 +289,8 @@ if (parentPort && (workerData as { role?: unknown } | null)?.role === ROLE) {
   port.on('message', (j: Job | QueueJob) => {
     if ('ring' in j) serveRings(j, port, bell, hashJob, done);
     else hashJob(j);
+    // Every job names a guest memory, which this thread would otherwise keep (see thread-gc.ts).
+    collectSoon();
   });
 }
 
