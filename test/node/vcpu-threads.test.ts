@@ -4,6 +4,7 @@ import { Vm } from '../../src/node/vm/vm.js';
 import { InstrumentCache } from '../../src/node/vm/instrument.js';
 import { VcpuThreadPool } from '../../src/node/vm/vcpu-threads.js';
 import { hammerGuest } from '../helpers/wat.js';
+import { runModuleScript } from '../helpers/module-script.js';
 
 const cache = new InstrumentCache();
 
@@ -57,4 +58,31 @@ test('with no spare standing (none kept, or taken), a VM starts its own thread; 
   await pool.close();
   assert.equal(pool.take(), null, 'a closed pool hands out nothing');
   assert.throws(() => new VcpuThreadPool(-1), RangeError);
+});
+
+test('closing the pools at any moment after they start asks their threads to end: never terminated while one loads its native calls', async () => {
+  // Terminating a thread inside koffi's load aborted the process (exit 134): a host stopped right
+  // after it started, its spare vCPU thread and page-hashing threads still warming up (a sweep of
+  // close() across their start-up, as below, aborted in 2 runs of 3). Each close must find every
+  // thread ending itself when asked (exit code 0; a terminated thread exits with 1), and the
+  // process must end with 0.
+  const pool = new URL('../../src/node/vm/vcpu-threads.js', import.meta.url).href;
+  const hasher = new URL('../../src/node/vm/page-hasher.js', import.meta.url).href;
+  const script = `import { VcpuThreadPool } from ${JSON.stringify(pool)};
+import { PageHasher } from ${JSON.stringify(hasher)};
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const closes = [];
+for (let ms = 0; ms <= 300; ms += 20) {
+  const threads = new VcpuThreadPool(2);
+  const h = new PageHasher(2);
+  h.warm();
+  await sleep(ms);
+  closes.push(...(await Promise.all([threads.close(), h.close()])));
+}
+console.log(JSON.stringify(closes));`;
+  const r = runModuleScript(script, 60_000);
+  assert.equal(r.status, 0, `exit ${r.status} ${r.signal ?? ''}: ${r.stderr.slice(-600)}`);
+  const closes = JSON.parse(r.stdout) as { threads: number; endedWhenAsked: number }[];
+  assert.equal(closes.length, 32);
+  for (const c of closes) assert.deepEqual(c, { threads: 2, endedWhenAsked: 2 });
 });

@@ -20,7 +20,7 @@ import { Worker, isMainThread, parentPort, workerData } from 'node:worker_thread
 import { fileURLToPath } from 'node:url';
 import { BugIndicatingError } from '../../core/errors.js';
 import { BlockingSocket, BlockingSocketError, blockingSocketsAvailable } from '../net/blocking-socket.js';
-import { collectSoon } from '../thread-gc.js';
+import { collectSoon } from '../threads.js';
 
 /**
  * What a thread is told, in order: a session's `open`, its `write`s, its `end` (close the
@@ -232,7 +232,7 @@ function senderThread(init: ThreadInit): void {
     if (m.t === 'end') {
       sock?.close();
       sock = null;
-      // The session's writes were views of guest memory, which this thread would otherwise keep (thread-gc.ts).
+      // The session's writes were views of guest memory, which this thread would otherwise keep (threads.ts).
       collectSoon();
       return;
     }

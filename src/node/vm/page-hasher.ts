@@ -16,7 +16,7 @@ import { Worker, parentPort, receiveMessageOnPort, workerData, type MessagePort 
 import { BugIndicatingError } from '../../core/errors.js';
 import { PAGE_SIZE } from '../../core/pages.js';
 import { hashPage, hashPages } from './page-hash.js';
-import { collectSoon } from '../thread-gc.js';
+import { collectSoon, endThreads, type ThreadsClosed } from '../threads.js';
 
 interface Job {
   id: number;
@@ -57,6 +57,11 @@ const BELL = { SEQ: 0, WAITS: 1, SLOTS: 2 } as const;
  * once): pages arrive in smaller runs than this.
  */
 const WAKE_PAGES = 2048;
+
+/** Tells a thread to end (PageHasher.close). */
+interface Exit {
+  exit: true;
+}
 
 interface Done {
   id: number;
@@ -182,8 +187,13 @@ export class PageHasher {
     return worker;
   }
 
+  /** Threads started and still running. */
+  get running(): number {
+    return this.workers.length;
+  }
+
   /** Stops the threads (a later hash() starts new ones). */
-  async close(): Promise<void> {
+  async close(): Promise<ThreadsClosed> {
     // A thread serving a queue is told to stop first (its queue hashes what is left on its own
     // thread), so no thread goes while it sleeps on a ring.
     if (this.rings.size > 0) {
@@ -197,7 +207,8 @@ export class PageHasher {
       clearTimeout(timer);
     }
     const ws = this.workers.splice(0);
-    await Promise.all(ws.map((w) => w.terminate()));
+    // Asked, not terminated: a thread may still be loading the hashing library (see endThread).
+    return endThreads(ws, (w) => w.postMessage({ exit: true } satisfies Exit));
   }
 }
 
@@ -248,7 +259,8 @@ function serveRings(first: QueueJob, port: MessagePort, bell: Int32Array, hashJo
   while (rings.length > 0) {
     const seen = Atomics.load(bell, BELL.SEQ);
     for (let m = receiveMessageOnPort(port); m; m = receiveMessageOnPort(port)) {
-      const j = m.message as Job | QueueJob;
+      const j = m.message as Job | QueueJob | Exit;
+      if ('exit' in j) process.exit(0);
       if ('ring' in j) rings.push(open(j));
       else hashJob(j);
     }
@@ -286,10 +298,11 @@ if (parentPort && (workerData as { role?: unknown } | null)?.role === ROLE) {
       done(j.id, e);
     }
   };
-  port.on('message', (j: Job | QueueJob) => {
+  port.on('message', (j: Job | QueueJob | Exit) => {
+    if ('exit' in j) process.exit(0); // in a worker, ends this thread only
     if ('ring' in j) serveRings(j, port, bell, hashJob, done);
     else hashJob(j);
-    // Every job names a guest memory, which this thread would otherwise keep (see thread-gc.ts).
+    // Every job names a guest memory, which this thread would otherwise keep (see threads.ts).
     collectSoon();
   });
 }

@@ -13,6 +13,7 @@
  * threads never keep the process alive.
  */
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
+import { endThreads, type ThreadsClosed } from '../threads.js';
 
 /** workerData of a spare thread (see vcpu-worker.ts). */
 export interface SpareThreadData {
@@ -117,11 +118,19 @@ export class VcpuThreadPool {
   }
 
   /** Stops the standing threads; later takes get none. */
-  async close(): Promise<void> {
+  async close(): Promise<ThreadsClosed> {
     this.closed = true;
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
     const all = this.standing.splice(0);
-    await Promise.all(all.map((s) => s.worker.terminate().catch(() => undefined)));
+    // Asked, not terminated: a spare may still be loading its native calls (see endThread).
+    return endThreads(all.map((s) => s.worker), (w) => {
+      const s = all.find((x) => x.worker === w)!;
+      w.off('exit', s.onExit);
+      s.port.postMessage({ exit: true });
+      Atomics.add(s.wake, 0, 1);
+      Atomics.notify(s.wake, 0);
+    });
   }
+
 }

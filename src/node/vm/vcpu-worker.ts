@@ -109,6 +109,8 @@ function adopt(): InitialData {
     const m = receiveMessageOnPort(spare.port);
     if (m) {
       spare.port.close();
+      // The pool is closing (VcpuThreadPool.close): this thread ends, in a worker only itself.
+      if ((m.message as { exit?: true }).exit) process.exit(0);
       return (m.message as { data: InitialData }).data;
     }
     Atomics.wait(wake, 0, rung);
