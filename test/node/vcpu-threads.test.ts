@@ -62,22 +62,26 @@ test('with no spare standing (none kept, or taken), a VM starts its own thread; 
 
 test('closing the pools at any moment after they start asks their threads to end: never terminated while one loads its native calls', async () => {
   // Terminating a thread inside koffi's load aborted the process (exit 134): a host stopped right
-  // after it started, its spare vCPU thread and page-hashing threads still warming up (a sweep of
+  // after it started, its spare vCPU thread, page-hashing threads and fault listener still warming up (a sweep of
   // close() across their start-up, as below, aborted in 2 runs of 3). Each close must find every
   // thread ending itself when asked (exit code 0; a terminated thread exits with 1), and the
   // process must end with 0.
   const pool = new URL('../../src/node/vm/vcpu-threads.js', import.meta.url).href;
   const hasher = new URL('../../src/node/vm/page-hasher.js', import.meta.url).href;
+  const faults = new URL('../../src/node/engine/fault-thread.js', import.meta.url).href;
   const script = `import { VcpuThreadPool } from ${JSON.stringify(pool)};
 import { PageHasher } from ${JSON.stringify(hasher)};
+import { FaultThreadListener } from ${JSON.stringify(faults)};
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const closes = [];
 for (let ms = 0; ms <= 300; ms += 20) {
   const threads = new VcpuThreadPool(2);
   const h = new PageHasher(2);
   h.warm();
+  const listener = new FaultThreadListener('127.0.0.1');
+  listener.port().catch(() => undefined);
   await sleep(ms);
-  closes.push(...(await Promise.all([threads.close(), h.close()])));
+  closes.push(...(await Promise.all([threads.close(), h.close(), listener.close().then(() => null)])).filter((c) => c));
 }
 console.log(JSON.stringify(closes));`;
   const r = runModuleScript(script, 60_000);

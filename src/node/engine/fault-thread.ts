@@ -30,6 +30,7 @@ import { type Frame, type WirePage } from '../../core/protocol/frames.js';
 import { FramedConnection } from '../../core/transport/framed.js';
 import { shaped, type ShapedConnectionInit } from '../../core/transport/shaped.js';
 import { realClock } from '../clock.js';
+import { endThread } from '../threads.js';
 import { TransportError, type Connection } from '../../core/transport/transport.js';
 import { Ctl } from '../vm/control.js';
 import type { Vm } from '../vm/vm.js';
@@ -88,7 +89,9 @@ type ToListener =
   /** `shape`: normalized (see shaping). */
   | { t: 'expect'; token: string; shape: FaultLinkShape | null; detach: boolean }
   | ({ t: 'start'; token: string } & FaultThreadVm)
-  | { t: 'close'; token: string };
+  | { t: 'close'; token: string }
+  /** The host is closing: the thread ends (FaultThreadListener.close). */
+  | { t: 'exit' };
 type FromListener =
   | { t: 'port'; port: number; priority: FaultThreadPriority }
   | { t: 'listen-failed'; message: string }
@@ -101,7 +104,9 @@ type FromListener =
 type ToSource =
   | ({ t: 'dial' } & SourceDial)
   | { t: 'serve'; memory: SharedArrayBuffer; pages: number; soft: Uint32Array; softBits: number }
-  | { t: 'close' };
+  | { t: 'close' }
+  /** To a spare never dialed: the host is closing, the thread ends (SourceFaultThreads.close). */
+  | { t: 'exit' };
 type FromSource =
   | { t: 'priority'; priority: FaultThreadPriority }
   | { t: 'dialed' }
@@ -205,7 +210,8 @@ export class FaultThreadListener implements FaultThreads {
     const w = this.worker;
     this.worker = null;
     this.portP = null;
-    await w?.terminate();
+    // Asked, not terminated: the thread may still be loading its native calls (see endThread).
+    if (w) await endThread(w, () => w.postMessage({ t: 'exit' } satisfies ToListener));
     for (const l of [...this.links.values()]) l.closedNow();
   }
 
@@ -341,7 +347,9 @@ export class SourceFaultThreads {
     this.closed = true;
     const spare = this.spare;
     this.spare = null;
-    await Promise.all([...[...this.links].map((l) => l.terminate()), spare?.terminate()]);
+    // The spare is asked (it may still be loading its native calls: see endThread); a session's
+    // thread, long past loading, is stopped at once.
+    await Promise.all([...[...this.links].map((l) => l.terminate()), spare && endThread(spare, () => spare.postMessage({ t: 'exit' } satisfies ToSource))]);
   }
 }
 
@@ -569,6 +577,7 @@ function listenThread(host: string, priority: FaultThreadPriority): void {
   };
 
   parentPort!.on('message', (m: ToListener) => {
+    if (m.t === 'exit') process.exit(0); // in a worker, ends this thread only
     if (m.t === 'expect') {
       sessions.set(m.token, { conn: null, shape: m.shape, detach: m.detach, socket: null, vm: null, requested: new Map(), nextId: 0, active: true, joined: false });
     } else if (m.t === 'start') {
@@ -781,6 +790,7 @@ if (role?.role === 'listen' || role?.role === 'source') {
     rehearseFaultPath();
     parentPort!.once('message', (m: ToSource) => {
       if (m.t === 'dial') sourceThread(m);
+      else if (m.t === 'exit') process.exit(0);
     });
   }
 }
