@@ -64,3 +64,35 @@ test('page hash: the fallback (FERRY_PAGE_HASH=node-rs) hashes alike on its own 
   hashPages(u8, native);
   assert.deepEqual([...native], [...got.out], 'this thread\'s hashes are the same');
 });
+
+test('page hash: a native library that does not load leaves the fallback hashing, alike', async () => {
+  const { cpSync, mkdtempSync, mkdirSync, writeFileSync, rmSync, symlinkSync } = await import('node:fs');
+  const { tmpdir } = await import('node:os');
+  const root = mkdtempSync(join(tmpdir(), 'ferry-hash-'));
+  try {
+    // A copy of the package layout whose build/native/page-hash.so is not a library.
+    const here = new URL('../../', import.meta.url).pathname; // dist/
+    mkdirSync(join(root, 'build', 'native'), { recursive: true });
+    writeFileSync(join(root, 'build', 'native', 'page-hash.so'), 'not an ELF file');
+    symlinkSync(join(here, '..', 'node_modules'), join(root, 'node_modules'));
+    symlinkSync(join(here, '..', 'package.json'), join(root, 'package.json'));
+    // A copy, not a link: node resolves a module's links to its real path, whose package root is ours.
+    cpSync(join(here, 'src'), join(root, 'dist', 'src'), { recursive: true });
+    const url = new URL(`file://${join(root, 'dist', 'src', 'node', 'vm', 'page-hash.js')}`).href;
+    const u8 = pages(3);
+    const w = new Worker(`
+      const { workerData, parentPort } = require('node:worker_threads');
+      import(${JSON.stringify(url)}).then(({ hashPages, pageHashBackend }) => {
+        const out = new BigUint64Array(3);
+        hashPages(workerData, out);
+        parentPort.postMessage({ backend: pageHashBackend(), out });
+      }, (e) => parentPort.postMessage({ error: String(e) }));`, { eval: true, workerData: u8 });
+    const got = await new Promise<{ backend?: string; out?: BigUint64Array; error?: string }>((resolve, reject) => { w.once('message', resolve); w.once('error', reject); });
+    await w.terminate();
+    assert.equal(got.error, undefined);
+    assert.equal(got.backend, 'node-rs');
+    assert.deepEqual([...got.out!], [0, 1, 2].map((p) => reference(u8, p)));
+  } finally {
+    rmSync(root, { recursive: true, force: true });
+  }
+});

@@ -30,8 +30,14 @@ function nativeHashRun(): HashRun | null {
   native = null;
   const lib = join(nativeDir(), 'page-hash.so');
   if (process.env.FERRY_PAGE_HASH !== 'node-rs' && existsSync(lib)) {
-    const koffi = createRequire(import.meta.url)('koffi') as { load(path: string): { func(decl: string): HashRun } };
-    native = koffi.load(lib).func('void ferry_hash_pages(void *pages, size_t count, size_t pageSize, void *out)');
+    try {
+      const koffi = createRequire(import.meta.url)('koffi') as { load(path: string): { func(decl: string): HashRun } };
+      native = koffi.load(lib).func('void ferry_hash_pages(void *pages, size_t count, size_t pageSize, void *out)');
+    } catch {
+      // A library that does not load (built elsewhere, damaged) hashes nothing: the fallback gives
+      // the same values, and pageHashBackend() says which is in use.
+      native = null;
+    }
   }
   return native;
 }
