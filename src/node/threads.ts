@@ -79,8 +79,8 @@ export interface ThreadsClosed {
   endedWhenAsked: number;
 }
 
-/** Ends `workers` (see endThread), each asked by `ask`. */
-export async function endThreads(workers: Worker[], ask: (w: Worker) => void): Promise<ThreadsClosed> {
-  const ended = await Promise.all(workers.map((w) => endThread(w, () => ask(w))));
-  return { threads: workers.length, endedWhenAsked: ended.filter(Boolean).length };
+/** Ends each thread (see endThread), asked the way it says. */
+export async function endThreads(threads: { worker: Worker; ask(): void }[]): Promise<ThreadsClosed> {
+  const ended = await Promise.all(threads.map((t) => endThread(t.worker, t.ask)));
+  return { threads: threads.length, endedWhenAsked: ended.filter(Boolean).length };
 }

@@ -15,7 +15,7 @@ import { availableParallelism } from 'node:os';
 import { Worker, parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { BugIndicatingError } from '../../core/errors.js';
 import { PAGE_SIZE } from '../../core/pages.js';
-import { hashPage, hashPages } from './page-hash.js';
+import { hashPages, pageHashBackend } from './page-hash.js';
 import { collectSoon, endThreads, type ThreadsClosed } from '../threads.js';
 
 interface Job {
@@ -208,7 +208,7 @@ export class PageHasher {
     }
     const ws = this.workers.splice(0);
     // Asked, not terminated: a thread may still be loading the hashing library (see endThread).
-    return endThreads(ws, (w) => w.postMessage({ exit: true } satisfies Exit));
+    return endThreads(ws.map((w) => ({ worker: w, ask: () => w.postMessage({ exit: true } satisfies Exit) })));
   }
 }
 
@@ -288,7 +288,7 @@ function serveRings(first: QueueJob, port: MessagePort, bell: Int32Array, hashJo
 if (parentPort && (workerData as { role?: unknown } | null)?.role === ROLE) {
   const port = parentPort;
   const bell = new Int32Array((workerData as { bell: SharedArrayBuffer }).bell);
-  hashPage(new Uint8Array(PAGE_SIZE)); // loads the hashing library now, not in a migration's first range
+  pageHashBackend(); // loads the hashing library now, not in a migration's first range
   const done = (id: number, e?: unknown) => port.postMessage(e === undefined ? { id } satisfies Done : { id, error: e instanceof Error ? e.message : String(e) } satisfies Done);
   const hashJob = (j: Job) => {
     try {

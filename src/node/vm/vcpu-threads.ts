@@ -124,13 +124,14 @@ export class VcpuThreadPool {
     this.timer = null;
     const all = this.standing.splice(0);
     // Asked, not terminated: a spare may still be loading its native calls (see endThread).
-    return endThreads(all.map((s) => s.worker), (w) => {
-      const s = all.find((x) => x.worker === w)!;
-      w.off('exit', s.onExit);
-      s.port.postMessage({ exit: true });
-      Atomics.add(s.wake, 0, 1);
-      Atomics.notify(s.wake, 0);
-    });
+    return endThreads(all.map((s) => ({
+      worker: s.worker,
+      ask: () => {
+        s.worker.off('exit', s.onExit);
+        s.port.postMessage({ exit: true });
+        Atomics.add(s.wake, 0, 1);
+        Atomics.notify(s.wake, 0);
+      },
+    })));
   }
-
 }
