@@ -46,23 +46,34 @@ test('page hash: bytes that are not whole pages for the hashes asked are a bug, 
   hashPages(new Uint8Array(0), new BigUint64Array(0)); // nothing to hash
 });
 
-test('page hash: the fallback (FERRY_PAGE_HASH=node-rs) hashes alike on its own thread', async () => {
-  const u8 = pages(5);
-  const url = new URL('../../src/node/vm/page-hash.js', import.meta.url).href;
+/**
+ * Hashes `u8`'s pages on a thread of its own with the page-hash module at `url`: which backend
+ * that thread used and its hashes, or the error its import or hashing raised.
+ */
+async function hashOnThread(url: string, u8: Uint8Array, env: NodeJS.ProcessEnv = process.env): Promise<{ backend?: string; out?: BigUint64Array; error?: string }> {
   const w = new Worker(`
     const { workerData, parentPort } = require('node:worker_threads');
     import(${JSON.stringify(url)}).then(({ hashPages, pageHashBackend }) => {
-      const out = new BigUint64Array(5);
+      const out = new BigUint64Array(workerData.length / ${PAGE_SIZE});
       hashPages(workerData, out);
       parentPort.postMessage({ backend: pageHashBackend(), out });
-    });`, { eval: true, workerData: u8, env: { ...process.env, FERRY_PAGE_HASH: 'node-rs' } });
-  const got = await new Promise<{ backend: string; out: BigUint64Array }>((resolve, reject) => { w.once('message', resolve); w.once('error', reject); });
-  await w.terminate();
+    }).catch((e) => parentPort.postMessage({ error: String(e) }));`, { eval: true, workerData: u8, env });
+  try {
+    return await new Promise((resolve, reject) => { w.once('message', resolve); w.once('error', reject); });
+  } finally {
+    await w.terminate();
+  }
+}
+
+test('page hash: the fallback (FERRY_PAGE_HASH=node-rs) hashes alike on its own thread', async () => {
+  const u8 = pages(5);
+  const got = await hashOnThread(new URL('../../src/node/vm/page-hash.js', import.meta.url).href, u8, { ...process.env, FERRY_PAGE_HASH: 'node-rs' });
+  assert.equal(got.error, undefined);
   assert.equal(got.backend, 'node-rs');
-  assert.deepEqual([...got.out], [0, 1, 2, 3, 4].map((p) => reference(u8, p)));
+  assert.deepEqual([...got.out!], [0, 1, 2, 3, 4].map((p) => reference(u8, p)));
   const native = new BigUint64Array(5);
   hashPages(u8, native);
-  assert.deepEqual([...native], [...got.out], 'this thread\'s hashes are the same');
+  assert.deepEqual([...native], [...got.out!], 'this thread\'s hashes are the same');
 });
 
 test('page hash: a native library that does not load leaves the fallback hashing, alike', async () => {
@@ -78,17 +89,8 @@ test('page hash: a native library that does not load leaves the fallback hashing
     symlinkSync(join(here, '..', 'package.json'), join(root, 'package.json'));
     // A copy, not a link: node resolves a module's links to its real path, whose package root is ours.
     cpSync(join(here, 'src'), join(root, 'dist', 'src'), { recursive: true });
-    const url = new URL(`file://${join(root, 'dist', 'src', 'node', 'vm', 'page-hash.js')}`).href;
     const u8 = pages(3);
-    const w = new Worker(`
-      const { workerData, parentPort } = require('node:worker_threads');
-      import(${JSON.stringify(url)}).then(({ hashPages, pageHashBackend }) => {
-        const out = new BigUint64Array(3);
-        hashPages(workerData, out);
-        parentPort.postMessage({ backend: pageHashBackend(), out });
-      }, (e) => parentPort.postMessage({ error: String(e) }));`, { eval: true, workerData: u8 });
-    const got = await new Promise<{ backend?: string; out?: BigUint64Array; error?: string }>((resolve, reject) => { w.once('message', resolve); w.once('error', reject); });
-    await w.terminate();
+    const got = await hashOnThread(new URL(`file://${join(root, 'dist', 'src', 'node', 'vm', 'page-hash.js')}`).href, u8);
     assert.equal(got.error, undefined);
     assert.equal(got.backend, 'node-rs');
     assert.deepEqual([...got.out!], [0, 1, 2].map((p) => reference(u8, p)));
