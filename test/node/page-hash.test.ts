@@ -48,15 +48,17 @@ test('page hash: bytes that are not whole pages for the hashes asked are a bug, 
 
 /**
  * Hashes `u8`'s pages on a thread of its own with the page-hash module at `url`: which backend
- * that thread used and its hashes, or the error its import or hashing raised.
+ * that thread used, its hashes and whether it loaded the fallback's package, or the error its
+ * import or hashing raised.
  */
-async function hashOnThread(url: string, u8: Uint8Array, env: NodeJS.ProcessEnv = process.env): Promise<{ backend?: string; out?: BigUint64Array; error?: string }> {
+async function hashOnThread(url: string, u8: Uint8Array, env: NodeJS.ProcessEnv = process.env): Promise<{ backend?: string; out?: BigUint64Array; fallbackLoaded?: boolean; error?: string }> {
   const w = new Worker(`
     const { workerData, parentPort } = require('node:worker_threads');
     import(${JSON.stringify(url)}).then(({ hashPages, pageHashBackend }) => {
       const out = new BigUint64Array(workerData.length / ${PAGE_SIZE});
       hashPages(workerData, out);
-      parentPort.postMessage({ backend: pageHashBackend(), out });
+      const fallbackLoaded = Object.keys(require.cache).some((k) => k.includes('@node-rs'));
+      parentPort.postMessage({ backend: pageHashBackend(), out, fallbackLoaded });
     }).catch((e) => parentPort.postMessage({ error: String(e) }));`, { eval: true, workerData: u8, env });
   try {
     return await new Promise((resolve, reject) => { w.once('message', resolve); w.once('error', reject); });
@@ -70,10 +72,22 @@ test('page hash: the fallback (FERRY_PAGE_HASH=node-rs) hashes alike on its own 
   const got = await hashOnThread(new URL('../../src/node/vm/page-hash.js', import.meta.url).href, u8, { ...process.env, FERRY_PAGE_HASH: 'node-rs' });
   assert.equal(got.error, undefined);
   assert.equal(got.backend, 'node-rs');
+  assert.equal(got.fallbackLoaded, true);
   assert.deepEqual([...got.out!], [0, 1, 2, 3, 4].map((p) => reference(u8, p)));
   const native = new BigUint64Array(5);
   hashPages(u8, native);
   assert.deepEqual([...native], [...got.out!], 'this thread\'s hashes are the same');
+});
+
+test('page hash: a thread that hashes natively never loads the fallback package', { skip: !existsSync(join(nativeDir(), 'page-hash.so')) && 'the native library was not built' }, async () => {
+  // Imported as a module, the CommonJS package had node scan its 29 KB loader for exports on
+  // every thread that imports page-hash (each vCPU, hashing and fault thread): ~65 ms of CPU each.
+  const u8 = pages(2);
+  const got = await hashOnThread(new URL('../../src/node/vm/page-hash.js', import.meta.url).href, u8);
+  assert.equal(got.error, undefined);
+  assert.equal(got.backend, 'native');
+  assert.equal(got.fallbackLoaded, false);
+  assert.deepEqual([...got.out!], [0, 1].map((p) => reference(u8, p)));
 });
 
 test('page hash: a native library that does not load leaves the fallback hashing, alike', async () => {

@@ -15,7 +15,6 @@
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
-import { xxh3 } from '@node-rs/xxhash';
 import { BugIndicatingError } from '../../core/errors.js';
 import { PAGE_SIZE } from '../../core/pages.js';
 import { nativeDir } from '../paths.js';
@@ -47,12 +46,27 @@ export function pageHashBackend(): 'native' | 'node-rs' {
   return nativeHashRun() ? 'native' : 'node-rs';
 }
 
+/**
+ * The fallback's XXH3-64, loaded on first use: imported from a module, this CommonJS package had
+ * node scan its 29 KB loader for exports in every thread that imports this module — each vCPU,
+ * hashing and fault thread — which cost each thread ~25 ms to start and ~65 ms of CPU (the
+ * scanner compiled by V8's optimizing compiler, on the cores a migration uses).
+ */
+let fallback: ((page: Uint8Array) => bigint) | undefined;
+function xxh64(page: Uint8Array): bigint {
+  if (!fallback) {
+    const { xxh3 } = createRequire(import.meta.url)('@node-rs/xxhash') as { xxh3: { xxh64(input: Uint8Array): bigint } };
+    fallback = (p) => xxh3.xxh64(p);
+  }
+  return fallback(page);
+}
+
 const one = new BigUint64Array(1);
 
 /** XXH3-64 (seed 0) of `page` (any length; a digest hashes whole pages). */
 export function hashPage(page: Uint8Array): bigint {
   const run = nativeHashRun();
-  if (!run) return xxh3.xxh64(page);
+  if (!run) return xxh64(page);
   run(page, 1, page.length, one);
   return one[0];
 }
@@ -63,5 +77,5 @@ export function hashPages(pages: Uint8Array, out: BigUint64Array): void {
   if (out.length === 0) return;
   const run = nativeHashRun();
   if (run) run(pages, out.length, PAGE_SIZE, out);
-  else for (let i = 0; i < out.length; i++) out[i] = xxh3.xxh64(pages.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
+  else for (let i = 0; i < out.length; i++) out[i] = xxh64(pages.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
 }
