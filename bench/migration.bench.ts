@@ -43,7 +43,7 @@ import type { MigrationReport } from '../src/core/metrics.js';
 import type { MigrationMode } from '../src/core/protocol/frames.js';
 import { Vm } from '../src/node/vm/vm.js';
 import { defaultStreams } from '../src/node/agent/agent.js';
-import { pageHashBackend } from '../src/node/vm/page-hash.js';
+import { pageHashBackend, pageHashIsa } from '../src/node/vm/page-hash.js';
 
 const MiB = 1 << 20;
 const PAGE = 4096;
@@ -186,7 +186,7 @@ async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promis
   const rate = (x: number) => `${x.toFixed(2)} GB/s`;
   ctx.report({
     metric: 'precopy-idle.vs-raw-tcp', value: median(ratios), unit: '×', target: '>= 0.9',
-    note: `raw time (the faster of raw just before and just after each migration) ÷ TMT; destination memory from the host's pool; ${fmtMiB(mem)} random, idle; TMT ${r.totalMigrationTimeMs!.toFixed(0)} ms for ${fmtMiB(r.bytes.wire)} on the wire (${rate(r.bytes.wire / 1e6 / r.totalMigrationTimeMs!)}) vs raw ${rate(median(rates))}; ${r.rounds.length} rounds; page hashes for the digest: ${pageHashBackend() === 'native' ? 'native XXH3' : 'XXH3 from @node-rs/xxhash (the native library was not built)'}; median of ${reps}`,
+    note: `raw time (the faster of raw just before and just after each migration) ÷ TMT; destination memory from the host's pool; ${fmtMiB(mem)} random, idle; TMT ${r.totalMigrationTimeMs!.toFixed(0)} ms for ${fmtMiB(r.bytes.wire)} on the wire (${rate(r.bytes.wire / 1e6 / r.totalMigrationTimeMs!)}) vs raw ${rate(median(rates))}; ${r.rounds.length} rounds; page hashes for the digest: ${pageHashBackend() === 'native' ? `native XXH3 (${pageHashIsa()})` : 'XXH3 from @node-rs/xxhash (the native library was not built)'}; median of ${reps}`,
   });
   ctx.report({
     metric: 'precopy-idle.vs-raw-tcp.through-check', value: median(evictRatios), unit: '×',

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DEFAULT_MEMORY_POOL_BYTES, HostAgent, type HostMemoryPoolJson } from '../../src/node/agent/agent.js';
 import { InvalidArgumentError } from '../../src/core/errors.js';
-import { pageHashBackend } from '../../src/node/vm/page-hash.js';
+import { pageHashBackend, pageHashIsa } from '../../src/node/vm/page-hash.js';
 import { KvClient } from '../../src/node/kv-client.js';
 import { leaveWhenDone } from '../helpers/leave-when-done.js';
 import { restoreSnapshot } from '../../src/node/vm/snapshot.js';
@@ -259,9 +259,10 @@ test('ferry host start --memory-pool: a size (0: off) reaches the agent; a bad o
   assert.match(help.stdout, /--memory-pool <size>[\s\S]*0 turns it off[\s\S]*default: 512 MiB/);
 
   for (const [flag, bytes] of [['64MiB', 64 << 20], ['0', 0]] as const) {
-    await withHostStarted<{ control: string; memoryPoolBytes: number; pageHash: string }>(`p${bytes}`, ['--memory-pool', flag], (host, started) => {
+    await withHostStarted<{ control: string; memoryPoolBytes: number; pageHash: string; pageHashIsa: string | null }>(`p${bytes}`, ['--memory-pool', flag], (host, started) => {
       assert.equal(started.memoryPoolBytes, bytes);
       assert.equal(started.pageHash, pageHashBackend(), 'the started line says how this host hashes pages');
+      assert.equal(started.pageHashIsa, pageHashIsa(), 'and with which instructions');
       assert.deepEqual(host.memoryPool, { capacityBytes: bytes, hits: 0, misses: 0, memories: 0, bytes: 0 });
     });
   }

@@ -1,13 +1,14 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { xxh3 } from '@node-rs/xxhash';
 import { BugIndicatingError } from '../../src/core/errors.js';
 import { PAGE_SIZE } from '../../src/core/pages.js';
 import { nativeDir } from '../../src/node/paths.js';
-import { hashPage, hashPages, pageHashBackend } from '../../src/node/vm/page-hash.js';
+import { hashPage, hashPages, pageHashBackend, pageHashIsa } from '../../src/node/vm/page-hash.js';
 
 /** `n` pages of shared memory, every byte set (each page differs). */
 function pages(n: number): Uint8Array {
@@ -36,6 +37,26 @@ test('page hash: hashPage and hashPages give XXH3-64 (seed 0) of each page, as @
   const wide = new BigUint64Array(10).fill(5n);
   hashPages(u8.subarray(PAGE_SIZE, 4 * PAGE_SIZE), wide.subarray(2, 5));
   assert.deepEqual([...wide], [5n, 5n, reference(u8, 1), reference(u8, 2), reference(u8, 3), 5n, 5n, 5n, 5n, 5n]);
+});
+
+test('page hash: each instruction set the library was built for hashes alike where the CPU has it, and the best is used', { skip: !existsSync(join(nativeDir(), 'page-hash.so')) && 'the native library was not built' }, () => {
+  // Built for every CPU of its architecture (not -march=native, whose library would kill a host with
+  // an older CPU on its first hash): on x86-64 one variant per instruction set, picked at run time.
+  const koffi = createRequire(import.meta.url)('koffi') as { load(path: string): { func(decl: string): (...args: unknown[]) => number } };
+  const withIsa = koffi.load(join(nativeDir(), 'page-hash.so')).func('int ferry_hash_pages_with(const char *isa, void *pages, size_t count, size_t pageSize, void *out)');
+  const flags = /^flags\s*:(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1].trim().split(/\s+/) ?? [];
+  const cpuHas = (isa: string) => isa === 'sse2' || isa === 'base' || flags.includes(isa === 'avx512' ? 'avx512f' : isa);
+  const isas = process.arch === 'x64' ? ['sse2', 'avx2', 'avx512'] : ['base'];
+  const u8 = pages(40);
+  const want = Array.from({ length: 40 }, (_, p) => reference(u8, p));
+  for (const isa of isas) {
+    const out = new BigUint64Array(40);
+    const ran = withIsa(isa, u8, 40, PAGE_SIZE, out);
+    assert.equal(ran, cpuHas(isa) ? 1 : 0, `${isa}: run where the CPU has it, and only there`);
+    assert.deepEqual([...out], ran ? want : new Array<bigint>(40).fill(0n), isa);
+  }
+  assert.equal(withIsa('mmx', u8, 40, PAGE_SIZE, new BigUint64Array(40)), 0, 'a variant the library does not have');
+  assert.equal(pageHashIsa(), [...isas].reverse().find(cpuHas));
 });
 
 test('page hash: bytes that are not whole pages for the hashes asked are a bug, and nothing is written', () => {

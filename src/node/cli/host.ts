@@ -10,7 +10,7 @@ import { formatBytes } from '../../core/units.js';
 import { DEFAULT_MEMORY_POOL_BYTES, HostAgent, parseHostPort } from '../agent/agent.js';
 import { FAULT_THREAD_PRIORITIES, POSTCOPY_VCPU_NICE, type FaultThreadPriority } from '../engine/thread-priority.js';
 import { ferryHome } from '../paths.js';
-import { pageHashBackend } from '../vm/page-hash.js';
+import { pageHashBackend, pageHashIsa } from '../vm/page-hash.js';
 import { addressText, sizeBytes, sizeText } from './args.js';
 import { readRegistration, register, registeredNames, registryDir } from './registry.js';
 
@@ -105,8 +105,9 @@ export function registerHostCommands(program: Command): void {
       const regFile = await register(home, 'hosts', { name: o.name, pid: process.pid, control, migration } satisfies HostRegistration);
       const poolBytes = agent.memoryPool().capacityBytes;
       const pageHash = pageHashBackend();
-      log('started', { name: o.name, control, migration, capacityBytes: agent.capacityBytes, memoryPoolBytes: poolBytes, pageHash },
-        `host ${o.name} running; control ${control}, migration ${migration}, capacity ${formatBytes(agent.capacityBytes)}, memory pool ${poolBytes === 0 ? 'off' : formatBytes(poolBytes)}${pageHash === 'native' ? '' : '; page hashes without the native library, several times slower (npm run build makes it where cc and xxhash.h exist: bash scripts/setup.sh)'}`);
+      const isa = pageHashIsa();
+      log('started', { name: o.name, control, migration, capacityBytes: agent.capacityBytes, memoryPoolBytes: poolBytes, pageHash, pageHashIsa: isa },
+        `host ${o.name} running; control ${control}, migration ${migration}, capacity ${formatBytes(agent.capacityBytes)}, memory pool ${poolBytes === 0 ? 'off' : formatBytes(poolBytes)}${pageHash === 'native' ? `, page hashes native (${isa})` : '; page hashes without the native library, several times slower (npm run build makes it where cc and xxhash.h exist: bash scripts/setup.sh)'}`);
       await new Promise<void>((res) => {
         process.once('SIGINT', res);
         process.once('SIGTERM', res);

@@ -7,8 +7,9 @@
  * build/native/page-hash.so, called through koffi), which hashes a run of pages in one call: every
  * page a migration moves is hashed on both hosts, and one call per page from JavaScript cost more
  * than the hash (measured: ~5 GB/s for @node-rs/xxhash's xxh64 per page, against ~30 GB/s for the
- * native loop on pages in cache). Where the library was not built (no C compiler or no xxhash.h
- * when building), @node-rs/xxhash's XXH3 gives the same values, much more slowly:
+ * native loop on pages in cache). The library runs on any CPU of its architecture, with the best
+ * vector instructions the CPU has ({@link pageHashIsa}). Where it was not built (no C compiler or
+ * no xxhash.h when building), @node-rs/xxhash's XXH3 gives the same values, much more slowly:
  * {@link pageHashBackend} says which this thread uses. Loaded on a thread's first hash (~30 ms when
  * the thread has not loaded koffi yet), so threads that hash on a deadline hash once as they start.
  */
@@ -21,17 +22,23 @@ import { nativeDir } from '../paths.js';
 
 type HashRun = (pages: Uint8Array, count: number, pageSize: number, out: BigUint64Array) => void;
 
-/** The native loop, or null where it was not built (or cannot load); looked up once per thread. */
-let native: HashRun | null | undefined;
+/** The native loop and the instruction set it uses, or null where it was not built (or cannot load); looked up once per thread. */
+let native: { run: HashRun; isa: string } | null | undefined;
 
 function nativeHashRun(): HashRun | null {
+  return nativeLib()?.run ?? null;
+}
+
+function nativeLib(): { run: HashRun; isa: string } | null {
   if (native !== undefined) return native;
   native = null;
   const lib = join(nativeDir(), 'page-hash.so');
   if (process.env.FERRY_PAGE_HASH !== 'node-rs' && existsSync(lib)) {
     try {
-      const koffi = createRequire(import.meta.url)('koffi') as { load(path: string): { func(decl: string): HashRun } };
-      native = koffi.load(lib).func('void ferry_hash_pages(void *pages, size_t count, size_t pageSize, void *out)');
+      const koffi = createRequire(import.meta.url)('koffi') as { load(path: string): { func(decl: string): (...args: unknown[]) => unknown } };
+      const l = koffi.load(lib);
+      const run = l.func('void ferry_hash_pages(void *pages, size_t count, size_t pageSize, void *out)') as HashRun;
+      native = { run, isa: String(l.func('const char *ferry_hash_isa(void)')()) };
     } catch {
       // A library that does not load (built elsewhere, damaged) hashes nothing: the fallback gives
       // the same values, and pageHashBackend() says which is in use.
@@ -39,6 +46,14 @@ function nativeHashRun(): HashRun | null {
     }
   }
   return native;
+}
+
+/**
+ * The instruction set the native library hashes with on this CPU — 'avx512', 'avx2' or 'sse2' on
+ * x86-64 (the best the CPU has), 'base' elsewhere — or null where the fallback hashes.
+ */
+export function pageHashIsa(): string | null {
+  return nativeLib()?.isa ?? null;
 }
 
 /** Which implementation hashes pages on this thread: 'native' (build/native/page-hash.so) or 'node-rs' (@node-rs/xxhash, the fallback; FERRY_PAGE_HASH=node-rs asks for it). */
