@@ -139,14 +139,19 @@ describe('packed batches', () => {
 describe('zero', () => {
   test('the embedded Wasm is what binaryen builds from the WAT', () => {
     const wat = (shared: boolean) => `(module (import "e" "m" (memory 0 ${shared ? '65536 shared' : ''}))
-      (func (export "z") (param $p i32) (param $n i32) (result i32) (local $end i32)
+      (func $z (export "z") (param $p i32) (param $n i32) (result i32) (local $end i32)
         (local.set $end (i32.add (local.get $p) (local.get $n)))
         (block $out (loop $l (br_if $out (i32.ge_u (local.get $p) (local.get $end)))
           (if (v128.any_true (v128.or (v128.or (v128.load (local.get $p)) (v128.load offset=16 (local.get $p)))
                                       (v128.or (v128.load offset=32 (local.get $p)) (v128.load offset=48 (local.get $p)))))
             (then (return (i32.const 0))))
           (local.set $p (i32.add (local.get $p) (i32.const 64))) (br $l)))
-        (i32.const 1)))`;
+        (i32.const 1))
+      (func (export "f") (param $p i32) (param $count i32) (param $zero i32) (result i32) (local $k i32)
+        (block $out (loop $l (br_if $out (i32.ge_u (local.get $k) (local.get $count)))
+          (br_if $out (i32.eq (call $z (i32.add (local.get $p) (i32.shl (local.get $k) (i32.const 12))) (i32.const 4096)) (local.get $zero)))
+          (local.set $k (i32.add (local.get $k) (i32.const 1))) (br $l)))
+        (local.get $k)))`;
     for (const [shared, bytes] of [[false, ZERO_SCAN_WASM], [true, ZERO_SCAN_WASM_SHARED]] as const) {
       const m = binaryen.parseText(wat(shared));
       m.setFeatures(binaryen.Features.SIMD128 | binaryen.Features.Atomics);
@@ -189,6 +194,38 @@ describe('zero', () => {
     const pages = concat(corpus('mixed', 300, 2).pages);
     const out = new Uint8Array(300);
     assert.equal(s.zeroMap(pages, out), 60);
+  });
+
+  test('zeroMap finds every zero page of a run, in place, through scratch and in JS alike', () => {
+    // Stretches of zero and non-zero pages (one scan call per stretch): each page's one non-zero
+    // byte anywhere in it, runs of every length, starting anywhere, longer than the 1 MiB scratch.
+    const r = rng(7);
+    const n = 700;
+    const memory = new WebAssembly.Memory({ initial: Math.ceil((n * PAGE_SIZE) / 65536), shared: true, maximum: 1024 });
+    const u8 = new Uint8Array(memory.buffer);
+    const zeroPage: boolean[] = [];
+    for (let p = 0; p < n;) {
+      const len = 1 + Math.floor(r() * (r() < 0.2 ? 300 : 6));
+      const z = r() < 0.5;
+      for (let k = 0; k < len && p < n; k++, p++) {
+        zeroPage[p] = z;
+        if (!z) u8[p * PAGE_SIZE + Math.floor(r() * PAGE_SIZE)] = 1 + Math.floor(r() * 255);
+      }
+    }
+    const copy = u8.slice(0, n * PAGE_SIZE); // not in the scanner's memory: scanned through scratch
+    const scanners = [zeroScanner({ memory }), zeroScanner(), zeroScanner({ simd: false })];
+    for (const [from, count] of [[0, n], [1, 299], [37, 1], [256, 444], [3, 0]]) {
+      const want = zeroPage.slice(from, from + count).map((z) => (z ? 1 : 0));
+      for (const [i, sc] of scanners.entries()) {
+        for (const src of [u8, copy]) {
+          const out = new Uint8Array(count + 2).fill(7);
+          const zeros = sc.zeroMap(src.subarray(from * PAGE_SIZE, (from + count) * PAGE_SIZE), out);
+          assert.deepEqual([...out.subarray(0, count)], want, `scanner ${i}, pages ${from}+${count}`);
+          assert.deepEqual([...out.subarray(count)], [7, 7], 'slots past the pages are left alone');
+          assert.equal(zeros, want.filter((z) => z === 1).length);
+        }
+      }
+    }
   });
 
   test('encodes only zero pages, with the protocol ZERO id and no bytes', () => {

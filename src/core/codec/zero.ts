@@ -11,27 +11,58 @@ import { PAGE_SIZE } from '../pages.js';
 import { CodecErrorCode, ZERO_CODEC_ID, codecFail, type PageCodec, type PageDecoder, type PageEncoder } from './codec.js';
 
 // (func (export "z") (param $p i32) (param $n i32) (result i32)): 1 when [p, p+n) is all zero; n % 64 == 0.
+// (func (export "f") (param $p i32) (param $count i32) (param $zero i32) (result i32)): how many of
+// the `count` 4 KiB pages from p come before the first whose "all zero" is `zero` (count if none):
+// a stretch of pages scanned in one call.
 // Built from WAT with binaryen (see test/core/codec.test.ts, which rebuilds and compares these bytes).
-const Z_FUNC = [
-  3, 2, 1, 0, 7, 5, 1, 1, 122, 0, 0, 10, 73, 1, 71, 0, 32, 0, 32, 1, 106, 33, 1, 3, 64, 32, 0, 32, 1, 73, 4, 64, 32, 0,
-  253, 0, 4, 0, 32, 0, 253, 0, 4, 16, 253, 80, 32, 0, 253, 0, 4, 32, 32, 0, 253, 0, 4, 48, 253, 80, 253, 80, 253, 83, 4,
-  64, 65, 0, 15, 5, 32, 0, 65, 64, 107, 33, 0, 12, 2, 11, 0, 11, 11, 65, 1, 11,
+const TYPES = [0, 97, 115, 109, 1, 0, 0, 0, 1, 14, 2, 96, 2, 127, 127, 1, 127, 96, 3, 127, 127, 127, 1, 127];
+const FUNCS = [
+  3, 3, 2, 0, 1, 7, 9, 2, 1, 122, 0, 0, 1, 102, 0, 1, 10, 120, 2, 71, 0, 32, 0, 32, 1, 106, 33, 1, 3, 64, 32, 0, 32, 1, 73,
+  4, 64, 32, 0, 253, 0, 4, 0, 32, 0, 253, 0, 4, 16, 253, 80, 32, 0, 253, 0, 4, 32, 32, 0, 253, 0, 4, 48, 253, 80, 253, 80,
+  253, 83, 4, 64, 65, 0, 15, 5, 32, 0, 65, 64, 107, 33, 0, 12, 2, 11, 0, 11, 11, 65, 1, 11, 46, 1, 1, 127, 3, 64, 2, 64, 32,
+  1, 32, 3, 77, 13, 0, 32, 0, 32, 3, 65, 12, 116, 106, 65, 128, 32, 16, 0, 32, 2, 70, 13, 0, 32, 3, 65, 1, 106, 33, 3, 12,
+  1, 11, 11, 32, 3, 11,
 ];
-const HEAD = [0, 97, 115, 109, 1, 0, 0, 0, 1, 7, 1, 96, 2, 127, 127, 1, 127];
 /** Module importing `e.m` as a plain memory (min 0). */
-export const ZERO_SCAN_WASM = new Uint8Array([...HEAD, 2, 8, 1, 1, 101, 1, 109, 2, 0, 0, ...Z_FUNC]);
+export const ZERO_SCAN_WASM = new Uint8Array([...TYPES, 2, 8, 1, 1, 101, 1, 109, 2, 0, 0, ...FUNCS]);
 /** Same, importing a shared memory (min 0, max 65536). */
-export const ZERO_SCAN_WASM_SHARED = new Uint8Array([...HEAD, 2, 11, 1, 1, 101, 1, 109, 2, 3, 0, 128, 128, 4, ...Z_FUNC]);
+export const ZERO_SCAN_WASM_SHARED = new Uint8Array([...TYPES, 2, 11, 1, 1, 101, 1, 109, 2, 3, 0, 128, 128, 4, ...FUNCS]);
 
-type ScanFn = (ptr: number, len: number) => number;
+interface Scan {
+  /** 1 when [ptr, ptr + len) is all zero (len a multiple of 64). */
+  z(ptr: number, len: number): number;
+  /** Pages of the `count` from `ptr` before the first whose all-zero is `zero` (1 or 0); `count` if none. */
+  f(ptr: number, count: number, zero: number): number;
+}
 
-function instantiate(memory: WebAssembly.Memory, shared: boolean): ScanFn | null {
+function instantiate(memory: WebAssembly.Memory, shared: boolean): Scan | null {
   try {
     const mod = new WebAssembly.Module(shared ? ZERO_SCAN_WASM_SHARED : ZERO_SCAN_WASM);
-    return new WebAssembly.Instance(mod, { e: { m: memory } }).exports.z as ScanFn;
+    return new WebAssembly.Instance(mod, { e: { m: memory } }).exports as unknown as Scan;
   } catch {
     return null; // no SIMD (or no Wasm): the JS path below is correct, only slower
   }
+}
+
+/**
+ * Fills out[at … at + count) with 1 for each zero page of the `count` pages from byte `ptr` of
+ * the scanner's memory, 0 for the others; returns how many are zero. One call per stretch of
+ * zero or non-zero pages (one per run of guest memory holding data): a call per page, 65536 per
+ * 256 MiB, cost the source more than the scan.
+ */
+function mapStretches(scan: Scan, ptr: number, count: number, out: Uint8Array, at: number): number {
+  let zeros = 0;
+  for (let k = 0; k < count;) {
+    const data = scan.f(ptr + k * PAGE_SIZE, count - k, 1);
+    out.fill(0, at + k, at + k + data);
+    k += data;
+    if (k >= count) break;
+    const z = scan.f(ptr + k * PAGE_SIZE, count - k, 0);
+    out.fill(1, at + k, at + k + z);
+    zeros += z;
+    k += z;
+  }
+  return zeros;
 }
 
 /** Plain JS check (Int32 words when aligned, bytes otherwise). */
@@ -80,13 +111,13 @@ export function zeroScanner(init: ZeroScannerInit = {}): ZeroScanner {
     const body = n & ~63;
     let ok: boolean;
     if (guestScan && bytes.buffer === guest!.buffer && bytes.byteOffset + body < 2 ** 32) {
-      ok = guestScan(bytes.byteOffset, body) === 1;
+      ok = guestScan.z(bytes.byteOffset, body) === 1;
     } else {
       ok = true;
       for (let at = 0; ok && at < body; at += SCRATCH_BYTES) {
         const len = Math.min(SCRATCH_BYTES, body - at);
         scratch!.set(bytes.subarray(at, at + len));
-        ok = scratchScan!(0, len) === 1;
+        ok = scratchScan!.z(0, len) === 1;
       }
     }
     for (let i = body; ok && i < n; i++) if (bytes[i] !== 0) ok = false;
@@ -106,20 +137,15 @@ export function zeroScanner(init: ZeroScannerInit = {}): ZeroScanner {
         for (let at = 0; at < pages.length; at += SCRATCH_BYTES) {
           const len = Math.min(SCRATCH_BYTES, pages.length - at);
           scratch.set(pages.subarray(at, at + len));
-          for (let p = 0; p < len; p += PAGE_SIZE) {
-            const z = scratchScan!(p, PAGE_SIZE);
-            out[(at + p) / PAGE_SIZE] = z;
-            zeros += z;
-          }
+          zeros += mapStretches(scratchScan!, 0, len / PAGE_SIZE, out, at / PAGE_SIZE);
         }
         return zeros;
       }
-      // In place: one call per page straight at its address (no view per page; 65536 of them per
-      // 256 MiB cost the source more than the scan).
+      // In place, straight at the pages' addresses.
       const at = pages.byteOffset;
-      const inPlace = guestScan !== null && pages.buffer === guest!.buffer && at + pages.length <= 2 ** 32;
+      if (guestScan !== null && pages.buffer === guest!.buffer && at + pages.length <= 2 ** 32) return mapStretches(guestScan, at, count, out, 0);
       for (let k = 0; k < count; k++) {
-        const z = inPlace ? guestScan(at + k * PAGE_SIZE, PAGE_SIZE) : isZero(pages.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE)) ? 1 : 0;
+        const z = isZero(pages.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE)) ? 1 : 0;
         out[k] = z;
         zeros += z;
       }
