@@ -47,8 +47,10 @@ const FAULT_THREAD_OPEN_MS = 3000;
  * A page the guest writes between the harvest and the kernel's copy is dirty again and goes again
  * (in the final round the VM is paused). Zero pages go as ZERO entries of a PAGES frame. With
  * codecs, pages are copied into a batch and encoded into BATCH frames.
+ *
+ * Exported for its tests (test/core/send-stream.test.ts); the session is its only user.
  */
-class SendStream {
+export class SendStream {
   private inflight: Promise<void> = Promise.resolve();
   /** Guest page bytes this stream carried, and the frame bytes they became. */
   pageBytes = 0;
@@ -56,15 +58,25 @@ class SendStream {
   /** Codec path: the batch's page indices, and its pages back to back in `buf`. */
   private readonly indices: number[] = [];
   private readonly buf: Uint8Array | null;
-  /** RUN path: the batch's pages in the order added (sorted, and sorted into raw and zero, at flush). */
-  private readonly pending: Uint32Array;
+  /**
+   * RUN path: the batch's pages as runs — (first, count) pairs in the order added, a page that
+   * continues the last run extending it — and how many pages they hold. `ordered` while each run
+   * starts past the end of the one before (a round's pages come so); pages added out of order are
+   * sorted, and repeats dropped, at flush.
+   */
+  private readonly runs: Uint32Array;
+  private runCount = 0;
   private pendingCount = 0;
+  private ordered = true;
+  /** For sorting pages added out of order: the batch's pages one by one. */
+  private readonly unsorted: Uint32Array;
   private readonly zeroFlags: Uint8Array;
   private readonly zeros: Uint32Array;
 
   constructor(readonly framed: FramedConnection, readonly encoder: StreamEncoder | null, private readonly vm: SourceVm, private readonly batchPages: number, private readonly now: () => number) {
     this.buf = encoder ? new Uint8Array(batchPages * PAGE_SIZE) : null;
-    this.pending = new Uint32Array(encoder ? 0 : batchPages);
+    this.runs = new Uint32Array(encoder ? 0 : 2 * batchPages);
+    this.unsorted = new Uint32Array(encoder ? 0 : batchPages);
     this.zeroFlags = new Uint8Array(encoder ? 0 : batchPages);
     this.zeros = new Uint32Array(encoder ? 0 : batchPages);
   }
@@ -84,7 +96,7 @@ class SendStream {
       this.indices.push(p);
       return;
     }
-    this.pending[this.pendingCount++] = p;
+    this.pushRun(p, 1);
   }
 
   /** Adds pages [first, first + count) — no more than the batch has room for. */
@@ -93,8 +105,25 @@ class SendStream {
       for (let k = 0; k < count; k++) this.add(first + k);
       return;
     }
-    for (let k = 0; k < count; k++) this.pending[this.pendingCount + k] = first + k;
+    this.pushRun(first, count);
+  }
+
+  private pushRun(first: number, count: number): void {
+    if (count <= 0) return;
+    const runs = this.runs;
+    const n = this.runCount;
     this.pendingCount += count;
+    if (n > 0) {
+      const end = runs[2 * n - 2] + runs[2 * n - 1];
+      if (first === end) {
+        runs[2 * n - 1] += count;
+        return;
+      }
+      if (first < end) this.ordered = false;
+    }
+    runs[2 * n] = first;
+    runs[2 * n + 1] = count;
+    this.runCount = n + 1;
   }
 
   /** Pages the batch still has room for. */
@@ -102,33 +131,50 @@ class SendStream {
     return this.batchPages - this.count;
   }
 
+  /** Makes the runs ordered and disjoint: pages added out of order, sorted, each once. */
+  private sortRuns(): void {
+    const runs = this.runs;
+    const pages = this.unsorted;
+    let n = 0;
+    for (let r = 0; r < this.runCount; r++) for (let k = 0; k < runs[2 * r + 1]; k++) pages[n++] = runs[2 * r] + k;
+    pages.subarray(0, n).sort();
+    this.runCount = 0;
+    this.ordered = true;
+    for (let i = 0; i < n; i++) {
+      if (i > 0 && pages[i] === pages[i - 1]) continue; // the same page twice: once
+      this.pushRun(pages[i], 1);
+    }
+  }
+
   /**
    * The RUN path's frames: the RUN head, each extent's bytes, then the zero pages' PAGES frame.
-   * The batch's pages, sorted and without repeats, fall into runs of consecutive pages; each run is
-   * scanned for zero pages in one call, and its non-zero stretches become the extents.
+   * Each run of the batch is scanned for zero pages in one call; a run without any is one extent
+   * as it is (no step per page: a round of random memory is nothing but such runs), the others'
+   * non-zero stretches become the extents.
    */
   private runFrames(seq: number): Uint8Array[] {
     const vm = this.vm;
-    let pages = this.pending.subarray(0, this.pendingCount);
+    if (!this.ordered) this.sortRuns();
+    const runs = this.runs;
+    const nRuns = this.runCount;
+    this.runCount = 0;
     this.pendingCount = 0;
-    for (let i = 1; i < pages.length; i++) if (pages[i] <= pages[i - 1]) { pages.sort(); break; }
-    let n = 0;
-    for (let i = 0; i < pages.length; i++) if (i === 0 || pages[i] !== pages[i - 1]) pages[n++] = pages[i]; // the same page twice: once
-    pages = pages.subarray(0, n);
     const extents: { first: number; count: number }[] = [];
     let zeroCount = 0;
     const flags = this.zeroFlags;
-    for (let i = 0; i < n;) {
-      let j = i + 1;
-      while (j < n && pages[j] === pages[j - 1] + 1) j++;
-      const first = pages[i];
-      const zeros = vm.zeroPages(first, j - i, flags);
-      for (let k = 0; k < j - i; k++) {
-        if (zeros > 0 && flags[k] === 1) this.zeros[zeroCount++] = first + k;
+    for (let r = 0; r < nRuns; r++) {
+      const first = runs[2 * r];
+      const count = runs[2 * r + 1];
+      const zeros = vm.zeroPages(first, count, flags);
+      if (zeros === 0) {
+        extents.push({ first, count });
+        continue;
+      }
+      for (let k = 0; k < count; k++) {
+        if (flags[k] === 1) this.zeros[zeroCount++] = first + k;
         else if (k > 0 && flags[k - 1] !== 1) extents[extents.length - 1].count++; // the page before is the last extent's
         else extents.push({ first: first + k, count: 1 });
       }
-      i = j;
     }
     const out: Uint8Array[] = [];
     if (extents.length > 0) {
@@ -143,6 +189,7 @@ class SendStream {
       }
     }
     if (zeroCount > 0) out.push(encodeZeroPages(seq, false, this.zeros, zeroCount));
+    this.ordered = true;
     return out;
   }
 
