@@ -31,33 +31,29 @@ void FERRY_VARIANT(const uint8_t *pages, size_t count, size_t page_size, uint64_
   for (size_t i = 0; i < count; i++) out[i] = XXH3_64bits(pages + i * page_size, page_size);
 }
 
-#else /* the dispatcher: ferry_hash_pages, ferry_hash_isa, ferry_hash_isa_supported */
+#else /* the dispatcher: ferry_hash_pages, ferry_hash_isa, ferry_hash_pages_with */
 
 #include <string.h>
 
+/* __builtin_cpu_supports also checks that the OS saves the registers; it takes a literal only. */
 #if defined(FERRY_DISPATCH_X86)
 hash_pages_fn ferry_hash_pages_sse2, ferry_hash_pages_avx2, ferry_hash_pages_avx512;
-static const struct { const char *name; const char *cpu; hash_pages_fn *fn; } variants[] = {
-  /* Best first. __builtin_cpu_supports also checks that the OS saves the registers. */
-  { "avx512", "avx512f", ferry_hash_pages_avx512 },
-  { "avx2", "avx2", ferry_hash_pages_avx2 },
+static int has_avx512(void) { __builtin_cpu_init(); return __builtin_cpu_supports("avx512f"); }
+static int has_avx2(void) { __builtin_cpu_init(); return __builtin_cpu_supports("avx2"); }
+static const struct { const char *name; int (*has)(void); hash_pages_fn *fn; } variants[] = {
+  /* Best first; the last runs everywhere (has: NULL). */
+  { "avx512", has_avx512, ferry_hash_pages_avx512 },
+  { "avx2", has_avx2, ferry_hash_pages_avx2 },
   { "sse2", NULL, ferry_hash_pages_sse2 },
 };
-static int supported(size_t i) {
-  __builtin_cpu_init();
-  if (!variants[i].cpu) return 1;
-  /* __builtin_cpu_supports takes a string literal only. */
-  if (!strcmp(variants[i].cpu, "avx512f")) return __builtin_cpu_supports("avx512f");
-  if (!strcmp(variants[i].cpu, "avx2")) return __builtin_cpu_supports("avx2");
-  return 0;
-}
 #else
 hash_pages_fn ferry_hash_pages_base;
-static const struct { const char *name; const char *cpu; hash_pages_fn *fn; } variants[] = {
+static const struct { const char *name; int (*has)(void); hash_pages_fn *fn; } variants[] = {
   { "base", NULL, ferry_hash_pages_base },
 };
-static int supported(size_t i) { (void)i; return 1; }
 #endif
+
+static int supported(size_t i) { return !variants[i].has || variants[i].has(); }
 
 #define VARIANTS (sizeof variants / sizeof variants[0])
 

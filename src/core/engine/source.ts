@@ -189,7 +189,6 @@ export class SendStream {
       }
     }
     if (zeroCount > 0) out.push(encodeZeroPages(seq, false, this.zeros, zeroCount));
-    this.ordered = true;
     return out;
   }
 

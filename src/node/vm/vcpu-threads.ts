@@ -39,6 +39,13 @@ interface Standing {
   onExit: () => void;
 }
 
+/** Posts a standing thread `message` and rings it: it waits on its wake word, not on its port. */
+function tell(s: Standing, message: unknown, transfer: (MessagePort | ArrayBuffer)[] = []): void {
+  s.port.postMessage(message, transfer);
+  Atomics.add(s.wake, 0, 1);
+  Atomics.notify(s.wake, 0);
+}
+
 export interface VcpuThreadPoolInit {
   /** How long after a take the next spare starts, ms (default 250). */
   refillDelayMs?: number;
@@ -76,10 +83,8 @@ export class VcpuThreadPool {
     return {
       worker: s.worker,
       adopt: (data, transfer) => {
-        s.port.postMessage({ data }, transfer);
+        tell(s, { data }, transfer);
         s.port.close();
-        Atomics.add(s.wake, 0, 1);
-        Atomics.notify(s.wake, 0);
       },
     };
   }
@@ -128,9 +133,7 @@ export class VcpuThreadPool {
       worker: s.worker,
       ask: () => {
         s.worker.off('exit', s.onExit);
-        s.port.postMessage({ exit: true });
-        Atomics.add(s.wake, 0, 1);
-        Atomics.notify(s.wake, 0);
+        tell(s, { exit: true });
       },
     })));
   }
