@@ -23,6 +23,7 @@ import { shaped } from '../../core/transport/shaped.js';
 import { TokenBucket } from '../../core/rate.js';
 import type { Connection, Listener, Transport } from '../../core/transport/transport.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf, startPageHashers } from '../engine/adapters.js';
+import { warmMigrationPaths, type WarmUpResult } from '../engine/warm-up.js';
 import { tcp, parseTcpAddress, sendFromThread } from '../transport/tcp.js';
 import { SendThreads } from '../transport/send-threads.js';
 import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../engine/fault-thread.js';
@@ -92,7 +93,22 @@ export interface HostAgentInit {
    * thread. Default false; `ferry host start` sets it.
    */
   warmRewriter?: boolean;
+  /**
+   * Warm the migration code paths when the migration listener opens: migrate a small VM from this
+   * host to itself once (engine/warm-up.ts), so that the first real migration, in or out, does not
+   * run cold code inside its downtime. Migrations wait for it: about a second in a fresh process
+   * here, most of it rewriting the guest (the migration itself about a quarter of a second).
+   * A function is run instead of the built-in warm-up. Default false; `ferry host start` sets it
+   * unless told --no-warm-up.
+   */
+  warmMigrations?: boolean | (() => Promise<WarmUpResult>);
 }
+
+/** The host's warm-up migration (HostAgentInit.warmMigrations), as GET /v1/host reports it. */
+export type WarmUpJson =
+  | { state: 'running' }
+  | { state: 'done'; ms: number; verified: boolean }
+  | { state: 'failed'; error: string };
 
 /**
  * Memory pool capacity when none is given: room for the memory of a few small VMs, or one larger
@@ -250,6 +266,10 @@ export class HostAgent extends EventEmitter {
    */
   private readonly faultListener: FaultThreadListener | null;
   private readonly warmRewriter: boolean;
+  private readonly warmMigrations: boolean | (() => Promise<WarmUpResult>);
+  /** The warm-up migration under way or done (null: none asked for); migrations wait for it. */
+  private warming: Promise<void> | null = null;
+  private warmUpState: WarmUpJson | null = null;
   private readonly sourceFaults: SourceFaultThreads | null;
   /** Threads that send the data streams past the first of migrations from here (this host's own TCP only). */
   private readonly senders: SendThreads | null;
@@ -282,6 +302,7 @@ export class HostAgent extends EventEmitter {
     const faultPriority = init.faultThreadPriority ?? 'nice';
     this.faultListener = init.transport ? null : new FaultThreadListener('127.0.0.1', faultPriority);
     this.warmRewriter = init.warmRewriter ?? false;
+    this.warmMigrations = init.warmMigrations ?? false;
     this.sourceFaults = init.transport ? null : new SourceFaultThreads(faultPriority);
     // Started by the first migration that opens a second data stream, then kept for the next.
     this.senders = init.transport || !SendThreads.available() ? null : new SendThreads(0);
@@ -591,7 +612,26 @@ export class HostAgent extends EventEmitter {
     this.migrationListener = await this.transport.listen({ address, onConnection: (c) => void this.onMigrationConnection(c) });
     // The fault thread listens on the host migrations come in to.
     if (this.faultListener) this.faultListener.host = parseTcpAddress(this.migrationListener.address).host;
+    if (this.warmMigrations && !this.warming) this.warmUp();
     return this.migrationListener.address;
+  }
+
+  /** Runs the warm-up migration (see HostAgentInit.warmMigrations); its failure only loses the warm-up. */
+  private warmUp(): void {
+    this.warmUpState = { state: 'running' };
+    const run = typeof this.warmMigrations === 'function' ? this.warmMigrations : () => warmMigrationPaths(this.deps, this.cache, this.guests);
+    this.warming = run().then((r) => {
+      this.warmUpState = { state: 'done', ms: r.ms, verified: r.verified };
+      this.emit('warmed', this.warmUpState);
+    }, (e: unknown) => {
+      this.warmUpState = { state: 'failed', error: e instanceof Error ? e.message : String(e) };
+      this.emit('warmed', this.warmUpState);
+    });
+  }
+
+  /** The warm-up migration: whether it runs, and how it went (null: this host does none). */
+  warmUpStatus(): WarmUpJson | null {
+    return this.warmUpState;
   }
 
   /** Keeps `conn` for close() to abort until it has ended. */
@@ -643,6 +683,7 @@ export class HostAgent extends EventEmitter {
     const factory: DestinationFactory = {
       admit: async (hello: HelloFrame) => {
         const name = hello.vmName;
+        await this.warming; // never fails (see warmUp)
         if (this.closing) throw new FerryError('ERR_HOST_CLOSING', `host ${this.name} is shutting down`);
         if (this.vms.has(name) || this.incoming.has(name)) throw new FerryError('ERR_VM_EXISTS', `a VM named '${name}' already exists on host ${this.name}`);
         this.checkCapacity(hello.memoryBytes);
@@ -835,6 +876,7 @@ export class HostAgent extends EventEmitter {
       return c;
     };
     try {
+      await this.warming; // never fails (see warmUp)
       if (link instanceof HomeLink) {
         relay = await Relay.dial(this.transport, address, {
           vm: m.vm.name, endpoint: link.endpoint() ?? '', guest: m.guest, home: this.name, homeMigration: this.migrationAddress ?? '',
@@ -940,6 +982,7 @@ export class HostAgent extends EventEmitter {
 
   async close(): Promise<void> {
     this.closing = true;
+    await this.warming; // its VMs stop with it
     for (const j of this.jobs.values()) if (j.status === 'running') j.controller.abort(new FerryError('ERR_HOST_CLOSING', `host ${this.name} is shutting down`));
     for (const res of this.sseStreams) res.end();
     this.sseStreams.clear();
@@ -1012,7 +1055,7 @@ export function buildControlApi(agent: HostAgent): FastifyInstance {
   app.get('/v1/host', async () => ({
     name: agent.name, vms: agent.list().length, migration: agent.migrationAddress,
     capacityBytes: agent.capacityBytes, reservedBytes: agent.reservedBytes(), away: agent.awayList(),
-    memoryPool: agent.memoryPool(), vcpuThreads: agent.vcpuThreads(), faultThreads: agent.faultThreads(), sendThreads: agent.sendThreads(),
+    memoryPool: agent.memoryPool(), vcpuThreads: agent.vcpuThreads(), faultThreads: agent.faultThreads(), sendThreads: agent.sendThreads(), warmUp: agent.warmUpStatus(),
   }));
   app.get('/v1/vms', async () => agent.list());
   app.post('/v1/vms', async (req, reply) => {

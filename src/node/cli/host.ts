@@ -7,7 +7,7 @@ import { mkdir, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { FerryError } from '../../core/errors.js';
 import { formatBytes } from '../../core/units.js';
-import { DEFAULT_MEMORY_POOL_BYTES, HostAgent, parseHostPort } from '../agent/agent.js';
+import { DEFAULT_MEMORY_POOL_BYTES, HostAgent, parseHostPort, type WarmUpJson } from '../agent/agent.js';
 import { FAULT_THREAD_PRIORITIES, POSTCOPY_VCPU_NICE, type FaultThreadPriority } from '../engine/thread-priority.js';
 import { ferryHome } from '../paths.js';
 import { pageHashBackend, pageHashIsa } from '../vm/page-hash.js';
@@ -73,9 +73,10 @@ export function registerHostCommands(program: Command): void {
     .option('--spare-vcpu-threads <n>', 'vCPU threads kept started ahead of the VMs that will run on them, 0–16: an arriving VM takes a loaded one instead of starting its own during the migration (default: 1)', sparesArg)
     .option('--fault-thread-priority <policy>', 'how the post-copy fault threads are scheduled: nice (nice -10 and, on Linux 6.12 or later, the kernel\'s shortest time slice; an arriving VM\'s vCPU is scheduled so from each wait for a missing page to the end of that quantum), realtime (SCHED_FIFO for the fault threads: a slower push, so a service stalls longer) or default; each takes the next one down where it is not permitted (both raised policies need root or CAP_SYS_NICE) and GET /v1/host says what they got (default: nice)', priorityArg)
     .option('--postcopy-vcpu-nice <n>', `the nice value an arriving VM's vCPU thread runs at while post-copy pages are still missing, -20 to 19: the guest then takes cores from the push (post-copy took up to 50 % longer here at -10); while it waits for a page it runs as the fault threads do whatever this is; 0 leaves it as it is; below 0 needs root or CAP_SYS_NICE (default: ${POSTCOPY_VCPU_NICE})`, niceArg)
+    .option('--no-warm-up', 'skip the warm-up migration: by default the host migrates a small VM of its own to itself once when it starts, so that its first real migration does not run cold code inside its downtime (migrations wait for it: about a second, most of it rewriting the guest; GET /v1/host says how it went)')
     .option('--state-dir <dir>', 'where hosts and VMs register (default $FERRY_HOME or ~/.ferry)')
     .option('--json', 'print events as JSON lines')
-    .action(async (o: { name: string; listen: string; migration?: string; dataDir?: string; capacity?: number; memoryPool?: number; spareVcpuThreads?: number; faultThreadPriority?: FaultThreadPriority; postcopyVcpuNice?: number; stateDir?: string; json?: boolean }) => {
+    .action(async (o: { name: string; warmUp: boolean; listen: string; migration?: string; dataDir?: string; capacity?: number; memoryPool?: number; spareVcpuThreads?: number; faultThreadPriority?: FaultThreadPriority; postcopyVcpuNice?: number; stateDir?: string; json?: boolean }) => {
       const home = stateHome(o.stateDir);
       if (await findHost(home, o.name)) throw new FerryError('ERR_HOST_EXISTS', `a host named '${o.name}' is already running (see ${join(hostsDir(home), `${o.name}.json`)})`);
       const at = parseHostPort(o.listen);
@@ -83,7 +84,7 @@ export function registerHostCommands(program: Command): void {
       await mkdir(dataDir, { recursive: true });
       const agent = new HostAgent({
         // A host of its own: its first arriving VM should not meet a cold module rewriter.
-        name: o.name, dataDir, warmRewriter: true,
+        name: o.name, dataDir, warmRewriter: true, warmMigrations: o.warmUp,
         ...(o.capacity !== undefined ? { capacityBytes: o.capacity } : {}),
         ...(o.memoryPool !== undefined ? { memoryPoolBytes: o.memoryPool } : {}),
         ...(o.spareVcpuThreads !== undefined ? { spareVcpuThreads: o.spareVcpuThreads } : {}),
@@ -99,6 +100,9 @@ export function registerHostCommands(program: Command): void {
       agent.on('trap', (vm: string, err: Error) => log('trap', { vm, message: err.message }, err.message));
       agent.on('migration-in', (x: { vmName: string; mode: string }) => log('migration-in', { vm: x.vmName, mode: x.mode }, `VM ${x.vmName} arrived (${x.mode})`));
       agent.on('migration-out', (j: { vm: string; to: string; status: string }) => log('migration-out', { vm: j.vm, to: j.to, status: j.status }, `migration of ${j.vm} to ${j.to}: ${j.status}`));
+      agent.on('warmed', (w: WarmUpJson) => log('warmed', { ...w }, w.state === 'done'
+        ? `migration paths warmed: a small VM migrated to this host itself in ${w.ms.toFixed(0)} ms, verified ${w.verified ? 'yes' : 'NO'}`
+        : `warm-up migration failed (the first migration will run cold code): ${w.state === 'failed' ? w.error : w.state}`));
       agent.on('vm-lost', (vm: string) => log('vm-lost', { vm }, `lost VM ${vm}: the host running it went away`));
       const control = await agent.listen(at.host, at.port);
       const migration = agent.migrationAddress ?? '';
