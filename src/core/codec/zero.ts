@@ -35,11 +35,19 @@ interface Scan {
   f(ptr: number, count: number, zero: number): number;
 }
 
+/**
+ * The two modules, compiled once per thread: a scanner is made for every VM that leaves a host,
+ * and compiling per scanner had V8 compile the scan again (and optimise it again) in every migration.
+ */
+const compiled: { plain?: WebAssembly.Module | null; shared?: WebAssembly.Module | null } = {};
+
 function instantiate(memory: WebAssembly.Memory, shared: boolean): Scan | null {
+  const key = shared ? 'shared' : 'plain';
   try {
-    const mod = new WebAssembly.Module(shared ? ZERO_SCAN_WASM_SHARED : ZERO_SCAN_WASM);
-    return new WebAssembly.Instance(mod, { e: { m: memory } }).exports as unknown as Scan;
+    const mod = (compiled[key] ??= new WebAssembly.Module(shared ? ZERO_SCAN_WASM_SHARED : ZERO_SCAN_WASM));
+    return mod ? (new WebAssembly.Instance(mod, { e: { m: memory } }).exports as unknown as Scan) : null;
   } catch {
+    compiled[key] ??= null;
     return null; // no SIMD (or no Wasm): the JS path below is correct, only slower
   }
 }
