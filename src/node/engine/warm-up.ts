@@ -2,8 +2,9 @@
  * A host's first migration, in either direction, runs code its process has never run: every
  * function of the engine, the protocol and the transport is parsed, compiled and given type
  * feedback inside that migration, much of it inside its downtime. Measured with the demo's two
- * hosts (a kv guest under load, 6.8 MiB on the wire): the first migration's downtime was 10.7-17.2 ms
- * from fresh hosts, 7.8-11.1 ms once each host had moved a small VM there and back.
+ * host processes (a kv guest under load, 6.8 MiB on the wire; 6 demos each, alternating): the
+ * first migration's downtime had a median of 15.4 ms (12.3-21.5) from cold hosts and 10.0 ms
+ * (8.9-14.6) from hosts that had run this, the client's longest stall 25.5 and 14.6 ms.
  *
  * So a host can warm those paths when it starts: it migrates a small VM that keeps dirtying its
  * memory from itself to itself, pre-copy over loopback TCP, with the engine it migrates real VMs
