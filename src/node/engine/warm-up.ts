@@ -4,7 +4,10 @@
  * feedback inside that migration, much of it inside its downtime. Measured with the demo's two
  * host processes (a kv guest under load, 6.8 MiB on the wire; 6 demos each, alternating): the
  * first migration's downtime had a median of 15.4 ms (12.3-21.5) from cold hosts and 10.0 ms
- * (8.9-14.6) from hosts that had run this, the client's longest stall 25.5 and 14.6 ms.
+ * (8.9-14.6) from hosts that had run this, the client's longest stall 25.5 and 14.6 ms (a second
+ * round of 8 demos each: 21.0 and 11.9 ms, 30.9 and 20.6 ms). The demo's post-copy migration back
+ * did not change, and a post-copy leg added here (through the host's fault threads) did not
+ * change it either, so the warm-up is pre-copy only.
  *
  * So a host can warm those paths when it starts: it migrates a small VM that keeps dirtying its
  * memory from itself to itself, pre-copy over loopback TCP, with the engine it migrates real VMs
