@@ -139,6 +139,7 @@ export class SendStream {
     for (let r = 0; r < this.runCount; r++) for (let k = 0; k < runs[2 * r + 1]; k++) pages[n++] = runs[2 * r] + k;
     pages.subarray(0, n).sort();
     this.runCount = 0;
+    this.pendingCount = 0; // counted again below, each page once
     this.ordered = true;
     for (let i = 0; i < n; i++) {
       if (i > 0 && pages[i] === pages[i - 1]) continue; // the same page twice: once
