@@ -7,7 +7,7 @@ import { Bitmap } from '../../core/bitmap.js';
 import { VmStateError } from '../../core/errors.js';
 import { zeroScanner, type ZeroScanner } from '../../core/codec/zero.js';
 import { nodeBlobCodecs } from '../codec/blob.js';
-import type { DestinationFaultLink, DestinationVm, EngineDeps, FaultThreadEvents, SourceVm, VmWireState } from '../../core/engine/types.js';
+import type { DestinationFactory, DestinationFaultLink, DestinationVm, EngineDeps, FaultThreadEvents, SourceVm, VmWireState } from '../../core/engine/types.js';
 import { NodeDestinationFaultLink } from './fault-thread.js';
 import { PAGE_SIZE, WASM_PAGE_SIZE, pageBytes } from '../../core/pages.js';
 import type { WireGlobal } from '../../core/protocol/frames.js';
@@ -19,7 +19,8 @@ import type { GlobalDesc } from '../vm/globals.js';
 import { hashPage, pageHashBackend } from '../vm/page-hash.js';
 import { FaultChannelBlock } from '../vm/fault-channel.js';
 import { PageHasher, type PageHashQueue } from '../vm/page-hasher.js';
-import type { Vm, VmState } from '../vm/vm.js';
+import { Vm, type VmState } from '../vm/vm.js';
+import type { InstrumentCache } from '../vm/instrument.js';
 
 
 export function nodeEngineDeps(): EngineDeps {
@@ -149,6 +150,24 @@ export interface DestinationVmAdapterInit {
    * holds all of guest memory from the start, zero pages included.
    */
   prefault?: boolean;
+}
+
+/**
+ * A destination in this process that admits every migration and runs it in a VM of its own,
+ * created at the source's size with every variant (each kept in `made`, for the caller to stop):
+ * the warm-up's destination (warm-up.ts), and the engine tests'. `adapter` wraps each VM for the
+ * engine (default: DestinationVmAdapter).
+ */
+export function localDestination(made: Vm[], cache: InstrumentCache, adapter: (vm: Vm) => DestinationVm = (vm) => new DestinationVmAdapter(vm)): DestinationFactory {
+  return {
+    admit: async (hello) => ({
+      create: async (module) => {
+        const vm = Vm.create({ name: hello.vmName, module, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] }, hello.guestBytes);
+        made.push(vm);
+        return adapter(vm);
+      },
+    }),
+  };
 }
 
 /**

@@ -19,12 +19,12 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { migrateSource } from '../../core/engine/source.js';
 import { MigrationAcceptor, type DestinationOutcome } from '../../core/engine/destination.js';
-import type { DestinationFactory, EngineDeps } from '../../core/engine/types.js';
+import type { EngineDeps } from '../../core/engine/types.js';
 import type { Connection } from '../../core/transport/transport.js';
 import { tcp } from '../transport/tcp.js';
 import type { InstrumentCache } from '../vm/instrument.js';
 import { Vm } from '../vm/vm.js';
-import { DestinationVmAdapter, sourceVmOf } from './adapters.js';
+import { localDestination, sourceVmOf } from './adapters.js';
 
 /** The warm-up VM: 16 MiB, a quarter of it rewritten at ~2 MB/s, so every round has dirty pages and the last one some to carry. */
 const MEMORY_BYTES = 16 << 20;
@@ -50,15 +50,7 @@ export async function warmMigrationPaths(deps: EngineDeps, cache: InstrumentCach
   const made: Vm[] = [];
   const src = Vm.create({ name: NAME, module, memoryBytes: MEMORY_BYTES, config: CONFIG, cache });
   made.push(src);
-  const factory: DestinationFactory = {
-    admit: async (hello) => ({
-      create: async (m) => {
-        const vm = Vm.create({ name: hello.vmName, module: m, memoryBytes: hello.memoryBytes, config: hello.config, cache, variants: ['plain', 'dirty', 'presence'] }, hello.guestBytes);
-        made.push(vm);
-        return new DestinationVmAdapter(vm);
-      },
-    }),
-  };
+  const factory = localDestination(made, cache);
   const acceptor = new MigrationAcceptor(deps);
   let arrived: Promise<DestinationOutcome | null> | null = null;
   const transport = tcp();
