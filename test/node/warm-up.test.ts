@@ -84,6 +84,76 @@ test('a warm-up that cannot run (no memstress guest) is reported as failed and h
   }
 });
 
+/** `p`, or a failure named `what` after `ms` (a hang fails here, not at the runner's timeout). */
+function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`${what} took longer than ${ms} ms`)), ms); });
+  return Promise.race([p, late]).finally(() => clearTimeout(timer));
+}
+
+/** A warm-up that ends only when it is abandoned: it rejects once its signal aborts, and says whether it was. */
+function hanging(): { run: (signal: AbortSignal) => Promise<WarmUpResult>; aborted: () => boolean } {
+  let seen: AbortSignal | null = null;
+  return {
+    run: (signal) => {
+      seen = signal;
+      return new Promise((_, reject) => {
+        signal.addEventListener('abort', () => reject(new Error('stopped as asked')), { once: true });
+        // Only so that a host that never asks (a failing test) can still be closed.
+        setTimeout(() => reject(new Error('never told to stop')), 15_000).unref();
+      });
+    },
+    aborted: () => seen?.aborted === true,
+  };
+}
+
+test('a warm-up that outlasts its time limit is abandoned: reported as failed, and migrations go ahead', async () => {
+  const stuck = hanging();
+  await withHosts(async (a, b) => {
+    const w = await within(new Promise<WarmUpJson>((r) => { const s = a.agent.warmUpStatus(); if (s?.state !== 'running') r(s!); else a.agent.once('warmed', r); }), 10_000, 'the warm-up past its limit');
+    assert.equal(stuck.aborted(), true, 'the warm-up was told to stop');
+    assert.deepEqual(w, { state: 'failed', error: 'the warm-up migration did not finish within 300 ms' });
+    assert.deepEqual((await http(`${a.url}/v1/host`, 'GET')).json.warmUp, w);
+    assert.equal((await http(`${a.url}/v1/vms`, 'POST', { name: 'kv', guest: 'kv', memory: '16MiB' })).status, 201);
+    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'kv', to: b.url, mode: 'precopy' });
+    assert.equal(r.status, 202, JSON.stringify(r.json));
+    assert.equal((await finished(a, r.json.id)).status, 'succeeded');
+  }, { a: { warmMigrations: stuck.run, warmUpLimitMs: 300 }, b: { warmMigrations: () => Promise.resolve({ ms: 1, verified: true }) } });
+});
+
+test('closing a host stops its warm-up instead of waiting for it', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-warm-'));
+  const stuck = hanging();
+  const agent = new HostAgent({ name: 'w', dataDir: join(dir, 'data'), warmMigrations: stuck.run });
+  try {
+    const warmed = new Promise<WarmUpJson>((r) => agent.once('warmed', r));
+    await agent.listen();
+    assert.deepEqual(agent.warmUpStatus(), { state: 'running' });
+    await within(agent.close(), 10_000, 'close() with a warm-up under way'); // the default limit is a minute
+    assert.equal(stuck.aborted(), true);
+    assert.deepEqual(await warmed, { state: 'failed', error: 'host w is shutting down' });
+  } finally {
+    await agent.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('the built-in warm-up stops when its signal aborts, at any point, with the reason given', async () => {
+  const cache = new InstrumentCache();
+  const before = new AbortController();
+  before.abort(new Error('not now'));
+  await assert.rejects(warmMigrationPaths(nodeEngineDeps(), cache, guestsDir(), before.signal), /not now/);
+  // Part-way: the guest rewritten (first run) or the migration under way (the rewrite cached).
+  for (const afterMs of [5, 40]) {
+    const ac = new AbortController();
+    const running = warmMigrationPaths(nodeEngineDeps(), cache, guestsDir(), ac.signal);
+    setTimeout(() => ac.abort(new Error(`stop after ${afterMs} ms`)), afterMs);
+    await assert.rejects(running, (e: Error) => ac.signal.aborted && e instanceof Error);
+  }
+  // Nothing of those runs is in the way of a whole one.
+  assert.equal((await warmMigrationPaths(nodeEngineDeps(), cache, guestsDir())).verified, true);
+});
+
 test('a host that is not asked to warm up reports none', async () => {
   await withHosts(async (a) => {
     assert.equal((await http(`${a.url}/v1/host`, 'GET')).json.warmUp, null);

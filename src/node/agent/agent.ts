@@ -98,10 +98,16 @@ export interface HostAgentInit {
    * host to itself once (engine/warm-up.ts), so that the first real migration, in or out, does not
    * run cold code inside its downtime. Migrations wait for it: about a second in a fresh process
    * here, most of it rewriting the guest (the migration itself about a quarter of a second).
-   * A function is run instead of the built-in warm-up. Default false; `ferry host start` sets it
-   * unless told --no-warm-up.
+   * A function is run instead of the built-in warm-up; it should stop when `signal` aborts. Default
+   * false; `ferry host start` sets it unless told --no-warm-up.
    */
-  warmMigrations?: boolean | (() => Promise<WarmUpResult>);
+  warmMigrations?: boolean | ((signal: AbortSignal) => Promise<WarmUpResult>);
+  /**
+   * How long the warm-up may take before it is abandoned (reported as failed), ms: migrations wait
+   * for it, so one that hung would hold every migration of this host. Default 60 000 (it takes
+   * about a second).
+   */
+  warmUpLimitMs?: number;
 }
 
 /** The host's warm-up migration (HostAgentInit.warmMigrations), as GET /v1/host reports it. */
@@ -266,7 +272,10 @@ export class HostAgent extends EventEmitter {
    */
   private readonly faultListener: FaultThreadListener | null;
   private readonly warmRewriter: boolean;
-  private readonly warmMigrations: boolean | (() => Promise<WarmUpResult>);
+  private readonly warmMigrations: boolean | ((signal: AbortSignal) => Promise<WarmUpResult>);
+  private readonly warmUpLimitMs: number;
+  /** Aborts the warm-up under way (its time limit, or close()). */
+  private readonly warmUpAbort = new AbortController();
   /** The warm-up migration under way or done (null: none asked for); migrations wait for it. */
   private warming: Promise<void> | null = null;
   private warmUpState: WarmUpJson | null = null;
@@ -303,6 +312,8 @@ export class HostAgent extends EventEmitter {
     this.faultListener = init.transport ? null : new FaultThreadListener('127.0.0.1', faultPriority);
     this.warmRewriter = init.warmRewriter ?? false;
     this.warmMigrations = init.warmMigrations ?? false;
+    this.warmUpLimitMs = init.warmUpLimitMs ?? 60_000;
+    if (!(Number.isSafeInteger(this.warmUpLimitMs) && this.warmUpLimitMs > 0)) throw new InvalidArgumentError(`warm-up limit ${init.warmUpLimitMs} ms is not a positive integer`);
     this.sourceFaults = init.transport ? null : new SourceFaultThreads(faultPriority);
     // Started by the first migration that opens a second data stream, then kept for the next.
     this.senders = init.transport || !SendThreads.available() ? null : new SendThreads(0);
@@ -616,15 +627,25 @@ export class HostAgent extends EventEmitter {
     return this.migrationListener.address;
   }
 
-  /** Runs the warm-up migration (see HostAgentInit.warmMigrations); its failure only loses the warm-up. */
+  /**
+   * Runs the warm-up migration (see HostAgentInit.warmMigrations); its failure only loses the
+   * warm-up. Abandoned after warmUpLimitMs, and by close().
+   */
   private warmUp(): void {
     this.warmUpState = { state: 'running' };
-    const run = typeof this.warmMigrations === 'function' ? this.warmMigrations : () => warmMigrationPaths(this.deps, this.cache, this.guests);
-    this.warming = run().then((r) => {
+    const { signal } = this.warmUpAbort;
+    const limit = this.warmUpLimitMs;
+    const timer = setTimeout(() => this.warmUpAbort.abort(new FerryError('ERR_WARM_UP_TIMEOUT', `the warm-up migration did not finish within ${limit} ms`)), limit);
+    timer.unref();
+    const run = typeof this.warmMigrations === 'function' ? this.warmMigrations : (s: AbortSignal) => warmMigrationPaths(this.deps, this.cache, this.guests, s);
+    this.warming = run(signal).then((r) => {
       this.warmUpState = { state: 'done', ms: r.ms, verified: r.verified };
-      this.emit('warmed', this.warmUpState);
     }, (e: unknown) => {
-      this.warmUpState = { state: 'failed', error: e instanceof Error ? e.message : String(e) };
+      // Abandoned: the reason says why better than the error it ended with.
+      const why: unknown = signal.aborted ? signal.reason : e;
+      this.warmUpState = { state: 'failed', error: why instanceof Error ? why.message : String(why) };
+    }).finally(() => {
+      clearTimeout(timer);
       this.emit('warmed', this.warmUpState);
     });
   }
@@ -982,6 +1003,7 @@ export class HostAgent extends EventEmitter {
 
   async close(): Promise<void> {
     this.closing = true;
+    this.warmUpAbort.abort(new FerryError('ERR_HOST_CLOSING', `host ${this.name} is shutting down`));
     await this.warming; // its VMs stop with it
     for (const j of this.jobs.values()) if (j.status === 'running') j.controller.abort(new FerryError('ERR_HOST_CLOSING', `host ${this.name} is shutting down`));
     for (const res of this.sseStreams) res.end();

@@ -41,12 +41,15 @@ export interface WarmUpResult {
 /**
  * Migrates a small memstress VM from this process to itself once (see above). `guests` is where
  * the built-in guests are (memstress.wasm); `cache` the host's instrumentation cache, so the
- * guest's variants are rewritten once for this and for any later VM of it.
+ * guest's variants are rewritten once for this and for any later VM of it. `signal` stops it: it
+ * rejects with the signal's reason (the migration as a cancelled one), its VMs stopped.
  */
-export async function warmMigrationPaths(deps: EngineDeps, cache: InstrumentCache, guests: string): Promise<WarmUpResult> {
+export async function warmMigrationPaths(deps: EngineDeps, cache: InstrumentCache, guests: string, signal?: AbortSignal): Promise<WarmUpResult> {
   const t0 = performance.now();
+  signal?.throwIfAborted();
   const module = new Uint8Array(await readFile(join(guests, 'memstress.wasm')));
   await cache.prepare(module, ['plain', 'dirty', 'presence']);
+  signal?.throwIfAborted();
   const made: Vm[] = [];
   const src = Vm.create({ name: NAME, module, memoryBytes: MEMORY_BYTES, config: CONFIG, cache });
   made.push(src);
@@ -63,8 +66,8 @@ export async function warmMigrationPaths(deps: EngineDeps, cache: InstrumentCach
   });
   try {
     await src.bootCold();
-    const conn = await transport.dial(listener.address);
-    const result = await migrateSource(conn, sourceVmOf(src), deps, { mode: 'precopy', baselineMs: 0 });
+    const conn = await transport.dial(listener.address, signal ? { signal } : {});
+    const result = await migrateSource(conn, sourceVmOf(src), deps, { mode: 'precopy', baselineMs: 0, ...(signal ? { signal } : {}) });
     await arrived;
     return { ms: performance.now() - t0, verified: result.report.verified === true };
   } finally {
