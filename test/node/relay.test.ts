@@ -2,10 +2,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { NET_MAX_PAYLOAD, NetRecord } from '../../src/core/abi.js';
 import type { NetRecordData } from '../../src/core/net-ring.js';
-import type { Connection } from '../../src/core/transport/transport.js';
+import type { Connection, Transport } from '../../src/core/transport/transport.js';
 import { tcp } from '../../src/node/transport/tcp.js';
 import {
-  Relay, RelayDecoder, RelayError, encodePreface, encodeRecords, encodeRelayFrame, peekStart, startsLikeRelay, withPrefix,
+  Relay, RelayDecoder, RelayError, encodePreface, encodeRecords, encodeRelayFrame, peekStart, rehearseRelay, startsLikeRelay, withPrefix,
   type RelayFrame, type RelayHello, type RelayHandlers,
 } from '../../src/node/net/relay.js';
 
@@ -187,4 +187,25 @@ test('withPrefix replays the bytes read to tell a relay from a migration', async
   await c.close();
   assert.equal(await text, 'HELLO world');
   await l.close();
+});
+
+test('rehearseRelay runs a relay from this process to itself: records both ways, credit, RUNNING, FENCE and its ACK', async () => {
+  // Three exchanges: OPEN + DATA to the VM's host each; DATA, CREDIT and RUNNING back; then RETURN and FENCE_ACK.
+  assert.deepEqual(await rehearseRelay(tcp()), { toHost: 6, toHome: 11 });
+  assert.deepEqual(await rehearseRelay(tcp()), { toHost: 6, toHome: 11 }, 'again: nothing of the first run is in the way');
+});
+
+test('rehearseRelay fails with a named error, in its time limit, when frames go missing', async () => {
+  // A transport whose dialled connections lose everything they write: no preface ever arrives.
+  const real = tcp();
+  const lossy: Transport = {
+    ...real,
+    dial: async (address, opts) => {
+      const c = await real.dial(address, opts);
+      return { ...withPrefix(c, [], c[Symbol.asyncIterator]()), write: async () => undefined };
+    },
+  };
+  const t0 = performance.now();
+  await assert.rejects(rehearseRelay(lossy, 300), (e: Error) => e instanceof RelayError && /did not finish within 300 ms/.test(e.message));
+  assert.ok(performance.now() - t0 < 3000, 'it gave up at its limit');
 });

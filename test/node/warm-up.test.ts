@@ -19,6 +19,7 @@ test('the warm-up migrates a small VM from this process to itself: both ends run
   const cache = new InstrumentCache();
   const first = await warmMigrationPaths(counted, cache, guestsDir());
   assert.equal(first.verified, true);
+  assert.deepEqual(first.relay, { toHost: 6, toHome: 11 }, 'and a client relay ran, records both ways');
   assert.ok(digests >= 3, `${digests} SHA-256 digests: the source's, the destination's and the module's expected`);
   assert.ok(Number.isFinite(first.ms) && first.ms > 0);
   // Again in the same process: its VMs were stopped, nothing of the first run is in the way.

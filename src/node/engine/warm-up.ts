@@ -11,9 +11,9 @@
  *
  * So a host can warm those paths when it starts: it migrates a small VM that keeps dirtying its
  * memory from itself to itself, pre-copy over loopback TCP, with the engine it migrates real VMs
- * with — both roles, every phase (rounds, stop-and-copy, switchover, the digest check). The two
- * VMs are its own and are stopped at the end: nothing of it is seen on the host (no VM, no job, no
- * pooled memory).
+ * with — both roles, every phase (rounds, stop-and-copy, switchover, the digest check) — and then
+ * runs a client relay to itself (net/relay.ts rehearseRelay). The two VMs are its own and are
+ * stopped at the end: nothing of it is seen on the host (no VM, no job, no pooled memory).
  */
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -22,6 +22,7 @@ import { MigrationAcceptor, type DestinationOutcome } from '../../core/engine/de
 import type { EngineDeps } from '../../core/engine/types.js';
 import type { Connection } from '../../core/transport/transport.js';
 import { tcp } from '../transport/tcp.js';
+import { rehearseRelay, type RelayRehearsal } from '../net/relay.js';
 import type { InstrumentCache } from '../vm/instrument.js';
 import { Vm } from '../vm/vm.js';
 import { localDestination, sourceVmOf } from './adapters.js';
@@ -36,6 +37,8 @@ export interface WarmUpResult {
   ms: number;
   /** The warm-up migration's own check of the memory digest. */
   verified: boolean;
+  /** Frames the client relay's rehearsal moved each way (see rehearseRelay). */
+  relay?: RelayRehearsal;
 }
 
 /**
@@ -69,7 +72,10 @@ export async function warmMigrationPaths(deps: EngineDeps, cache: InstrumentCach
     const conn = await transport.dial(listener.address, signal ? { signal } : {});
     const result = await migrateSource(conn, sourceVmOf(src), deps, { mode: 'precopy', baselineMs: 0, ...(signal ? { signal } : {}) });
     await arrived;
-    return { ms: performance.now() - t0, verified: result.report.verified === true };
+    signal?.throwIfAborted();
+    // A VM whose clients stay connected through its home relays their traffic once it has moved.
+    const relay = await rehearseRelay(transport);
+    return { ms: performance.now() - t0, verified: result.report.verified === true, relay };
   } finally {
     await listener.close();
     for (const vm of made) await vm.stop().catch(() => undefined);

@@ -496,3 +496,74 @@ export async function peekStart(conn: Connection): Promise<{ prefix: Uint8Array[
   }
   return { prefix, chunks, head };
 }
+
+/** What {@link rehearseRelay} moved: frames each side received. */
+export interface RelayRehearsal {
+  /** RECORD frames the answering side (the VM's host) received. */
+  toHost: number;
+  /** RECORD, RETURN, CREDIT, RUNNING and FENCE_ACK frames the dialling side (the home) received. */
+  toHome: number;
+}
+
+/**
+ * Runs a relay once over `transport` from this process to itself, as a home and a VM's host use
+ * one after a migration: the preface and HELLO, told apart from a migration by its first bytes;
+ * client records one way and the guest's back, credit, RUNNING, FENCE and FENCE_ACK; both ends
+ * closed. A host runs it when it starts (engine/warm-up.ts): the first migration of a VM whose
+ * clients stay connected through its home ran this code for the first time right after the
+ * switchover, in the replies its clients waited for. Rejects if a frame goes missing (`timeoutMs`).
+ */
+export async function rehearseRelay(transport: Transport, timeoutMs = 5000): Promise<RelayRehearsal> {
+  let answer!: (v: { relay: Relay; hello: RelayHello }) => void;
+  let refuse!: (e: Error) => void;
+  const accepted = new Promise<{ relay: Relay; hello: RelayHello }>((res, rej) => { answer = res; refuse = rej; });
+  accepted.catch(() => undefined);
+  const listener = await transport.listen({
+    onConnection: (conn) => {
+      void peekStart(conn).then((s) => {
+        if (!startsLikeRelay(s.head)) throw new RelayError(RelayErrorCode.BAD_MAGIC, 'the rehearsal relay did not open with the preface');
+        return Relay.accept(conn, s.prefix, s.chunks);
+      }).then(answer, refuse);
+    },
+  });
+  const relays: Relay[] = [];
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    const work = (async () => {
+      const home = await Relay.dial(transport, listener.address, { vm: 'ferry-relay-rehearsal', endpoint: '127.0.0.1:0', home: 'self', homeMigration: listener.address, guest: 'none' });
+      relays.push(home);
+      const { relay: host } = await accepted;
+      relays.push(host);
+      const seen = { toHost: 0, toHome: 0 };
+      let wake = () => {};
+      const bump = (side: 'toHost' | 'toHome', n: number) => { seen[side] += n; wake(); };
+      const reach = (side: 'toHost' | 'toHome', n: number) => new Promise<void>((res) => {
+        wake = () => { if (seen[side] >= n) res(); };
+        wake();
+      });
+      host.start({ records: (r) => bump('toHost', r.length), fence: () => host.send('FENCE_ACK') });
+      home.start({ records: (r) => bump('toHome', r.length), returned: (r) => bump('toHome', r.length), credit: () => bump('toHome', 1), running: () => bump('toHome', 1), fenceAck: () => bump('toHome', 1) });
+      const request = new TextEncoder().encode('GET ferry\n');
+      const reply = new TextEncoder().encode('VALUE relay\n');
+      for (let i = 0; i < 3; i++) {
+        home.sendRecords([{ conn: 1, type: NetRecord.OPEN, payload: new Uint8Array(0) }, { conn: 1, type: NetRecord.DATA, payload: request }]);
+        await reach('toHost', 2 * (i + 1));
+        host.send('RUNNING');
+        host.sendRecords([{ conn: 1, type: NetRecord.DATA, payload: reply }]);
+        host.sendCredit(request.length);
+        await reach('toHome', 3 * (i + 1));
+      }
+      home.send('FENCE');
+      host.sendReturned([{ conn: 1, type: NetRecord.CLOSE, payload: new Uint8Array(0) }]);
+      await reach('toHome', 9 + 2);
+      return seen;
+    })();
+    const late = new Promise<never>((_, rej) => { timer = setTimeout(() => rej(new RelayError(RelayErrorCode.UNEXPECTED_EOF, `the relay rehearsal did not finish within ${timeoutMs} ms`)), timeoutMs); });
+    return await Promise.race([work, late]);
+  } finally {
+    clearTimeout(timer);
+    await listener.close();
+    // Torn down, not closed: a close waits for the peer, which a failed rehearsal may not have.
+    for (const r of relays) r.abort();
+  }
+}
