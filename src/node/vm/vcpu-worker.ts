@@ -151,6 +151,7 @@ function warmRestorePath(memory?: WebAssembly.Memory): void {
     // not needed for correctness
   }
 }
+
 /**
  * The network path once, on throwaway devices (rings in scratch memory): records delivered into the
  * rx ring, taken out as the guest would, records put in the tx ring and drained, three times so
