@@ -52,6 +52,8 @@ export const RelayErrorCode = {
   MALFORMED: 'ERR_RELAY_MALFORMED',
   SEQUENCE: 'ERR_RELAY_SEQUENCE',
   UNEXPECTED_EOF: 'ERR_RELAY_UNEXPECTED_EOF',
+  /** A rehearsal (rehearseRelay) whose frames did not all arrive in its time limit. */
+  TIMEOUT: 'ERR_RELAY_TIMEOUT',
 } as const;
 
 export class RelayError extends FerryError {}
@@ -558,7 +560,7 @@ export async function rehearseRelay(transport: Transport, timeoutMs = 5000): Pro
       await reach('toHome', 9 + 2);
       return seen;
     })();
-    const late = new Promise<never>((_, rej) => { timer = setTimeout(() => rej(new RelayError(RelayErrorCode.UNEXPECTED_EOF, `the relay rehearsal did not finish within ${timeoutMs} ms`)), timeoutMs); });
+    const late = new Promise<never>((_, rej) => { timer = setTimeout(() => rej(new RelayError(RelayErrorCode.TIMEOUT, `the relay rehearsal did not finish within ${timeoutMs} ms`)), timeoutMs); });
     return await Promise.race([work, late]);
   } finally {
     clearTimeout(timer);
