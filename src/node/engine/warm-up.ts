@@ -67,17 +67,20 @@ export async function warmMigrationPaths(deps: EngineDeps, cache: InstrumentCach
       arrived ??= r;
     },
   });
+  let verified: boolean;
   try {
     await src.bootCold();
     const conn = await transport.dial(listener.address, signal ? { signal } : {});
     const result = await migrateSource(conn, sourceVmOf(src), deps, { mode: 'precopy', baselineMs: 0, ...(signal ? { signal } : {}) });
     await arrived;
-    signal?.throwIfAborted();
-    // A VM whose clients stay connected through its home relays their traffic once it has moved.
-    const relay = await rehearseRelay(transport);
-    return { ms: performance.now() - t0, verified: result.report.verified === true, relay };
+    verified = result.report.verified === true;
   } finally {
     await listener.close();
     for (const vm of made) await vm.stop().catch(() => undefined);
   }
+  signal?.throwIfAborted();
+  // A VM whose clients stay connected through its home relays their traffic once it has moved.
+  // Run with the warm-up's VMs stopped: nothing else of it is left running beside it.
+  const relay = await rehearseRelay(transport);
+  return { ms: performance.now() - t0, verified, relay };
 }
