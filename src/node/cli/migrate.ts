@@ -223,7 +223,9 @@ async function migrate(vms: string[], o: MigrateOpts): Promise<number> {
       return { vm, id: null, error };
     }
   }));
-  const bars = o.json ? null : new cliProgress.MultiBar({
+  // Bars only on a terminal: cli-progress draws nothing elsewhere until its last frame, and that
+  // frame came out with the placeholders of a bar whose payload it never took ({phase} round {round}).
+  const bars = o.json || !process.stderr.isTTY ? null : new cliProgress.MultiBar({
     format: `${vms.length > 1 ? '{vm} ' : ''}{bar} {percentage}% | {phase} round {round} | sent {sent} | remaining {remaining} | dirty {dirty}/s | ETA {etaText}`,
     stream: process.stderr,
     hideCursor: true,
