@@ -67,7 +67,10 @@ test('control API validates bodies and names its errors', async () => {
     let r = await http(`${url}/v1/vms`, 'POST', { name: 'x', guest: 'kv' });
     assert.equal(r.status, 400);
     assert.equal(r.json.error.code, 'ERR_INVALID_BODY');
-    assert.match(r.json.error.message, /memory/);
+    assert.match(r.json.error.message, /^memory: required: a size such as 256MiB, or a byte count$/);
+    r = await http(`${url}/v1/vms`, 'POST', { name: 'x', guest: 'kv', memory: true });
+    assert.equal(r.status, 400);
+    assert.match(r.json.error.message, /^memory: must be a size such as 256MiB .*, or a positive integer byte count$/);
     r = await http(`${url}/v1/vms`, 'POST', { name: 'x', guest: 'kv', memory: '12 parsecs' });
     assert.equal(r.status, 400);
     assert.equal(r.json.error.code, 'ERR_INVALID_ARGUMENT');

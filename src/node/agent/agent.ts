@@ -1026,15 +1026,22 @@ export class HostAgent extends EventEmitter {
   }
 }
 
+/**
+ * A size: text such as 256MiB (parsed where it is used, which names what is wrong with it) or a
+ * byte count. Its own message: a union's own says only "Invalid input", even when the field is missing.
+ */
+const size = z.union([z.string().max(32), z.number().int().positive()], {
+  error: (issue) => (issue.input === undefined ? 'required: a size such as 256MiB, or a byte count' : 'must be a size such as 256MiB (at most 32 characters), or a positive integer byte count'),
+});
 const vmName = z.string().regex(/^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$/, 'name must be 1–64 letters, digits, ".", "_" or "-"');
 const createBody = z.object({
   name: vmName,
   guest: z.string().min(1).max(4096),
-  memory: z.union([z.string().max(32), z.number().int().positive()]),
+  memory: size,
   config: z.string().max(65536).optional(),
   expose: z.string().max(64).optional(),
   disk: z.string().max(4096).optional(),
-  diskSize: z.union([z.string().max(32), z.number().int().positive()]).optional(),
+  diskSize: size.optional(),
   fixedBudget: z.number().int().positive().max(0x3fffffff).optional(),
   paused: z.boolean().optional(),
 }).strict();
