@@ -424,6 +424,28 @@ test('gang: three VMs migrating at once under one gang name share one de-duplica
   });
 });
 
+test('cancel under a bandwidth cap: reported as a cancellation (ERR_ABORTED), not as the capped write it cut short', async () => {
+  await withHosts(async (a, b) => {
+    await a.agent.createVm({ name: 'ms', guest: 'memstress', memory: '64MiB', config: 'mem=33554432 rate=1' });
+    // 32 MiB of random pages at 20 Mbit/s: some 13 s, cancelled a few hundred KiB in.
+    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'ms', to: b.url, mode: 'precopy', bandwidth: '20Mbit' });
+    assert.equal(r.status, 202);
+    let sent = 0;
+    for (let i = 0; i < 1000 && sent < 256 * 1024; i++) {
+      sent = (await http(`${a.url}/v1/migrations/${r.json.id}`, 'GET')).json.progress?.bytesSent ?? 0;
+      if (sent < 256 * 1024) await new Promise((res) => setTimeout(res, 10));
+    }
+    assert.ok(sent >= 256 * 1024, `the migration sent ${sent} bytes`);
+    assert.equal((await http(`${a.url}/v1/migrations/${r.json.id}`, 'DELETE')).status, 202);
+    const done = await finished(a, r.json.id);
+    assert.equal(done.status, 'cancelled');
+    assert.equal(done.error.code, 'ERR_ABORTED', done.error.message);
+    assert.match(done.error.message, /^migration cancelled/);
+    assert.deepEqual(a.agent.list().map((v) => [v.name, v.stats.state]), [['ms', 'running']]);
+    assert.deepEqual(b.agent.list(), []);
+  });
+});
+
 test('cancel a migration over 3 streams before switchover: every connection ends, the VM keeps serving on a, b holds nothing', async () => {
   const gated = gatedTcp(200_000);
   await withHosts(async (a, b) => {
@@ -439,6 +461,7 @@ test('cancel a migration over 3 streams before switchover: every connection ends
     gated.open();
     const done = await finished(a, r.json.id);
     assert.equal(done.status, 'cancelled');
+    assert.equal(done.error.code, 'ERR_ABORTED', done.error.message);
     await Promise.all(Array.from({ length: 3000 }, (_, i) => check.get(`k${i}`, `v${i}-${'p'.repeat(100)}`)));
     assert.deepEqual(check.wrong, []);
     assert.deepEqual(a.agent.list().map((v) => [v.name, v.stats.state]), [['kv', 'running']]);

@@ -2,7 +2,7 @@
  * Outgoing migrations as the control API sees them: a job per migration with its status, the
  * latest progress, the report when done, and subscribers (Server-Sent Events).
  */
-import { FerryError } from '../../core/errors.js';
+import { AbortError, FerryError } from '../../core/errors.js';
 import type { MigrationPhase, MigrationProgress, MigrationResult } from '../../core/engine/types.js';
 import type { MigrationReport } from '../../core/metrics.js';
 import type { MigrationMode } from '../../core/protocol/frames.js';
@@ -81,6 +81,9 @@ export class MigrationJob {
 
   fail(e: unknown): void {
     const cancelled = this.controller.signal.aborted;
+    // A cancellation surfaces as whatever it cut short (a capped write, an aborted connection):
+    // it is reported as what it is, with what it interrupted.
+    if (cancelled && !(e instanceof AbortError)) e = new AbortError(`migration cancelled (it ended: ${e instanceof Error ? e.message : String(e)})`, { cause: e });
     this.error = {
       code: e instanceof FerryError ? e.code : 'ERR_INTERNAL',
       message: e instanceof Error ? e.message : String(e),
