@@ -85,7 +85,11 @@ export async function writeSnapshot(vm: Vm, path: string, opts: { netConnsFrom?:
     ...(from !== undefined ? { netConnsFrom: from } : {}),
   };
   const tmp = `${path}.tmp-${process.pid}-${Date.now()}`;
-  const fh = await open(tmp, 'w');
+  // Named for the file asked for, not the temporary one beside it (which the user never named).
+  const cannotWrite = (e: NodeJS.ErrnoException) => new SnapshotError('ERR_SNAPSHOT_WRITE', `cannot write snapshot ${path}: ${e.code === 'ENOENT' ? 'its directory does not exist' : (e.code ?? e.message)}`, { cause: e });
+  const fh = await open(tmp, 'w').catch((e: NodeJS.ErrnoException) => {
+    throw cannotWrite(e);
+  });
   const hash = createHash('sha256');
   let bytes = 0;
   const put = async (b: Uint8Array) => {
@@ -138,7 +142,7 @@ export async function writeSnapshot(vm: Vm, path: string, opts: { netConnsFrom?:
   } catch (e) {
     await fh.close().catch(() => undefined);
     await unlink(tmp).catch(() => undefined);
-    throw e;
+    throw (e as NodeJS.ErrnoException).syscall ? cannotWrite(e as NodeJS.ErrnoException) : e;
   }
 }
 
