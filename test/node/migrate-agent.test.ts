@@ -6,7 +6,9 @@ import { join } from 'node:path';
 import { connect } from 'node:net';
 import { HostAgent } from '../../src/node/agent/agent.js';
 import { KvClient } from '../../src/node/kv-client.js';
-import { tcp } from '../../src/node/transport/tcp.js';
+import { tcp, tcpCongestionOf } from '../../src/node/transport/tcp.js';
+import { availableCongestionControls, systemCongestionControl } from '../../src/node/transport/congestion.js';
+import type { Connection } from '../../src/core/transport/transport.js';
 import { leaveWhenDone } from '../helpers/leave-when-done.js';
 import { clientOf, finished, gatedTcp, http, withHosts, type Host, type Reply } from '../helpers/agents.js';
 import { FramedConnection } from '../../src/core/transport/framed.js';
@@ -444,6 +446,32 @@ test('cancel under a bandwidth cap: reported as a cancellation (ERR_ABORTED), no
     assert.deepEqual(a.agent.list().map((v) => [v.name, v.stats.state]), [['ms', 'running']]);
     assert.deepEqual(b.agent.list(), []);
   });
+});
+
+test('tcpCongestion: the connections a host accepts for a migration run its algorithm; GET /v1/host says which', async (t) => {
+  const system = systemCongestionControl();
+  const other = (availableCongestionControls() ?? []).find((x) => x !== system);
+  if (!system || !other) return t.skip('needs Linux with two congestion control algorithms');
+  await withHosts(async (a, b) => {
+    assert.equal((await http(`${a.url}/v1/host`, 'GET')).json.tcpCongestion, other);
+    await a.agent.createVm({ name: 'ms', guest: 'memstress', memory: '64MiB', config: 'mem=33554432 rate=1' });
+    // Slow enough to look at its connections while it runs: 32 MiB at 40 Mbit/s, over 2 streams.
+    const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'ms', to: b.url, mode: 'precopy', bandwidth: '40Mbit', streams: 2 });
+    assert.equal(r.status, 202);
+    // eslint-disable-next-line @typescript-eslint/no-explicit-any -- the agents' connection sets, read to see their sockets
+    const conns = (h: Host) => [...(h.agent as any).openConns] as Connection[];
+    for (let i = 0; i < 500 && conns(b).length < 2; i++) await new Promise((res) => setTimeout(res, 10));
+    // b's are the sockets it accepted; a's, dialled by the same transport code, are under the cap's shaping here.
+    assert.ok(conns(b).length >= 2, `b has ${conns(b).length} connections`);
+    assert.deepEqual(conns(b).map(tcpCongestionOf), conns(b).map(() => other));
+    assert.equal((await http(`${a.url}/v1/migrations/${r.json.id}`, 'DELETE')).status, 202);
+    assert.equal((await finished(a, r.json.id)).status, 'cancelled');
+  }, { a: { tcpCongestion: other }, b: { tcpCongestion: other } });
+  // And a host left to the system's: its migration connections are the system's.
+  await withHosts(async (a) => {
+    assert.equal((await http(`${a.url}/v1/host`, 'GET')).json.tcpCongestion, system);
+  });
+  assert.throws(() => new HostAgent({ name: 'x', dataDir: '/nonexistent', tcpCongestion: 'no-such-cc' }), /not available on this machine/);
 });
 
 test('cancel a migration over 3 streams before switchover: every connection ends, the VM keeps serving on a, b holds nothing', async () => {

@@ -87,6 +87,7 @@ test('ferry migrate and host start refuse bad flags with exit 2; --help works fo
     ['host', 'start', '--name', 'a', '--listen', 'nowhere'],
     ['host', 'start', '--name', '../a'],
     ['host', 'start', '--name', 'a', '--memory-pool', 'bogus'],
+    ['host', 'start', '--name', 'a', '--tcp-congestion', 'no-such-cc'],
     ['host', 'boot', 'a'],
     ['host', 'boot', 'a', 'kv', '--memory', 'lots'],
   ]) {

@@ -2,7 +2,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { InvalidArgumentError } from '../../src/core/errors.js';
 import { FramedConnection, TransportError, TransportErrorCode } from '../../src/core/transport/index.js';
-import { parseTcpAddress, tcp } from '../../src/node/transport/tcp.js';
+import { parseTcpAddress, tcp, tcpCongestionOf } from '../../src/node/transport/tcp.js';
+import { availableCongestionControls, systemCongestionControl } from '../../src/node/transport/congestion.js';
+import type { Connection } from '../../src/core/transport/index.js';
 import { PROTOCOL_VERSION } from '../../src/core/protocol/frames.js';
 import { transportComplianceSuite } from '../core/transport-suite.test.js';
 
@@ -217,5 +219,34 @@ test('RUN frames over TCP land straight in guest memory through the run sink; de
   for (const r of runs) {
     if (r.type !== 'RUN') continue;
     for (const e of r.extents) if (e.inPlace) assert.ok(Buffer.from(guest.subarray(e.first * P, (e.first + e.count) * P)).equals(Buffer.from(src.subarray(e.first * P, (e.first + e.count) * P))));
+  }
+});
+
+test('congestion: both ends of a connection run the algorithm the transport was made with; bad names are refused by name', async (t) => {
+  const system = systemCongestionControl();
+  // reno is always built in; another algorithm than the system's shows the setting took.
+  const other = (availableCongestionControls() ?? []).find((a) => a !== system);
+  if (process.platform !== 'linux' || !system || !other) return t.skip('needs Linux with two congestion control algorithms');
+  for (const [init, want] of [[{}, system], [{ congestion: other }, other]] as const) {
+    const transport = tcp(init);
+    let onConnection!: (c: Connection) => void;
+    const accepted = new Promise<Connection>((resolve) => (onConnection = resolve));
+    const listener = await transport.listen({ onConnection: (c) => onConnection(c) });
+    const dialed = await transport.dial(listener.address);
+    const server = await accepted;
+    assert.equal(tcpCongestionOf(dialed), want, 'dialed');
+    assert.equal(tcpCongestionOf(server), want, 'accepted');
+    // Bytes still flow.
+    await dialed.write(new Uint8Array([1, 2, 3]));
+    const it = server[Symbol.asyncIterator]();
+    assert.deepEqual([...(await it.next()).value as Uint8Array], [1, 2, 3]);
+    dialed.abort();
+    server.abort();
+    await listener.close();
+    // Nothing listens there now: the dial fails by name, whichever way its socket was made.
+    await assert.rejects(transport.dial(listener.address), (e: unknown) => e instanceof TransportError && e.code === TransportErrorCode.REFUSED);
+  }
+  for (const [bad, why] of [['no-such-cc', /not available on this machine \(available: /], ['CUBIC', /not a name such as cubic or bbr/], ['a'.repeat(16), /not a name/], ['', /not a name/]] as const) {
+    assert.throws(() => tcp({ congestion: bad }), (e: unknown) => e instanceof InvalidArgumentError && why.test(e.message), bad);
   }
 });

@@ -25,6 +25,7 @@ import type { Connection, Listener, Transport } from '../../core/transport/trans
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf, startPageHashers } from '../engine/adapters.js';
 import { warmMigrationPaths, type WarmUpResult } from '../engine/warm-up.js';
 import { tcp, parseTcpAddress, sendFromThread } from '../transport/tcp.js';
+import { checkCongestionControl, systemCongestionControl } from '../transport/congestion.js';
 import { SendThreads } from '../transport/send-threads.js';
 import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../engine/fault-thread.js';
 import { POSTCOPY_VCPU_NICE, type FaultThreadPriority } from '../engine/thread-priority.js';
@@ -59,6 +60,11 @@ export interface HostAgentInit {
   migrationAddress?: string;
   /** Transport for migrations and relays (default: TCP). */
   transport?: Transport;
+  /**
+   * TCP congestion control for this host's migration connections, dialled and accepted (Linux
+   * TCP_CONGESTION, e.g. 'cubic'; default: the system's). Only for the host's own TCP transport.
+   */
+  tcpCongestion?: string;
   /** Engine services (default: the node ones, with the lz4/zstd blob codecs). */
   engineDeps?: EngineDeps;
   /** Most parallel data streams granted to one incoming migration (default: the engine's, 16). */
@@ -287,6 +293,8 @@ export class HostAgent extends EventEmitter {
   private readonly openConns = new Set<Connection>();
   private readonly sseStreams = new Set<ServerResponse>();
   private closing = false;
+  /** The congestion control of this host's migration connections (null: a transport given to it, or unknown). */
+  readonly tcpCongestion: string | null;
 
   constructor(init: HostAgentInit) {
     super();
@@ -294,6 +302,10 @@ export class HostAgent extends EventEmitter {
     const nice = init.postcopyVcpuNice ?? POSTCOPY_VCPU_NICE;
     if (!Number.isInteger(nice) || nice < -20 || nice > 19) throw new InvalidArgumentError(`post-copy vCPU nice value ${nice} is not an integer from -20 to 19`);
     this.postcopyVcpuNice = nice;
+    if (init.tcpCongestion !== undefined) {
+      if (init.transport) throw new InvalidArgumentError('tcpCongestion applies to the host\'s own TCP transport, not to a transport given to it');
+      checkCongestionControl(init.tcpCongestion);
+    }
     this.name = init.name;
     this.dataDir = init.dataDir;
     this.guests = init.guestsDir ?? guestsDir();
@@ -305,7 +317,8 @@ export class HostAgent extends EventEmitter {
       busy: () => this.incoming.size > 0 || [...this.jobs.values()].some((j) => j.status === 'running'),
     });
     this.capacityBytes = init.capacityBytes ?? totalmem();
-    this.transport = init.transport ?? tcp();
+    this.transport = init.transport ?? tcp(init.tcpCongestion !== undefined ? { congestion: init.tcpCongestion } : {});
+    this.tcpCongestion = init.transport ? null : (init.tcpCongestion ?? systemCongestionControl());
     this.deps = init.engineDeps ?? nodeEngineDeps();
     this.migrationBind = init.migrationAddress;
     const faultPriority = init.faultThreadPriority ?? 'nice';
@@ -1083,7 +1096,7 @@ export function buildControlApi(agent: HostAgent): FastifyInstance {
   });
   app.get('/v1/host', async () => ({
     name: agent.name, vms: agent.list().length, migration: agent.migrationAddress,
-    capacityBytes: agent.capacityBytes, reservedBytes: agent.reservedBytes(), away: agent.awayList(),
+    capacityBytes: agent.capacityBytes, reservedBytes: agent.reservedBytes(), away: agent.awayList(), tcpCongestion: agent.tcpCongestion,
     memoryPool: agent.memoryPool(), vcpuThreads: agent.vcpuThreads(), faultThreads: agent.faultThreads(), sendThreads: agent.sendThreads(), warmUp: agent.warmUpStatus(),
   }));
   app.get('/v1/vms', async () => agent.list());

@@ -11,6 +11,7 @@ import { DEFAULT_MEMORY_POOL_BYTES, HostAgent, parseHostPort, type WarmUpJson } 
 import { FAULT_THREAD_PRIORITIES, POSTCOPY_VCPU_NICE, type FaultThreadPriority } from '../engine/thread-priority.js';
 import { ferryHome } from '../paths.js';
 import { pageHashBackend, pageHashIsa } from '../vm/page-hash.js';
+import { checkCongestionControl, systemCongestionControl } from '../transport/congestion.js';
 import { addressText, sizeBytes, sizeText } from './args.js';
 import { readRegistration, register, registeredNames, registryDir } from './registry.js';
 
@@ -59,6 +60,16 @@ const sparesArg = (v: string) => {
   return Number(v);
 };
 
+/** --tcp-congestion: an algorithm this process may set on its sockets. */
+function congestionArg(v: string): string {
+  try {
+    checkCongestionControl(v);
+  } catch (e) {
+    throw new CommanderArgError((e as Error).message);
+  }
+  return v;
+}
+
 export function registerHostCommands(program: Command): void {
   const host = program.command('host').description('run host agents: the control API and migration endpoint of one host');
 
@@ -73,10 +84,11 @@ export function registerHostCommands(program: Command): void {
     .option('--spare-vcpu-threads <n>', 'vCPU threads kept started ahead of the VMs that will run on them, 0–16: an arriving VM takes a loaded one instead of starting its own during the migration (default: 1)', sparesArg)
     .option('--fault-thread-priority <policy>', 'how the post-copy fault threads are scheduled: nice (nice -10 and, on Linux 6.12 or later, the kernel\'s shortest time slice; an arriving VM\'s vCPU is scheduled so from each wait for a missing page to the end of that quantum), realtime (SCHED_FIFO for the fault threads: a slower push, so a service stalls longer) or default; each takes the next one down where it is not permitted (both raised policies need root or CAP_SYS_NICE) and GET /v1/host says what they got (default: nice)', priorityArg)
     .option('--postcopy-vcpu-nice <n>', `the nice value an arriving VM's vCPU thread runs at while post-copy pages are still missing, -20 to 19: the guest then takes cores from the push (post-copy took up to 50 % longer here at -10); while it waits for a page it runs as the fault threads do whatever this is; 0 leaves it as it is; below 0 needs root or CAP_SYS_NICE (default: ${POSTCOPY_VCPU_NICE})`, niceArg)
+    .option('--tcp-congestion <algorithm>', `TCP congestion control for this host's migration connections, dialled and accepted, e.g. cubic or bbr (Linux; one listed in net.ipv4.tcp_available_congestion_control, and, without root, in tcp_allowed_congestion_control); a lab pins it so that results do not depend on each machine's sysctl (default: the system's${systemCongestionControl() ? `, here ${systemCongestionControl()}` : ''})`, congestionArg)
     .option('--no-warm-up', 'skip the warm-up migration: by default the host migrates a small VM of its own to itself once when it starts, then runs a client relay to itself, so that its first real migration does not run cold code inside its downtime (migrations wait for it: about a second, most of it rewriting the guest; one still running after a minute is abandoned; GET /v1/host says how it went)')
     .option('--state-dir <dir>', 'where hosts and VMs register (default $FERRY_HOME or ~/.ferry)')
     .option('--json', 'print events as JSON lines')
-    .action(async (o: { name: string; warmUp: boolean; listen: string; migration?: string; dataDir?: string; capacity?: number; memoryPool?: number; spareVcpuThreads?: number; faultThreadPriority?: FaultThreadPriority; postcopyVcpuNice?: number; stateDir?: string; json?: boolean }) => {
+    .action(async (o: { name: string; warmUp: boolean; listen: string; migration?: string; dataDir?: string; capacity?: number; memoryPool?: number; spareVcpuThreads?: number; faultThreadPriority?: FaultThreadPriority; postcopyVcpuNice?: number; tcpCongestion?: string; stateDir?: string; json?: boolean }) => {
       const home = stateHome(o.stateDir);
       if (await findHost(home, o.name)) throw new FerryError('ERR_HOST_EXISTS', `a host named '${o.name}' is already running (see ${join(hostsDir(home), `${o.name}.json`)})`);
       const at = parseHostPort(o.listen);
@@ -91,6 +103,7 @@ export function registerHostCommands(program: Command): void {
         ...(o.faultThreadPriority !== undefined ? { faultThreadPriority: o.faultThreadPriority } : {}),
         ...(o.postcopyVcpuNice !== undefined ? { postcopyVcpuNice: o.postcopyVcpuNice } : {}),
         ...(o.migration ? { migrationAddress: o.migration } : {}),
+        ...(o.tcpCongestion !== undefined ? { tcpCongestion: o.tcpCongestion } : {}),
       });
       const log = (event: string, fields: Record<string, unknown>, text: string) => {
         if (o.json) console.log(JSON.stringify({ event, ...fields }));
@@ -110,8 +123,8 @@ export function registerHostCommands(program: Command): void {
       const poolBytes = agent.memoryPool().capacityBytes;
       const pageHash = pageHashBackend();
       const isa = pageHashIsa();
-      log('started', { name: o.name, control, migration, capacityBytes: agent.capacityBytes, memoryPoolBytes: poolBytes, pageHash, pageHashIsa: isa },
-        `host ${o.name} running; control ${control}, migration ${migration}, capacity ${formatBytes(agent.capacityBytes)}, memory pool ${poolBytes === 0 ? 'off' : formatBytes(poolBytes)}${pageHash === 'native' ? `, page hashes native (${isa})` : '; page hashes without the native library, several times slower (npm run build makes it where cc and xxhash.h exist: bash scripts/setup.sh)'}`);
+      log('started', { name: o.name, control, migration, capacityBytes: agent.capacityBytes, memoryPoolBytes: poolBytes, pageHash, pageHashIsa: isa, tcpCongestion: agent.tcpCongestion },
+        `host ${o.name} running; control ${control}, migration ${migration} (TCP congestion control ${agent.tcpCongestion ?? 'unknown'}), capacity ${formatBytes(agent.capacityBytes)}, memory pool ${poolBytes === 0 ? 'off' : formatBytes(poolBytes)}${pageHash === 'native' ? `, page hashes native (${isa})` : '; page hashes without the native library, several times slower (npm run build makes it where cc and xxhash.h exist: bash scripts/setup.sh)'}`);
       await new Promise<void>((res) => {
         process.once('SIGINT', res);
         process.once('SIGTERM', res);

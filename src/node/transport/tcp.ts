@@ -16,6 +16,8 @@ import { ChunkQueue } from '../../core/transport/chunk-queue.js';
 import { dupBlocking } from '../net/blocking-socket.js';
 import { libc } from '../libc.js';
 import { SendThreads, type ThreadSender } from './send-threads.js';
+import { checkCongestionControl, congestionControlOf, setCongestionControl, tcpSocketWith } from './congestion.js';
+import { lookup } from 'node:dns/promises';
 import {
   TransportError, TransportErrorCode,
   type ByobControl, type ByobReader, type Connection, type DialOptions, type Listener, type ListenOptions, type Transport,
@@ -31,6 +33,12 @@ export interface TcpTransportInit {
    * 1 MiB). Values below Node's own writable high-water mark (16 KiB) act like 16 KiB.
    */
   writeHighWaterMark?: number;
+  /**
+   * TCP congestion control for every socket this transport dials or accepts, e.g. 'cubic' (Linux,
+   * TCP_CONGESTION; checked when the transport is made). Default: the system's
+   * (net.ipv4.tcp_congestion_control). See congestion.ts.
+   */
+  congestion?: string;
 }
 
 const DEFAULT_HWM = 1 << 20;
@@ -281,6 +289,11 @@ class TcpConnection implements Connection {
     return true;
   }
 
+  /** The socket's congestion control, as the kernel has it. */
+  congestion(): string {
+    return congestionControlOf(this.socket);
+  }
+
   /** See detachTcp. */
   async detach(): Promise<number> {
     if (this.sender) throw new BugIndicatingError(`connection ${this.localAddress} sends from a thread: it cannot be detached`);
@@ -323,22 +336,54 @@ export function sendFromThread(conn: Connection, threads: SendThreads): boolean 
   return conn instanceof TcpConnection && conn.sendFromThread(threads);
 }
 
+/** A TCP connection's congestion control (null: not a TCP connection of this transport). */
+export function tcpCongestionOf(conn: Connection): string | null {
+  return conn instanceof TcpConnection ? conn.congestion() : null;
+}
+
 /** The TCP transport factory. */
 export function tcp(init: TcpTransportInit = {}): Transport {
   for (const k of ['readHighWaterMark', 'writeHighWaterMark'] as const) {
     const v = init[k];
     if (v !== undefined && (!Number.isSafeInteger(v) || v < 0)) throw new InvalidArgumentError(`${k} ${v} is not a non-negative integer`);
   }
+  const congestion = init.congestion;
+  if (congestion !== undefined) {
+    checkCongestionControl(congestion);
+    libc(); // loaded now, not in the first dial (~30 ms the first time in a thread)
+  }
   return {
     name: 'tcp',
 
-    dial(address: string, options: DialOptions = {}): Promise<Connection> {
+    async dial(address: string, options: DialOptions = {}): Promise<Connection> {
       const { host, port } = parseTcpAddress(address);
       const { signal } = options;
-      if (signal?.aborted) return Promise.reject(new AbortError(`dial ${address} aborted`, { cause: signal.reason }));
+      if (signal?.aborted) throw new AbortError(`dial ${address} aborted`, { cause: signal.reason });
+      // A chosen congestion control is set on the socket before it connects (see tcpSocketWith),
+      // which needs the address family first: a name is looked up here, not by node:net.
+      let ip = { address: host, family: net.isIP(host) };
+      if (congestion !== undefined && ip.family === 0) {
+        try {
+          ip = await lookup(host);
+        } catch (e) {
+          throw new TransportError(TransportErrorCode.DIAL, `cannot dial ${address}: ${(e as Error).message}`, { cause: e });
+        }
+      }
+      if (signal?.aborted) throw new AbortError(`dial ${address} aborted`, { cause: signal.reason });
       return new Promise((resolve, reject) => {
         const router = new ReadRouter();
-        const socket = net.connect({ host, port, allowHalfOpen: true, noDelay: init.noDelay ?? true, onread: router.onread });
+        let socket: net.Socket;
+        if (congestion === undefined) socket = net.connect({ host, port, allowHalfOpen: true, noDelay: init.noDelay ?? true, onread: router.onread });
+        else {
+          try {
+            const fd = tcpSocketWith(ip.family === 6 ? 6 : 4, congestion);
+            socket = new net.Socket({ fd, allowHalfOpen: true, readable: true, writable: true, onread: router.onread } as net.SocketConstructorOpts);
+          } catch (e) {
+            reject(new TransportError(TransportErrorCode.DIAL, `cannot dial ${address}: ${(e as Error).message}`, { cause: e }));
+            return;
+          }
+          socket.connect({ host: ip.address, port, noDelay: init.noDelay ?? true } as net.TcpSocketConnectOpts);
+        }
         const cleanup = () => {
           signal?.removeEventListener('abort', onAbort);
           socket.off('connect', onConnect);
@@ -376,14 +421,16 @@ export function tcp(init: TcpTransportInit = {}): Transport {
       const server = net.createServer({ allowHalfOpen: true, noDelay: init.noDelay ?? true, pauseOnConnect: true }, (accepted) => {
         // Constructed synchronously, before anything is read.
         let conn: Connection;
+        let socket: net.Socket | null = null;
         try {
           const router = new ReadRouter();
-          const socket = adoptWithOnread(accepted, router, true);
+          socket = adoptWithOnread(accepted, router, true);
           if (socket) socket.setNoDelay(init.noDelay ?? true);
           else accepted.resume();
+          if (congestion !== undefined) setCongestionControl(socket ?? accepted, congestion);
           conn = new TcpConnection(socket ?? accepted, init, socket ? router : undefined);
         } catch {
-          accepted.destroy();
+          (socket ?? accepted).destroy();
           return;
         }
         options.onConnection(conn);
@@ -392,6 +439,15 @@ export function tcp(init: TcpTransportInit = {}): Transport {
         server.once('error', (e) => reject(new TransportError(TransportErrorCode.LISTEN, `cannot listen on ${host}:${port}: ${e.message}`, { cause: e })));
         server.listen(port, host, () => resolve());
       });
+      // Accepted sockets are born with the listener's congestion control (each is set again, to be sure, as it comes).
+      if (congestion !== undefined) {
+        try {
+          setCongestionControl(server, congestion);
+        } catch (e) {
+          server.close();
+          throw new TransportError(TransportErrorCode.LISTEN, `cannot listen on ${host}:${port}: ${(e as Error).message}`, { cause: e });
+        }
+      }
       // Accept errors (EMFILE, …) after listening are per-connection trouble, not fatal to the host.
       server.on('error', () => undefined);
       const bound = server.address() as net.AddressInfo;
