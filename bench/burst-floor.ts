@@ -16,6 +16,7 @@ import { fork } from 'node:child_process';
 import net from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { randomFillSync } from 'node:crypto';
+import { pinServer } from './congestion.js';
 
 const MiB = 1 << 20;
 
@@ -50,6 +51,7 @@ export async function burstFloor(bytes: number, reps: number, quietMs = 300): Pr
   const server = net.createServer();
   try {
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+    pinServer(server); // the accepted socket sends the bursts
     const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
     child.send({ port: (server.address() as net.AddressInfo).port, bytes });
     const sock = await accepted;

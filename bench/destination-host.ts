@@ -29,7 +29,8 @@ import { VcpuThreadPool } from '../src/node/vm/vcpu-threads.js';
 import { Vm } from '../src/node/vm/vm.js';
 import { guestsDir } from '../src/node/paths.js';
 import { HOST_NODE_FLAGS, hasHostFlags } from '../src/node/host-runtime.js';
-import { sendFromThread, tcp } from '../src/node/transport/tcp.js';
+import { sendFromThread } from '../src/node/transport/tcp.js';
+import { benchTcp } from './congestion.js';
 import { SendThreads } from '../src/node/transport/send-threads.js';
 
 export type LinkInit = Omit<ShapedConnectionInit, 'clock' | 'bucket'>;
@@ -111,7 +112,7 @@ async function destinationHost(): Promise<void> {
   // And a vCPU thread started ahead of the next VM (HostAgent's spareVcpuThreads default).
   let accepting = 0;
   const threads = new VcpuThreadPool(1, { busy: () => accepting > 0 });
-  const l = await tcp().listen({
+  const l = await benchTcp().listen({
     onConnection: (c) => {
       const conn = link ? link(c) : c;
       const made: Vm[] = [];
@@ -253,7 +254,7 @@ export class DestinationProcess {
         // Each VM's migration has its link (one cap over all its connections, as from a host agent).
         const shape = link ? linkShaper(link) : (c: Connection) => c;
         const dial = async (purpose?: 'data' | 'fault') => {
-          const c = await tcp().dial(this.address);
+          const c = await benchTcp().dial(this.address);
           // As a host agent does: a parallel data stream sends from a thread of its own.
           if (purpose === 'data') sendFromThread(c, sendThreads());
           return shape(c);

@@ -17,6 +17,7 @@ import net from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { raisePriority, type FaultThreadPriority } from '../src/node/engine/thread-priority.js';
+import { connect, pinServer } from './congestion.js';
 
 const PAGE = 4096;
 const MiB = 1 << 20;
@@ -36,7 +37,7 @@ type Role = ({ role: 'responder' } | { role: 'requester'; port: number; exchange
 const REPLY = PAGE + 16;
 
 async function requester(port: number, exchanges: number, gapMs: number): Promise<number[]> {
-  const s = net.connect({ port, host: '127.0.0.1', noDelay: true });
+  const s = connect(port, { noDelay: true });
   await new Promise<void>((r, j) => { s.once('connect', () => r()); s.once('error', j); });
   const rtts: number[] = [];
   const req = Buffer.alloc(8);
@@ -70,7 +71,7 @@ function responder(): Promise<number> {
     });
     s.on('error', () => undefined);
   });
-  return new Promise((r) => server.listen(0, '127.0.0.1', () => r((server.address() as net.AddressInfo).port)));
+  return new Promise((r) => server.listen(0, '127.0.0.1', () => r((pinServer(server).address() as net.AddressInfo).port)));
 }
 
 if (!isMainThread && (workerData as Role | undefined)?.role) {
@@ -119,7 +120,7 @@ export async function exchangeFloor(exchanges: number, bulkBytesPerSec?: number,
     const memory = new Uint8Array(new SharedArrayBuffer(64 * MiB));
     for (let i = 0; i < memory.length; i += PAGE) memory[i] = i & 0xff;
     const frame = Buffer.alloc(MiB);
-    const bulk = net.connect({ port: far.sink, host: '127.0.0.1' });
+    const bulk = connect(far.sink);
     await new Promise<void>((r) => bulk.once('connect', () => r()));
     let stop = false;
     let sent = 0;

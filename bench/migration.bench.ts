@@ -33,6 +33,7 @@
 import net from 'node:net';
 import { availableParallelism } from 'node:os';
 import { median, percentile, section, type BenchContext, type BenchSuite } from './harness.js';
+import { benchCongestionText, connect, pinServer } from './congestion.js';
 import { rawTcp, rawTcpIntoFreshMemory } from './transport.bench.js';
 import { burstFloor } from './burst-floor.js';
 import { exchangeFloor, threadWake } from './latency-floor.js';
@@ -91,8 +92,8 @@ function settle(): Promise<void> {
 async function loopbackRttMs(n: number): Promise<number> {
   const server = net.createServer((s) => s.on('data', (d) => s.write(d)));
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
-  const { port } = server.address() as net.AddressInfo;
-  const sock = net.connect({ port, host: '127.0.0.1', noDelay: true });
+  const { port } = pinServer(server).address() as net.AddressInfo;
+  const sock = connect(port, { noDelay: true });
   await new Promise<void>((r) => sock.once('connect', () => r()));
   const rtts: number[] = [];
   const one = new Uint8Array([1]);
@@ -186,7 +187,7 @@ async function precopyIdle(ctx: BenchContext, mem: number, reps: number): Promis
   const rate = (x: number) => `${x.toFixed(2)} GB/s`;
   ctx.report({
     metric: 'precopy-idle.vs-raw-tcp', value: median(ratios), unit: '×', target: '>= 0.9',
-    note: `raw time (the faster of raw just before and just after each migration) ÷ TMT; destination memory from the host's pool; ${fmtMiB(mem)} random, idle; TMT ${r.totalMigrationTimeMs!.toFixed(0)} ms for ${fmtMiB(r.bytes.wire)} on the wire (${rate(r.bytes.wire / 1e6 / r.totalMigrationTimeMs!)}) vs raw ${rate(median(rates))}; ${r.rounds.length} rounds; page hashes for the digest: ${pageHashBackend() === 'native' ? `native XXH3 (${pageHashIsa()})` : 'XXH3 from @node-rs/xxhash (the native library was not built)'}; median of ${reps}`,
+    note: `raw time (the faster of raw just before and just after each migration) ÷ TMT; destination memory from the host's pool; ${fmtMiB(mem)} random, idle; TMT ${r.totalMigrationTimeMs!.toFixed(0)} ms for ${fmtMiB(r.bytes.wire)} on the wire (${rate(r.bytes.wire / 1e6 / r.totalMigrationTimeMs!)}) vs raw ${rate(median(rates))}; ${r.rounds.length} rounds; page hashes for the digest: ${pageHashBackend() === 'native' ? `native XXH3 (${pageHashIsa()})` : 'XXH3 from @node-rs/xxhash (the native library was not built)'}; ${benchCongestionText()}; median of ${reps}`,
   });
   ctx.report({
     metric: 'precopy-idle.vs-raw-tcp.through-check', value: median(evictRatios), unit: '×',
@@ -266,7 +267,7 @@ async function downtimeFloor(ctx: BenchContext, mem: number, reps: number): Prom
   const all = runs.map((x) => x.run.report.downtimeMs!).sort((a, b) => a - b);
   ctx.report({ metric: 'downtime', value: r.downtimeMs!, unit: 'ms', note: `the median run of ${reps} by ratio (downtimes ${all.map((x) => x.toFixed(1)).join(', ')} ms); final round ${fmtMiB(fin)}, state ${r.bytes.state} B, ${r.rounds.length} pre-copy rounds, destination start (switchover → running) ${run.outcome.startMs.toFixed(1)} ms, verified ${runs.every((x) => x.run.report.verified)}` });
   ctx.report({ metric: 'downtime.floor', value: floor, unit: 'ms', note: `that run's floor: final ÷ ${(bandwidth / 1e9).toFixed(2)} GB/s (raw loopback TCP of ${fmtMiB(rawBytes)}, the faster of just before and just after it) + RTT ${(rtt * 1000).toFixed(0)} µs + state ÷ bandwidth` });
-  ctx.report({ metric: 'downtime.vs-floor', value: r.downtimeMs! / floor, unit: '×', target: '<= 1.2', note: `median of ${reps} runs' ratios, each against its own floor (${runs.map((x) => (x.run.report.downtimeMs! / x.floor).toFixed(2)).join(', ')})` });
+  ctx.report({ metric: 'downtime.vs-floor', value: r.downtimeMs! / floor, unit: '×', target: '<= 1.2', note: `median of ${reps} runs' ratios, each against its own floor (${runs.map((x) => (x.run.report.downtimeMs! / x.floor).toFixed(2)).join(', ')}); ${benchCongestionText()}` });
   // The same bytes as one burst between two processes (no engine code): the bulk floor above
   // leaves out that the two ends wait to be scheduled for each other.
   await settle();

@@ -11,11 +11,11 @@
 import net from 'node:net';
 import { randomFillSync } from 'node:crypto';
 import { median, type BenchContext, type BenchSuite } from './harness.js';
+import { benchTcp, connect, pinServer } from './congestion.js';
 import { Encoding, type Frame } from '../src/core/protocol/index.js';
 import { FramedConnection, type Connection } from '../src/core/transport/index.js';
 import { shaped } from '../src/core/transport/shaped.js';
 import { realClock } from '../src/node/clock.js';
-import { tcp } from '../src/node/transport/tcp.js';
 import { copyBytes } from '../src/node/vm/memory-access.js';
 
 const MiB = 1 << 20;
@@ -45,8 +45,8 @@ export async function rawTcp(total: number, block: Uint8Array, receive?: (chunk:
     s.on('error', () => undefined);
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
-  const { port } = server.address() as net.AddressInfo;
-  const sock = net.connect({ port, host: '127.0.0.1', noDelay: true });
+  const { port } = pinServer(server).address() as net.AddressInfo;
+  const sock = connect(port, { noDelay: true });
   await new Promise<void>((r) => sock.once('connect', () => r()));
   t0 = performance.now();
   for (let sent = 0; sent < total; sent += block.length) {
@@ -73,7 +73,7 @@ export function rawTcpIntoFreshMemory(total: number, block: Uint8Array): Promise
 
 /** A ferry transport pair over loopback TCP, the listener closed once accepted. */
 async function tcpPair(): Promise<[Connection, Connection]> {
-  const t = tcp();
+  const t = benchTcp();
   let accept!: (c: Connection) => void;
   const accepted = new Promise<Connection>((r) => { accept = r; });
   const l = await t.listen({ onConnection: (c) => accept(c) });
