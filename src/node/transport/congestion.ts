@@ -38,9 +38,9 @@ export function systemCongestionControl(): string | null {
 
 /**
  * Checks that sockets of this process may use `name`: the kernel must have it, and a process
- * without CAP_NET_ADMIN may only choose the algorithms in tcp_allowed_congestion_control (checked
- * as root or not: a root process may choose any the kernel has). Throws InvalidArgumentError
- * saying which are there.
+ * without CAP_NET_ADMIN may only choose the algorithms in tcp_allowed_congestion_control (root is
+ * taken to have it; any other capable process fails later, at its first socket, by name). Throws
+ * InvalidArgumentError saying which are there.
  */
 export function checkCongestionControl(name: string): void {
   if (typeof name !== 'string' || !/^[a-z0-9_-]+$/.test(name) || name.length >= NAME_MAX) {
