@@ -1,8 +1,9 @@
 /**
  * The few libc calls Node has no API for, through koffi (a well-kept FFI library with prebuilt
  * binaries): blocking sockets (net/blocking-socket.ts), a thread's fair-scheduler settings
- * (fair-scheduling.ts) and a socket's TCP congestion control (transport/congestion.ts). Loaded once per thread, on first use (~30 ms the first time: a thread that
- * will need them soon loads them early).
+ * (fair-scheduling.ts) and a socket's TCP congestion control (transport/congestion.ts). Loaded
+ * once per thread, on first use (~30 ms the first time: a thread that will need them soon loads
+ * them early).
  */
 import { createRequire } from 'node:module';
 

@@ -239,10 +239,10 @@ export class SendStream {
 /**
  * Pages per batch in pre-copy rounds without codecs: 4 MiB (with codecs at most what a codec
  * takes at once, DEFAULT_BATCH_BYTES; the stop-and-copy and post-copy's push LATENCY_BATCH_PAGES).
- * Against 1 MiB, an idle 256 MiB pre-copy here took a median of 93 against 98 ms (sockets pinned
- * to CUBIC) and 117 against 123 ms (the system's BBR), 18 runs each, alternating: a quarter of the
- * frames, writes and turns of the event loop. A batch still goes in ~1.3 ms at loopback speed,
- * inside the event loop's 2 ms turns.
+ * Against 1 MiB, an idle 256 MiB pre-copy here took a median of 110 against 129 ms (the system's
+ * BBR; 18 runs each, alternating), and 93 against 98 ms with sockets pinned to CUBIC (measured with
+ * the stop-and-copy in 4 MiB batches too): a quarter of the frames, writes and turns of the event
+ * loop. A batch still goes in ~1.3 ms at loopback speed, inside the event loop's 2 ms turns.
  */
 const DEFAULT_BATCH_PAGES = 1024;
 /**

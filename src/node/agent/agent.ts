@@ -25,7 +25,7 @@ import type { Connection, Listener, Transport } from '../../core/transport/trans
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf, startPageHashers } from '../engine/adapters.js';
 import { warmMigrationPaths, type WarmUpResult } from '../engine/warm-up.js';
 import { tcp, parseTcpAddress, sendFromThread } from '../transport/tcp.js';
-import { checkCongestionControl, systemCongestionControl } from '../transport/congestion.js';
+import { systemCongestionControl } from '../transport/congestion.js';
 import { SendThreads } from '../transport/send-threads.js';
 import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../engine/fault-thread.js';
 import { POSTCOPY_VCPU_NICE, type FaultThreadPriority } from '../engine/thread-priority.js';
@@ -302,10 +302,10 @@ export class HostAgent extends EventEmitter {
     const nice = init.postcopyVcpuNice ?? POSTCOPY_VCPU_NICE;
     if (!Number.isInteger(nice) || nice < -20 || nice > 19) throw new InvalidArgumentError(`post-copy vCPU nice value ${nice} is not an integer from -20 to 19`);
     this.postcopyVcpuNice = nice;
-    if (init.tcpCongestion !== undefined) {
-      if (init.transport) throw new InvalidArgumentError('tcpCongestion applies to the host\'s own TCP transport, not to a transport given to it');
-      checkCongestionControl(init.tcpCongestion);
-    }
+    if (init.transport && init.tcpCongestion !== undefined) throw new InvalidArgumentError('tcpCongestion applies to the host\'s own TCP transport, not to a transport given to it');
+    // Made (its congestion control checked) before anything starts.
+    this.transport = init.transport ?? tcp(init.tcpCongestion !== undefined ? { congestion: init.tcpCongestion } : {});
+    this.tcpCongestion = init.transport ? null : (init.tcpCongestion ?? systemCongestionControl());
     this.name = init.name;
     this.dataDir = init.dataDir;
     this.guests = init.guestsDir ?? guestsDir();
@@ -317,8 +317,6 @@ export class HostAgent extends EventEmitter {
       busy: () => this.incoming.size > 0 || [...this.jobs.values()].some((j) => j.status === 'running'),
     });
     this.capacityBytes = init.capacityBytes ?? totalmem();
-    this.transport = init.transport ?? tcp(init.tcpCongestion !== undefined ? { congestion: init.tcpCongestion } : {});
-    this.tcpCongestion = init.transport ? null : (init.tcpCongestion ?? systemCongestionControl());
     this.deps = init.engineDeps ?? nodeEngineDeps();
     this.migrationBind = init.migrationAddress;
     const faultPriority = init.faultThreadPriority ?? 'nice';
