@@ -1,6 +1,7 @@
 /**
- * FERRY_BENCH_TCP_CONGESTION=cubic (or any algorithm this machine allows) pins every TCP socket a
- * bench sends on, ferry's and the baselines' alike, to one congestion control. Unset, each socket
+ * FERRY_BENCH_TCP_CONGESTION=cubic (or any algorithm this machine allows) pins the TCP sockets of
+ * the migration and transport benches, ferry's and the baselines' alike, to one congestion control
+ * (not yet post-copy's fault channels, nor the clients bench's host processes). Unset, each socket
  * gets the system's (net.ipv4.tcp_congestion_control), as a plain Node program's would.
  *
  * Why: the algorithm moves the baselines the targets are measured against. On the machine these
