@@ -62,7 +62,8 @@ export interface HostAgentInit {
   transport?: Transport;
   /**
    * TCP congestion control for this host's migration connections, dialled and accepted (Linux
-   * TCP_CONGESTION, e.g. 'cubic'; default: the system's). Only for the host's own TCP transport.
+   * TCP_CONGESTION, e.g. 'cubic'; default: the system's). Only for the host's own TCP transport;
+   * not yet for post-copy's fault channel, whose threads make their own sockets.
    */
   tcpCongestion?: string;
   /** Engine services (default: the node ones, with the lz4/zstd blob codecs). */
