@@ -4,6 +4,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect } from 'node:net';
+import { spawnSync } from 'node:child_process';
 import { HostAgent } from '../../src/node/agent/agent.js';
 import { KvClient } from '../../src/node/kv-client.js';
 import { tcp, tcpCongestionOf } from '../../src/node/transport/tcp.js';
@@ -448,7 +449,7 @@ test('cancel under a bandwidth cap: reported as a cancellation (ERR_ABORTED), no
   });
 });
 
-test('tcpCongestion: the connections a host accepts for a migration run its algorithm; GET /v1/host says which', async (t) => {
+test('tcpCongestion: the connections a host accepts for a migration, and its fault thread\'s listener, run its algorithm; GET /v1/host says which', async (t) => {
   const system = systemCongestionControl();
   const other = (availableCongestionControls() ?? []).find((x) => x !== system);
   if (!system || !other) return t.skip('needs Linux with two congestion control algorithms');
@@ -466,6 +467,17 @@ test('tcpCongestion: the connections a host accepts for a migration run its algo
     assert.deepEqual(conns(b).map(tcpCongestionOf), conns(b).map(() => other));
     assert.equal((await http(`${a.url}/v1/migrations/${r.json.id}`, 'DELETE')).status, 202);
     assert.equal((await finished(a, r.json.id)).status, 'cancelled');
+    // Post-copy's fault channel: b's fault thread listens with the same algorithm (its sockets are
+    // made in the thread; iproute2's ss shows a listener's algorithm where it is installed).
+    await a.agent.createVm({ name: 'pc', guest: 'memstress', memory: '16MiB', config: 'mem=8MiB wss=8MiB pattern=uniform rate=20000000' });
+    const p = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'pc', to: b.agent.migrationAddress, mode: 'postcopy' });
+    const done = await finished(a, p.json.id);
+    assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
+    assert.equal(done.report.transfer.faultChannel, true);
+    const port = (await http(`${b.url}/v1/host`, 'GET')).json.faultThreads.port as number;
+    const ss = spawnSync('ss', ['-tlni', `sport = :${port}`], { encoding: 'utf8' });
+    if (ss.error) t.diagnostic('ss is not installed: the fault thread\'s listener was not looked at');
+    else assert.match(ss.stdout, new RegExp(`LISTEN[^\\n]*:${port}\\b[^\\n]*\\n\\s+${other}\\b`), ss.stdout);
   }, { a: { tcpCongestion: other }, b: { tcpCongestion: other } });
   // And a host left to the system's: its migration connections are the system's.
   await withHosts(async (a) => {

@@ -62,8 +62,8 @@ export interface HostAgentInit {
   transport?: Transport;
   /**
    * TCP congestion control for this host's migration connections, dialled and accepted (Linux
-   * TCP_CONGESTION, e.g. 'cubic'; default: the system's). Only for the host's own TCP transport;
-   * not yet for post-copy's fault channel, whose threads make their own sockets.
+   * TCP_CONGESTION, e.g. 'cubic'; default: the system's), post-copy's fault channel threads'
+   * too. Only for the host's own TCP transport.
    */
   tcpCongestion?: string;
   /** Engine services (default: the node ones, with the lz4/zstd blob codecs). */
@@ -321,12 +321,12 @@ export class HostAgent extends EventEmitter {
     this.deps = init.engineDeps ?? nodeEngineDeps();
     this.migrationBind = init.migrationAddress;
     const faultPriority = init.faultThreadPriority ?? 'nice';
-    this.faultListener = init.transport ? null : new FaultThreadListener('127.0.0.1', faultPriority);
+    this.faultListener = init.transport ? null : new FaultThreadListener('127.0.0.1', faultPriority, init.tcpCongestion);
     this.warmRewriter = init.warmRewriter ?? false;
     this.warmMigrations = init.warmMigrations ?? false;
     this.warmUpLimitMs = init.warmUpLimitMs ?? 60_000;
     if (!(Number.isSafeInteger(this.warmUpLimitMs) && this.warmUpLimitMs > 0)) throw new InvalidArgumentError(`warm-up limit ${init.warmUpLimitMs} ms is not a positive integer`);
-    this.sourceFaults = init.transport ? null : new SourceFaultThreads(faultPriority);
+    this.sourceFaults = init.transport ? null : new SourceFaultThreads(faultPriority, init.tcpCongestion);
     // Started by the first migration that opens a second data stream, then kept for the next.
     this.senders = init.transport || !SendThreads.available() ? null : new SendThreads(0);
     this.acceptor = new MigrationAcceptor(this.deps, {

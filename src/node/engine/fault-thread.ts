@@ -125,7 +125,14 @@ interface SourceDial {
   closing: SharedArrayBuffer;
 }
 
-type Role = ({ role: 'listen'; host: string } | { role: 'source' }) & { ask: FaultThreadPriority };
+/** `congestion`: the TCP congestion control of the thread's sockets (default: the system's; see transport/congestion.ts). */
+type Role = ({ role: 'listen'; host: string } | { role: 'source' }) & { ask: FaultThreadPriority; congestion?: string };
+
+/** The TCP transport of a fault thread's sockets. */
+function threadTcp(): ReturnType<typeof tcp> {
+  const congestion = (workerData as Role | undefined)?.congestion;
+  return tcp(congestion !== undefined ? { congestion } : {});
+}
 
 const HERE = fileURLToPath(import.meta.url);
 
@@ -163,12 +170,13 @@ export class FaultThreadListener implements FaultThreads {
   /**
    * @param host where the thread listens (the host migrations come in to; may be set until first use).
    * @param ask how the thread asks to be scheduled (see FaultThreadPriority).
+   * @param congestion the TCP congestion control of the connections it accepts (default: the system's).
    */
-  constructor(public host: string, readonly ask: FaultThreadPriority = 'nice') {}
+  constructor(public host: string, readonly ask: FaultThreadPriority = 'nice', private readonly congestion?: string) {}
 
   port(): Promise<number> {
     if (this.portP) return this.portP;
-    const worker = new Worker(HERE, { workerData: { role: 'listen', host: this.host, ask: this.ask } satisfies Role });
+    const worker = new Worker(HERE, { workerData: { role: 'listen', host: this.host, ask: this.ask, ...(this.congestion !== undefined ? { congestion: this.congestion } : {}) } satisfies Role });
     worker.unref(); // it never keeps a host process alive by itself
     this.worker = worker;
     worker.once('exit', () => {
@@ -297,8 +305,11 @@ export class SourceFaultThreads {
   /** How the threads are scheduled ('default' until one started). */
   priority: FaultThreadPriority = 'default';
 
-  /** @param ask how the threads ask to be scheduled (see FaultThreadPriority). */
-  constructor(private readonly ask: FaultThreadPriority = 'nice') {}
+  /**
+   * @param ask how the threads ask to be scheduled (see FaultThreadPriority).
+   * @param congestion the TCP congestion control of the connections they dial (default: the system's).
+   */
+  constructor(private readonly ask: FaultThreadPriority = 'nice', private readonly congestion?: string) {}
 
   /** Threads alive that have started (the sessions' and the spare). */
   get threads(): number {
@@ -306,7 +317,7 @@ export class SourceFaultThreads {
   }
 
   private spawn(): Worker {
-    const worker = new Worker(HERE, { workerData: { role: 'source', ask: this.ask } satisfies Role });
+    const worker = new Worker(HERE, { workerData: { role: 'source', ask: this.ask, ...(this.congestion !== undefined ? { congestion: this.congestion } : {}) } satisfies Role });
     worker.unref(); // it never keeps a host process alive by itself
     worker.on('message', (m: FromSource) => {
       if (m.t !== 'priority') return;
@@ -619,7 +630,7 @@ function listenThread(host: string, priority: FaultThreadPriority): void {
     }
   });
 
-  void tcp().listen({ address: `${host}:0`, onConnection: (c) => void accept(c) }).then(
+  void threadTcp().listen({ address: `${host}:0`, onConnection: (c) => void accept(c) }).then(
     (l) => post({ t: 'port', port: Number(l.address.slice(l.address.lastIndexOf(':') + 1)), priority }),
     (e: unknown) => post({ t: 'listen-failed', message: (e as Error).message }),
   );
@@ -753,7 +764,7 @@ function sourceThread(r: SourceDial): void {
   void (async () => {
     let f: FramedConnection | null = null;
     try {
-      const conn = await tcp().dial(`${r.host.includes(':') ? `[${r.host}]` : r.host}:${r.port}`);
+      const conn = await threadTcp().dial(`${r.host.includes(':') ? `[${r.host}]` : r.host}:${r.port}`);
       // Detached, the answers are paced by the link's shape on the socket itself.
       const detach = blockingSocketsAvailable();
       f = new FramedConnection(shape && !detach ? shaped(conn, { ...shape, clock: realClock() }) : conn);
