@@ -1,8 +1,8 @@
 /**
  * FERRY_BENCH_TCP_CONGESTION=cubic (or any algorithm this machine allows) pins the TCP sockets of
- * the migration and transport benches, ferry's and the baselines' alike, to one congestion control
- * (not yet post-copy's fault channels, nor the clients bench's host processes). Unset, each socket
- * gets the system's (net.ipv4.tcp_congestion_control), as a plain Node program's would.
+ * the migration and transport benches, ferry's (post-copy's fault channels included) and the
+ * baselines' alike, to one congestion control (not the clients bench's host processes). Unset,
+ * each socket gets the system's (net.ipv4.tcp_congestion_control), as a plain Node program's would.
  *
  * Why: the algorithm moves the baselines the targets are measured against. On the machine these
  * benches were written on the system default is BBR, which paces even loopback, and raw loopback

@@ -30,7 +30,7 @@ import { Vm } from '../src/node/vm/vm.js';
 import { guestsDir } from '../src/node/paths.js';
 import { HOST_NODE_FLAGS, hasHostFlags } from '../src/node/host-runtime.js';
 import { sendFromThread } from '../src/node/transport/tcp.js';
-import { benchTcp } from './congestion.js';
+import { BENCH_CONGESTION, benchTcp } from './congestion.js';
 import { SendThreads } from '../src/node/transport/send-threads.js';
 
 export type LinkInit = Omit<ShapedConnectionInit, 'clock' | 'bucket'>;
@@ -56,7 +56,7 @@ export const deps = nodeEngineDeps();
 const sourceFaultThreads = new Map<FaultThreadPriority, SourceFaultThreads>();
 function sourceThreadsFor(ask: FaultThreadPriority): SourceFaultThreads {
   let t = sourceFaultThreads.get(ask);
-  if (!t) sourceFaultThreads.set(ask, (t = new SourceFaultThreads(ask)));
+  if (!t) sourceFaultThreads.set(ask, (t = new SourceFaultThreads(ask, BENCH_CONGESTION)));
   return t;
 }
 /** How fault threads asking for `ask` are scheduled here (see FaultThreadPriority): the source's say for this machine. */
@@ -105,7 +105,7 @@ async function destinationHost(): Promise<void> {
   let link: ((c: Connection) => Connection) | null = null;
   const send = (m: FromDestination) => process.send!(m);
   // Post-copy faults on threads of their own, as a host serves them (shaped like every connection).
-  const faultThreads = new FaultThreadListener('127.0.0.1', (process.env.FERRY_BENCH_FAULT_PRIORITY ?? 'nice') as FaultThreadPriority);
+  const faultThreads = new FaultThreadListener('127.0.0.1', (process.env.FERRY_BENCH_FAULT_PRIORITY ?? 'nice') as FaultThreadPriority, BENCH_CONGESTION);
   const acceptor = new MigrationAcceptor(deps, { faultThreads });
   // As a host would: a VM that is done gives its memory back, and the next VM of its shape takes it.
   const pool = new GuestMemoryPool(1 << 30);
