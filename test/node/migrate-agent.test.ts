@@ -474,6 +474,7 @@ test('tcpCongestion: the connections a host accepts for a migration, and its fau
     const done = await finished(a, p.json.id);
     assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
     assert.equal(done.report.transfer.faultChannel, true);
+    assert.equal(done.tcpCongestion, other, 'the job says which algorithm its connections ran');
     const port = (await http(`${b.url}/v1/host`, 'GET')).json.faultThreads.port as number;
     const ss = spawnSync('ss', ['-tlni', `sport = :${port}`], { encoding: 'utf8' });
     if (ss.error) t.diagnostic('ss is not installed: the fault thread\'s listener was not looked at');

@@ -8,6 +8,7 @@ import { KvClient } from '../../src/node/kv-client.js';
 import { Command, CommanderError } from 'commander';
 import { MonotonicEta, MonotonicFraction, formatTransfer } from '../../src/node/cli/migrate.js';
 import { buildProgram } from '../../src/node/cli/main.js';
+import { systemCongestionControl } from '../../src/node/transport/congestion.js';
 import { ferry, ferryStarted, type StartedFerry } from '../helpers/ferry-cli.js';
 
 
@@ -61,6 +62,8 @@ test('ferry host start ×2, ferry host boot kv on a, ferry migrate --json → b 
     assert.equal(back.code, 0, back.stderr);
     assert.match(back.stdout, /total migration time/);
     assert.match(back.stdout, /verified\s+yes/);
+    // The sending host's TCP congestion control, the system's here (see --tcp-congestion).
+    assert.match(back.stdout, new RegExp(`^streams\\s+.*, TCP congestion control ${systemCongestionControl()} \\(the sending host's\\)$`, 'm'));
     // Not a terminal: no progress bar, least of all one with its placeholders unfilled.
     assert.doesNotMatch(back.stderr, /\{\w+\}|█/);
     for (let i = 0; i < 1000; i += 89) assert.equal(await client.get(`k${i}`), `v${i}`);
@@ -222,8 +225,8 @@ test('the transfer section shows streams, fault channel, codecs, reduction and t
     streams: 3, faultChannel: true, codecs: ['xbzrle', 'dedup', 'zstd'], gang: 'pack.0123456789ab', pageBytes: 64 << 20, encodedBytes: 16 << 20, reduction: 4,
     codecStats: { 'page.xbzrle.hits': 10, 'page.xbzrle.misses': 5, 'page.xbzrle.overflows': 1, 'page.dedup.refs': 700, 'page.dedup.defs': 30, compressedBatches: 12, plainBatches: 3 },
     compression: { on: true, flips: 2, speedup: 1.5 },
-  });
-  assert.match(text, /^streams\s+3 \+ fault channel$/m);
+  }, 'cubic');
+  assert.match(text, /^streams\s+3 \+ fault channel, TCP congestion control cubic \(the sending host's\)$/m);
   assert.match(text, /^codecs\s+xbzrle, dedup, zstd$/m);
   assert.match(text, /^gang\s+pack\.0123456789ab$/m);
   assert.match(text, /^page bytes → encoded\s+64\.0 MiB → 16\.0 MiB \(4\.00× reduction\)$/m);

@@ -836,7 +836,7 @@ export class HostAgent extends EventEmitter {
       throw new FerryError('ERR_MIGRATION_ENDPOINT', `VM '${req.vm}' serves its clients through host ${m.link.hello.home} (${m.link.hello.homeMigration}); it can only move back there for now`);
     }
     if (this.get(req.vm) !== m || m.migration) throw new VmStateError(`VM '${req.vm}' changed while the migration was being set up`);
-    const job = new MigrationJob(`m${this.nextJob++}-${req.vm}`, req.vm, this.name, dest.label, dest.address, req.mode, req.gang ?? null);
+    const job = new MigrationJob(`m${this.nextJob++}-${req.vm}`, req.vm, this.name, dest.label, dest.address, req.mode, req.gang ?? null, this.tcpCongestion);
     this.jobs.set(job.id, job);
     m.migration = job;
     // The cap shapes our direction of the migration's connections (the bulk of the bytes), and

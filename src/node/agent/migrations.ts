@@ -19,6 +19,8 @@ export interface MigrationJobJson {
   mode: MigrationMode;
   /** The gang named in the request (the report's `transfer.gang` is its wire id: this name plus a suffix). */
   gang: string | null;
+  /** The TCP congestion control of the sending host's migration connections (null: not TCP, or unknown). */
+  tcpCongestion: string | null;
   status: MigrationStatus;
   progress: MigrationProgress | null;
   report: MigrationReport | null;
@@ -49,7 +51,7 @@ export class MigrationJob {
   readonly done: Promise<void>;
   private resolveDone!: () => void;
 
-  constructor(readonly id: string, readonly vm: string, readonly from: string, readonly to: string, readonly toAddress: string, readonly mode: MigrationMode, readonly gang: string | null = null) {
+  constructor(readonly id: string, readonly vm: string, readonly from: string, readonly to: string, readonly toAddress: string, readonly mode: MigrationMode, readonly gang: string | null = null, readonly tcpCongestion: string | null = null) {
     this.done = new Promise((r) => (this.resolveDone = r));
   }
 
@@ -111,7 +113,7 @@ export class MigrationJob {
 
   json(): MigrationJobJson {
     return {
-      id: this.id, vm: this.vm, from: this.from, to: this.to, toAddress: this.toAddress, mode: this.mode, gang: this.gang, status: this.status,
+      id: this.id, vm: this.vm, from: this.from, to: this.to, toAddress: this.toAddress, mode: this.mode, gang: this.gang, tcpCongestion: this.tcpCongestion, status: this.status,
       progress: this.progress, report: this.result?.report ?? null, stopReason: this.result?.stopReason ?? null, error: this.error,
       startedAt: this.startedAt.toISOString(), endedAt: this.endedAt?.toISOString() ?? null,
     };

@@ -149,11 +149,11 @@ async function follow(control: string, id: string, onProgress: (p: MigrationProg
 const finite = (_k: string, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? null : v);
 
 /** The transfer section of a report: how the pages travelled and what the codecs saved. */
-export function formatTransfer(t: TransferReport): string {
+export function formatTransfer(t: TransferReport, tcpCongestion: string | null = null): string {
   const s = t.codecStats;
   const n = (k: string) => s[k] ?? 0;
   const rows: [string, string][] = [
-    ['streams', `${t.streams}${t.faultChannel ? ' + fault channel' : ''}`],
+    ['streams', `${t.streams}${t.faultChannel ? ' + fault channel' : ''}${tcpCongestion ? `, TCP congestion control ${tcpCongestion} (the sending host's)` : ''}`],
     ['codecs', t.codecs.length ? t.codecs.join(', ') : 'none (zero pages only)'],
   ];
   if (t.gang !== null) rows.push(['gang', t.gang]);
@@ -264,7 +264,7 @@ async function migrate(vms: string[], o: MigrateOpts): Promise<number> {
       if (vms.length > 1) console.log('');
       console.log(`${r.vm}: ${job.from} → ${job.to} (${job.mode}) ${succeeded(r) ? 'done' : 'done, but NOT verified'}${job.stopReason ? `; ${job.stopReason}` : ''}`);
       console.log(formatReportTable(job.report));
-      if (job.report.transfer) console.log(formatTransfer(job.report.transfer));
+      if (job.report.transfer) console.log(formatTransfer(job.report.transfer, job.tcpCongestion));
     }
     if (vms.length > 1) console.log(`${gang !== undefined ? `gang ${gang}: ` : ''}${results.filter(succeeded).length} of ${vms.length} migrated\n${formatSummary(results)}`);
   }
