@@ -153,7 +153,8 @@ export function formatTransfer(t: TransferReport, tcpCongestion: string | null =
   const s = t.codecStats;
   const n = (k: string) => s[k] ?? 0;
   const rows: [string, string][] = [
-    ['streams', `${t.streams}${t.faultChannel ? ' + fault channel' : ''}${tcpCongestion ? `, TCP congestion control ${tcpCongestion} (the sending host's)` : ''}`],
+    ['streams', `${t.streams}${t.faultChannel ? ' + fault channel' : ''}`],
+    ...(tcpCongestion ? [['tcp congestion', `${tcpCongestion} (the sending host's)`] as [string, string]] : []),
     ['codecs', t.codecs.length ? t.codecs.join(', ') : 'none (zero pages only)'],
   ];
   if (t.gang !== null) rows.push(['gang', t.gang]);
