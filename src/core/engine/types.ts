@@ -239,7 +239,7 @@ export interface MigrationOptions {
   hybridRounds?: number;
   /** Post-copy pre-paging around faults (Hines' bubbling). Default true. */
   prepaging?: boolean;
-  /** Pages per batch (a RUN or BATCH frame) in pre-copy rounds. Default 1024 (4 MiB raw); with codecs, in the stop-and-copy and in post-copy's push at most 256. */
+  /** Pages per batch (a RUN or BATCH frame) in pre-copy's first pass. Default 1024 (4 MiB raw); with codecs, in later rounds, the stop-and-copy and post-copy's push at most 256. */
   batchPages?: number;
   /** Measure the guest's work rate for this long before starting (degradation baseline), ms. Default 200; 0 skips it. */
   baselineMs?: number;
