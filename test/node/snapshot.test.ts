@@ -62,10 +62,13 @@ test('truncated, altered, foreign and future-version snapshots are refused with 
     await vm.bootCold({ pauseAfterQuanta: 3 });
     await vm.whenPaused();
     const file = join(dir, 'good.snap');
-    // Into a directory that is not there: named for the file asked for, and nothing is left behind.
-    await assert.rejects(writeSnapshot(vm, join(dir, 'no-such-dir', 'x.snap')), (e: unknown) => e instanceof SnapshotError && e.code === 'ERR_SNAPSHOT_WRITE' && e.message === `cannot write snapshot ${join(dir, 'no-such-dir', 'x.snap')}: its directory does not exist`);
-    await writeSnapshot(vm, file);
-    await vm.stop();
+    try {
+      // Into a directory that is not there: named for the file asked for, and nothing is left behind.
+      await assert.rejects(writeSnapshot(vm, join(dir, 'no-such-dir', 'x.snap')), (e: unknown) => e instanceof SnapshotError && e.code === 'ERR_SNAPSHOT_WRITE' && e.message === `cannot write snapshot ${join(dir, 'no-such-dir', 'x.snap')}: its directory does not exist`);
+      await writeSnapshot(vm, file);
+    } finally {
+      await vm.stop(); // a failure above is reported, not left waiting on a running vCPU
+    }
     assert.deepEqual(await readdir(dir), ['good.snap']);
     const good = await readFile(file);
     const expectCode = async (bytes: Uint8Array, code: string) => {
