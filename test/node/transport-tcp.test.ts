@@ -229,11 +229,19 @@ test('congestion: both ends of a connection run the algorithm the transport was 
   if (process.platform !== 'linux' || !system || !other) return t.skip('needs Linux with two congestion control algorithms');
   for (const [init, want] of [[{}, system], [{ congestion: other }, other]] as const) {
     const transport = tcp(init);
-    let onConnection!: (c: Connection) => void;
-    const accepted = new Promise<Connection>((resolve) => (onConnection = resolve));
-    const listener = await transport.listen({ onConnection: (c) => onConnection(c) });
+    const queue: Connection[] = [];
+    let waiting: ((c: Connection) => void) | null = null;
+    const listener = await transport.listen({
+      onConnection: (c) => {
+        const w = waiting;
+        waiting = null;
+        if (w) w(c);
+        else queue.push(c);
+      },
+    });
+    const accepted = () => (queue.length > 0 ? Promise.resolve(queue.shift()!) : new Promise<Connection>((r) => (waiting = r)));
     const dialed = await transport.dial(listener.address);
-    const server = await accepted;
+    const server = await accepted();
     assert.equal(tcpCongestionOf(dialed), want, 'dialed');
     assert.equal(tcpCongestionOf(server), want, 'accepted');
     // Bytes still flow.
@@ -242,6 +250,11 @@ test('congestion: both ends of a connection run the algorithm the transport was 
     assert.deepEqual([...(await it.next()).value as Uint8Array], [1, 2, 3]);
     dialed.abort();
     server.abort();
+    // By name too: the name is looked up first (the family decides the socket made), its addresses tried in turn.
+    const byName = await transport.dial(`localhost:${parseTcpAddress(listener.address).port}`);
+    assert.equal(tcpCongestionOf(byName), want, 'dialled by name');
+    byName.abort();
+    (await accepted()).abort();
     await listener.close();
     // Nothing listens there now: the dial fails by name, whichever way its socket was made.
     await assert.rejects(transport.dial(listener.address), (e: unknown) => e instanceof TransportError && e.code === TransportErrorCode.REFUSED);

@@ -358,60 +358,73 @@ export function tcp(init: TcpTransportInit = {}): Transport {
     async dial(address: string, options: DialOptions = {}): Promise<Connection> {
       const { host, port } = parseTcpAddress(address);
       const { signal } = options;
-      if (signal?.aborted) throw new AbortError(`dial ${address} aborted`, { cause: signal.reason });
+      const aborted = () => new AbortError(`dial ${address} aborted`, { cause: signal?.reason });
+      if (signal?.aborted) throw aborted();
+      if (congestion === undefined) return connect((router) => net.connect({ host, port, allowHalfOpen: true, noDelay: init.noDelay ?? true, onread: router.onread }));
       // A chosen congestion control is set on the socket before it connects (see tcpSocketWith),
-      // which needs the address family first: a name is looked up here, not by node:net.
-      let ip = { address: host, family: net.isIP(host) };
-      if (congestion !== undefined && ip.family === 0) {
+      // which needs the address family first: a name is looked up here, not by node:net, and its
+      // addresses are tried in turn.
+      let ips: { address: string; family: number }[] = [{ address: host, family: net.isIP(host) }];
+      if (ips[0].family === 0) {
         try {
-          ip = await lookup(host);
+          ips = await lookup(host, { all: true });
         } catch (e) {
           throw new TransportError(TransportErrorCode.DIAL, `cannot dial ${address}: ${(e as Error).message}`, { cause: e });
         }
       }
-      if (signal?.aborted) throw new AbortError(`dial ${address} aborted`, { cause: signal.reason });
-      return new Promise((resolve, reject) => {
-        const router = new ReadRouter();
-        let socket: net.Socket;
-        if (congestion === undefined) socket = net.connect({ host, port, allowHalfOpen: true, noDelay: init.noDelay ?? true, onread: router.onread });
-        else {
+      let last: unknown;
+      for (const ip of ips) {
+        if (signal?.aborted) throw aborted();
+        try {
+          return await connect((router) => new net.Socket({ fd: tcpSocketWith(ip.family === 6 ? 6 : 4, congestion), allowHalfOpen: true, readable: true, writable: true, onread: router.onread } as net.SocketConstructorOpts)
+            .connect({ host: ip.address, port, noDelay: init.noDelay ?? true } as net.TcpSocketConnectOpts));
+        } catch (e) {
+          if (e instanceof AbortError) throw e;
+          last = e;
+        }
+      }
+      throw last;
+
+      /** One socket made by `make` (reading through `router`), connected (or the named error). */
+      function connect(make: (router: ReadRouter) => net.Socket): Promise<Connection> {
+        return new Promise((resolve, reject) => {
+          const router = new ReadRouter();
+          let socket: net.Socket;
           try {
-            const fd = tcpSocketWith(ip.family === 6 ? 6 : 4, congestion);
-            socket = new net.Socket({ fd, allowHalfOpen: true, readable: true, writable: true, onread: router.onread } as net.SocketConstructorOpts);
+            socket = make(router);
           } catch (e) {
             reject(new TransportError(TransportErrorCode.DIAL, `cannot dial ${address}: ${(e as Error).message}`, { cause: e }));
             return;
           }
-          socket.connect({ host: ip.address, port, noDelay: init.noDelay ?? true } as net.TcpSocketConnectOpts);
-        }
-        const cleanup = () => {
-          signal?.removeEventListener('abort', onAbort);
-          socket.off('connect', onConnect);
-          socket.off('error', onError);
-        };
-        const onAbort = () => {
-          cleanup();
-          socket.destroy();
-          reject(new AbortError(`dial ${address} aborted`, { cause: signal?.reason }));
-        };
-        const onConnect = () => {
-          cleanup();
-          resolve(new TcpConnection(socket, init, router));
-        };
-        const onError = (e: Error) => {
-          cleanup();
-          socket.destroy();
-          const refused = errno(e) === 'ECONNREFUSED';
-          reject(new TransportError(
-            refused ? TransportErrorCode.REFUSED : TransportErrorCode.DIAL,
-            refused ? `nothing listens at ${address}` : `cannot dial ${address}: ${e.message}`,
-            { cause: e },
-          ));
-        };
-        signal?.addEventListener('abort', onAbort, { once: true });
-        socket.once('connect', onConnect);
-        socket.once('error', onError);
-      });
+          const cleanup = () => {
+            signal?.removeEventListener('abort', onAbort);
+            socket.off('connect', onConnect);
+            socket.off('error', onError);
+          };
+          const onAbort = () => {
+            cleanup();
+            socket.destroy();
+            reject(aborted());
+          };
+          const onConnect = () => {
+            cleanup();
+            resolve(new TcpConnection(socket, init, router));
+          };
+          const onError = (e: Error) => {
+            cleanup();
+            socket.destroy();
+            const refused = errno(e) === 'ECONNREFUSED';
+            reject(new TransportError(
+              refused ? TransportErrorCode.REFUSED : TransportErrorCode.DIAL,
+              refused ? `nothing listens at ${address}` : `cannot dial ${address}: ${e.message}`,
+              { cause: e },
+            ));
+          };
+          signal?.addEventListener('abort', onAbort, { once: true });
+          socket.once('connect', onConnect);
+          socket.once('error', onError);
+        });
+      }
     },
 
     async listen(options: ListenOptions): Promise<Listener> {
