@@ -26,6 +26,12 @@ export interface Libc {
 
 let loaded: Libc | null = null;
 
+/** The file descriptor under a node:net socket or server (null: none, e.g. not connected yet). */
+export function fdOf(s: object): number | null {
+  const fd = (s as { _handle?: { fd?: unknown } | null })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : null;
+}
+
 /** libc's calls; throws where there is no libc to load (not Linux, or no koffi binary here). */
 export function libc(): Libc {
   if (loaded) return loaded;

@@ -11,7 +11,7 @@
 import { readFileSync } from 'node:fs';
 import type net from 'node:net';
 import { InvalidArgumentError } from '../../core/errors.js';
-import { libc } from '../libc.js';
+import { fdOf, libc } from '../libc.js';
 
 const IPPROTO_TCP = 6;
 const TCP_CONGESTION = 13;
@@ -57,9 +57,9 @@ export function checkCongestionControl(name: string): void {
   }
 }
 
-function fdOf(socket: net.Socket | net.Server): number {
-  const fd = (socket as { _handle?: { fd?: number } | null })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) throw new InvalidArgumentError('the socket has no file descriptor (not connected, or not a TCP socket on Linux)');
+function fdOfSocket(socket: net.Socket | net.Server): number {
+  const fd = fdOf(socket);
+  if (fd === null) throw new InvalidArgumentError('the socket has no file descriptor (not connected, or not a TCP socket on Linux)');
   return fd;
 }
 
@@ -81,7 +81,7 @@ function setOn(fd: number, name: string): void {
  * GB/s for sockets born CUBIC. Hence {@link tcpSocketWith} for the sockets a host dials.
  */
 export function setCongestionControl(socket: net.Socket | net.Server, name: string): void {
-  setOn(fdOf(socket), name);
+  setOn(fdOfSocket(socket), name);
 }
 
 const AF_INET = 2;
@@ -109,7 +109,7 @@ export function congestionControlOf(socket: net.Socket): string {
   const value = new Uint8Array(NAME_MAX);
   const length = new Uint8Array(4);
   new DataView(length.buffer).setUint32(0, NAME_MAX, true);
-  if (l.getsockopt(fdOf(socket), IPPROTO_TCP, TCP_CONGESTION, value, length) !== 0) throw new InvalidArgumentError(`getsockopt(TCP_CONGESTION) failed (errno ${l.errno()})`);
+  if (l.getsockopt(fdOfSocket(socket), IPPROTO_TCP, TCP_CONGESTION, value, length) !== 0) throw new InvalidArgumentError(`getsockopt(TCP_CONGESTION) failed (errno ${l.errno()})`);
   const n = new DataView(length.buffer).getUint32(0, true);
   const end = value.subarray(0, n).indexOf(0);
   return new TextDecoder().decode(value.subarray(0, end < 0 ? n : end));

@@ -14,7 +14,7 @@ import net from 'node:net';
 import { AbortError, BugIndicatingError, InvalidArgumentError } from '../../core/errors.js';
 import { ChunkQueue } from '../../core/transport/chunk-queue.js';
 import { dupBlocking } from '../net/blocking-socket.js';
-import { libc } from '../libc.js';
+import { fdOf, libc } from '../libc.js';
 import { SendThreads, type ThreadSender } from './send-threads.js';
 import { checkCongestionControl, congestionControlOf, setCongestionControl, tcpSocketWith } from './congestion.js';
 import { lookup } from 'node:dns/promises';
@@ -275,8 +275,8 @@ class TcpConnection implements Connection {
   sendFromThread(threads: SendThreads): boolean {
     if (this.sender) return true;
     if (this.done || this.writeEnded || this.socket.writableLength > 0) return false;
-    const fd = (this.socket as net.Socket & { _handle?: { fd?: number } | null })._handle?.fd;
-    if (typeof fd !== 'number' || fd < 0 || !SendThreads.available()) return false;
+    const fd = fdOf(this.socket);
+    if (fd === null || !SendThreads.available()) return false;
     const own = libc().dup(fd);
     if (own < 0) return false;
     const sender = threads.take(own, { written: () => this.wakeWriters(), failed: (e) => this.failed(e.reset, e) });
@@ -301,8 +301,8 @@ class TcpConnection implements Connection {
     if (this.inbound.bytes > 0) throw new BugIndicatingError(`connection ${this.localAddress} has ${this.inbound.bytes} bytes read and not consumed: they would be lost`);
     // What was written goes to the kernel first (node:net may still hold it).
     while (this.socket.writableLength > 0 && !this.done) await new Promise<void>((r) => this.socket.once('drain', r));
-    const fd = (this.socket as net.Socket & { _handle?: { fd?: number } | null })._handle?.fd;
-    if (this.done || typeof fd !== 'number' || fd < 0) throw new TransportError(TransportErrorCode.IO, `connection ${this.localAddress} has no descriptor to detach`);
+    const fd = fdOf(this.socket);
+    if (this.done || fd === null) throw new TransportError(TransportErrorCode.IO, `connection ${this.localAddress} has no descriptor to detach`);
     const own = dupBlocking(fd);
     // The socket closes its descriptor; the duplicate keeps the connection (no FIN, no RST).
     this.done = true;
@@ -440,7 +440,6 @@ export function tcp(init: TcpTransportInit = {}): Transport {
           socket = adoptWithOnread(accepted, router, true);
           if (socket) socket.setNoDelay(init.noDelay ?? true);
           else accepted.resume();
-          if (congestion !== undefined) setCongestionControl(socket ?? accepted, congestion);
           conn = new TcpConnection(socket ?? accepted, init, socket ? router : undefined);
         } catch {
           (socket ?? accepted).destroy();
@@ -452,7 +451,7 @@ export function tcp(init: TcpTransportInit = {}): Transport {
         server.once('error', (e) => reject(new TransportError(TransportErrorCode.LISTEN, `cannot listen on ${host}:${port}: ${e.message}`, { cause: e })));
         server.listen(port, host, () => resolve());
       });
-      // Accepted sockets are born with the listener's congestion control (each is set again, to be sure, as it comes).
+      // Accepted sockets are born with the listener's congestion control (no one has its address yet).
       if (congestion !== undefined) {
         try {
           setCongestionControl(server, congestion);
