@@ -10,7 +10,7 @@
  * of a ratio is the engine and how much the machine's default.
  */
 import net from 'node:net';
-import { checkCongestionControl, setCongestionControl, systemCongestionControl, tcpSocketWith } from '../src/node/transport/congestion.js';
+import { checkCongestionControl, connectWith, setCongestionControl, systemCongestionControl } from '../src/node/transport/congestion.js';
 import { tcp } from '../src/node/transport/tcp.js';
 import type { Transport } from '../src/core/transport/transport.js';
 
@@ -34,9 +34,7 @@ export function benchCongestionText(): string {
  * socket instead, BBR's pacing outlives it (see setCongestionControl).
  */
 export function connect(port: number, opts: { noDelay?: boolean } = {}): net.Socket {
-  if (!BENCH_CONGESTION) return net.connect({ port, host: '127.0.0.1', ...opts });
-  const s = new net.Socket({ fd: tcpSocketWith(4, BENCH_CONGESTION) });
-  return s.connect({ port, host: '127.0.0.1', ...opts });
+  return BENCH_CONGESTION ? connectWith({ port, host: '127.0.0.1', ...opts }, BENCH_CONGESTION) : net.connect({ port, host: '127.0.0.1', ...opts });
 }
 
 /** A listening server whose accepted sockets are born with the pinned algorithm (if any). */

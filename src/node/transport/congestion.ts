@@ -9,7 +9,7 @@
  * algorithm instead of inheriting each machine's sysctl.
  */
 import { readFileSync } from 'node:fs';
-import type net from 'node:net';
+import net from 'node:net';
 import { InvalidArgumentError } from '../../core/errors.js';
 import { fdOf, libc } from '../libc.js';
 
@@ -78,7 +78,7 @@ function setOn(fd: number, name: string): void {
  * On a connected socket, set it before anything is sent, and know that it is not the same as a
  * socket born with it: an algorithm that paces (BBR) leaves pacing on when another replaces it.
  * Raw loopback TCP switched from BBR to CUBIC after connecting ran at 2.8 GB/s here, against 3.4
- * GB/s for sockets born CUBIC. Hence {@link tcpSocketWith} for the sockets a host dials.
+ * GB/s for sockets born CUBIC. Hence {@link connectWith} for the sockets a host dials.
  */
 export function setCongestionControl(socket: net.Socket | net.Server, name: string): void {
   setOn(fdOfSocket(socket), name);
@@ -89,18 +89,26 @@ const AF_INET6 = 10;
 const SOCK_STREAM = 1;
 const SOCK_CLOEXEC = 0o2000000;
 
-/** A new TCP socket's descriptor (not connected), born with congestion control `name`, for `new net.Socket({ fd })`. */
-export function tcpSocketWith(family: 4 | 6, name: string): number {
+/**
+ * A node:net socket connecting to `to` (an IP address: its family decides the socket made), born
+ * with congestion control `name` (see setCongestionControl for why not set after connecting):
+ * made with libc's socket(), given the algorithm, handed to node:net, then connected.
+ */
+export function connectWith(to: { host: string; port: number; noDelay?: boolean }, name: string, opts: { allowHalfOpen?: boolean; onread?: net.OnReadOpts } = {}): net.Socket {
+  const family = net.isIP(to.host);
+  if (family === 0) throw new InvalidArgumentError(`'${to.host}' is not an IP address (look the name up first)`);
   const l = libc();
   const fd = l.socket(family === 6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) throw new InvalidArgumentError(`socket() failed (errno ${l.errno()})`);
+  let socket: net.Socket;
   try {
     setOn(fd, name);
+    socket = new net.Socket({ fd, readable: true, writable: true, ...opts } as net.SocketConstructorOpts);
   } catch (e) {
     l.close(fd);
     throw e;
   }
-  return fd;
+  return socket.connect(to as net.TcpSocketConnectOpts);
 }
 
 /** The socket's congestion control, as the kernel has it. */

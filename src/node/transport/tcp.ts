@@ -16,7 +16,7 @@ import { ChunkQueue } from '../../core/transport/chunk-queue.js';
 import { dupBlocking } from '../net/blocking-socket.js';
 import { fdOf, libc } from '../libc.js';
 import { SendThreads, type ThreadSender } from './send-threads.js';
-import { checkCongestionControl, congestionControlOf, setCongestionControl, tcpSocketWith } from './congestion.js';
+import { checkCongestionControl, congestionControlOf, connectWith, setCongestionControl } from './congestion.js';
 import { lookup } from 'node:dns/promises';
 import {
   TransportError, TransportErrorCode,
@@ -361,7 +361,7 @@ export function tcp(init: TcpTransportInit = {}): Transport {
       const aborted = () => new AbortError(`dial ${address} aborted`, { cause: signal?.reason });
       if (signal?.aborted) throw aborted();
       if (congestion === undefined) return connect((router) => net.connect({ host, port, allowHalfOpen: true, noDelay: init.noDelay ?? true, onread: router.onread }));
-      // A chosen congestion control is set on the socket before it connects (see tcpSocketWith),
+      // A chosen congestion control is set on the socket before it connects (see connectWith),
       // which needs the address family first: a name is looked up here, not by node:net, and its
       // addresses are tried in turn.
       let ips: { address: string; family: number }[] = [{ address: host, family: net.isIP(host) }];
@@ -376,8 +376,7 @@ export function tcp(init: TcpTransportInit = {}): Transport {
       for (const ip of ips) {
         if (signal?.aborted) throw aborted();
         try {
-          return await connect((router) => new net.Socket({ fd: tcpSocketWith(ip.family === 6 ? 6 : 4, congestion), allowHalfOpen: true, readable: true, writable: true, onread: router.onread } as net.SocketConstructorOpts)
-            .connect({ host: ip.address, port, noDelay: init.noDelay ?? true } as net.TcpSocketConnectOpts));
+          return await connect((router) => connectWith({ host: ip.address, port, noDelay: init.noDelay ?? true }, congestion, { allowHalfOpen: true, onread: router.onread }));
         } catch (e) {
           if (e instanceof AbortError) throw e;
           last = e;
