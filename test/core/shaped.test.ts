@@ -53,6 +53,43 @@ test('shaped: bytes leave at the cap, the bucket\'s burst first (virtual time, e
   assert.equal(await s.closed, undefined);
 });
 
+
+/**
+ * A virtual clock whose timers fire on whole milliseconds, at least one after they were set, as
+ * node's do: a wait shorter than a millisecond takes one.
+ */
+class MillisecondTimers extends VirtualClock {
+  override sleep(ms: number, signal?: AbortSignal): Promise<void> {
+    return super.sleep(Math.max(1, Math.ceil(this.now() + ms) - this.now()), signal);
+  }
+}
+
+test('shaped: small writes get the cap too, even when the bucket is shallower than a timer tick', async () => {
+  // 64 MiB/s with a 16 KiB bucket: the bucket holds a quarter of a millisecond of rate. Paced a
+  // 4 KiB write at a time, each wait took a whole millisecond and let 16 KiB through: a quarter of
+  // the cap. Gathered into 64 KiB chunks, each tick carries one, as it does for large writes (the
+  // tick's rounding costs 2.4 % of the cap here, whatever the writes).
+  const rate = 64 * 1024 * KiB;
+  const total = 1024 * CHUNK; // 64 MiB: one second at the cap
+  const took = new Map<number, number>();
+  for (const writeBytes of [4 * KiB, 12 * KiB, CHUNK, 256 * KiB]) {
+    const clock = new MillisecondTimers();
+    const [a, b] = memoryPair();
+    const s = shaped(a, { bandwidthBytesPerSec: rate, burstBytes: 16 * KiB, chunkBytes: CHUNK, clock });
+    const reading = record(b, clock, 7);
+    const writing = writeAll(s, 7, total, writeBytes);
+    await clock.runUntilSettled(Number.POSITIVE_INFINITY, settle);
+    await writing;
+    const log = await reading;
+    assert.equal(log.at(-1)!.total, total);
+    const ms = log.at(-1)!.t;
+    assert.ok(ms >= ((total - 16 * KiB) / rate) * 1000, `${writeBytes} B writes: ${ms} ms is faster than the cap allows`);
+    assert.ok(ms <= 1000 / 0.95, `${writeBytes} B writes: 64 MiB took ${ms} ms at a cap of 64 MiB/s (${((1000 / ms) * 100).toFixed(0)} % of it)`);
+    took.set(writeBytes, ms);
+  }
+  assert.ok(took.get(4 * KiB)! <= took.get(256 * KiB)! + 2, `4 KiB writes took ${took.get(4 * KiB)} ms, 256 KiB writes ${took.get(256 * KiB)} ms`);
+});
+
 test('shaped: connections sharing one bucket hold the cap together (a migration\'s parallel streams)', async () => {
   const clock = new VirtualClock();
   const bucket = new TokenBucket({ rateBytesPerSec: RATE, burstBytes: CHUNK });

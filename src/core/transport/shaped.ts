@@ -39,7 +39,7 @@ export interface ShapedConnectionInit {
    * cap, throughput is bounded by highWaterMark / latencyMs.)
    */
   highWaterMark?: number;
-  /** Largest piece paced and delayed as one (default 64 KiB). */
+  /** Bytes paced and delayed as one (default 64 KiB): a larger write is split, smaller ones gathered. */
   chunkBytes?: number;
   /**
    * A bucket shared with other connections, so one cap holds for all of them together (a
@@ -186,25 +186,37 @@ class ShapedConnection implements Connection {
           this.pacerWaiting = undefined;
           continue;
         }
-        const head = this.queue[this.queueHead];
-        const whole = head.bytes.length <= this.chunk;
-        const piece = whole ? head.bytes : head.bytes.subarray(0, this.chunk);
-        if (whole) {
-          this.queue[this.queueHead++] = EMPTY_PIECE;
-          if (this.queueHead > 1024 && this.queueHead * 2 > this.queue.length) {
-            this.queue = this.queue.slice(this.queueHead);
-            this.queueHead = 0;
+        // Up to a chunk at a time, small writes gathered: one reservation (and at most one timer)
+        // per chunk, as for one large write. Paced a write at a time, 4 KiB writes (a dirty
+        // round's scattered pages) got 72 % of a 25 MB/s cap with a 16 KiB burst, the timer's
+        // millisecond overshooting each wait; 1 MiB writes got 96 %.
+        const pieces: Uint8Array[] = [];
+        let size = 0;
+        while (size < this.chunk && this.queueHead < this.queue.length) {
+          const head = this.queue[this.queueHead];
+          const room = this.chunk - size;
+          if (head.bytes.length <= room) {
+            pieces.push(head.bytes);
+            size += head.bytes.length;
+            this.queue[this.queueHead++] = EMPTY_PIECE;
+            if (this.queueHead > 1024 && this.queueHead * 2 > this.queue.length) {
+              this.queue = this.queue.slice(this.queueHead);
+              this.queueHead = 0;
+            }
+          } else {
+            pieces.push(head.bytes.subarray(0, room));
+            size += room;
+            this.queue[this.queueHead] = { bytes: head.bytes.subarray(room) };
           }
-        } else {
-          this.queue[this.queueHead] = { bytes: head.bytes.subarray(this.chunk) };
         }
         if (this.bucket) {
-          const wait = this.bucket.reserve(piece.length, this.clock.now());
+          const wait = this.bucket.reserve(size, this.clock.now());
           if (wait > 0) await this.clock.sleep(wait, this.stop.signal);
           if (this.error) return;
         }
-        this.wire.push({ bytes: piece, due: this.clock.now() + this.latency });
-        this.wireBytes += piece.length;
+        const due = this.clock.now() + this.latency;
+        for (const bytes of pieces) this.wire.push({ bytes, due });
+        this.wireBytes += size;
         this.deliver();
       }
     } catch (e) {
