@@ -248,8 +248,8 @@ const DEFAULT_BATCH_PAGES = 1024;
 /**
  * Batches where latency counts stay at 1 MiB: the rounds after the first pass (they race the
  * guest's dirtying: over the shaped link of sim-engine.test.ts, 4 MiB batches of scattered pages
- * left a final round of 5145 pages against 4977–4998 and downtimes of 935–946 against 910–933 ms,
- * and the simulator's prediction fell outside its 10 %),
+ * left final rounds of 4931–4964 pages and downtimes of 852–892 ms, 3–5 % above the simulator's
+ * prediction; 1 MiB batches 832–846 ms, 1.5 % above it),
  * the stop-and-copy (the paused VM's state, when it comes late, goes between two batches, and the
  * destination loads it while the last pages come) and post-copy's push (pre-paging picks each batch
  * around the latest faults).
