@@ -212,7 +212,13 @@ export interface PageCounts {
 
 export interface MigrationReport {
   technique: string;
+  /** The VM's memory: its ceiling (a Wasm VM's memory grows up to it). */
   memoryBytes: number;
+  /**
+   * Guest memory in use when the migration started: what the first pass covers, and what pre-copy's
+   * stop condition on bytes sent compares against. Equal to memoryBytes where memory does not grow.
+   */
+  guestBytes: number;
   pageSize: number;
   /** start → complete. */
   totalMigrationTimeMs: number | null;
@@ -271,6 +277,8 @@ export interface TransferReport {
 export interface ReportBuilderInit {
   technique: string;
   memoryBytes: number;
+  /** Guest memory in use at the start (default memoryBytes). */
+  guestBytes?: number;
   pageSize?: number;
   histogram?: HistogramOptions;
 }
@@ -386,6 +394,7 @@ export class MigrationReportBuilder {
     return {
       technique: this.init.technique,
       memoryBytes: this.init.memoryBytes,
+      guestBytes: this.init.guestBytes ?? this.init.memoryBytes,
       pageSize,
       totalMigrationTimeMs: span(start, complete),
       downtimeMs: span(paused, resumed),
@@ -454,7 +463,7 @@ function postcopyFaults(p: MigrationReport['postcopy']): string {
 export function formatReportTable(r: MigrationReport): string {
   const rows: [string, string][] = [
     ['technique', r.technique],
-    ['memory', formatBytes(r.memoryBytes)],
+    ['memory', r.guestBytes === r.memoryBytes ? formatBytes(r.memoryBytes) : `${formatBytes(r.memoryBytes)} (${formatBytes(r.guestBytes)} in use at the start)`],
     ['total migration time', ms(r.totalMigrationTimeMs)],
     ['downtime', ms(r.downtimeMs)],
     ['client-observed downtime', ms(r.clientDowntimeMs)],
@@ -462,7 +471,7 @@ export function formatReportTable(r: MigrationReport): string {
     ['resume time', ms(r.resumeTimeMs)],
     ['eviction time', ms(r.evictionTimeMs)],
     ['pages sent', `${r.pages.total} (first ${r.pages.firstPass}, re-sent ${r.pages.resent}, pushed ${r.pages.pushed}, faulted ${r.pages.faulted})`],
-    ['bytes on the wire', `${formatBytes(r.bytes.wire)} (${(r.bytes.wire / Math.max(1, r.memoryBytes)).toFixed(2)}× memory)`],
+    ['bytes on the wire', `${formatBytes(r.bytes.wire)} (${(r.bytes.wire / Math.max(1, r.guestBytes)).toFixed(2)}× ${r.guestBytes === r.memoryBytes ? 'memory' : 'the memory in use'})`],
     ['rounds', String(r.rounds.length)],
     ['dirty rate', r.dirtyRate ? `${r.dirtyRate.pagesPerSec.toFixed(0)} pages/s (${formatBytes(r.dirtyRate.bytesPerSec)}/s)` : '—'],
     ['max vCPU throttle', `${(r.maxThrottle * 100).toFixed(0)} %`],

@@ -106,6 +106,22 @@ test('pre-copy report: phases, rounds, pages by kind, dirty rate, degradation, c
   assert.deepEqual(JSON.parse(reportToJson(r)).pages, r.pages);
 });
 
+test('report: a VM whose memory grows is measured against the memory in use, and the table says so', () => {
+  const grown = new MigrationReportBuilder({ technique: 'precopy', memoryBytes: 128 << 20, guestBytes: 32 << 20 });
+  grown.add({ type: 'start', t: 0 }).add({ type: 'pages', t: 1, kind: 'first', pages: 8192, bytes: 32 << 20 }).add({ type: 'pages', t: 2, kind: 'resent', pages: 8192, bytes: 32 << 20 });
+  const r = grown.build();
+  assert.equal(r.memoryBytes, 128 << 20);
+  assert.equal(r.guestBytes, 32 << 20);
+  const table = formatReportTable(r);
+  assert.match(table, /memory\s+128 MiB \(32\.0 MiB in use at the start\)/);
+  assert.match(table, /bytes on the wire\s+64\.0 MiB \(2\.00× the memory in use\)/);
+  // Where memory does not grow (the simulator's VMs), both are the same and the table as before.
+  const fixed = new MigrationReportBuilder({ technique: 'precopy', memoryBytes: 32 << 20 }).add({ type: 'pages', t: 1, kind: 'first', pages: 8192, bytes: 32 << 20 }).build();
+  assert.equal(fixed.guestBytes, 32 << 20);
+  assert.match(formatReportTable(fixed), /memory\s+32\.0 MiB\n/);
+  assert.match(formatReportTable(fixed), /bytes on the wire\s+32\.0 MiB \(1\.00× memory\)/);
+});
+
 test('post-copy report: fault count and latency percentiles; missing events give nulls', () => {
   const b = new MigrationReportBuilder({ technique: 'postcopy', memoryBytes: 1 << 20 });
   b.add({ type: 'start', t: 1000 }).add({ type: 'paused', t: 1001 }).add({ type: 'resumed', t: 1004 });

@@ -295,7 +295,7 @@ class SourceSession {
       // The destination gave up (ERROR): writes blocked behind its full buffers must not wait for it.
       if (!this.ending && e instanceof RemoteMigrationError) for (const f of [this.framed, ...this.extra]) f.abort(e);
     });
-    this.builder = new MigrationReportBuilder({ technique: opts.mode, memoryBytes: vm.memoryBytes });
+    this.builder = new MigrationReportBuilder({ technique: opts.mode, memoryBytes: vm.memoryBytes, guestBytes: vm.guestPages() * PAGE_SIZE });
     this.t0 = deps.clock.now();
     this.batchPages = Math.max(1, Math.min(opts.batchPages ?? DEFAULT_BATCH_PAGES, 4096));
     this.pushPages = Math.min(this.batchPages, LATENCY_BATCH_PAGES);

@@ -183,7 +183,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
       const ms = (v: number | null) => (v === null ? '—' : formatDuration(v));
       for (const [i, m] of results.entries()) {
         console.log('');
-        console.log(`  migration ${i + 1}: ${m.from} → ${m.to}, ${m.mode}${m.stopReason ? ` (${m.stopReason})` : ''}`);
+        console.log(`  migration ${i + 1}: ${m.from} → ${m.to}, ${m.mode}${m.stopReason && m.stopReason !== m.mode ? ` (${m.stopReason})` : ''}`);
         console.log(`    total migration time     ${ms(m.totalMigrationTimeMs)}`);
         console.log(`    downtime (VM paused)     ${ms(m.downtimeMs)}`);
         console.log(`    client-observed stall    ${formatDuration(m.clientStallMs)}`);

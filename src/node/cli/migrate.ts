@@ -12,6 +12,7 @@ import { FerryError } from '../../core/errors.js';
 import { CODEC_NAMES, type CodecName } from '../../core/engine/codecs.js';
 import type { MigrationProgress } from '../../core/engine/types.js';
 import { formatReportTable, type TransferReport } from '../../core/metrics.js';
+import { describeStopReason } from '../../core/policy/reasons.js';
 import { MIGRATION_MODES } from '../../core/protocol/frames.js';
 import { formatBytes, formatDuration, parseDuration } from '../../core/units.js';
 import { MAX_MIGRATION_STREAMS } from '../agent/agent.js';
@@ -263,7 +264,7 @@ async function migrate(vms: string[], o: MigrateOpts): Promise<number> {
       const job = r.job;
       if (job?.status !== 'succeeded' || !job.report) continue;
       if (vms.length > 1) console.log('');
-      console.log(`${r.vm}: ${job.from} → ${job.to} (${job.mode}) ${succeeded(r) ? 'done' : 'done, but NOT verified'}${job.stopReason ? `; ${job.stopReason}` : ''}`);
+      console.log(`${r.vm}: ${job.from} → ${job.to} (${job.mode}) ${succeeded(r) ? 'done' : 'done, but NOT verified'}${job.stopReason ? `; ${describeStopReason(job.stopReason, job.mode)}` : ''}`);
       console.log(formatReportTable(job.report));
       if (job.report.transfer) console.log(formatTransfer(job.report.transfer, job.tcpCongestion));
     }
