@@ -44,6 +44,15 @@ test('ferry host start ×2, ferry host boot kv on a, ferry migrate --json → b 
     const boot = await ferry(['host', 'boot', 'a', 'kv', '--memory', '64MiB', '--expose', '127.0.0.1:0', '--json', ...state]);
     assert.equal(boot.code, 0, boot.stderr);
     const ep = (JSON.parse(boot.stdout) as { endpoint: string }).endpoint;
+    // The vm commands find a VM on a host agent as they find one in a process of its own.
+    const listed = await ferry(['vm', 'list', '--json', ...state]);
+    assert.equal(listed.code, 0, listed.stderr);
+    assert.deepEqual(listed.stdout.trim().split('\n').map((l) => (({ name, host }) => [name, host])(JSON.parse(l) as { name: string; host: string })), [['kv', 'a']]);
+    const paused = await ferry(['vm', 'pause', 'kv', ...state]);
+    assert.equal(paused.code, 0, paused.stderr);
+    assert.match((await ferry(['vm', 'list', ...state])).stdout, /^kv\s+host a\s+paused\s/m);
+    assert.equal((await ferry(['vm', 'resume', 'kv', ...state])).code, 0);
+    assert.match((await ferry(['vm', 'list', ...state])).stdout, /^kv\s+host a\s+running\s/m);
     const client = new KvClient(ep.slice(0, ep.lastIndexOf(':')), Number(ep.slice(ep.lastIndexOf(':') + 1)));
     await client.connect();
     await Promise.all(Array.from({ length: 1000 }, (_, i) => client.set(`k${i}`, `v${i}`)));

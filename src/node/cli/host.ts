@@ -13,31 +13,13 @@ import { ferryHome } from '../paths.js';
 import { pageHashBackend, pageHashIsa } from '../vm/page-hash.js';
 import { checkCongestionControl, systemCongestionControl } from '../transport/congestion.js';
 import { addressText, sizeBytes, sizeText } from './args.js';
-import { readRegistration, register, registeredNames, registryDir } from './registry.js';
-
-export interface HostRegistration { name: string; pid: number; control: string; migration: string }
+import { findHost, listHosts, register, registryDir, type HostRegistration } from './registry.js';
+import { callAgent } from './vms.js';
 
 const hostsDir = (home: string) => registryDir(home, 'hosts');
 
 export function stateHome(stateDir: string | undefined): string {
   return stateDir ? resolve(stateDir) : ferryHome();
-}
-
-/** The registration of a running host agent, or null (a stale one is removed). */
-export async function findHost(home: string, name: string): Promise<HostRegistration | null> {
-  const reg = await readRegistration<HostRegistration>(home, 'hosts', name);
-  return reg && !('exited' in reg) ? reg : null;
-}
-
-/** Every running host agent registered under `home`. */
-export async function listHosts(home: string): Promise<HostRegistration[]> {
-  const names = await registeredNames(home, 'hosts');
-  const out: HostRegistration[] = [];
-  for (const n of names) {
-    const r = await findHost(home, n);
-    if (r) out.push(r);
-  }
-  return out;
 }
 
 const nameArg = (v: string) => {
@@ -152,14 +134,7 @@ export function registerHostCommands(program: Command): void {
         control = h.control;
       }
       const name = o.name ?? guest.replace(/^.*\//, '').replace(/\.wasm$/, '').replace(/[^a-zA-Z0-9_.-]/g, '-');
-      const res = await fetch(`${control.replace(/\/+$/, '')}/v1/vms`, {
-        method: 'POST', headers: { 'content-type': 'application/json' },
-        body: JSON.stringify({ name, guest, memory: o.memory, config: o.config, ...(o.expose ? { expose: o.expose } : {}) }),
-      }).catch((e: Error) => {
-        throw new FerryError('ERR_CONTROL_UNREACHABLE', `cannot reach host agent at ${control}: ${e.message}`, { cause: e });
-      });
-      const body = (await res.json().catch(() => ({}))) as { name?: string; endpoint?: string | null; error?: { code: string; message: string } };
-      if (!res.ok) throw new FerryError(body.error?.code ?? 'ERR_CONTROL', body.error?.message ?? `HTTP ${res.status}`);
+      const body = await callAgent<{ name?: string; endpoint?: string | null }>(control, 'the host agent', 'POST', '/v1/vms', { name, guest, memory: o.memory, config: o.config, ...(o.expose ? { expose: o.expose } : {}) });
       if (o.json) console.log(JSON.stringify(body));
       else console.log(`${body.name}: running on ${hostName}${body.endpoint ? `, endpoint ${body.endpoint}` : ''}`);
     });

@@ -3,7 +3,8 @@
  *
  * `ferry vm run` and `ferry vm restore` run a VM in the foreground inside a host agent of their own
  * and register its control API under $FERRY_HOME/vms/<name>.json, which is how `ferry vm snapshot`,
- * `list`, `pause`, `resume` and `stop` find it from another terminal.
+ * `list`, `pause`, `resume` and `stop` find it from another terminal; they find VMs on host agents
+ * (`ferry host start`) too (vms.ts).
  */
 import { Command, CommanderError } from 'commander';
 import { rm } from 'node:fs/promises';
@@ -13,42 +14,21 @@ import { formatBytes, formatDuration } from '../../core/units.js';
 import { HostAgent, type VmSummary } from '../agent/agent.js';
 import { ferryHome } from '../paths.js';
 import { addressText, positiveInt, sizeText } from './args.js';
-import { readRegistration, register, registeredNames } from './registry.js';
+import { register } from './registry.js';
 import { runDemo } from './demo.js';
 import { registerHostCommands } from './host.js';
 import { registerMigrateCommand } from './migrate.js';
 import { registerSimCommands } from './sim.js';
-
-interface Registration { name: string; pid: number; control: string }
-
-async function lookup(home: string, name: string): Promise<Registration> {
-  const reg = await readRegistration<Registration>(home, 'vms', name);
-  if (!reg) throw new FerryError('ERR_NOT_FOUND', `no running VM named '${name}' (start one with: ferry vm run <guest> --name ${name})`);
-  if ('exited' in reg) throw new FerryError('ERR_NOT_FOUND', `VM '${name}' is not running any more (its process ${reg.exited} has exited)`);
-  return reg;
-}
-
-async function call(reg: Registration, method: string, path: string, body?: unknown): Promise<unknown> {
-  const res = await fetch(`${reg.control}${path}`, {
-    method,
-    headers: body === undefined ? {} : { 'content-type': 'application/json' },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  }).catch((e: Error) => {
-    throw new FerryError('ERR_CONTROL_UNREACHABLE', `cannot reach VM '${reg.name}' at ${reg.control}: ${e.message}`, { cause: e });
-  });
-  if (res.status === 204) return null;
-  const data = (await res.json()) as { error?: { code: string; message: string } };
-  if (!res.ok) throw new FerryError(data.error?.code ?? 'ERR_CONTROL', data.error?.message ?? `HTTP ${res.status}`);
-  return data;
-}
+import { callVm, findVm, listVms } from './vms.js';
 
 const sizeArg = sizeText;
 const intArg = positiveInt;
 const addrArg = addressText;
 
-function printSummary(s: VmSummary, json: boolean): void {
-  if (json) return void console.log(JSON.stringify(s));
-  console.log(`${s.name.padEnd(16)} ${s.stats.state.padEnd(8)} ${s.guest.padEnd(12)} ${formatBytes(s.guestBytes).padStart(10)} / ${formatBytes(s.memoryBytes).padEnd(10)} ${s.endpoint ?? '-'}`);
+/** One VM of `ferry vm list`: on `host` (a host agent), or in a `vm run` process of its own (null). */
+function printSummary(s: VmSummary, host: string | null, json: boolean): void {
+  if (json) return void console.log(JSON.stringify({ ...s, host }));
+  console.log(`${s.name.padEnd(16)} ${(host === null ? '(own process)' : `host ${host}`).padEnd(16)} ${s.stats.state.padEnd(8)} ${s.guest.padEnd(12)} ${formatBytes(s.guestBytes).padStart(10)} / ${formatBytes(s.memoryBytes).padEnd(10)} ${s.endpoint ?? '-'}`);
 }
 
 interface ForegroundOpts { name?: string; expose?: string; json?: boolean; stateDir?: string; quiet?: boolean }
@@ -132,7 +112,7 @@ export function buildProgram(): Command {
     .argument('<snapshot>', 'snapshot file written by ferry vm snapshot')
     .option('--name <name>', 'VM name (default: the name stored in the snapshot)')
     .option('--expose <host:port>', 'give the VM a TCP endpoint', addrArg)
-    .option('--state-dir <dir>', 'where VMs register (default $FERRY_HOME or ~/.ferry)')
+    .option('--state-dir <dir>', 'where VMs and hosts register (default $FERRY_HOME or ~/.ferry)')
     .option('--json', 'print events as JSON lines')
     .action(async (snapshot: string, o) => {
       process.exitCode = await foreground((agent) => agent.restoreVm(resolve(snapshot), { name: o.name, expose: o.expose }), o);
@@ -140,43 +120,35 @@ export function buildProgram(): Command {
 
   vm.command('snapshot')
     .description('pause a running VM, write its snapshot, and resume it (or stop it with --stop)')
-    .argument('<vm>', 'name of a running VM')
+    .argument('<vm>', 'name of a running VM (in a process of its own or on a host agent)')
     .requiredOption('--out <file>', 'snapshot file to write (written atomically)')
     .option('--stop', 'stop the VM after the snapshot (cold migration)')
-    .option('--state-dir <dir>', 'where VMs register (default $FERRY_HOME or ~/.ferry)')
+    .option('--state-dir <dir>', 'where VMs and hosts register (default $FERRY_HOME or ~/.ferry)')
     .option('--json', 'print the result as JSON')
     .action(async (name: string, o) => {
-      const reg = await lookup(o.stateDir ? resolve(o.stateDir) : ferryHome(), name);
-      const r = (await call(reg, 'POST', `/v1/vms/${encodeURIComponent(name)}/snapshot`, { out: resolve(o.out), stop: !!o.stop })) as { path: string; bytes: number; pagesWritten: number; zeroPagesSkipped: number; ms: number };
+      const vm = await findVm(o.stateDir ? resolve(o.stateDir) : ferryHome(), name);
+      const r = (await callVm(vm, 'POST', '/snapshot', { out: resolve(o.out), stop: !!o.stop })) as { path: string; bytes: number; pagesWritten: number; zeroPagesSkipped: number; ms: number };
       if (o.json) console.log(JSON.stringify(r));
       else console.log(`snapshot of ${name}: ${r.path}, ${formatBytes(r.bytes)} (${r.pagesWritten} pages, ${r.zeroPagesSkipped} zero pages skipped) in ${formatDuration(r.ms)}`);
     });
 
   vm.command('list')
-    .description('list the VMs running on this machine')
-    .option('--state-dir <dir>', 'where VMs register (default $FERRY_HOME or ~/.ferry)')
+    .description('list the VMs running on this machine: in processes of their own (vm run, vm restore) and on host agents')
+    .option('--state-dir <dir>', 'where VMs and hosts register (default $FERRY_HOME or ~/.ferry)')
     .option('--json', 'one JSON object per line')
     .action(async (o) => {
-      const home = o.stateDir ? resolve(o.stateDir) : ferryHome();
-      for (const name of await registeredNames(home, 'vms')) {
-        try {
-          const reg = await lookup(home, name);
-          printSummary((await call(reg, 'GET', `/v1/vms/${encodeURIComponent(name)}`)) as VmSummary, !!o.json);
-        } catch {
-          // exited meanwhile: lookup removed its stale registration
-        }
-      }
+      for (const { loc, summary } of await listVms(o.stateDir ? resolve(o.stateDir) : ferryHome())) printSummary(summary, loc.host, !!o.json);
     });
 
   for (const [verb, desc] of [['pause', 'pause a running VM between quanta'], ['resume', 'resume a paused VM'], ['stop', 'stop a VM (it is gone afterwards)']] as const) {
     vm.command(verb)
       .description(desc)
-      .argument('<vm>', 'name of a running VM')
-      .option('--state-dir <dir>', 'where VMs register (default $FERRY_HOME or ~/.ferry)')
+      .argument('<vm>', 'name of a running VM (in a process of its own or on a host agent)')
+      .option('--state-dir <dir>', 'where VMs and hosts register (default $FERRY_HOME or ~/.ferry)')
       .action(async (name: string, o) => {
-        const reg = await lookup(o.stateDir ? resolve(o.stateDir) : ferryHome(), name);
-        if (verb === 'stop') await call(reg, 'DELETE', `/v1/vms/${encodeURIComponent(name)}`);
-        else await call(reg, 'POST', `/v1/vms/${encodeURIComponent(name)}/${verb}`);
+        const vm = await findVm(o.stateDir ? resolve(o.stateDir) : ferryHome(), name);
+        if (verb === 'stop') await callVm(vm, 'DELETE');
+        else await callVm(vm, 'POST', `/${verb}`);
         console.log(`${name}: ${verb === 'stop' ? 'stopped' : verb === 'pause' ? 'paused' : 'resumed'}`);
       });
   }

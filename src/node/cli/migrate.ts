@@ -6,8 +6,6 @@
 import { Command, Option, InvalidArgumentError as CommanderArgError } from 'commander';
 import cliProgress from 'cli-progress';
 import { randomBytes } from 'node:crypto';
-import { readFile } from 'node:fs/promises';
-import { join } from 'node:path';
 import { FerryError } from '../../core/errors.js';
 import { CODEC_NAMES, type CodecName } from '../../core/engine/codecs.js';
 import type { MigrationProgress } from '../../core/engine/types.js';
@@ -17,22 +15,14 @@ import { MIGRATION_MODES } from '../../core/protocol/frames.js';
 import { formatBytes, formatDuration, parseDuration } from '../../core/units.js';
 import { MAX_MIGRATION_STREAMS } from '../agent/agent.js';
 import type { MigrationJobJson } from '../agent/migrations.js';
-import { findHost, listHosts, stateHome } from './host.js';
+import { stateHome } from './host.js';
+import { findHost } from './registry.js';
+import { callAgent, findVm } from './vms.js';
 import { bandwidthText, codecList, flag, gangName, intInRange, sizeText } from './args.js';
 
-interface ApiError { error?: { code: string; message: string } }
-
-async function api<T>(base: string, method: string, path: string, body?: unknown): Promise<T> {
-  const res = await fetch(`${base}${path}`, {
-    method,
-    headers: body === undefined ? {} : { 'content-type': 'application/json' },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  }).catch((e: Error) => {
-    throw new FerryError('ERR_CONTROL_UNREACHABLE', `cannot reach the host agent at ${base}: ${e.message}`, { cause: e });
-  });
-  const data = (await res.json().catch(() => ({}))) as T & ApiError;
-  if (!res.ok) throw new FerryError(data.error?.code ?? 'ERR_CONTROL', data.error?.message ?? `HTTP ${res.status} from ${base}${path}`);
-  return data;
+/** A request to the VMs' host agent at `base`. */
+function api<T>(base: string, method: string, path: string, body?: unknown): Promise<T> {
+  return callAgent<T>(base, 'the host agent', method, path, body);
 }
 
 /** `--to`: a control URL, a migration address, or the name of a host registered here. */
@@ -42,22 +32,6 @@ async function resolveTo(home: string, to: string): Promise<string> {
   const h = await findHost(home, to);
   if (!h) throw new FerryError('ERR_NOT_FOUND', `no host named '${to}' is running (start one with: ferry host start --name ${to}), and '${to}' is neither a URL nor host:port`);
   return h.control;
-}
-
-/** The control URL of the agent running `vm`: its `vm run` registration, else the host that lists it. */
-async function findVmHost(home: string, vm: string): Promise<string> {
-  try {
-    const reg = JSON.parse(await readFile(join(home, 'vms', `${vm}.json`), 'utf8')) as { pid: number; control: string };
-    process.kill(reg.pid, 0);
-    return reg.control;
-  } catch {
-    // not a `vm run` VM, or its process is gone
-  }
-  for (const h of await listHosts(home)) {
-    const res = await fetch(`${h.control}/v1/vms/${encodeURIComponent(vm)}`).catch(() => null);
-    if (res?.ok) return h.control;
-  }
-  throw new FerryError('ERR_NOT_FOUND', `no running host agent has a VM named '${vm}' (give its agent with --host <control URL>)`);
 }
 
 /**
@@ -201,7 +175,7 @@ const succeeded = (r: MigrateResult) => r.job?.status === 'succeeded' && r.job.r
  */
 async function migrate(vms: string[], o: MigrateOpts): Promise<number> {
   const home = stateHome(o.stateDir);
-  const controls = await Promise.all(vms.map(async (vm) => (o.host ?? (await findVmHost(home, vm))).replace(/\/+$/, '')));
+  const controls = await Promise.all(vms.map(async (vm) => (o.host ?? (await findVm(home, vm, 'give its agent with --host <control URL>')).control).replace(/\/+$/, '')));
   const to = await resolveTo(home, o.to);
   const gang = o.gang === true ? `gang-${randomBytes(4).toString('hex')}` : o.gang;
   const body = {

@@ -47,3 +47,22 @@ export async function readRegistration<T extends Registered>(home: string, kind:
 export async function registeredNames(home: string, kind: 'vms' | 'hosts'): Promise<string[]> {
   return (await readdir(registryDir(home, kind)).catch(() => [] as string[])).filter((f) => f.endsWith('.json')).map((f) => f.slice(0, -5)).sort();
 }
+
+export interface HostRegistration { name: string; pid: number; control: string; migration: string }
+
+/** The registration of a running host agent, or null (a stale one is removed). */
+export async function findHost(home: string, name: string): Promise<HostRegistration | null> {
+  const reg = await readRegistration<HostRegistration>(home, 'hosts', name);
+  return reg && !('exited' in reg) ? reg : null;
+}
+
+/** Every running host agent registered under `home`. */
+export async function listHosts(home: string): Promise<HostRegistration[]> {
+  const names = await registeredNames(home, 'hosts');
+  const out: HostRegistration[] = [];
+  for (const n of names) {
+    const r = await findHost(home, n);
+    if (r) out.push(r);
+  }
+  return out;
+}
