@@ -83,6 +83,25 @@ test('control API validates bodies and names its errors', async () => {
     assert.equal(r.json.error.code, 'ERR_NOT_FOUND');
     const bad = await fetch(`${url}/v1/vms`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"name":' });
     assert.equal(bad.status, 400);
+    assert.equal(((await bad.json()) as Reply).error.code, 'ERR_INVALID_BODY', 'the framework\'s own code (FST_…) stays inside');
+    const form = await fetch(`${url}/v1/vms`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: 'name=x' });
+    assert.equal(form.status, 415);
+    assert.deepEqual(((await form.json()) as Reply).error, { code: 'ERR_INVALID_BODY', message: 'the body must be JSON (content-type: application/json), not application/x-www-form-urlencoded' });
+    // A missing field is "required", whatever zod would have said of a value it never got.
+    r = await http(`${url}/v1/vms`, 'POST', { name: 'x', memory: '16MiB' });
+    assert.equal(r.json.error.message, 'guest: required (expected string)');
+    r = await http(`${url}/v1/migrations`, 'POST', { vm: 'x', to: 'b' });
+    assert.equal(r.json.error.message, 'mode: required (expected one of "precopy"|"postcopy"|"hybrid")');
+    r = await http(`${url}/v1/migrations`, 'POST', { vm: 'x', to: 'b', mode: 'sideways' });
+    assert.match(r.json.error.message, /^mode: Invalid option: expected one of/, 'a wrong value is not called missing');
+    // More memory than a VM can have is said so, before whether this host has room for it.
+    r = await http(`${url}/v1/vms`, 'POST', { name: 'x', guest: 'kv', memory: '64GiB' });
+    assert.equal(r.status, 400);
+    assert.deepEqual(r.json.error, { code: 'ERR_INVALID_ARGUMENT', message: 'memory size 64.0 GiB is more than a VM can have: at most 4094 MiB (WebAssembly\'s 4 GiB less ferry\'s 2 MiB)' });
+    r = await http(`${url}/v1/nowhere`, 'GET');
+    assert.equal(r.status, 404);
+    assert.equal(r.json.error.code, 'ERR_NOT_FOUND');
+    assert.match(r.json.error.message, /^no such endpoint: GET \/v1\/nowhere/);
     assert.deepEqual((await http(`${url}/v1/vms`, 'GET')).json, [], 'nothing was created by bad requests');
 
     r = await http(`${url}/v1/vms`, 'POST', { name: 'm', guest: 'memstress', memory: '32MiB', config: 'mem=4MiB' });

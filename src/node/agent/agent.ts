@@ -13,7 +13,7 @@ import type { ServerResponse } from 'node:http';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { z } from 'zod';
 import { AbortError, FerryError, InvalidArgumentError, VmStateError } from '../../core/errors.js';
-import { parseBandwidth, parseSize } from '../../core/units.js';
+import { formatBytes, parseBandwidth, parseSize } from '../../core/units.js';
 import type { DestinationFactory, DestinationVm, EngineDeps, MigrationOptions } from '../../core/engine/types.js';
 import { migrateSource } from '../../core/engine/source.js';
 import { MigrationAcceptor } from '../../core/engine/destination.js';
@@ -32,7 +32,7 @@ import { POSTCOPY_VCPU_NICE, type FaultThreadPriority } from '../engine/thread-p
 import { InstrumentCache } from '../vm/instrument.js';
 import { warmDeviceStateValidation } from '../vm/devices/state-schema.js';
 import { instrumentThread } from '../vm/instrument-thread.js';
-import { Vm, type VmStats } from '../vm/vm.js';
+import { Vm, checkMemorySize, type VmStats } from '../vm/vm.js';
 import { GuestMemoryPool, type MemoryPoolStats } from '../vm/memory-pool.js';
 import { VcpuThreadPool } from '../vm/vcpu-threads.js';
 import { restoreSnapshot, writeSnapshot, type SnapshotStats } from '../vm/snapshot.js';
@@ -376,10 +376,12 @@ export class HostAgent extends EventEmitter {
     if (this.away.has(name)) throw new VmStateError(`VM '${name}' lives on host ${this.name} (its clients connect here) and runs elsewhere now`);
   }
 
+  /** A VM of `bytes` may come here: a size a VM can have (checkMemorySize), and room for it. */
   private checkCapacity(bytes: number): void {
+    checkMemorySize(bytes);
     const reserved = this.reservedBytes();
     if (reserved + bytes > this.capacityBytes) {
-      throw new FerryError('ERR_NO_CAPACITY', `host ${this.name} cannot reserve ${bytes} bytes of guest memory: ${reserved} of ${this.capacityBytes} are reserved`);
+      throw new FerryError('ERR_NO_CAPACITY', `host ${this.name} cannot reserve ${formatBytes(bytes)} of guest memory: ${formatBytes(reserved)} of its ${formatBytes(this.capacityBytes)} are reserved`);
     }
   }
 
@@ -1076,6 +1078,25 @@ const migrationBody = z.object({
   faultChannel: z.boolean().optional(),
 }).strict();
 
+/**
+ * One validation issue as `path: what is wrong`. A field that is missing says "required" (zod
+ * says what it expected of a value it never got: "mode: Invalid option: expected one of …").
+ */
+function issueText(i: z.core.$ZodIssue, body: unknown): string {
+  const path = i.path.join('.') || 'body';
+  let v: unknown = body;
+  for (const k of i.path) v = v !== null && typeof v === 'object' ? (v as Record<PropertyKey, unknown>)[k] : undefined;
+  if (i.path.length === 0 || v !== undefined || i.message.startsWith('required')) return `${path}: ${i.message}`;
+  return `${path}: required (${i.message.replace(/^Invalid (input|option): /, '').replace(/, received undefined$/, '')})`;
+}
+
+/** Our code for an error the HTTP framework raised (FST_…): the body could not be read, or the request was wrong. */
+function requestErrorCode(code: string | undefined): string {
+  if (code === undefined) return 'ERR_INTERNAL';
+  if (code.startsWith('FST_ERR_CTP_')) return 'ERR_INVALID_BODY';
+  return code.startsWith('FST_') ? 'ERR_INVALID_REQUEST' : code;
+}
+
 function statusOf(e: unknown): number {
   if (e instanceof NotFoundError) return 404;
   if (e instanceof VmStateError) return 409;
@@ -1087,11 +1108,16 @@ function statusOf(e: unknown): number {
 /** The control API. Every body is validated; errors come back as {error: {code, message}}. */
 export function buildControlApi(agent: HostAgent): FastifyInstance {
   const app = Fastify({ logger: false, bodyLimit: 1 << 20 });
-  app.setErrorHandler((err, _req, reply) => {
+  app.setErrorHandler((err, req, reply) => {
     const status = (err as { statusCode?: number }).statusCode && !(err instanceof FerryError) && !(err instanceof z.ZodError) ? (err as { statusCode: number }).statusCode : statusOf(err);
-    const code = err instanceof FerryError ? err.code : err instanceof z.ZodError ? 'ERR_INVALID_BODY' : ((err as { code?: string }).code ?? 'ERR_INTERNAL');
-    const message = err instanceof z.ZodError ? err.issues.map((i) => `${i.path.join('.') || 'body'}: ${i.message}`).join('; ') : (err as Error).message;
+    const code = err instanceof FerryError ? err.code : err instanceof z.ZodError ? 'ERR_INVALID_BODY' : requestErrorCode((err as { code?: string }).code);
+    const message = err instanceof z.ZodError ? err.issues.map((i) => issueText(i, req.body)).join('; ')
+      : (err as { code?: string }).code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE' ? `the body must be JSON (content-type: application/json), not ${req.headers['content-type'] ?? 'of no declared type'}`
+        : (err as Error).message;
     void reply.status(status).send({ error: { code, message } });
+  });
+  app.setNotFoundHandler((req, reply) => {
+    void reply.status(404).send({ error: { code: 'ERR_NOT_FOUND', message: `no such endpoint: ${req.method} ${req.url.split('?')[0]} (the API: /v1/host, /v1/vms, /v1/migrations)` } });
   });
   app.get('/v1/host', async () => ({
     name: agent.name, vms: agent.list().length, migration: agent.migrationAddress,

@@ -9,6 +9,7 @@ import { MessageChannel, Worker } from 'node:worker_threads';
 import { DIRTY_MAP_OFFSET, MAX_GUEST_BYTES, PRESENCE_MAP_OFFSET, RESERVED_BYTES, RESERVED_PAGES, RESERVED_WASM_PAGES } from '../../core/abi.js';
 import { Bitmap } from '../../core/bitmap.js';
 import { FerryError, GuestModuleError, GuestTrapError, InvalidArgumentError, VmStateError } from '../../core/errors.js';
+import { formatBytes } from '../../core/units.js';
 import { PAGE_SIZE, WASM_PAGE_SIZE, pageBytes } from '../../core/pages.js';
 import type { NetRecordData } from '../../core/net-ring.js';
 import { Histogram } from '../../core/metrics.js';
@@ -58,6 +59,19 @@ export interface VmInit {
   faultNice?: number;
 }
 
+
+/**
+ * InvalidArgumentError unless `bytes` is a memory size a VM can have: a positive multiple of 64 KiB
+ * (a Wasm page), at most MAX_GUEST_BYTES (4 GiB, Wasm's 32-bit limit, less ferry's reserved 2 MiB).
+ */
+export function checkMemorySize(bytes: number): void {
+  if (!Number.isInteger(bytes) || bytes <= 0 || bytes % WASM_PAGE_SIZE !== 0) {
+    throw new InvalidArgumentError(`memory size ${bytes} bytes must be a positive multiple of 64 KiB`);
+  }
+  if (bytes > MAX_GUEST_BYTES) {
+    throw new InvalidArgumentError(`memory size ${formatBytes(bytes)} is more than a VM can have: at most ${MAX_GUEST_BYTES / 2 ** 20} MiB (WebAssembly's 4 GiB less ferry's 2 MiB)`);
+  }
+}
 /** Everything about a VM that is not in guest memory. JSON-serializable. */
 export interface VmState {
   version: 1;
@@ -157,9 +171,7 @@ export class Vm extends EventEmitter {
     if (!/^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$/.test(init.name)) {
       throw new InvalidArgumentError(`VM name '${init.name}' must be 1–64 letters, digits, '.', '_' or '-'`);
     }
-    if (!Number.isInteger(init.memoryBytes) || init.memoryBytes <= 0 || init.memoryBytes % WASM_PAGE_SIZE !== 0 || init.memoryBytes > MAX_GUEST_BYTES) {
-      throw new InvalidArgumentError(`memory size ${init.memoryBytes} must be a positive multiple of 64 KiB, at most ${MAX_GUEST_BYTES} bytes (4 GiB less ferry's 2 MiB)`);
-    }
+    checkMemorySize(init.memoryBytes);
     const variants = init.variants ?? ['plain', 'dirty'];
     const compiled = variants.map((v) => init.cache.get(init.module, v));
     const info = compiled[0].info;
