@@ -377,6 +377,8 @@ test('post-copy: the arriving VM is listed on the destination as soon as it runs
     assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
     assert.ok(seenWhileArriving, 'b listed the VM while its post-copy was still running');
     assert.equal(b.agent.summary('ms').stats.state, 'running');
+    // No client link tells b what it runs: the module is a built-in guest's, and named so.
+    assert.equal(b.agent.summary('ms').guest, 'memstress');
   });
 });
 

@@ -3,7 +3,7 @@
  * Several agents can live in one process (tests, the demo): no module-level state.
  */
 import { availableParallelism } from 'node:os';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { existsSync, readdirSync } from 'node:fs';
 import { mkdir, readFile } from 'node:fs/promises';
@@ -343,6 +343,18 @@ export class HostAgent extends EventEmitter {
       throw new NotFoundError(`guest '${guest}' is neither a built-in guest (${this.builtinGuests().join(', ') || 'none built: run npm run build'}) nor an existing file`);
     }
     return { bytes: new Uint8Array(await readFile(path)), label: path === builtin ? guest : basename(path) };
+  }
+
+  /** Built-in guests by their module's SHA-256 (hex), read once. */
+  private builtinHashes: Promise<Map<string, string>> | null = null;
+
+  /** The built-in guest whose module has this SHA-256, if any: how an arriving VM without a client link is labelled. */
+  private async builtinGuestOf(sha256: string): Promise<string | null> {
+    this.builtinHashes ??= Promise.all(this.builtinGuests().map(async (g) => {
+      const bytes = await readFile(join(this.guests, `${g}.wasm`)).catch(() => null); // unreadable: not named
+      return bytes ? [createHash('sha256').update(bytes).digest('hex'), g] as const : null;
+    })).then((pairs) => new Map(pairs.filter((p) => p !== null)));
+    return (await this.builtinHashes).get(sha256) ?? null;
   }
 
   builtinGuests(): string[] {
@@ -729,6 +741,7 @@ export class HostAgent extends EventEmitter {
             // A module this host has not rewritten yet is rewritten off this thread (its sockets
             // and other VMs' relays go on meanwhile); Vm.create then finds it in the cache.
             await this.cache.prepare(module, ['plain', 'dirty', 'presence']);
+            const builtin = await this.builtinGuestOf(hello.moduleSha256);
             // Created at the source's size, so that memory the pool holds for it fits (a pool memory
             // serves only its exact shape); the adapter's growTo is then a no-op.
             const vm = Vm.create({
@@ -740,7 +753,7 @@ export class HostAgent extends EventEmitter {
             this.fitPool(); // the arrival is reserved (incoming) and has its memory now
             const home = this.away.get(name) ?? null;
             const remote = home ? null : (this.incomingRelays.get(name) ?? null);
-            const guest = home?.guest ?? remote?.hello.guest ?? `sha256:${hello.moduleSha256.slice(0, 12)}`;
+            const guest = home?.guest ?? remote?.hello.guest ?? builtin ?? `sha256:${hello.moduleSha256.slice(0, 12)}`;
             const m: ManagedVm = { vm, guest, link: home ?? remote, migration: null, readers: new Set() };
             managed = m;
             this.attach(m);
