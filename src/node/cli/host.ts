@@ -9,18 +9,14 @@ import { FerryError } from '../../core/errors.js';
 import { formatBytes } from '../../core/units.js';
 import { DEFAULT_MEMORY_POOL_BYTES, HostAgent, parseHostPort, type WarmUpJson } from '../agent/agent.js';
 import { FAULT_THREAD_PRIORITIES, POSTCOPY_VCPU_NICE, type FaultThreadPriority } from '../engine/thread-priority.js';
-import { ferryHome } from '../paths.js';
 import { pageHashBackend, pageHashIsa } from '../vm/page-hash.js';
 import { checkCongestionControl, systemCongestionControl } from '../transport/congestion.js';
 import { addressText, sizeBytes, sizeText } from './args.js';
-import { findHost, listHosts, register, registryDir, type HostRegistration } from './registry.js';
+import { findHost, listHosts, register, registryDir, stateHome, type HostRegistration } from './registry.js';
 import { callAgent } from './vms.js';
 
 const hostsDir = (home: string) => registryDir(home, 'hosts');
 
-export function stateHome(stateDir: string | undefined): string {
-  return stateDir ? resolve(stateDir) : ferryHome();
-}
 
 const nameArg = (v: string) => {
   if (!/^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$/.test(v)) throw new CommanderArgError('host name must be 1–64 letters, digits, ".", "_" or "-"');

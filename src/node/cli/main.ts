@@ -12,9 +12,8 @@ import { resolve } from 'node:path';
 import { FerryError } from '../../core/errors.js';
 import { formatBytes, formatDuration } from '../../core/units.js';
 import { HostAgent, type VmSummary } from '../agent/agent.js';
-import { ferryHome } from '../paths.js';
 import { addressText, positiveInt, sizeText } from './args.js';
-import { register } from './registry.js';
+import { register, stateHome } from './registry.js';
 import { runDemo } from './demo.js';
 import { registerHostCommands } from './host.js';
 import { registerMigrateCommand } from './migrate.js';
@@ -35,7 +34,7 @@ interface ForegroundOpts { name?: string; expose?: string; json?: boolean; state
 
 /** Runs one VM in this process until it halts, traps or is stopped; returns the exit code. */
 async function foreground(start: (agent: HostAgent) => Promise<VmSummary>, opts: ForegroundOpts): Promise<number> {
-  const home = opts.stateDir ? resolve(opts.stateDir) : ferryHome();
+  const home = stateHome(opts.stateDir);
   const agent = new HostAgent({ name: 'local', dataDir: home });
   let vmName = '';
   const done = new Promise<number>((res) => {
@@ -126,7 +125,7 @@ export function buildProgram(): Command {
     .option('--state-dir <dir>', 'where VMs and hosts register (default $FERRY_HOME or ~/.ferry)')
     .option('--json', 'print the result as JSON')
     .action(async (name: string, o) => {
-      const vm = await findVm(o.stateDir ? resolve(o.stateDir) : ferryHome(), name);
+      const vm = await findVm(stateHome(o.stateDir), name);
       const r = (await callVm(vm, 'POST', '/snapshot', { out: resolve(o.out), stop: !!o.stop })) as { path: string; bytes: number; pagesWritten: number; zeroPagesSkipped: number; ms: number };
       if (o.json) console.log(JSON.stringify(r));
       else console.log(`snapshot of ${name}: ${r.path}, ${formatBytes(r.bytes)} (${r.pagesWritten} pages, ${r.zeroPagesSkipped} zero pages skipped) in ${formatDuration(r.ms)}`);
@@ -137,7 +136,7 @@ export function buildProgram(): Command {
     .option('--state-dir <dir>', 'where VMs and hosts register (default $FERRY_HOME or ~/.ferry)')
     .option('--json', 'one JSON object per line')
     .action(async (o) => {
-      for (const { loc, summary } of await listVms(o.stateDir ? resolve(o.stateDir) : ferryHome())) printSummary(summary, loc.host, !!o.json);
+      for (const { loc, summary } of await listVms(stateHome(o.stateDir))) printSummary(summary, loc.host, !!o.json);
     });
 
   for (const [verb, desc] of [['pause', 'pause a running VM between quanta'], ['resume', 'resume a paused VM'], ['stop', 'stop a VM (it is gone afterwards)']] as const) {
@@ -146,7 +145,7 @@ export function buildProgram(): Command {
       .argument('<vm>', 'name of a running VM (in a process of its own or on a host agent)')
       .option('--state-dir <dir>', 'where VMs and hosts register (default $FERRY_HOME or ~/.ferry)')
       .action(async (name: string, o) => {
-        const vm = await findVm(o.stateDir ? resolve(o.stateDir) : ferryHome(), name);
+        const vm = await findVm(stateHome(o.stateDir), name);
         if (verb === 'stop') await callVm(vm, 'DELETE');
         else await callVm(vm, 'POST', `/${verb}`);
         console.log(`${name}: ${verb === 'stop' ? 'stopped' : verb === 'pause' ? 'paused' : 'resumed'}`);

@@ -15,8 +15,7 @@ import { MIGRATION_MODES } from '../../core/protocol/frames.js';
 import { formatBytes, formatDuration, parseDuration } from '../../core/units.js';
 import { MAX_MIGRATION_STREAMS } from '../agent/agent.js';
 import type { MigrationJobJson } from '../agent/migrations.js';
-import { stateHome } from './host.js';
-import { findHost } from './registry.js';
+import { findHost, stateHome } from './registry.js';
 import { callAgent, findVm } from './vms.js';
 import { bandwidthText, codecList, flag, gangName, intInRange, sizeText } from './args.js';
 

@@ -4,11 +4,17 @@
  * stale and is removed when read.
  */
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
+import { ferryHome } from '../paths.js';
 
 export interface Registered { name: string; pid: number }
 
 export const registryDir = (home: string, kind: 'vms' | 'hosts') => join(home, kind);
+
+/** The state directory a command's --state-dir names, else $FERRY_HOME or ~/.ferry. */
+export function stateHome(stateDir: string | undefined): string {
+  return stateDir ? resolve(stateDir) : ferryHome();
+}
 
 function alive(pid: number): boolean {
   try {

@@ -7,7 +7,8 @@ import { join, resolve } from 'node:path';
 import { FerryError } from '../../core/errors.js';
 import { formatScenarioTable } from '../../core/sim/world.js';
 import { formatBytes, formatDuration } from '../../core/units.js';
-import { ferryHome, guestsDir } from '../paths.js';
+import { guestsDir } from '../paths.js';
+import { stateHome } from './registry.js';
 import { runScenarioFile, resultsJson } from '../sim/run.js';
 import { InstrumentCache } from '../vm/instrument.js';
 import { recordTrace } from '../vm/trace.js';
@@ -69,7 +70,7 @@ export function registerSimCommands(program: Command): void {
     .option('--state-dir <dir>', 'where VMs register and ferry keeps caches (default $FERRY_HOME or ~/.ferry)')
     .option('--json', 'print the summary as JSON')
     .action(async (guest: string, o: { out: string; interval: number; duration: number; warmup: number; memory: number; config: string; name?: string; stateDir?: string; json?: boolean }) => {
-      const home = o.stateDir ? resolve(o.stateDir) : ferryHome();
+      const home = stateHome(o.stateDir);
       const pid = registeredPid(home, guest);
       if (pid !== null) {
         throw new FerryError('ERR_UNSUPPORTED', `'${guest}' is a VM running in process ${pid}; tracing it needs a dirty-log route on its host agent, which does not exist yet. Run the guest under the recorder instead: ferry vm trace <guest> --config '…' --memory … --out ${o.out}`);
