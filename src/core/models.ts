@@ -35,7 +35,7 @@
  */
 import { InvalidArgumentError } from './errors.js';
 import { PAGE_SIZE } from './pages.js';
-import { decidePrecopyStop, type PrecopyStopOptions, type PrecopyStopReason } from './policy/precopy.js';
+import { decidePrecopyStop, type PrecopyRoundStats, type PrecopyStopOptions, type PrecopyStopReason } from './policy/precopy.js';
 
 export interface PrecopyModelInput {
   /** v_mem, bytes. */
@@ -84,8 +84,10 @@ export function liveTimeMs(input: PrecopyModelInput, n: number): number {
 export interface PrecopyPrediction {
   /** Live rounds, in order: bytes sent (v_i) and duration (t_i, ms). */
   rounds: { bytes: number; timeMs: number }[];
-  /** Why the live phase ended. */
+  /** Why the live phase ended ('round-limit' too when `maxModelRounds` ran out: see `ended`). */
   reason: PrecopyStopReason;
+  /** The policy ended the live phase (false: `maxModelRounds` ran out first). */
+  ended: boolean;
   /** Bytes sent with the VM paused: v_{n+1} = d·t_n (plus `stateBytes`). */
   stopCopyBytes: number;
   /** Eq. (2) + state transfer + `fixedDowntimeMs`. */
@@ -103,6 +105,14 @@ export interface PrecopyPredictOptions extends PrecopyStopOptions {
   stateBytes?: number;
   /** Safety cap on rounds simulated when the policy never stops. Default 10 000. */
   maxModelRounds?: number;
+  /**
+   * Start from a migration in progress (a forecast): round `round`, of `bytes`, is under way, after
+   * `sentBytes` sent before it, the policy having seen `previousDirty`. Default: the first pass
+   * of all memory.
+   */
+  from?: { round: number; bytes: number; sentBytes: number; previousDirty: readonly number[] };
+  /** What ends the live phase, in place of decidePrecopyStop with these options (hybrid's switch, say). */
+  ends?: (stats: PrecopyRoundStats, previousDirty: readonly number[]) => boolean;
 }
 
 /**
@@ -122,42 +132,44 @@ export function precopyRounds(memoryBytes: number, bandwidthBytesPerSec: number,
   const stateBytes = options.stateBytes ?? 0;
   const cap = options.maxModelRounds ?? 10_000;
   const rounds: { bytes: number; timeMs: number }[] = [];
-  const previousDirty: number[] = [];
-  let v = memoryBytes;
-  let sent = 0;
+  const from = options.from ?? { round: 0, bytes: memoryBytes, sentBytes: 0, previousDirty: [] };
+  const previousDirty: number[] = [...from.previousDirty];
+  let v = from.bytes;
+  let sent = from.sentBytes;
   let reason: PrecopyStopReason = 'round-limit';
-  for (let i = 0; i < cap; i++) {
+  let ended = false;
+  for (let i = from.round; i < from.round + cap; i++) {
     const t = migrationTimeMs(v, bandwidthBytesPerSec);
     rounds.push({ bytes: v, timeMs: t });
     sent += v;
     const next = dirty(t);
     const dirtyPages = next / pageBytes;
-    const decision = decidePrecopyStop(
-      {
-        round: i,
-        pagesSentRound: v / pageBytes,
-        pagesSentTotal: sent / pageBytes,
-        bytesSentTotal: sent,
-        memoryBytes,
-        dirtyPages,
-        bandwidthBytesPerSec,
-        dirtyRateBytesPerSec: t > 0 ? (next / t) * 1000 : 0,
-        pageBytes,
-      },
-      previousDirty,
-      { ...options, fixedDowntimeMs: (options.fixedDowntimeMs ?? 0) + migrationTimeMs(stateBytes, bandwidthBytesPerSec) },
-    );
+    const stats: PrecopyRoundStats = {
+      round: i,
+      pagesSentRound: v / pageBytes,
+      pagesSentTotal: sent / pageBytes,
+      bytesSentTotal: sent,
+      memoryBytes,
+      dirtyPages,
+      bandwidthBytesPerSec,
+      dirtyRateBytesPerSec: t > 0 ? (next / t) * 1000 : 0,
+      pageBytes,
+    };
+    const decision = options.ends
+      ? { stop: options.ends(stats, previousDirty), reason: 'round-limit' as const }
+      : decidePrecopyStop(stats, previousDirty, { ...options, fixedDowntimeMs: (options.fixedDowntimeMs ?? 0) + migrationTimeMs(stateBytes, bandwidthBytesPerSec) });
     previousDirty.push(dirtyPages);
     v = next;
     if (decision.stop) {
       reason = decision.reason as PrecopyStopReason;
+      ended = true;
       break;
     }
   }
   const stopCopyBytes = v + stateBytes;
   const down = migrationTimeMs(stopCopyBytes, bandwidthBytesPerSec) + (options.fixedDowntimeMs ?? 0);
   const liveMs = rounds.reduce((s, r) => s + r.timeMs, 0);
-  return { rounds, reason, stopCopyBytes, downtimeMs: down, totalBytes: sent + stopCopyBytes, totalTimeMs: liveMs + down };
+  return { rounds, reason, ended, stopCopyBytes, downtimeMs: down, totalBytes: sent + stopCopyBytes, totalTimeMs: liveMs + down };
 }
 
 /** The constant-dirty-rate world: D(t) = d·t. */

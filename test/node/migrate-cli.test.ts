@@ -165,10 +165,14 @@ test('the progress bar ETA never goes up and its fraction never goes back', () =
   assert.equal(eta.next(null, 300), 100);
   assert.equal(eta.next(10_000, 10_000), 0);
   const f = new MonotonicFraction();
-  const p = (pagesSent: number, pagesRemaining: number, phase: 'precopy' | 'complete' = 'precopy') => ({ phase, mode: 'precopy' as const, round: 0, bytesSent: 0, pagesSent, pagesRemaining, dirtyRateBytesPerSec: 0, bandwidthBytesPerSec: 0, elapsedMs: 0 });
-  assert.equal(f.next(p(50, 50)), 0.5);
-  assert.equal(f.next(p(60, 200)), 0.5);
-  assert.equal(f.next(p(0, 0, 'complete')), 1);
+  const p = (pagesSent: number, pagesRemaining: number, round = 0, elapsedMs = 0, etaMs: number | null = null, phase: 'precopy' | 'complete' = 'precopy') => ({ phase, mode: 'precopy' as const, round, bytesSent: 0, pagesSent, pagesRemaining, dirtyRateBytesPerSec: 0, bandwidthBytesPerSec: 0, elapsedMs, etaMs });
+  // The first pass counts as half the work: what follows it is not known yet.
+  assert.equal(f.next(p(50, 50, 0, 100, 100)), 0.25);
+  assert.equal(f.next(p(60, 200)), 0.25);
+  // Then time elapsed against the forecast of time left: the rounds to come count.
+  assert.equal(f.next(p(300, 100, 1, 3000, 1000)), 0.75);
+  assert.equal(f.next(p(400, 0, 2, 3500, 1500)), 0.75, 'never back');
+  assert.equal(f.next(p(0, 0, 0, 0, null, 'complete')), 1);
 });
 
 test('ferry migrate m1 m2 m3 --gang: three VMs migrate together; then several at once without a gang; one failure makes the exit code 1', async () => {

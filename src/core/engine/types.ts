@@ -295,6 +295,13 @@ export interface MigrationProgress {
   /** Measured transfer rate, bytes/s. */
   bandwidthBytesPerSec: number;
   elapsedMs: number;
+  /**
+   * Time left, ms, null while no rate is known. Pre-copy and hybrid: the bytes the stop policy, run
+   * forward on the rates measured so far, still has to send (policy/forecast.ts) over the
+   * bandwidth — in the first pass, before any dirty rate is measured, only the pass's own rest (a
+   * lower bound); the stop-and-copy and post-copy's push: the pages left over the rate they go at.
+   */
+  etaMs: number | null;
 }
 
 export interface MigrationResult {

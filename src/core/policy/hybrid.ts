@@ -55,4 +55,14 @@ export class HybridSwitchPolicy {
     this.dirty.push(stats.dirtyPages);
     return d;
   }
+
+  /** Whether it would leave pre-copy after a round with `stats`, having seen `history` (for a forecast: nothing is recorded). */
+  ends(stats: PrecopyRoundStats, history: readonly number[]): boolean {
+    return decideHybridSwitch(stats, history, this.options).action !== 'continue-precopy';
+  }
+
+  /** Dirty counts after each round seen so far, oldest first. */
+  get history(): readonly number[] {
+    return this.dirty;
+  }
 }

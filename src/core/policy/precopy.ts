@@ -132,6 +132,11 @@ export class PrecopyStopPolicy {
     return d;
   }
 
+  /** Whether it would stop after a round with `stats`, having seen `history` (for a forecast: nothing is recorded). */
+  ends(stats: PrecopyRoundStats, history: readonly number[]): boolean {
+    return decidePrecopyStop(stats, history, this.options).stop;
+  }
+
   /** Dirty counts after each round seen so far, oldest first. */
   get history(): readonly number[] {
     return this.dirty;

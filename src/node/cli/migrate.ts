@@ -48,13 +48,25 @@ export class MonotonicEta {
   }
 }
 
+/** Pre-copy's (or hybrid's) first pass: no dirty rate is known, so its ETA is only a lower bound. */
+export function firstPass(p: MigrationProgress): boolean {
+  return p.phase === 'precopy' && p.round === 0;
+}
+
 /** Fraction done, never going back (pre-copy rounds re-send pages; the bar should not shrink). */
 export class MonotonicFraction {
   private best = 0;
 
+  /**
+   * Time elapsed against time left, where the engine forecasts it (MigrationProgress.etaMs). In
+   * pre-copy's first pass nothing says yet how much follows it: the pass counts as half the work.
+   */
   next(p: MigrationProgress): number {
     const total = p.pagesSent + p.pagesRemaining;
-    const f = p.phase === 'complete' ? 1 : total > 0 ? p.pagesSent / total : 0;
+    const f = p.phase === 'complete' ? 1
+      : firstPass(p) ? (total > 0 ? (0.5 * p.pagesSent) / total : 0)
+        : p.etaMs !== null && p.elapsedMs + p.etaMs > 0 ? p.elapsedMs / (p.elapsedMs + p.etaMs)
+          : total > 0 ? p.pagesSent / total : 0;
     this.best = Math.max(this.best, Math.min(1, f));
     return this.best;
   }
@@ -209,16 +221,21 @@ async function migrate(vms: string[], o: MigrateOpts): Promise<number> {
   const width = Math.max(...vms.map((v) => v.length));
   const results: MigrateResult[] = await Promise.all(started.map(async (s, i) => {
     if (s.id === null) return { vm: s.vm, job: null, error: s.error };
+    // The first pass's ETA is a lower bound (≥): counted down on its own, so that the forecast
+    // once the dirty rate is known may be longer.
+    const passEta = new MonotonicEta();
     const eta = new MonotonicEta();
     const frac = new MonotonicFraction();
     let bar: cliProgress.SingleBar | null = null;
     const job = await follow(controls[i], s.id, (p) => {
       if (!bars) return;
       const remainingBytes = p.pagesRemaining * 4096;
-      const e = eta.next(p.bandwidthBytesPerSec > 0 ? (remainingBytes / p.bandwidthBytesPerSec) * 1000 : null, p.elapsedMs);
+      const atLeast = firstPass(p);
+      const e = (atLeast ? passEta : eta).next(p.etaMs, p.elapsedMs);
       const payload = {
         vm: s.vm.padEnd(width), phase: p.phase, round: p.round, sent: formatBytes(p.bytesSent), remaining: formatBytes(remainingBytes),
-        dirty: formatBytes(p.dirtyRateBytesPerSec), etaText: e === null ? '—' : formatDuration(e),
+        // A countdown that ran out before the migration did was wrong: unknown, not "0".
+        dirty: formatBytes(p.dirtyRateBytesPerSec), etaText: e === null || e <= 0 ? '—' : `${atLeast ? '≥ ' : ''}${formatDuration(e)}`,
       };
       const v = Math.round(frac.next(p) * 100);
       if (!bar) bar = bars.create(100, v, payload);
