@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { precopyBytesLeft, type PrecopyForecastInput } from '../../src/core/policy/forecast.js';
+import { precopyBytesLeft, sampledDirtyCurve, type PrecopyForecastInput } from '../../src/core/policy/forecast.js';
 import { HybridSwitchPolicy } from '../../src/core/policy/hybrid.js';
 import { PrecopyStopPolicy } from '../../src/core/policy/precopy.js';
 
@@ -53,4 +53,27 @@ test('forecast: hybrid ends at its bounded rounds and pushes what is dirty; noth
   assert.equal(precopyBytesLeft(input({ round: 0, leftBytes: 5 * MiB, dirtyRateBytesPerSec: 0, history: [] }), (s, h) => policy.ends(s, h)), 5 * MiB);
   assert.equal(precopyBytesLeft(input({ bandwidthBytesPerSec: 0 }), (s, h) => policy.ends(s, h)), null);
   assert.equal(precopyBytesLeft(input({}), () => false), null, 'a policy that never stops has no forecast');
+});
+
+test('HIST: a working set that fills up early is forecast as full every round, where the rate over a long pass said it would shrink', () => {
+  // Sampled during a 2.6 s first pass: 8192 pages (32 MiB) dirty within 50 ms, then no more.
+  const samples: [number, number][] = [[20, 3300], [40, 6500], [60, 8192], [300, 8192], [1300, 8192], [2600, 8192]];
+  const curve = sampledDirtyCurve(samples)!;
+  assert.equal(curve(10), 1650 * PAGE, 'interpolated from zero before the first sample');
+  assert.equal(curve(30), 4900 * PAGE);
+  assert.equal(curve(2000), 8192 * PAGE);
+  assert.equal(curve(10_000), 8192 * PAGE, 'flat past the last sample: the set has filled');
+  // The rate over the pass says 32 MiB per 2.6 s (12.3 MiB/s): forecast from it, round 1 would
+  // leave 16 MiB dirty and the rounds would shrink until they fit the budget. The curve says every
+  // round leaves the whole 32 MiB: pre-copy runs to its limit on bytes sent, then copies 32 MiB.
+  const policy = new PrecopyStopPolicy();
+  const at = input({ bandwidthBytesPerSec: 25e6, dirtyRateBytesPerSec: (32 * MiB) / 2.6 });
+  const byRate = precopyBytesLeft(at, (s, h) => policy.ends(s, h))!;
+  const byCurve = precopyBytesLeft({ ...at, dirty: curve }, (s, h) => policy.ends(s, h));
+  assert.equal(byCurve, 4 * 32 * MiB);
+  assert.ok(byRate < 2 * 32 * MiB, `the rate alone forecast ${byRate / MiB} MiB`);
+  assert.equal(sampledDirtyCurve([[20, 3300]]), null, 'one sample is no curve');
+  // Past the last sample a curve still climbing goes on at its last quarter's slope.
+  const climbing = sampledDirtyCurve([[100, 100], [200, 200], [300, 300], [400, 400]])!;
+  assert.equal(climbing(600), 600 * PAGE);
 });

@@ -10,7 +10,8 @@ import { MigrationReportBuilder, type MigrationEvent } from '../metrics.js';
 import { PAGE_SIZE } from '../pages.js';
 import { AutoConverge, PrecopyStopPolicy, type PrecopyRoundStats } from '../policy/precopy.js';
 import { HybridSwitchPolicy } from '../policy/hybrid.js';
-import { precopyBytesLeft } from '../policy/forecast.js';
+import { precopyBytesLeft, sampledDirtyCurve } from '../policy/forecast.js';
+import type { DirtyCurve } from '../models.js';
 import { PostcopyScheduler } from '../policy/postcopy.js';
 import { DedupIndex } from '../codec/dedup.js';
 import { DEFAULT_BATCH_BYTES } from '../codec/codec.js';
@@ -263,6 +264,8 @@ const DEFAULT_BATCH_PAGES = 1024;
 const LATENCY_BATCH_PAGES = 256;
 /** Least time a phase's own rate is measured over before it feeds the ETA (see liveRate). */
 const ETA_RATE_WINDOW_MS = 250;
+/** Least time between two samples of the dirty count during the first pass (see sampleDirty). */
+const DIRTY_SAMPLE_MS = 20;
 /** What a stream may hold on the way beyond its batches: a sender thread's queue (THREAD_WRITE_HWM in node/transport/tcp.ts). */
 const ETA_BUFFERED_PER_STREAM = 4 << 20;
 
@@ -286,6 +289,11 @@ class SourceSession {
    * has measured one): `steady` once what may be buffered on the way has been written.
    */
   private rateFrom = { t: 0, bytes: 0, steady: false };
+  /** When dirty logging began, and the first pass's samples of how many pages were dirty since: (ms, pages). */
+  private loggingSince: number | null = null;
+  private dirtySamples: [number, number][] = [];
+  /** The dirty curve the first pass measured (HIST), for the ETA's forecast; null without samples. */
+  private dirtyCurve: DirtyCurve | null = null;
   private dirtyRate = 0;
   private bandwidth = 0;
   private paused = false;
@@ -331,12 +339,25 @@ class SourceSession {
 
   private report(): void {
     if (!this.opts.onProgress) return;
+    this.sampleDirty();
     const p: MigrationProgress = {
       phase: this.phase, mode: this.opts.mode, round: this.round, bytesSent: this.bytesSent, pagesSent: this.pagesSent,
       pagesRemaining: this.pagesRemaining, dirtyRateBytesPerSec: this.dirtyRate, bandwidthBytesPerSec: this.bandwidth, elapsedMs: this.now(),
       etaMs: this.etaMs(),
     };
     this.opts.onProgress(p);
+  }
+
+  /**
+   * During the first pass, at most every DIRTY_SAMPLE_MS: how many pages are dirty since logging
+   * began (counted, not harvested). The samples make the dirty curve the ETA forecasts with.
+   */
+  private sampleDirty(): void {
+    if (this.phase !== 'precopy' || this.round !== 0 || !this.vm.dirtyCount || this.loggingSince === null) return;
+    const t = this.deps.clock.now() - this.loggingSince;
+    const prev = this.dirtySamples[this.dirtySamples.length - 1];
+    if (prev && t - prev[0] < DIRTY_SAMPLE_MS) return;
+    this.dirtySamples.push([t, this.vm.dirtyCount()]);
   }
 
   /** Restarts the rate the ETA uses until a round has measured one (a phase or round begins). */
@@ -373,6 +394,7 @@ class SourceSession {
         round: this.round, roundBytes: this.roundPages * PAGE_SIZE, leftBytes: this.pagesRemaining * PAGE_SIZE,
         bytesSentTotal: this.bytesSent, pagesSentTotal: this.pagesSent, memoryBytes: this.vm.guestPages() * PAGE_SIZE,
         bandwidthBytesPerSec: b, dirtyRateBytesPerSec: this.dirtyRate, history: policy.history,
+        ...(this.dirtyCurve ? { dirty: this.dirtyCurve } : {}),
       }, (stats, history) => policy.ends(stats, history));
       return bytes === null ? null : (bytes / b) * 1000;
     }
@@ -583,7 +605,7 @@ class SourceSession {
    * read is logged). Resolves with the soft pages.
    */
   private startLogging(): Promise<Bitmap> {
-    this.logging = this.vm.startDirtyLog();
+    this.logging = this.vm.startDirtyLog().then(() => { this.loggingSince = this.deps.clock.now(); });
     const soft = this.logging.then(() => this.vm.softPages());
     soft.catch(() => undefined); // awaited by precopy(), or the migration failed before it
     return soft;
@@ -619,6 +641,10 @@ class SourceSession {
       this.event({ type: 'pages', t: this.now(), kind: this.round === 0 ? 'first' : 'resent', pages: n, bytes: this.bytesSent - b0 });
       const dirty = await this.vm.harvestDirty();
       const dirtyPages = dirty.count();
+      if (this.round === 0 && this.dirtySamples.length > 0 && this.loggingSince !== null) {
+        this.dirtySamples.push([this.deps.clock.now() - this.loggingSince, dirtyPages]);
+        this.dirtyCurve = sampledDirtyCurve(this.dirtySamples);
+      }
       await this.framed.send({ type: 'ROUND_END', round: this.round, pages: n, dirty: dirtyPages });
       await this.inbox.ack('ROUND_END', this.round);
       const ms = Math.max(1e-3, this.deps.clock.now() - rs);

@@ -52,6 +52,11 @@ export interface SourceVm {
   startDirtyLog(): Promise<void>;
   /** Pages written since the last harvest; pages read after this resolves are current. */
   harvestDirty(): Promise<Bitmap>;
+  /**
+   * Pages written since the last harvest, counted without clearing them (optional): the engine
+   * samples it during the first pass for the dirty curve its ETA forecasts with (HIST).
+   */
+  dirtyCount?(): number;
   stopDirtyLog(): Promise<void>;
   /**
    * Stops the guest between quanta; from now on nothing changes memory. May resolve with how long

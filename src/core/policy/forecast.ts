@@ -7,7 +7,7 @@
  * promising one round's time.
  */
 import { PAGE_SIZE } from '../pages.js';
-import { precopyRounds } from '../models.js';
+import { precopyRounds, type DirtyCurve } from '../models.js';
 import type { PrecopyRoundStats } from './precopy.js';
 
 export interface PrecopyForecastInput {
@@ -24,6 +24,11 @@ export interface PrecopyForecastInput {
   bandwidthBytesPerSec: number;
   /** Distinct pages dirtied per second, as bytes (0 while unknown: nothing more is assumed dirty). */
   dirtyRateBytesPerSec: number;
+  /**
+   * Bytes dirtied within `ms` of a harvest, as measured (see sampledDirtyCurve): used instead of
+   * the constant rate, which a working set that fills up within a long round understates.
+   */
+  dirty?: DirtyCurve;
   /** Dirty pages after each finished round, oldest first (what the policy has seen). */
   history: readonly number[];
 }
@@ -49,10 +54,32 @@ export function precopyBytesLeft(input: PrecopyForecastInput, ends: PrecopyEnds,
   const b = input.bandwidthBytesPerSec;
   if (!(b > 0)) return null;
   const d = Math.max(0, input.dirtyRateBytesPerSec);
+  const curve = input.dirty ?? ((ms: number) => (d * ms) / 1000);
   const sentBefore = input.bytesSentTotal - (input.roundBytes - input.leftBytes);
-  const p = precopyRounds(input.memoryBytes, b, (ms) => Math.min(input.memoryBytes, (d * ms) / 1000), {
+  const p = precopyRounds(input.memoryBytes, b, (ms) => Math.min(input.memoryBytes, curve(ms)), {
     pageBytes, maxModelRounds: MAX_ROUNDS_AHEAD, ends,
     from: { round: input.round, bytes: input.roundBytes, sentBytes: sentBefore, previousDirty: input.history },
   });
   return p.ended ? p.totalBytes - input.bytesSentTotal : null;
+}
+
+/**
+ * Akoush et al.'s HIST: the dirty curve D(t) — pages dirtied within t ms of a harvest — from
+ * samples of one round, (ms since its harvest, pages dirty then) in time order, as bytes.
+ * Between samples it interpolates; past the last it goes on at the slope of the samples' last
+ * quarter (flat once a working set has filled). Null with fewer than 2 samples.
+ */
+export function sampledDirtyCurve(samples: readonly (readonly [number, number])[], pageBytes = PAGE_SIZE): DirtyCurve | null {
+  if (samples.length < 2) return null;
+  const last = samples[samples.length - 1];
+  const from = samples[Math.min(samples.length - 2, Math.floor((samples.length * 3) / 4))];
+  const slope = last[0] > from[0] ? Math.max(0, (last[1] - from[1]) / (last[0] - from[0])) : 0;
+  return (ms) => {
+    if (ms >= last[0]) return (last[1] + slope * (ms - last[0])) * pageBytes;
+    let i = 0;
+    while (i < samples.length - 1 && samples[i + 1][0] <= ms) i++;
+    const [t0, p0] = i === 0 && ms < samples[0][0] ? [0, 0] : samples[i];
+    const [t1, p1] = i === 0 && ms < samples[0][0] ? samples[0] : samples[i + 1];
+    return (t1 > t0 ? p0 + ((p1 - p0) * (ms - t0)) / (t1 - t0) : p1) * pageBytes;
+  };
 }

@@ -107,6 +107,7 @@ export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
     pagesView: (first, count) => vm.pagesView(first, count),
     startDirtyLog: () => vm.startDirtyLog(),
     harvestDirty: () => vm.harvestDirty(),
+    dirtyCount: () => vm.dirtyCount(),
     stopDirtyLog: () => vm.stopDirtyLog(),
     // The state and soft pages a migration asks for right after the pause come with it.
     pause: async () => {
