@@ -10,7 +10,7 @@ import { MigrationAcceptor, serveDestination, type DestinationOutcome } from '..
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
 import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../../src/node/engine/fault-thread.js';
 import type { MigrationMode } from '../../src/core/protocol/frames.js';
-import type { DestinationFactory, DestinationVm, MigrationResult, SourceFaultLink } from '../../src/core/engine/types.js';
+import type { DestinationFactory, DestinationVm, MigrationProgress, MigrationResult, SourceFaultLink } from '../../src/core/engine/types.js';
 import { memoryPair } from '../../src/core/transport/memory.js';
 import { FramedConnection } from '../../src/core/transport/framed.js';
 import { shaped } from '../../src/core/transport/shaped.js';
@@ -93,6 +93,7 @@ for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
       const made: Vm[] = [];
       t.after(() => stopAll(src, made));
       const progress: number[] = [];
+      const events: MigrationProgress[] = [];
       // Pages of RUN frames the destination took straight into guest memory (pre-copy rounds only).
       let inPlace = 0;
       class Counting extends DestinationVmAdapter {
@@ -105,7 +106,7 @@ for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
       // A 10 µs budget makes pre-copy iterate (the hot set keeps being rewritten) until its round
       // limit. (With 1 ms, a round could end with few enough dirty pages to fit at memory-transport
       // speed: 'converged' once in eight runs of this file.)
-      const result = await migrateSource(a, sourceVmOf(src), deps, { mode, downtimeMs: mode === 'precopy' ? 0.01 : 50, maxRounds: 6, onProgress: (p) => progress.push(p.bytesSent) });
+      const result = await migrateSource(a, sourceVmOf(src), deps, { mode, downtimeMs: mode === 'precopy' ? 0.01 : 50, maxRounds: 6, onProgress: (p) => { progress.push(p.bytesSent); events.push(p); } });
       const outcome: DestinationOutcome = await dest;
       await close();
       const r = result.report;
@@ -119,6 +120,18 @@ for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
       assert.ok(r.bytes.wire >= 6 * 1024 * 1024, 'at least the written region crossed the wire');
       assert.ok(r.degradation !== null && r.degradation.beforePerSec > 0, 'degradation is measured against a baseline');
       assert.ok(progress.length > 0 && progress.every((v, i) => i === 0 || v >= progress[i - 1]), 'progress never runs backwards');
+      // Within a round (or the push) the pages left count down as pages go; the ETA is a time or unknown.
+      let countedDown = false;
+      for (let i = 1; i < events.length; i++) {
+        const [e, f] = [events[i - 1], events[i]];
+        if (e.phase !== f.phase || e.round !== f.round || f.pagesSent <= e.pagesSent) continue;
+        assert.ok(f.pagesRemaining <= e.pagesRemaining, `pages left went up within round ${f.round} (${e.pagesRemaining} → ${f.pagesRemaining})`);
+        countedDown ||= f.pagesRemaining < e.pagesRemaining;
+      }
+      assert.ok(countedDown, 'pages left counted down as a round\'s pages went');
+      assert.ok(events.every((e) => e.etaMs === null || (Number.isFinite(e.etaMs) && e.etaMs >= 0)));
+      // Once a round has measured the rates, pre-copy forecasts the rounds its policy will run.
+      if (mode === 'precopy') assert.ok(events.some((e) => e.phase === 'precopy' && e.round >= 1 && e.etaMs !== null && e.etaMs > 0), 'an ETA after the first round');
       if (mode === 'precopy') {
         assert.equal(result.stopReason, 'round-limit');
         assert.ok(r.rounds.length >= 6, `a full pass and rounds of dirty pages (${r.rounds.length})`);

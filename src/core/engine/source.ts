@@ -385,6 +385,7 @@ class SourceSession {
 
   /** See MigrationProgress.etaMs. */
   private etaMs(): number | null {
+    if (this.phase === 'handshake') return null;
     // The rate the last pre-copy round measured (sent → acknowledged); before any, the phase's own.
     const b = this.bandwidth > 0 ? this.bandwidth : this.liveRate();
     if (!(b > 0)) return null;
