@@ -45,7 +45,8 @@ const MAX_ROUNDS_AHEAD = 10_000;
 
 /**
  * Bytes still to send: the round in progress's rest; then each next round, the pages dirtied while
- * the one before it went (dirty rate × its duration at the bandwidth, at most the memory in use),
+ * the one before it went (the dirty curve at its duration at the bandwidth, else the dirty rate ×
+ * that duration; at most the memory in use),
  * until `ends` says the policy would stop; then what is dirty at that point — the models'
  * recurrence (precopyRounds), started where the migration is. Null when the bandwidth is unknown,
  * or the policy never ends within MAX_ROUNDS_AHEAD.
@@ -76,10 +77,16 @@ export function sampledDirtyCurve(samples: readonly (readonly [number, number])[
   const slope = last[0] > from[0] ? Math.max(0, (last[1] - from[1]) / (last[0] - from[0])) : 0;
   return (ms) => {
     if (ms >= last[0]) return (last[1] + slope * (ms - last[0])) * pageBytes;
-    let i = 0;
-    while (i < samples.length - 1 && samples[i + 1][0] <= ms) i++;
-    const [t0, p0] = i === 0 && ms < samples[0][0] ? [0, 0] : samples[i];
-    const [t1, p1] = i === 0 && ms < samples[0][0] ? samples[0] : samples[i + 1];
+    if (ms < samples[0][0]) return ((samples[0][1] * ms) / samples[0][0]) * pageBytes;
+    // The last sample at or before `ms` (binary search: a long first pass holds many).
+    let lo = 0;
+    let hi = samples.length - 1;
+    while (hi - lo > 1) {
+      const mid = (lo + hi) >> 1;
+      if (samples[mid][0] <= ms) lo = mid;
+      else hi = mid;
+    }
+    const [[t0, p0], [t1, p1]] = [samples[lo], samples[lo + 1]];
     return (t1 > t0 ? p0 + ((p1 - p0) * (ms - t0)) / (t1 - t0) : p1) * pageBytes;
   };
 }

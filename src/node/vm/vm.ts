@@ -579,8 +579,13 @@ export class Vm extends EventEmitter {
    * dirty map, read a word at a time). For the dirty curve a migration samples during its first
    * pass (Akoush et al.'s HIST): cheap enough to call every few ms, ~0.3 ms per GiB of guest memory.
    */
+  /** The dirty map's guest part as words: a byte per page, four pages a word. */
+  private dirtyWords(): Int32Array {
+    return new Int32Array(this.memory.buffer, DIRTY_MAP_OFFSET + RESERVED_PAGES, Math.ceil(this.guestPages / 4));
+  }
+
   dirtyCount(): number {
-    const words = new Int32Array(this.memory.buffer, DIRTY_MAP_OFFSET + RESERVED_PAGES, Math.ceil(this.guestPages / 4));
+    const words = this.dirtyWords();
     let n = 0;
     for (let w = 0; w < words.length; w++) {
       const v = words[w];
@@ -602,7 +607,7 @@ export class Vm extends EventEmitter {
    */
   async harvestDirty(into?: Bitmap): Promise<Bitmap> {
     const out = into ?? new Bitmap(this.maxPages);
-    const words = new Int32Array(this.memory.buffer, DIRTY_MAP_OFFSET + RESERVED_PAGES, Math.ceil(this.guestPages / 4));
+    const words = this.dirtyWords();
     for (let w = 0; w < words.length; w++) {
       if (words[w] === 0) continue;
       const v = Atomics.exchange(words, w, 0);
