@@ -68,6 +68,21 @@ test('dirty log: a paused VM has nothing new to harvest, and logging off means n
   await vm.stop();
 });
 
+test('dirty log: dirtyCount counts what the next harvest takes, and clears nothing', async () => {
+  const vm = seeded(hammerGuest(16), 7n);
+  await vm.bootCold();
+  await vm.startDirtyLog();
+  await vm.harvestDirty();
+  await new Promise((r) => setTimeout(r, 20));
+  await vm.pause();
+  const counted = vm.dirtyCount();
+  assert.ok(counted > 0, 'the guest wrote while it ran');
+  assert.equal(vm.dirtyCount(), counted, 'counting twice gives the same');
+  assert.equal((await vm.harvestDirty()).count(), counted);
+  assert.equal(vm.dirtyCount(), 0, 'the harvest cleared what was counted');
+  await vm.stop();
+});
+
 test('pause resolves between quanta, resume continues, progress advances', async () => {
   const vm = seeded(hammerGuest(16), 7n);
   await vm.bootCold();
