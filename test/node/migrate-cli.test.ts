@@ -164,15 +164,23 @@ test('the progress bar ETA never goes up and its fraction never goes back', () =
   assert.equal(eta.next(200, 200), 200);
   assert.equal(eta.next(null, 300), 100);
   assert.equal(eta.next(10_000, 10_000), 0);
-  const f = new MonotonicFraction();
-  const p = (pagesSent: number, pagesRemaining: number, round = 0, elapsedMs = 0, etaMs: number | null = null, phase: 'precopy' | 'complete' = 'precopy') => ({ phase, mode: 'precopy' as const, round, bytesSent: 0, pagesSent, pagesRemaining, dirtyRateBytesPerSec: 0, bandwidthBytesPerSec: 0, elapsedMs, etaMs });
-  // The first pass counts as half the work: what follows it is not known yet.
-  assert.equal(f.next(p(50, 50, 0, 100, 100)), 0.25);
-  assert.equal(f.next(p(60, 200)), 0.25);
+  const p = (pagesSent: number, pagesRemaining: number, o: { round?: number; elapsedMs?: number; etaMs?: number | null; etaAtLeast?: boolean; phase?: 'precopy' | 'complete' } = {}) => ({
+    phase: o.phase ?? 'precopy' as const, mode: 'precopy' as const, round: o.round ?? 0, bytesSent: 0, pagesSent, pagesRemaining,
+    dirtyRateBytesPerSec: 0, bandwidthBytesPerSec: 0, elapsedMs: o.elapsedMs ?? 0, etaMs: o.etaMs ?? null, etaAtLeast: o.etaAtLeast ?? false,
+  });
+  // While the ETA is only a lower bound, the pass counts as half the work: what follows is not known yet.
+  let f = new MonotonicFraction();
+  assert.equal(f.next(p(50, 50, { etaMs: 100, etaAtLeast: true })), 0.25);
+  assert.equal(f.next(p(60, 200, { etaAtLeast: true })), 0.25);
   // Then time elapsed against the forecast of time left: the rounds to come count.
-  assert.equal(f.next(p(300, 100, 1, 3000, 1000)), 0.75);
-  assert.equal(f.next(p(400, 0, 2, 3500, 1500)), 0.75, 'never back');
-  assert.equal(f.next(p(0, 0, 0, 0, null, 'complete')), 1);
+  assert.equal(f.next(p(300, 100, { round: 1, elapsedMs: 3000, etaMs: 1000 })), 0.75);
+  assert.equal(f.next(p(400, 0, { round: 2, elapsedMs: 3500, etaMs: 1500 })), 0.75, 'never back');
+  assert.equal(f.next(p(0, 0, { phase: 'complete' })), 1);
+  // A first pass with a forecast already (its dirtying sampled) is time against time too; without
+  // any yet (no rate measured), half the work again.
+  f = new MonotonicFraction();
+  assert.equal(f.next(p(50, 50)), 0.25);
+  assert.equal(f.next(p(60, 40, { elapsedMs: 100, etaMs: 200 })), 1 / 3);
 });
 
 test('ferry migrate m1 m2 m3 --gang: three VMs migrate together; then several at once without a gang; one failure makes the exit code 1', async () => {

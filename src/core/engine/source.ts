@@ -343,7 +343,7 @@ class SourceSession {
     const p: MigrationProgress = {
       phase: this.phase, mode: this.opts.mode, round: this.round, bytesSent: this.bytesSent, pagesSent: this.pagesSent,
       pagesRemaining: this.pagesRemaining, dirtyRateBytesPerSec: this.dirtyRate, bandwidthBytesPerSec: this.bandwidth, elapsedMs: this.now(),
-      etaMs: this.etaMs(),
+      ...this.eta(),
     };
     this.opts.onProgress(p);
   }
@@ -383,23 +383,26 @@ class SourceSession {
     return since >= ETA_RATE_WINDOW_MS ? ((this.bytesSent - this.rateFrom.bytes) / since) * 1000 : 0;
   }
 
-  /** See MigrationProgress.etaMs. */
-  private etaMs(): number | null {
-    if (this.phase === 'handshake') return null;
+  /** See MigrationProgress.etaMs and etaAtLeast. */
+  private eta(): { etaMs: number | null; etaAtLeast: boolean } {
+    if (this.phase === 'handshake') return { etaMs: null, etaAtLeast: false };
     // The rate the last pre-copy round measured (sent → acknowledged); before any, the phase's own.
     const b = this.bandwidth > 0 ? this.bandwidth : this.liveRate();
-    if (!(b > 0)) return null;
     if (this.phase === 'precopy' && this.policy) {
+      // The dirty curve: the first pass's, once measured; during the pass, what it has sampled so far.
+      const curve = this.dirtyCurve ?? (this.round === 0 ? sampledDirtyCurve(this.dirtySamples) : null);
+      const etaAtLeast = this.round === 0 && !curve;
+      if (!(b > 0)) return { etaMs: null, etaAtLeast };
       const policy = this.policy;
       const bytes = precopyBytesLeft({
         round: this.round, roundBytes: this.roundPages * PAGE_SIZE, leftBytes: this.pagesRemaining * PAGE_SIZE,
         bytesSentTotal: this.bytesSent, pagesSentTotal: this.pagesSent, memoryBytes: this.vm.guestPages() * PAGE_SIZE,
         bandwidthBytesPerSec: b, dirtyRateBytesPerSec: this.dirtyRate, history: policy.history,
-        ...(this.dirtyCurve ? { dirty: this.dirtyCurve } : {}),
+        ...(curve ? { dirty: curve } : {}),
       }, (stats, history) => policy.ends(stats, history));
-      return bytes === null ? null : (bytes / b) * 1000;
+      return { etaMs: bytes === null ? null : (bytes / b) * 1000, etaAtLeast };
     }
-    return ((this.pagesRemaining * PAGE_SIZE) / b) * 1000;
+    return { etaMs: b > 0 ? ((this.pagesRemaining * PAGE_SIZE) / b) * 1000 : null, etaAtLeast: false };
   }
 
   private checkAbort(): void {

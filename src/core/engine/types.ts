@@ -302,11 +302,16 @@ export interface MigrationProgress {
   elapsedMs: number;
   /**
    * Time left, ms, null while no rate is known. Pre-copy and hybrid: the bytes the stop policy, run
-   * forward on the rates measured so far, still has to send (policy/forecast.ts) over the
-   * bandwidth — in the first pass, before any dirty rate is measured, only the pass's own rest (a
-   * lower bound); the stop-and-copy and post-copy's push: the pages left over the rate they go at.
+   * forward on what has been measured, still has to send (policy/forecast.ts) over the bandwidth;
+   * the stop-and-copy and post-copy's push: the pages left over the rate they go at.
    */
   etaMs: number | null;
+  /**
+   * `etaMs` counts only what is known to remain — the first pass's rest, before anything is known
+   * of the guest's dirtying (no VM that can count its dirty pages, or too early to have) — so the
+   * migration takes at least that long.
+   */
+  etaAtLeast: boolean;
 }
 
 export interface MigrationResult {

@@ -48,23 +48,19 @@ export class MonotonicEta {
   }
 }
 
-/** Pre-copy's (or hybrid's) first pass: no dirty rate is known, so its ETA is only a lower bound. */
-export function firstPass(p: MigrationProgress): boolean {
-  return p.phase === 'precopy' && p.round === 0;
-}
-
 /** Fraction done, never going back (pre-copy rounds re-send pages; the bar should not shrink). */
 export class MonotonicFraction {
   private best = 0;
 
   /**
-   * Time elapsed against time left, where the engine forecasts it (MigrationProgress.etaMs). In
-   * pre-copy's first pass nothing says yet how much follows it: the pass counts as half the work.
+   * Time elapsed against time left, where the engine forecasts it (MigrationProgress.etaMs). While
+   * pre-copy has no forecast, or only a lower bound (the first pass, before anything is known of
+   * the dirtying), nothing says how much follows the pass: it counts as half the work.
    */
   next(p: MigrationProgress): number {
     const total = p.pagesSent + p.pagesRemaining;
     const f = p.phase === 'complete' ? 1
-      : firstPass(p) ? (total > 0 ? (0.5 * p.pagesSent) / total : 0)
+      : p.etaAtLeast || (p.etaMs === null && p.phase === 'precopy') ? (total > 0 ? (0.5 * p.pagesSent) / total : 0)
         : p.etaMs !== null && p.elapsedMs + p.etaMs > 0 ? p.elapsedMs / (p.elapsedMs + p.etaMs)
           : total > 0 ? p.pagesSent / total : 0;
     this.best = Math.max(this.best, Math.min(1, f));
@@ -221,8 +217,8 @@ async function migrate(vms: string[], o: MigrateOpts): Promise<number> {
   const width = Math.max(...vms.map((v) => v.length));
   const results: MigrateResult[] = await Promise.all(started.map(async (s, i) => {
     if (s.id === null) return { vm: s.vm, job: null, error: s.error };
-    // The first pass's ETA is a lower bound (≥): counted down on its own, so that the forecast
-    // once the dirty rate is known may be longer.
+    // A lower-bound ETA (≥: the first pass before anything is known of the dirtying) counts down
+    // on its own, so that the forecast that follows may be longer.
     const passEta = new MonotonicEta();
     const eta = new MonotonicEta();
     const frac = new MonotonicFraction();
@@ -230,7 +226,7 @@ async function migrate(vms: string[], o: MigrateOpts): Promise<number> {
     const job = await follow(controls[i], s.id, (p) => {
       if (!bars) return;
       const remainingBytes = p.pagesRemaining * 4096;
-      const atLeast = firstPass(p);
+      const atLeast = p.etaAtLeast;
       const e = (atLeast ? passEta : eta).next(p.etaMs, p.elapsedMs);
       const payload = {
         vm: s.vm.padEnd(width), phase: p.phase, round: p.round, sent: formatBytes(p.bytesSent), remaining: formatBytes(remainingBytes),
