@@ -84,7 +84,10 @@ export function liveTimeMs(input: PrecopyModelInput, n: number): number {
 export interface PrecopyPrediction {
   /** Live rounds, in order: bytes sent (v_i) and duration (t_i, ms). */
   rounds: { bytes: number; timeMs: number }[];
-  /** Why the live phase ended ('round-limit' too when `maxModelRounds` ran out: see `ended`). */
+  /**
+   * Why the live phase ended ('round-limit' too when `maxModelRounds` ran out: see `ended`; and
+   * whenever `options.ends` decided, which says only that it ends).
+   */
   reason: PrecopyStopReason;
   /** The policy ended the live phase (false: `maxModelRounds` ran out first). */
   ended: boolean;

@@ -52,8 +52,8 @@ export async function findVm(home: string, name: string, hint = `start one with:
   const reg = await readRegistration<VmRegistration>(home, 'vms', name);
   if (reg && !('exited' in reg)) return { name, control: reg.control, host: null };
   for (const h of await listHosts(home)) {
-    const res = await fetch(`${h.control}/v1/vms/${encodeURIComponent(name)}`).catch(() => null);
-    if (res?.ok) return { name, control: h.control, host: h.name };
+    const loc = { name, control: h.control, host: h.name };
+    if (await callVm(loc, 'GET').then(() => true, () => false)) return loc;
   }
   const gone = reg ? ` (its \`ferry vm run\` process ${reg.exited} has exited)` : '';
   throw new FerryError('ERR_NOT_FOUND', `no running VM named '${name}'${gone}: none in a process of its own, and no host agent registered under ${home} has it; ${hint}`);
