@@ -342,10 +342,21 @@ class SourceSession {
     this.sampleDirty();
     const p: MigrationProgress = {
       phase: this.phase, mode: this.opts.mode, round: this.round, bytesSent: this.bytesSent, pagesSent: this.pagesSent,
-      pagesRemaining: this.pagesRemaining, dirtyRateBytesPerSec: this.dirtyRate, bandwidthBytesPerSec: this.bandwidth, elapsedMs: this.now(),
+      pagesRemaining: this.pagesRemaining, dirtyRateBytesPerSec: this.shownDirtyRate(), bandwidthBytesPerSec: this.bandwidth, elapsedMs: this.now(),
       ...this.eta(),
     };
     this.opts.onProgress(p);
+  }
+
+  /**
+   * The dirty rate progress shows: the last round's; during the first pass, before any round has
+   * ended, the pages dirtied since logging began over the time since, as sampled (the same
+   * quantity the pass will report at its end), 0 without samples.
+   */
+  private shownDirtyRate(): number {
+    if (this.round > 0 || this.phase !== 'precopy' || this.dirtyRate > 0) return this.dirtyRate;
+    const last = this.dirtySamples[this.dirtySamples.length - 1];
+    return last && last[0] > 0 ? ((last[1] * PAGE_SIZE) / last[0]) * 1000 : this.dirtyRate;
   }
 
   /**

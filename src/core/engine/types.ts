@@ -295,7 +295,11 @@ export interface MigrationProgress {
   pagesSent: number;
   /** Pages the engine knows it still has to send (dirty pages, or absent pages in post-copy). */
   pagesRemaining: number;
-  /** Measured dirtying rate, bytes/s (pre-copy). */
+  /**
+   * Measured dirtying rate, bytes/s (pre-copy): distinct pages dirtied in the last round over its
+   * duration; during the first pass, those dirtied so far over the time since dirty logging began
+   * (0 until counted: a VM that cannot count its dirty pages, or nobody following the progress).
+   */
   dirtyRateBytesPerSec: number;
   /** Measured transfer rate, bytes/s. */
   bandwidthBytesPerSec: number;
