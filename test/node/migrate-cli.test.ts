@@ -160,10 +160,13 @@ test('the progress bar ETA never goes up and its fraction never goes back', () =
   const eta = new MonotonicEta();
   assert.equal(eta.next(null, 0), null);
   assert.equal(eta.next(1000, 0), 1000);
-  assert.equal(eta.next(5000, 100), 900, 'a higher estimate is clamped to the countdown');
-  assert.equal(eta.next(200, 200), 200);
-  assert.equal(eta.next(null, 300), 100);
-  assert.equal(eta.next(10_000, 10_000), 0);
+  assert.equal(eta.next(5000, 100), 1000, 'a higher estimate holds it: it never goes up');
+  assert.equal(eta.next(950, 200), 950, 'then estimates below it lead again');
+  assert.equal(eta.next(800, 300), 800);
+  assert.equal(eta.next(null, 400), 700, 'without an estimate it counts down');
+  assert.equal(eta.next(10_000, 10_000), 700, 'held, not counted through');
+  assert.equal(eta.next(null, 10_500), 200);
+  assert.equal(eta.next(null, 11_000), 0);
   const p = (pagesSent: number, pagesRemaining: number, o: { round?: number; elapsedMs?: number; etaMs?: number | null; etaAtLeast?: boolean; phase?: 'precopy' | 'complete' } = {}) => ({
     phase: o.phase ?? 'precopy' as const, mode: 'precopy' as const, round: o.round ?? 0, bytesSent: 0, pagesSent, pagesRemaining,
     dirtyRateBytesPerSec: 0, bandwidthBytesPerSec: 0, elapsedMs: o.elapsedMs ?? 0, etaMs: o.etaMs ?? null, etaAtLeast: o.etaAtLeast ?? false,
