@@ -181,6 +181,8 @@ export type MigrationEvent =
   | { type: 'state'; t: number; bytes: number }
   | { type: 'paused'; t: number }
   | { type: 'resumed'; t: number }
+  /** SWITCHOVER written, and every page and the state before it: what the source had to send is on its way. */
+  | { type: 'switchover-sent'; t: number }
   | { type: 'fault'; t: number; page: number; latencyMs: number }
   | { type: 'fault-waits'; t: number; waits: HistogramSummary }
   | { type: 'source-released'; t: number }
@@ -224,6 +226,14 @@ export interface MigrationReport {
   totalMigrationTimeMs: number | null;
   /** paused → resumed. */
   downtimeMs: number | null;
+  /**
+   * Where the downtime went: `sourceMs`, paused → switchover-sent (the stop-and-copy's pages, the
+   * state and SWITCHOVER leaving the source); `destinationMs`, → resumed (their way across, the
+   * destination taking in and checking what was still coming, starting the VM, and — measured by
+   * the engine at the source — RESUMED's way back). They add up to downtimeMs. Null without a
+   * switchover-sent event.
+   */
+  downtimeParts: { sourceMs: number; destinationMs: number } | null;
   /** Longest service gap a client saw during the migration (null if no client probe). */
   clientDowntimeMs: number | null;
   /** start → paused. */
@@ -309,6 +319,9 @@ export class MigrationReportBuilder {
     const start = first('start');
     const paused = first('paused');
     const resumed = last('resumed');
+    // Written to the kernel as the engine learns of it: that news may come after RESUMED itself.
+    const sw = first('switchover-sent');
+    const sentAll = paused === null || resumed === null || sw === null ? null : Math.min(resumed, Math.max(paused, sw));
     const complete = last('complete');
     const released = first('source-released');
     const span = (a: number | null, b: number | null) => (a === null || b === null ? null : b - a);
@@ -398,6 +411,7 @@ export class MigrationReportBuilder {
       pageSize,
       totalMigrationTimeMs: span(start, complete),
       downtimeMs: span(paused, resumed),
+      downtimeParts: sentAll === null ? null : { sourceMs: sentAll - paused!, destinationMs: resumed! - sentAll },
       clientDowntimeMs: clientGap,
       preparationTimeMs: span(start, paused),
       resumeTimeMs: span(resumed, complete),
@@ -465,7 +479,7 @@ export function formatReportTable(r: MigrationReport): string {
     ['technique', r.technique],
     ['memory', r.guestBytes === r.memoryBytes ? formatBytes(r.memoryBytes) : `${formatBytes(r.memoryBytes)} (${formatBytes(r.guestBytes)} in use at the start)`],
     ['total migration time', ms(r.totalMigrationTimeMs)],
-    ['downtime', ms(r.downtimeMs)],
+    ['downtime', r.downtimeParts ? `${ms(r.downtimeMs)} (the source sending ${ms(r.downtimeParts.sourceMs)}, then the destination ${ms(r.downtimeParts.destinationMs)})` : ms(r.downtimeMs)],
     ['client-observed downtime', ms(r.clientDowntimeMs)],
     ['preparation time', ms(r.preparationTimeMs)],
     ['resume time', ms(r.resumeTimeMs)],

@@ -100,9 +100,17 @@ test('pre-copy report: phases, rounds, pages by kind, dirty rate, degradation, c
   assert.deepEqual(r.degradation, { beforePerSec: 1000, duringPerSec: 500, ratio: 0.5 });
   assert.equal(r.verified, true);
   assert.equal(r.postcopy.faults, 0);
+  assert.equal(r.downtimeParts, null, 'no switchover-sent event: no split');
   const table = formatReportTable(r);
-  assert.match(table, /downtime\s+5\.00 ms/);
+  assert.match(table, /downtime\s+5\.00 ms\n/);
   assert.match(table, /rounds\s+2/);
+  // SWITCHOVER and the pages before it written at 133.5: the downtime splits there.
+  const split = b.add({ type: 'switchover-sent', t: 133.5 }).build();
+  assert.deepEqual(split.downtimeParts, { sourceMs: 3.5, destinationMs: 1.5 });
+  assert.match(formatReportTable(split), /downtime\s+5\.00 ms \(the source sending 3\.50 ms, then the destination 1\.50 ms\)/);
+  // Learnt of after RESUMED came in (the kernel took the last bytes before the engine heard): the source's part ends at RESUMED.
+  const late = new MigrationReportBuilder({ technique: 'precopy', memoryBytes: 4096 }).add({ type: 'paused', t: 10 }).add({ type: 'resumed', t: 14 }).add({ type: 'switchover-sent', t: 14.2 }).build();
+  assert.deepEqual(late.downtimeParts, { sourceMs: 4, destinationMs: 0 });
   assert.deepEqual(JSON.parse(reportToJson(r)).pages, r.pages);
 });
 

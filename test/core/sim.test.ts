@@ -38,6 +38,7 @@ test('check 1: constant-rate world, no caps — pre-copy equals the closed form 
       assert.ok(rel(x.durationMs, model.rounds[i].timeMs) < 1e-12, `${tag}: t_${i}`);
     });
     assert.ok(rel(r.downtimeMs, model.downtimeMs) < 1e-12, `${tag}: downtime ${r.downtimeMs} vs ${model.downtimeMs}`);
+    assert.deepEqual(r.downtimeParts, { sourceMs: r.downtimeMs, destinationMs: 0 }, `${tag}: no latency, no resume time: all of the downtime is sending`);
     assert.ok(rel(r.totalMigrationTimeMs, model.totalTimeMs) < 1e-12, `${tag}: TMT ${r.totalMigrationTimeMs} vs ${model.totalTimeMs}`);
     assert.ok(rel(r.bytes.wire, model.totalBytes) < 1e-12, `${tag}: bytes ${r.bytes.wire} vs ${model.totalBytes}`);
     // And the closed forms themselves (eq. 2, 4–6), which have no state term.
@@ -46,6 +47,15 @@ test('check 1: constant-rate world, no caps — pre-copy equals the closed form 
       assert.ok(rel(r.downtimeMs, closed.downtimeMs) < 1e-12, `${tag}: eq. 2`);
       assert.ok(rel(r.bytes.total, closed.totalBytes) < 1e-12, `${tag}: eq. 5 + v_(n+1)`);
     }
+  }
+});
+
+test('the downtime splits where the source has sent the last of it: the link\'s latency and the resume time are the destination\'s part', () => {
+  for (const technique of ['precopy', 'postcopy'] as const) {
+    const { result } = runSimVm(constantVm(256 * 1024 ** 2, 20e6, 64 * 1024), { bandwidth: 125e6, latencyMs: 2, technique, options: { resumeMs: 3 } });
+    const r = result.report;
+    assert.ok(Math.abs(r.downtimeParts!.destinationMs - 5) < 1e-9, `${technique}: ${JSON.stringify(r.downtimeParts)}`);
+    assert.ok(Math.abs(r.downtimeParts!.sourceMs + r.downtimeParts!.destinationMs - r.downtimeMs!) < 1e-9);
   }
 });
 

@@ -117,6 +117,10 @@ for (const mode of ['precopy', 'postcopy', 'hybrid'] as MigrationMode[]) {
       assert.equal(src.state, 'stopped', 'the source released the VM');
       assert.ok(r.downtimeMs !== null && r.downtimeMs >= 0);
       assert.ok(r.totalMigrationTimeMs! >= r.downtimeMs!);
+      // The downtime splits where the source had sent everything it waits for.
+      const parts = r.downtimeParts!;
+      assert.ok(parts.sourceMs >= 0 && parts.destinationMs >= 0, JSON.stringify(parts));
+      assert.ok(Math.abs(parts.sourceMs + parts.destinationMs - r.downtimeMs!) < 1e-6);
       assert.ok(r.bytes.wire >= 6 * 1024 * 1024, 'at least the written region crossed the wire');
       assert.ok(r.degradation !== null && r.degradation.beforePerSec > 0, 'degradation is measured against a baseline');
       assert.ok(progress.length > 0 && progress.every((v, i) => i === 0 || v >= progress[i - 1]), 'progress never runs backwards');

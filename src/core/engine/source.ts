@@ -778,6 +778,9 @@ class SourceSession {
     this.checkAbort();
     this.owner = 'in-doubt';
     await this.framed.send({ type: 'SWITCHOVER', pagesRemaining: remaining.count(), digest: null, stale: toWireBitmap(stale, pages) });
+    // Once the data streams have written what went before it too (not awaited: the downtime's
+    // split in the report, MigrationReport.downtimeParts).
+    this.drainStreams().then(() => this.event({ type: 'switchover-sent', t: this.now() }), () => undefined);
     try {
       await this.inbox.next('RESUMED');
     } catch (e) {

@@ -208,6 +208,7 @@ class SimMigration {
     this.ch.send(bytes + this.vm.stateBytes, (ta) => {
       this.report.add({ type: 'pages', t: ta, kind: 'resent', pages: set.pages, bytes });
       this.report.add({ type: 'state', t: ta, bytes: this.vm.stateBytes });
+      this.report.add({ type: 'switchover-sent', t: ta - this.ch.latencyMs });
       this.finish(ta + (this.o.resumeMs ?? 0), true);
     });
   }
@@ -245,6 +246,7 @@ class SimMigration {
     }
     this.ch.send(this.vm.stateBytes, (ts) => {
       this.report.add({ type: 'state', t: ts, bytes: this.vm.stateBytes });
+      this.report.add({ type: 'switchover-sent', t: ts - this.ch.latencyMs });
       const tr = ts + (this.o.resumeMs ?? 0);
       const go = () => new PostcopyPhase(this, sched, tr).begin();
       if (tr > this.clock.now()) this.clock.schedule(tr, go);
