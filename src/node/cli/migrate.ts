@@ -37,7 +37,7 @@ async function resolveTo(home: string, to: string): Promise<string> {
  * An ETA that never goes up. A fresh estimate below the last one shown replaces it; one above it
  * holds the display where it is until the estimates come down to it (estimates swing with the
  * dirty rate; the display should not). Counting down through such an estimate instead locked in
- * any dip: in a 9.5 s pre-copy whose forecasts of its end were within 2 % from the first second
+ * any dip: in a 9.5 s pre-copy whose forecasts of its end were within 3 % from the first second
  * on, one forecast 270 ms short made the countdown run out 270 ms before the migration ended.
  * Without an estimate (none yet, or none this time) it counts down from the last one shown.
  */
