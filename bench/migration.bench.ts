@@ -277,6 +277,16 @@ async function downtimeFloor(ctx: BenchContext, mem: number, reps: number): Prom
   const burst = median(bursts) + (r.bytes.state / bandwidth) * 1000;
   ctx.report({ metric: 'downtime.burst-floor', value: burst, unit: 'ms', note: `${fmtMiB(fin)} written by one process, read straight into shared memory by another, answered with one byte (median of ${bursts.length}: ${bursts[0].toFixed(1)}–${bursts[bursts.length - 1].toFixed(1)} ms) + state ÷ bandwidth` });
   ctx.report({ metric: 'downtime.vs-burst-floor', value: r.downtimeMs! / burst, unit: '×', note: 'informational: the target above is against the bulk floor' });
+  // And split over as many connections as the migrations' final rounds were, written as the
+  // engine writes them: what two processes can do with the engine's streams, still without it.
+  const streams = r.transfer?.streams ?? 1;
+  if (streams > 1) {
+    await settle();
+    const split = await burstFloor(fin, 7, 300, streams);
+    const splitMs = median(split) + (r.bytes.state / bandwidth) * 1000;
+    const downtimes = median(runs.map((x) => x.run.report.downtimeMs!));
+    ctx.report({ metric: `downtime.burst-floor-${streams}-streams`, value: splitMs, unit: 'ms', note: `the same burst over ${streams} connections, the first written by the main thread and each other by a thread of its own, read by one event loop (median of ${split.length}: ${split[0].toFixed(1)}–${split[split.length - 1].toFixed(1)} ms) + state ÷ bandwidth; the ${reps} downtimes' median ÷ this: ${(downtimes / splitMs).toFixed(2)}; informational` });
+  }
   // What each hand-off between threads costs on this machine (see threadWake): the floors cross none.
   await settle();
   const wakes = await threadWake(200);
