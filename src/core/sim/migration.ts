@@ -208,9 +208,8 @@ class SimMigration {
     this.ch.send(bytes + this.vm.stateBytes, (ta) => {
       this.report.add({ type: 'pages', t: ta, kind: 'resent', pages: set.pages, bytes });
       this.report.add({ type: 'state', t: ta, bytes: this.vm.stateBytes });
-      this.report.add({ type: 'switchover-sent', t: ta - this.ch.latencyMs });
       this.finish(ta + (this.o.resumeMs ?? 0), true);
-    });
+    }, (td) => this.report.add({ type: 'switchover-sent', t: td }));
   }
 
   private finish(t: number, resumed: boolean): void {
@@ -246,12 +245,11 @@ class SimMigration {
     }
     this.ch.send(this.vm.stateBytes, (ts) => {
       this.report.add({ type: 'state', t: ts, bytes: this.vm.stateBytes });
-      this.report.add({ type: 'switchover-sent', t: ts - this.ch.latencyMs });
       const tr = ts + (this.o.resumeMs ?? 0);
       const go = () => new PostcopyPhase(this, sched, tr).begin();
       if (tr > this.clock.now()) this.clock.schedule(tr, go);
       else go();
-    });
+    }, (td) => this.report.add({ type: 'switchover-sent', t: td }));
   }
 
   /** @internal for PostcopyPhase */
