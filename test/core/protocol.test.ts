@@ -4,7 +4,7 @@ import { InvalidArgumentError, ProtocolError } from '../../src/core/errors.js';
 import { mulberry32 } from '../helpers/prng.js';
 import {
   DEFAULT_LIMITS, Encoding, FrameDecoder, FrameTypeId, HEADER_BYTES, ProtocolErrorCode, decodeFrame, encodeFrame,
-  encodeHello, encodePages, encodeRunHead, encodeState, PROTOCOL_VERSION, type Frame, type HelloFrame,
+  clipUtf8, encodeHello, encodePages, encodeRunHead, encodeState, PROTOCOL_VERSION, type Frame, type HelloFrame,
 } from '../../src/core/protocol/index.js';
 
 function page(seed: number, size = 4096): Uint8Array {
@@ -69,6 +69,7 @@ const SAMPLE_FRAMES: Frame[] = [
   { type: 'PING', seq: 1, time: 1234.5678 },
   { type: 'PONG', seq: 1, time: -0.25 },
   { ...hello, vmName: 'gang-member', gang: 'gang-7' },
+  { ...hello, vmName: 'named', guest: 'kv-✓'.repeat(9) + 'k' },
   { type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode: 'postcopy', streams: 4, codecs: [], token: '0123456789abcdef'.repeat(2) },
   { type: 'HELLO_ACK', accepted: true, version: PROTOCOL_VERSION, mode: 'hybrid', streams: 1, codecs: [], token: 'fe'.repeat(16), faultPort: 65535 },
   { type: 'JOIN', token: 'fe'.repeat(16), stream: 3, role: 'data' },
@@ -243,6 +244,25 @@ function patched(f: Frame, at: number, bytes: number[]): Uint8Array {
   return b;
 }
 
+test('HELLO guest: at most 64 bytes on the wire (LIMIT past it); clipUtf8 cuts a longer name at a character', () => {
+  // The guest is HELLO's last field: its length is the u16 just before its bytes.
+  const named = encodeFrame({ ...hello, guest: 'g'.repeat(64) }).slice();
+  const at = named.length - 64 - 2;
+  assert.equal(new DataView(named.buffer).getUint16(at, true), 64);
+  assert.equal((decodeFrame(named) as HelloFrame).guest, 'g'.repeat(64));
+  const long = new Uint8Array(named.length + 1);
+  long.set(named);
+  long[long.length - 1] = 0x67;
+  new DataView(long.buffer).setUint32(0, new DataView(named.buffer).getUint32(0, true) + 1, true);
+  new DataView(long.buffer).setUint16(at, 65, true);
+  expectCode(() => decodeFrame(long), ProtocolErrorCode.LIMIT);
+  assert.equal((decodeFrame(encodeFrame({ ...hello, guest: '' })) as HelloFrame).guest, undefined, 'empty: unnamed');
+  assert.equal(clipUtf8('my-guest.wasm', 64), 'my-guest.wasm');
+  assert.equal(clipUtf8('é'.repeat(40), 64), 'é'.repeat(32)); // 2 bytes each
+  assert.equal(clipUtf8('✓'.repeat(30), 64), '✓'.repeat(21)); // 3 bytes each: 63
+  assert.equal(clipUtf8('😀'.repeat(20), 63), '😀'.repeat(15), 'a surrogate pair is never split'); // 4 bytes each: 60
+});
+
 test('payload errors are named', () => {
   // HELLO magic, version range.
   expectCode(() => decodeFrame(patched(hello, 0, [0x46, 0x52, 0x52, 0x58])), ProtocolErrorCode.BAD_MAGIC);
@@ -386,6 +406,7 @@ test('end() inside a frame is an unexpected EOF; frames before it are still deli
 test('encoders refuse what the protocol cannot carry', () => {
   assert.throws(() => encodeHello({ ...hello, vmName: 'x'.repeat(65) }), InvalidArgumentError);
   assert.throws(() => encodeHello({ ...hello, vmName: '' }), InvalidArgumentError);
+  assert.throws(() => encodeHello({ ...hello, guest: 'x'.repeat(65) }), InvalidArgumentError);
   assert.throws(() => encodeHello({ ...hello, pageSize: 3000 }), InvalidArgumentError);
   assert.throws(() => encodeHello({ ...hello, moduleSha256: 'AB'.repeat(32) }), InvalidArgumentError);
   assert.throws(() => encodeHello({ ...hello, offer: { ...hello.offer, modes: [] } }), InvalidArgumentError);

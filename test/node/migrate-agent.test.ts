@@ -1,11 +1,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { copyFile, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect } from 'node:net';
 import { spawnSync } from 'node:child_process';
 import { HostAgent } from '../../src/node/agent/agent.js';
+import { guestsDir } from '../../src/node/paths.js';
 import { KvClient } from '../../src/node/kv-client.js';
 import { tcp, tcpCongestionOf } from '../../src/node/transport/tcp.js';
 import { availableCongestionControls, systemCongestionControl } from '../../src/node/transport/congestion.js';
@@ -380,6 +381,27 @@ test('post-copy: the arriving VM is listed on the destination as soon as it runs
     // No client link tells b what it runs: the module is a built-in guest's, and named so.
     assert.equal(b.agent.summary('ms').guest, 'memstress');
   });
+});
+
+test('a VM of a module from a file arrives listed by the file\'s name (HELLO carries it), not by its module\'s hash', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-guest-'));
+  try {
+    // The built-in memstress under another name: by its hash alone the destination would call it memstress.
+    const file = join(dir, 'my-stress.wasm');
+    await copyFile(join(guestsDir(), 'memstress.wasm'), file);
+    await withHosts(async (a, b) => {
+      const made = await a.agent.createVm({ name: 'mine', guest: file, memory: '16MiB', config: 'mem=4MiB rate=100000' });
+      assert.equal(made.guest, 'my-stress.wasm');
+      const r = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'mine', to: b.agent.migrationAddress, mode: 'precopy' });
+      assert.equal(r.status, 202, JSON.stringify(r.json));
+      const done = await finished(a, r.json.id);
+      assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
+      assert.equal(b.agent.summary('mine').guest, 'my-stress.wasm');
+      assert.equal(b.agent.list().find((v) => v.name === 'mine')?.guest, 'my-stress.wasm');
+    });
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 });
 
 test('postcopy with faultChannel false: page requests share the control connection', async () => {

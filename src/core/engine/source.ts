@@ -16,8 +16,8 @@ import { PostcopyScheduler } from '../policy/postcopy.js';
 import { DedupIndex } from '../codec/dedup.js';
 import { DEFAULT_BATCH_BYTES } from '../codec/codec.js';
 import type { TransferReport } from '../metrics.js';
-import { MAX_STREAMS, PROTOCOL_VERSION, type CodecOffer, type PageRequestFrame } from '../protocol/frames.js';
-import { encodeBatchFrame, encodeRunHead, encodeZeroPages } from '../protocol/encode.js';
+import { MAX_NAME_BYTES, MAX_STREAMS, PROTOCOL_VERSION, type CodecOffer, type PageRequestFrame } from '../protocol/frames.js';
+import { clipUtf8, encodeBatchFrame, encodeRunHead, encodeZeroPages } from '../protocol/encode.js';
 import { FramedConnection } from '../transport/framed.js';
 import type { Connection } from '../transport/transport.js';
 import { StreamEncoder, codecOffer, pagesOnStream, streamOf, usesCodecs, vmIndexBytes, type CodecName } from './codecs.js';
@@ -496,6 +496,7 @@ class SourceSession {
       memoryBytes: this.vm.memoryBytes, guestBytes: this.vm.guestPages() * PAGE_SIZE, pageSize: PAGE_SIZE,
       moduleSha256: this.vm.moduleSha256, moduleBytes: this.vm.module.length, config: this.vm.config, offer,
       ...(this.opts.gang ? { gang: this.opts.gang.id } : {}),
+      ...(this.vm.guest ? { guest: clipUtf8(this.vm.guest, MAX_NAME_BYTES) } : {}),
     });
     // While the destination answers: the switchover's code, warmed once per process (it runs inside the downtime).
     warmSwitchoverOnce();

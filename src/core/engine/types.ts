@@ -27,6 +27,8 @@ export interface SourceVm {
   /** The original guest module and its SHA-256 (hex). */
   readonly module: Uint8Array;
   readonly moduleSha256: string;
+  /** What the VM runs, by name (HELLO's `guest`: the destination lists the VM by it), if it has one. */
+  readonly guest?: string;
   /** Current guest memory size in pages (it may grow while the VM runs). */
   guestPages(): number;
   /** Copies guest page `page` into `into` at `offset` (PAGE_SIZE bytes). */

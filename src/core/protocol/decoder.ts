@@ -687,9 +687,11 @@ export class FrameDecoder {
     if (maxStreams < 1 || maxStreams > MAX_STREAMS) fail(ProtocolErrorCode.MALFORMED, `HELLO maxStreams ${maxStreams} is not in 1..${MAX_STREAMS}`);
     const codecs = this.codecs(r);
     const gang = r.str16(MAX_NAME_BYTES, 'gang');
+    const guest = r.str16(MAX_NAME_BYTES, 'guest');
     return {
       type: 'HELLO', minVersion, maxVersion, vmName, memoryBytes, guestBytes, pageSize, moduleSha256, moduleBytes, config, offer: { modes, maxStreams, codecs },
       ...(gang ? { gang } : {}),
+      ...(guest ? { guest } : {}),
     };
   }
 

@@ -138,7 +138,22 @@ export function encodeHello(f: Omit<HelloFrame, 'type'>): Uint8Array {
   w.u16(f.offer.maxStreams);
   writeCodecs(w, f.offer.codecs);
   w.str16(f.gang ?? '', MAX_NAME_BYTES, 'gang');
+  w.str16(f.guest ?? '', MAX_NAME_BYTES, 'guest');
   return w.finish('HELLO');
+}
+
+/** `s` cut to at most `maxBytes` bytes of UTF-8, at a character's boundary (for a name field that may be longer). */
+export function clipUtf8(s: string, maxBytes: number): string {
+  if (utf8.encode(s).length <= maxBytes) return s;
+  let out = '';
+  let n = 0;
+  for (const ch of s) {
+    const b = utf8.encode(ch).length;
+    if (n + b > maxBytes) break;
+    out += ch;
+    n += b;
+  }
+  return out;
 }
 
 export function isValidPageSize(n: number): boolean {

@@ -18,7 +18,7 @@ export const HEADER_BYTES = 8;
 /** Magic at the start of a HELLO payload: "FRRY". */
 export const HELLO_MAGIC = new Uint8Array([0x46, 0x52, 0x52, 0x59]);
 /** The protocol version this implementation speaks (the only one, so far). */
-export const PROTOCOL_VERSION = 6;
+export const PROTOCOL_VERSION = 7;
 
 /**
  * Bytes in front of each page's data in a PAGES frame: `u32 index`, `u8 encoding`, 3 zero bytes,
@@ -194,6 +194,12 @@ export interface HelloFrame {
    * empty: no gang.
    */
   gang?: string;
+  /**
+   * What the VM runs, by name (a built-in guest's, or its module file's), ≤ 64 UTF-8 bytes, for
+   * the destination to list it by (version 7). Absent or empty: unnamed (the destination may
+   * still know the module by its hash).
+   */
+  guest?: string;
 }
 
 export type HelloAckFrame =

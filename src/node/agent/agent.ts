@@ -753,7 +753,7 @@ export class HostAgent extends EventEmitter {
             this.fitPool(); // the arrival is reserved (incoming) and has its memory now
             const home = this.away.get(name) ?? null;
             const remote = home ? null : (this.incomingRelays.get(name) ?? null);
-            const guest = home?.guest ?? remote?.hello.guest ?? builtin ?? `sha256:${hello.moduleSha256.slice(0, 12)}`;
+            const guest = home?.guest ?? remote?.hello.guest ?? hello.guest ?? builtin ?? `sha256:${hello.moduleSha256.slice(0, 12)}`;
             const m: ManagedVm = { vm, guest, link: home ?? remote, migration: null, readers: new Set() };
             managed = m;
             this.attach(m);
@@ -946,7 +946,7 @@ export class HostAgent extends EventEmitter {
           }
         },
         onResume: releaseHold,
-      });
+      }, m.guest);
       const result = await migrateSource(conn, source, this.deps, {
         mode: req.mode, signal, onProgress: (p) => job.onProgress(p), connect,
         ...(req.downtimeMs !== undefined ? { downtimeMs: req.downtimeMs } : {}),

@@ -87,7 +87,8 @@ export function startPageHashers(): void {
 }
 
 /** The engine's view of a VM that is leaving this host. */
-export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
+/** The engine's view of `vm` leaving this host; `guest`: what it runs, by name (SourceVm.guest). */
+export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}, guest?: string): SourceVm {
   let zero: ZeroScanner | null = null;
   let atPause: ReturnType<Vm['pauseWithState']> | null = null;
   startPageHashers(); // their threads load while the rounds run
@@ -98,6 +99,7 @@ export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}): SourceVm {
     config: vm.config,
     module: vm.module,
     moduleSha256: vm.info.hash,
+    ...(guest ? { guest } : {}),
     guestPages: () => vm.guestPages,
     readPage: (p, into, off) => vm.readPageInto(p, into, off),
     // The binding reads shared memory in place: no copy for the digest.
