@@ -86,8 +86,7 @@ export function startPageHashers(): void {
   pageHasher().warm();
 }
 
-/** The engine's view of a VM that is leaving this host. */
-/** The engine's view of `vm` leaving this host; `guest`: what it runs, by name (SourceVm.guest). */
+/** The engine's view of a VM that is leaving this host; `guest`: what it runs, by name (SourceVm.guest). */
 export function sourceVmOf(vm: Vm, hooks: SourceHooks = {}, guest?: string): SourceVm {
   let zero: ZeroScanner | null = null;
   let atPause: ReturnType<Vm['pauseWithState']> | null = null;
