@@ -21,6 +21,8 @@ export interface Libc {
   close(fd: number): number;
   /** syscall(2) with one pointer and two unsigned ints after the number (sched_setattr, sched_getattr). */
   syscallPtr(n: number, a: number, ptr: Uint8Array, b: number, c: number): number;
+  /** sched_yield(2): let another runnable thread of this core go first. */
+  schedYield(): number;
   errno(): number;
 }
 
@@ -30,6 +32,11 @@ let loaded: Libc | null = null;
 export function fdOf(s: object): number | null {
   const fd = (s as { _handle?: { fd?: unknown } | null })._handle?.fd;
   return typeof fd === 'number' && fd >= 0 ? fd : null;
+}
+
+/** libc's calls if this thread has loaded them already (null: not yet, or they cannot load), for a path that must not wait ~30 ms for the load. */
+export function loadedLibc(): Libc | null {
+  return loaded;
 }
 
 /** libc's calls; throws where there is no libc to load (not Linux, or no koffi binary here). */
@@ -56,6 +63,7 @@ export function libc(): Libc {
     getsockopt: f('int getsockopt(int fd, int level, int name, void *value, void *length)') as Libc['getsockopt'],
     close: f('int close(int fd)') as Libc['close'],
     syscallPtr: (n, a, ptr, b, c) => syscall(n, 'int', a, 'void *', ptr, 'unsigned int', b, 'unsigned int', c),
+    schedYield: f('int sched_yield(void)') as Libc['schedYield'],
     errno: () => koffi.errno(),
   };
   return loaded;
