@@ -144,16 +144,8 @@ export function encodeHello(f: Omit<HelloFrame, 'type'>): Uint8Array {
 
 /** `s` cut to at most `maxBytes` bytes of UTF-8, at a character's boundary (for a name field that may be longer). */
 export function clipUtf8(s: string, maxBytes: number): string {
-  if (utf8.encode(s).length <= maxBytes) return s;
-  let out = '';
-  let n = 0;
-  for (const ch of s) {
-    const b = utf8.encode(ch).length;
-    if (n + b > maxBytes) break;
-    out += ch;
-    n += b;
-  }
-  return out;
+  // encodeInto writes whole characters only and says how much of `s` it took.
+  return s.slice(0, utf8.encodeInto(s, new Uint8Array(maxBytes)).read);
 }
 
 export function isValidPageSize(n: number): boolean {
