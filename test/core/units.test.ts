@@ -35,9 +35,9 @@ test('Bitmap set/iterate/count', () => {
   assert.deepEqual([...b].slice(-2), [98, 99]);
 });
 
-test('Bitmap.fromWords: set algebra over words equals the same algebra page by page, and stops at `bits`', () => {
+test('Bitmap.select: every page set in all of `all` and in none of `none`, page by page, and nothing from `bits` on', () => {
   const rnd = (seed: number) => { let x = seed; return () => ((x = (x * 1103515245 + 12345) >>> 0) >>> 16) & 1; };
-  for (const [size, bits] of [[100, 100], [100, 70], [96, 64], [129, 33], [64, 0]] as const) {
+  for (const [size, bits] of [[100, 100], [100, 70], [96, 64], [129, 33], [64, 0], [200, 300]] as const) {
     const r = rnd(size + bits);
     const [a, b, c] = [new Bitmap(size), new Bitmap(size), new Bitmap(size)];
     for (let p = 0; p < size; p++) {
@@ -45,10 +45,22 @@ test('Bitmap.fromWords: set algebra over words equals the same algebra page by p
       if (r()) b.set(p);
       if (r()) c.set(p);
     }
-    const got = Bitmap.fromWords(size, bits, (i) => (a.words[i] | ~b.words[i]) & ~c.words[i]);
-    const want: number[] = [];
-    for (let p = 0; p < bits; p++) if ((a.get(p) || !b.get(p)) && !c.get(p)) want.push(p);
-    assert.deepEqual([...got], want, `size ${size}, bits ${bits}`);
-    assert.equal(got.size, size);
+    const short = new Bitmap(40); // shorter operands count as clear past their end
+    for (let p = 0; p < 40; p += 3) short.set(p);
+    const cases: [Bitmap[], Bitmap[], (p: number) => boolean][] = [
+      [[a], [b, c], (p) => a.get(p) && !b.get(p) && !c.get(p)],
+      [[a, b], [c], (p) => a.get(p) && b.get(p) && !c.get(p)],
+      [[], [a, c], (p) => !a.get(p) && !c.get(p)],
+      [[], [], () => true],
+      [[a, short], [], (p) => a.get(p) && p < 40 && p % 3 === 0],
+      [[b], [short], (p) => b.get(p) && !(p < 40 && p % 3 === 0)],
+    ];
+    for (const [all, none, want] of cases) {
+      const got = Bitmap.select(size, bits, all, none);
+      const expected: number[] = [];
+      for (let p = 0; p < Math.min(size, bits); p++) if (want(p)) expected.push(p);
+      assert.deepEqual([...got], expected, `size ${size}, bits ${bits}`);
+      assert.equal(got.size, size);
+    }
   }
 });

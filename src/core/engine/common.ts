@@ -183,7 +183,7 @@ export class MemoryDigest {
  * arrives). Returns the absent pages (a bitmap of `size` bits) and their count.
  *
  * It runs once per migration, inside the downtime, in code V8 has not optimized: written as three
- * passes with a closure per word (Bitmap.fromWords, count, runs) it took 2.3-3.5 ms for 64 Ki
+ * passes with a closure per word (a bitmap built from a closure over words, count, runs) it took 2.3-3.5 ms for 64 Ki
  * pages. Hence plain loops, whole words at a time, and one fill per run of words.
  */
 export function absentAtSwitchover(

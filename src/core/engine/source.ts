@@ -610,10 +610,9 @@ class SourceSession {
     return { framed, inbox };
   }
 
-  /** Every page of the VM but `soft`, 32 a step (cold code: once per migration, in post-copy inside the downtime). */
+  /** Every page of the VM but `soft` (once per migration, in post-copy inside the downtime). */
   private allBut(soft: Bitmap): Bitmap {
-    const sw = soft.words;
-    return Bitmap.fromWords(this.maxPages, this.vm.guestPages(), (i) => ~(sw[i] ?? 0));
+    return Bitmap.select(this.maxPages, this.vm.guestPages(), [], [soft]);
   }
 
   /**
@@ -983,13 +982,12 @@ class SourceSession {
         // Dirty logging stays on: a paused VM writes nothing, and switching variants now would
         // only add to the downtime. It is switched off if the VM resumes here after a failure.
         const pages = this.vm.guestPages();
-        // What the destination lacks, 32 pages a step (cold code, inside the downtime): pages
-        // dirtied since they were last sent, or never sent and not soft.
-        const [lw, ew] = [last.words, sentEver.words];
+        // What the destination lacks (Bitmap.select, inside the downtime): pages dirtied since
+        // they were last sent, or never sent and not soft.
         // The soft pages at the pause, less any dirtied since it was last sent: a page written
         // after its free report is in use again (docs/guest-abi.md), and the devices that keep
         // the report do not see guest stores.
-        const softNow = after.soft.then((s) => Bitmap.fromWords(this.maxPages, pages, (i) => (s.words[i] ?? 0) & ~(lw[i] ?? 0)));
+        const softNow = after.soft.then((s) => Bitmap.select(this.maxPages, pages, [s], [last]));
         softNow.catch(() => undefined); // awaited below
         if (!postcopy) {
           // Stop-and-copy. First the pages dirtied since they were sent, without waiting for the
@@ -1009,10 +1007,9 @@ class SourceSession {
           let stateGone = false;
           stateSent.then(() => (stateGone = true), () => (stateGone = true));
           this.yieldWhile = () => !stateGone;
-          let n = await this.sendPages(Bitmap.fromWords(this.maxPages, pages, (i) => (lw[i] ?? 0) & ew[i]), this.round);
+          let n = await this.sendPages(Bitmap.select(this.maxPages, pages, [last, sentEver]), this.round);
           soft = await softNow;
-          const sw = soft.words;
-          n += await this.sendPages(Bitmap.fromWords(this.maxPages, pages, (i) => ~ew[i] & ~sw[i]), this.round);
+          n += await this.sendPages(Bitmap.select(this.maxPages, pages, [], [sentEver, soft]), this.round);
           this.yieldWhile = null;
           this.event({ type: 'pages', t: this.now(), kind: 'resent', pages: n, bytes: this.bytesSent - b0 });
           // No waiting for this round's ACK: the stream is ordered, STATE and SWITCHOVER follow.
@@ -1022,10 +1019,10 @@ class SourceSession {
           // Hybrid switching to post-copy: what the destination has is current except `stale`
           // (sent, then dirtied); the rest of what is not there yet, never sent, is pushed too.
           soft = await softNow;
-          const sw = soft.words;
-          const unsent = (i: number) => ((lw[i] ?? 0) | ~ew[i]) & ~sw[i];
-          const stale = Bitmap.fromWords(this.maxPages, pages, (i) => (lw[i] ?? 0) & ew[i] & ~sw[i]);
-          const remaining = Bitmap.fromWords(this.maxPages, pages, unsent);
+          const stale = Bitmap.select(this.maxPages, pages, [last, sentEver], [soft]);
+          // Not current there (never sent, or sent and dirtied since) and not soft.
+          const current = Bitmap.select(this.maxPages, pages, [sentEver], [last]);
+          const remaining = Bitmap.select(this.maxPages, pages, [], [current, soft]);
           this.pagesRemaining = remaining.count();
           const push = this.postcopy(remaining, soft);
           await this.switchover(remaining, stale, this.sendState(after.state, soft));
