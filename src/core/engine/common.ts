@@ -183,8 +183,9 @@ export class MemoryDigest {
  * arrives). Returns the absent pages (a bitmap of `size` bits) and their count.
  *
  * It runs once per migration, inside the downtime, in code V8 has not optimized: written as three
- * passes with a closure per word (a bitmap built from a closure over words, count, runs) it took 2.3-3.5 ms for 64 Ki
- * pages. Hence plain loops, whole words at a time, and one fill per run of words.
+ * passes with a closure per word (a bitmap built from a closure over words, count, runs) it took
+ * 2.3-3.5 ms for 64 Ki pages. Hence plain loops, whole words at a time, and one fill per run of
+ * words (and no closure made per migration: see Bitmap.select).
  */
 export function absentAtSwitchover(
   size: number, pages: number, received: Uint32Array, stale: Uint32Array, soft: Uint32Array, hashes: BigUint64Array,
