@@ -982,8 +982,6 @@ class SourceSession {
         // Dirty logging stays on: a paused VM writes nothing, and switching variants now would
         // only add to the downtime. It is switched off if the VM resumes here after a failure.
         const pages = this.vm.guestPages();
-        // What the destination lacks (Bitmap.select, inside the downtime): pages dirtied since
-        // they were last sent, or never sent and not soft.
         // The soft pages at the pause, less any dirtied since it was last sent: a page written
         // after its free report is in use again (docs/guest-abi.md), and the devices that keep
         // the report do not see guest stores.
@@ -1020,7 +1018,7 @@ class SourceSession {
           // (sent, then dirtied); the rest of what is not there yet, never sent, is pushed too.
           soft = await softNow;
           const stale = Bitmap.select(this.maxPages, pages, [last, sentEver], [soft]);
-          // Not current there (never sent, or sent and dirtied since) and not soft.
+          // Current there: sent and not dirtied since. The rest, but the soft pages, is pushed.
           const current = Bitmap.select(this.maxPages, pages, [sentEver], [last]);
           const remaining = Bitmap.select(this.maxPages, pages, [], [current, soft]);
           this.pagesRemaining = remaining.count();
