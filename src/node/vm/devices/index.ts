@@ -423,8 +423,7 @@ export class Devices {
   /** Clears soft-page bits of pages known to be in use again (e.g. the dirty pages of a harvest, as guest page numbers). */
   markInUse(pages: Iterable<number> | Bitmap): void {
     if (pages instanceof Bitmap) {
-      const n = Math.min(pages.words.length, this.soft.words.length);
-      for (let i = 0; i < n; i++) this.soft.words[i] &= ~pages.words[i];
+      this.soft.andNot(pages);
       return;
     }
     for (const p of pages) if (p >= 0 && p < this.soft.size) this.soft.clear(p);
