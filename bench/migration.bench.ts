@@ -32,7 +32,7 @@
  */
 import net from 'node:net';
 import { availableParallelism } from 'node:os';
-import { median, percentile, section, type BenchContext, type BenchSuite } from './harness.js';
+import { median, percentile, section, settle, type BenchContext, type BenchSuite } from './harness.js';
 import { benchCongestionText, connect, pinServer } from './congestion.js';
 import { rawTcp, rawTcpIntoFreshMemory } from './transport.bench.js';
 import { burstFloor } from './burst-floor.js';
@@ -76,16 +76,6 @@ async function migrate(src: Vm, opts: MigrationOptions, link?: LinkInit, to: Des
   const cpu0 = process.cpuUsage();
   const [r] = await to.migrate([src], { streams: streamsFor(opts.mode), ...opts }, link);
   return { ...r, report: r.result.report, cpuMs: cpuMs(cpu0) };
-}
-
-/**
- * Lets both processes go quiet before a measurement: after a migration the destination zeroes the
- * memory the VM gave back and starts its next spare vCPU thread, the source frees its VM, and a
- * new source VM fills its memory. Measured in that wake, raw TCP ran at half speed (0.72 against
- * 1.5 GB/s), which flattered every ratio against it.
- */
-function settle(): Promise<void> {
-  return new Promise((r) => setTimeout(r, 600));
 }
 
 /** Round trip of one byte over a fresh loopback socket: median of `n`. */
