@@ -59,6 +59,19 @@ test('the downtime splits where the source has sent the last of it: the link\'s 
   }
 });
 
+test('the stop-and-copy carries the dirty pages the policy decided on, those written while the last acknowledgement was on the way included', () => {
+  // 50 ms of latency: the harvest when a round's last page leaves and the decision, one latency
+  // after it arrived, are far apart. The guest writes all along; the decision counts it all.
+  const d = 60e6;
+  const { result } = runSimVm(constantVm(256 * 1024 ** 2, d), { bandwidth: 125e6, latencyMs: 50, technique: 'precopy' });
+  const r = result.report;
+  assert.equal(result.stopReason, 'converged');
+  const last = r.rounds[r.rounds.length - 1];
+  const final = r.bytes.total - r.rounds.reduce((n, x) => n + x.bytesSent, 0);
+  assert.ok(rel(final, last.dirtyPages * PAGE) < 1e-9, `stop-and-copy ${final / PAGE} pages, decided on ${last.dirtyPages}`);
+  assert.ok(rel(last.dirtyPages * PAGE, (d * last.durationMs) / 1000) < 1e-9, 'the last round dirtied for all of its time');
+});
+
 test('constant-rate world: post-copy equals the post-copy model (every page once, downtime = state)', () => {
   const mem = 256 * 1024 ** 2;
   const bw = 125e6;

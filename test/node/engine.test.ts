@@ -759,6 +759,40 @@ test('a page sent with content and zeroed before the last round arrives zero (on
   assert.ok(made[0].pageView(x).every((b) => b === 0));
 });
 
+test('pages the guest dirties while a round awaits its acknowledgement count in the stop decision and go in the next round', async (t) => {
+  // An idle VM: every harvest is empty, so the policy would stop after the first pass. The
+  // harvest after ROUND_END's acknowledgement finds a page rewritten meanwhile; with a budget no
+  // page fits, that one page keeps pre-copy going for a round that carries it.
+  const src = await source('mem=4MiB rate=1');
+  const made: Vm[] = [];
+  t.after(() => stopAll(src, made));
+  const x = 100;
+  const vm = sourceVmOf(src);
+  const harvest = vm.harvestDirty;
+  let harvests = 0;
+  const wrapped = { ...vm, harvestDirty: async () => {
+    const dirty = await harvest();
+    // 1: when the first pass's pages are written; 2: once its ROUND_END is acknowledged.
+    if (++harvests === 2) {
+      src.pageView(x).fill(0xa5);
+      dirty.set(x);
+    }
+    return dirty;
+  } };
+  const [a, b] = memoryPair();
+  const dest = serveDestination(b, factory(made), deps);
+  dest.catch(() => undefined); // a failure fails the source below
+  const result = await migrateSource(a, wrapped, deps, { mode: 'precopy', baselineMs: 0, downtimeMs: 1e-6 });
+  await dest;
+  const r = result.report;
+  assert.equal(r.rounds.length, 2, `rounds ${r.rounds.map((x) => x.pagesSent).join(', ')}`);
+  assert.equal(r.rounds[0].dirtyPages, 1, 'the first pass ends with the page dirtied after its pages were written');
+  assert.equal(r.rounds[1].pagesSent, 1, 'the next round carries it');
+  assert.equal(result.stopReason, 'converged');
+  assert.equal(r.verified, true);
+  assert.ok(made[0].pageView(x).every((v) => v === 0xa5));
+});
+
 test('pre-copy lets the event loop turn between batches as time passes, even when every write completes at once', async (t) => {
   // An idle VM over the in-memory pair (writes never wait) with zstd: batch after batch would
   // follow as promise continuations and the loop would never reach its I/O (a host's endpoints,

@@ -133,7 +133,8 @@ class SimMigration {
   /**
    * A pre-copy round as the engine runs it: send the pages; once the sender's buffer has taken the
    * last of them, harvest the dirty log; the round ends when the ROUND_END marker (behind the data)
-   * is acknowledged, one latency after the data arrived; then the policy decides.
+   * is acknowledged, one latency after the data arrived; the log is harvested again (what the
+   * guest wrote meanwhile) and the policy decides on both.
    */
   private round(i: number, pages: number): void {
     const started = this.clock.now();
@@ -148,6 +149,7 @@ class SimMigration {
       this.report.add({ type: 'pages', t, kind: i === 0 ? 'first' : 'resent', pages, bytes });
     };
     const ended = (t: number) => {
+      set = this.lateDirty(t, set);
       this.report.add({ type: 'round-end', t, round: i, dirtyPages: set.pages });
       const elapsed = t - started;
       const stats: PrecopyRoundStats = {
@@ -187,7 +189,7 @@ class SimMigration {
     this.ch.send(bytes, (t) => (lat > 0 ? this.clock.schedule(t + lat, () => ended(t + lat)) : ended(t)), undefined, harvest);
   }
 
-  /** The harvested set plus what the guest dirtied between that harvest and `t` (it pauses at `t`). */
+  /** The harvested set plus what the guest dirtied between that harvest and `t` (the round ends, or it pauses, at `t`). */
   private lateDirty(t: number, set: DirtySet): DirtySet {
     this.advanceSource(t);
     const late = this.vm.dirty.harvest();
