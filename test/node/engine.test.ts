@@ -10,7 +10,7 @@ import { MigrationAcceptor, serveDestination, type DestinationOutcome } from '..
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf } from '../../src/node/engine/adapters.js';
 import { FaultThreadListener, SourceFaultThreads, sourceFaultThread } from '../../src/node/engine/fault-thread.js';
 import type { MigrationMode } from '../../src/core/protocol/frames.js';
-import type { DestinationFactory, DestinationVm, MigrationProgress, MigrationResult, SourceFaultLink } from '../../src/core/engine/types.js';
+import type { DestinationFactory, DestinationVm, MigrationProgress, MigrationResult, SourceFaultLink, SourceVm } from '../../src/core/engine/types.js';
 import { memoryPair } from '../../src/core/transport/memory.js';
 import { FramedConnection } from '../../src/core/transport/framed.js';
 import { shaped } from '../../src/core/transport/shaped.js';
@@ -730,6 +730,21 @@ test('the pause is stamped when the guest stopped: time a VM says it spent stopp
   assert.ok(result.report.downtimeMs! >= 60, `downtime ${result.report.downtimeMs} ms counts the 60 ms the guest was stopped before it said so`);
 });
 
+/** `src` as the engine sees it, but its `nth` dirty harvest (from 1) first fills page `page` with `byte`, as the guest could have just then. */
+function rewriteAtHarvest(src: Vm, nth: number, page: number, byte: number): SourceVm {
+  const vm = sourceVmOf(src);
+  const harvest = vm.harvestDirty;
+  let harvests = 0;
+  return { ...vm, harvestDirty: async () => {
+    const dirty = await harvest();
+    if (++harvests === nth) {
+      src.pageView(page).fill(byte);
+      dirty.set(page);
+    }
+    return dirty;
+  } };
+}
+
 test('a page sent with content and zeroed before the last round arrives zero (only pages never installed skip the write)', async (t) => {
   const src = await source('mem=4MiB rate=1');
   const made: Vm[] = [];
@@ -738,18 +753,8 @@ test('a page sent with content and zeroed before the last round arrives zero (on
   let x = -1;
   for (let p = 64; p < src.guestPages && x < 0; p++) if (src.pageView(p).some((b) => b !== 0)) x = p;
   assert.ok(x >= 0, 'memstress filled its region');
-  const vm = sourceVmOf(src);
-  const harvest = vm.harvestDirty;
-  let harvests = 0;
   // After the first round has sent it with its content, the page becomes zero and dirty.
-  const wrapped = { ...vm, harvestDirty: async () => {
-    const dirty = await harvest();
-    if (harvests++ === 0) {
-      src.pageView(x).fill(0);
-      dirty.set(x);
-    }
-    return dirty;
-  } };
+  const wrapped = rewriteAtHarvest(src, 1, x, 0);
   const [a, b] = memoryPair();
   const dest = serveDestination(b, factory(made), deps);
   dest.catch(() => undefined); // a mismatch fails the source below
@@ -767,18 +772,8 @@ test('pages the guest dirties while a round awaits its acknowledgement count in 
   const made: Vm[] = [];
   t.after(() => stopAll(src, made));
   const x = 100;
-  const vm = sourceVmOf(src);
-  const harvest = vm.harvestDirty;
-  let harvests = 0;
-  const wrapped = { ...vm, harvestDirty: async () => {
-    const dirty = await harvest();
-    // 1: when the first pass's pages are written; 2: once its ROUND_END is acknowledged.
-    if (++harvests === 2) {
-      src.pageView(x).fill(0xa5);
-      dirty.set(x);
-    }
-    return dirty;
-  } };
+  // Harvest 1: when the first pass's pages are written; 2: once its ROUND_END is acknowledged.
+  const wrapped = rewriteAtHarvest(src, 2, x, 0xa5);
   const [a, b] = memoryPair();
   const dest = serveDestination(b, factory(made), deps);
   dest.catch(() => undefined); // a failure fails the source below
