@@ -144,11 +144,14 @@ async function wholeMigrations(ctx: BenchContext, mem: number, reps: number, v: 
     const config = `wss=${Math.min(8 * MiB, mem / 8)} ${WRITES} ${mix.content}`;
     const label = (s: (typeof plan)[number]) => `${mix.name}.${s.name}${s.link ? '-1gbit' : ''}`;
     const runs = new Map<string, Run[]>(plan.map((s) => [label(s), []]));
-    // Interleaved: every set sees the same moments of this noisy machine.
+    // Interleaved: every set sees the same moments of this noisy machine; each starts once the
+    // machine has gone quiet after the one before (settle), and the order turns from round to round.
     for (let rep = 0; rep < reps; rep++) {
-      for (const s of plan) {
-        const run = await attempt(memstressVm(`${label(s)}-${rep}`, mem, config).then((src) =>
-          migrate(src, { mode: 'precopy', codecs: s.codecs, compression: 'auto', downtimeMs: DOWNTIME_BUDGET_MS }, s.link ? GBIT : undefined)));
+      for (const s of plan.map((_, i) => plan[(i + rep) % plan.length])) {
+        const run = await attempt(memstressVm(`${label(s)}-${rep}`, mem, config).then(async (src) => {
+          await settle();
+          return migrate(src, { mode: 'precopy', codecs: s.codecs, compression: 'auto', downtimeMs: DOWNTIME_BUDGET_MS }, s.link ? GBIT : undefined);
+        }));
         if (v.check(ctx, label(s), run)) runs.get(label(s))!.push(run);
       }
     }
