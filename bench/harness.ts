@@ -56,6 +56,11 @@ export function settle(ms = 600): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
+/** `xs` begun at index `k` (mod its length): the order of an interleaved comparison's round `k`, so no entry always comes first or right after the same other. */
+export function rotated<T>(xs: readonly T[], k: number): T[] {
+  return xs.map((_, i) => xs[(i + k) % xs.length]);
+}
+
 export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const n = s.length;

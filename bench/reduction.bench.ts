@@ -26,7 +26,7 @@
  * The destination runs in a child process (bench/destination-host.ts) that serves every connection
  * through one MigrationAcceptor (JOINs of parallel streams, gang members).
  */
-import { median, section, settle, type BenchContext, type BenchSuite } from './harness.js';
+import { median, rotated, section, settle, type BenchContext, type BenchSuite } from './harness.js';
 import { DestinationProcess, memstressVm, type LinkInit } from './destination-host.js';
 import type { DestinationOutcome } from '../src/core/engine/destination.js';
 import { Gang, type CodecName } from '../src/core/engine/codecs.js';
@@ -147,7 +147,7 @@ async function wholeMigrations(ctx: BenchContext, mem: number, reps: number, v: 
     // Interleaved: every set sees the same moments of this noisy machine; each starts once the
     // machine has gone quiet after the one before (settle), and the order turns from round to round.
     for (let rep = 0; rep < reps; rep++) {
-      for (const s of plan.map((_, i) => plan[(i + rep) % plan.length])) {
+      for (const s of rotated(plan, rep)) {
         const run = await attempt(memstressVm(`${label(s)}-${rep}`, mem, config).then(async (src) => {
           await settle();
           return migrate(src, { mode: 'precopy', codecs: s.codecs, compression: 'auto', downtimeMs: DOWNTIME_BUDGET_MS }, s.link ? GBIT : undefined);
@@ -256,7 +256,7 @@ async function parallelStreams(ctx: BenchContext, mem: number, reps: number, v: 
     let last: Run | undefined;
     // Interleaved: every stream count sees the same moments of this noisy machine.
     for (let rep = -1; rep < reps; rep++) {
-      const order = rep < 0 ? [1] : STREAMS.map((_, i) => STREAMS[(i + rep) % STREAMS.length]);
+      const order = rep < 0 ? [1] : rotated(STREAMS, rep);
       for (const n of order) {
         const label = `streams-${n}.${set.name}`;
         const run = await attempt(memstressVm(`${label}-${rep}`, mem, 'rate=1').then(async (src) => {
