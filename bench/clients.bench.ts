@@ -10,7 +10,7 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { median, type BenchContext, type BenchSuite } from './harness.js';
+import { median, settle, type BenchContext, type BenchSuite } from './harness.js';
 import { KvClient } from '../src/node/kv-client.js';
 import { migrateVia, startHostProcesses, type HostProcess } from '../src/node/host-process.js';
 
@@ -63,12 +63,12 @@ const suite: BenchSuite = {
       // migration's window below (its TMT and the 200 ms catch-up): what a stall is measured against.
       const quiet: number[] = [];
       for (let r = 0; r < reps; r++) {
-        await new Promise((res) => setTimeout(res, 300));
+        await settle(300);
         client.maxStallMs = 0;
         await new Promise((res) => setTimeout(res, QUIET_WINDOW_MS));
         quiet.push(client.maxStallMs);
         for (const p of plan) {
-          await new Promise((res) => setTimeout(res, 300));
+          await settle(300);
           client.maxStallMs = 0;
           const job = await migrateVia(p.from, { vm: 'kv', to: p.to.url, ...p.body });
           if (job.status !== 'succeeded') throw new Error(`${p.label} migration ${job.status}: ${job.error?.message ?? ''}`);
