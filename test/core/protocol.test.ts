@@ -624,17 +624,18 @@ test('recycle: a big PAGES frame given back is reused for the next one, which st
   assert.deepEqual(e.pages[39].data, page(4 + 39));
 });
 
-test('RUN: a stream decodes the same through readTarget and a run sink, byte by byte or at once; in-place extents land in guest memory', () => {
+test('RUN: a stream decodes the same through readTarget and a run sink, byte by byte or at once; in-place extents land in guest memory; short ones are read with what follows', () => {
   const P = 4096;
+  const run2 = concat(Array.from({ length: 9 }, (_, k) => page(4 + k)));
   const runs: Frame[] = [
     { type: 'PAGES', seq: 1, demand: false, pages: [{ index: 3, encoding: Encoding.RAW, data: page(30) }] },
     { type: 'RUN', seq: 1, extents: [{ first: 2, count: 2, data: concat([page(1), page(2)]) }, { first: 9, count: 1, data: page(3) }] },
     { type: 'ROUND_END', round: 1, pages: 4, dirty: 0 },
-    { type: 'RUN', seq: 2, extents: [{ first: 5, count: 3, data: concat([page(4), page(5), page(6)]) }] },
+    { type: 'RUN', seq: 2, extents: [{ first: 16, count: 9, data: run2 }] },
   ];
   const stream = concat(runs.map((f) => encodeFrame(f)));
   for (const step of [1, 7, 4096, 5000, stream.length]) {
-    const guest = new Uint8Array(16 * P);
+    const guest = new Uint8Array(32 * P);
     const d = new FrameDecoder();
     const asked: number[] = [];
     d.setRunSink((first, count) => {
@@ -649,7 +650,12 @@ test('RUN: a stream decodes the same through readTarget and a run sink, byte by 
       const into = t ?? scratch;
       const n = Math.min(step, into.length, stream.length - pos);
       into.set(stream.subarray(pos, pos + n));
-      if (t) targets++;
+      if (t) {
+        targets++;
+        // Guest memory is offered for run 2's extent (36 KiB), not for run 1's first (8 KiB, read with what follows).
+        if (t.buffer === guest.buffer) assert.ok(t.byteOffset >= 16 * P && t.byteOffset + t.length <= 25 * P, `step ${step}: a target inside run 2`);
+        if (t.buffer === guest.buffer) assert.ok(t.length >= 32 * 1024 || t.byteOffset + t.length === 25 * P, `step ${step}: a target of ${t.length} bytes`);
+      }
       out.push(...d.push(into.subarray(0, n), true));
       pos += n;
     }
@@ -670,8 +676,8 @@ test('RUN: a stream decodes the same through readTarget and a run sink, byte by 
     // Run 2 follows ROUND_END, which carries no pages: the sink is asked even in the same push
     // (unless run 1 came in that push too). Read into targets, run 1 ends a push of its own.
     assert.equal(r2.extents[0].inPlace, together ? undefined : true);
-    assert.deepEqual(r2.extents[0].data, concat([page(4), page(5), page(6)]));
-    if (r2.extents[0].inPlace) assert.deepEqual(guest.subarray(5 * P, 8 * P), concat([page(4), page(5), page(6)]), `step ${step}: run 2 is in guest memory`);
+    assert.deepEqual(r2.extents[0].data, run2);
+    if (r2.extents[0].inPlace) assert.deepEqual(guest.subarray(16 * P, 25 * P), run2, `step ${step}: run 2 is in guest memory`);
     if (r1.extents[0].inPlace) assert.deepEqual(guest.subarray(2 * P, 4 * P), concat([page(1), page(2)]));
     else assert.deepEqual(guest.subarray(2 * P, 4 * P), new Uint8Array(2 * P));
     assert.deepEqual(guest.subarray(9 * P, 10 * P), new Uint8Array(P), 'the extent the sink declined is not in guest memory');

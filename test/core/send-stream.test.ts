@@ -129,3 +129,34 @@ test('send stream: the next batch starts afresh, in order again', async () => {
   const frames = await received;
   assert.deepEqual(frames.map((f) => (f.type === 'RUN' ? [f.seq, f.extents.map((e) => [e.first, e.count])] : f.type)), [[1, [[1, 1], [9, 1]]], [2, [[40, 5]]]]);
 });
+
+test('send stream: short extents are copied together into one write; long ones go from guest memory as they are', async () => {
+  for (const views of [true, false]) {
+    const [a, b] = memoryPair();
+    const received = framesOf(b);
+    const { vm } = vmWith(64, new Set());
+    if (!views) delete (vm as { pagesView?: unknown }).pagesView;
+    const writes: Uint8Array[] = [];
+    const write = a.write.bind(a);
+    a.write = (bytes) => {
+      writes.push(bytes);
+      return write(bytes);
+    };
+    const s = new SendStream(new FramedConnection(a), null, vm, 64, () => 0);
+    for (const p of [1, 3, 5]) s.add(p);
+    s.addRun(10, 10); // 10 pages: long enough to go as it is
+    s.addRun(30, 2);
+    s.add(40);
+    await s.flush(3);
+    await s.drain();
+    await a.close();
+    const frames = await received;
+    assert.deepEqual(extentsOf(frames), [[1, 1], [3, 1], [5, 1], [10, 10], [30, 2], [40, 1]]);
+    assert.deepEqual(runPages(frames), [1, 3, 5, ...Array.from({ length: 10 }, (_, k) => 10 + k), 30, 31, 40]);
+    // The head, then one write per stretch of short extents and one per long extent (without
+    // views, every extent is copied: one write for all of them).
+    const guest = vm.pagesView?.(0, 1).buffer;
+    assert.deepEqual(writes.map((w) => w.length), views ? [writes[0].length, 3 * PAGE_SIZE, 10 * PAGE_SIZE, 3 * PAGE_SIZE] : [writes[0].length, 16 * PAGE_SIZE]);
+    if (views) assert.deepEqual(writes.map((w) => w.buffer === guest), [false, false, true, false], 'only the long extent is a view of guest memory');
+  }
+});

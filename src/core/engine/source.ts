@@ -42,6 +42,14 @@ const TURN_EVERY_MS = 2;
 const FAULT_THREAD_OPEN_MS = 3000;
 
 /**
+ * RUN extents shorter than this many pages are copied, each stretch of them into one buffer,
+ * rather than written from guest memory as they are: each write is a system call (or a message to
+ * the stream's sender thread, and its call), about 5-8 µs here against about 0.5 µs to copy a
+ * page. A final round of ~120 scattered pages went as ~120 writes per stream.
+ */
+const GATHER_BELOW_PAGES = 8;
+
+/**
  * One connection that carries pages. It batches the pages routed to it and keeps one write in
  * flight, so the streams' writes overlap instead of taking turns.
  *
@@ -197,13 +205,25 @@ export class SendStream {
     const out: Uint8Array[] = [];
     if (extents.length > 0) {
       out.push(encodeRunHead(seq, extents, PAGE_SIZE));
-      for (const e of extents) {
-        if (vm.pagesView) out.push(vm.pagesView(e.first, e.count));
-        else {
-          const b = new Uint8Array(e.count * PAGE_SIZE);
-          for (let k = 0; k < e.count; k++) vm.readPage(e.first + k, b, k * PAGE_SIZE);
-          out.push(b);
+      const view = vm.pagesView?.bind(vm);
+      for (let i = 0; i < extents.length;) {
+        if (view && extents[i].count >= GATHER_BELOW_PAGES) {
+          out.push(view(extents[i].first, extents[i].count));
+          i++;
+          continue;
         }
+        // A stretch of short extents (every extent, for a VM without views): copied into one buffer.
+        let j = i;
+        let pages = 0;
+        while (j < extents.length && !(view && extents[j].count >= GATHER_BELOW_PAGES)) pages += extents[j++].count;
+        const b = new Uint8Array(new SharedArrayBuffer(pages * PAGE_SIZE));
+        for (let at = 0; i < j; i++) {
+          const e = extents[i];
+          if (view) b.set(view(e.first, e.count), at);
+          else for (let k = 0; k < e.count; k++) vm.readPage(e.first + k, b, at + k * PAGE_SIZE);
+          at += e.count * PAGE_SIZE;
+        }
+        out.push(b);
       }
     }
     if (zeroCount > 0) out.push(encodeZeroPages(seq, false, this.zeros, zeroCount));

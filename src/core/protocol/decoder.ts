@@ -63,6 +63,14 @@ export type FrameDecoderLimits = Readonly<Required<Omit<FrameDecoderInit, 'encod
 const FIRST_PAYLOAD_BYTES = 64 * 1024;
 /** Recycled payload buffers a decoder keeps at most. */
 const SPARE_PAYLOADS = 4;
+/**
+ * readTarget offers a RUN extent's place only for this much of it or more, or for its last
+ * extent: a read ends where its target does, so scattered pages read in place took a read each (a
+ * system call and a turn of the event loop). The rest come with the extents after them, in the
+ * connection's own buffer, and are copied. The last extent's read still ends with the RUN, so the
+ * next RUN starts in a read of its own and its run sink is asked (enterExtent).
+ */
+const DIRECT_READ_MIN_BYTES = 32 * 1024;
 
 function fail(code: string, message: string, cause?: unknown): never {
   throw new ProtocolError(code, message, cause === undefined ? undefined : { cause });
@@ -294,7 +302,7 @@ export class FrameDecoder {
    * Where the next bytes of the stream should be put to be taken without a copy (bring your own
    * buffer): the rest of the payload being assembled, or of the RUN extent being received (guest
    * memory, when the run sink named it). Null when the decoder has no such place (between frames,
-   * in a small head, before a payload's buffer exists). Bytes read into it are then pushed as a
+   * in a small head, before a payload's buffer exists, in the short rest of an extent). Bytes read into it are then pushed as a
    * view of it, and {@link push} sees they are in place. Valid until the next push.
    */
   readTarget(): Uint8Array | null {
@@ -305,7 +313,9 @@ export class FrameDecoder {
     }
     if (this.state === State.RunBody) {
       const e = this.runExtents[this.runK];
-      return e.dest!.subarray(e.have);
+      // The short rest of an extent is read with the extents after it and copied (see DIRECT_READ_MIN_BYTES).
+      const last = this.runK === this.runExtents.length - 1;
+      return last || e.dest!.length - e.have >= DIRECT_READ_MIN_BYTES ? e.dest!.subarray(e.have) : null;
     }
     return null;
   }
