@@ -106,6 +106,58 @@ test('PageHashQueue: ranges whose thread is gone are hashed on this thread, in o
   assert.deepEqual([...q.out], expected(memory, pages));
 });
 
+test('PageHashQueue: settled() hashes what its thread has not begun while that thread is busy with other work', async (t) => {
+  const hasher = hasherFor(t, 1);
+  const pages = 300;
+  const memory = memoryWithPages(pages, true);
+  const q = hasher.queue(memory, BASE, pages);
+  // The queue's one thread takes a hash job of 1 GiB (it runs jobs between ranges): busy for a while.
+  const big = new WebAssembly.Memory({ initial: 16384, maximum: 16384, shared: true });
+  let bigDone = false;
+  const busy = hasher.hash(big, 0, (1 << 30) / PAGE_SIZE).then(() => { bigDone = true; });
+  await new Promise((r) => setTimeout(r, 5));
+  const u8 = new Uint8Array(memory.buffer);
+  for (let p = 0; p < pages; p += 3) q.add(p);
+  await Promise.resolve();
+  for (let p = 0; p < pages; p++) {
+    if (p % 5 === 0) u8.fill(p, BASE + p * PAGE_SIZE, BASE + (p + 1) * PAGE_SIZE); // changed after its first queueing
+    q.add(p);
+  }
+  await q.settled();
+  assert.equal(bigDone, false, 'settled without waiting for the thread to finish its job');
+  assert.deepEqual([...q.out], expected(memory, pages));
+  await busy;
+  q.close();
+});
+
+test('PageHashQueue: the thread and settled() taking ranges in turn leave every page with its last content\'s hash', async (t) => {
+  const hasher = hasherFor(t, 1);
+  const pages = 512;
+  const memory = memoryWithPages(pages, true);
+  const q = hasher.queue(memory, BASE, pages);
+  q.hurry(); // the thread is woken for every range: it and settled() race for them
+  const u8 = new Uint8Array(memory.buffer);
+  let seed = 7;
+  const rand = (n: number) => (seed = (seed * 1103515245 + 12345) >>> 0) % n;
+  for (let p = 0; p < pages; p++) q.add(p);
+  for (let step = 0; step < 300; step++) {
+    for (let k = rand(40); k > 0; k--) {
+      const p = rand(pages);
+      const n = 1 + rand(Math.min(8, pages - p));
+      u8.fill(step, BASE + p * PAGE_SIZE + rand(PAGE_SIZE), BASE + (p + n) * PAGE_SIZE);
+      q.addRange(p, n);
+    }
+    if (rand(3) === 0) await Promise.resolve(); // some flushed apart
+    if (rand(4) === 0) {
+      await q.settled();
+      assert.deepEqual([...q.out], expected(memory, pages), `step ${step}`);
+    }
+  }
+  await q.settled();
+  q.close();
+  assert.deepEqual([...q.out], expected(memory, pages));
+});
+
 test('PageHashQueue: more separate ranges than its ring holds, and pages of memory grown meanwhile, all end with their hash', async (t) => {
   const hasher = hasherFor(t, 1);
   // Memory that grows (as a destination's does when the guest grew): pages beyond its first size are queued later.

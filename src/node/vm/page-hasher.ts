@@ -43,9 +43,16 @@ interface QueueJob {
  * range, its SharedArrayBuffers cloned every time, cost the receiving engine 25-30 ms of its
  * thread per 256 MiB migration). Int32 slots: WRITE (ranges put in), DONE (ranges hashed),
  * CLOSED (no more ranges), ABANDONED (stop now: the pool is closing), CALLER_WAITS (the caller
- * waits for DONE, so the thread wakes it); then CAPACITY entries of (first page, page count).
+ * waits for DONE, so the thread wakes it), CLAIM (ranges taken: the next to hash is CLAIM's, and
+ * the thread is hashing one while CLAIM > DONE); then CAPACITY entries of (first page, page count).
+ *
+ * Ranges are hashed in order, each by whoever claims it (compare-and-swap on CLAIM): the thread,
+ * or the caller waiting in settled() while the thread is between ranges (asleep, or not yet
+ * scheduled: on a busy machine its wake-up took up to several ms of a migration's downtime). The
+ * caller claims only when no range is being hashed, and then every range left, so a page queued
+ * again is never hashed by one side after the other hashed its newer queueing.
  */
-const RING = { WRITE: 0, DONE: 1, CLOSED: 2, ABANDONED: 3, CALLER_WAITS: 4, HEADER: 8, CAPACITY: 4096 } as const;
+const RING = { WRITE: 0, DONE: 1, CLOSED: 2, ABANDONED: 3, CALLER_WAITS: 4, CLAIM: 5, HEADER: 8, CAPACITY: 4096 } as const;
 /**
  * Each thread's doorbell: SEQ is bumped to wake it, WAITS says it is about to sleep on SEQ. A
  * thread serving rings sleeps in Atomics.wait (a futex: waking it costs the caller a few µs,
@@ -57,6 +64,12 @@ const BELL = { SEQ: 0, WAITS: 1, SLOTS: 2 } as const;
  * once): pages arrive in smaller runs than this.
  */
 const WAKE_PAGES = 2048;
+
+/**
+ * Most pages settled() hashes on the caller's thread when the ring's thread is between ranges
+ * (16 MiB, 1-3 ms here): more is left to the thread, so the caller's event loop is not held long.
+ */
+const TAKE_MAX_PAGES = 4096;
 
 /** Tells a thread to end (PageHasher.close). */
 interface Exit {
@@ -231,10 +244,14 @@ interface Served {
 function serveSome(r: Served): boolean {
   const { ctl, entries } = r;
   let did = false;
-  for (let d = Atomics.load(ctl, RING.DONE); d < Atomics.load(ctl, RING.WRITE); d++) {
+  for (;;) {
     if (Atomics.load(ctl, RING.ABANDONED) !== 0) throw new Error('abandoned: the pool is closing');
+    const d = Atomics.load(ctl, RING.CLAIM);
+    if (d >= Atomics.load(ctl, RING.WRITE)) break;
+    // Read before claiming: once claimed, the entry's slot may take a new range.
     const i = (d % RING.CAPACITY) * 2;
     const [from, to] = [entries[i], entries[i] + entries[i + 1]];
+    if (Atomics.compareExchange(ctl, RING.CLAIM, d, d + 1) !== d) continue; // the caller took the rest
     if (r.job.base + to * PAGE_SIZE > r.buf.byteLength) r.buf = r.job.memory.buffer; // it grew
     hashPageRange(r.buf, r.job.base, from, to, r.out);
     Atomics.store(ctl, RING.DONE, d + 1);
@@ -365,13 +382,17 @@ export class PageHashQueue {
     }
   }
 
-  /** Resolves once every page queued so far is hashed. */
+  /**
+   * Resolves once every page queued so far is hashed. Whatever the thread has not begun when it is
+   * between ranges is hashed here, at once (see RING).
+   */
   async settled(): Promise<void> {
     this.flush();
     for (;;) {
       const ctl = this.ctl;
       if (!ctl) return; // hashed here, in order, as they came
       this.refill(true);
+      if (this.takeRest(ctl)) continue; // the ring may have room for more now
       Atomics.store(ctl, RING.CALLER_WAITS, 1);
       const done = Atomics.load(ctl, RING.DONE);
       if (done >= this.written && this.overflow.length === 0) {
@@ -383,6 +404,28 @@ export class PageHashQueue {
       if (r.async) await Promise.race([r.value, this.serving]);
       Atomics.store(ctl, RING.CALLER_WAITS, 0);
     }
+  }
+
+  /**
+   * Claims and hashes every range in the ring, if the thread is hashing none (CLAIM = DONE; a
+   * range it is hashing is waited for, so ranges stay in order) and they hold at most
+   * TAKE_MAX_PAGES. True if it took them.
+   */
+  private takeRest(ctl: Int32Array): boolean {
+    const claim = Atomics.load(ctl, RING.DONE);
+    if (claim >= this.written || Atomics.load(ctl, RING.CLAIM) !== claim) return false;
+    const entries = this.entries!;
+    let pages = 0;
+    for (let d = claim; d < this.written && pages <= TAKE_MAX_PAGES; d++) pages += entries[(d % RING.CAPACITY) * 2 + 1];
+    if (pages > TAKE_MAX_PAGES) return false;
+    if (Atomics.compareExchange(ctl, RING.CLAIM, claim, this.written) !== claim) return false;
+    const buf = this.memory.buffer;
+    for (let d = claim; d < this.written; d++) {
+      const i = (d % RING.CAPACITY) * 2;
+      hashPageRange(buf, this.base, entries[i], entries[i] + entries[i + 1], this.out);
+    }
+    Atomics.store(ctl, RING.DONE, this.written);
+    return true;
   }
 
   /**
