@@ -183,6 +183,8 @@ export type MigrationEvent =
   | { type: 'resumed'; t: number }
   /** SWITCHOVER written, and every page and the state before it: what the source had to send is on its way. */
   | { type: 'switchover-sent'; t: number }
+  /** Pre-copy ended for a stop-and-copy: the downtime its stop policy estimated then (eq. (2) + the fixed part). */
+  | { type: 'stop-decision'; t: number; estimatedDowntimeMs: number }
   | { type: 'fault'; t: number; page: number; latencyMs: number }
   | { type: 'fault-waits'; t: number; waits: HistogramSummary }
   | { type: 'source-released'; t: number }
@@ -234,6 +236,13 @@ export interface MigrationReport {
    * switchover-sent event.
    */
   downtimeParts: { sourceMs: number; destinationMs: number } | null;
+  /**
+   * The downtime pre-copy's stop policy estimated when it ended pre-copy for a stop-and-copy: eq. (2)
+   * over the pages dirty then, at the last round's rate, plus the fixed part it was given
+   * (`fixedDowntimeMs`). Beside downtimeMs, how far the model is off. Null when no stop-and-copy
+   * followed (post-copy; hybrid that switched to post-copy).
+   */
+  estimatedDowntimeMs: number | null;
   /** Longest service gap a client saw during the migration (null if no client probe). */
   clientDowntimeMs: number | null;
   /** start → paused. */
@@ -337,6 +346,7 @@ export class MigrationReportBuilder {
     let clientGap: number | null = null;
     let maxThrottle = 0;
     let verified: boolean | null = null;
+    let estimatedDowntimeMs: number | null = null;
     const progress: { t: number; work: number }[] = [];
 
     for (const e of ev) {
@@ -387,6 +397,10 @@ export class MigrationReportBuilder {
         case 'verified':
           verified = (verified ?? true) && e.ok;
           break;
+        case 'stop-decision':
+          // Infinite when the bandwidth was unknown (a policy stopped on another condition).
+          estimatedDowntimeMs = Number.isFinite(e.estimatedDowntimeMs) ? e.estimatedDowntimeMs : null;
+          break;
         default:
           break;
       }
@@ -412,6 +426,7 @@ export class MigrationReportBuilder {
       totalMigrationTimeMs: span(start, complete),
       downtimeMs: span(paused, resumed),
       downtimeParts: sentAll === null ? null : { sourceMs: sentAll - paused!, destinationMs: resumed! - sentAll },
+      estimatedDowntimeMs,
       clientDowntimeMs: clientGap,
       preparationTimeMs: span(start, paused),
       resumeTimeMs: span(resumed, complete),
@@ -480,6 +495,7 @@ export function formatReportTable(r: MigrationReport): string {
     ['memory', r.guestBytes === r.memoryBytes ? formatBytes(r.memoryBytes) : `${formatBytes(r.memoryBytes)} (${formatBytes(r.guestBytes)} in use at the start)`],
     ['total migration time', ms(r.totalMigrationTimeMs)],
     ['downtime', r.downtimeParts ? `${ms(r.downtimeMs)} (the source sending ${ms(r.downtimeParts.sourceMs)}, then the destination ${ms(r.downtimeParts.destinationMs)})` : ms(r.downtimeMs)],
+    ['estimated downtime', r.estimatedDowntimeMs === null ? '—' : `${ms(r.estimatedDowntimeMs)} (the stop policy's, when pre-copy stopped)`],
     ['client-observed downtime', ms(r.clientDowntimeMs)],
     ['preparation time', ms(r.preparationTimeMs)],
     ['resume time', ms(r.resumeTimeMs)],

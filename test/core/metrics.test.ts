@@ -101,6 +101,11 @@ test('pre-copy report: phases, rounds, pages by kind, dirty rate, degradation, c
   assert.equal(r.verified, true);
   assert.equal(r.postcopy.faults, 0);
   assert.equal(r.downtimeParts, null, 'no switchover-sent event: no split');
+  assert.equal(r.estimatedDowntimeMs, null, 'no stop decision: no estimate');
+  assert.match(formatReportTable(r), /estimated downtime\s+—\n/);
+  const est = (e: number) => new MigrationReportBuilder({ technique: 'precopy', memoryBytes: 4096 }).add({ type: 'stop-decision', t: 3, estimatedDowntimeMs: e }).build().estimatedDowntimeMs;
+  assert.equal(est(4.5), 4.5);
+  assert.equal(est(Number.POSITIVE_INFINITY), null, 'an estimate without a bandwidth is none');
   const table = formatReportTable(r);
   assert.match(table, /downtime\s+5\.00 ms\n/);
   assert.match(table, /rounds\s+2/);

@@ -836,3 +836,28 @@ test('pre-copy progress: the first pass shows the dirty rate it has counted so f
   const last = counted[counted.length - 1].dirtyRateBytesPerSec;
   assert.ok(last > atEnd / 2 && last < atEnd * 2, `late in the pass ${(last / 1e6).toFixed(1)} MB/s, at its end ${(atEnd / 1e6).toFixed(1)} MB/s`);
 });
+
+test('pre-copy: the fixed part of the downtime counts in the stop decision, and the report says what the policy estimated', async (t) => {
+  // A guest that keeps its 1 MiB working set dirty: the dirty pages alone fit the default 300 ms
+  // budget at once; with a fixed part above the budget, no round can, and pre-copy runs to its limit.
+  const runs: MigrationResult[] = [];
+  for (const fixedDowntimeMs of [undefined, 1000]) {
+    const src = await source('wss=1MiB rate=1000000');
+    const made: Vm[] = [];
+    t.after(() => stopAll(src, made));
+    const [a, b] = memoryPair();
+    const dest = serveDestination(b, factory(made), deps);
+    dest.catch(() => undefined); // a failure fails the source below
+    runs.push(await migrateSource(a, sourceVmOf(src), deps, { mode: 'precopy', baselineMs: 0, maxRounds: 3, ...(fixedDowntimeMs !== undefined ? { fixedDowntimeMs } : {}) }));
+    await dest;
+  }
+  const [plain, fixed] = runs;
+  assert.equal(plain.stopReason, 'converged');
+  assert.equal(plain.report.rounds.length, 1);
+  assert.ok(plain.report.estimatedDowntimeMs! > 0 && plain.report.estimatedDowntimeMs! <= 300, `estimated ${plain.report.estimatedDowntimeMs}`);
+  assert.match(formatReportTable(plain.report), /estimated downtime\s+\d+(\.\d+)? (ms|µs) \(the stop policy's, when pre-copy stopped\)/);
+  assert.equal(fixed.stopReason, 'round-limit');
+  assert.equal(fixed.report.rounds.length, 3);
+  assert.ok(fixed.report.estimatedDowntimeMs! > 1000, `estimated ${fixed.report.estimatedDowntimeMs}`);
+  for (const r of runs) assert.equal(r.report.verified, true);
+});

@@ -180,7 +180,8 @@ test('migrations API: bodies are validated and errors named', async () => {
     await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '16MiB' });
     const post = (body: unknown) => http(`${a.url}/v1/migrations`, 'POST', body);
     for (const body of [{}, { vm: 'kv', to: b.url }, { vm: 'kv', to: b.url, mode: 'teleport' }, { vm: 'kv', to: b.url, mode: 'precopy', extra: 1 },
-      { vm: 'kv', to: b.url, mode: 'precopy', downtimeMs: -5 }, { vm: '../kv', to: b.url, mode: 'precopy' }, { vm: 'kv', to: '', mode: 'precopy' }]) {
+      { vm: 'kv', to: b.url, mode: 'precopy', downtimeMs: -5 }, { vm: 'kv', to: b.url, mode: 'precopy', fixedDowntimeMs: -1 }, { vm: 'kv', to: b.url, mode: 'precopy', fixedDowntimeMs: '3ms' },
+      { vm: '../kv', to: b.url, mode: 'precopy' }, { vm: 'kv', to: '', mode: 'precopy' }]) {
       const r = await post(body);
       assert.equal(r.status, 400, JSON.stringify(body));
       assert.equal(r.json.error.code, 'ERR_INVALID_BODY', JSON.stringify(body));

@@ -58,11 +58,13 @@ test('ferry host start ×2, ferry host boot kv on a, ferry migrate --json → b 
     await Promise.all(Array.from({ length: 1000 }, (_, i) => client.set(`k${i}`, `v${i}`)));
 
     // --host given, --to a control URL.
-    const out = await ferry(['migrate', 'kv', '--to', b.started.control, '--mode', 'precopy', '--downtime', '300ms', '--json', '--host', a.started.control, ...state]);
+    const out = await ferry(['migrate', 'kv', '--to', b.started.control, '--mode', 'precopy', '--downtime', '300ms', '--fixed-downtime', '250ms', '--json', '--host', a.started.control, ...state]);
     assert.equal(out.code, 0, out.stderr);
     const job = JSON.parse(out.stdout);
     assert.equal(job.status, 'succeeded');
     assert.equal(job.report.verified, true);
+    // The fixed part reached the stop policy: its estimate holds it.
+    assert.ok(job.report.estimatedDowntimeMs >= 250 && job.report.estimatedDowntimeMs <= 300, `estimated ${job.report.estimatedDowntimeMs}`);
     assert.equal(job.report.technique.length > 0, true);
     for (let i = 0; i < 1000; i += 97) assert.equal(await client.get(`k${i}`), `v${i}`);
 
@@ -91,6 +93,7 @@ test('ferry migrate and host start refuse bad flags with exit 2; --help works fo
     ['migrate', 'kv', '--to', 'b'],
     ['migrate', 'kv', '--to', 'b', '--mode', 'teleport'],
     ['migrate', 'kv', '--to', 'b', '--mode', 'precopy', '--downtime', 'soon'],
+    ['migrate', 'kv', '--to', 'b', '--mode', 'precopy', '--fixed-downtime', '-2ms'],
     ['migrate', 'kv', '--to', 'b', '--mode', 'precopy', '--bandwidth', 'fast'],
     ['migrate', 'kv', '--to', 'b', '--mode', 'precopy', '--host', 'a'],
     ['migrate', '--to', 'b', '--mode', 'precopy'],
@@ -113,7 +116,7 @@ test('ferry migrate and host start refuse bad flags with exit 2; --help works fo
     assert.match(r.stdout, /Usage: ferry/);
   }
   const help = await ferry(['migrate', '--help']);
-  for (const flag of ['--to', '--mode', '--downtime', '--bandwidth', '--codecs', '--streams', '--compression', '--xbzrle-cache', '--no-fault-channel', '--gang', '--json']) assert.match(help.stdout, new RegExp(flag));
+  for (const flag of ['--to', '--mode', '--downtime', '--fixed-downtime', '--bandwidth', '--codecs', '--streams', '--compression', '--xbzrle-cache', '--no-fault-channel', '--gang', '--json']) assert.match(help.stdout, new RegExp(flag));
   assert.match(help.stdout, /<vm\.\.\.>/);
 });
 

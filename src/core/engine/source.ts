@@ -653,7 +653,7 @@ class SourceSession {
   private async precopy(softAtStart: Promise<Bitmap>): Promise<{ dirty: Bitmap; sentEver: Bitmap; postcopy: boolean }> {
     this.phase = 'precopy';
     // Unset options keep the policies' own defaults (PRECOPY_DEFAULTS, the hybrid policy's).
-    const stopOpts = { downtimeBudgetMs: this.opts.downtimeMs, maxRounds: this.opts.maxRounds, maxSentRatio: this.opts.maxSentRatio };
+    const stopOpts = { downtimeBudgetMs: this.opts.downtimeMs, maxRounds: this.opts.maxRounds, maxSentRatio: this.opts.maxSentRatio, fixedDowntimeMs: this.opts.fixedDowntimeMs };
     const stopPolicy = new PrecopyStopPolicy(stopOpts);
     const hybrid = this.opts.mode === 'hybrid' ? new HybridSwitchPolicy({ ...stopOpts, maxPrecopyRounds: this.opts.hybridRounds }) : null;
     this.policy = hybrid ?? stopPolicy;
@@ -710,12 +710,14 @@ class SourceSession {
         const d = hybrid.decide(stats);
         if (d.action !== 'continue-precopy') {
           this.stopReason = d.reason;
+          if (d.action === 'stop-and-copy') this.stopDecision(d.precopy.estimatedDowntimeMs);
           return { dirty, sentEver, postcopy: d.action === 'switch-to-postcopy' };
         }
       } else {
         const d = stopPolicy.decide(stats);
         if (d.stop) {
           this.stopReason = d.reason;
+          this.stopDecision(d.estimatedDowntimeMs);
           return { dirty, sentEver, postcopy: false };
         }
       }
@@ -726,6 +728,11 @@ class SourceSession {
       }
       toSend = dirty;
     }
+  }
+
+  /** Pre-copy ends for a stop-and-copy: what its policy estimated the downtime to be, for the report. */
+  private stopDecision(estimatedDowntimeMs: number): void {
+    this.event({ type: 'stop-decision', t: this.now(), estimatedDowntimeMs });
   }
 
   private async pause(): Promise<void> {

@@ -236,6 +236,13 @@ export interface MigrationOptions {
   mode: MigrationMode;
   /** Downtime budget for pre-copy's stop condition, ms. Default 300. */
   downtimeMs?: number;
+  /**
+   * The downtime's fixed part, ms, which pre-copy's stop condition adds to eq. (2) (the dirty pages
+   * over the bandwidth): the CPU and device state, round trips, the destination starting the VM.
+   * Default 0, the survey's condition. The report's estimatedDowntimeMs beside downtimeMs shows
+   * what the model missed.
+   */
+  fixedDowntimeMs?: number;
   /** Most pre-copy rounds. Default 30. */
   maxRounds?: number;
   /** Stop pre-copy once this × memory has been sent. Default 3. */

@@ -176,12 +176,12 @@ class SimMigration {
         const d = this.precopy.decide(stats);
         if (!d.stop) return this.round(i + 1, set.pages);
         this.stopReason = d.reason;
-        return this.stopAndCopy(t, set);
+        return this.stopAndCopy(t, set, d.estimatedDowntimeMs);
       }
       const h = this.hybrid!.decide(stats);
       this.stopReason = h.reason;
       if (h.action === 'continue-precopy') return this.round(i + 1, set.pages);
-      if (h.action === 'stop-and-copy') return this.stopAndCopy(t, set);
+      if (h.action === 'stop-and-copy') return this.stopAndCopy(t, set, h.precopy.estimatedDowntimeMs);
       const all = this.lateDirty(t, set);
       this.enterPostcopy(t, all.bitmap, all.pages, false);
     };
@@ -202,7 +202,8 @@ class SimMigration {
     return { pages: set.pages + late.pages, bitmap: null };
   }
 
-  private stopAndCopy(t: number, harvested: DirtySet): void {
+  private stopAndCopy(t: number, harvested: DirtySet, estimatedDowntimeMs: number): void {
+    this.report.add({ type: 'stop-decision', t, estimatedDowntimeMs });
     const set = this.lateDirty(t, harvested);
     this.report.add({ type: 'paused', t });
     this.speed = 0;

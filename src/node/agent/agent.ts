@@ -171,6 +171,8 @@ export interface MigrationRequest {
   to: string;
   mode: MigrationMode;
   downtimeMs?: number;
+  /** The downtime's fixed part pre-copy's stop condition adds to eq. (2), ms (default 0; MigrationOptions.fixedDowntimeMs). */
+  fixedDowntimeMs?: number;
   /** Cap on the migration stream, e.g. "1Gbit". */
   bandwidth?: string;
   maxRounds?: number;
@@ -950,6 +952,7 @@ export class HostAgent extends EventEmitter {
       const result = await migrateSource(conn, source, this.deps, {
         mode: req.mode, signal, onProgress: (p) => job.onProgress(p), connect,
         ...(req.downtimeMs !== undefined ? { downtimeMs: req.downtimeMs } : {}),
+        ...(req.fixedDowntimeMs !== undefined ? { fixedDowntimeMs: req.fixedDowntimeMs } : {}),
         ...(req.maxRounds !== undefined ? { maxRounds: req.maxRounds } : {}),
         ...(req.autoConverge !== undefined ? { autoConverge: req.autoConverge } : {}),
         ...(transfer.codecs.length > 0 ? { codecs: transfer.codecs } : {}),
@@ -1079,6 +1082,7 @@ const migrationBody = z.object({
   to: z.string().min(1).max(512),
   mode: z.enum(MIGRATION_MODES as [MigrationMode, ...MigrationMode[]]),
   downtimeMs: z.number().positive().max(3_600_000).optional(),
+  fixedDowntimeMs: z.number().min(0).max(3_600_000).optional(),
   bandwidth: z.string().min(1).max(32).optional(),
   maxRounds: z.number().int().positive().max(1000).optional(),
   autoConverge: z.boolean().optional(),
