@@ -246,3 +246,18 @@ migrations:
   const v2 = r1.migrations[1].report;
   assert.ok(v2.bytes.total < v2.pages.total * PAGE * 0.6);
 });
+
+test('scenarios: fixedDowntime is added to the stop policy\'s estimate, which then needs smaller final rounds', () => {
+  const text = (opts: string) => `name: f
+hosts: [{name: a, nic: 1Gbit}, {name: b, nic: 1Gbit}]
+vms: [{name: v, host: a, memory: 256MiB, workload: {kind: uniform, writeRate: 40MB/s}}]
+migrations: [{vm: v, to: b, technique: precopy, options: {downtime: 30ms${opts}}}]
+`;
+  const [plain] = runScenario(parseScenario(text(''))).migrations;
+  const [fixed] = runScenario(parseScenario(text(', fixedDowntime: 20ms'))).migrations;
+  assert.ok(plain.report.estimatedDowntimeMs! <= 30 && fixed.report.estimatedDowntimeMs! <= 30, `${plain.report.estimatedDowntimeMs} ${fixed.report.estimatedDowntimeMs}`);
+  assert.ok(fixed.report.estimatedDowntimeMs! >= 20);
+  assert.ok(fixed.report.rounds.length > plain.report.rounds.length, `rounds ${plain.report.rounds.length} → ${fixed.report.rounds.length}`);
+  assert.ok(fixed.report.downtimeMs! < plain.report.downtimeMs!, `downtime ${plain.report.downtimeMs} → ${fixed.report.downtimeMs}`);
+  assert.throws(() => parseScenario(text(', fixedDowntime: soon')), (e: unknown) => e instanceof ScenarioError && /fixedDowntime/.test(e.message));
+});

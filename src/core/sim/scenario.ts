@@ -71,6 +71,7 @@ export const TechniqueSchema = z.enum(['precopy', 'postcopy', 'hybrid']);
 
 export const OptionsSchema = z.strictObject({
   downtime: duration.optional(),
+  fixedDowntime: duration.optional(),
   maxRounds: z.number().int().positive().optional(),
   maxSentRatio: z.number().positive().optional(),
   dirtyPageThreshold: z.number().min(0).optional(),

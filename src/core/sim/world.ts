@@ -103,6 +103,7 @@ export function contentCost(c: Content | undefined, pageSize: number): PageCost 
 export function migrationOptions(o: Options): SimMigrationOptions {
   return {
     downtimeBudgetMs: o.downtime,
+    fixedDowntimeMs: o.fixedDowntime,
     maxRounds: o.maxRounds,
     maxSentRatio: o.maxSentRatio,
     dirtyPageThreshold: o.dirtyPageThreshold,
