@@ -302,8 +302,9 @@ export class FrameDecoder {
    * Where the next bytes of the stream should be put to be taken without a copy (bring your own
    * buffer): the rest of the payload being assembled, or of the RUN extent being received (guest
    * memory, when the run sink named it). Null when the decoder has no such place (between frames,
-   * in a small head, before a payload's buffer exists, in the short rest of an extent). Bytes read into it are then pushed as a
-   * view of it, and {@link push} sees they are in place. Valid until the next push.
+   * in a small head, before a payload's buffer exists), or wants none (the short rest of an extent
+   * not the RUN's last). Bytes read into it are then pushed as a view of it, and {@link push} sees
+   * they are in place. Valid until the next push.
    */
   readTarget(): Uint8Array | null {
     if (this.poisoned) return null;
