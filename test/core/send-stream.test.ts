@@ -29,17 +29,27 @@ function vmWith(pages: number, zero: Set<number>): { vm: SourceVm; scans: number
   return { vm, scans };
 }
 
-/** What one flush of `add` (pages and runs, in that order) puts on the wire, decoded. */
-async function flushed(add: (s: SendStream) => void, zero: Set<number> = new Set()): Promise<{ frames: Frame[]; pages: number; scans: number[] }> {
+/**
+ * What one flush of `add` (pages and runs, in that order) puts on the wire, decoded, and the
+ * connection writes it took; `views: false` for a VM that cannot lend views of its memory.
+ */
+async function flushed(add: (s: SendStream) => void, zero: Set<number> = new Set(), views = true): Promise<{ frames: Frame[]; pages: number; scans: number[]; writes: Uint8Array[]; vm: SourceVm }> {
   const [a, b] = memoryPair();
   const received = framesOf(b);
   const { vm, scans } = vmWith(64, zero);
+  if (!views) delete (vm as { pagesView?: unknown }).pagesView;
+  const writes: Uint8Array[] = [];
+  const write = a.write.bind(a);
+  a.write = (bytes) => {
+    writes.push(bytes);
+    return write(bytes);
+  };
   const s = new SendStream(new FramedConnection(a), null, vm, 32, () => 0);
   add(s);
   const { pages } = await s.flush(3);
   await s.drain();
   await a.close();
-  return { frames: await received, pages, scans };
+  return { frames: await received, pages, scans, writes, vm };
 }
 
 /** Every frame that arrives on `conn` until it ends (read as it comes: the writer waits for its reader). */
@@ -132,25 +142,12 @@ test('send stream: the next batch starts afresh, in order again', async () => {
 
 test('send stream: short extents are copied together into one write; long ones go from guest memory as they are', async () => {
   for (const views of [true, false]) {
-    const [a, b] = memoryPair();
-    const received = framesOf(b);
-    const { vm } = vmWith(64, new Set());
-    if (!views) delete (vm as { pagesView?: unknown }).pagesView;
-    const writes: Uint8Array[] = [];
-    const write = a.write.bind(a);
-    a.write = (bytes) => {
-      writes.push(bytes);
-      return write(bytes);
-    };
-    const s = new SendStream(new FramedConnection(a), null, vm, 64, () => 0);
-    for (const p of [1, 3, 5]) s.add(p);
-    s.addRun(10, 10); // 10 pages: long enough to go as it is
-    s.addRun(30, 2);
-    s.add(40);
-    await s.flush(3);
-    await s.drain();
-    await a.close();
-    const frames = await received;
+    const { frames, writes, vm } = await flushed((s) => {
+      for (const p of [1, 3, 5]) s.add(p);
+      s.addRun(10, 10); // 10 pages: long enough to go as it is
+      s.addRun(30, 2);
+      s.add(40);
+    }, new Set(), views);
     assert.deepEqual(extentsOf(frames), [[1, 1], [3, 1], [5, 1], [10, 10], [30, 2], [40, 1]]);
     assert.deepEqual(runPages(frames), [1, 3, 5, ...Array.from({ length: 10 }, (_, k) => 10 + k), 30, 31, 40]);
     // The head, then one write per stretch of short extents and one per long extent (without
