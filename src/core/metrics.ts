@@ -183,8 +183,8 @@ export type MigrationEvent =
   | { type: 'resumed'; t: number }
   /** SWITCHOVER written, and every page and the state before it: what the source had to send is on its way. */
   | { type: 'switchover-sent'; t: number }
-  /** Pre-copy ended for a stop-and-copy: the downtime its stop policy estimated then (eq. (2) + the fixed part). */
-  | { type: 'stop-decision'; t: number; estimatedDowntimeMs: number }
+  /** Pre-copy ended for a stop-and-copy: the downtime its stop policy estimated then (eq. (2) + the fixed part), and that fixed part. */
+  | { type: 'stop-decision'; t: number; estimatedDowntimeMs: number; fixedDowntimeMs: number }
   | { type: 'fault'; t: number; page: number; latencyMs: number }
   | { type: 'fault-waits'; t: number; waits: HistogramSummary }
   | { type: 'source-released'; t: number }
@@ -243,6 +243,12 @@ export interface MigrationReport {
    * followed (post-copy; hybrid that switched to post-copy).
    */
   estimatedDowntimeMs: number | null;
+  /**
+   * The fixed part inside estimatedDowntimeMs (the engine: its `fixedDowntimeMs` option, given or
+   * measured by the host; the simulator: that plus the state over its nominal bandwidth). Null
+   * with no estimate.
+   */
+  fixedDowntimeMs: number | null;
   /** Longest service gap a client saw during the migration (null if no client probe). */
   clientDowntimeMs: number | null;
   /** start → paused. */
@@ -347,6 +353,7 @@ export class MigrationReportBuilder {
     let maxThrottle = 0;
     let verified: boolean | null = null;
     let estimatedDowntimeMs: number | null = null;
+    let fixedDowntimeMs: number | null = null;
     const progress: { t: number; work: number }[] = [];
 
     for (const e of ev) {
@@ -400,6 +407,7 @@ export class MigrationReportBuilder {
         case 'stop-decision':
           // Infinite when the bandwidth was unknown (a policy stopped on another condition).
           estimatedDowntimeMs = Number.isFinite(e.estimatedDowntimeMs) ? e.estimatedDowntimeMs : null;
+          fixedDowntimeMs = estimatedDowntimeMs === null ? null : e.fixedDowntimeMs;
           break;
         default:
           break;
@@ -427,6 +435,7 @@ export class MigrationReportBuilder {
       downtimeMs: span(paused, resumed),
       downtimeParts: sentAll === null ? null : { sourceMs: sentAll - paused!, destinationMs: resumed! - sentAll },
       estimatedDowntimeMs,
+      fixedDowntimeMs,
       clientDowntimeMs: clientGap,
       preparationTimeMs: span(start, paused),
       resumeTimeMs: span(resumed, complete),
@@ -495,7 +504,7 @@ export function formatReportTable(r: MigrationReport): string {
     ['memory', r.guestBytes === r.memoryBytes ? formatBytes(r.memoryBytes) : `${formatBytes(r.memoryBytes)} (${formatBytes(r.guestBytes)} in use at the start)`],
     ['total migration time', ms(r.totalMigrationTimeMs)],
     ['downtime', r.downtimeParts ? `${ms(r.downtimeMs)} (the source sending ${ms(r.downtimeParts.sourceMs)}, then the destination ${ms(r.downtimeParts.destinationMs)})` : ms(r.downtimeMs)],
-    ['estimated downtime', r.estimatedDowntimeMs === null ? '—' : `${ms(r.estimatedDowntimeMs)} (the stop policy's, when pre-copy stopped)`],
+    ['estimated downtime', r.estimatedDowntimeMs === null ? '—' : `${ms(r.estimatedDowntimeMs)} (the stop policy's, when pre-copy stopped${r.fixedDowntimeMs ? `; ${ms(r.fixedDowntimeMs)} of it fixed` : ''})`],
     ['client-observed downtime', ms(r.clientDowntimeMs)],
     ['preparation time', ms(r.preparationTimeMs)],
     ['resume time', ms(r.resumeTimeMs)],

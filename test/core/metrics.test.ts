@@ -103,9 +103,10 @@ test('pre-copy report: phases, rounds, pages by kind, dirty rate, degradation, c
   assert.equal(r.downtimeParts, null, 'no switchover-sent event: no split');
   assert.equal(r.estimatedDowntimeMs, null, 'no stop decision: no estimate');
   assert.match(formatReportTable(r), /estimated downtime\s+—\n/);
-  const est = (e: number) => new MigrationReportBuilder({ technique: 'precopy', memoryBytes: 4096 }).add({ type: 'stop-decision', t: 3, estimatedDowntimeMs: e }).build().estimatedDowntimeMs;
-  assert.equal(est(4.5), 4.5);
-  assert.equal(est(Number.POSITIVE_INFINITY), null, 'an estimate without a bandwidth is none');
+  const est = (e: number) => new MigrationReportBuilder({ technique: 'precopy', memoryBytes: 4096 }).add({ type: 'stop-decision', t: 3, estimatedDowntimeMs: e, fixedDowntimeMs: 1.5 }).build();
+  assert.deepEqual([est(4.5).estimatedDowntimeMs, est(4.5).fixedDowntimeMs], [4.5, 1.5]);
+  assert.match(formatReportTable(est(4.5)), /estimated downtime\s+4\.50 ms \(the stop policy's, when pre-copy stopped; 1\.50 ms of it fixed\)\n/);
+  assert.deepEqual([est(Number.POSITIVE_INFINITY).estimatedDowntimeMs, est(Number.POSITIVE_INFINITY).fixedDowntimeMs], [null, null], 'an estimate without a bandwidth is none');
   const table = formatReportTable(r);
   assert.match(table, /downtime\s+5\.00 ms\n/);
   assert.match(table, /rounds\s+2/);

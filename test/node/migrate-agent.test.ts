@@ -667,3 +667,27 @@ test('a destination URL that is no agent: the migration is refused by name, the 
     server.close();
   }
 });
+
+test('fixedDowntimeMs auto: a host adds to eq. (2) what it missed in its last migration to the same destination', async () => {
+  await withHosts(async (a, b) => {
+    await a.agent.createVm({ name: 'kv', guest: 'kv', memory: '64MiB' });
+    const move = async (from: Host, to: Host, fixedDowntimeMs?: number | 'auto') => {
+      const r = await http(`${from.url}/v1/migrations`, 'POST', { vm: 'kv', to: to.url, mode: 'precopy', ...(fixedDowntimeMs !== undefined ? { fixedDowntimeMs } : {}) });
+      assert.equal(r.status, 202, JSON.stringify(r.json));
+      const done = await finished(from, r.json.id);
+      assert.equal(done.status, 'succeeded', JSON.stringify(done.error));
+      return done.report;
+    };
+    const first = await move(a, b, 'auto');
+    assert.equal(first.fixedDowntimeMs, 0, 'nothing learnt yet');
+    assert.ok(first.downtimeMs > first.estimatedDowntimeMs, `downtime ${first.downtimeMs}, estimated ${first.estimatedDowntimeMs}`);
+    const back = await move(b, a, 1.5);
+    assert.equal(back.fixedDowntimeMs, 1.5, 'a fixed part given is used as given');
+    const again = await move(a, b, 'auto');
+    assert.ok(Math.abs(again.fixedDowntimeMs - (first.downtimeMs - first.estimatedDowntimeMs)) < 1e-9, `fixed ${again.fixedDowntimeMs}: the first migration missed ${first.downtimeMs - first.estimatedDowntimeMs}`);
+    assert.ok(again.estimatedDowntimeMs >= again.fixedDowntimeMs);
+    const bad = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'kv', to: a.url, mode: 'precopy', fixedDowntimeMs: 'soon' });
+    assert.equal(bad.status, 400);
+    assert.equal(bad.json.error.code, 'ERR_INVALID_BODY');
+  });
+});

@@ -732,7 +732,7 @@ class SourceSession {
 
   /** Pre-copy ends for a stop-and-copy: what its policy estimated the downtime to be, for the report. */
   private stopDecision(estimatedDowntimeMs: number): void {
-    this.event({ type: 'stop-decision', t: this.now(), estimatedDowntimeMs });
+    this.event({ type: 'stop-decision', t: this.now(), estimatedDowntimeMs, fixedDowntimeMs: this.opts.fixedDowntimeMs ?? 0 });
   }
 
   private async pause(): Promise<void> {

@@ -82,6 +82,8 @@ class SimMigration {
   private readonly precopy: PrecopyStopPolicy | null = null;
   private readonly hybrid: HybridSwitchPolicy | null = null;
   private readonly ac: AutoConverge | null = null;
+  /** The fixed part the stop policy adds to eq. (2): the option, and the state over the nominal bandwidth. */
+  private readonly fixedDowntimeMs: number;
 
   constructor(private readonly clock: VirtualClock, private readonly init: SimMigrationInit, private readonly onDone: (r: SimMigrationResult) => void) {
     this.vm = init.vm;
@@ -91,8 +93,8 @@ class SimMigration {
     this.wirePerPage = this.vm.cost.wireBytesPerPage;
     if (!(this.vm.memoryBytes > 0 && this.vm.pageSize > 0)) throw new InvalidArgumentError(`VM ${this.vm.name}: memory and page size must be positive`);
     this.report = new MigrationReportBuilder({ technique: init.technique, memoryBytes: this.vm.memoryBytes, pageSize: this.vm.pageSize });
-    const fixed = (this.o.fixedDowntimeMs ?? 0) + (this.vm.stateBytes / init.nominalBandwidthBytesPerSec) * 1000;
-    const stopOpts: PrecopyStopOptions = { ...this.o, fixedDowntimeMs: fixed };
+    this.fixedDowntimeMs = (this.o.fixedDowntimeMs ?? 0) + (this.vm.stateBytes / init.nominalBandwidthBytesPerSec) * 1000;
+    const stopOpts: PrecopyStopOptions = { ...this.o, fixedDowntimeMs: this.fixedDowntimeMs };
     if (init.technique === 'precopy') this.precopy = new PrecopyStopPolicy(stopOpts);
     if (init.technique === 'hybrid') this.hybrid = new HybridSwitchPolicy({ ...stopOpts, maxPrecopyRounds: this.o.maxPrecopyRounds, maxDirtyToBandwidth: this.o.maxDirtyToBandwidth });
     if (this.o.autoConverge && init.technique !== 'postcopy') this.ac = new AutoConverge(this.o.autoConverge === true ? {} : this.o.autoConverge);
@@ -203,7 +205,7 @@ class SimMigration {
   }
 
   private stopAndCopy(t: number, harvested: DirtySet, estimatedDowntimeMs: number): void {
-    this.report.add({ type: 'stop-decision', t, estimatedDowntimeMs });
+    this.report.add({ type: 'stop-decision', t, estimatedDowntimeMs, fixedDowntimeMs: this.fixedDowntimeMs });
     const set = this.lateDirty(t, harvested);
     this.report.add({ type: 'paused', t });
     this.speed = 0;

@@ -21,6 +21,7 @@ import { CODEC_NAMES, Gang, parseCodecNames, type CodecName } from '../../core/e
 import { MIGRATION_MODES, type HelloFrame, type MigrationMode } from '../../core/protocol/frames.js';
 import { shaped } from '../../core/transport/shaped.js';
 import { TokenBucket } from '../../core/rate.js';
+import { FixedDowntimeLearner } from '../../core/policy/fixed-downtime.js';
 import type { Connection, Listener, Transport } from '../../core/transport/transport.js';
 import { DestinationVmAdapter, nodeEngineDeps, sourceVmOf, startPageHashers } from '../engine/adapters.js';
 import { warmMigrationPaths, type WarmUpResult } from '../engine/warm-up.js';
@@ -171,8 +172,12 @@ export interface MigrationRequest {
   to: string;
   mode: MigrationMode;
   downtimeMs?: number;
-  /** The downtime's fixed part pre-copy's stop condition adds to eq. (2), ms (default 0; MigrationOptions.fixedDowntimeMs). */
-  fixedDowntimeMs?: number;
+  /**
+   * The downtime's fixed part pre-copy's stop condition adds to eq. (2), ms (default 0;
+   * MigrationOptions.fixedDowntimeMs), or `auto`: what eq. (2) missed in this host's latest
+   * migrations to the same destination (the median; 0 before the first). The report says which.
+   */
+  fixedDowntimeMs?: number | 'auto';
   /** Cap on the migration stream, e.g. "1Gbit". */
   bandwidth?: string;
   maxRounds?: number;
@@ -293,6 +298,8 @@ export class HostAgent extends EventEmitter {
   private readonly senders: SendThreads | null;
   /** Gangs with a migration in flight, by destination address and gang name. */
   private readonly gangs = new Map<string, { gang: Gang; members: number }>();
+  /** What eq. (2) missed in this host's migrations, by destination: `fixedDowntimeMs: 'auto'`. */
+  private readonly fixedDowntime = new FixedDowntimeLearner();
   private readonly openConns = new Set<Connection>();
   private readonly sseStreams = new Set<ServerResponse>();
   private closing = false;
@@ -952,7 +959,7 @@ export class HostAgent extends EventEmitter {
       const result = await migrateSource(conn, source, this.deps, {
         mode: req.mode, signal, onProgress: (p) => job.onProgress(p), connect,
         ...(req.downtimeMs !== undefined ? { downtimeMs: req.downtimeMs } : {}),
-        ...(req.fixedDowntimeMs !== undefined ? { fixedDowntimeMs: req.fixedDowntimeMs } : {}),
+        ...(req.fixedDowntimeMs !== undefined ? { fixedDowntimeMs: req.fixedDowntimeMs === 'auto' ? this.fixedDowntime.fixedFor(address) : req.fixedDowntimeMs } : {}),
         ...(req.maxRounds !== undefined ? { maxRounds: req.maxRounds } : {}),
         ...(req.autoConverge !== undefined ? { autoConverge: req.autoConverge } : {}),
         ...(transfer.codecs.length > 0 ? { codecs: transfer.codecs } : {}),
@@ -977,6 +984,7 @@ export class HostAgent extends EventEmitter {
       // Nothing reads this copy again (the engine is done with it; the links hand client records
       // on, they never read guest memory): its memory serves the next VM that arrives here.
       await this.retire(m);
+      this.fixedDowntime.record(address, result.report);
       job.succeed(result);
       this.emit('migration-out', job.json());
     } catch (e) {
@@ -1082,7 +1090,7 @@ const migrationBody = z.object({
   to: z.string().min(1).max(512),
   mode: z.enum(MIGRATION_MODES as [MigrationMode, ...MigrationMode[]]),
   downtimeMs: z.number().positive().max(3_600_000).optional(),
-  fixedDowntimeMs: z.number().min(0).max(3_600_000).optional(),
+  fixedDowntimeMs: z.union([z.number().min(0).max(3_600_000), z.literal('auto')]).optional(),
   bandwidth: z.string().min(1).max(32).optional(),
   maxRounds: z.number().int().positive().max(1000).optional(),
   autoConverge: z.boolean().optional(),

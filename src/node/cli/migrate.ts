@@ -101,7 +101,7 @@ interface MigrateOpts {
   to: string;
   mode: string;
   downtime?: number;
-  fixedDowntime?: number;
+  fixedDowntime?: number | 'auto';
   bandwidth?: string;
   codecs?: CodecName[];
   streams?: number;
@@ -283,7 +283,7 @@ export function registerMigrateCommand(program: Command): void {
       if (!(ms > 0)) throw new Error('downtime must be positive');
       return ms;
     }))
-    .option('--fixed-downtime <duration>', "pre-copy: the downtime's fixed part (state, round trips, the destination's start) its stop condition adds to dirty pages ÷ bandwidth, e.g. 3ms (default 0; the report's estimated downtime beside the downtime shows what the model missed)", flag((v) => parseDuration(v, 'fixed downtime')))
+    .option('--fixed-downtime <duration|auto>', "pre-copy: the downtime's fixed part (the pause, state, round trips, the destination's start) its stop condition adds to dirty pages ÷ bandwidth, e.g. 3ms, or auto: what that missed in the source host's latest migrations to the same destination (default 0; the report shows the estimate beside the downtime)", flag((v) => (v === 'auto' ? 'auto' as const : parseDuration(v, 'fixed downtime'))))
     .option('--bandwidth <rate>', "cap on each VM's migration (all its streams together), e.g. 1Gbit, 100Mbit, 50MB/s", bandwidthText)
     .option('--codecs <list>', `page codecs to offer beyond zero pages, comma-separated (${CODEC_NAMES.join(', ')}), or none (default)`, codecList)
     .option('--streams <n>', `parallel data streams per VM, 1–${MAX_MIGRATION_STREAMS} (default set by the source host: for pre-copy and hybrid one per core, at most 4, where each sends from a thread of its own (TCP on Linux), else one per four cores, as for post-copy; the destination may grant fewer)`, intInRange('--streams', 1, MAX_MIGRATION_STREAMS))
