@@ -374,7 +374,7 @@ async function workingSets(ctx: BenchContext, mem: number): Promise<void> {
         ctx.report({ metric: `${label}.tmt`, value: r.totalMigrationTimeMs!, unit: 'ms', note: `${r.rounds.length} pre-copy rounds; ${run.result.stopReason}; downtime budget ${DOWNTIME_BUDGET_MS} ms` });
         ctx.report({
           metric: `${label}.downtime`, value: r.downtimeMs!, unit: 'ms',
-          note: `${postcopyTail ? 'post-copy tail: state only' : `final round ${fmtMiB(fin)}`} → floor ${floor.toFixed(1)} ms + RTT; destination start ${run.outcome.startMs.toFixed(1)} ms`,
+          note: `${postcopyTail ? 'post-copy tail: state only' : `final round ${fmtMiB(fin)}`} → floor ${floor.toFixed(1)} ms + RTT; ${r.estimatedDowntimeMs === null ? '' : `the stop policy estimated ${r.estimatedDowntimeMs.toFixed(1)} ms; `}destination start ${run.outcome.startMs.toFixed(1)} ms`,
         });
         ctx.report({
           metric: `${label}.bytes`, value: r.bytes.wire / MiB, unit: 'MiB',
