@@ -22,4 +22,5 @@ test('fixed downtime learnt: the median of what eq. (2) missed, per destination,
   for (let i = 0; i < 8; i++) l.record('b:1', run(11, 1)); // the newest 8 miss 10 each
   assert.equal(l.samples('b:1'), 8);
   assert.equal(l.fixedFor('b:1'), 10, 'the older ones are forgotten');
+  assert.deepEqual(JSON.parse(JSON.stringify(l)), { 'b:1': { ms: 10, migrations: 8 } });
 });

@@ -686,6 +686,11 @@ test('fixedDowntimeMs auto: a host adds to eq. (2) what it missed in its last mi
     const again = await move(a, b, 'auto');
     assert.ok(Math.abs(again.fixedDowntimeMs - (first.downtimeMs - first.estimatedDowntimeMs)) < 1e-9, `fixed ${again.fixedDowntimeMs}: the first migration missed ${first.downtimeMs - first.estimatedDowntimeMs}`);
     assert.ok(again.estimatedDowntimeMs >= again.fixedDowntimeMs);
+    // The host shows what auto would use next, and from how many migrations.
+    const learnt = (await http(`${a.url}/v1/host`, 'GET')).json.fixedDowntime;
+    const bAddress = (await http(`${b.url}/v1/host`, 'GET')).json.migration;
+    assert.deepEqual(Object.keys(learnt), [bAddress]);
+    assert.equal(learnt[bAddress].migrations, 2);
     const bad = await http(`${a.url}/v1/migrations`, 'POST', { vm: 'kv', to: a.url, mode: 'precopy', fixedDowntimeMs: 'soon' });
     assert.equal(bad.status, 400);
     assert.equal(bad.json.error.code, 'ERR_INVALID_BODY');

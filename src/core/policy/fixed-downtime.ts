@@ -39,4 +39,9 @@ export class FixedDowntimeLearner {
   samples(destination: string): number {
     return this.misses.get(destination)?.length ?? 0;
   }
+
+  /** Every destination with what `auto` would give a migration there now, and from how many migrations. */
+  toJSON(): Record<string, { ms: number; migrations: number }> {
+    return Object.fromEntries([...this.misses.keys()].map((d) => [d, { ms: this.fixedFor(d), migrations: this.samples(d) }]));
+  }
 }

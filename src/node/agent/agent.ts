@@ -608,6 +608,11 @@ export class HostAgent extends EventEmitter {
     return { defaultStreams: streams, threads: t.threads, streamsSent: t.taken };
   }
 
+  /** By destination migration address: the fixed downtime `fixedDowntimeMs: 'auto'` would use now, and from how many migrations. */
+  fixedDowntimes(): Record<string, { ms: number; migrations: number }> {
+    return this.fixedDowntime.toJSON();
+  }
+
   /** The memory pool: its capacity and what it holds and has handed out. */
   memoryPool(): HostMemoryPoolJson {
     return { capacityBytes: this.pool.capacityBytes, ...this.pool.stats() };
@@ -1148,6 +1153,7 @@ export function buildControlApi(agent: HostAgent): FastifyInstance {
     name: agent.name, vms: agent.list().length, migration: agent.migrationAddress,
     capacityBytes: agent.capacityBytes, reservedBytes: agent.reservedBytes(), away: agent.awayList(), tcpCongestion: agent.tcpCongestion,
     memoryPool: agent.memoryPool(), vcpuThreads: agent.vcpuThreads(), faultThreads: agent.faultThreads(), sendThreads: agent.sendThreads(), warmUp: agent.warmUpStatus(),
+    fixedDowntime: agent.fixedDowntimes(),
   }));
   app.get('/v1/vms', async () => agent.list());
   app.post('/v1/vms', async (req, reply) => {
