@@ -75,6 +75,12 @@ test('not converging: k rounds without a new low in the dirty count', () => {
   assert.deepEqual([s.stop, s.reason], [true, 'not-converging']);
   const shrinking = decidePrecopyStop(stats({ dirtyPages: 18_000 }), [19_000, 20_500, 21_000], { stopWhenNotConverging: true });
   assert.equal(shrinking.reason, 'continue');
+  // A budget the fixed part alone fills can never be met: rounds go on only while they shrink the dirty set.
+  const history = [19_000, 20_500, 21_000, 20_000];
+  const unattainable = decidePrecopyStop(stats({ dirtyPages: 20_000 }), history, { downtimeBudgetMs: 5, fixedDowntimeMs: 6 });
+  assert.deepEqual([unattainable.stop, unattainable.reason], [true, 'not-converging']);
+  assert.equal(decidePrecopyStop(stats({ dirtyPages: 18_000 }), history.slice(0, 3), { downtimeBudgetMs: 5, fixedDowntimeMs: 6 }).reason, 'continue', 'still shrinking');
+  assert.equal(decidePrecopyStop(stats({ dirtyPages: 20_000 }), history, { downtimeBudgetMs: 5, fixedDowntimeMs: 4 }).reason, 'continue', 'a budget pages can still meet: flag only');
 });
 
 test('PrecopyStopPolicy keeps the dirty history across rounds', () => {

@@ -53,7 +53,11 @@ export interface PrecopyStopOptions {
   fixedDowntimeMs?: number;
   /** k: rounds without a new low in the dirty count that mean "not converging". Default 3. */
   notConvergingRounds?: number;
-  /** Stop (reason 'not-converging') rather than just flag it. Default false; hybrid switches instead. */
+  /**
+   * Stop (reason 'not-converging') rather than just flag it. Default false; hybrid switches
+   * instead. A budget the fixed part alone fills (`fixedDowntimeMs ≥ downtimeBudgetMs`) stops so
+   * regardless: no round can meet it, so rounds go on only while they shrink the dirty set.
+   */
   stopWhenNotConverging?: boolean;
 }
 
@@ -117,7 +121,7 @@ export function decidePrecopyStop(stats: PrecopyRoundStats, previousDirty: reado
   if (estimatedDowntimeMs <= o.downtimeBudgetMs || stats.dirtyPages <= o.dirtyPageThreshold) return decide('converged');
   if (stats.round + 1 >= o.maxRounds) return decide('round-limit');
   if (stats.bytesSentTotal > o.maxSentRatio * stats.memoryBytes) return decide('sent-too-much');
-  if (notConverging && o.stopWhenNotConverging) return decide('not-converging');
+  if (notConverging && (o.stopWhenNotConverging || o.fixedDowntimeMs >= o.downtimeBudgetMs)) return decide('not-converging');
   return decide('continue');
 }
 
