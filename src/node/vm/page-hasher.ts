@@ -419,13 +419,19 @@ export class PageHashQueue {
     for (let d = claim; d < this.written && pages <= TAKE_MAX_PAGES; d++) pages += entries[(d % RING.CAPACITY) * 2 + 1];
     if (pages > TAKE_MAX_PAGES) return false;
     if (Atomics.compareExchange(ctl, RING.CLAIM, claim, this.written) !== claim) return false;
+    this.hashRingFrom(claim);
+    Atomics.store(ctl, RING.DONE, this.written);
+    return true;
+  }
+
+  /** Hashes the ring's ranges from entry `from` to the last put in, here. */
+  private hashRingFrom(from: number): void {
     const buf = this.memory.buffer;
-    for (let d = claim; d < this.written; d++) {
+    const entries = this.entries!;
+    for (let d = from; d < this.written; d++) {
       const i = (d % RING.CAPACITY) * 2;
       hashPageRange(buf, this.base, entries[i], entries[i] + entries[i + 1], this.out);
     }
-    Atomics.store(ctl, RING.DONE, this.written);
-    return true;
   }
 
   /**
@@ -498,11 +504,8 @@ export class PageHashQueue {
     const ctl = this.ctl;
     if (!ctl) return;
     this.ctl = null;
+    this.hashRingFrom(Atomics.load(ctl, RING.DONE));
     const buf = this.memory.buffer;
-    for (let d = Atomics.load(ctl, RING.DONE); d < this.written; d++) {
-      const i = (d % RING.CAPACITY) * 2;
-      hashPageRange(buf, this.base, this.entries![i], this.entries![i] + this.entries![i + 1], this.out);
-    }
     for (let k = 0; k < this.overflow.length; k += 2) hashPageRange(buf, this.base, this.overflow[k], this.overflow[k] + this.overflow[k + 1], this.out);
     this.overflow.length = 0;
     // Wake a settled() waiting on the ring.
